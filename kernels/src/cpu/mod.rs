@@ -1,0 +1,1 @@
+//! CPU ops: references and fast paths.

@@ -1,0 +1,4 @@
+//! Plain types both processes agree on. No tokio, no sqlx, no CUDA here.
+
+pub mod model;
+pub mod shm;
