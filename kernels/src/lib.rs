@@ -1,5 +1,9 @@
 //! NeuroLLM ops. `cpu` holds, per op, a plain f32 reference (`<op>_forward` /
 //! `<op>_backward`, llm.c style) that every fast path and every CUDA kernel is checked
-//! against. No async here.
+//! against; `cpu::fast` holds the functions with the same names and signatures that the
+//! engine calls. No async here.
 
 pub mod cpu;
+mod error;
+
+pub use error::KernelError;
