@@ -1,1 +1,11 @@
+//! The engine: the data-plane process of a NeuroShard node.
+//!
+//! `serve` binds the local command socket and answers the commands of `proto/engine.proto`;
+//! `runtime` holds the model state those commands act on. The engine opens no network socket
+//! besides its local command socket and never decides anything about money or peers.
 
+pub mod data;
+pub mod backend;
+pub mod runtime;
+pub mod server;
+pub mod watchdog;

@@ -1,1 +1,92 @@
-fn main() {}
+//! `neuroshard-engine`: the data-plane process. Thin: parses flags, installs logging and
+//! hands over to the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use neuroshard_engine::runtime::{DeviceChoice, Runtime};
+use neuroshard_engine::{server, watchdog};
+
+#[derive(Parser, Debug)]
+#[command(name = "neuroshard-engine", version, about = "NeuroShard engine: the data plane of a node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the engine commands on a Unix socket (control starts this).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Path of the Unix socket to listen on.
+    #[arg(long, env = "NEUROSHARD_ENGINE_SOCKET")]
+    socket: PathBuf,
+    /// Exit when this process (the control daemon) is gone.
+    #[arg(long)]
+    parent_pid: Option<u32>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "auto", env = "NEUROSHARD_DEVICE")]
+    device: DeviceChoice,
+    /// CPU threads for the numerics (default: all cores).
+    #[arg(long, env = "NEUROSHARD_CPU_THREADS")]
+    threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads.filter(|&t| t > 0) {
+        rayon_threads(threads);
+    }
+    let runtime = Runtime::new(args.device)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = server::bind(&args.socket)?;
+        tracing::info!(socket = %args.socket.display(), pid = std::process::id(), "engine listening");
+        let parent = args.parent_pid;
+        let shutdown = async move {
+            let parent_gone = async {
+                match parent {
+                    Some(pid) => watchdog::parent_gone(pid, Duration::from_millis(500)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = parent_gone => tracing::warn!("control process is gone; engine exiting"),
+                _ = term.recv() => tracing::info!("SIGTERM; engine exiting"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; engine exiting"),
+            }
+        };
+        let result = server::serve(listener, server::EngineService::new(runtime), shutdown).await;
+        let _ = std::fs::remove_file(&args.socket);
+        result?;
+        anyhow::Ok(())
+    })
+}
+
+fn rayon_threads(threads: usize) {
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+        tracing::warn!(error = %e, "could not size the compute thread pool");
+    }
+}
