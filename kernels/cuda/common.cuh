@@ -3,7 +3,7 @@
 // Header-free on purpose: the kernels need nothing beyond NVRTC's built-ins, so a machine
 // with only the CUDA driver (and carried PTX/CUBIN) or only libnvrtc can build them.
 // bf16 is carried as its raw 16 bits (`bf16_t`); all arithmetic is done in f32.
-// The Rust loader replaces the `#include "common.cuh"` line of each family with this text.
+// The Rust loader pastes this text in place of the include line of each family.
 #pragma once
 
 typedef unsigned short bf16_t;

@@ -4,6 +4,7 @@
 //! engine calls. No async here.
 
 pub mod cpu;
+pub mod cuda;
 mod error;
 
 pub use error::KernelError;
