@@ -1,0 +1,312 @@
+//! Per-op CPU benchmark: measured FMA peak, then GFLOP/s (matmul, attention) or time per
+//! call (the rest) for the fast path and, for comparison, the plain reference, on the
+//! `bench` model shapes (B 4, T 256, C 512, H 16, KVH 4, D 32, FFN 2048, V 8192).
+//!
+//! `cargo run --release -p neuroshard-kernels --example bench_ops [-- --quick] [matmul] [attention] [ops]`
+//! Threads: the rayon pool size (`RAYON_NUM_THREADS`, default all cores).
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use neuroshard_kernels::cpu::{self, fast};
+
+/// Median seconds of `iters` calls after one warm-up call.
+fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fma_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(0.0); 12];
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm256_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut out = [0.0f32; 8];
+    let mut s = _mm256_setzero_ps();
+    for x in acc {
+        s = _mm256_add_ps(s, x);
+    }
+    // SAFETY: out holds 8 f32.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
+    out.iter().sum()
+}
+
+/// Measured FMA peak of the whole rayon pool (GFLOP/s): 12 independent 8-wide FMA chains
+/// per thread, all threads at once.
+fn fma_peak() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        let threads = rayon::current_num_threads();
+        let iters = 20_000_000;
+        let secs = time(3, || {
+            rayon::broadcast(|_| {
+                // SAFETY: AVX2 and FMA checked above.
+                black_box(unsafe { fma_loop(black_box(iters)) });
+            });
+        });
+        return threads as f64 * iters as f64 * 12.0 * 8.0 * 2.0 / secs / 1e9;
+    }
+    f64::NAN
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let sections: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(|s| s.as_str())
+        .collect();
+    let want = |name: &str| sections.is_empty() || sections.contains(&name);
+    let iters = if quick { 3 } else { 9 };
+    let threads = rayon::current_num_threads();
+    let peak = fma_peak();
+    println!("threads {threads}  measured FMA peak {peak:.1} GFLOP/s");
+
+    if want("matmul") {
+        println!(
+            "\n## matmul (out[M,N] = inp[M,K] @ W[N,K]^T); backward = dinp + dweight (4MNK flops)"
+        );
+        for (m, k, n) in [
+            (1024, 512, 2048),
+            (1024, 2048, 512),
+            (1024, 512, 8192),
+            (1024, 512, 512),
+            (1024, 512, 128),
+        ] {
+            let inp = rand_vec(m * k, 1);
+            let w = rand_vec(n * k, 2);
+            let dout = rand_vec(m * n, 3);
+            let mut out = vec![0.0; m * n];
+            let (mut di, mut dw) = (vec![0.0; m * k], vec![0.0; n * k]);
+            let fl = 2.0 * (m * n * k) as f64;
+            let tf = time(iters, || fast::matmul_forward(&mut out, &inp, &w, m, k, n));
+            let tb = time(iters, || {
+                fast::matmul_backward(&mut di, &mut dw, &dout, &inp, &w, m, k, n)
+            });
+            println!(
+                "M={m:5} K={k:5} N={n:5}  fwd {:7.1} GFLOP/s ({:4.0}% peak)  bwd {:7.1} GFLOP/s ({:4.0}% peak)",
+                fl / tf / 1e9,
+                100.0 * fl / tf / 1e9 / peak,
+                2.0 * fl / tb / 1e9,
+                100.0 * 2.0 * fl / tb / 1e9 / peak
+            );
+        }
+        {
+            let (m, k, n) = (256, 512, 512);
+            let inp = rand_vec(m * k, 1);
+            let w = rand_vec(n * k, 2);
+            let mut out = vec![0.0; m * n];
+            let fl = 2.0 * (m * n * k) as f64;
+            let tr = time(1, || cpu::matmul_forward(&mut out, &inp, &w, m, k, n));
+            println!(
+                "reference matmul_forward M={m} K={k} N={n}: {:.2} GFLOP/s",
+                fl / tr / 1e9
+            );
+        }
+    }
+    let (b, t, h, kvh, d) = (4, 256, 16, 4, 32);
+    if want("attention") {
+        println!(
+            "\n## attention B={b} T={t} H={h} KVH={kvh} D={d} (flops: fwd 4*D per causal pair, bwd 10*D)"
+        );
+        {
+            let q = rand_vec(b * t * h * d, 4);
+            let k = rand_vec(b * t * kvh * d, 5);
+            let v = rand_vec(b * t * kvh * d, 6);
+            let dout = rand_vec(q.len(), 7);
+            let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            let pairs = (b * h * t * (t + 1) / 2) as f64;
+            let tf = time(iters, || {
+                fast::attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, kvh, d)
+            });
+            let tb = time(iters, || {
+                fast::attention_backward(
+                    &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, h, kvh, d,
+                )
+            });
+            let trf = time(1, || {
+                cpu::attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, kvh, d)
+            });
+            let trb = time(1, || {
+                cpu::attention_backward(
+                    &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, h, kvh, d,
+                )
+            });
+            println!(
+                "fast fwd {:6.2} ms {:6.1} GFLOP/s | bwd {:6.2} ms {:6.1} GFLOP/s | reference fwd {:6.2} ms, bwd {:6.2} ms",
+                tf * 1e3,
+                pairs * 4.0 * d as f64 / tf / 1e9,
+                tb * 1e3,
+                pairs * 10.0 * d as f64 / tb / 1e9,
+                trf * 1e3,
+                trb * 1e3
+            );
+        }
+    }
+    if !want("ops") {
+        return;
+    }
+    println!("\n## elementwise / row ops (fast ms | reference ms)");
+    let rows = b * t;
+    {
+        let c = 512;
+        let inp = rand_vec(rows * c, 8);
+        let wt = rand_vec(c, 9);
+        let dout = rand_vec(rows * c, 10);
+        let (mut out, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows]);
+        let (mut di, mut dw) = (vec![0.0; rows * c], vec![0.0; c]);
+        let f = time(iters, || {
+            fast::rmsnorm_forward(&mut out, &mut rstd, &inp, &wt, rows, c, 1e-6)
+        });
+        let fb = time(iters, || {
+            fast::rmsnorm_backward(&mut di, &mut dw, &dout, &inp, &wt, &rstd, rows, c)
+        });
+        let r = time(iters, || {
+            cpu::rmsnorm_forward(&mut out, &mut rstd, &inp, &wt, rows, c, 1e-6)
+        });
+        let rb = time(iters, || {
+            cpu::rmsnorm_backward(&mut di, &mut dw, &dout, &inp, &wt, &rstd, rows, c)
+        });
+        println!(
+            "rmsnorm [{rows},{c}]     fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
+            f * 1e3,
+            r * 1e3,
+            fb * 1e3,
+            rb * 1e3
+        );
+    }
+    {
+        let (hh, dd) = (h, d);
+        let x = rand_vec(rows * hh * dd, 11);
+        let mut y = vec![0.0; x.len()];
+        let f = time(iters, || {
+            fast::rope_forward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+        });
+        let fb = time(iters, || {
+            fast::rope_backward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+        });
+        let r = time(iters, || {
+            cpu::rope_forward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+        });
+        let rb = time(iters, || {
+            cpu::rope_backward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+        });
+        println!(
+            "rope [{b},{t},{hh},{dd}]   fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
+            f * 1e3,
+            r * 1e3,
+            fb * 1e3,
+            rb * 1e3
+        );
+    }
+    {
+        let n = rows * 2048;
+        let g = rand_vec(n, 12);
+        let u = rand_vec(n, 13);
+        let dout = rand_vec(n, 14);
+        let mut out = vec![0.0; n];
+        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+        let f = time(iters, || fast::swiglu_forward(&mut out, &g, &u));
+        let fb = time(iters, || {
+            fast::swiglu_backward(&mut dg, &mut du, &dout, &g, &u)
+        });
+        let r = time(iters, || cpu::swiglu_forward(&mut out, &g, &u));
+        let rb = time(iters, || {
+            cpu::swiglu_backward(&mut dg, &mut du, &dout, &g, &u)
+        });
+        println!(
+            "swiglu [{n}]      fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
+            f * 1e3,
+            r * 1e3,
+            fb * 1e3,
+            rb * 1e3
+        );
+    }
+    {
+        let (vp, vl) = (8192, 8192);
+        let logits = rand_vec(rows * vp, 15);
+        let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 31) % vl as u32).collect();
+        let mut dl = vec![0.0; rows * vp];
+        let f = time(iters, || {
+            black_box(fast::cross_entropy_forward(&logits, &targets, rows, vp, vl).unwrap());
+        });
+        let fb = time(iters, || {
+            fast::cross_entropy_backward(&mut dl, &logits, &targets, rows, vp, vl, 1.0).unwrap()
+        });
+        let r = time(iters, || {
+            black_box(cpu::cross_entropy_forward(&logits, &targets, rows, vp, vl).unwrap());
+        });
+        let rb = time(iters, || {
+            cpu::cross_entropy_backward(&mut dl, &logits, &targets, rows, vp, vl, 1.0).unwrap()
+        });
+        println!(
+            "cross_entropy [{rows},{vp}] fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
+            f * 1e3,
+            r * 1e3,
+            fb * 1e3,
+            rb * 1e3
+        );
+    }
+    {
+        let n = 10_000_000;
+        let grads = rand_vec(n, 16);
+        let mut p = rand_vec(n, 17);
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let mut step = 0;
+        let f = time(iters, || {
+            step += 1;
+            fast::adamw_step(
+                &mut p, &grads, &mut m, &mut v, step, 1e-3, 0.9, 0.95, 1e-8, 0.1,
+            )
+        });
+        let fnorm = time(iters, || {
+            black_box(fast::global_norm(&[&grads]));
+        });
+        let r = time(iters, || {
+            step += 1;
+            cpu::adamw_step(
+                &mut p, &grads, &mut m, &mut v, step, 1e-3, 0.9, 0.95, 1e-8, 0.1,
+            )
+        });
+        let rnorm = time(iters, || {
+            black_box(cpu::global_norm(&[&grads]));
+        });
+        println!(
+            "adamw [{n}]    step {:.2} | {:.2}   global_norm {:.2} | {:.2}",
+            f * 1e3,
+            r * 1e3,
+            fnorm * 1e3,
+            rnorm * 1e3
+        );
+    }
+}
