@@ -6,6 +6,8 @@
 //   row. Keys/values stream through shared memory in tiles of 32; lane j scores key j of the
 //   tile; online softmax (running max m, running sum l) per warp; lane x accumulates output
 //   dims x, x+32, ... Writes out and lse = m + log(l) (f32).
+// generation (attention_cached_fwd_*): the same kernel for TQ new queries at positions
+//   past..past+TQ over a KV cache [B, TMAX, KVH, D]; grid (ceil(TQ/8), B*H); no lse.
 // backward, three launches, all deterministic (no atomics):
 //   attention_bwd_delta_*: delta[b,h,t] = dot(dout, out) (one warp per row).
 //   attention_bwd_dq_*:  like forward, one warp per query: p = exp(s - lse), dp = dout.v,
@@ -33,45 +35,47 @@ __device__ __forceinline__ void load_tile(float* s, const T* x, int bi, int row0
     }
 }
 
+// Queries q [B, TQ, H, D] at positions past + i; keys/values [B, TK, KVH, D] (TK = T in
+// training, the cache length TMAX in generation, with rows 0..past+TQ filled). lse may be null.
 template <typename T>
-__device__ void att_fwd_impl(T* out, float* lse, const T* q, const T* k, const T* v, int b, int t,
-                             int h, int kvh, int d) {
+__device__ void att_fwd_impl(T* out, float* lse, const T* q, const T* k, const T* v, int b, int tq,
+                             int past, int tk, int h, int kvh, int d) {
     extern __shared__ float smem[];
     float* Ks = smem;
     float* Vs = Ks + ATT_TILE * (d + 1);
     float* Qs = Vs + ATT_TILE * (d + 1);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int bi = blockIdx.y / h, hi = blockIdx.y % h, g = hi / (h / kvh);
-    const int q0 = blockIdx.x * ATT_WARPS, qi = q0 + warp;
+    const int q0 = blockIdx.x * ATT_WARPS, qi = q0 + warp, qpos = past + qi;
     const float scale = rsqrtf((float)d);
-    const long long qoff = (((long long)bi * t + qi) * h + hi) * d;
+    const long long qoff = (((long long)bi * tq + qi) * h + hi) * d;
     float* myq = Qs + warp * d;
-    if (qi < t)
+    if (qi < tq)
         for (int x = lane; x < d; x += 32) myq[x] = to_f32(q[qoff + x]) * scale;
     float m = NS_NEG_INF, l = 0.0f, acc[ATT_R];
 #pragma unroll
     for (int r = 0; r < ATT_R; ++r) acc[r] = 0.0f;
-    const int kmax = min(q0 + ATT_WARPS - 1, t - 1);
+    const int kmax = past + min(q0 + ATT_WARPS - 1, tq - 1);
     for (int k0 = 0; k0 <= kmax; k0 += ATT_TILE) {
         __syncthreads();
-        load_tile(Ks, k, bi, k0, t, kvh, g, d);
-        load_tile(Vs, v, bi, k0, t, kvh, g, d);
+        load_tile(Ks, k, bi, k0, tk, kvh, g, d);
+        load_tile(Vs, v, bi, k0, tk, kvh, g, d);
         __syncthreads();
-        if (qi >= t || k0 > qi) continue;  // warp-uniform
+        if (qi >= tq || k0 > qpos) continue;  // warp-uniform
         const int j = k0 + lane;
         float s = NS_NEG_INF;
-        if (j <= qi) {
+        if (j <= qpos) {
             s = 0.0f;
             const float* kr = Ks + lane * (d + 1);
             for (int x = 0; x < d; ++x) s = fmaf(myq[x], kr[x], s);
         }
         const float m_new = fmaxf(m, warp_max(s));
-        const float p = j <= qi ? expf(s - m_new) : 0.0f;
+        const float p = j <= qpos ? expf(s - m_new) : 0.0f;
         const float corr = expf(m - m_new);
         l = l * corr + warp_sum(p);
 #pragma unroll
         for (int r = 0; r < ATT_R; ++r) acc[r] *= corr;
-        const int jn = min(ATT_TILE, qi - k0 + 1);
+        const int jn = min(ATT_TILE, qpos - k0 + 1);
         for (int jj = 0; jj < jn; ++jj) {
             const float pj = __shfl_sync(0xffffffffu, p, jj);
             const float* vr = Vs + jj * (d + 1);
@@ -83,14 +87,14 @@ __device__ void att_fwd_impl(T* out, float* lse, const T* q, const T* k, const T
         }
         m = m_new;
     }
-    if (qi < t) {
+    if (qi < tq) {
         const float inv = 1.0f / l;
 #pragma unroll
         for (int r = 0; r < ATT_R; ++r) {
             const int x = lane + 32 * r;
             if (x < d) out[qoff + x] = from_f32<T>(acc[r] * inv);
         }
-        if (lane == 0) lse[((long long)bi * h + hi) * t + qi] = m + logf(l);
+        if (lse && lane == 0) lse[((long long)bi * h + hi) * tq + qi] = m + logf(l);
     }
 }
 
@@ -259,7 +263,12 @@ __device__ void att_bwd_dkv_impl(T* dk, T* dv, const T* dout, const T* q, const 
     extern "C" __global__ void attention_fwd_##SUF(T* out, float* lse, const T* q, const T* k,   \
                                                    const T* v, int b, int t, int h, int kvh,     \
                                                    int d) {                                      \
-        att_fwd_impl(out, lse, q, k, v, b, t, h, kvh, d);                                        \
+        att_fwd_impl(out, lse, q, k, v, b, t, 0, t, h, kvh, d);                                  \
+    }                                                                                            \
+    extern "C" __global__ void attention_cached_fwd_##SUF(                                       \
+        T* out, const T* q, const T* k_cache, const T* v_cache, int b, int tq, int past,          \
+        int tmax, int h, int kvh, int d) {                                                       \
+        att_fwd_impl(out, (float*)0, q, k_cache, v_cache, b, tq, past, tmax, h, kvh, d);         \
     }                                                                                            \
     extern "C" __global__ void attention_bwd_delta_##SUF(float* delta, const T* dout,            \
                                                          const T* out, int b, int t, int h,      \

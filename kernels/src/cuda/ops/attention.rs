@@ -68,7 +68,76 @@ impl AttnShape {
     }
 }
 
+/// Shape of a generation call: `tq` new queries per sequence at positions `past..past+tq`
+/// over caches [B, TMAX, KVH, D] whose rows `0..past+tq` are filled.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedAttnShape {
+    pub b: usize,
+    pub tq: usize,
+    pub past: usize,
+    pub tmax: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub d: usize,
+}
+
 impl CudaKernels {
+    /// Generation attention over a KV cache (no lse, no backward): out [B, TQ, H, D].
+    pub fn attention_cached<T: GpuDtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaSlice<T>,
+        k_cache: &CudaSlice<T>,
+        v_cache: &CudaSlice<T>,
+        s: CachedAttnShape,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "attention_cached";
+        let CachedAttnShape {
+            b,
+            tq,
+            past,
+            tmax,
+            h,
+            kvh,
+            d,
+        } = s;
+        let base = AttnShape {
+            b,
+            t: tq,
+            h,
+            kvh,
+            d,
+        };
+        base.check(OP)?;
+        ensure(past + tq <= tmax, OP, || {
+            format!("past {past} + tq {tq} exceeds cache length {tmax}")
+        })?;
+        check_len(OP, "q", q.len(), b * tq * h * d)?;
+        check_len(OP, "out", out.len(), b * tq * h * d)?;
+        check_len(OP, "k_cache", k_cache.len(), b * tmax * kvh * d)?;
+        check_len(OP, "v_cache", v_cache.len(), b * tmax * kvh * d)?;
+        let a = [
+            dim(OP, "b", b)?,
+            dim(OP, "tq", tq)?,
+            dim(OP, "past", past)?,
+            dim(OP, "tmax", tmax)?,
+            dim(OP, "h", h)?,
+            dim(OP, "kvh", kvh)?,
+            dim(OP, "d", d)?,
+        ];
+        let smem = 64 * (d + 1) + WARPS * d;
+        let f = self.func_for::<T>("attention_cached_fwd")?;
+        launch!(
+            self,
+            "attention_cached",
+            f,
+            base.cfg(h, smem),
+            [
+                out, q, k_cache, v_cache, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6]
+            ]
+        )
+    }
+
     /// out[B, T, H, D], lse[B, H, T] = causal softmax(q k^T / sqrt(D)) v.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_forward<T: GpuDtype>(
