@@ -10,18 +10,66 @@ use std::time::Instant;
 
 use neuroshard_kernels::cpu::{self, fast};
 
-/// Median seconds of `iters` calls after one warm-up call.
-fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..iters)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64()
-        })
-        .collect();
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+
+unsafe extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU seconds used by this process so far (all threads), from CLOCK_PROCESS_CPUTIME_ID.
+fn process_cpu() -> f64 {
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec; 2 is CLOCK_PROCESS_CPUTIME_ID on Linux.
+    let rc = unsafe { clock_gettime(2, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+
+/// Timing of one call: `wall` is the median wall-clock seconds; `cpu` is the median
+/// process CPU seconds divided by the thread count, i.e. the wall time the call would take
+/// if its threads were never preempted (the machine is shared; spinning rayon workers
+/// count as busy, so this is conservative).
+#[derive(Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+/// Times `iters` calls of a parallel op (on the whole rayon pool) after one warm-up call.
+fn time<F: FnMut()>(iters: usize, f: F) -> Timing {
+    time_on(rayon::current_num_threads(), iters, f)
+}
+
+/// Times `iters` calls of a single-threaded op after one warm-up call.
+fn time_serial<F: FnMut()>(iters: usize, f: F) -> Timing {
+    time_on(1, iters, f)
+}
+
+fn time_on<F: FnMut()>(threads: usize, iters: usize, mut f: F) -> Timing {
+    f();
+    let threads = threads as f64;
+    let (mut walls, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..iters {
+        let (t0, c0) = (Instant::now(), process_cpu());
+        f();
+        walls.push(t0.elapsed().as_secs_f64());
+        cpus.push((process_cpu() - c0) / threads);
+    }
+    Timing {
+        wall: median(walls),
+        cpu: median(cpus),
+    }
 }
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -58,22 +106,34 @@ fn fma_loop(iters: usize) -> f32 {
     out.iter().sum()
 }
 
-/// Measured FMA peak of the whole rayon pool (GFLOP/s): 12 independent 8-wide FMA chains
-/// per thread, all threads at once.
-fn fma_peak() -> f64 {
+/// Measured FMA peak of the whole rayon pool (GFLOP/s, wall and CPU-normalized): 12
+/// independent 8-wide FMA chains per thread, all threads at once.
+fn fma_peak() -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         let threads = rayon::current_num_threads();
         let iters = 20_000_000;
-        let secs = time(3, || {
+        let tm = time(5, || {
             rayon::broadcast(|_| {
                 // SAFETY: AVX2 and FMA checked above.
                 black_box(unsafe { fma_loop(black_box(iters)) });
             });
         });
-        return threads as f64 * iters as f64 * 12.0 * 8.0 * 2.0 / secs / 1e9;
+        let fl = threads as f64 * iters as f64 * 12.0 * 8.0 * 2.0 / 1e9;
+        return (fl / tm.wall, fl / tm.cpu);
     }
-    f64::NAN
+    (f64::NAN, f64::NAN)
+}
+
+/// `wall GFLOP/s (cpu-normalized GFLOP/s, % of cpu-normalized peak)`.
+fn gf(flops: f64, tm: Timing, peak: f64) -> String {
+    let (w, c) = (flops / tm.wall / 1e9, flops / tm.cpu / 1e9);
+    format!("{w:6.1} ({c:6.1}, {:3.0}%)", 100.0 * c / peak)
+}
+
+/// `wall ms (cpu-normalized ms)`.
+fn ms(tm: Timing) -> String {
+    format!("{:8.3} ({:8.3})", tm.wall * 1e3, tm.cpu * 1e3)
 }
 
 fn main() {
@@ -87,12 +147,15 @@ fn main() {
     let want = |name: &str| sections.is_empty() || sections.contains(&name);
     let iters = if quick { 3 } else { 9 };
     let threads = rayon::current_num_threads();
-    let peak = fma_peak();
-    println!("threads {threads}  measured FMA peak {peak:.1} GFLOP/s");
+    let (peak_wall, peak) = fma_peak();
+    println!(
+        "threads {threads}; measured FMA peak {peak_wall:.1} GFLOP/s wall, {peak:.1} GFLOP/s CPU-normalized"
+    );
+    println!("figures: wall (CPU-normalized = as if never preempted, % of CPU-normalized peak)");
 
     if want("matmul") {
         println!(
-            "\n## matmul (out[M,N] = inp[M,K] @ W[N,K]^T); backward = dinp + dweight (4MNK flops)"
+            "\n## matmul out[M,N] = inp[M,K] @ W[N,K]^T, GFLOP/s; bwd = dinp + dweight (4MNK flops)"
         );
         for (m, k, n) in [
             (1024, 512, 2048),
@@ -112,71 +175,70 @@ fn main() {
                 fast::matmul_backward(&mut di, &mut dw, &dout, &inp, &w, m, k, n)
             });
             println!(
-                "M={m:5} K={k:5} N={n:5}  fwd {:7.1} GFLOP/s ({:4.0}% peak)  bwd {:7.1} GFLOP/s ({:4.0}% peak)",
-                fl / tf / 1e9,
-                100.0 * fl / tf / 1e9 / peak,
-                2.0 * fl / tb / 1e9,
-                100.0 * 2.0 * fl / tb / 1e9 / peak
+                "M={m:5} K={k:5} N={n:5}  fwd {}  bwd {}",
+                gf(fl, tf, peak),
+                gf(2.0 * fl, tb, peak)
             );
         }
-        {
-            let (m, k, n) = (256, 512, 512);
-            let inp = rand_vec(m * k, 1);
-            let w = rand_vec(n * k, 2);
-            let mut out = vec![0.0; m * n];
-            let fl = 2.0 * (m * n * k) as f64;
-            let tr = time(1, || cpu::matmul_forward(&mut out, &inp, &w, m, k, n));
-            println!(
-                "reference matmul_forward M={m} K={k} N={n}: {:.2} GFLOP/s",
-                fl / tr / 1e9
-            );
-        }
+        let (m, k, n) = (256, 512, 512);
+        let inp = rand_vec(m * k, 1);
+        let w = rand_vec(n * k, 2);
+        let mut out = vec![0.0; m * n];
+        let tr = time_serial(1, || cpu::matmul_forward(&mut out, &inp, &w, m, k, n));
+        println!(
+            "reference matmul_forward M={m} K={k} N={n} (1 thread): {}",
+            gf(2.0 * (m * n * k) as f64, tr, peak)
+        );
     }
+
     let (b, t, h, kvh, d) = (4, 256, 16, 4, 32);
     if want("attention") {
         println!(
-            "\n## attention B={b} T={t} H={h} KVH={kvh} D={d} (flops: fwd 4*D per causal pair, bwd 10*D)"
+            "\n## attention B={b} T={t} H={h} KVH={kvh} D={d}; GFLOP/s count 4*D (fwd), 10*D (bwd) per causal pair"
         );
-        {
-            let q = rand_vec(b * t * h * d, 4);
-            let k = rand_vec(b * t * kvh * d, 5);
-            let v = rand_vec(b * t * kvh * d, 6);
-            let dout = rand_vec(q.len(), 7);
-            let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-            let (mut dq, mut dk, mut dv) =
-                (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-            let pairs = (b * h * t * (t + 1) / 2) as f64;
-            let tf = time(iters, || {
-                fast::attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, kvh, d)
-            });
-            let tb = time(iters, || {
-                fast::attention_backward(
-                    &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, h, kvh, d,
-                )
-            });
-            let trf = time(1, || {
-                cpu::attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, kvh, d)
-            });
-            let trb = time(1, || {
-                cpu::attention_backward(
-                    &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, h, kvh, d,
-                )
-            });
-            println!(
-                "fast fwd {:6.2} ms {:6.1} GFLOP/s | bwd {:6.2} ms {:6.1} GFLOP/s | reference fwd {:6.2} ms, bwd {:6.2} ms",
-                tf * 1e3,
-                pairs * 4.0 * d as f64 / tf / 1e9,
-                tb * 1e3,
-                pairs * 10.0 * d as f64 / tb / 1e9,
-                trf * 1e3,
-                trb * 1e3
-            );
-        }
+        let q = rand_vec(b * t * h * d, 4);
+        let k = rand_vec(b * t * kvh * d, 5);
+        let v = rand_vec(b * t * kvh * d, 6);
+        let dout = rand_vec(q.len(), 7);
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        let pairs = (b * h * t * (t + 1) / 2) as f64;
+        let tf = time(iters, || {
+            fast::attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, kvh, d)
+        });
+        let tb = time(iters, || {
+            fast::attention_backward(
+                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, h, kvh, d,
+            )
+        });
+        let trf = time_serial(1, || {
+            cpu::attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, kvh, d)
+        });
+        let trb = time_serial(1, || {
+            cpu::attention_backward(
+                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, h, kvh, d,
+            )
+        });
+        println!(
+            "fast      fwd ms {}  GFLOP/s {}",
+            ms(tf),
+            gf(pairs * 4.0 * d as f64, tf, peak)
+        );
+        println!(
+            "fast      bwd ms {}  GFLOP/s {}",
+            ms(tb),
+            gf(pairs * 10.0 * d as f64, tb, peak)
+        );
+        println!(
+            "reference fwd ms {}  bwd ms {} (1 thread)",
+            ms(trf),
+            ms(trb)
+        );
     }
     if !want("ops") {
         return;
     }
-    println!("\n## elementwise / row ops (fast ms | reference ms)");
+    println!("\n## row / elementwise ops, ms: fast (all threads) | reference (1 thread)");
     let rows = b * t;
     {
         let c = 512;
@@ -191,42 +253,41 @@ fn main() {
         let fb = time(iters, || {
             fast::rmsnorm_backward(&mut di, &mut dw, &dout, &inp, &wt, &rstd, rows, c)
         });
-        let r = time(iters, || {
+        let r = time_serial(iters, || {
             cpu::rmsnorm_forward(&mut out, &mut rstd, &inp, &wt, rows, c, 1e-6)
         });
-        let rb = time(iters, || {
+        let rb = time_serial(iters, || {
             cpu::rmsnorm_backward(&mut di, &mut dw, &dout, &inp, &wt, &rstd, rows, c)
         });
         println!(
-            "rmsnorm [{rows},{c}]     fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
-            f * 1e3,
-            r * 1e3,
-            fb * 1e3,
-            rb * 1e3
+            "rmsnorm [{rows},{c}]          fwd {} | {}  bwd {} | {}",
+            ms(f),
+            ms(r),
+            ms(fb),
+            ms(rb)
         );
     }
     {
-        let (hh, dd) = (h, d);
-        let x = rand_vec(rows * hh * dd, 11);
+        let x = rand_vec(rows * h * d, 11);
         let mut y = vec![0.0; x.len()];
         let f = time(iters, || {
-            fast::rope_forward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+            fast::rope_forward(&mut y, &x, b, t, h, d, 0, 10000.0)
         });
         let fb = time(iters, || {
-            fast::rope_backward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+            fast::rope_backward(&mut y, &x, b, t, h, d, 0, 10000.0)
         });
-        let r = time(iters, || {
-            cpu::rope_forward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+        let r = time_serial(iters, || {
+            cpu::rope_forward(&mut y, &x, b, t, h, d, 0, 10000.0)
         });
-        let rb = time(iters, || {
-            cpu::rope_backward(&mut y, &x, b, t, hh, dd, 0, 10000.0)
+        let rb = time_serial(iters, || {
+            cpu::rope_backward(&mut y, &x, b, t, h, d, 0, 10000.0)
         });
         println!(
-            "rope [{b},{t},{hh},{dd}]   fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
-            f * 1e3,
-            r * 1e3,
-            fb * 1e3,
-            rb * 1e3
+            "rope [{b},{t},{h},{d}]          fwd {} | {}  bwd {} | {}",
+            ms(f),
+            ms(r),
+            ms(fb),
+            ms(rb)
         );
     }
     {
@@ -240,16 +301,16 @@ fn main() {
         let fb = time(iters, || {
             fast::swiglu_backward(&mut dg, &mut du, &dout, &g, &u)
         });
-        let r = time(iters, || cpu::swiglu_forward(&mut out, &g, &u));
-        let rb = time(iters, || {
+        let r = time_serial(iters, || cpu::swiglu_forward(&mut out, &g, &u));
+        let rb = time_serial(iters, || {
             cpu::swiglu_backward(&mut dg, &mut du, &dout, &g, &u)
         });
         println!(
-            "swiglu [{n}]      fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
-            f * 1e3,
-            r * 1e3,
-            fb * 1e3,
-            rb * 1e3
+            "swiglu [{n}]             fwd {} | {}  bwd {} | {}",
+            ms(f),
+            ms(r),
+            ms(fb),
+            ms(rb)
         );
     }
     {
@@ -263,18 +324,18 @@ fn main() {
         let fb = time(iters, || {
             fast::cross_entropy_backward(&mut dl, &logits, &targets, rows, vp, vl, 1.0).unwrap()
         });
-        let r = time(iters, || {
+        let r = time_serial(iters, || {
             black_box(cpu::cross_entropy_forward(&logits, &targets, rows, vp, vl).unwrap());
         });
-        let rb = time(iters, || {
+        let rb = time_serial(iters, || {
             cpu::cross_entropy_backward(&mut dl, &logits, &targets, rows, vp, vl, 1.0).unwrap()
         });
         println!(
-            "cross_entropy [{rows},{vp}] fwd {:.3} | {:.3}   bwd {:.3} | {:.3}",
-            f * 1e3,
-            r * 1e3,
-            fb * 1e3,
-            rb * 1e3
+            "cross_entropy [{rows},{vp}]   fwd {} | {}  bwd {} | {}",
+            ms(f),
+            ms(r),
+            ms(fb),
+            ms(rb)
         );
     }
     {
@@ -292,21 +353,21 @@ fn main() {
         let fnorm = time(iters, || {
             black_box(fast::global_norm(&[&grads]));
         });
-        let r = time(iters, || {
+        let r = time_serial(iters, || {
             step += 1;
             cpu::adamw_step(
                 &mut p, &grads, &mut m, &mut v, step, 1e-3, 0.9, 0.95, 1e-8, 0.1,
             )
         });
-        let rnorm = time(iters, || {
+        let rnorm = time_serial(iters, || {
             black_box(cpu::global_norm(&[&grads]));
         });
         println!(
-            "adamw [{n}]    step {:.2} | {:.2}   global_norm {:.2} | {:.2}",
-            f * 1e3,
-            r * 1e3,
-            fnorm * 1e3,
-            rnorm * 1e3
+            "adamw [{n}]           step {} | {}  global_norm {} | {}",
+            ms(f),
+            ms(r),
+            ms(fnorm),
+            ms(rnorm)
         );
     }
 }

@@ -5,6 +5,7 @@
 //! log-sum-exp of each query row's scaled scores, so backward recomputes the probabilities
 //! one row at a time (flash style) instead of keeping a T x T matrix.
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_shapes(
     q: usize,
     k: usize,
@@ -18,7 +19,7 @@ pub(crate) fn check_shapes(
     d: usize,
 ) {
     assert!(
-        d > 0 && kvh > 0 && h % kvh == 0,
+        d > 0 && kvh > 0 && h.is_multiple_of(kvh),
         "attention: heads {h} not a multiple of kv heads {kvh}"
     );
     assert_eq!(q, b * t * h * d, "attention: q is not [B, T, H, D]");
@@ -29,7 +30,7 @@ pub(crate) fn check_shapes(
 }
 
 /// out [B,T,H,D] and lse [B,H,T] from q [B,T,H,D], k, v [B,T,KVH,D] (overwrites both).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],

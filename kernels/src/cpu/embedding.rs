@@ -20,7 +20,7 @@ pub fn embedding_forward(
     c: usize,
 ) -> Result<(), KernelError> {
     assert!(
-        c > 0 && table.len() % c == 0,
+        c > 0 && table.len().is_multiple_of(c),
         "embedding: table is not [V, C]"
     );
     assert_eq!(out.len(), ids.len() * c, "embedding: out is not [Bt, C]");
@@ -40,7 +40,7 @@ pub fn embedding_backward(
     c: usize,
 ) -> Result<(), KernelError> {
     assert!(
-        c > 0 && dtable.len() % c == 0,
+        c > 0 && dtable.len().is_multiple_of(c),
         "embedding: dtable is not [V, C]"
     );
     assert_eq!(dout.len(), ids.len() * c, "embedding: dout is not [Bt, C]");

@@ -14,7 +14,7 @@ pub(crate) fn rope_cos_sin(pos: usize, i: usize, d: usize, theta: f32) -> (f32, 
 }
 
 fn check_shapes(a: usize, b_len: usize, b: usize, t: usize, h: usize, d: usize) {
-    assert!(d % 2 == 0, "rope: head dim {d} must be even");
+    assert!(d.is_multiple_of(2), "rope: head dim {d} must be even");
     assert_eq!(a, b * t * h * d, "rope: tensor is not [B, T, H, D]");
     assert_eq!(b_len, b * t * h * d, "rope: tensor is not [B, T, H, D]");
 }

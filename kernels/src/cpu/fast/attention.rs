@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::matmul::gemm_raw;
-use super::simd::{SyncPtr, dot, exp, multiversion};
+use super::simd::{SyncPtr, dot, exp, exp_in_place_sum, max as simd_max, multiversion};
 use crate::cpu::attention::check_shapes;
 
 /// Query rows per tile.
@@ -132,16 +132,9 @@ multiversion! {
     fn softmax_rows(s: &mut [f32], lse: &mut [f32], i0: usize, nk: usize, scale: f32) {
         for (r, row) in s.chunks_exact_mut(nk).enumerate() {
             let (live, masked) = row.split_at_mut(i0 + r + 1);
-            let mut max = f32::NEG_INFINITY;
-            for x in live.iter_mut() {
-                *x *= scale;
-                max = if *x > max { *x } else { max };
-            }
-            let mut sum = 0.0f32;
-            for x in live.iter_mut() {
-                *x = exp(*x - max);
-                sum += *x;
-            }
+            // Scores are scaled inside exp: max(scale * s) = scale * max(s) as scale > 0.
+            let max = scale * simd_max(live);
+            let sum = exp_in_place_sum(live, scale, max);
             lse[r] = max + sum.ln();
             let inv = 1.0 / sum;
             for x in live.iter_mut() {

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{exp, multiversion};
+use super::simd::{exp, max as simd_max, multiversion};
 use crate::KernelError;
 use crate::cpu::cross_entropy::check_args;
 
@@ -31,21 +31,11 @@ pub fn cross_entropy_forward(
 
 multiversion! {
     fn row_lse(row: &[f32]) -> f32 {
-        let mut mx = [f32::NEG_INFINITY; 8];
-        let mut chunks = row.chunks_exact(8);
-        for c in &mut chunks {
-            for l in 0..8 {
-                mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &x in mx.iter().chain(chunks.remainder()) {
-            max = if x > max { x } else { max };
-        }
-        // A NaN logit propagates: NaN - max stays NaN through exp and the sum.
+        // A NaN logit makes the loss NaN, as in the reference.
         if row.iter().any(|x| x.is_nan()) {
             return f32::NAN;
         }
+        let max = simd_max(row);
         let mut acc = [0.0f32; 8];
         let mut chunks = row.chunks_exact(8);
         for c in &mut chunks {

@@ -7,7 +7,7 @@ use super::simd::{SyncPtr, multiversion};
 use crate::cpu::rope::rope_cos_sin;
 
 fn check_shapes(a: usize, b_len: usize, b: usize, t: usize, h: usize, d: usize) {
-    assert!(d % 2 == 0, "rope: head dim {d} must be even");
+    assert!(d.is_multiple_of(2), "rope: head dim {d} must be even");
     assert_eq!(a, b * t * h * d, "rope: tensor is not [B, T, H, D]");
     assert_eq!(b_len, b * t * h * d, "rope: tensor is not [B, T, H, D]");
 }

@@ -72,7 +72,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     y = y * r + 8.333_452e-3;
     y = y * r + 4.166_579_6e-2;
     y = y * r + 1.666_666_5e-1;
-    y = y * r + 5.000_000_1e-1;
+    y = y * r + 0.5;
     y = y * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -94,6 +94,43 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut s = 0.0f32;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
         s += x * y;
+    }
+    s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Maximum of `x` (NaNs ignored unless all are NaN), -inf when empty; 8 lanes so it
+/// vectorizes.
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(chunks.remainder()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// `x = exp(scale * x - shift)` in place; returns the sum of the new values (8 lanes).
+#[inline(always)]
+pub(crate) fn exp_in_place_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            c[l] = exp(c[l] * scale - shift);
+            acc[l] += c[l];
+        }
+    }
+    let mut s = 0.0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v * scale - shift);
+        s += *v;
     }
     s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
