@@ -28,9 +28,18 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// Tests set this to run the baseline (non-AVX2) build of every kernel.
+#[cfg(test)]
+pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Whether this CPU has AVX2 and FMA (std caches the detection).
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(test)]
+    if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
