@@ -1,10 +1,11 @@
-//! Fast causal GQA attention, tiled (flash style): parallel over (batch, head) in forward
-//! and over (batch, kv head) in backward (so each task owns the dk/dv rows of its kv head).
-//! Each task walks query tiles of `TQ` rows; per tile the scores against the causal key
-//! prefix (at most `TQ x T`) live in per-task scratch, the products (Q K^T, P V, and in
-//! backward dO V^T, P^T dO, dS^T Q, dS K) run through single-threaded `gemm` calls with
-//! strides straight on the [B,T,H,D] layout, and softmax uses a vectorized `exp`. No T x T
-//! matrix is ever built.
+//! Fast causal GQA attention, tiled (flash style), parallel over (batch, kv head): each task
+//! owns the query heads of one kv group, so it alone writes their out/lse/dq rows and the
+//! dk/dv rows of its kv head. A task walks query tiles of `TQ` positions; the group's query
+//! rows of a tile (G heads x TQ positions, G = H/KVH) are gathered into one contiguous
+//! block so that each product is a single `gemm` call sharing the K/V panel: S = Q K^T and
+//! O = P V in forward; S, dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ = dS K in backward.
+//! Scores against the causal key prefix (at most G*TQ x T) live in per-task scratch, never
+//! a T x T matrix; softmax uses a vectorized `exp`.
 
 use rayon::prelude::*;
 
@@ -12,8 +13,8 @@ use super::matmul::gemm_raw;
 use super::simd::{SyncPtr, dot, exp, exp_in_place_sum, max as simd_max, multiversion};
 use crate::cpu::attention::check_shapes;
 
-/// Query rows per tile.
-const TQ: usize = 64;
+/// Query positions per tile.
+const TQ: usize = 32;
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -31,6 +32,84 @@ impl Dims {
     /// Offset of k/v/dk/dv[b, j, g, 0].
     fn kv_at(&self, bi: usize, j: usize, g: usize) -> usize {
         ((bi * self.t + j) * self.kvh + g) * self.d
+    }
+    /// Query heads per kv head.
+    fn group(&self) -> usize {
+        self.h / self.kvh
+    }
+}
+
+/// A strided matrix operand: element (r, c) at `p + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct View {
+    p: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+fn view(x: &[f32], offset: usize, rs: usize, cs: usize) -> View {
+    View {
+        p: x[offset..].as_ptr(),
+        rs,
+        cs,
+    }
+}
+
+/// `dst[m,n] (row stride dst_rs) = (acc ? dst : 0) + a[m,k] @ b[k,n]`, single-threaded.
+///
+/// # Safety
+/// As `gemm_raw`: every addressed element in bounds, dst exclusively owned by the caller.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    acc: bool,
+    a: View,
+    b: View,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm_raw(
+            m, n, k, dst, dst_rs, acc, a.p, a.rs, a.cs, b.p, b.rs, b.cs, false,
+        )
+    }
+}
+
+/// Copies the rows [b, i0..i0+rows, heads of group g, :] of x into `buf` as a contiguous
+/// [G*rows, D] block, head-major (row hh*rows + r is head g*G+hh at position i0+r).
+fn gather(buf: &mut [f32], x: &[f32], dims: Dims, bi: usize, g: usize, i0: usize, rows: usize) {
+    let (d, group) = (dims.d, dims.group());
+    for hh in 0..group {
+        for r in 0..rows {
+            let src = dims.q_at(bi, i0 + r, g * group + hh);
+            let dst = (hh * rows + r) * d;
+            buf[dst..dst + d].copy_from_slice(&x[src..src + d]);
+        }
+    }
+}
+
+/// Per-task scratch, sized for the largest tile.
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    qt: Vec<f32>,
+    dot: Vec<f32>,
+    dqt: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(dims: Dims) -> Self {
+        let m = dims.group() * TQ.min(dims.t);
+        Scratch {
+            a: vec![0.0; m * dims.t],
+            b: vec![0.0; m * dims.t],
+            qt: vec![0.0; m * dims.d],
+            dot: vec![0.0; m * dims.d],
+            dqt: vec![0.0; m * dims.d],
+        }
     }
 }
 
@@ -65,70 +144,58 @@ pub fn attention_forward(
     }
     let outp = SyncPtr(out.as_mut_ptr());
     let dims = Dims { t, h, kvh, d };
-    lse.par_chunks_mut(t).enumerate().for_each_init(
-        || vec![0.0f32; TQ.min(t) * t],
-        |scores, (bh, lse_row)| {
-            let (bi, hi) = (bh / h, bh % h);
-            let (qs, qrs) = (dims.q_at(bi, 0, hi), h * d);
-            let g = hi / (h / kvh);
-            let (ks, krs) = (dims.kv_at(bi, 0, g), kvh * d);
+    let group = dims.group();
+    let scale = 1.0 / (d as f32).sqrt();
+    // lse [B,H,T]: the rows of the heads of group g in batch b are contiguous.
+    lse.par_chunks_mut(group * t).enumerate().for_each_init(
+        || Scratch::new(dims),
+        |sc, (bg, lse_group)| {
+            let (bi, g) = (bg / kvh, bg % kvh);
+            let ks = dims.kv_at(bi, 0, g);
+            let (kt, vv) = (view(k, ks, 1, kvh * d), view(v, ks, kvh * d, 1));
             for i0 in (0..t).step_by(TQ) {
                 let rows = TQ.min(t - i0);
-                let nk = i0 + rows;
-                let s = &mut scores[..rows * nk];
-                // SAFETY: q rows i0..i0+rows of head hi and k rows 0..nk of kv head g are in
-                // bounds (check_shapes); s is this task's scratch.
+                let (m, nk) = (group * rows, i0 + rows);
+                gather(&mut sc.qt, q, dims, bi, g, i0, rows);
+                let s = &mut sc.a[..m * nk];
+                // SAFETY: scratch is this task's; K rows 0..nk of kv head g in bounds.
                 unsafe {
-                    gemm_raw(
-                        rows,
+                    mm(
+                        m,
                         nk,
                         d,
                         s.as_mut_ptr(),
                         nk,
                         false,
-                        q.as_ptr().add(qs + i0 * qrs),
-                        qrs,
-                        1,
-                        k.as_ptr().add(ks),
-                        1,
-                        krs,
-                        false,
+                        view(&sc.qt, 0, d, 1),
+                        kt,
                     )
                 };
-                softmax_rows(
-                    s,
-                    &mut lse_row[i0..i0 + rows],
-                    i0,
-                    nk,
-                    1.0 / (d as f32).sqrt(),
-                );
-                // SAFETY: out[b, i0..i0+rows, hi, :] belongs to this (b, h) task only (tasks
-                // write disjoint heads); v rows 0..nk are in bounds.
-                unsafe {
-                    gemm_raw(
-                        rows,
-                        d,
-                        nk,
-                        outp.at(qs + i0 * qrs),
-                        qrs,
-                        false,
-                        s.as_ptr(),
-                        nk,
-                        1,
-                        v.as_ptr().add(ks),
-                        krs,
-                        1,
-                        false,
-                    )
-                };
+                for (hh, s_head) in s.chunks_exact_mut(rows * nk).enumerate() {
+                    let l = &mut lse_group[hh * t + i0..hh * t + i0 + rows];
+                    softmax_rows(s_head, l, i0, nk, scale);
+                }
+                let o = &mut sc.dqt[..m * d];
+                // SAFETY: as above; V rows 0..nk in bounds.
+                unsafe { mm(m, d, nk, o.as_mut_ptr(), d, false, view(s, 0, nk, 1), vv) };
+                for hh in 0..group {
+                    for r in 0..rows {
+                        let dst = dims.q_at(bi, i0 + r, g * group + hh);
+                        // SAFETY: out rows of the heads of group g in batch b belong to
+                        // this task only; in bounds by check_shapes.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(outp.at(dst), d) };
+                        let src = (hh * rows + r) * d;
+                        dst.copy_from_slice(&o[src..src + d]);
+                    }
+                }
             }
         },
     );
 }
 
 multiversion! {
-    /// Scores tile [rows, nk] for query rows i0.. -> probabilities in place (causal: column
-    /// j > i gets 0), and lse per row.
+    /// Scores tile [rows, nk] for query positions i0.. -> probabilities in place (causal:
+    /// column j > i gets 0), and lse per row.
     fn softmax_rows(s: &mut [f32], lse: &mut [f32], i0: usize, nk: usize, scale: f32) {
         for (r, row) in s.chunks_exact_mut(nk).enumerate() {
             let (live, masked) = row.split_at_mut(i0 + r + 1);
@@ -188,115 +255,75 @@ pub fn attention_backward(
         SyncPtr(dv.as_mut_ptr()),
     );
     let dims = Dims { t, h, kvh, d };
-    let group = h / kvh;
+    let group = dims.group();
     let scale = 1.0 / (d as f32).sqrt();
     (0..b * kvh).into_par_iter().for_each_init(
-        || vec![0.0f32; 2 * TQ.min(t) * t],
-        |scratch, bg| {
-            // Task (b, g) writes only dq[b, :, hi, :] for the query heads hi of kv group g
-            // and dk/dv[b, :, g, :]: disjoint across tasks.
+        || Scratch::new(dims),
+        |sc, bg| {
+            // Task (b, g) writes only dq rows of the heads of group g in batch b and the
+            // dk/dv rows of kv head g in batch b: disjoint across tasks.
             let (bi, g) = (bg / kvh, bg % kvh);
-            let (ks, krs) = (dims.kv_at(bi, 0, g), kvh * d);
-            let qrs = h * d;
-            for hi in g * group..(g + 1) * group {
-                let qs = dims.q_at(bi, 0, hi);
-                for i0 in (0..t).step_by(TQ) {
-                    let rows = TQ.min(t - i0);
-                    let nk = i0 + rows;
-                    let (p, ds) = scratch.split_at_mut(TQ.min(t) * t);
-                    let (p, ds) = (&mut p[..rows * nk], &mut ds[..rows * nk]);
-                    let qt = qs + i0 * qrs;
-                    // SAFETY (all gemm calls below): every strided range is in bounds by
-                    // check_shapes; p and ds are this task's scratch; dq rows of head hi and
-                    // dk/dv rows of kv head g are written by this task only.
-                    unsafe {
-                        // S = Q_t K^T, dP = dO_t V^T.
-                        gemm_raw(
-                            rows,
-                            nk,
-                            d,
-                            p.as_mut_ptr(),
-                            nk,
-                            false,
-                            q.as_ptr().add(qt),
-                            qrs,
-                            1,
-                            k.as_ptr().add(ks),
-                            1,
-                            krs,
-                            false,
-                        );
-                        gemm_raw(
-                            rows,
-                            nk,
-                            d,
-                            ds.as_mut_ptr(),
-                            nk,
-                            false,
-                            dout.as_ptr().add(qt),
-                            qrs,
-                            1,
-                            v.as_ptr().add(ks),
-                            1,
-                            krs,
-                            false,
-                        );
-                    }
-                    let lse_t = &lse[(bi * h + hi) * t + i0..(bi * h + hi) * t + i0 + rows];
-                    let inp = [dout, out];
-                    backward_probs(p, ds, lse_t, inp, (qt, qrs), i0, nk, d, scale);
-                    unsafe {
-                        // dV += P^T dO_t, dK += dS^T Q_t, dQ_t += dS K.
-                        gemm_raw(
-                            nk,
-                            d,
-                            rows,
-                            dvp.at(ks),
-                            krs,
-                            true,
-                            p.as_ptr(),
-                            1,
-                            nk,
-                            dout.as_ptr().add(qt),
-                            qrs,
-                            1,
-                            false,
-                        );
-                        gemm_raw(
-                            nk,
-                            d,
-                            rows,
-                            dkp.at(ks),
-                            krs,
-                            true,
-                            ds.as_ptr(),
-                            1,
-                            nk,
-                            q.as_ptr().add(qt),
-                            qrs,
-                            1,
-                            false,
-                        );
-                        gemm_raw(
-                            rows,
-                            d,
-                            nk,
-                            dqp.at(qt),
-                            qrs,
-                            true,
-                            ds.as_ptr(),
-                            nk,
-                            1,
-                            k.as_ptr().add(ks),
-                            krs,
-                            1,
-                            false,
-                        );
+            let ks = dims.kv_at(bi, 0, g);
+            let krs = kvh * d;
+            let (kt, vt) = (view(k, ks, 1, krs), view(v, ks, 1, krs));
+            for i0 in (0..t).step_by(TQ) {
+                let rows = TQ.min(t - i0);
+                let (m, nk) = (group * rows, i0 + rows);
+                gather(&mut sc.qt, q, dims, bi, g, i0, rows);
+                gather(&mut sc.dot, dout, dims, bi, g, i0, rows);
+                let (p, ds) = (&mut sc.a[..m * nk], &mut sc.b[..m * nk]);
+                let (qv, dov) = (view(&sc.qt, 0, d, 1), view(&sc.dot, 0, d, 1));
+                // SAFETY: p, ds are this task's scratch; K/V rows 0..nk in bounds.
+                unsafe {
+                    mm(m, nk, d, p.as_mut_ptr(), nk, false, qv, kt);
+                    mm(m, nk, d, ds.as_mut_ptr(), nk, false, dov, vt);
+                }
+                for (hh, (ph, dsh)) in p
+                    .chunks_exact_mut(rows * nk)
+                    .zip(ds.chunks_exact_mut(rows * nk))
+                    .enumerate()
+                {
+                    let hi = g * group + hh;
+                    let l = &lse[(bi * h + hi) * t + i0..(bi * h + hi) * t + i0 + rows];
+                    let q_rows = (dims.q_at(bi, i0, hi), h * d);
+                    backward_probs(ph, dsh, l, [dout, out], q_rows, i0, nk, d, scale);
+                }
+                let dqt = &mut sc.dqt[..m * d];
+                // SAFETY: dk/dv rows 0..nk of kv head g in batch b belong to this task only;
+                // the views address this task's scratch and in-bounds K rows.
+                unsafe {
+                    mm(nk, d, m, dvp.at(ks), krs, true, view(p, 0, 1, nk), dov);
+                    mm(nk, d, m, dkp.at(ks), krs, true, view(ds, 0, 1, nk), qv);
+                    mm(
+                        m,
+                        d,
+                        nk,
+                        dqt.as_mut_ptr(),
+                        d,
+                        false,
+                        view(ds, 0, nk, 1),
+                        view(k, ks, krs, 1),
+                    );
+                }
+                for hh in 0..group {
+                    for r in 0..rows {
+                        let dst = dims.q_at(bi, i0 + r, g * group + hh);
+                        // SAFETY: dq rows of the heads of group g in batch b belong to this
+                        // task only; in bounds by check_shapes.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(dqp.at(dst), d) };
+                        let src = (hh * rows + r) * d;
+                        add_into(dst, &dqt[src..src + d]);
                     }
                 }
             }
         },
     );
+}
+
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(x) {
+        *a += x;
+    }
 }
 
 multiversion! {
