@@ -10,7 +10,9 @@
 use rayon::prelude::*;
 
 use super::matmul::gemm_raw;
-use super::simd::{SyncPtr, dot, exp, exp_in_place_sum, max as simd_max, multiversion};
+use super::simd::{
+    SyncPtr, dot, exp, exp_in_place_sum, max as simd_max, multiversion, with_scratch,
+};
 use crate::cpu::attention::check_shapes;
 
 /// Query positions per tile.
@@ -91,25 +93,28 @@ fn gather(buf: &mut [f32], x: &[f32], dims: Dims, bi: usize, g: usize, i0: usize
     }
 }
 
-/// Per-task scratch, sized for the largest tile.
-struct Scratch {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    qt: Vec<f32>,
-    dot: Vec<f32>,
-    dqt: Vec<f32>,
+/// Per-task scratch views, sized for the largest tile, carved from the thread's scratch.
+struct Scratch<'a> {
+    a: &'a mut [f32],
+    b: &'a mut [f32],
+    qt: &'a mut [f32],
+    dot: &'a mut [f32],
+    dqt: &'a mut [f32],
 }
 
-impl Scratch {
-    fn new(dims: Dims) -> Self {
+impl Scratch<'_> {
+    fn len(dims: Dims) -> usize {
         let m = dims.group() * TQ.min(dims.t);
-        Scratch {
-            a: vec![0.0; m * dims.t],
-            b: vec![0.0; m * dims.t],
-            qt: vec![0.0; m * dims.d],
-            dot: vec![0.0; m * dims.d],
-            dqt: vec![0.0; m * dims.d],
-        }
+        2 * m * dims.t + 3 * m * dims.d
+    }
+
+    fn carve(buf: &mut [f32], dims: Dims) -> Scratch<'_> {
+        let m = dims.group() * TQ.min(dims.t);
+        let (a, rest) = buf.split_at_mut(m * dims.t);
+        let (b, rest) = rest.split_at_mut(m * dims.t);
+        let (qt, rest) = rest.split_at_mut(m * dims.d);
+        let (dot, dqt) = rest.split_at_mut(m * dims.d);
+        Scratch { a, b, qt, dot, dqt }
     }
 }
 
@@ -147,50 +152,52 @@ pub fn attention_forward(
     let group = dims.group();
     let scale = 1.0 / (d as f32).sqrt();
     // lse [B,H,T]: the rows of the heads of group g in batch b are contiguous.
-    lse.par_chunks_mut(group * t).enumerate().for_each_init(
-        || Scratch::new(dims),
-        |sc, (bg, lse_group)| {
-            let (bi, g) = (bg / kvh, bg % kvh);
-            let ks = dims.kv_at(bi, 0, g);
-            let (kt, vv) = (view(k, ks, 1, kvh * d), view(v, ks, kvh * d, 1));
-            for i0 in (0..t).step_by(TQ) {
-                let rows = TQ.min(t - i0);
-                let (m, nk) = (group * rows, i0 + rows);
-                gather(&mut sc.qt, q, dims, bi, g, i0, rows);
-                let s = &mut sc.a[..m * nk];
-                // SAFETY: scratch is this task's; K rows 0..nk of kv head g in bounds.
-                unsafe {
-                    mm(
-                        m,
-                        nk,
-                        d,
-                        s.as_mut_ptr(),
-                        nk,
-                        false,
-                        view(&sc.qt, 0, d, 1),
-                        kt,
-                    )
-                };
-                for (hh, s_head) in s.chunks_exact_mut(rows * nk).enumerate() {
-                    let l = &mut lse_group[hh * t + i0..hh * t + i0 + rows];
-                    softmax_rows(s_head, l, i0, nk, scale);
-                }
-                let o = &mut sc.dqt[..m * d];
-                // SAFETY: as above; V rows 0..nk in bounds.
-                unsafe { mm(m, d, nk, o.as_mut_ptr(), d, false, view(s, 0, nk, 1), vv) };
-                for hh in 0..group {
-                    for r in 0..rows {
-                        let dst = dims.q_at(bi, i0 + r, g * group + hh);
-                        // SAFETY: out rows of the heads of group g in batch b belong to
-                        // this task only; in bounds by check_shapes.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(outp.at(dst), d) };
-                        let src = (hh * rows + r) * d;
-                        dst.copy_from_slice(&o[src..src + d]);
+    lse.par_chunks_mut(group * t)
+        .enumerate()
+        .for_each(|(bg, lse_group)| {
+            with_scratch(Scratch::len(dims), |buf| {
+                let sc = &mut Scratch::carve(buf, dims);
+                let (bi, g) = (bg / kvh, bg % kvh);
+                let ks = dims.kv_at(bi, 0, g);
+                let (kt, vv) = (view(k, ks, 1, kvh * d), view(v, ks, kvh * d, 1));
+                for i0 in (0..t).step_by(TQ) {
+                    let rows = TQ.min(t - i0);
+                    let (m, nk) = (group * rows, i0 + rows);
+                    gather(sc.qt, q, dims, bi, g, i0, rows);
+                    let s = &mut sc.a[..m * nk];
+                    // SAFETY: scratch is this task's; K rows 0..nk of kv head g in bounds.
+                    unsafe {
+                        mm(
+                            m,
+                            nk,
+                            d,
+                            s.as_mut_ptr(),
+                            nk,
+                            false,
+                            view(&sc.qt, 0, d, 1),
+                            kt,
+                        )
+                    };
+                    for (hh, s_head) in s.chunks_exact_mut(rows * nk).enumerate() {
+                        let l = &mut lse_group[hh * t + i0..hh * t + i0 + rows];
+                        softmax_rows(s_head, l, i0, nk, scale);
+                    }
+                    let o = &mut sc.dqt[..m * d];
+                    // SAFETY: as above; V rows 0..nk in bounds.
+                    unsafe { mm(m, d, nk, o.as_mut_ptr(), d, false, view(s, 0, nk, 1), vv) };
+                    for hh in 0..group {
+                        for r in 0..rows {
+                            let dst = dims.q_at(bi, i0 + r, g * group + hh);
+                            // SAFETY: out rows of the heads of group g in batch b belong to
+                            // this task only; in bounds by check_shapes.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(outp.at(dst), d) };
+                            let src = (hh * rows + r) * d;
+                            dst.copy_from_slice(&o[src..src + d]);
+                        }
                     }
                 }
-            }
-        },
-    );
+            })
+        });
 }
 
 multiversion! {
@@ -257,9 +264,9 @@ pub fn attention_backward(
     let dims = Dims { t, h, kvh, d };
     let group = dims.group();
     let scale = 1.0 / (d as f32).sqrt();
-    (0..b * kvh).into_par_iter().for_each_init(
-        || Scratch::new(dims),
-        |sc, bg| {
+    (0..b * kvh).into_par_iter().for_each(|bg| {
+        with_scratch(Scratch::len(dims), |buf| {
+            let sc = &mut Scratch::carve(buf, dims);
             // Task (b, g) writes only dq rows of the heads of group g in batch b and the
             // dk/dv rows of kv head g in batch b: disjoint across tasks.
             let (bi, g) = (bg / kvh, bg % kvh);
@@ -269,8 +276,8 @@ pub fn attention_backward(
             for i0 in (0..t).step_by(TQ) {
                 let rows = TQ.min(t - i0);
                 let (m, nk) = (group * rows, i0 + rows);
-                gather(&mut sc.qt, q, dims, bi, g, i0, rows);
-                gather(&mut sc.dot, dout, dims, bi, g, i0, rows);
+                gather(sc.qt, q, dims, bi, g, i0, rows);
+                gather(sc.dot, dout, dims, bi, g, i0, rows);
                 let (p, ds) = (&mut sc.a[..m * nk], &mut sc.b[..m * nk]);
                 let (qv, dov) = (view(&sc.qt, 0, d, 1), view(&sc.dot, 0, d, 1));
                 // SAFETY: p, ds are this task's scratch; K/V rows 0..nk in bounds.
@@ -316,8 +323,8 @@ pub fn attention_backward(
                     }
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {

@@ -67,6 +67,26 @@ impl SyncPtr {
     }
 }
 
+thread_local! {
+    /// Per-thread scratch reused across calls (rayon workers live as long as the pool), so
+    /// hot paths do not allocate and fault in fresh pages on every call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer of at least `len` floats (contents
+/// unspecified). Re-entrant: a nested call on the same thread gets a fresh buffer.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
 /// `exp(x)` for f32 in straight-line code that LLVM vectorizes (Cephes `expf` polynomial,
 /// about 2 ulp). Inputs are clamped to [-87, 88] (so tiny results are ~1e-38 instead of 0
 /// and large ones finite); NaN stays NaN.
