@@ -174,7 +174,7 @@ pub fn attention_forward(
                             s.as_mut_ptr(),
                             nk,
                             false,
-                            view(&sc.qt, 0, d, 1),
+                            view(sc.qt, 0, d, 1),
                             kt,
                         )
                     };
@@ -279,7 +279,7 @@ pub fn attention_backward(
                 gather(sc.qt, q, dims, bi, g, i0, rows);
                 gather(sc.dot, dout, dims, bi, g, i0, rows);
                 let (p, ds) = (&mut sc.a[..m * nk], &mut sc.b[..m * nk]);
-                let (qv, dov) = (view(&sc.qt, 0, d, 1), view(&sc.dot, 0, d, 1));
+                let (qv, dov) = (view(sc.qt, 0, d, 1), view(sc.dot, 0, d, 1));
                 // SAFETY: p, ds are this task's scratch; K/V rows 0..nk in bounds.
                 unsafe {
                     mm(m, nk, d, p.as_mut_ptr(), nk, false, qv, kt);
