@@ -13,6 +13,8 @@ pub mod ops;
 pub mod runtime;
 pub mod source;
 
+/// The cudarc version the kernels are built against, for callers that hold device buffers.
+pub use cudarc;
 pub use device::{DeviceProbe, probe};
 pub use dtype::{Bf16, GpuDtype};
 pub use error::CudaError;
