@@ -89,12 +89,15 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 
 /// `exp(x)` for f32 in straight-line code that LLVM vectorizes (Cephes `expf` polynomial,
 /// about 2 ulp). Inputs are clamped to [-87, 88] (so tiny results are ~1e-38 instead of 0
-/// and large ones finite); NaN stays NaN.
+/// and large ones finite); NaN stays NaN. No float-to-int conversion (Rust's saturating `as`
+/// does not vectorize): `n = round(x / ln 2)` and `2^n` come from the 1.5 * 2^23 trick.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut y = 1.987_569_1e-4f32;
     y = y * r + 1.398_199_9e-3;
@@ -103,7 +106,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     y = y * r + 1.666_666_5e-1;
     y = y * r + 0.5;
     y = y * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // The low bits of t hold n (two's complement); NaN gives garbage bits but y is NaN.
+    let n_int = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 
 /// Dot product with 8 independent accumulators so it vectorizes (summation order differs
