@@ -9,6 +9,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_cached;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod fast;
@@ -22,6 +23,7 @@ pub(crate) mod testutil;
 
 pub use adamw::{adamw_step, clip_scale, global_norm, scale_in_place};
 pub use attention::{attention_backward, attention_forward};
+pub use attention_cached::attention_cached_forward;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use matmul::{matmul_backward, matmul_forward};

@@ -7,6 +7,7 @@
 
 mod adamw;
 mod attention;
+mod attention_cached;
 mod cross_entropy;
 mod matmul;
 mod rmsnorm;
@@ -17,6 +18,7 @@ mod swiglu;
 pub use super::embedding::{embedding_backward, embedding_forward};
 pub use adamw::{adamw_step, clip_scale, global_norm, scale_in_place};
 pub use attention::{attention_backward, attention_forward};
+pub use attention_cached::attention_cached_forward;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 pub use matmul::{matmul_backward, matmul_forward};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
