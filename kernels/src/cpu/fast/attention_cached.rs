@@ -35,14 +35,7 @@ pub fn attention_cached_forward(
         d,
     );
     let group = h / kvh;
-    let shape = Shape {
-        tq,
-        past,
-        tmax,
-        h,
-        kvh,
-        d,
-    };
+    let shape = Shape { tmax, kvh, d };
     out.par_chunks_mut(d)
         .enumerate()
         .with_min_len(4)
