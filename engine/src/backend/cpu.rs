@@ -1,0 +1,677 @@
+//! The CPU backend: buffers are `Vec<f32>` / `Vec<u32>` and every op calls the fast path of
+//! `neuroshard_kernels::cpu::fast` (parallel over the current rayon pool). Lengths are checked
+//! here first, so a shape mistake is an error, not a kernel assertion.
+
+use neuroshard_kernels::cpu::fast as k;
+use rayon::prelude::*;
+
+use super::{AdamW, AttnShape, Backend, BackendError, CachedAttnShape, Result, check_len};
+
+/// Elementwise loops split into chunks of this many floats across the pool.
+const PAR_CHUNK: usize = 1 << 14;
+
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend
+    }
+}
+
+fn kernel(op: &'static str) -> impl FnOnce(neuroshard_kernels::KernelError) -> BackendError {
+    move |source| BackendError::Kernel { op, source }
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "cpu".to_string())
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Ids = Vec<u32>;
+
+    fn kind(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn device_name(&self) -> String {
+        format!("{} ({} threads)", cpu_name(), rayon::current_num_threads())
+    }
+
+    fn memory(&self) -> (u64, u64) {
+        (0, 0)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+
+    fn upload_ids(&self, host: &[u32]) -> Result<Vec<u32>> {
+        Ok(host.to_vec())
+    }
+
+    fn download(&self, buf: &Vec<f32>, out: &mut [f32]) -> Result<()> {
+        check_len("download", "out", out.len(), buf.len())?;
+        out.copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+        check_len("write", "host", host.len(), buf.len())?;
+        buf.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn host_view<'a>(&self, buf: &'a Vec<f32>) -> Option<&'a [f32]> {
+        Some(buf)
+    }
+
+    fn ids_len(&self, ids: &Vec<u32>) -> usize {
+        ids.len()
+    }
+
+    fn fill(&self, buf: &mut Vec<f32>, value: f32) -> Result<()> {
+        buf.par_chunks_mut(PAR_CHUNK).for_each(|c| c.fill(value));
+        Ok(())
+    }
+
+    fn copy_range(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        src: &Vec<f32>,
+        src_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        if dst_off.checked_add(n).is_none_or(|e| e > dst.len())
+            || src_off.checked_add(n).is_none_or(|e| e > src.len())
+        {
+            return Err(BackendError::Shape {
+                op: "copy_range",
+                detail: format!(
+                    "range dst {dst_off}+{n} of {} or src {src_off}+{n} of {} out of bounds",
+                    dst.len(),
+                    src.len()
+                ),
+            });
+        }
+        dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
+        Ok(())
+    }
+
+    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) -> Result<()> {
+        check_len("add", "a", a.len(), out.len())?;
+        check_len("add", "b", b.len(), out.len())?;
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a + b;
+                }
+            });
+        Ok(())
+    }
+
+    fn accumulate(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        check_len("accumulate", "x", x.len(), y.len())?;
+        y.par_chunks_mut(PAR_CHUNK)
+            .zip(x.par_chunks(PAR_CHUNK))
+            .for_each(|(y, x)| {
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y += x;
+                }
+            });
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        x.par_chunks_mut(PAR_CHUNK)
+            .for_each(|c| k::scale_in_place(c, s));
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<f32>,
+        ids: &Vec<u32>,
+        table: &Vec<f32>,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding_forward";
+        check_len(OP, "out", out.len(), ids.len() * c)?;
+        if c == 0 || table.len() % c != 0 {
+            return Err(BackendError::Shape {
+                op: OP,
+                detail: format!("table of {} is not [V, {c}]", table.len()),
+            });
+        }
+        k::embedding_forward(out, ids, table, c).map_err(kernel(OP))
+    }
+
+    fn embedding_backward(
+        &self,
+        dtable: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        ids: &Vec<u32>,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding_backward";
+        check_len(OP, "dout", dout.len(), ids.len() * c)?;
+        if c == 0 || dtable.len() % c != 0 {
+            return Err(BackendError::Shape {
+                op: OP,
+                detail: format!("dtable of {} is not [V, {c}]", dtable.len()),
+            });
+        }
+        k::embedding_backward(dtable, dout, ids, c).map_err(kernel(OP))
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_forward";
+        check_len(OP, "out", out.len(), rows * c)?;
+        check_len(OP, "inp", inp.len(), rows * c)?;
+        check_len(OP, "rstd", rstd.len(), rows)?;
+        check_len(OP, "weight", weight.len(), c)?;
+        k::rmsnorm_forward(out, rstd, inp, weight, rows, c, eps);
+        Ok(())
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        rstd: &Vec<f32>,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_backward";
+        for (what, len) in [
+            ("dinp", dinp.len()),
+            ("dout", dout.len()),
+            ("inp", inp.len()),
+        ] {
+            check_len(OP, what, len, rows * c)?;
+        }
+        check_len(OP, "dweight", dweight.len(), c)?;
+        check_len(OP, "weight", weight.len(), c)?;
+        check_len(OP, "rstd", rstd.len(), rows)?;
+        k::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, rows, c);
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        m: usize,
+        kk: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul_forward";
+        check_len(OP, "out", out.len(), m * n)?;
+        check_len(OP, "inp", inp.len(), m * kk)?;
+        check_len(OP, "weight", weight.len(), n * kk)?;
+        k::matmul_forward(out, inp, weight, m, kk, n);
+        Ok(())
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        m: usize,
+        kk: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul_backward";
+        check_len(OP, "dout", dout.len(), m * n)?;
+        check_len(OP, "inp", inp.len(), m * kk)?;
+        check_len(OP, "dinp", dinp.len(), m * kk)?;
+        check_len(OP, "weight", weight.len(), n * kk)?;
+        check_len(OP, "dweight", dweight.len(), n * kk)?;
+        k::matmul_backward(dinp, dweight, dout, inp, weight, m, kk, n);
+        Ok(())
+    }
+
+    fn rope_forward(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Result<()> {
+        const OP: &str = "rope_forward";
+        check_rope(OP, out.len(), inp.len(), b, t, h, d)?;
+        k::rope_forward(out, inp, b, t, h, d, pos_offset, theta);
+        Ok(())
+    }
+
+    fn rope_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Result<()> {
+        const OP: &str = "rope_backward";
+        check_rope(OP, dinp.len(), dout.len(), b, t, h, d)?;
+        k::rope_backward(dinp, dout, b, t, h, d, pos_offset, theta);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        q: &Vec<f32>,
+        kk: &Vec<f32>,
+        v: &Vec<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        const OP: &str = "attention_forward";
+        check_attn(OP, s, q.len(), kk.len(), v.len(), out.len(), lse.len())?;
+        k::attention_forward(out, lse, q, kk, v, s.b, s.t, s.h, s.kvh, s.d);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        kk: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        const OP: &str = "attention_backward";
+        check_attn(OP, s, q.len(), kk.len(), v.len(), out.len(), lse.len())?;
+        check_attn(OP, s, dq.len(), dk.len(), dv.len(), dout.len(), lse.len())?;
+        k::attention_backward(
+            dq, dk, dv, dout, q, kk, v, out, lse, s.b, s.t, s.h, s.kvh, s.d,
+        );
+        Ok(())
+    }
+
+    fn attention_cached(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        const OP: &str = "attention_cached";
+        let CachedAttnShape {
+            b,
+            tq,
+            past,
+            tmax,
+            h,
+            kvh,
+            d,
+        } = s;
+        if kvh == 0 || h % kvh != 0 || d == 0 || past + tq > tmax {
+            return Err(BackendError::Shape {
+                op: OP,
+                detail: format!("heads {h}/{kvh}, d {d}, positions {past}+{tq} > cache {tmax}"),
+            });
+        }
+        check_len(OP, "q", q.len(), b * tq * h * d)?;
+        check_len(OP, "out", out.len(), b * tq * h * d)?;
+        check_len(OP, "k_cache", k_cache.len(), b * tmax * kvh * d)?;
+        check_len(OP, "v_cache", v_cache.len(), b * tmax * kvh * d)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let group = h / kvh;
+        // One task per (sequence, query position, head): rows of `out` of length d.
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            let hi = row % h;
+            let ti = (row / h) % tq;
+            let bi = row / (h * tq);
+            let g = hi / group;
+            let qv = &q[row * d..(row + 1) * d];
+            let len = past + ti + 1;
+            let mut scores = Vec::with_capacity(len);
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..len {
+                let ko = ((bi * tmax + j) * kvh + g) * d;
+                let dot: f32 = qv
+                    .iter()
+                    .zip(&k_cache[ko..ko + d])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                let sc = dot * scale;
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0.0f32;
+            for sc in &mut scores {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (j, p) in scores.iter().enumerate() {
+                let vo = ((bi * tmax + j) * kvh + g) * d;
+                let p = p / sum;
+                for (o, v) in o.iter_mut().zip(&v_cache[vo..vo + d]) {
+                    *o += p * v;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn swiglu_forward(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) -> Result<()> {
+        const OP: &str = "swiglu_forward";
+        check_len(OP, "gate", gate.len(), out.len())?;
+        check_len(OP, "up", up.len(), out.len())?;
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(gate.par_chunks(PAR_CHUNK).zip(up.par_chunks(PAR_CHUNK)))
+            .for_each(|(o, (g, u))| k::swiglu_forward(o, g, u));
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_backward";
+        let n = dout.len();
+        for (what, len) in [
+            ("dgate", dgate.len()),
+            ("dup", dup.len()),
+            ("gate", gate.len()),
+            ("up", up.len()),
+        ] {
+            check_len(OP, what, len, n)?;
+        }
+        dgate
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(dup.par_chunks_mut(PAR_CHUNK))
+            .zip(
+                dout.par_chunks(PAR_CHUNK)
+                    .zip(gate.par_chunks(PAR_CHUNK).zip(up.par_chunks(PAR_CHUNK))),
+            )
+            .for_each(|((dg, du), (d, (g, u)))| k::swiglu_backward(dg, du, d, g, u));
+        Ok(())
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        logits: &Vec<f32>,
+        targets: &Vec<u32>,
+        rows: usize,
+        vp: usize,
+        v_live: usize,
+    ) -> Result<f32> {
+        const OP: &str = "cross_entropy_forward";
+        check_ce(OP, logits.len(), targets.len(), rows, vp, v_live)?;
+        k::cross_entropy_forward(logits, targets, rows, vp, v_live).map_err(kernel(OP))
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        targets: &Vec<u32>,
+        rows: usize,
+        vp: usize,
+        v_live: usize,
+        dloss: f32,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_backward";
+        check_ce(OP, logits.len(), targets.len(), rows, vp, v_live)?;
+        check_len(OP, "dlogits", dlogits.len(), rows * vp)?;
+        k::cross_entropy_backward(dlogits, logits, targets, rows, vp, v_live, dloss)
+            .map_err(kernel(OP))
+    }
+
+    fn adamw_step(
+        &self,
+        params: &mut Vec<f32>,
+        grads: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        t: u64,
+        hp: AdamW,
+    ) -> Result<()> {
+        const OP: &str = "adamw_step";
+        let n = params.len();
+        check_len(OP, "grads", grads.len(), n)?;
+        check_len(OP, "m", m.len(), n)?;
+        check_len(OP, "v", v.len(), n)?;
+        if t == 0 {
+            return Err(BackendError::Shape {
+                op: OP,
+                detail: "step t starts at 1".into(),
+            });
+        }
+        params
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(grads.par_chunks(PAR_CHUNK))
+            .zip(m.par_chunks_mut(PAR_CHUNK).zip(v.par_chunks_mut(PAR_CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                k::adamw_step(
+                    p,
+                    g,
+                    m,
+                    v,
+                    t,
+                    hp.lr,
+                    hp.beta1,
+                    hp.beta2,
+                    hp.eps,
+                    hp.weight_decay,
+                )
+            });
+        Ok(())
+    }
+
+    fn global_norm(&self, grads: &[&Vec<f32>]) -> Result<f32> {
+        let slices: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+        Ok(k::global_norm(&slices))
+    }
+}
+
+fn check_rope(
+    op: &'static str,
+    a: usize,
+    b_len: usize,
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+) -> Result<()> {
+    if d % 2 != 0 {
+        return Err(BackendError::Shape {
+            op,
+            detail: format!("head dim {d} must be even"),
+        });
+    }
+    check_len(op, "out", a, b * t * h * d)?;
+    check_len(op, "inp", b_len, b * t * h * d)
+}
+
+fn check_attn(
+    op: &'static str,
+    s: AttnShape,
+    q: usize,
+    kk: usize,
+    v: usize,
+    out: usize,
+    lse: usize,
+) -> Result<()> {
+    if s.kvh == 0 || s.h % s.kvh != 0 || s.d == 0 {
+        return Err(BackendError::Shape {
+            op,
+            detail: format!("heads {} not a multiple of kv heads {}", s.h, s.kvh),
+        });
+    }
+    let qn = s.b * s.t * s.h * s.d;
+    let kn = s.b * s.t * s.kvh * s.d;
+    check_len(op, "q", q, qn)?;
+    check_len(op, "out", out, qn)?;
+    check_len(op, "k", kk, kn)?;
+    check_len(op, "v", v, kn)?;
+    check_len(op, "lse", lse, s.b * s.h * s.t)
+}
+
+fn check_ce(
+    op: &'static str,
+    logits: usize,
+    targets: usize,
+    rows: usize,
+    vp: usize,
+    v_live: usize,
+) -> Result<()> {
+    if v_live == 0 || v_live > vp {
+        return Err(BackendError::Shape {
+            op,
+            detail: format!("live vocabulary {v_live} not in 1..={vp}"),
+        });
+    }
+    check_len(op, "logits", logits, rows * vp)?;
+    check_len(op, "targets", targets, rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_attention_equals_causal_attention() {
+        let be = CpuBackend::new();
+        let (b, t, h, kvh, d) = (2, 5, 4, 2, 6);
+        let mut seed = 1u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+                })
+                .collect()
+        };
+        let q = rnd(b * t * h * d);
+        let kk = rnd(b * t * kvh * d);
+        let v = rnd(b * t * kvh * d);
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![0.0; b * h * t];
+        let s = AttnShape { b, t, h, kvh, d };
+        be.attention_forward(&mut out, &mut lse, &q, &kk, &v, s)
+            .unwrap();
+        // Cache of capacity 7 filled with the first t positions; query the last 2 positions.
+        let tmax = 7;
+        let mut kc = vec![0.0; b * tmax * kvh * d];
+        let mut vc = vec![0.0; b * tmax * kvh * d];
+        for bi in 0..b {
+            let n = t * kvh * d;
+            be.copy_range(&mut kc, bi * tmax * kvh * d, &kk, bi * n, n)
+                .unwrap();
+            be.copy_range(&mut vc, bi * tmax * kvh * d, &v, bi * n, n)
+                .unwrap();
+        }
+        let tq = 2;
+        let past = t - tq;
+        let mut qs = vec![0.0; b * tq * h * d];
+        for bi in 0..b {
+            let n = tq * h * d;
+            be.copy_range(&mut qs, bi * n, &q, (bi * t + past) * h * d, n)
+                .unwrap();
+        }
+        let mut oc = vec![0.0; qs.len()];
+        be.attention_cached(
+            &mut oc,
+            &qs,
+            &kc,
+            &vc,
+            CachedAttnShape {
+                b,
+                tq,
+                past,
+                tmax,
+                h,
+                kvh,
+                d,
+            },
+        )
+        .unwrap();
+        for bi in 0..b {
+            let n = tq * h * d;
+            let want = &out[(bi * t + past) * h * d..(bi * t + past) * h * d + n];
+            for (a, w) in oc[bi * n..(bi + 1) * n].iter().zip(want) {
+                assert!((a - w).abs() < 1e-5, "{a} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn shape_mistakes_are_errors() {
+        let be = CpuBackend::new();
+        let mut out = vec![0.0; 3];
+        assert!(matches!(
+            be.matmul_forward(&mut out, &vec![0.0; 4], &vec![0.0; 4], 2, 2, 2),
+            Err(BackendError::Shape { .. })
+        ));
+        let table = vec![0.0; 8];
+        let mut o = vec![0.0; 4];
+        assert!(matches!(
+            be.embedding_forward(&mut o, &vec![0, 9], &table, 2),
+            Err(BackendError::Kernel { .. })
+        ));
+        assert!(be.copy_range(&mut o, 3, &table, 0, 2).is_err());
+    }
+}

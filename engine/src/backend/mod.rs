@@ -1,0 +1,307 @@
+//! The compute backend: one trait, implemented by the CPU (`cpu.rs`) and by CUDA, so the model
+//! (`crate::model`) is written once and runs on either.
+//!
+//! A backend owns device memory through two opaque buffer types: [`Backend::Buf`] holds f32
+//! values (weights, activations, gradients, optimizer moments) and [`Backend::Ids`] holds u32
+//! token ids or targets. The model never looks inside a buffer; it moves data in and out with
+//! `upload*` / `download` / `write*` and calls one method per op. Every op method mirrors the
+//! kernel of the same name in `neuroshard_kernels::cpu` (same argument order, same shape
+//! letters, same semantics); in particular backward methods ACCUMULATE (`+=`) into their
+//! gradient outputs, except `cross_entropy_backward`, which writes.
+//!
+//! Shapes: row-major; B batch, T time, C channels, H heads, KVH kv heads, D head dim, V (padded)
+//! vocabulary, `Bt = B*T` rows, F ffn width. The model checks shapes before calling; a backend
+//! may check again and return [`BackendError::Shape`].
+//!
+//! Architecture invariant: methods take `&self` and are called from one thread at a time (the
+//! runtime serializes commands); a CUDA backend keeps its scratch behind interior mutability.
+
+pub mod cpu;
+pub mod cuda;
+
+/// Error from a backend operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Data-dependent bad input (a token id or target out of range).
+    #[error("{op}: {source}")]
+    Kernel {
+        op: &'static str,
+        source: neuroshard_kernels::KernelError,
+    },
+    /// Buffer lengths that do not fit the op's shape.
+    #[error("{op}: shape mismatch: {detail}")]
+    Shape { op: &'static str, detail: String },
+    /// The device failed (CUDA launch failure, out of memory, sticky context error). The engine
+    /// reports it and exits so the supervisor restarts it from the last checkpoint.
+    #[error("device fault in {op}: {message}")]
+    Device { op: &'static str, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Hyper-parameters of one AdamW step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+/// Shape of an attention call: q/out [B,T,H,D], k/v [B,T,KVH,D], lse [B,H,T].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub d: usize,
+}
+
+/// Shape of a cached (generation) attention call: `tq` new queries per sequence at positions
+/// `past..past+tq`, attending to keys `0..=position` of a cache laid out [B, TMAX, KVH, D].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedAttnShape {
+    pub b: usize,
+    pub tq: usize,
+    pub past: usize,
+    pub tmax: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub d: usize,
+}
+
+/// A compute device. See the module docs for conventions.
+pub trait Backend: Send + 'static {
+    /// f32 values in device memory.
+    type Buf: Send + 'static;
+    /// u32 ids in device memory.
+    type Ids: Send + 'static;
+
+    /// "cpu" or "cuda".
+    fn kind(&self) -> &'static str;
+    /// A human name of the device (CPU model, GPU name).
+    fn device_name(&self) -> String;
+    /// (bytes in use by this backend's buffers, total device bytes); zeros when unknown.
+    fn memory(&self) -> (u64, u64);
+    /// Waits for queued work (a no-op on the CPU); surfaces asynchronous device faults.
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- memory ----
+    /// A buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
+    /// Copies the whole buffer to `out` (`out.len()` must equal the buffer length).
+    fn download(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()>;
+    /// Overwrites the whole buffer from `host` (same length).
+    fn write(&self, buf: &mut Self::Buf, host: &[f32]) -> Result<()>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// The buffer's values in place when they live in host memory (the CPU backend), so
+    /// hashing, checkpoints and shm writes need no copy; `None` on a device.
+    fn host_view<'a>(&self, _buf: &'a Self::Buf) -> Option<&'a [f32]> {
+        None
+    }
+    fn ids_len(&self, ids: &Self::Ids) -> usize;
+    fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
+    /// `dst[dst_off..dst_off+n] = src[src_off..src_off+n]`.
+    fn copy_range(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// `out = a + b` (the residual connection).
+    fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// `y += x`.
+    fn accumulate(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
+
+    // ---- ops (forward / backward pairs) ----
+    /// out [Bt,C] = table [V,C] [ids [Bt]].
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        ids: &Self::Ids,
+        table: &Self::Buf,
+        c: usize,
+    ) -> Result<()>;
+    /// dtable [V,C] += scatter(dout [Bt,C]) by ids.
+    fn embedding_backward(
+        &self,
+        dtable: &mut Self::Buf,
+        dout: &Self::Buf,
+        ids: &Self::Ids,
+        c: usize,
+    ) -> Result<()>;
+    /// out [Bt,C] = inp * rstd * weight [C]; rstd [Bt].
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// dinp [Bt,C] +=, dweight [C] +=.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        rstd: &Self::Buf,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// out [M,N] = inp [M,K] @ weight [N,K]^T.
+    fn matmul_forward(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// dinp [M,K] += dout @ weight; dweight [N,K] += dout^T @ inp.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// out [B,T,H,D] = rope(inp) at positions `pos_offset + t` (rotate-half, theta).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_forward(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Result<()>;
+    /// dinp += rope^T(dout).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dout: &Self::Buf,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Result<()>;
+    /// Causal GQA: out [B,T,H,D], lse [B,H,T] from q, k, v.
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: AttnShape,
+    ) -> Result<()>;
+    /// dq +=, dk +=, dv += from dout and the forward's inputs, out and lse.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        s: AttnShape,
+    ) -> Result<()>;
+    /// Generation attention over a KV cache (no lse, no backward): out [B,TQ,H,D] from
+    /// q [B,TQ,H,D] and the caches [B,TMAX,KVH,D], whose rows `0..past+tq` are filled.
+    fn attention_cached(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        s: CachedAttnShape,
+    ) -> Result<()>;
+    /// out = silu(gate) * up.
+    fn swiglu_forward(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// dgate +=, dup +=.
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<()>;
+    /// Mean over rows of the masked-vocabulary cross-entropy of logits [Bt,Vp].
+    fn cross_entropy_forward(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        rows: usize,
+        vp: usize,
+        v_live: usize,
+    ) -> Result<f32>;
+    /// dlogits (WRITTEN) = (softmax - onehot) * dloss / rows on live columns, 0 elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        rows: usize,
+        vp: usize,
+        v_live: usize,
+        dloss: f32,
+    ) -> Result<()>;
+
+    // ---- optimizer ----
+    /// One AdamW step (`t` starts at 1); gradients are used as they are (scale them first).
+    fn adamw_step(
+        &self,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        t: u64,
+        hp: AdamW,
+    ) -> Result<()>;
+    /// sqrt(sum of squares) over all the buffers.
+    fn global_norm(&self, grads: &[&Self::Buf]) -> Result<f32>;
+}
+
+/// Checks a buffer length against the length an op expects.
+pub fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(BackendError::Shape {
+            op,
+            detail: format!("{what} has {len} elements, expected {expected}"),
+        });
+    }
+    Ok(())
+}
