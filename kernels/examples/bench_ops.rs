@@ -234,6 +234,21 @@ fn main() {
             ms(trf),
             ms(trb)
         );
+        // One generation step: a new query per sequence at position T-1 over a KV cache.
+        let qn = rand_vec(b * h * d, 8);
+        let mut on = vec![0.0; qn.len()];
+        let tc = time(iters, || {
+            fast::attention_cached_forward(&mut on, &qn, &k, &v, b, 1, t - 1, t, h, kvh, d)
+        });
+        let trc = time_serial(iters, || {
+            cpu::attention_cached_forward(&mut on, &qn, &k, &v, b, 1, t - 1, t, h, kvh, d)
+        });
+        println!(
+            "cached (1 new query, past {}) ms {} | reference {}",
+            t - 1,
+            ms(tc),
+            ms(trc)
+        );
     }
     if !want("ops") {
         return;
