@@ -1,9 +1,11 @@
 //! Writes tokenizers and test cases for `shared/tests/hf_tokenizer_check.py`, which checks that
 //! the Python `tokenizers` library loads our `tokenizer.json` and produces the same ids.
 //!
-//! Usage: `tokenizer_hf_cases OUT_DIR [TOKENIZER_JSON...]`. Writes `OUT_DIR/<name>/tokenizer.json`
-//! and `OUT_DIR/<name>/cases.json` (`[{"text": ..., "ids": [...]}]`) for a tokenizer trained
-//! here on generated text and for each given `tokenizer.json` (e.g. the engine's default).
+//! Usage: `tokenizer_hf_cases OUT_DIR [FILE...]`. Each `*.json` FILE is a `tokenizer.json` to
+//! check (e.g. the engine's default); every other FILE is text whose paragraphs (and whole text)
+//! become extra cases. Writes `OUT_DIR/<name>/tokenizer.json` and `OUT_DIR/<name>/cases.json`
+//! (`[{"text": ..., "ids": [...]}]`) for a tokenizer trained here on generated text and for
+//! each given tokenizer.
 
 use std::path::{Path, PathBuf};
 
@@ -122,20 +124,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let out = PathBuf::from(
         args.next()
-            .ok_or("usage: tokenizer_hf_cases OUT_DIR [TOKENIZER_JSON...]")?,
+            .ok_or("usage: tokenizer_hf_cases OUT_DIR [FILE...]")?,
     );
+    let (tokenizers, text_files): (Vec<String>, Vec<String>) =
+        args.partition(|a| a.ends_with(".json"));
     let mut rng = Rng(2024);
     let training: Vec<String> = (0..3000).map(|_| random_text(&mut rng, 40)).collect();
-    let texts: Vec<String> = (0..1500).map(|_| random_text(&mut rng, 30)).collect();
+    let mut texts: Vec<String> = (0..1500).map(|_| random_text(&mut rng, 30)).collect();
+    texts.extend(training.iter().take(200).cloned());
+    for file in &text_files {
+        let text = std::fs::read_to_string(file)?;
+        texts.extend(text.split("\n\n").map(str::to_string));
+        texts.push(text);
+    }
 
     let trained = Tokenizer::train(&training, 1500)?;
     write_cases(&out.join("trained"), &trained, &texts)?;
-    for (i, path) in args.enumerate() {
-        let tok = Tokenizer::load(&path)?;
-        let mut own = texts.clone();
-        // Plain prose too: the text such a tokenizer was trained on.
-        own.extend(training.iter().take(200).cloned());
-        write_cases(&out.join(format!("given{i}")), &tok, &own)?;
+    for (i, path) in tokenizers.iter().enumerate() {
+        let tok = Tokenizer::load(path)?;
+        write_cases(&out.join(format!("given{i}")), &tok, &texts)?;
     }
     Ok(())
 }

@@ -2,11 +2,14 @@
 """Checks that Hugging Face `tokenizers` (and `transformers`, when installed) load NeuroShard's
 tokenizer.json and give exactly the ids our Rust tokenizer gives.
 
-Run from the repository root: `python3 shared/tests/hf_tokenizer_check.py [TOKENIZER_JSON...]`.
+Run from the repository root: `python3 shared/tests/hf_tokenizer_check.py [FILE...]`.
 It builds and runs the `tokenizer_hf_cases` example (honouring CARGO_TARGET_DIR), which trains a
-tokenizer on generated multilingual text and writes cases for it and for every given file.
+tokenizer on generated multilingual text and writes cases for it and for every given
+tokenizer.json; other files are texts added as cases. Without arguments it checks the engine's
+shipped tokenizer (engine/corpus/tokenizer.json) on the built-in corpus.
 Requires `pip install tokenizers`; exits 2 with a clear message when it is missing.
 """
+import glob
 import json
 import os
 import subprocess
@@ -53,7 +56,10 @@ def check_dir(path):
 def main():
     out = tempfile.mkdtemp(prefix="hf-tokenizer-check-")
     cmd = ["cargo", "run", "-q", "-p", "neuroshard-shared", "--example", "tokenizer_hf_cases", "--", out]
-    subprocess.run(cmd + [os.path.abspath(p) for p in sys.argv[1:]], check=True)
+    files = sys.argv[1:]
+    if not files and os.path.exists("engine/corpus/tokenizer.json"):
+        files = ["engine/corpus/tokenizer.json"] + sorted(glob.glob("engine/corpus/*.txt"))
+    subprocess.run(cmd + [os.path.abspath(p) for p in files], check=True)
     passed = failed = 0
     for name in sorted(os.listdir(out)):
         p, f = check_dir(os.path.join(out, name))
