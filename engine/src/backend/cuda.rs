@@ -302,8 +302,8 @@ impl Backend for CudaBackend {
         table: &CudaSlice<f32>,
         c: usize,
     ) -> Result<()> {
-        if c > 0 {
-            check_ids("embedding_forward", ids, table.len() / c)?;
+        if let Some(v) = table.len().checked_div(c) {
+            check_ids("embedding_forward", ids, v)?;
         }
         self.k
             .embedding_forward(out, &ids.dev, table, c)
@@ -317,8 +317,8 @@ impl Backend for CudaBackend {
         ids: &CudaIds,
         c: usize,
     ) -> Result<()> {
-        if c > 0 {
-            check_ids("embedding_backward", ids, dtable.len() / c)?;
+        if let Some(v) = dtable.len().checked_div(c) {
+            check_ids("embedding_backward", ids, v)?;
         }
         self.k
             .embedding_backward(dtable, dout, &ids.dev, c)

@@ -17,7 +17,7 @@ impl CudaKernels {
         c: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "embedding_forward";
-        ensure(c > 0 && table.len() % c == 0, OP, || {
+        ensure(c > 0 && table.len().is_multiple_of(c), OP, || {
             format!("table {} not [V, {c}]", table.len())
         })?;
         check_len(OP, "out", out.len(), ids.len() * c)?;
@@ -45,7 +45,7 @@ impl CudaKernels {
         c: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "embedding_backward";
-        ensure(c > 0 && dtable.len() % c == 0, OP, || {
+        ensure(c > 0 && dtable.len().is_multiple_of(c), OP, || {
             format!("dtable {} not [V, {c}]", dtable.len())
         })?;
         check_len(OP, "dout", dout.len(), ids.len() * c)?;
@@ -262,7 +262,7 @@ fn rope_args(
     d: usize,
     pos_offset: usize,
 ) -> Result<(i32, i32, i32, i32, i64), CudaError> {
-    ensure(d > 0 && d % 2 == 0, op, || {
+    ensure(d > 0 && d.is_multiple_of(2), op, || {
         format!("head dim {d} must be even")
     })?;
     check_len(op, "out", a, b * t * h * d)?;
