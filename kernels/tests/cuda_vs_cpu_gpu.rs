@@ -238,7 +238,7 @@ fn embedding<T: GpuDtype>(
         &shape,
         &down(k, &ddtable),
         &dtable,
-        1e-6,
+        1e-5,
     );
 }
 
@@ -260,7 +260,7 @@ fn rmsnorm<T: GpuDtype>(k: &CudaKernels, r: &mut StdRng, rep: &mut Report, rows:
         &shape,
         &down(k, &gout),
         &out,
-        tol::<T>(2e-6, 8e-3),
+        tol::<T>(1e-5, 8e-3),
     );
     rep.check(
         "rmsnorm_forward.rstd",
@@ -268,7 +268,7 @@ fn rmsnorm<T: GpuDtype>(k: &CudaKernels, r: &mut StdRng, rep: &mut Report, rows:
         &shape,
         &down(k, &grstd),
         &rstd,
-        2e-6,
+        1e-5,
     );
 
     let dout = quant::<T>(&randv(r, rows * c, 1.0));
@@ -330,7 +330,7 @@ fn rope<T: GpuDtype>(
         &shape,
         &down(k, &out),
         &want,
-        tol::<T>(2e-6, 8e-3),
+        tol::<T>(1e-5, 8e-3),
     );
     let dout = quant::<T>(&randv(r, n, 1.0));
     let mut dinp = quant::<T>(&randv(r, n, 1.0));
@@ -344,7 +344,7 @@ fn rope<T: GpuDtype>(
         &shape,
         &down(k, &g),
         &dinp,
-        tol::<T>(2e-6, 8e-3),
+        tol::<T>(1e-5, 8e-3),
     );
 }
 
@@ -363,7 +363,7 @@ fn swiglu<T: GpuDtype>(k: &CudaKernels, r: &mut StdRng, rep: &mut Report, n: usi
         &shape,
         &down(k, &out),
         &want,
-        tol::<T>(2e-6, 8e-3),
+        tol::<T>(1e-5, 8e-3),
     );
     let dout = quant::<T>(&randv(r, n, 1.0));
     let mut dgate = quant::<T>(&randv(r, n, 1.0));
@@ -378,7 +378,7 @@ fn swiglu<T: GpuDtype>(k: &CudaKernels, r: &mut StdRng, rep: &mut Report, n: usi
         &shape,
         &down(k, &gdg),
         &dgate,
-        tol::<T>(2e-6, 8e-3),
+        tol::<T>(1e-5, 8e-3),
     );
     rep.check(
         "swiglu_backward.dup",
@@ -386,7 +386,7 @@ fn swiglu<T: GpuDtype>(k: &CudaKernels, r: &mut StdRng, rep: &mut Report, n: usi
         &shape,
         &down(k, &gdu),
         &dup,
-        tol::<T>(2e-6, 8e-3),
+        tol::<T>(1e-5, 8e-3),
     );
 }
 
