@@ -204,8 +204,8 @@ pub(super) fn from_json(text: &str, path: &Path) -> Result<Tokenizer, TokenizerE
         tokens[added.id as usize] = Some(added.content.clone());
     }
     let mut specials = Vec::with_capacity(NUM_SPECIAL as usize);
-    for id in 0..NUM_SPECIAL as usize {
-        match tokens[id].as_ref() {
+    for (id, token) in tokens.iter().take(NUM_SPECIAL as usize).enumerate() {
+        match token {
             Some(s) if !s.is_empty() => specials.push(s.clone()),
             _ => return Err(bad(format!("special id {id} has no token"))),
         }
