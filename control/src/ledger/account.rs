@@ -1,0 +1,542 @@
+//! One account's derived state and the pure rule that evaluates its next block: given the
+//! state after the previous block and what the block's source (if any) turned out to be,
+//! every node computes the same outcome.
+
+use std::collections::{HashSet, VecDeque};
+
+use serde_json::{Value, json};
+
+use super::address::Address;
+use super::block::{Op, SignedBlock};
+use super::keys::Hash32;
+use super::proof::{MAX_PROOFS_PER_HOUR, RejectReason};
+use super::rewards::{SECONDS_PER_DAY, UNSTAKE_COOLDOWN_DAYS, compute_reward};
+
+/// What the source of a receive block turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceInfo {
+    /// A send block that took effect.
+    Send {
+        from: Address,
+        to: Address,
+        amount: u64,
+    },
+    /// A block that can never be claimed (void, not a send, or cut off by equivocation).
+    Unusable(&'static str),
+}
+
+/// Why a block has no effect. The block still extends its chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidReason {
+    TimestampRegression,
+    InsufficientBalance { required: u64, available: u64 },
+    InsufficientStake { requested: u64, staked: u64 },
+    StakeLocked { unlock_at: i64 },
+    BadSource(&'static str),
+    SourceAlreadyClaimed,
+    Proof(RejectReason),
+}
+
+impl std::fmt::Display for VoidReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TimestampRegression => f.write_str("timestamp before the previous block's"),
+            Self::InsufficientBalance {
+                required,
+                available,
+            } => {
+                write!(
+                    f,
+                    "insufficient balance: required {required}, available {available}"
+                )
+            }
+            Self::InsufficientStake { requested, staked } => {
+                write!(
+                    f,
+                    "insufficient stake: requested {requested}, staked {staked}"
+                )
+            }
+            Self::StakeLocked { unlock_at } => write!(f, "stake locked until {unlock_at}"),
+            Self::BadSource(why) => write!(f, "unusable source: {why}"),
+            Self::SourceAlreadyClaimed => f.write_str("source already claimed"),
+            Self::Proof(r) => write!(f, "proof rejected: {r}"),
+        }
+    }
+}
+
+/// The effect of a block that took effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Sent {
+        to: Address,
+        amount: u64,
+        fee: u64,
+    },
+    Received {
+        from: Address,
+        amount: u64,
+        source: Hash32,
+    },
+    Staked {
+        amount: u64,
+        duration_days: u32,
+        unlock_at: i64,
+    },
+    Unstaking {
+        amount: u64,
+        available_at: i64,
+    },
+    Rewarded {
+        amount: u64,
+        proof_id: Hash32,
+        credited_uptime: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied(Effect),
+    Void(VoidReason),
+}
+
+/// A line of an account's history, newest last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEntry {
+    /// `tx_<block hash>`.
+    pub id: String,
+    /// send, receive, reward, stake, unstake, slash.
+    pub kind: &'static str,
+    /// Signed amount in units: + received/rewarded, - sent (fee apart) or staked; 0 when void.
+    pub amount: i128,
+    pub fee: u64,
+    pub counterparty: Option<Address>,
+    pub memo: Option<String>,
+    pub timestamp: i64,
+    /// None when confirmed; the reason when the block was void.
+    pub rejected: Option<String>,
+    pub details: Value,
+}
+
+/// A reward block as listed by the proofs endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProofRecord {
+    pub id: String,
+    pub proof_type: &'static str,
+    pub layer: Option<u32>,
+    pub timestamp: i64,
+    pub verified: bool,
+    pub reward: u64,
+    pub reason: Option<String>,
+    pub reason_code: Option<&'static str>,
+}
+
+/// Derived state of one account chain.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub address: Address,
+    /// Lowest height with two conflicting blocks; the account is frozen there.
+    pub fork_height: Option<u64>,
+    pub head: Hash32,
+    pub next_height: u64,
+    pub last_ts: i64,
+    pub available: u64,
+    pub staked: u64,
+    pub stake_start: i64,
+    pub stake_days: u32,
+    pub unlock_at: i64,
+    pub unbonding: u64,
+    pub unbond_at: i64,
+    pub slashed: bool,
+    pub claimed: HashSet<Hash32>,
+    pub proof_ids: HashSet<Hash32>,
+    pub last_reward_epoch: Option<u64>,
+    pub last_uptime_ts: Option<i64>,
+    pub reward_times: VecDeque<i64>,
+    pub history: Vec<HistoryEntry>,
+    pub proofs: Vec<ProofRecord>,
+}
+
+impl Account {
+    pub fn new(address: Address, fork_height: Option<u64>) -> Self {
+        Account {
+            address,
+            fork_height,
+            head: Hash32::ZERO,
+            next_height: 0,
+            last_ts: 0,
+            available: 0,
+            staked: 0,
+            stake_start: 0,
+            stake_days: 0,
+            unlock_at: 0,
+            unbonding: 0,
+            unbond_at: 0,
+            slashed: false,
+            claimed: HashSet::new(),
+            proof_ids: HashSet::new(),
+            last_reward_epoch: None,
+            last_uptime_ts: None,
+            reward_times: VecDeque::new(),
+            history: Vec::new(),
+            proofs: Vec::new(),
+        }
+    }
+
+    /// (available, unbonding) once cooled-down funds are released at time `t`.
+    pub fn settled(&self, t: i64) -> (u64, u64) {
+        if self.unbonding > 0 && t >= self.unbond_at {
+            (self.available + self.unbonding, 0)
+        } else {
+            (self.available, self.unbonding)
+        }
+    }
+
+    /// Whether the account may still add blocks (not frozen at or below its next height).
+    pub fn is_frozen(&self) -> bool {
+        self.fork_height.is_some()
+    }
+
+    /// The outcome of `block` as this account's next block. Pure.
+    pub fn evaluate(&self, block: &SignedBlock, source: Option<&SourceInfo>) -> Outcome {
+        let b = &block.block;
+        let ts = b.timestamp;
+        if ts < self.last_ts {
+            return Outcome::Void(VoidReason::TimestampRegression);
+        }
+        let (available, _) = self.settled(ts);
+        match &b.op {
+            Op::Send {
+                to, amount, fee, ..
+            } => {
+                let required = amount + fee;
+                if available < required {
+                    return Outcome::Void(VoidReason::InsufficientBalance {
+                        required,
+                        available,
+                    });
+                }
+                Outcome::Applied(Effect::Sent {
+                    to: *to,
+                    amount: *amount,
+                    fee: *fee,
+                })
+            }
+            Op::Receive { source: src_hash } => match source {
+                Some(SourceInfo::Send { from, to, amount }) => {
+                    if *to != self.address {
+                        Outcome::Void(VoidReason::BadSource("not addressed to this account"))
+                    } else if self.claimed.contains(src_hash) {
+                        Outcome::Void(VoidReason::SourceAlreadyClaimed)
+                    } else {
+                        Outcome::Applied(Effect::Received {
+                            from: *from,
+                            amount: *amount,
+                            source: *src_hash,
+                        })
+                    }
+                }
+                Some(SourceInfo::Unusable(why)) => Outcome::Void(VoidReason::BadSource(why)),
+                None => Outcome::Void(VoidReason::BadSource("missing")),
+            },
+            Op::Stake {
+                amount,
+                duration_days,
+            } => {
+                if available < *amount {
+                    return Outcome::Void(VoidReason::InsufficientBalance {
+                        required: *amount,
+                        available,
+                    });
+                }
+                Outcome::Applied(Effect::Staked {
+                    amount: *amount,
+                    duration_days: *duration_days,
+                    unlock_at: self
+                        .unlock_at
+                        .max(ts + i64::from(*duration_days) * SECONDS_PER_DAY),
+                })
+            }
+            Op::Unstake { amount } => {
+                if *amount > self.staked {
+                    return Outcome::Void(VoidReason::InsufficientStake {
+                        requested: *amount,
+                        staked: self.staked,
+                    });
+                }
+                if ts < self.unlock_at {
+                    return Outcome::Void(VoidReason::StakeLocked {
+                        unlock_at: self.unlock_at,
+                    });
+                }
+                Outcome::Applied(Effect::Unstaking {
+                    amount: *amount,
+                    available_at: ts + UNSTAKE_COOLDOWN_DAYS * SECONDS_PER_DAY,
+                })
+            }
+            Op::Reward { proof, amount } => match self.reward_for(proof, *amount) {
+                Ok((computed, credited_uptime)) => Outcome::Applied(Effect::Rewarded {
+                    amount: computed,
+                    proof_id: proof.id(),
+                    credited_uptime,
+                }),
+                Err(r) => Outcome::Void(VoidReason::Proof(r)),
+            },
+        }
+    }
+
+    /// The stateful proof rules: replay, one proof per epoch, hourly rate, and the claimed
+    /// amount equal to what the rules give for this account's stake. Returns (amount, uptime).
+    pub fn reward_for(
+        &self,
+        proof: &super::proof::SignedProof,
+        claimed: u64,
+    ) -> Result<(u64, u64), RejectReason> {
+        let (computed, uptime) = self.expected_reward(proof)?;
+        if computed != claimed {
+            return Err(RejectReason::AmountMismatch { claimed, computed });
+        }
+        Ok((computed, uptime))
+    }
+
+    /// What the rules give for `proof` as this account's next reward: (amount, uptime
+    /// credited), or why it earns nothing.
+    pub fn expected_reward(
+        &self,
+        proof: &super::proof::SignedProof,
+    ) -> Result<(u64, u64), RejectReason> {
+        let p = &proof.proof;
+        if self.proof_ids.contains(&proof.id()) {
+            return Err(RejectReason::Replay);
+        }
+        if self.last_reward_epoch.is_some_and(|e| p.epoch_id <= e) {
+            return Err(RejectReason::DuplicateEpoch);
+        }
+        let recent = self
+            .reward_times
+            .iter()
+            .filter(|t| **t > p.timestamp - 3600)
+            .count();
+        if recent >= MAX_PROOFS_PER_HOUR {
+            return Err(RejectReason::RateLimited);
+        }
+        let max_uptime = match self.last_uptime_ts {
+            Some(prev) => (p.timestamp - prev).max(0) as u64,
+            None => u64::MAX,
+        };
+        let work = p.work(max_uptime);
+        let computed = compute_reward(&work, self.staked, self.stake_days).total;
+        Ok((computed, work.uptime_seconds))
+    }
+}
+
+/// Role name for a proof's holdings, as the API shows it.
+pub fn role_of(holds_embedding: bool, holds_lm_head: bool) -> &'static str {
+    match (holds_embedding, holds_lm_head) {
+        (true, true) => "full",
+        (true, false) => "driver",
+        (false, true) => "validator",
+        (false, false) => "worker",
+    }
+}
+
+/// A history line for a block and its outcome.
+pub fn history_entry(block: &SignedBlock, hash: &Hash32, outcome: &Outcome) -> HistoryEntry {
+    let b = &block.block;
+    let rejected = match outcome {
+        Outcome::Void(r) => Some(r.to_string()),
+        Outcome::Applied(_) => None,
+    };
+    let ok = rejected.is_none();
+    let mut e = HistoryEntry {
+        id: format!("tx_{}", hash.to_hex()),
+        kind: b.op.kind(),
+        amount: 0,
+        fee: 0,
+        counterparty: None,
+        memo: None,
+        timestamp: b.timestamp,
+        rejected,
+        details: json!({ "height": b.height }),
+    };
+    match (&b.op, outcome) {
+        (
+            Op::Send {
+                to,
+                amount,
+                fee,
+                memo,
+            },
+            _,
+        ) => {
+            // As the contract shows it: the amount sent; the burned fee is its own field.
+            e.amount = -i128::from(*amount) * i128::from(ok);
+            e.fee = *fee;
+            e.counterparty = Some(*to);
+            e.memo = Some(memo.clone());
+        }
+        (Op::Receive { source }, out) => {
+            e.details["source"] = json!(format!("tx_{}", source.to_hex()));
+            if let Outcome::Applied(Effect::Received { from, amount, .. }) = out {
+                e.amount = i128::from(*amount);
+                e.counterparty = Some(*from);
+            }
+        }
+        (
+            Op::Stake {
+                amount,
+                duration_days,
+            },
+            out,
+        ) => {
+            e.details["staked"] = json!(amount);
+            e.details["duration_days"] = json!(duration_days);
+            if let Outcome::Applied(Effect::Staked { unlock_at, .. }) = out {
+                e.amount = -i128::from(*amount);
+                e.details["unlock_at"] = json!(unlock_at);
+            }
+        }
+        (Op::Unstake { amount }, out) => {
+            e.details["unstaked"] = json!(amount);
+            if let Outcome::Applied(Effect::Unstaking { available_at, .. }) = out {
+                e.details["available_at"] = json!(available_at);
+            }
+        }
+        (Op::Reward { proof, amount }, out) => {
+            e.details["proof_id"] = json!(proof.id_string());
+            e.details["role"] = json!(role_of(
+                proof.proof.holds_embedding,
+                proof.proof.holds_lm_head
+            ));
+            e.details["proof_type"] = json!(proof.proof.proof_type.as_str());
+            e.details["claimed"] = json!(amount);
+            if let Outcome::Applied(Effect::Rewarded { amount, .. }) = out {
+                e.amount = i128::from(*amount);
+            }
+        }
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::amount::transfer_fee;
+    use crate::ledger::block::Block;
+    use crate::ledger::keys::Wallet;
+
+    fn blk(w: &Wallet, ts: i64, op: Op) -> SignedBlock {
+        SignedBlock::sign(
+            Block {
+                account: w.address(),
+                height: 1,
+                previous: Hash32([9; 32]),
+                timestamp: ts,
+                op,
+            },
+            w,
+        )
+    }
+
+    #[test]
+    fn send_needs_amount_plus_fee() {
+        let w = Wallet::from_seed(1);
+        let mut a = Account::new(w.address(), None);
+        a.available = 1000;
+        let to = Wallet::from_seed(2).address();
+        let send = |amount| {
+            blk(
+                &w,
+                10,
+                Op::Send {
+                    to,
+                    amount,
+                    fee: transfer_fee(amount),
+                    memo: String::new(),
+                },
+            )
+        };
+        assert!(matches!(a.evaluate(&send(999), None), Outcome::Applied(_)));
+        assert_eq!(
+            a.evaluate(&send(1000), None),
+            Outcome::Void(VoidReason::InsufficientBalance {
+                required: 1001,
+                available: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn unstake_respects_lock_and_cooldown_release() {
+        let w = Wallet::from_seed(1);
+        let mut a = Account::new(w.address(), None);
+        a.staked = 500;
+        a.unlock_at = 1000;
+        let un = |ts| blk(&w, ts, Op::Unstake { amount: 100 });
+        assert_eq!(
+            a.evaluate(&un(999), None),
+            Outcome::Void(VoidReason::StakeLocked { unlock_at: 1000 })
+        );
+        assert!(matches!(
+            a.evaluate(&un(1000), None),
+            Outcome::Applied(Effect::Unstaking { .. })
+        ));
+        a.unbonding = 100;
+        a.unbond_at = 5000;
+        assert_eq!(a.settled(4999), (0, 100));
+        assert_eq!(a.settled(5000), (100, 0));
+    }
+
+    #[test]
+    fn hourly_rate_limit_and_replay() {
+        use crate::ledger::proof::SignedProof;
+        use crate::ledger::proof::tests::training_proof;
+        let w = Wallet::from_seed(1);
+        let mut a = Account::new(w.address(), None);
+        let p = SignedProof::sign(training_proof(&w, 100_000), &w);
+        let (amount, _) = a.expected_reward(&p).unwrap();
+        assert!(a.reward_for(&p, amount + 1).is_err());
+        a.reward_times = (0..120).map(|i| 100_000 - 3599 + i).collect();
+        assert_eq!(
+            a.expected_reward(&p).unwrap_err(),
+            RejectReason::RateLimited
+        );
+        a.reward_times.clear();
+        a.proof_ids.insert(p.id());
+        assert_eq!(a.expected_reward(&p).unwrap_err(), RejectReason::Replay);
+        a.proof_ids.clear();
+        a.last_reward_epoch = Some(p.proof.epoch_id);
+        assert_eq!(
+            a.expected_reward(&p).unwrap_err(),
+            RejectReason::DuplicateEpoch
+        );
+    }
+
+    #[test]
+    fn receive_rules() {
+        let w = Wallet::from_seed(1);
+        let mut a = Account::new(w.address(), None);
+        let src = Hash32([5; 32]);
+        let rcv = blk(&w, 10, Op::Receive { source: src });
+        let mine = SourceInfo::Send {
+            from: Wallet::from_seed(2).address(),
+            to: w.address(),
+            amount: 7,
+        };
+        assert!(matches!(a.evaluate(&rcv, Some(&mine)), Outcome::Applied(_)));
+        a.claimed.insert(src);
+        assert_eq!(
+            a.evaluate(&rcv, Some(&mine)),
+            Outcome::Void(VoidReason::SourceAlreadyClaimed)
+        );
+        let other = SourceInfo::Send {
+            from: Wallet::from_seed(2).address(),
+            to: Wallet::from_seed(3).address(),
+            amount: 7,
+        };
+        a.claimed.clear();
+        assert!(matches!(
+            a.evaluate(&rcv, Some(&other)),
+            Outcome::Void(VoidReason::BadSource(_))
+        ));
+    }
+}

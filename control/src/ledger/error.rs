@@ -1,0 +1,175 @@
+//! The one error type of the ledger module, with the codes and HTTP statuses the REST layer
+//! renders as `{"error":{"code","message","details"}}`.
+
+use serde_json::{Value, json};
+
+use super::amount::units_to_neuro;
+
+/// Every way a ledger operation can fail. Messages are lowercase, without a trailing period.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(
+        "not enough NEURO for this operation: required {required} units, available {available} units"
+    )]
+    InsufficientBalance { required: u64, available: u64 },
+    #[error("not enough staked NEURO: requested {requested} units, staked {staked} units")]
+    InsufficientStake { requested: u64, staked: u64 },
+    #[error("stake is locked until {unlock_at} (unix seconds)")]
+    StakeLocked { unlock_at: i64 },
+    #[error("invalid address {input:?}: {reason}")]
+    InvalidAddress { input: String, reason: &'static str },
+    #[error("invalid amount: {reason}")]
+    InvalidAmount { reason: String },
+    #[error("invalid staking duration {days} days: must be between {min} and {max}")]
+    InvalidDuration { days: i64, min: u32, max: u32 },
+    #[error("cannot send to your own address {address}")]
+    SelfTransfer { address: String },
+    #[error("memo is {len} bytes, at most {max} allowed")]
+    MemoTooLong { len: usize, max: usize },
+    #[error("invalid message: {reason}")]
+    InvalidMessage { reason: String },
+    #[error("bad signature on {what}: {reason}")]
+    BadSignature { what: &'static str, reason: String },
+    #[error("block timestamp {timestamp} is more than {max_ahead} s ahead of local time {now}")]
+    FutureTimestamp {
+        timestamp: i64,
+        now: i64,
+        max_ahead: i64,
+    },
+    #[error("account {account} is frozen for equivocation at height {fork_height}")]
+    AccountFrozen { account: String, fork_height: u64 },
+    #[error("proof {proof_id} rejected: {reason}")]
+    ProofRejected { proof_id: String, reason: String },
+    #[error("keystore {path}: {reason}")]
+    Keystore { path: String, reason: String },
+    #[error("database {op}: {source}")]
+    Database {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database migration: {source}")]
+    Migration {
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("stored message {seq} is corrupt: {reason}")]
+    CorruptStore { seq: i64, reason: String },
+    #[error("amount overflow in {op}")]
+    Overflow { op: &'static str },
+}
+
+impl LedgerError {
+    /// Stable machine-readable code for the REST error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InsufficientBalance { .. } => "INSUFFICIENT_BALANCE",
+            Self::InsufficientStake { .. } => "INSUFFICIENT_STAKE",
+            Self::StakeLocked { .. } => "STAKE_LOCKED",
+            Self::InvalidAddress { .. } => "INVALID_ADDRESS",
+            Self::InvalidAmount { .. } => "INVALID_AMOUNT",
+            Self::InvalidDuration { .. } => "INVALID_DURATION",
+            Self::SelfTransfer { .. } => "SELF_TRANSFER",
+            Self::MemoTooLong { .. } => "INVALID_MEMO",
+            Self::InvalidMessage { .. } => "INVALID_MESSAGE",
+            Self::BadSignature { .. } => "BAD_SIGNATURE",
+            Self::FutureTimestamp { .. } => "FUTURE_TIMESTAMP",
+            Self::AccountFrozen { .. } => "ACCOUNT_FROZEN",
+            Self::ProofRejected { .. } => "PROOF_REJECTED",
+            Self::Overflow { .. } => "INVALID_AMOUNT",
+            Self::Keystore { .. }
+            | Self::Database { .. }
+            | Self::Migration { .. }
+            | Self::CorruptStore { .. } => "INTERNAL",
+        }
+    }
+
+    /// HTTP status the REST layer should answer with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::InsufficientBalance { .. } | Self::InsufficientStake { .. } => 402,
+            Self::StakeLocked { .. } | Self::AccountFrozen { .. } => 409,
+            Self::InvalidAddress { .. }
+            | Self::InvalidAmount { .. }
+            | Self::InvalidDuration { .. }
+            | Self::SelfTransfer { .. }
+            | Self::MemoTooLong { .. }
+            | Self::InvalidMessage { .. }
+            | Self::BadSignature { .. }
+            | Self::FutureTimestamp { .. }
+            | Self::ProofRejected { .. }
+            | Self::Overflow { .. } => 400,
+            Self::Keystore { .. }
+            | Self::Database { .. }
+            | Self::Migration { .. }
+            | Self::CorruptStore { .. } => 500,
+        }
+    }
+
+    /// The `details` object of the REST error body (amounts in NEURO as JSON numbers).
+    pub fn details(&self) -> Value {
+        match self {
+            Self::InsufficientBalance {
+                required,
+                available,
+            } => json!({
+                "required": units_to_neuro(*required),
+                "available": units_to_neuro(*available),
+            }),
+            Self::InsufficientStake { requested, staked } => json!({
+                "requested": units_to_neuro(*requested),
+                "staked": units_to_neuro(*staked),
+            }),
+            Self::StakeLocked { unlock_at } => json!({
+                "unlock_date": super::views::date_string(*unlock_at),
+            }),
+            Self::InvalidAddress { input, reason } => {
+                json!({ "field": "to", "input": input, "reason": reason })
+            }
+            Self::InvalidAmount { reason } => json!({ "field": "amount", "reason": reason }),
+            Self::InvalidDuration { days, min, max } => {
+                json!({ "field": "duration_days", "value": days, "min": min, "max": max })
+            }
+            Self::MemoTooLong { len, max } => json!({ "field": "memo", "len": len, "max": max }),
+            Self::AccountFrozen {
+                account,
+                fork_height,
+            } => json!({ "account": account, "fork_height": fork_height }),
+            Self::ProofRejected { proof_id, reason } => {
+                json!({ "proof_id": proof_id, "reason": reason })
+            }
+            _ => json!({}),
+        }
+    }
+}
+
+pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
+    move |source| LedgerError::Database { op, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insufficient_balance_renders_contract_details() {
+        let e = LedgerError::InsufficientBalance {
+            required: 100_000_000_000,
+            available: 50_000_000_000,
+        };
+        assert_eq!(e.code(), "INSUFFICIENT_BALANCE");
+        assert_eq!(e.http_status(), 402);
+        assert_eq!(e.details(), json!({"required": 100.0, "available": 50.0}));
+        assert!(e.to_string().starts_with("not enough NEURO"));
+    }
+
+    #[test]
+    fn internal_errors_are_500() {
+        let e = LedgerError::CorruptStore {
+            seq: 3,
+            reason: "x".into(),
+        };
+        assert_eq!(e.http_status(), 500);
+        assert_eq!(e.code(), "INTERNAL");
+    }
+}

@@ -1,0 +1,221 @@
+//! Durable storage through sqlx: SQLite (WAL, synchronous FULL) by default, PostgreSQL by URL.
+//! The store is an append-only set of signed blocks plus locally refused proofs; balances are
+//! derived from it in memory (`state`), so a crash can only lose what was never acknowledged.
+
+use std::path::Path;
+
+use sqlx::AnyPool;
+use sqlx::Row;
+use sqlx::any::AnyPoolOptions;
+
+use super::block::SignedBlock;
+use super::error::{LedgerError, db};
+use super::keys::Hash32;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Which database the URL named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A locally refused proof, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub proof_id: String,
+    pub node_id: String,
+    pub proof_type: String,
+    pub reason_code: String,
+    pub reason: String,
+    pub proof_timestamp: i64,
+    pub recorded_at: i64,
+}
+
+/// The sqlx pool and the next sequence numbers (one writer per database: the ledger's lock).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// The default SQLite URL for a data directory.
+pub fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}/ledger.db?mode=rwc", data_dir.display())
+}
+
+impl Store {
+    /// Connects, switches SQLite to WAL, and runs the migrations.
+    pub async fn open(url: &str) -> Result<Store, LedgerError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(LedgerError::InvalidMessage {
+                reason: "database_url must start with sqlite: or postgres:".into(),
+            });
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 2 } else { 4 })
+            .connect(url)
+            .await
+            .map_err(db("connect"))?;
+        if backend == Backend::Sqlite {
+            // WAL persists in the file; synchronous stays FULL (the default), so a committed
+            // transaction survives a crash or power loss.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .fetch_all(&pool)
+                .await
+                .map_err(db("enable wal"))?;
+        }
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| LedgerError::Migration { source })?;
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// SQLite's journal mode (for tests and diagnostics); None on PostgreSQL.
+    pub async fn journal_mode(&self) -> Result<Option<String>, LedgerError> {
+        if self.backend != Backend::Sqlite {
+            return Ok(None);
+        }
+        let row = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("journal mode"))?;
+        Ok(Some(
+            row.try_get::<String, _>(0).map_err(db("journal mode"))?,
+        ))
+    }
+
+    /// Highest sequence numbers in use: (messages, rejections).
+    pub async fn max_seqs(&self) -> Result<(i64, i64), LedgerError> {
+        let m = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM ledger_messages")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("max seq"))?;
+        let r = sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM proof_rejections")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("max rejection id"))?;
+        Ok((
+            m.try_get::<i64, _>("m").map_err(db("max seq"))?,
+            r.try_get::<i64, _>("m").map_err(db("max rejection id"))?,
+        ))
+    }
+
+    /// Stores blocks in one transaction, numbered from `first_seq`.
+    pub async fn insert_blocks(
+        &self,
+        first_seq: i64,
+        blocks: &[(Hash32, &SignedBlock)],
+        received_at: i64,
+    ) -> Result<(), LedgerError> {
+        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+        for (i, (hash, block)) in blocks.iter().enumerate() {
+            let body = serde_json::to_string(block).expect("blocks always serialize");
+            sqlx::query(
+                "INSERT INTO ledger_messages (seq, hash, account, height, kind, body, received_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(first_seq + i as i64)
+            .bind(hash.to_hex())
+            .bind(block.block.account.to_checksum())
+            .bind(block.block.height as i64)
+            .bind(block.block.op.kind())
+            .bind(body)
+            .bind(received_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("insert block"))?;
+        }
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(())
+    }
+
+    /// Blocks with seq > `after`, oldest first, at most `limit`.
+    pub async fn blocks_since(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, SignedBlock)>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM ledger_messages WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("select blocks"))?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq").map_err(db("read seq"))?;
+                let body: String = row.try_get("body").map_err(db("read body"))?;
+                let block = serde_json::from_str(&body).map_err(|e| LedgerError::CorruptStore {
+                    seq,
+                    reason: e.to_string(),
+                })?;
+                Ok((seq, block))
+            })
+            .collect()
+    }
+
+    pub async fn insert_rejection(&self, id: i64, r: &Rejection) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO proof_rejections (id, proof_id, node_id, proof_type, reason_code, reason, \
+             proof_timestamp, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(&r.proof_id)
+        .bind(&r.node_id)
+        .bind(&r.proof_type)
+        .bind(&r.reason_code)
+        .bind(&r.reason)
+        .bind(r.proof_timestamp)
+        .bind(r.recorded_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db("insert rejection"))?;
+        Ok(())
+    }
+
+    /// Refused proofs of one node, newest first.
+    pub async fn rejections(&self, node_id: &str) -> Result<Vec<Rejection>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT proof_id, node_id, proof_type, reason_code, reason, proof_timestamp, recorded_at \
+             FROM proof_rejections WHERE node_id = $1 ORDER BY id DESC",
+        )
+        .bind(node_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("select rejections"))?;
+        rows.iter()
+            .map(|row| {
+                let get = |c: &str| row.try_get::<String, _>(c).map_err(db("read rejection"));
+                Ok(Rejection {
+                    proof_id: get("proof_id")?,
+                    node_id: get("node_id")?,
+                    proof_type: get("proof_type")?,
+                    reason_code: get("reason_code")?,
+                    reason: get("reason")?,
+                    proof_timestamp: row
+                        .try_get("proof_timestamp")
+                        .map_err(db("read rejection"))?,
+                    recorded_at: row.try_get("recorded_at").map_err(db("read rejection"))?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
