@@ -14,8 +14,9 @@
 #       Runs, each under a timeout, in about 5 minutes:
 #         1. every op, GPU vs CPU reference, fresh random inputs, several shapes incl. ragged
 #            ones, outputs poisoned with NaN first, stated tolerances (cuda_vs_cpu_gpu)
-#         2. GPU faults: OOM and an illegal address come back as errors, never a hang
-#         3. benchmarks: GEMM TFLOP/s, bf16 training step (bench and gpt2-small presets),
+#         2. the engine's CudaBackend against its CpuBackend, through the Backend trait
+#         3. GPU faults: OOM and an illegal address come back as errors, never a hang
+#         4. benchmarks: GEMM TFLOP/s, bf16 training step (bench and gpt2-small presets),
 #            tokens/s and MFU
 #       Prints a summary table; logs go to $OUT (the device tool's output folder) or
 #       target/gpu-check/. Exits non-zero when anything failed.
@@ -31,11 +32,10 @@ prepare() {
     rm -rf "$pack"
     mkdir -p "$pack/bin" "$pack/modules"
     NEUROSHARD_PTX_OUT="$pack/modules" cargo test -q -p neuroshard-kernels --test cuda_compile
-    local json
+    local json exe
     json=$(cargo test -p neuroshard-kernels --no-run --message-format=json \
         --test cuda_vs_cpu_gpu --test cuda_fault_gpu 2>/dev/null)
     for t in cuda_vs_cpu_gpu cuda_fault_gpu; do
-        local exe
         exe=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
 name = sys.argv[1]
@@ -50,6 +50,19 @@ for line in sys.stdin:
         cp "$exe" "$pack/bin/$t"
     done
     # Dev profile: the kernels crate and every dependency are built with opt-level 3 there.
+    # The engine's unit tests: the CUDA backend against the CPU backend through the trait.
+    json=$(cargo test -p neuroshard-engine --lib --no-run --message-format=json 2>/dev/null)
+    exe=$(printf '%s\n' "$json" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "neuroshard_engine":
+        print(m["executable"])' | tail -1)
+    [ -n "$exe" ] || { echo "gpu-check: no engine test executable" >&2; exit 1; }
+    cp "$exe" "$pack/bin/engine_tests"
     cargo build -q -p neuroshard-kernels --example cuda_bench
     cp "${CARGO_TARGET_DIR:-$root/target}/debug/examples/cuda_bench" "$pack/bin/cuda_bench"
     if command -v strip >/dev/null; then strip --strip-debug "$pack"/bin/*; fi
@@ -79,7 +92,7 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 bin="$pack/bin"
-if [ -x "$bin/cuda_vs_cpu_gpu" ] && [ -x "$bin/cuda_fault_gpu" ] && [ -x "$bin/cuda_bench" ]; then
+if [ -x "$bin/cuda_vs_cpu_gpu" ] && [ -x "$bin/cuda_fault_gpu" ] && [ -x "$bin/cuda_bench" ] && [ -x "$bin/engine_tests" ]; then
     echo "gpu-check: using the prebuilt pack in $pack"
     if ls "$pack"/modules/*.cubin >/dev/null 2>&1; then
         export NEUROSHARD_CUDA_MODULES="$pack/modules"
@@ -126,6 +139,7 @@ export NEUROSHARD_GPU_TESTS=1
 run_step ops_vs_cpu 300 "$bin/cuda_vs_cpu_gpu" --nocapture --test-threads=1
 grep -E '^(op |[a-z_.]+ +(f32|bf16) )' "$out/ops_vs_cpu.log" >"$out/ops_table.txt" || true
 grep -E 'seed|device' "$out/ops_vs_cpu.log" | head -3
+run_step backend_parity 120 "$bin/engine_tests" backend::cuda --nocapture --test-threads=1
 run_step gpu_faults 90 "$bin/cuda_fault_gpu" --nocapture --test-threads=1
 run_step bench 240 "$bin/cuda_bench" --steps 10
 
@@ -133,6 +147,9 @@ echo
 echo "== op comparisons (max|gpu-cpu|/max|cpu|, tolerance, non-finite count)"
 cat "$out/ops_table.txt"
 grep ' FAIL$' "$out/ops_table.txt" | sed 's/^/FAILED: /' || true
+echo
+echo "== backend parity (CudaBackend vs CpuBackend through the Backend trait)"
+grep 'gpu backend parity' "$out/backend_parity.log" || true
 echo
 echo "== faults"
 grep 'gpu_faults' "$out/gpu_faults.log" | tail -5
