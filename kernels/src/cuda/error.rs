@@ -14,6 +14,10 @@ pub enum CudaError {
     /// The CUDA driver library (libcuda.so) cannot be loaded.
     #[error("cuda driver library not found (libcuda.so.1)")]
     DriverMissing,
+    /// The driver library loads but cannot be initialised (driver/library mismatch, no
+    /// permission on /dev/nvidia*).
+    #[error("cuda driver failed to initialise: {0}")]
+    DriverInit(String),
     /// The driver loads but reports no device.
     #[error("no cuda device found")]
     NoDevice,

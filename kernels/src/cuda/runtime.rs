@@ -75,7 +75,7 @@ impl CudaKernels {
             DeviceProbe::Available { .. } => {}
             DeviceProbe::NoDriver => return Err(CudaError::DriverMissing),
             DeviceProbe::NoDevice => return Err(CudaError::NoDevice),
-            DeviceProbe::DriverError(_) => return Err(CudaError::NoDevice),
+            DeviceProbe::DriverError(e) => return Err(CudaError::DriverInit(e)),
         }
         let ctx = CudaContext::new(ordinal).map_err(CudaError::driver("open context"))?;
         let (major, minor) = ctx
@@ -246,7 +246,10 @@ mod tests {
         }
         let e = CudaKernels::new(0, ModuleSource::Nvrtc).unwrap_err();
         assert!(
-            matches!(e, CudaError::DriverMissing | CudaError::NoDevice),
+            matches!(
+                e,
+                CudaError::DriverMissing | CudaError::NoDevice | CudaError::DriverInit(_)
+            ),
             "{e}"
         );
     }
