@@ -240,26 +240,30 @@ impl Tokenizer {
     /// Leftmost occurrence of a special token in `bytes` (longest on ties):
     /// `(offset, id, length)`.
     fn find_special(&self, bytes: &[u8]) -> Option<(usize, u32, usize)> {
-        let mut best: Option<(usize, u32, usize)> = None;
-        for (id, special) in self.specials.iter().enumerate() {
-            let needle = special.as_bytes();
-            if needle.is_empty() || needle.len() > bytes.len() {
-                continue;
-            }
-            let limit = best.map_or(bytes.len() - needle.len(), |(at, _, _)| {
-                at.min(bytes.len() - needle.len())
-            });
-            if let Some(at) = (0..=limit).find(|&i| bytes[i..].starts_with(needle)) {
-                let better = match best {
-                    None => true,
-                    Some((b_at, _, b_len)) => at < b_at || (at == b_at && needle.len() > b_len),
-                };
-                if better {
-                    best = Some((at, id as u32, needle.len()));
-                }
+        // One pass over the positions (so a text full of specials stays linear): at the first
+        // position where any special starts, the longest one there wins.
+        let mut first_bytes = [false; 256];
+        for special in &self.specials {
+            if let Some(&b) = special.as_bytes().first() {
+                first_bytes[b as usize] = true;
             }
         }
-        best
+        for at in 0..bytes.len() {
+            if !first_bytes[bytes[at] as usize] {
+                continue;
+            }
+            let rest = &bytes[at..];
+            let best = self
+                .specials
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.is_empty() && rest.starts_with(s.as_bytes()))
+                .max_by_key(|(id, s)| (s.len(), std::cmp::Reverse(*id)));
+            if let Some((id, s)) = best {
+                return Some((at, id as u32, s.len()));
+            }
+        }
+        None
     }
 
     /// Applies the merges to one word, lowest rank first and leftmost first, exactly as the

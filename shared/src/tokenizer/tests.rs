@@ -135,6 +135,24 @@ fn id_layout() {
 }
 
 #[test]
+fn special_tokens_are_cut_out_leftmost_first() {
+    let tok = Tokenizer::bytes_only();
+    let a = 10 + b'a' as u32;
+    assert_eq!(
+        tok.encode("a<|eos|>a<|bos|><|eos|>"),
+        [a, EOS_ID, a, BOS_ID, EOS_ID]
+    );
+    // A partial special is plain text.
+    assert_eq!(tok.encode("<|eos"), tok.encode_bytes(b"<|eos"));
+    assert_eq!(tok.encode("<|eos").len(), 5);
+    // Documents separated by eos, many of them: one id per separator, text round-trips.
+    let text = "doc<|eos|>".repeat(20_000);
+    let ids = tok.encode(&text);
+    assert_eq!(ids.iter().filter(|&&id| id == EOS_ID).count(), 20_000);
+    assert_eq!(tok.decode(&ids), text);
+}
+
+#[test]
 fn round_trips_random_bytes() {
     let tok = &*TRAINED;
     let mut rng = Rng(1);
