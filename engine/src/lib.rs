@@ -5,7 +5,13 @@
 //! besides its local command socket and never decides anything about money or peers.
 
 pub mod data;
+pub mod dev;
 pub mod backend;
+pub mod bench;
+pub mod checkpoint;
+pub mod export;
+pub mod model;
+pub mod optim;
 pub mod runtime;
 pub mod server;
 pub mod watchdog;

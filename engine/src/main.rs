@@ -19,6 +19,10 @@ struct Cli {
 enum Command {
     /// Serve the engine commands on a Unix socket (control starts this).
     Serve(ServeArgs),
+    /// Write a model, a batch and every parameter gradient for an independent check.
+    GradDump(neuroshard_engine::dev::GradDumpArgs),
+    /// Time full training steps of a preset and print tokens/s, step time and GFLOP/s.
+    BenchTrain(neuroshard_engine::bench::BenchTrainArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +51,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::GradDump(args) => {
+            let loss = neuroshard_engine::dev::grad_dump(&args)?;
+            tracing::info!(loss, out = %args.out.display(), "gradients written");
+            Ok(())
+        }
+        Command::BenchTrain(args) => neuroshard_engine::bench::run(&args),
     }
 }
 

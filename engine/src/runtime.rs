@@ -1,9 +1,34 @@
 //! The model state the engine commands act on. The server (`server.rs`) is the RPC edge: it
 //! resolves shared-memory references and calls one method here per command, on a blocking
 //! thread, one command at a time.
+//!
+//! Behaviour per command (see `proto/engine.proto`):
+//! - LoadModel builds the stage from the seed, or from `checkpoint_path` (whose config and
+//!   stage must match the request). A request with `layer_end == 0` and neither embedding nor
+//!   head means the full model. TrainSpec zeros take the defaults (lr 1e-4, wd 0.01, clip 1.0,
+//!   batch 4, seq min(256, max_seq), built-in corpus).
+//! - Forward / Backward go through shm slots and are keyed by micro-batch (see `model`).
+//! - OptimizerStep averages gradients over the backwards since the last step, clips and steps.
+//! - TrainStep runs a whole local step with the data loader (full model only).
+//! - Checkpoint writes atomically; Restore replaces the loaded model (or loads one).
+
+mod session;
+
+use std::path::Path;
 
 use neuroshard_proto::engine as pb;
+use neuroshard_shared::model::ModelConfig;
 use neuroshard_shared::shm::{Segment, ShmError};
+
+use crate::backend::BackendError;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, DeviceRequest, open_device};
+use crate::checkpoint::CheckpointError;
+use crate::data::DataError;
+use crate::export::ExportError;
+use crate::model::{ModelError, StageSpec};
+use crate::optim::TrainSettings;
+pub use session::{Session, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -19,16 +44,66 @@ pub enum RuntimeError {
     Unavailable { op: &'static str, why: &'static str },
     #[error("device fault in {op}: {message}")]
     DeviceFault { op: &'static str, message: String },
+    #[error(transparent)]
+    Model(ModelError),
+    #[error(transparent)]
+    Checkpoint(CheckpointError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Export(ExportError),
+}
+
+impl From<ModelError> for RuntimeError {
+    fn from(e: ModelError) -> RuntimeError {
+        match e {
+            ModelError::Backend(BackendError::Device { op, message }) => {
+                RuntimeError::DeviceFault { op, message }
+            }
+            other => RuntimeError::Model(other),
+        }
+    }
+}
+
+impl From<CheckpointError> for RuntimeError {
+    fn from(e: CheckpointError) -> RuntimeError {
+        match e {
+            CheckpointError::Model(m) => m.into(),
+            other => RuntimeError::Checkpoint(other),
+        }
+    }
+}
+
+impl From<ExportError> for RuntimeError {
+    fn from(e: ExportError) -> RuntimeError {
+        match e {
+            ExportError::Checkpoint(c) => c.into(),
+            other => RuntimeError::Export(other),
+        }
+    }
 }
 
 impl From<RuntimeError> for tonic::Status {
     fn from(e: RuntimeError) -> tonic::Status {
         let msg = e.to_string();
         match e {
-            RuntimeError::NoModel | RuntimeError::NotAttached => tonic::Status::failed_precondition(msg),
+            RuntimeError::NoModel | RuntimeError::NotAttached => {
+                tonic::Status::failed_precondition(msg)
+            }
             RuntimeError::Invalid(_) | RuntimeError::Shm(_) => tonic::Status::invalid_argument(msg),
             RuntimeError::Unavailable { .. } => tonic::Status::unimplemented(msg),
             RuntimeError::DeviceFault { .. } => tonic::Status::internal(msg),
+            RuntimeError::Model(ModelError::NoActivations { .. }) => {
+                tonic::Status::failed_precondition(msg)
+            }
+            RuntimeError::Model(ModelError::TooManyOutstanding { .. }) => {
+                tonic::Status::resource_exhausted(msg)
+            }
+            RuntimeError::Model(_) => tonic::Status::invalid_argument(msg),
+            RuntimeError::Checkpoint(CheckpointError::Io { .. }) => tonic::Status::unavailable(msg),
+            RuntimeError::Checkpoint(_) => tonic::Status::invalid_argument(msg),
+            RuntimeError::Data(_) => tonic::Status::failed_precondition(msg),
+            RuntimeError::Export(_) => tonic::Status::invalid_argument(msg),
         }
     }
 }
@@ -52,95 +127,318 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// A loaded model on the backend it runs on.
+enum Loaded {
+    Cpu(State<CpuBackend>),
+    Cuda(State<CudaBackend>),
+}
+
+impl Loaded {
+    fn get(&self) -> &dyn Session {
+        match self {
+            Loaded::Cpu(s) => s,
+            Loaded::Cuda(s) => s,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut dyn Session {
+        match self {
+            Loaded::Cpu(s) => s,
+            Loaded::Cuda(s) => s,
+        }
+    }
+}
+
 pub struct Runtime {
     device: DeviceChoice,
+    /// Whether models run on CUDA (decided once at start-up by `--device`).
+    use_cuda: bool,
+    /// The CUDA backend while no model holds it (a model owns its backend).
+    idle_cuda: Option<CudaBackend>,
+    session: Option<Loaded>,
+}
+
+/// The model config a LoadModel request asks for: the preset with non-zero fields overriding.
+pub fn model_config(spec: Option<&pb::ModelSpec>) -> Result<ModelConfig, RuntimeError> {
+    let s = spec.cloned().unwrap_or_default();
+    let preset = if s.preset.is_empty() {
+        "default"
+    } else {
+        s.preset.as_str()
+    };
+    let mut cfg = ModelConfig::preset(preset).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    let set = |field: &mut u32, v: u32| {
+        if v != 0 {
+            *field = v;
+        }
+    };
+    set(&mut cfg.vocab_size, s.vocab_size);
+    set(&mut cfg.hidden, s.hidden);
+    set(&mut cfg.layers, s.layers);
+    set(&mut cfg.heads, s.heads);
+    set(&mut cfg.kv_heads, s.kv_heads);
+    set(&mut cfg.ffn, s.ffn);
+    set(&mut cfg.max_seq, s.max_seq);
+    cfg.validate()
+        .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// The stage a LoadModel request asks for (`layer_end == 0` and no embedding/head: all).
+pub fn stage_spec(req: &pb::LoadModelRequest, cfg: &ModelConfig) -> StageSpec {
+    if req.layer_end == 0 && req.layer_start == 0 && !req.has_embedding && !req.has_head {
+        return StageSpec::full(cfg);
+    }
+    StageSpec {
+        layer_start: req.layer_start,
+        layer_end: req.layer_end,
+        has_embedding: req.has_embedding,
+        has_head: req.has_head,
+    }
 }
 
 impl Runtime {
+    /// Picks the device: `cpu`; `cuda` (an error when CUDA is unusable); `auto` (CUDA when the
+    /// driver, a device and the kernels are there, else the CPU with one log line).
     pub fn new(device: DeviceChoice) -> Result<Runtime, RuntimeError> {
-        if device == DeviceChoice::Cuda {
-            return Err(RuntimeError::Unavailable {
-                op: "cuda device",
-                why: "the CUDA backend is not built yet",
-            });
+        let request = match device {
+            DeviceChoice::Auto => DeviceRequest::Auto,
+            DeviceChoice::Cpu => DeviceRequest::Cpu,
+            DeviceChoice::Cuda => DeviceRequest::Cuda,
+        };
+        let cuda = open_device(request).map_err(|e| match e {
+            BackendError::Device { op, message } => RuntimeError::DeviceFault { op, message },
+            other => RuntimeError::Invalid(other.to_string()),
+        })?;
+        Ok(Runtime {
+            device,
+            use_cuda: cuda.is_some(),
+            idle_cuda: cuda,
+            session: None,
+        })
+    }
+
+    fn session(&mut self) -> Result<&mut dyn Session, RuntimeError> {
+        self.session
+            .as_mut()
+            .map(Loaded::get_mut)
+            .ok_or(RuntimeError::NoModel)
+    }
+
+    /// Drops the loaded model, keeping its CUDA backend for the next one.
+    fn unload(&mut self) {
+        if let Some(Loaded::Cuda(state)) = self.session.take() {
+            self.idle_cuda = Some(state.into_backend());
         }
-        Ok(Runtime { device })
+    }
+
+    fn cuda_backend(&mut self) -> Result<CudaBackend, RuntimeError> {
+        match self.idle_cuda.take() {
+            Some(b) => Ok(b),
+            // The previous one went down with a model that failed to build: open it again.
+            None => CudaBackend::new(0)
+                .map_err(|e| RuntimeError::from(crate::model::ModelError::from(e))),
+        }
+    }
+
+    /// Builds a model on the runtime's device with `build`.
+    fn build(
+        &mut self,
+        build_cpu: impl FnOnce(CpuBackend) -> Result<State<CpuBackend>, RuntimeError>,
+        build_cuda: impl FnOnce(CudaBackend) -> Result<State<CudaBackend>, RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        self.unload();
+        let loaded = if self.use_cuda {
+            let be = self.cuda_backend()?;
+            Loaded::Cuda(build_cuda(be)?)
+        } else {
+            Loaded::Cpu(build_cpu(CpuBackend::new())?)
+        };
+        self.session = Some(loaded);
+        Ok(())
     }
 
     pub fn health(&self) -> RuntimeHealth {
-        let _ = self.device;
-        RuntimeHealth {
-            device: "cpu".into(),
-            device_name: "cpu".into(),
-            memory_used: 0,
-            memory_total: 0,
-            model_loaded: false,
-            step: 0,
+        match self.session.as_ref().map(Loaded::get) {
+            Some(s) => {
+                let (device, device_name, memory_used, memory_total) = s.device();
+                RuntimeHealth {
+                    device,
+                    device_name,
+                    memory_used,
+                    memory_total,
+                    model_loaded: true,
+                    step: s.step(),
+                }
+            }
+            None => RuntimeHealth {
+                device: if self.use_cuda {
+                    "cuda".into()
+                } else {
+                    "cpu".into()
+                },
+                device_name: match &self.idle_cuda {
+                    Some(b) => crate::backend::Backend::device_name(b),
+                    None => format!("cpu ({:?} requested)", self.device).to_lowercase(),
+                },
+                ..RuntimeHealth::default()
+            },
         }
     }
 
-    pub fn load_model(&mut self, _req: &pb::LoadModelRequest) -> Result<pb::LoadModelReply, RuntimeError> {
-        Err(self.unavailable("LoadModel"))
+    pub fn load_model(
+        &mut self,
+        req: &pb::LoadModelRequest,
+    ) -> Result<pb::LoadModelReply, RuntimeError> {
+        let cfg = model_config(req.model.as_ref())?;
+        let spec = stage_spec(req, &cfg);
+        spec.validate(&cfg)?;
+        match req.dtype.as_str() {
+            "" | "f32" => {}
+            "bf16" => {
+                return Err(RuntimeError::Unavailable {
+                    op: "bf16",
+                    why: "bf16 needs the CUDA backend",
+                });
+            }
+            other => {
+                return Err(RuntimeError::Invalid(format!(
+                    "unknown dtype {other:?} (f32, bf16)"
+                )));
+            }
+        }
+        let train = TrainSettings::from_spec(req.train.as_ref(), &cfg, &req.node_id);
+        // The old model goes first so two never coexist in memory.
+        if req.checkpoint_path.is_empty() {
+            let (c2, t2) = (cfg.clone(), train.clone());
+            self.build(
+                |be| State::new(be, cfg, spec, req.seed, train),
+                |be| State::new(be, c2, spec, req.seed, t2),
+            )?;
+        } else {
+            let path = Path::new(&req.checkpoint_path);
+            let file = crate::checkpoint::read_tensor_file(path)?;
+            let t2 = train.clone();
+            self.build(
+                |be| State::from_file(be, &file, path, Some((&cfg, &spec)), Some(train)),
+                |be| State::from_file(be, &file, path, Some((&cfg, &spec)), Some(t2)),
+            )?;
+        }
+        let session = self
+            .session
+            .as_ref()
+            .map(Loaded::get)
+            .ok_or(RuntimeError::NoModel)?;
+        let reply = pb::LoadModelReply {
+            parameters: session.parameters(),
+            model_hash: session.model_hash()?,
+            step: session.step(),
+        };
+        tracing::info!(
+            parameters = reply.parameters,
+            layers = ?(spec.layer_start..spec.layer_end),
+            embedding = spec.has_embedding,
+            head = spec.has_head,
+            step = reply.step,
+            "model loaded"
+        );
+        Ok(reply)
     }
 
-    pub fn forward(&mut self, _req: &pb::ForwardRequest, _shm: &Segment) -> Result<pb::ForwardReply, RuntimeError> {
-        Err(self.unavailable("Forward"))
+    pub fn forward(
+        &mut self,
+        req: &pb::ForwardRequest,
+        shm: &Segment,
+    ) -> Result<pb::ForwardReply, RuntimeError> {
+        self.session()?.forward(req, shm)
     }
 
-    pub fn backward(&mut self, _req: &pb::BackwardRequest, _shm: &Segment) -> Result<pb::BackwardReply, RuntimeError> {
-        Err(self.unavailable("Backward"))
+    pub fn backward(
+        &mut self,
+        req: &pb::BackwardRequest,
+        shm: &Segment,
+    ) -> Result<pb::BackwardReply, RuntimeError> {
+        self.session()?.backward(req, shm)
     }
 
-    pub fn optimizer_step(&mut self, _req: &pb::OptimizerStepRequest) -> Result<pb::OptimizerStepReply, RuntimeError> {
-        Err(self.unavailable("OptimizerStep"))
+    pub fn optimizer_step(
+        &mut self,
+        req: &pb::OptimizerStepRequest,
+    ) -> Result<pb::OptimizerStepReply, RuntimeError> {
+        self.session()?.optimizer_step(req)
     }
 
-    pub fn train_step(&mut self, _req: &pb::TrainStepRequest) -> Result<pb::TrainStepReply, RuntimeError> {
-        Err(self.unavailable("TrainStep"))
+    pub fn train_step(
+        &mut self,
+        _req: &pb::TrainStepRequest,
+    ) -> Result<pb::TrainStepReply, RuntimeError> {
+        self.session()?.train_step()
     }
 
     pub fn export_weights(
         &mut self,
-        _req: &pb::ExportWeightsRequest,
-        _shm: Option<&Segment>,
+        req: &pb::ExportWeightsRequest,
+        shm: Option<&Segment>,
     ) -> Result<pb::ExportWeightsReply, RuntimeError> {
-        Err(self.unavailable("ExportWeights"))
+        self.session()?.export_weights(req, shm)
     }
 
     pub fn import_weights(
         &mut self,
-        _req: &pb::ImportWeightsRequest,
-        _shm: Option<&Segment>,
+        req: &pb::ImportWeightsRequest,
+        shm: Option<&Segment>,
     ) -> Result<pb::ImportWeightsReply, RuntimeError> {
-        Err(self.unavailable("ImportWeights"))
+        self.session()?.import_weights(req, shm)
     }
 
-    pub fn checkpoint(&mut self, _req: &pb::CheckpointRequest) -> Result<pb::CheckpointReply, RuntimeError> {
-        Err(self.unavailable("Checkpoint"))
+    pub fn checkpoint(
+        &mut self,
+        req: &pb::CheckpointRequest,
+    ) -> Result<pb::CheckpointReply, RuntimeError> {
+        if req.path.is_empty() {
+            return Err(RuntimeError::Invalid("Checkpoint needs a path".into()));
+        }
+        self.session()?.checkpoint(Path::new(&req.path))
     }
 
-    pub fn restore(&mut self, _req: &pb::RestoreRequest) -> Result<pb::RestoreReply, RuntimeError> {
-        Err(self.unavailable("Restore"))
+    pub fn restore(&mut self, req: &pb::RestoreRequest) -> Result<pb::RestoreReply, RuntimeError> {
+        if req.path.is_empty() {
+            return Err(RuntimeError::Invalid("Restore needs a path".into()));
+        }
+        // Read and verify the whole file before touching the running model: a bad file changes
+        // nothing.
+        let path = Path::new(&req.path);
+        let file = crate::checkpoint::read_tensor_file(path)?;
+        crate::checkpoint::checkpoint_meta(&file, path)?;
+        self.build(
+            |be| State::from_file(be, &file, path, None, None),
+            |be| State::from_file(be, &file, path, None, None),
+        )?;
+        let s = self.session()?;
+        let reply = pb::RestoreReply {
+            step: s.step(),
+            model_hash: s.model_hash()?,
+        };
+        tracing::info!(path = %req.path, step = reply.step, "checkpoint restored");
+        Ok(reply)
     }
 
     pub fn model_hash(&mut self) -> Result<pb::ModelHashReply, RuntimeError> {
-        Err(RuntimeError::NoModel)
+        Ok(pb::ModelHashReply {
+            model_hash: self.session()?.model_hash()?,
+        })
     }
 
     /// Generates tokens, handing each to `emit` as it is produced; stops early when `emit`
     /// returns false (the client went away).
     pub fn generate(
         &mut self,
-        _req: &pb::GenerateRequest,
-        _emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
+        req: &pb::GenerateRequest,
+        emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
     ) -> Result<(), RuntimeError> {
-        Err(self.unavailable("Generate"))
-    }
-
-    fn unavailable(&self, op: &'static str) -> RuntimeError {
-        RuntimeError::Unavailable {
-            op,
-            why: "the model numerics are not built yet",
-        }
+        self.session()?.generate(req, emit)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! `neuroshard-engine bench-train`: times full training steps (forward, backward, AdamW) of a
+//! preset on the CPU backend and prints one JSON line:
+//! `tokens_per_s`, `step_s` (median), `gflops` (model FLOPs over the median step: 6 x matmul
+//! params x tokens + 12 x layers x tokens x seq x hidden) and `params`.
+//!
+//! The batch is a fixed deterministic token batch (the data loader is not what is timed).
+
+use std::time::Instant;
+
+use neuroshard_shared::model::ModelConfig;
+
+use crate::backend::cpu::CpuBackend;
+use crate::model::params::SplitMix64;
+use crate::model::{Model, StageInput, StageSpec};
+use crate::optim::{AdamState, OptimConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchTrainArgs {
+    /// Model preset.
+    #[arg(long, default_value = "bench")]
+    pub model: String,
+    /// Timed steps (after the warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence (default min(256, max_seq)).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Print one JSON line (otherwise a readable summary).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Matrix-multiply parameters: every linear layer plus the LM head (the embedding is a lookup).
+pub fn matmul_params(cfg: &ModelConfig) -> u64 {
+    let norms = 2 * cfg.hidden as u64;
+    cfg.layers as u64 * (cfg.layer_params() - norms) + cfg.embedding_params()
+}
+
+/// Model FLOPs of one training step over `tokens` tokens of sequence length `seq`.
+pub fn step_flops(cfg: &ModelConfig, tokens: u64, seq: u64) -> f64 {
+    6.0 * matmul_params(cfg) as f64 * tokens as f64
+        + 12.0 * cfg.layers as f64 * tokens as f64 * seq as f64 * cfg.hidden as f64
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub device: String,
+    pub threads: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub gflops: f64,
+    pub params: u64,
+    pub loss_first: f32,
+    pub loss_last: f32,
+}
+
+pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<BenchResult> {
+    if let Some(t) = args.threads.filter(|&t| t > 0) {
+        // Fails only if the pool was already built; then the existing one is used.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global();
+    }
+    let cfg = ModelConfig::preset(&args.model)?;
+    let seq = args.seq.unwrap_or(256.min(cfg.max_seq as usize));
+    anyhow::ensure!(
+        args.steps > 0 && args.batch > 0 && seq > 0,
+        "steps, batch and seq must be positive"
+    );
+    let b = args.batch;
+    let mut model = Model::new(CpuBackend::new(), cfg.clone(), StageSpec::full(&cfg), 1)?;
+    let mut adam = AdamState::new(&model)?;
+    let oc = OptimConfig::default();
+    let mut rng = SplitMix64(7);
+    let stream: Vec<u32> = (0..b * (seq + 1))
+        .map(|_| 10 + (rng.next_u64() % (cfg.vocab_size as u64 - 10)) as u32)
+        .collect();
+    let mut ids = Vec::with_capacity(b * seq);
+    let mut labels = Vec::with_capacity(b * seq);
+    for r in 0..b {
+        ids.extend_from_slice(&stream[r * (seq + 1)..r * (seq + 1) + seq]);
+        labels.extend_from_slice(&stream[r * (seq + 1) + 1..(r + 1) * (seq + 1)]);
+    }
+    let mut step = |i: usize| -> anyhow::Result<f32> {
+        let loss = model
+            .forward(i as u64, b, seq, StageInput::Ids(&ids), Some(&labels))?
+            .ok_or_else(|| anyhow::anyhow!("no loss"))?;
+        model.backward(i as u64, None)?;
+        adam.step(&mut model, &oc, oc.lr)?;
+        Ok(loss)
+    };
+    for i in 0..args.warmup {
+        step(i)?;
+    }
+    let mut times = Vec::with_capacity(args.steps);
+    let mut losses = Vec::with_capacity(args.steps);
+    for i in 0..args.steps {
+        let t0 = Instant::now();
+        losses.push(step(args.warmup + i)?);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = if times.len() % 2 == 1 {
+        times[times.len() / 2]
+    } else {
+        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+    };
+    let tokens = (b * seq) as u64;
+    Ok(BenchResult {
+        model: args.model.clone(),
+        device: "cpu".into(),
+        threads: rayon::current_num_threads(),
+        batch: b,
+        seq,
+        steps: args.steps,
+        tokens_per_s: tokens as f64 / median,
+        step_s: median,
+        gflops: step_flops(&cfg, tokens, seq as u64) / median / 1e9,
+        params: cfg.total_params(),
+        loss_first: losses[0],
+        loss_last: *losses.last().expect("steps > 0"),
+    })
+}
+
+/// Runs the benchmark and prints the result.
+pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
+    let r = bench_train(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} on {} threads: batch {} x seq {}, {:.1} tokens/s, {:.3} s/step (median of {}), {:.2} GFLOP/s, {} params",
+            r.model,
+            r.threads,
+            r.batch,
+            r.seq,
+            r.tokens_per_s,
+            r.step_s,
+            r.steps,
+            r.gflops,
+            r.params
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_formula_for_the_bench_preset() {
+        let cfg = ModelConfig::preset("bench").unwrap();
+        // 11 layers x (2*512*512 + 2*512*128 + 3*512*2048) + 8192*512 matmul weights.
+        let want = 11 * (2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 2048) + 8192 * 512;
+        assert_eq!(matmul_params(&cfg), want);
+        let f = step_flops(&cfg, 1024, 256);
+        assert_eq!(
+            f,
+            6.0 * want as f64 * 1024.0 + 12.0 * 11.0 * 1024.0 * 256.0 * 512.0
+        );
+    }
+
+    #[test]
+    fn a_tiny_run_reports_sane_figures() {
+        let args = BenchTrainArgs {
+            model: "tiny".into(),
+            steps: 3,
+            threads: None,
+            batch: 2,
+            seq: Some(16),
+            warmup: 1,
+            json: true,
+        };
+        let r = bench_train(&args).unwrap();
+        assert!(r.tokens_per_s > 0.0 && r.step_s > 0.0 && r.gflops > 0.0);
+        assert_eq!(
+            r.params,
+            ModelConfig::preset("tiny").unwrap().total_params()
+        );
+        assert!(r.loss_last.is_finite());
+    }
+}

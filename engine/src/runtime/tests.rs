@@ -1,0 +1,361 @@
+//! Runtime tests: the commands as the server calls them, through a real shm segment.
+
+use neuroshard_proto::engine as pb;
+use neuroshard_shared::shm::{Segment, Tensor, TensorRef};
+
+use super::*;
+
+fn segment(tag: &str) -> Segment {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("/nsrt-{tag}-{}-{nanos}", std::process::id());
+    Segment::create(&name, 8, 4 << 20).unwrap().0
+}
+
+fn load(
+    rt: &mut Runtime,
+    start: u32,
+    end: u32,
+    emb: bool,
+    head: bool,
+    lr: f32,
+) -> pb::LoadModelReply {
+    load_clip(rt, start, end, emb, head, lr, 0.0)
+}
+
+fn load_clip(
+    rt: &mut Runtime,
+    start: u32,
+    end: u32,
+    emb: bool,
+    head: bool,
+    lr: f32,
+    clip: f32,
+) -> pb::LoadModelReply {
+    rt.load_model(&pb::LoadModelRequest {
+        model: Some(pb::ModelSpec {
+            preset: "tiny".into(),
+            ..Default::default()
+        }),
+        layer_start: start,
+        layer_end: end,
+        has_embedding: emb,
+        has_head: head,
+        seed: 11,
+        train: Some(pb::TrainSpec {
+            learning_rate: lr,
+            clip_norm: clip,
+            batch_size: 4,
+            seq_len: 32,
+            ..Default::default()
+        }),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn pbref(r: TensorRef) -> Option<pb::TensorRef> {
+    Some(pb::TensorRef {
+        slot: r.slot,
+        seq: r.seq,
+    })
+}
+
+fn write_u32(seg: &Segment, slot: u32, shape: &[u64], v: &[u32]) -> Option<pb::TensorRef> {
+    let t = Tensor::from_u32(shape, v);
+    pbref(seg.write(slot, t.dtype, &t.shape, &t.bytes).unwrap())
+}
+
+#[test]
+fn commands_need_a_model_first() {
+    let mut rt = Runtime::new(DeviceChoice::Cpu).unwrap();
+    assert!(matches!(rt.model_hash(), Err(RuntimeError::NoModel)));
+    assert!(matches!(
+        rt.train_step(&pb::TrainStepRequest {}),
+        Err(RuntimeError::NoModel)
+    ));
+    assert!(!rt.health().model_loaded);
+}
+
+#[test]
+fn pipeline_through_shm_equals_the_full_model() {
+    let seg = segment("pipe");
+    let mut full = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let mut s1 = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let mut s2 = Runtime::new(DeviceChoice::Cpu).unwrap();
+    // Clipping is per node (over its held gradients): switch it off so one step of the split
+    // model is exactly the step of the whole model.
+    let h_full = load_clip(&mut full, 0, 0, false, false, 1e-3, 1e9);
+    load_clip(&mut s1, 0, 1, true, false, 1e-3, 1e9);
+    load_clip(&mut s2, 1, 2, false, true, 1e-3, 1e9);
+    let (b, t) = (2u64, 6u64);
+    let ids: Vec<u32> = (0..12).map(|i| 20 + i * 7).collect();
+    let labels: Vec<u32> = (0..12).map(|i| 30 + i * 5).collect();
+    let input = write_u32(&seg, 0, &[b, t], &ids);
+    let lab = write_u32(&seg, 1, &[b, t], &labels);
+    let f = full
+        .forward(
+            &pb::ForwardRequest {
+                input,
+                labels: lab,
+                output_slot: 2,
+                micro_batch: 1,
+            },
+            &seg,
+        )
+        .unwrap();
+    let input = write_u32(&seg, 0, &[b, t], &ids);
+    let a = s1
+        .forward(
+            &pb::ForwardRequest {
+                input,
+                labels: None,
+                output_slot: 2,
+                micro_batch: 1,
+            },
+            &seg,
+        )
+        .unwrap();
+    let acts = seg
+        .read(TensorRef {
+            slot: 2,
+            seq: a.output.unwrap().seq,
+        })
+        .unwrap();
+    assert_eq!(acts.shape, vec![b, t, 64]);
+    let lab = write_u32(&seg, 1, &[b, t], &labels);
+    let l = s2
+        .forward(
+            &pb::ForwardRequest {
+                input: a.output,
+                labels: lab,
+                output_slot: 3,
+                micro_batch: 1,
+            },
+            &seg,
+        )
+        .unwrap();
+    assert_eq!(f.loss, l.loss);
+    assert!(l.loss.unwrap() > 5.0);
+    full.backward(
+        &pb::BackwardRequest {
+            grad_output: None,
+            grad_input_slot: 4,
+            micro_batch: 1,
+        },
+        &seg,
+    )
+    .unwrap();
+    let g = s2
+        .backward(
+            &pb::BackwardRequest {
+                grad_output: None,
+                grad_input_slot: 4,
+                micro_batch: 1,
+            },
+            &seg,
+        )
+        .unwrap();
+    let r = s1
+        .backward(
+            &pb::BackwardRequest {
+                grad_output: g.grad_input,
+                grad_input_slot: 5,
+                micro_batch: 1,
+            },
+            &seg,
+        )
+        .unwrap();
+    assert!(
+        r.grad_input.is_none(),
+        "the first stage has no input gradient"
+    );
+    // One optimizer step on every node: the stages' weights must equal the full model's.
+    for rt in [&mut full, &mut s1, &mut s2] {
+        let st = rt
+            .optimizer_step(&pb::OptimizerStepRequest { learning_rate: 0.0 })
+            .unwrap();
+        assert_eq!(st.step, 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let export = |rt: &mut Runtime, name: &str| {
+        let p = dir.path().join(name);
+        rt.export_weights(
+            &pb::ExportWeightsRequest {
+                dest: Some(pb::export_weights_request::Dest::Path(
+                    p.display().to_string(),
+                )),
+                format: "safetensors".into(),
+            },
+            None,
+        )
+        .unwrap();
+        crate::checkpoint::read_tensor_file(&p).unwrap().tensors
+    };
+    let wf = export(&mut full, "full");
+    let w1 = export(&mut s1, "s1");
+    let w2 = export(&mut s2, "s2");
+    assert_eq!(w1.len() + w2.len(), wf.len());
+    for (name, (_, v)) in w1.iter().chain(w2.iter()) {
+        let (_, want) = &wf[name];
+        for (a, b) in v.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-6, "{name}: {a} vs {b}");
+        }
+    }
+    assert_ne!(
+        full.model_hash().unwrap().model_hash,
+        h_full.model_hash,
+        "weights moved"
+    );
+    // A stale reference is refused, not read.
+    let stale = pb::ForwardRequest {
+        input: write_u32(&seg, 0, &[b, t], &ids),
+        labels: None,
+        output_slot: 2,
+        micro_batch: 9,
+    };
+    let mut bad = stale.clone();
+    bad.input.as_mut().unwrap().seq += 1;
+    assert!(matches!(s1.forward(&bad, &seg), Err(RuntimeError::Shm(_))));
+    // Activations into the embedding stage, ids into a middle stage: clear errors.
+    assert!(s2.forward(&stale, &seg).is_err());
+}
+
+#[test]
+fn train_step_learns_on_the_builtin_corpus() {
+    let mut rt = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut rt, 0, 0, false, false, 3e-3);
+    let mut losses = Vec::new();
+    for i in 0..40 {
+        let r = rt.train_step(&pb::TrainStepRequest {}).unwrap();
+        assert_eq!(r.step, i + 1);
+        assert_eq!(r.tokens, 4 * 32);
+        losses.push(r.loss);
+    }
+    let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+    let last: f32 = losses[35..].iter().sum::<f32>() / 5.0;
+    assert!(last < first - 0.5, "loss {first} -> {last}: {losses:?}");
+}
+
+#[test]
+fn checkpoint_restore_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck").join("node.safetensors");
+    let mut a = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut a, 0, 0, false, false, 1e-3);
+    for _ in 0..3 {
+        a.train_step(&pb::TrainStepRequest {}).unwrap();
+    }
+    let ck = a
+        .checkpoint(&pb::CheckpointRequest {
+            path: path.display().to_string(),
+        })
+        .unwrap();
+    assert_eq!(ck.step, 3);
+    let hash = a.model_hash().unwrap().model_hash;
+    let mut b = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let r = b
+        .restore(&pb::RestoreRequest {
+            path: path.display().to_string(),
+        })
+        .unwrap();
+    assert_eq!((r.step, &r.model_hash), (3, &hash));
+    let na = a.train_step(&pb::TrainStepRequest {}).unwrap();
+    let nb = b.train_step(&pb::TrainStepRequest {}).unwrap();
+    assert_eq!(
+        na.loss.to_bits(),
+        nb.loss.to_bits(),
+        "same next batch, same weights, same loss"
+    );
+    assert_eq!(na.step, nb.step);
+    assert_eq!(a.model_hash().unwrap(), b.model_hash().unwrap());
+    // LoadModel from the checkpoint works too.
+    let mut c = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let reply = c
+        .load_model(&pb::LoadModelRequest {
+            model: Some(pb::ModelSpec {
+                preset: "tiny".into(),
+                ..Default::default()
+            }),
+            checkpoint_path: path.display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((reply.step, reply.model_hash), (3, hash.clone()));
+    // A truncated file is an error and leaves the running model alone.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let before = b.model_hash().unwrap();
+    let err = b
+        .restore(&pb::RestoreRequest {
+            path: cut.display().to_string(),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("truncated or corrupted"), "{err}");
+    assert_eq!(b.model_hash().unwrap(), before);
+}
+
+#[test]
+fn independently_built_nodes_agree_on_the_hash() {
+    let mut a = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let mut b = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let ha = load(&mut a, 1, 2, false, true, 0.0);
+    let hb = load(&mut b, 1, 2, false, true, 0.0);
+    assert_eq!(ha.model_hash, hb.model_hash);
+    assert_eq!(ha.model_hash.len(), 64);
+}
+
+#[test]
+fn generate_streams_and_stops() {
+    let mut rt = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut rt, 0, 0, false, false, 0.0);
+    let req = pb::GenerateRequest {
+        prompt_ids: vec![1, 50, 60],
+        max_tokens: 5,
+        sampling: Some(pb::SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 20,
+            seed: Some(4),
+        }),
+        request_id: "r".into(),
+    };
+    let mut got = Vec::new();
+    rt.generate(&req, &mut |r| {
+        got.push(r);
+        true
+    })
+    .unwrap();
+    let last = got.last().unwrap();
+    assert!(!last.finish_reason.is_empty());
+    assert!(got.len() <= 5);
+    assert!(got.iter().enumerate().all(|(i, r)| r.index == i as u32));
+    let mut again = Vec::new();
+    rt.generate(&req, &mut |r| {
+        again.push(r.token_id);
+        true
+    })
+    .unwrap();
+    assert_eq!(
+        again,
+        got.iter().map(|r| r.token_id).collect::<Vec<_>>(),
+        "a seed fixes the sample"
+    );
+    // The client going away stops generation after one token.
+    let mut n = 0;
+    rt.generate(&req, &mut |_| {
+        n += 1;
+        false
+    })
+    .unwrap();
+    assert_eq!(n, 1);
+    let bad = pb::GenerateRequest {
+        prompt_ids: vec![100_000],
+        ..req
+    };
+    assert!(rt.generate(&bad, &mut |_| true).is_err());
+}
