@@ -4,6 +4,10 @@
 //! params x tokens + 12 x layers x tokens x seq x hidden) and `params`.
 //!
 //! The batch is a fixed deterministic token batch (the data loader is not what is timed).
+//! Besides wall time the line carries `cpu_step_s` / `cpu_gflops`: the median of process CPU
+//! time per step divided by the thread count, i.e. what a step takes when its threads are
+//! never preempted (the figure that means something on a shared machine; spinning rayon
+//! workers count as busy, so it is conservative).
 
 use std::time::Instant;
 
@@ -63,8 +67,32 @@ pub struct BenchResult {
     pub step_s: f64,
     pub gflops: f64,
     pub params: u64,
+    pub cpu_step_s: f64,
+    pub cpu_gflops: f64,
     pub loss_first: f32,
     pub loss_last: f32,
+}
+
+/// Process CPU time (user + system) in seconds, from `/proc/self/stat` (clock ticks of 1/100
+/// s, the Linux USER_HZ); `None` where that file is missing.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<BenchResult> {
@@ -105,31 +133,40 @@ pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<BenchResult> {
     for i in 0..args.warmup {
         step(i)?;
     }
+    let threads = rayon::current_num_threads();
     let mut times = Vec::with_capacity(args.steps);
+    let mut cpu = Vec::with_capacity(args.steps);
     let mut losses = Vec::with_capacity(args.steps);
     for i in 0..args.steps {
+        let c0 = process_cpu_seconds();
         let t0 = Instant::now();
         losses.push(step(args.warmup + i)?);
         times.push(t0.elapsed().as_secs_f64());
+        if let (Some(c0), Some(c1)) = (c0, process_cpu_seconds()) {
+            cpu.push((c1 - c0) / threads as f64);
+        }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = if times.len() % 2 == 1 {
-        times[times.len() / 2]
+    let median_wall = median(times);
+    let cpu_step = if cpu.is_empty() {
+        median_wall
     } else {
-        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+        median(cpu)
     };
     let tokens = (b * seq) as u64;
+    let flops = step_flops(&cfg, tokens, seq as u64);
     Ok(BenchResult {
         model: args.model.clone(),
         device: "cpu".into(),
-        threads: rayon::current_num_threads(),
+        threads,
         batch: b,
         seq,
         steps: args.steps,
-        tokens_per_s: tokens as f64 / median,
-        step_s: median,
-        gflops: step_flops(&cfg, tokens, seq as u64) / median / 1e9,
+        tokens_per_s: tokens as f64 / median_wall,
+        step_s: median_wall,
+        gflops: flops / median_wall / 1e9,
         params: cfg.total_params(),
+        cpu_step_s: cpu_step,
+        cpu_gflops: flops / cpu_step / 1e9,
         loss_first: losses[0],
         loss_last: *losses.last().expect("steps > 0"),
     })
@@ -187,6 +224,8 @@ mod tests {
         };
         let r = bench_train(&args).unwrap();
         assert!(r.tokens_per_s > 0.0 && r.step_s > 0.0 && r.gflops > 0.0);
+        assert!(r.cpu_step_s > 0.0 && r.cpu_gflops.is_finite());
+        assert!(process_cpu_seconds().is_some_and(|c| c > 0.0));
         assert_eq!(
             r.params,
             ModelConfig::preset("tiny").unwrap().total_params()

@@ -47,8 +47,31 @@ impl Backend for CpuBackend {
         format!("{} ({} threads)", cpu_name(), rayon::current_num_threads())
     }
 
+    /// (resident set of this process, physical memory), from /proc; zeros where unreadable.
     fn memory(&self) -> (u64, u64) {
-        (0, 0)
+        let rss = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.parse::<u64>().ok())
+            })
+            .map(|pages| pages * 4096)
+            .unwrap_or(0);
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| {
+                        l.split_whitespace()
+                            .nth(1)
+                            .and_then(|kb| kb.parse::<u64>().ok())
+                    })
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0);
+        (rss, total)
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -369,43 +392,7 @@ impl Backend for CpuBackend {
         check_len(OP, "out", out.len(), b * tq * h * d)?;
         check_len(OP, "k_cache", k_cache.len(), b * tmax * kvh * d)?;
         check_len(OP, "v_cache", v_cache.len(), b * tmax * kvh * d)?;
-        let scale = 1.0 / (d as f32).sqrt();
-        let group = h / kvh;
-        // One task per (sequence, query position, head): rows of `out` of length d.
-        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
-            let hi = row % h;
-            let ti = (row / h) % tq;
-            let bi = row / (h * tq);
-            let g = hi / group;
-            let qv = &q[row * d..(row + 1) * d];
-            let len = past + ti + 1;
-            let mut scores = Vec::with_capacity(len);
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..len {
-                let ko = ((bi * tmax + j) * kvh + g) * d;
-                let dot: f32 = qv
-                    .iter()
-                    .zip(&k_cache[ko..ko + d])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                let sc = dot * scale;
-                max = max.max(sc);
-                scores.push(sc);
-            }
-            let mut sum = 0.0f32;
-            for sc in &mut scores {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let vo = ((bi * tmax + j) * kvh + g) * d;
-                let p = p / sum;
-                for (o, v) in o.iter_mut().zip(&v_cache[vo..vo + d]) {
-                    *o += p * v;
-                }
-            }
-        });
+        k::attention_cached_forward(out, q, k_cache, v_cache, b, tq, past, tmax, h, kvh, d);
         Ok(())
     }
 

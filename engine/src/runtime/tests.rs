@@ -359,3 +359,56 @@ fn generate_streams_and_stops() {
     };
     assert!(rt.generate(&bad, &mut |_| true).is_err());
 }
+
+#[test]
+fn weights_travel_through_a_slot_and_hf_export_needs_the_full_model() {
+    let seg = segment("w");
+    let mut a = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let mut b = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut a, 0, 0, false, false, 1e-3);
+    load(&mut b, 0, 0, false, false, 1e-3);
+    b.train_step(&pb::TrainStepRequest {}).unwrap();
+    let ha = a.model_hash().unwrap().model_hash;
+    assert_ne!(b.model_hash().unwrap().model_hash, ha);
+    let e = a
+        .export_weights(
+            &pb::ExportWeightsRequest {
+                dest: Some(pb::export_weights_request::Dest::Slot(6)),
+                format: String::new(),
+            },
+            Some(&seg),
+        )
+        .unwrap();
+    assert_eq!(e.model_hash, ha);
+    let r = b
+        .import_weights(
+            &pb::ImportWeightsRequest {
+                src: e.tensor.map(pb::import_weights_request::Src::Tensor),
+            },
+            Some(&seg),
+        )
+        .unwrap();
+    assert_eq!(r.model_hash, ha);
+    // HF export of a stage is refused; of the full model it writes the three files.
+    let dir = tempfile::tempdir().unwrap();
+    let hf = |p: &std::path::Path| pb::ExportWeightsRequest {
+        dest: Some(pb::export_weights_request::Dest::Path(
+            p.display().to_string(),
+        )),
+        format: "hf-llama".into(),
+    };
+    a.export_weights(&hf(&dir.path().join("hf")), None).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(dir.path().join("hf").join(f).exists(), "{f}");
+    }
+    let mut s = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut s, 0, 1, true, false, 1e-3);
+    assert!(
+        s.export_weights(&hf(&dir.path().join("part")), None)
+            .is_err()
+    );
+    assert!(
+        s.import_weights(&pb::ImportWeightsRequest { src: None }, None)
+            .is_err()
+    );
+}
