@@ -235,6 +235,45 @@ async fn state_survives_reopen(db: TestDb) {
     db.drop_db().await;
 }
 
+on_both_backends!(concurrent_sends_all_land_once);
+async fn concurrent_sends_all_land_once(db: TestDb) {
+    let ledger = std::sync::Arc::new(db.open().await);
+    let a = Wallet::from_seed(51);
+    let now = fund(&ledger, &a, 600, T0).await;
+    let before = ledger.balance(&a.address(), now).await.available;
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        let (ledger, a) = (ledger.clone(), a.clone());
+        let to = Wallet::from_seed(60 + i % 6).address();
+        tasks.push(tokio::spawn(async move {
+            ledger.send(&a, to, (i + 1) * N, "burst", now).await
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut spent = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap().unwrap();
+        assert_eq!(r.amount, (i as u64 + 1) * N);
+        spent += r.amount + r.fee;
+        assert!(ids.insert(r.transaction_id));
+    }
+    assert_eq!(
+        ledger.balance(&a.address(), now).await.available,
+        before - spent
+    );
+    ledger.check_invariant().await.unwrap();
+    let root = ledger.root_hash().await;
+    ledger.close().await;
+    let reopened = db.open().await;
+    assert_eq!(reopened.root_hash().await, root);
+    assert_eq!(
+        reopened.transactions(&a.address(), 1, 0).await.total,
+        ids.len() + 2
+    );
+    reopened.close().await;
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn keystore_wallet_drives_the_ledger() {
     let dir = tempfile::tempdir().unwrap();

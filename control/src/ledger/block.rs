@@ -16,6 +16,8 @@ const DOMAIN: &[u8] = b"neuroshard-block-v1";
 pub const MAX_MEMO_BYTES: usize = 256;
 
 /// What a block does to its account.
+// A reward carries its whole proof; boxing it would only move the bytes elsewhere.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Op {
@@ -79,6 +81,7 @@ pub struct Evidence {
 }
 
 /// Everything gossiped between nodes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "message", rename_all = "snake_case")]
 pub enum Message {

@@ -354,7 +354,8 @@ pub(crate) mod tests {
     fn plausibility_rules() {
         let w = Wallet::from_seed(1);
         let base = training_proof(&w, 6000);
-        let cases: Vec<(Box<dyn Fn(&mut Proof)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Proof)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|p| p.current_loss = 0.0), "implausible"),
             (Box::new(|p| p.current_loss = f64::NAN), "implausible"),
             (
