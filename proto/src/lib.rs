@@ -10,3 +10,6 @@ pub mod engine {
 pub mod peer {
     tonic::include_proto!("neuroshard.peer.v1");
 }
+
+/// Message sizes for traffic accounting, without the caller depending on prost itself.
+pub use prost::Message;

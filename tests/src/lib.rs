@@ -1,1 +1,308 @@
-//! Test harness.
+//! Integration harness: runs real `neuroshard` / `neuroshard-engine` processes, each node in
+//! its own temporary directory with free ports, waits by polling (never fixed sleeps), kills
+//! its children on drop and prints their logs when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Directory holding the built binaries: `$NEUROSHARD_BIN_DIR`, else the cargo target
+/// directory this test binary was built into (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NEUROSHARD_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of a built binary; panics with the command to build it when missing.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (`cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// A port `p` such that both `p` (REST) and `p + 1000` (peer service) are free right now.
+pub fn free_port_pair() -> u16 {
+    for _ in 0..200 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let p = l.local_addr().expect("local addr").port();
+        if p > 64000 {
+            continue;
+        }
+        if std::net::TcpListener::bind(("0.0.0.0", p + 1000)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port pair found");
+}
+
+/// Polls `f` every `every` until it returns `Some`, or fails after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(every);
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at the state in /proc too.
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Children of `pid` whose executable name is `name`.
+pub fn children_named(pid: i32, name: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(-1);
+        // comm is truncated to 15 characters.
+        if ppid == pid && state != "Z" && name.starts_with(comm) && !comm.is_empty() {
+            found.push(child);
+        }
+    }
+    found
+}
+
+/// Options for a node under test.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Extra lines for `neuroshard.toml` (TOML).
+    pub config: String,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            config: "[training]\nenabled = false\nmodel = \"tiny\"\n".into(),
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running `neuroshard start` in its own data directory.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+    log: PathBuf,
+    http: reqwest::blocking::Client,
+    opts: NodeOptions,
+}
+
+impl Node {
+    pub fn start(opts: NodeOptions) -> anyhow::Result<Node> {
+        let dir = tempfile::Builder::new().prefix("nsnode-").tempdir()?;
+        std::fs::write(dir.path().join("neuroshard.toml"), &opts.config)?;
+        let mut node = Node {
+            log: dir.path().join("daemon.log"),
+            dir,
+            port: free_port_pair(),
+            child: None,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+            opts,
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// Starts the daemon again in the same data directory (after a kill or stop).
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(binary("neuroshard"));
+        cmd.arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("start")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(&self.opts.extra_args)
+            .env("RUST_LOG", "info")
+            .env("NEUROSHARD_ENGINE_BINARY", binary("neuroshard-engine"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        for (k, v) in &self.opts.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().context("spawning neuroshard")?);
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// GET `path`: status code and JSON body; `None` if the node did not answer.
+    pub fn get(&self, path: &str) -> Option<(u16, Value)> {
+        let r = self.http.get(self.url(path)).send().ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.json().unwrap_or(Value::Null)))
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Option<(u16, Value)> {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.json().unwrap_or(Value::Null)))
+    }
+
+    /// Waits until `/api/v1/health` says healthy with the engine ok.
+    pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<Value> {
+        wait_for("node healthy", timeout, Duration::from_millis(50), || {
+            let (code, body) = self.get("/api/v1/health")?;
+            (code == 200 && body["healthy"] == true && body["checks"]["gpu"] == "ok").then_some(body)
+        })
+    }
+
+    /// The engine process the daemon spawned (there must be exactly one).
+    pub fn engine_pid(&self) -> Option<i32> {
+        let kids = children_named(self.pid()?, "neuroshard-engine");
+        (kids.len() == 1).then(|| kids[0])
+    }
+
+    pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("daemon not running")?;
+        kill(Pid::from_raw(pid), sig)?;
+        Ok(())
+    }
+
+    /// Waits for the daemon to exit; returns its exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let child = self.child.as_mut().context("daemon not running")?;
+        let status = wait_for("daemon exit", timeout, Duration::from_millis(20), || child.try_wait().ok().flatten())?;
+        self.child = None;
+        Ok(status.code())
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let engines = children_named(child.id() as i32, "neuroshard-engine");
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in engines {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("----- logs of node on port {} -----\n{}", self.port, self.logs());
+        }
+    }
+}
+
+/// A `neuroshard-engine serve` started directly (as a service manager would).
+pub struct EngineProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl EngineProcess {
+    pub fn start(socket: &Path, log: &Path) -> anyhow::Result<EngineProcess> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = Command::new(binary("neuroshard-engine"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--device")
+            .arg("cpu")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()?;
+        Ok(EngineProcess {
+            child,
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- engine logs -----\n{}", self.logs());
+        }
+    }
+}
+
+/// Files in /dev/shm whose names start with `prefix`.
+pub fn shm_entries(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(String::from))
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+

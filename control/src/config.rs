@@ -1,0 +1,449 @@
+//! The daemon's configuration: defaults, then `neuroshard.toml`, then environment and flags.
+//!
+//! One `Config`, validated once at start-up and passed down explicitly. The file is written
+//! atomically (temp file + rename) so a crash never leaves half a config behind.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_FILE: &str = "neuroshard.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("writing config {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("unknown configuration key {0:?}")]
+    UnknownKey(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// REST API port; the peer gRPC service listens on port + 1000.
+    pub port: u16,
+    /// Address the REST API binds. The peer service always binds all interfaces.
+    pub host: String,
+    /// Tracker URL for discovery; empty means none.
+    pub tracker_url: String,
+    /// `host:port` peer addresses to start from.
+    pub seed_peers: Vec<String>,
+    /// Ledger database; empty means SQLite in the data directory.
+    pub database_url: String,
+    pub engine: EngineConfig,
+    pub training: TrainingConfig,
+    pub resources: ResourcesConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `spawn`: the daemon starts and supervises the engine. `external`: a service manager
+    /// runs it and the daemon connects to `socket`.
+    pub mode: EngineMode,
+    /// Engine command socket; empty means `<data_dir>/engine.sock`.
+    pub socket: String,
+    /// Engine binary; empty means `neuroshard-engine` next to the daemon binary.
+    pub binary: String,
+    /// Shared-memory slots and bytes per slot.
+    pub shm_slots: u32,
+    pub shm_slot_mb: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineMode {
+    Spawn,
+    External,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub enabled: bool,
+    /// Model preset: tiny, default, bench, gpt2-small.
+    pub model: String,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub clip_norm: f64,
+    pub diloco_steps: u32,
+    /// Text files, a directory or a Genesis manifest; empty means the built-in corpus.
+    pub data_path: String,
+    /// Model seed: every node with the same seed builds identical initial weights.
+    pub seed: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourcesConfig {
+    /// auto, cpu or cuda.
+    pub device: String,
+    pub max_memory_gb: f64,
+    /// Compute threads for the engine; 0 means all cores.
+    pub cpu_threads: u32,
+    /// Free disk below which the storage check fails.
+    pub min_free_disk_mb: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port: 8000,
+            host: "127.0.0.1".into(),
+            tracker_url: String::new(),
+            seed_peers: Vec::new(),
+            database_url: String::new(),
+            engine: EngineConfig::default(),
+            training: TrainingConfig::default(),
+            resources: ResourcesConfig::default(),
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            mode: EngineMode::Spawn,
+            socket: String::new(),
+            binary: String::new(),
+            shm_slots: 8,
+            shm_slot_mb: 16,
+        }
+    }
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            enabled: true,
+            model: "default".into(),
+            batch_size: 8,
+            seq_len: 128,
+            learning_rate: 1e-3,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+            diloco_steps: 500,
+            data_path: String::new(),
+            seed: 42,
+            checkpoint_every: 50,
+        }
+    }
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        ResourcesConfig {
+            device: "auto".into(),
+            max_memory_gb: 8.0,
+            cpu_threads: 0,
+            min_free_disk_mb: 100,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file gives the defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Writes the config atomically: a temp file in the same directory, fsync, rename.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
+            key: "<config>".into(),
+            message: e.to_string(),
+        })?;
+        write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
+            path: path.into(),
+            source,
+        })
+    }
+
+    pub fn grpc_port(&self) -> u16 {
+        self.port.saturating_add(1000)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message,
+            })
+        };
+        if self.port > 64535 {
+            return bad("port", format!("{} leaves no room for the peer port (port + 1000)", self.port));
+        }
+        if self.host.parse::<std::net::IpAddr>().is_err() {
+            return bad("host", format!("{:?} is not an IP address", self.host));
+        }
+        if !["auto", "cpu", "cuda"].contains(&self.resources.device.as_str()) {
+            return bad("resources.device", format!("{:?} is not one of auto, cpu, cuda", self.resources.device));
+        }
+        let t = &self.training;
+        if neuroshard_shared::model::ModelConfig::preset(&t.model).is_err() {
+            return bad("training.model", format!("unknown preset {:?} (tiny, default, bench, gpt2-small)", t.model));
+        }
+        if !(1..=1024).contains(&t.batch_size) {
+            return bad("training.batch_size", format!("{} is not in 1..=1024", t.batch_size));
+        }
+        if !(2..=8192).contains(&t.seq_len) {
+            return bad("training.seq_len", format!("{} is not in 2..=8192", t.seq_len));
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate <= 1.0) {
+            return bad("training.learning_rate", format!("{} is not in (0, 1]", t.learning_rate));
+        }
+        if !(0.0..=1.0).contains(&t.weight_decay) {
+            return bad("training.weight_decay", format!("{} is not in [0, 1]", t.weight_decay));
+        }
+        if !(t.clip_norm > 0.0 && t.clip_norm.is_finite()) {
+            return bad("training.clip_norm", format!("{} must be positive", t.clip_norm));
+        }
+        if t.diloco_steps == 0 {
+            return bad("training.diloco_steps", "must be at least 1".into());
+        }
+        if t.checkpoint_every == 0 {
+            return bad("training.checkpoint_every", "must be at least 1".into());
+        }
+        if !(self.resources.max_memory_gb > 0.0 && self.resources.max_memory_gb.is_finite()) {
+            return bad("resources.max_memory_gb", "must be positive".into());
+        }
+        if self.resources.cpu_threads > 1024 {
+            return bad("resources.cpu_threads", format!("{} is too many", self.resources.cpu_threads));
+        }
+        if !(1..=256).contains(&self.engine.shm_slots) || !(1..=4096).contains(&self.engine.shm_slot_mb) {
+            return bad("engine.shm_slots", "slots must be 1..=256 and slot size 1..=4096 MB".into());
+        }
+        for peer in &self.seed_peers {
+            if peer.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                return bad("seed_peers", format!("{peer:?} is not host:port"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as a JSON tree (for `config show` and the REST API).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Sets the dotted `key` (e.g. `training.batch_size`) from a string as typed on a
+    /// command line; the result is validated. Returns the updated config.
+    pub fn with_key(&self, key: &str, raw: &str) -> Result<Config, ConfigError> {
+        let mut tree = self.to_json();
+        let slot = lookup_mut(&mut tree, key).ok_or_else(|| ConfigError::UnknownKey(key.into()))?;
+        *slot = parse_like(slot, raw).map_err(|message| ConfigError::Invalid {
+            key: key.into(),
+            message,
+        })?;
+        self.from_tree(tree, key)
+    }
+
+    /// Applies a partial JSON object; returns the new config and the dotted keys changed.
+    pub fn merged(&self, patch: &serde_json::Value) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut tree = self.to_json();
+        let mut changed = Vec::new();
+        merge(&mut tree, patch, "", &mut changed)?;
+        let cfg = self.from_tree(tree, changed.first().map(String::as_str).unwrap_or("<patch>"))?;
+        Ok((cfg, changed))
+    }
+
+    fn from_tree(&self, tree: serde_json::Value, key: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_json::from_value(tree).map_err(|e| ConfigError::Invalid {
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Keys whose change only takes effect after a restart.
+pub fn needs_restart(key: &str) -> bool {
+    key == "port"
+        || key == "host"
+        || key == "database_url"
+        || key.starts_with("engine.")
+        || key == "resources.device"
+        || key == "resources.cpu_threads"
+        || key == "training.model"
+        || key == "training.seed"
+        || key == "training.data_path"
+}
+
+fn lookup_mut<'a>(tree: &'a mut serde_json::Value, key: &str) -> Option<&'a mut serde_json::Value> {
+    key.split('.').try_fold(tree, |node, part| node.as_object_mut()?.get_mut(part))
+}
+
+fn parse_like(current: &serde_json::Value, raw: &str) -> Result<serde_json::Value, String> {
+    use serde_json::Value;
+    Ok(match current {
+        Value::Bool(_) => Value::Bool(raw.parse().map_err(|_| format!("{raw:?} is not true or false"))?),
+        Value::Number(n) if n.is_f64() => {
+            let v: f64 = raw.parse().map_err(|_| format!("{raw:?} is not a number"))?;
+            serde_json::Number::from_f64(v).map(Value::Number).ok_or("not a finite number")?
+        }
+        Value::Number(_) => Value::Number(
+            raw.parse::<u64>()
+                .map_err(|_| format!("{raw:?} is not a non-negative integer"))?
+                .into(),
+        ),
+        Value::Array(_) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.into()))
+                .collect(),
+        ),
+        Value::Object(_) => return Err("is a section, set one of its keys".into()),
+        _ => Value::String(raw.into()),
+    })
+}
+
+fn merge(
+    tree: &mut serde_json::Value,
+    patch: &serde_json::Value,
+    prefix: &str,
+    changed: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let patch = patch.as_object().ok_or_else(|| ConfigError::Invalid {
+        key: if prefix.is_empty() { "<body>".into() } else { prefix.into() },
+        message: "must be a JSON object".into(),
+    })?;
+    for (k, v) in patch {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let slot = tree
+            .as_object_mut()
+            .and_then(|o| o.get_mut(k))
+            .ok_or_else(|| ConfigError::UnknownKey(key.clone()))?;
+        if slot.is_object() {
+            merge(slot, v, &key, changed)?;
+        } else {
+            let same_kind = matches!(
+                (&*slot, v),
+                (serde_json::Value::Bool(_), serde_json::Value::Bool(_))
+                    | (serde_json::Value::Number(_), serde_json::Value::Number(_))
+                    | (serde_json::Value::String(_), serde_json::Value::String(_))
+                    | (serde_json::Value::Array(_), serde_json::Value::Array(_))
+            );
+            if !same_kind {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("expected {}, got {}", kind(slot), kind(v)),
+                });
+            }
+            if slot != v {
+                *slot = v.clone();
+                changed.push(key);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Writes `bytes` to `path` atomically (same-directory temp file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        assert_eq!(Config::load(&path).unwrap(), Config::default());
+        let mut cfg = Config::default();
+        cfg.training.batch_size = 3;
+        cfg.save(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), cfg);
+    }
+
+    #[test]
+    fn bad_files_and_values_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, "port = \"eighty\"").unwrap();
+        assert!(matches!(Config::load(&path), Err(ConfigError::Parse { .. })));
+        std::fs::write(&path, "nonsense = 1").unwrap();
+        assert!(matches!(Config::load(&path), Err(ConfigError::Parse { .. })));
+        let cfg = Config::default();
+        assert!(matches!(cfg.with_key("training.batch_size", "0"), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(cfg.with_key("training.batch_size", "x"), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(cfg.with_key("nope", "1"), Err(ConfigError::UnknownKey(_))));
+        assert_eq!(cfg.with_key("training.batch_size", "16").unwrap().training.batch_size, 16);
+        assert_eq!(cfg.with_key("host", "0.0.0.0").unwrap().host, "0.0.0.0");
+    }
+
+    #[test]
+    fn merge_reports_changed_keys_and_refuses_wrong_types() {
+        let cfg = Config::default();
+        let (new, changed) = cfg
+            .merged(&serde_json::json!({"training": {"batch_size": 16, "enabled": true}}))
+            .unwrap();
+        assert_eq!(changed, vec!["training.batch_size"]);
+        assert_eq!(new.training.batch_size, 16);
+        assert!(cfg.merged(&serde_json::json!({"training": {"batch_size": "16"}})).is_err());
+        assert!(cfg.merged(&serde_json::json!({"training": {"bogus": 1}})).is_err());
+        assert!(cfg.merged(&serde_json::json!({"training": {"batch_size": -1}})).is_err());
+        assert!(cfg.merged(&serde_json::json!([1])).is_err());
+    }
+}

@@ -1,0 +1,238 @@
+//! The daemon: owns the data directory, the shared-memory segment and every long-running
+//! task of a node, and tears them down in order on shutdown.
+//!
+//! Start-up order: lock the data directory, create (or reclaim) the shm segment, bind both
+//! listeners, start the engine supervisor, then the trainer and the servers. Shutdown runs
+//! the other way: trainer (last checkpoint), servers, engine, segment, lock.
+
+use std::future::Future;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use neuroshard_shared::shm::{Segment, segment_name_for};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, EngineMode};
+use crate::peer::{PeerService, PeerState};
+use crate::resources::Sampler;
+use crate::state::AppState;
+use crate::supervisor::{self, SupervisorConfig};
+use crate::trainer::{Trainer, TrainingStats};
+
+pub const PID_FILE: &str = "neuroshard.pid";
+const LOCK_FILE: &str = "neuroshard.lock";
+const NODE_ID_FILE: &str = "node_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("another node is already running with data directory {path} (pid {pid})")]
+    Locked { path: PathBuf, pid: String },
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Shm(#[from] neuroshard_shared::shm::ShmError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Where the node keeps its files.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+}
+
+/// The exclusive hold on a data directory; released (and the pid file removed) on drop.
+pub struct DataDirLock {
+    _flock: nix::fcntl::Flock<std::fs::File>,
+    pid_file: PathBuf,
+}
+
+impl Drop for DataDirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+/// Creates the data directory (mode 0700) and takes its lock, so two daemons never share it.
+pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, DaemonError> {
+    let io = |source| DaemonError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(data_dir.join(LOCK_FILE))
+        .map_err(io)?;
+    let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        DaemonError::Locked {
+            path: data_dir.to_path_buf(),
+            pid: std::fs::read_to_string(data_dir.join(PID_FILE))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+        }
+    })?;
+    let pid_file = data_dir.join(PID_FILE);
+    crate::config::write_atomic(&pid_file, std::process::id().to_string().as_bytes()).map_err(io)?;
+    Ok(DataDirLock {
+        _flock: flock,
+        pid_file,
+    })
+}
+
+/// The node's id, created once and kept in the data directory.
+pub fn node_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        Ok(_) | Err(_) => {
+            let id = format!("node_{}", hex::encode(rand::random::<[u8; 8]>()));
+            crate::config::write_atomic(&path, id.as_bytes())?;
+            Ok(id)
+        }
+    }
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(config: Config, paths: Paths, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    config.validate()?;
+    let data_dir = &paths.data_dir;
+    let _lock = lock_data_dir(data_dir)?;
+    let node_id = node_id(data_dir).map_err(|source| DaemonError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+
+    let segment_name = segment_name_for(data_dir);
+    let (segment, reclaimed) = Segment::create(
+        &segment_name,
+        config.engine.shm_slots,
+        config.engine.shm_slot_mb as u64 * 1024 * 1024,
+    )?;
+    if reclaimed {
+        tracing::warn!(segment = %segment_name, "reclaimed a shared-memory segment left by a crashed daemon");
+    }
+
+    let http_addr = format!("{}:{}", config.host, config.port);
+    let http = TcpListener::bind(&http_addr).await.map_err(|source| DaemonError::Bind {
+        what: "REST API",
+        addr: http_addr.clone(),
+        source,
+    })?;
+    let peer_addr = crate::peer::bind_address(config.grpc_port());
+    let peer = TcpListener::bind(peer_addr).await.map_err(|source| DaemonError::Bind {
+        what: "peer service",
+        addr: peer_addr.to_string(),
+        source,
+    })?;
+
+    let socket = if config.engine.socket.is_empty() {
+        data_dir.join("engine.sock")
+    } else {
+        PathBuf::from(&config.engine.socket)
+    };
+    let binary = if config.engine.binary.is_empty() {
+        supervisor::default_engine_binary()
+    } else {
+        PathBuf::from(&config.engine.binary)
+    };
+    let mut sup_cfg = SupervisorConfig::new(config.engine.mode, socket.clone(), binary, segment_name.clone());
+    sup_cfg.device = config.resources.device.clone();
+    sup_cfg.cpu_threads = config.resources.cpu_threads;
+
+    let (stop_engine_tx, stop_engine_rx) = watch::channel(false);
+    let (stop_trainer_tx, stop_trainer_rx) = watch::channel(false);
+    let (stop_servers_tx, stop_servers_rx) = watch::channel(false);
+    let (engine, supervisor_task) = supervisor::start(sup_cfg, stop_engine_rx);
+
+    let config = Arc::new(RwLock::new(config));
+    let network = Arc::new(PeerState::default());
+    let training = Arc::new(Mutex::new(TrainingStats::default()));
+    let state = AppState {
+        node_id: node_id.clone(),
+        started: Instant::now(),
+        data_dir: data_dir.clone(),
+        config_path: paths.config_path.clone(),
+        config: config.clone(),
+        engine: engine.clone(),
+        resources: Sampler::start(Duration::from_secs(1)),
+        training: training.clone(),
+        network: network.clone(),
+    };
+
+    let trainer = Trainer {
+        engine: engine.clone(),
+        config: config.clone(),
+        stats: training,
+        data_dir: data_dir.clone(),
+        node_id: node_id.clone(),
+    };
+    let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
+
+    let rest_task = tokio::spawn(crate::api::serve(http, state, wait_true(stop_servers_rx.clone())));
+    let peer_task = tokio::spawn(crate::peer::serve(
+        peer,
+        PeerService::new(node_id.clone(), network),
+        wait_true(stop_servers_rx),
+    ));
+    tracing::info!(
+        %node_id,
+        api = %http_addr,
+        peer = %peer_addr,
+        data_dir = %data_dir.display(),
+        engine = ?config.read().map(|c| c.engine.mode).unwrap_or(EngineMode::Spawn),
+        "node running"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_trainer_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(20), trainer_task).await.is_err() {
+        tracing::warn!("trainer did not finish its last checkpoint in time");
+    }
+    let _ = stop_servers_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), rest_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer_task).await;
+    let _ = stop_engine_tx.send(true);
+    let _ = supervisor_task.await;
+    drop(segment);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

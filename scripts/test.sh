@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs what the tests need (Python
+# packages, the CUDA compiler wheels for the kernel compile check, systemd-analyze, a
+# PostgreSQL server for the ledger tests), builds the binaries, runs every test.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -p neuroshard-kernels   # extra args go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== setup"
+if ! command -v cargo >/dev/null; then
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    . "$HOME/.cargo/env"
+fi
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 || {
+        apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
+    }
+}
+command -v systemd-analyze >/dev/null || apt_install systemd
+command -v python3 >/dev/null || apt_install python3 python3-pip
+python3 -c 'import numpy, tokenizers' 2>/dev/null || \
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore numpy tokenizers
+# NVRTC, CUDA headers and ptxas from PyPI: every CUDA kernel is compiled in the tests.
+. scripts/cuda-env.sh
+. scripts/postgres-test-server.sh
+trap 'eval "${NS_PG_STOP:-true}" >/dev/null 2>&1 || true' EXIT
+
+echo "== build"
+# The integration tests start the real binaries: build them first (same profile as the tests).
+cargo build --workspace --bins
+
+echo "== test"
+# Hugging Face's tokenizers must read our tokenizer.json and produce the same ids.
+python3 shared/tests/hf_tokenizer_check.py
+cargo test --workspace "$@"
