@@ -3,7 +3,8 @@
 (pre-norm RMSNorm eps 1e-6, rotate-half RoPE theta 10000, causal GQA via
 scaled_dot_product_attention, SwiGLU, no biases, untied embedding/head), the same batch shape,
 AdamW (lr 1e-4, betas 0.9/0.95, eps 1e-8, wd 0.01) with global-norm clipping 1.0, timed the
-same way (median of N steps after a warm-up). Prints one JSON line with the same fields.
+same way (median of N steps after a warm-up; cpu_step_s = process CPU time per step / threads).
+Prints one JSON line with the same fields.
 
 Usage: python3 engine/benches/torch_train.py --model bench --steps 5 --threads 2
 """
@@ -124,12 +125,14 @@ def main():
 
     for _ in range(a.warmup):
         step()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(a.steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+        cpu.append((time.process_time() - c0) / a.threads)
     med = statistics.median(times)
+    cmed = statistics.median(cpu)
     c, L, V, f = p["hidden"], p["layers"], p["vocab"], p["ffn"]
     kv = p["kv_heads"] * (c // p["heads"])
     matmul = L * (2 * c * c + 2 * c * kv + 3 * c * f) + V * c
@@ -139,7 +142,7 @@ def main():
     print(json.dumps(dict(
         model=a.model, device="cpu-torch-" + torch.__version__, threads=a.threads, batch=a.batch, seq=seq,
         steps=a.steps, tokens_per_s=tokens / med, step_s=med, gflops=flops / med / 1e9, params=params,
-        loss_first=losses[0], loss_last=losses[-1],
+        cpu_step_s=cmed, cpu_gflops=flops / cmed / 1e9, loss_first=losses[0], loss_last=losses[-1],
     )))
 
 
