@@ -147,11 +147,12 @@ pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<BenchResult> {
         }
     }
     let median_wall = median(times);
-    let cpu_step = if cpu.is_empty() {
-        median_wall
-    } else {
-        median(cpu)
-    };
+    // Ticks are 10 ms: a step too short to register falls back to the wall time.
+    let cpu_step = Some(cpu)
+        .filter(|c| !c.is_empty())
+        .map(median)
+        .filter(|&c| c > 0.0)
+        .unwrap_or(median_wall);
     let tokens = (b * seq) as u64;
     let flops = step_flops(&cfg, tokens, seq as u64);
     Ok(BenchResult {

@@ -14,6 +14,7 @@
 //! - GQA: query head h reads kv head h / (H / KVH), as `repeat_kv`.
 //! - RMSNorm: x * rsqrt(mean(x^2) + eps) * weight with eps 1e-6, computed in f32.
 //! - MLP: down(silu(gate(x)) * up(x)); no biases anywhere; embedding and head untied.
+//!
 //! One difference: our head masks logits at or above the tokenizer's live vocabulary; the
 //! exported `vocab_size` is the full (padded) table size and transformers does not mask, which
 //! only matters for ids the tokenizer never produces.

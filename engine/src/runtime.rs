@@ -129,22 +129,22 @@ pub enum DeviceChoice {
 
 /// A loaded model on the backend it runs on.
 enum Loaded {
-    Cpu(State<CpuBackend>),
-    Cuda(State<CudaBackend>),
+    Cpu(Box<State<CpuBackend>>),
+    Cuda(Box<State<CudaBackend>>),
 }
 
 impl Loaded {
     fn get(&self) -> &dyn Session {
         match self {
-            Loaded::Cpu(s) => s,
-            Loaded::Cuda(s) => s,
+            Loaded::Cpu(s) => s.as_ref(),
+            Loaded::Cuda(s) => s.as_ref(),
         }
     }
 
     fn get_mut(&mut self) -> &mut dyn Session {
         match self {
-            Loaded::Cpu(s) => s,
-            Loaded::Cuda(s) => s,
+            Loaded::Cpu(s) => s.as_mut(),
+            Loaded::Cuda(s) => s.as_mut(),
         }
     }
 }
@@ -228,7 +228,7 @@ impl Runtime {
     /// Drops the loaded model, keeping its CUDA backend for the next one.
     fn unload(&mut self) {
         if let Some(Loaded::Cuda(state)) = self.session.take() {
-            self.idle_cuda = Some(state.into_backend());
+            self.idle_cuda = Some((*state).into_backend());
         }
     }
 
@@ -250,9 +250,9 @@ impl Runtime {
         self.unload();
         let loaded = if self.use_cuda {
             let be = self.cuda_backend()?;
-            Loaded::Cuda(build_cuda(be)?)
+            Loaded::Cuda(Box::new(build_cuda(be)?))
         } else {
-            Loaded::Cpu(build_cpu(CpuBackend::new())?)
+            Loaded::Cpu(Box::new(build_cpu(CpuBackend::new())?))
         };
         self.session = Some(loaded);
         Ok(())

@@ -183,7 +183,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "embedding_forward";
         check_len(OP, "out", out.len(), ids.len() * c)?;
-        if c == 0 || table.len() % c != 0 {
+        if c == 0 || !table.len().is_multiple_of(c) {
             return Err(BackendError::Shape {
                 op: OP,
                 detail: format!("table of {} is not [V, {c}]", table.len()),
@@ -201,7 +201,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "embedding_backward";
         check_len(OP, "dout", dout.len(), ids.len() * c)?;
-        if c == 0 || dtable.len() % c != 0 {
+        if c == 0 || !dtable.len().is_multiple_of(c) {
             return Err(BackendError::Shape {
                 op: OP,
                 detail: format!("dtable of {} is not [V, {c}]", dtable.len()),
@@ -521,7 +521,7 @@ fn check_rope(
     h: usize,
     d: usize,
 ) -> Result<()> {
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         return Err(BackendError::Shape {
             op,
             detail: format!("head dim {d} must be even"),
@@ -540,7 +540,7 @@ fn check_attn(
     out: usize,
     lse: usize,
 ) -> Result<()> {
-    if s.kvh == 0 || s.h % s.kvh != 0 || s.d == 0 {
+    if s.kvh == 0 || !s.h.is_multiple_of(s.kvh) || s.d == 0 {
         return Err(BackendError::Shape {
             op,
             detail: format!("heads {} not a multiple of kv heads {}", s.h, s.kvh),

@@ -120,6 +120,16 @@ struct HeadActs<B: Backend> {
     logits: B::Buf,
 }
 
+/// Per-shape shared buffers: (B, T, layer scratch, residual gradient dres [Bt,C], dlogits
+/// [Bt,V] on a head stage).
+type ShapeScratch<B> = (
+    usize,
+    usize,
+    Scratch<B>,
+    <B as Backend>::Buf,
+    <B as Backend>::Buf,
+);
+
 pub struct Model<B: Backend> {
     pub be: B,
     pub cfg: ModelConfig,
@@ -133,7 +143,7 @@ pub struct Model<B: Backend> {
     pub max_outstanding: usize,
     /// Micro-batches whose backward accumulated into the gradients since the last zeroing.
     pub accumulated: u32,
-    scratch: Option<(usize, usize, Scratch<B>, B::Buf, B::Buf)>,
+    scratch: Option<ShapeScratch<B>>,
     pool: Vec<Acts<B>>,
     outstanding: HashMap<u64, Acts<B>>,
 }

@@ -101,17 +101,17 @@ impl<B: Backend> State<B> {
         train: Option<TrainSettings>,
     ) -> Result<State<B>, RuntimeError> {
         let meta = checkpoint::checkpoint_meta(file, path)?;
-        if let Some((cfg, spec)) = expect {
-            if cfg != &meta.config || spec != &meta.stage {
-                return Err(RuntimeError::Invalid(format!(
-                    "checkpoint {path:?} holds {:?} layers {}..{} (embedding {}, head {}), not the requested model",
-                    meta.config,
-                    meta.stage.layer_start,
-                    meta.stage.layer_end,
-                    meta.stage.has_embedding,
-                    meta.stage.has_head
-                )));
-            }
+        if let Some((cfg, spec)) = expect
+            && (cfg != &meta.config || spec != &meta.stage)
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "checkpoint {path:?} holds {:?} layers {}..{} (embedding {}, head {}), not the requested model",
+                meta.config,
+                meta.stage.layer_start,
+                meta.stage.layer_end,
+                meta.stage.has_embedding,
+                meta.stage.has_head
+            )));
         }
         let mut model = Model::new(be, meta.config.clone(), meta.stage, meta.seed)?;
         model.v_live = (meta.v_live as usize).clamp(1, meta.config.vocab_size as usize);
@@ -245,7 +245,7 @@ fn read(
                 slot: r.slot,
                 seq: r.seq,
             })?;
-            if t.shape.iter().any(|&d| d == 0) && what != "grad_output" {
+            if t.shape.contains(&0) && what != "grad_output" {
                 return Err(RuntimeError::Invalid(format!(
                     "{what} is empty: shape {:?}",
                     t.shape
@@ -547,7 +547,7 @@ impl<B: Backend> Session for State<B> {
         req: &pb::GenerateRequest,
         emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
     ) -> Result<(), RuntimeError> {
-        let s = req.sampling.clone().unwrap_or_default();
+        let s = req.sampling.unwrap_or_default();
         let seed = s.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -217,7 +217,7 @@ fn pipeline_through_shm_equals_the_full_model() {
         output_slot: 2,
         micro_batch: 9,
     };
-    let mut bad = stale.clone();
+    let mut bad = stale;
     bad.input.as_mut().unwrap().seq += 1;
     assert!(matches!(s1.forward(&bad, &seg), Err(RuntimeError::Shm(_))));
     // Activations into the embedding stage, ids into a middle stage: clear errors.
