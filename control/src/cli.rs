@@ -236,7 +236,7 @@ fn stop(paths: &Paths) -> anyhow::Result<()> {
         bail!("no node is running (stale pid file {})", pid_path.display());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while nix::sys::signal::kill(pid, None).is_ok() {
+    while running(pid) {
         if std::time::Instant::now() > deadline {
             bail!("node {pid} did not stop within 30 s");
         }
@@ -244,6 +244,17 @@ fn stop(paths: &Paths) -> anyhow::Result<()> {
     }
     println!("stopped node {pid}");
     Ok(())
+}
+
+/// Whether `pid` is a live process (an exited one waiting to be reaped, a zombie, is not).
+fn running(pid: nix::unistd::Pid) -> bool {
+    if nix::sys::signal::kill(pid, None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
 }
 
 /// Replaces this process with the engine binary running `subcommand args...`.
