@@ -10,7 +10,11 @@ use crate::config::{CONFIG_FILE, Config, EngineMode};
 use crate::daemon::{self, PID_FILE, Paths};
 
 #[derive(Parser, Debug)]
-#[command(name = "neuroshard", version, about = "NeuroShard node: train and serve NeuroLLM together, earn NEURO")]
+#[command(
+    name = "neuroshard",
+    version,
+    about = "NeuroShard node: train and serve NeuroLLM together, earn NEURO"
+)]
 pub struct Cli {
     /// Where the node keeps its state (config, ledger, checkpoints, keys).
     #[arg(long, global = true, env = "NEUROSHARD_DATA_DIR")]
@@ -122,8 +126,14 @@ pub enum BenchCommand {
 impl Cli {
     pub fn paths(&self) -> Paths {
         let data_dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
-        let config_path = self.config.clone().unwrap_or_else(|| data_dir.join(CONFIG_FILE));
-        Paths { data_dir, config_path }
+        let config_path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| data_dir.join(CONFIG_FILE));
+        Paths {
+            data_dir,
+            config_path,
+        }
     }
 }
 
@@ -184,7 +194,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(args) => {
             let cfg = apply_flags(Config::load(&paths.config_path)?, &args);
             cfg.validate()?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(daemon::run(cfg, paths, daemon::shutdown_signal()))?;
             Ok(())
         }
@@ -228,8 +240,14 @@ fn config_command(c: ConfigCommand, paths: &Paths) -> anyhow::Result<()> {
 fn stop(paths: &Paths) -> anyhow::Result<()> {
     let pid_path = paths.data_dir.join(PID_FILE);
     let pid: i32 = match std::fs::read_to_string(&pid_path) {
-        Ok(s) => s.trim().parse().with_context(|| format!("{} is not a pid", pid_path.display()))?,
-        Err(_) => bail!("no node is running with data directory {}", paths.data_dir.display()),
+        Ok(s) => s
+            .trim()
+            .parse()
+            .with_context(|| format!("{} is not a pid", pid_path.display()))?,
+        Err(_) => bail!(
+            "no node is running with data directory {}",
+            paths.data_dir.display()
+        ),
     };
     let pid = nix::unistd::Pid::from_raw(pid);
     if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
@@ -252,7 +270,9 @@ fn running(pid: nix::unistd::Pid) -> bool {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => true,
     }
 }
@@ -261,7 +281,10 @@ fn running(pid: nix::unistd::Pid) -> bool {
 fn exec_engine(subcommand: &str, args: &[String]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let binary = crate::supervisor::default_engine_binary();
-    let err = std::process::Command::new(&binary).arg(subcommand).args(args).exec();
+    let err = std::process::Command::new(&binary)
+        .arg(subcommand)
+        .args(args)
+        .exec();
     Err(err).with_context(|| format!("running {}", binary.display()))
 }
 
@@ -270,10 +293,15 @@ fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let (head, body) = buf
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
     if !head.starts_with("HTTP/1.1 2") {
         bail!("{}: {body}", head.lines().next().unwrap_or(""));
     }

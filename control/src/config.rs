@@ -12,9 +12,15 @@ pub const CONFIG_FILE: &str = "neuroshard.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing config {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: {key}: {message}")]
@@ -196,32 +202,62 @@ impl Config {
             })
         };
         if self.port > 64535 {
-            return bad("port", format!("{} leaves no room for the peer port (port + 1000)", self.port));
+            return bad(
+                "port",
+                format!(
+                    "{} leaves no room for the peer port (port + 1000)",
+                    self.port
+                ),
+            );
         }
         if self.host.parse::<std::net::IpAddr>().is_err() {
             return bad("host", format!("{:?} is not an IP address", self.host));
         }
         if !["auto", "cpu", "cuda"].contains(&self.resources.device.as_str()) {
-            return bad("resources.device", format!("{:?} is not one of auto, cpu, cuda", self.resources.device));
+            return bad(
+                "resources.device",
+                format!("{:?} is not one of auto, cpu, cuda", self.resources.device),
+            );
         }
         let t = &self.training;
         if neuroshard_shared::model::ModelConfig::preset(&t.model).is_err() {
-            return bad("training.model", format!("unknown preset {:?} (tiny, default, bench, gpt2-small)", t.model));
+            return bad(
+                "training.model",
+                format!(
+                    "unknown preset {:?} (tiny, default, bench, gpt2-small)",
+                    t.model
+                ),
+            );
         }
         if !(1..=1024).contains(&t.batch_size) {
-            return bad("training.batch_size", format!("{} is not in 1..=1024", t.batch_size));
+            return bad(
+                "training.batch_size",
+                format!("{} is not in 1..=1024", t.batch_size),
+            );
         }
         if !(2..=8192).contains(&t.seq_len) {
-            return bad("training.seq_len", format!("{} is not in 2..=8192", t.seq_len));
+            return bad(
+                "training.seq_len",
+                format!("{} is not in 2..=8192", t.seq_len),
+            );
         }
         if !(t.learning_rate > 0.0 && t.learning_rate <= 1.0) {
-            return bad("training.learning_rate", format!("{} is not in (0, 1]", t.learning_rate));
+            return bad(
+                "training.learning_rate",
+                format!("{} is not in (0, 1]", t.learning_rate),
+            );
         }
         if !(0.0..=1.0).contains(&t.weight_decay) {
-            return bad("training.weight_decay", format!("{} is not in [0, 1]", t.weight_decay));
+            return bad(
+                "training.weight_decay",
+                format!("{} is not in [0, 1]", t.weight_decay),
+            );
         }
         if !(t.clip_norm > 0.0 && t.clip_norm.is_finite()) {
-            return bad("training.clip_norm", format!("{} must be positive", t.clip_norm));
+            return bad(
+                "training.clip_norm",
+                format!("{} must be positive", t.clip_norm),
+            );
         }
         if t.diloco_steps == 0 {
             return bad("training.diloco_steps", "must be at least 1".into());
@@ -233,13 +269,25 @@ impl Config {
             return bad("resources.max_memory_gb", "must be positive".into());
         }
         if self.resources.cpu_threads > 1024 {
-            return bad("resources.cpu_threads", format!("{} is too many", self.resources.cpu_threads));
+            return bad(
+                "resources.cpu_threads",
+                format!("{} is too many", self.resources.cpu_threads),
+            );
         }
-        if !(1..=256).contains(&self.engine.shm_slots) || !(1..=4096).contains(&self.engine.shm_slot_mb) {
-            return bad("engine.shm_slots", "slots must be 1..=256 and slot size 1..=4096 MB".into());
+        if !(1..=256).contains(&self.engine.shm_slots)
+            || !(1..=4096).contains(&self.engine.shm_slot_mb)
+        {
+            return bad(
+                "engine.shm_slots",
+                "slots must be 1..=256 and slot size 1..=4096 MB".into(),
+            );
         }
         for peer in &self.seed_peers {
-            if peer.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            if peer
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
                 return bad("seed_peers", format!("{peer:?} is not host:port"));
             }
         }
@@ -268,7 +316,10 @@ impl Config {
         let mut tree = self.to_json();
         let mut changed = Vec::new();
         merge(&mut tree, patch, "", &mut changed)?;
-        let cfg = self.from_tree(tree, changed.first().map(String::as_str).unwrap_or("<patch>"))?;
+        let cfg = self.from_tree(
+            tree,
+            changed.first().map(String::as_str).unwrap_or("<patch>"),
+        )?;
         Ok((cfg, changed))
     }
 
@@ -296,16 +347,24 @@ pub fn needs_restart(key: &str) -> bool {
 }
 
 fn lookup_mut<'a>(tree: &'a mut serde_json::Value, key: &str) -> Option<&'a mut serde_json::Value> {
-    key.split('.').try_fold(tree, |node, part| node.as_object_mut()?.get_mut(part))
+    key.split('.')
+        .try_fold(tree, |node, part| node.as_object_mut()?.get_mut(part))
 }
 
 fn parse_like(current: &serde_json::Value, raw: &str) -> Result<serde_json::Value, String> {
     use serde_json::Value;
     Ok(match current {
-        Value::Bool(_) => Value::Bool(raw.parse().map_err(|_| format!("{raw:?} is not true or false"))?),
+        Value::Bool(_) => Value::Bool(
+            raw.parse()
+                .map_err(|_| format!("{raw:?} is not true or false"))?,
+        ),
         Value::Number(n) if n.is_f64() => {
-            let v: f64 = raw.parse().map_err(|_| format!("{raw:?} is not a number"))?;
-            serde_json::Number::from_f64(v).map(Value::Number).ok_or("not a finite number")?
+            let v: f64 = raw
+                .parse()
+                .map_err(|_| format!("{raw:?} is not a number"))?;
+            serde_json::Number::from_f64(v)
+                .map(Value::Number)
+                .ok_or("not a finite number")?
         }
         Value::Number(_) => Value::Number(
             raw.parse::<u64>()
@@ -331,11 +390,19 @@ fn merge(
     changed: &mut Vec<String>,
 ) -> Result<(), ConfigError> {
     let patch = patch.as_object().ok_or_else(|| ConfigError::Invalid {
-        key: if prefix.is_empty() { "<body>".into() } else { prefix.into() },
+        key: if prefix.is_empty() {
+            "<body>".into()
+        } else {
+            prefix.into()
+        },
         message: "must be a JSON object".into(),
     })?;
     for (k, v) in patch {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         let slot = tree
             .as_object_mut()
             .and_then(|o| o.get_mut(k))
@@ -379,7 +446,10 @@ fn kind(v: &serde_json::Value) -> &'static str {
 /// Writes `bytes` to `path` atomically (same-directory temp file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -422,14 +492,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CONFIG_FILE);
         std::fs::write(&path, "port = \"eighty\"").unwrap();
-        assert!(matches!(Config::load(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::load(&path),
+            Err(ConfigError::Parse { .. })
+        ));
         std::fs::write(&path, "nonsense = 1").unwrap();
-        assert!(matches!(Config::load(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::load(&path),
+            Err(ConfigError::Parse { .. })
+        ));
         let cfg = Config::default();
-        assert!(matches!(cfg.with_key("training.batch_size", "0"), Err(ConfigError::Invalid { .. })));
-        assert!(matches!(cfg.with_key("training.batch_size", "x"), Err(ConfigError::Invalid { .. })));
-        assert!(matches!(cfg.with_key("nope", "1"), Err(ConfigError::UnknownKey(_))));
-        assert_eq!(cfg.with_key("training.batch_size", "16").unwrap().training.batch_size, 16);
+        assert!(matches!(
+            cfg.with_key("training.batch_size", "0"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            cfg.with_key("training.batch_size", "x"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            cfg.with_key("nope", "1"),
+            Err(ConfigError::UnknownKey(_))
+        ));
+        assert_eq!(
+            cfg.with_key("training.batch_size", "16")
+                .unwrap()
+                .training
+                .batch_size,
+            16
+        );
         assert_eq!(cfg.with_key("host", "0.0.0.0").unwrap().host, "0.0.0.0");
     }
 
@@ -441,9 +532,18 @@ mod tests {
             .unwrap();
         assert_eq!(changed, vec!["training.batch_size"]);
         assert_eq!(new.training.batch_size, 16);
-        assert!(cfg.merged(&serde_json::json!({"training": {"batch_size": "16"}})).is_err());
-        assert!(cfg.merged(&serde_json::json!({"training": {"bogus": 1}})).is_err());
-        assert!(cfg.merged(&serde_json::json!({"training": {"batch_size": -1}})).is_err());
+        assert!(
+            cfg.merged(&serde_json::json!({"training": {"batch_size": "16"}}))
+                .is_err()
+        );
+        assert!(
+            cfg.merged(&serde_json::json!({"training": {"bogus": 1}}))
+                .is_err()
+        );
+        assert!(
+            cfg.merged(&serde_json::json!({"training": {"batch_size": -1}}))
+                .is_err()
+        );
         assert!(cfg.merged(&serde_json::json!([1])).is_err());
     }
 }

@@ -29,7 +29,10 @@ const NODE_ID_FILE: &str = "node_id";
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("another node is already running with data directory {path} (pid {pid})")]
     Locked { path: PathBuf, pid: String },
     #[error("binding {what} on {addr}: {source}")]
@@ -77,16 +80,16 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, DaemonError> {
         .mode(0o600)
         .open(data_dir.join(LOCK_FILE))
         .map_err(io)?;
-    let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        DaemonError::Locked {
+    let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DaemonError::Locked {
             path: data_dir.to_path_buf(),
             pid: std::fs::read_to_string(data_dir.join(PID_FILE))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into()),
-        }
-    })?;
+        })?;
     let pid_file = data_dir.join(PID_FILE);
-    crate::config::write_atomic(&pid_file, std::process::id().to_string().as_bytes()).map_err(io)?;
+    crate::config::write_atomic(&pid_file, std::process::id().to_string().as_bytes())
+        .map_err(io)?;
     Ok(DataDirLock {
         _flock: flock,
         pid_file,
@@ -107,7 +110,11 @@ pub fn node_id(data_dir: &Path) -> std::io::Result<String> {
 }
 
 /// Runs a node until `shutdown` resolves.
-pub async fn run(config: Config, paths: Paths, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    paths: Paths,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
     config.validate()?;
     let data_dir = &paths.data_dir;
     let _lock = lock_data_dir(data_dir)?;
@@ -127,17 +134,21 @@ pub async fn run(config: Config, paths: Paths, shutdown: impl Future<Output = ()
     }
 
     let http_addr = format!("{}:{}", config.host, config.port);
-    let http = TcpListener::bind(&http_addr).await.map_err(|source| DaemonError::Bind {
-        what: "REST API",
-        addr: http_addr.clone(),
-        source,
-    })?;
+    let http = TcpListener::bind(&http_addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            what: "REST API",
+            addr: http_addr.clone(),
+            source,
+        })?;
     let peer_addr = crate::peer::bind_address(config.grpc_port());
-    let peer = TcpListener::bind(peer_addr).await.map_err(|source| DaemonError::Bind {
-        what: "peer service",
-        addr: peer_addr.to_string(),
-        source,
-    })?;
+    let peer = TcpListener::bind(peer_addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            what: "peer service",
+            addr: peer_addr.to_string(),
+            source,
+        })?;
 
     let socket = if config.engine.socket.is_empty() {
         data_dir.join("engine.sock")
@@ -149,7 +160,12 @@ pub async fn run(config: Config, paths: Paths, shutdown: impl Future<Output = ()
     } else {
         PathBuf::from(&config.engine.binary)
     };
-    let mut sup_cfg = SupervisorConfig::new(config.engine.mode, socket.clone(), binary, segment_name.clone());
+    let mut sup_cfg = SupervisorConfig::new(
+        config.engine.mode,
+        socket.clone(),
+        binary,
+        segment_name.clone(),
+    );
     sup_cfg.device = config.resources.device.clone();
     sup_cfg.cpu_threads = config.resources.cpu_threads;
 
@@ -182,7 +198,11 @@ pub async fn run(config: Config, paths: Paths, shutdown: impl Future<Output = ()
     };
     let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
 
-    let rest_task = tokio::spawn(crate::api::serve(http, state, wait_true(stop_servers_rx.clone())));
+    let rest_task = tokio::spawn(crate::api::serve(
+        http,
+        state,
+        wait_true(stop_servers_rx.clone()),
+    ));
     let peer_task = tokio::spawn(crate::peer::serve(
         peer,
         PeerService::new(node_id.clone(), network),
@@ -200,7 +220,10 @@ pub async fn run(config: Config, paths: Paths, shutdown: impl Future<Output = ()
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_trainer_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(20), trainer_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(20), trainer_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("trainer did not finish its last checkpoint in time");
     }
     let _ = stop_servers_tx.send(true);

@@ -70,7 +70,10 @@ fn not_yet(what: &str) -> Status {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeReply>, Status> {
+    async fn handshake(
+        &self,
+        req: Request<pb::HandshakeRequest>,
+    ) -> Result<Response<pb::HandshakeReply>, Status> {
         self.count(&req);
         Err(not_yet("handshake"))
     }
@@ -85,7 +88,10 @@ impl Peer for PeerService {
         }))
     }
 
-    async fn get_peers(&self, req: Request<pb::GetPeersRequest>) -> Result<Response<pb::GetPeersReply>, Status> {
+    async fn get_peers(
+        &self,
+        req: Request<pb::GetPeersRequest>,
+    ) -> Result<Response<pb::GetPeersReply>, Status> {
         self.count(&req);
         let peers = self
             .state
@@ -104,24 +110,37 @@ impl Peer for PeerService {
         Ok(self.sent(pb::GetPeersReply { peers }))
     }
 
-    async fn gossip(&self, req: Request<pb::GossipRequest>) -> Result<Response<pb::GossipReply>, Status> {
+    async fn gossip(
+        &self,
+        req: Request<pb::GossipRequest>,
+    ) -> Result<Response<pb::GossipReply>, Status> {
         self.count(&req);
         Err(not_yet("gossip"))
     }
 
-    type GetWeightsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WeightsChunk, Status>>;
+    type GetWeightsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::WeightsChunk, Status>>;
 
-    async fn get_weights(&self, req: Request<pb::GetWeightsRequest>) -> Result<Response<Self::GetWeightsStream>, Status> {
+    async fn get_weights(
+        &self,
+        req: Request<pb::GetWeightsRequest>,
+    ) -> Result<Response<Self::GetWeightsStream>, Status> {
         self.count(&req);
         Err(not_yet("weight transfer"))
     }
 
-    async fn pipeline_forward(&self, req: Request<pb::PipelineTensor>) -> Result<Response<pb::PipelineAck>, Status> {
+    async fn pipeline_forward(
+        &self,
+        req: Request<pb::PipelineTensor>,
+    ) -> Result<Response<pb::PipelineAck>, Status> {
         self.count(&req);
         Err(not_yet("pipeline forward"))
     }
 
-    async fn pipeline_backward(&self, req: Request<pb::PipelineTensor>) -> Result<Response<pb::PipelineAck>, Status> {
+    async fn pipeline_backward(
+        &self,
+        req: Request<pb::PipelineTensor>,
+    ) -> Result<Response<pb::PipelineAck>, Status> {
         self.count(&req);
         Err(not_yet("pipeline backward"))
     }

@@ -117,7 +117,11 @@ pub async fn connect(socket: PathBuf) -> Result<EngineClient<Channel>, tonic::tr
         .connect_timeout(Duration::from_secs(2))
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
-            async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await?;
     Ok(EngineClient::new(channel)
@@ -127,7 +131,10 @@ pub async fn connect(socket: PathBuf) -> Result<EngineClient<Channel>, tonic::tr
 
 /// Starts the supervisor task; it runs until `shutdown` flips to true, then stops the engine
 /// it spawned (SIGTERM, then SIGKILL after a grace period) and removes the socket file.
-pub fn start(cfg: SupervisorConfig, shutdown: watch::Receiver<bool>) -> (Engine, tokio::task::JoinHandle<()>) {
+pub fn start(
+    cfg: SupervisorConfig,
+    shutdown: watch::Receiver<bool>,
+) -> (Engine, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(EngineStatus {
         state: EngineState::Down,
         generation: 0,
@@ -141,7 +148,11 @@ pub fn start(cfg: SupervisorConfig, shutdown: watch::Receiver<bool>) -> (Engine,
     (Engine { rx }, task)
 }
 
-async fn run(cfg: Arc<SupervisorConfig>, tx: watch::Sender<EngineStatus>, mut shutdown: watch::Receiver<bool>) {
+async fn run(
+    cfg: Arc<SupervisorConfig>,
+    tx: watch::Sender<EngineStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut failures: u32 = 0;
     let mut child: Option<tokio::process::Child> = None;
     loop {
@@ -207,7 +218,10 @@ async fn stop_gracefully(mut child: tokio::process::Child) {
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    if tokio::time::timeout(Duration::from_secs(3), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("engine ignored SIGTERM; killing it");
         let _ = child.kill().await;
     }
@@ -258,7 +272,11 @@ async fn one_life(
     {
         return Life::Ended(format!("attach failed: {}", e.message()));
     }
-    let health = client.health(pb::HealthRequest {}).await.ok().map(|r| r.into_inner());
+    let health = client
+        .health(pb::HealthRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner());
     tracing::info!(pid = ?pid, device = ?health.as_ref().map(|h| &h.device), "engine ready");
     tx.send_modify(|s| {
         s.state = EngineState::Ok;

@@ -37,7 +37,11 @@ pub fn checkpoint_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Builds the LoadModel command for the configured model, holding every layer (role `full`).
-pub fn load_request(cfg: &Config, node_id: &str, checkpoint: Option<&Path>) -> pb::LoadModelRequest {
+pub fn load_request(
+    cfg: &Config,
+    node_id: &str,
+    checkpoint: Option<&Path>,
+) -> pb::LoadModelRequest {
     let t = &cfg.training;
     let layers = neuroshard_shared::model::ModelConfig::preset(&t.model)
         .map(|m| m.layers)
@@ -52,7 +56,9 @@ pub fn load_request(cfg: &Config, node_id: &str, checkpoint: Option<&Path>) -> p
         has_embedding: true,
         has_head: true,
         seed: t.seed,
-        checkpoint_path: checkpoint.map(|p| p.display().to_string()).unwrap_or_default(),
+        checkpoint_path: checkpoint
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         train: Some(pb::TrainSpec {
             learning_rate: t.learning_rate as f32,
             weight_decay: t.weight_decay as f32,
@@ -122,7 +128,9 @@ impl Trainer {
                     self.checkpoint(&mut client).await;
                     return;
                 }
-                if engine.borrow().generation != generation || engine.borrow().state != EngineState::Ok {
+                if engine.borrow().generation != generation
+                    || engine.borrow().state != EngineState::Ok
+                {
                     break;
                 }
                 let cfg = self.config();

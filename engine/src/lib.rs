@@ -4,11 +4,11 @@
 //! `runtime` holds the model state those commands act on. The engine opens no network socket
 //! besides its local command socket and never decides anything about money or peers.
 
-pub mod data;
-pub mod dev;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod data;
+pub mod dev;
 pub mod export;
 pub mod model;
 pub mod optim;

@@ -9,7 +9,11 @@ use neuroshard_engine::runtime::{DeviceChoice, Runtime};
 use neuroshard_engine::{server, watchdog};
 
 #[derive(Parser, Debug)]
-#[command(name = "neuroshard-engine", version, about = "NeuroShard engine: the data plane of a node")]
+#[command(
+    name = "neuroshard-engine",
+    version,
+    about = "NeuroShard engine: the data plane of a node"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,7 +101,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn rayon_threads(threads: usize) {
-    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
         tracing::warn!(error = %e, "could not size the compute thread pool");
     }
 }

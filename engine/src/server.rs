@@ -52,7 +52,9 @@ impl EngineService {
     {
         let runtime = self.runtime.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut rt = runtime.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut rt = runtime
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut rt)
         })
         .await
@@ -74,17 +76,27 @@ fn fault_exits(e: RuntimeError) -> Status {
 }
 
 fn tensor_ref(r: Option<pb::TensorRef>, what: &str) -> Result<TensorRef, Status> {
-    let r = r.ok_or_else(|| Status::invalid_argument(format!("missing tensor reference `{what}`")))?;
-    Ok(TensorRef { slot: r.slot, seq: r.seq })
+    let r =
+        r.ok_or_else(|| Status::invalid_argument(format!("missing tensor reference `{what}`")))?;
+    Ok(TensorRef {
+        slot: r.slot,
+        seq: r.seq,
+    })
 }
 
 pub fn to_pb(r: TensorRef) -> pb::TensorRef {
-    pb::TensorRef { slot: r.slot, seq: r.seq }
+    pb::TensorRef {
+        slot: r.slot,
+        seq: r.seq,
+    }
 }
 
 #[tonic::async_trait]
 impl Engine for EngineService {
-    async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthReply>, Status> {
+    async fn health(
+        &self,
+        _req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthReply>, Status> {
         let attached = self.segment.read().map(|s| s.is_some()).unwrap_or(false);
         // Health must answer while a long command holds the runtime: never wait for the lock.
         let h = match self.runtime.try_lock() {
@@ -106,7 +118,10 @@ impl Engine for EngineService {
         }))
     }
 
-    async fn attach(&self, req: Request<pb::AttachRequest>) -> Result<Response<pb::AttachReply>, Status> {
+    async fn attach(
+        &self,
+        req: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachReply>, Status> {
         let name = req.into_inner().segment_name;
         let seg = Segment::open(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let reply = pb::AttachReply {
@@ -114,7 +129,10 @@ impl Engine for EngineService {
             slot_bytes: seg.slot_bytes(),
         };
         tracing::info!(segment = %name, slots = reply.slot_count, "attached shared memory");
-        *self.segment.write().map_err(|_| Status::internal("segment lock poisoned"))? = Some(Arc::new(seg));
+        *self
+            .segment
+            .write()
+            .map_err(|_| Status::internal("segment lock poisoned"))? = Some(Arc::new(seg));
         Ok(Response::new(reply))
     }
 
@@ -122,32 +140,51 @@ impl Engine for EngineService {
         let req = req.into_inner();
         let seg = self.segment()?;
         let input = tensor_ref(req.input, "input")?;
-        let t = seg.read(input).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let values = t
-            .to_f32()
-            .ok_or_else(|| Status::invalid_argument(format!("echo takes f32 tensors, got {:?}", t.dtype)))?;
+        let t = seg
+            .read(input)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let values = t.to_f32().ok_or_else(|| {
+            Status::invalid_argument(format!("echo takes f32 tensors, got {:?}", t.dtype))
+        })?;
         let scaled: Vec<f32> = values.iter().map(|v| v * req.scale).collect();
         let out = seg
             .write_f32(req.output_slot, &t.shape, &scaled)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(pb::EchoReply { output: Some(to_pb(out)) }))
+        Ok(Response::new(pb::EchoReply {
+            output: Some(to_pb(out)),
+        }))
     }
 
-    async fn load_model(&self, req: Request<pb::LoadModelRequest>) -> Result<Response<pb::LoadModelReply>, Status> {
+    async fn load_model(
+        &self,
+        req: Request<pb::LoadModelRequest>,
+    ) -> Result<Response<pb::LoadModelReply>, Status> {
         let req = req.into_inner();
-        self.with_runtime(move |rt| rt.load_model(&req)).await.map(Response::new)
+        self.with_runtime(move |rt| rt.load_model(&req))
+            .await
+            .map(Response::new)
     }
 
-    async fn forward(&self, req: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
+    async fn forward(
+        &self,
+        req: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardReply>, Status> {
         let req = req.into_inner();
         let seg = self.segment()?;
-        self.with_runtime(move |rt| rt.forward(&req, &seg)).await.map(Response::new)
+        self.with_runtime(move |rt| rt.forward(&req, &seg))
+            .await
+            .map(Response::new)
     }
 
-    async fn backward(&self, req: Request<pb::BackwardRequest>) -> Result<Response<pb::BackwardReply>, Status> {
+    async fn backward(
+        &self,
+        req: Request<pb::BackwardRequest>,
+    ) -> Result<Response<pb::BackwardReply>, Status> {
         let req = req.into_inner();
         let seg = self.segment()?;
-        self.with_runtime(move |rt| rt.backward(&req, &seg)).await.map(Response::new)
+        self.with_runtime(move |rt| rt.backward(&req, &seg))
+            .await
+            .map(Response::new)
     }
 
     async fn optimizer_step(
@@ -155,12 +192,19 @@ impl Engine for EngineService {
         req: Request<pb::OptimizerStepRequest>,
     ) -> Result<Response<pb::OptimizerStepReply>, Status> {
         let req = req.into_inner();
-        self.with_runtime(move |rt| rt.optimizer_step(&req)).await.map(Response::new)
+        self.with_runtime(move |rt| rt.optimizer_step(&req))
+            .await
+            .map(Response::new)
     }
 
-    async fn train_step(&self, req: Request<pb::TrainStepRequest>) -> Result<Response<pb::TrainStepReply>, Status> {
+    async fn train_step(
+        &self,
+        req: Request<pb::TrainStepRequest>,
+    ) -> Result<Response<pb::TrainStepReply>, Status> {
         let req = req.into_inner();
-        self.with_runtime(move |rt| rt.train_step(&req)).await.map(Response::new)
+        self.with_runtime(move |rt| rt.train_step(&req))
+            .await
+            .map(Response::new)
     }
 
     async fn export_weights(
@@ -185,28 +229,48 @@ impl Engine for EngineService {
             .map(Response::new)
     }
 
-    async fn checkpoint(&self, req: Request<pb::CheckpointRequest>) -> Result<Response<pb::CheckpointReply>, Status> {
+    async fn checkpoint(
+        &self,
+        req: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointReply>, Status> {
         let req = req.into_inner();
-        self.with_runtime(move |rt| rt.checkpoint(&req)).await.map(Response::new)
+        self.with_runtime(move |rt| rt.checkpoint(&req))
+            .await
+            .map(Response::new)
     }
 
-    async fn restore(&self, req: Request<pb::RestoreRequest>) -> Result<Response<pb::RestoreReply>, Status> {
+    async fn restore(
+        &self,
+        req: Request<pb::RestoreRequest>,
+    ) -> Result<Response<pb::RestoreReply>, Status> {
         let req = req.into_inner();
-        self.with_runtime(move |rt| rt.restore(&req)).await.map(Response::new)
+        self.with_runtime(move |rt| rt.restore(&req))
+            .await
+            .map(Response::new)
     }
 
-    async fn model_hash(&self, _req: Request<pb::ModelHashRequest>) -> Result<Response<pb::ModelHashReply>, Status> {
-        self.with_runtime(|rt| rt.model_hash()).await.map(Response::new)
+    async fn model_hash(
+        &self,
+        _req: Request<pb::ModelHashRequest>,
+    ) -> Result<Response<pb::ModelHashReply>, Status> {
+        self.with_runtime(|rt| rt.model_hash())
+            .await
+            .map(Response::new)
     }
 
     type GenerateStream = ReceiverStream<Result<pb::GenerateReply, Status>>;
 
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let runtime = self.runtime.clone();
         tokio::task::spawn_blocking(move || {
-            let mut rt = runtime.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut rt = runtime
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let mut emit = |reply: pb::GenerateReply| tx.blocking_send(Ok(reply)).is_ok();
             if let Err(e) = rt.generate(&req, &mut emit) {
                 let status = e.into();

@@ -88,19 +88,36 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), ModelConfigError> {
         let bad = |m: String| Err(ModelConfigError::Invalid(m));
         if self.vocab_size < 266 {
-            return bad(format!("vocab_size {} < 266 (10 special ids + 256 bytes)", self.vocab_size));
+            return bad(format!(
+                "vocab_size {} < 266 (10 special ids + 256 bytes)",
+                self.vocab_size
+            ));
         }
-        if self.hidden == 0 || self.layers == 0 || self.heads == 0 || self.kv_heads == 0 || self.ffn == 0 {
+        if self.hidden == 0
+            || self.layers == 0
+            || self.heads == 0
+            || self.kv_heads == 0
+            || self.ffn == 0
+        {
             return bad("hidden, layers, heads, kv_heads and ffn must be positive".into());
         }
         if self.hidden % self.heads != 0 {
-            return bad(format!("hidden {} not divisible by heads {}", self.hidden, self.heads));
+            return bad(format!(
+                "hidden {} not divisible by heads {}",
+                self.hidden, self.heads
+            ));
         }
         if self.heads % self.kv_heads != 0 {
-            return bad(format!("heads {} not divisible by kv_heads {}", self.heads, self.kv_heads));
+            return bad(format!(
+                "heads {} not divisible by kv_heads {}",
+                self.heads, self.kv_heads
+            ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if self.max_seq == 0 {
             return bad("max_seq must be positive".into());

@@ -251,7 +251,11 @@ impl Segment {
     /// Creates the segment `name` with `slot_count` slots of `slot_bytes` each. A segment of
     /// that name left by a crashed process is unlinked first (reclaimed); the returned flag
     /// says whether that happened.
-    pub fn create(name: &str, slot_count: u32, slot_bytes: u64) -> Result<(Segment, bool), ShmError> {
+    pub fn create(
+        name: &str,
+        slot_count: u32,
+        slot_bytes: u64,
+    ) -> Result<(Segment, bool), ShmError> {
         check_name(name)?;
         let slot_bytes = round_up(slot_bytes.max(PAGE), PAGE);
         let data_offset = round_up(HEADER_BYTES + SLOT_META_BYTES * slot_count as u64, PAGE);
@@ -268,7 +272,10 @@ impl Segment {
             Ok(fd) => (fd, false),
             Err(nix::Error::EEXIST) => {
                 shm_unlink(name).map_err(|e| os("unlink", e))?;
-                (shm_open(name, flags, mode).map_err(|e| os("open", e))?, true)
+                (
+                    shm_open(name, flags, mode).map_err(|e| os("open", e))?,
+                    true,
+                )
             }
             Err(e) => return Err(os("open", e)),
         };
@@ -379,7 +386,8 @@ impl Segment {
         self.write_bytes(H_CREATED_MS, &now_ms.to_le_bytes());
         for slot in 0..slot_count {
             let meta = self.meta_offset(slot);
-            self.atomic_u32(meta + S_STATE).store(STATE_FREE, Ordering::Relaxed);
+            self.atomic_u32(meta + S_STATE)
+                .store(STATE_FREE, Ordering::Relaxed);
             self.atomic_u64(meta + S_SEQ).store(0, Ordering::Relaxed);
             let payload = data_offset + slot as u64 * slot_bytes;
             self.write_bytes(meta + S_PAYLOAD_OFF, &payload.to_le_bytes());
@@ -403,7 +411,13 @@ impl Segment {
     }
 
     /// Writes a tensor into `slot` and publishes it; returns the reference to hand over.
-    pub fn write(&self, slot: u32, dtype: DType, shape: &[u64], payload: &[u8]) -> Result<TensorRef, ShmError> {
+    pub fn write(
+        &self,
+        slot: u32,
+        dtype: DType,
+        shape: &[u64],
+        payload: &[u8],
+    ) -> Result<TensorRef, ShmError> {
         self.check_slot(slot)?;
         if shape.len() > MAX_DIMS {
             return Err(ShmError::TooManyDims { ndim: shape.len() });
@@ -444,7 +458,12 @@ impl Segment {
     }
 
     /// Convenience: writes an f32 tensor.
-    pub fn write_f32(&self, slot: u32, shape: &[u64], values: &[f32]) -> Result<TensorRef, ShmError> {
+    pub fn write_f32(
+        &self,
+        slot: u32,
+        shape: &[u64],
+        values: &[f32],
+    ) -> Result<TensorRef, ShmError> {
         self.write(slot, DType::F32, shape, as_bytes_f32(values))
     }
 
@@ -465,7 +484,9 @@ impl Segment {
         let code = self.read_u32(meta + S_DTYPE);
         let dtype = DType::from_code(code).ok_or(ShmError::UnknownDType { slot: r.slot, code })?;
         let ndim = (self.read_u32(meta + S_NDIM) as usize).min(MAX_DIMS);
-        let shape: Vec<u64> = (0..ndim).map(|i| self.read_u64(meta + S_SHAPE + 8 * i)).collect();
+        let shape: Vec<u64> = (0..ndim)
+            .map(|i| self.read_u64(meta + S_SHAPE + 8 * i))
+            .collect();
         let len = self.read_u64(meta + S_PAYLOAD_LEN).min(self.slot_bytes);
         let off = self.data_offset + r.slot as u64 * self.slot_bytes;
         let bytes = self.bytes(off as usize, len as usize).to_vec();
@@ -488,14 +509,19 @@ impl Segment {
                 actual: len,
             });
         }
-        Ok(Tensor { dtype, shape, bytes })
+        Ok(Tensor {
+            dtype,
+            shape,
+            bytes,
+        })
     }
 
     /// Marks a slot free again (its data is no longer referenced).
     pub fn release(&self, slot: u32) -> Result<(), ShmError> {
         self.check_slot(slot)?;
         let meta = self.meta_offset(slot);
-        self.atomic_u32(meta + S_STATE).store(STATE_FREE, Ordering::Release);
+        self.atomic_u32(meta + S_STATE)
+            .store(STATE_FREE, Ordering::Release);
         Ok(())
     }
 
@@ -526,7 +552,9 @@ impl Segment {
 
     fn write_bytes(&self, offset: usize, data: &[u8]) {
         // SAFETY: in bounds; only the slot's assigned writer writes these bytes.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(offset, data.len()), data.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(offset, data.len()), data.len())
+        }
     }
 
     fn read_u32(&self, offset: usize) -> u32 {
@@ -615,15 +643,27 @@ mod tests {
     fn bad_input_is_an_error_not_a_panic() {
         let name = unique("bad");
         let (seg, _) = Segment::create(&name, 1, 4096).unwrap();
-        assert!(matches!(seg.write_f32(5, &[1], &[1.0]), Err(ShmError::SlotOutOfRange { .. })));
-        assert!(matches!(seg.write_f32(0, &[3], &[1.0]), Err(ShmError::ShapeMismatch { .. })));
+        assert!(matches!(
+            seg.write_f32(5, &[1], &[1.0]),
+            Err(ShmError::SlotOutOfRange { .. })
+        ));
+        assert!(matches!(
+            seg.write_f32(0, &[3], &[1.0]),
+            Err(ShmError::ShapeMismatch { .. })
+        ));
         let big = vec![0f32; 2048];
-        assert!(matches!(seg.write_f32(0, &[2048], &big), Err(ShmError::TooLarge { .. })));
+        assert!(matches!(
+            seg.write_f32(0, &[2048], &big),
+            Err(ShmError::TooLarge { .. })
+        ));
         assert!(matches!(
             seg.read(TensorRef { slot: 0, seq: 99 }),
             Err(ShmError::Stale { .. })
         ));
-        assert!(matches!(Segment::open("no-slash"), Err(ShmError::BadName(_))));
+        assert!(matches!(
+            Segment::open("no-slash"),
+            Err(ShmError::BadName(_))
+        ));
     }
 
     #[test]

@@ -52,7 +52,12 @@ pub fn free_port_pair() -> u16 {
 }
 
 /// Polls `f` every `every` until it returns `Some`, or fails after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -71,7 +76,9 @@ pub fn pid_alive(pid: i32) -> bool {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -154,7 +161,10 @@ impl Node {
 
     /// Starts the daemon again in the same data directory (after a kill or stop).
     pub fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let mut cmd = Command::new(binary("neuroshard"));
         cmd.arg("--data-dir")
             .arg(self.dir.path())
@@ -193,7 +203,12 @@ impl Node {
         Some((code, r.json().unwrap_or(Value::Null)))
     }
 
-    pub fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Option<(u16, Value)> {
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Option<(u16, Value)> {
         let mut req = self.http.request(method, self.url(path));
         if let Some(b) = body {
             req = req.json(&b);
@@ -207,7 +222,8 @@ impl Node {
     pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<Value> {
         wait_for("node healthy", timeout, Duration::from_millis(50), || {
             let (code, body) = self.get("/api/v1/health")?;
-            (code == 200 && body["healthy"] == true && body["checks"]["gpu"] == "ok").then_some(body)
+            (code == 200 && body["healthy"] == true && body["checks"]["gpu"] == "ok")
+                .then_some(body)
         })
     }
 
@@ -226,7 +242,9 @@ impl Node {
     /// Waits for the daemon to exit; returns its exit code (None if killed by a signal).
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
         let child = self.child.as_mut().context("daemon not running")?;
-        let status = wait_for("daemon exit", timeout, Duration::from_millis(20), || child.try_wait().ok().flatten())?;
+        let status = wait_for("daemon exit", timeout, Duration::from_millis(20), || {
+            child.try_wait().ok().flatten()
+        })?;
         self.child = None;
         Ok(status.code())
     }
@@ -247,7 +265,11 @@ impl Drop for Node {
             }
         }
         if std::thread::panicking() {
-            eprintln!("----- logs of node on port {} -----\n{}", self.port, self.logs());
+            eprintln!(
+                "----- logs of node on port {} -----\n{}",
+                self.port,
+                self.logs()
+            );
         }
     }
 }
@@ -261,7 +283,10 @@ pub struct EngineProcess {
 
 impl EngineProcess {
     pub fn start(socket: &Path, log: &Path) -> anyhow::Result<EngineProcess> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = Command::new(binary("neuroshard-engine"))
             .arg("serve")
             .arg("--socket")
@@ -305,4 +330,3 @@ pub fn shm_entries(prefix: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
-

@@ -4,7 +4,9 @@
 use std::process::Command;
 
 fn deploy(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(path)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
 }
 
 #[test]
@@ -17,7 +19,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
     for unit in ["neuroshard.service", "neuroshard-engine.service"] {
         let text = std::fs::read_to_string(deploy(&format!("systemd/{unit}"))).unwrap();
         let path = dir.path().join(unit);
-        std::fs::write(&path, text.replace("/usr/local/bin/", &format!("{}/", bins.display()))).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("/usr/local/bin/", &format!("{}/", bins.display())),
+        )
+        .unwrap();
         units.push(path);
     }
     let out = Command::new("systemd-analyze")
@@ -26,9 +32,15 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .output()
         .expect("systemd-analyze must be installed (apt-get install systemd)");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
     // verify exits 0 on some warnings; treat any line about our units as a failure.
-    let complaints: Vec<&str> = stderr.lines().filter(|l| l.contains("neuroshard")).collect();
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("neuroshard"))
+        .collect();
     assert!(complaints.is_empty(), "{complaints:#?}");
 
     // The engine unit restarts on its own; the daemon unit connects to it.

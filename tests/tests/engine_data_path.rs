@@ -16,7 +16,10 @@ fn a_tensor_round_trips_through_shared_memory() {
     let name = format!("/nstest-path-{}", std::process::id());
     let (segment, _) = Segment::create(&name, 4, 1 << 20).unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut client = None;
         for _ in 0..300 {
@@ -27,14 +30,22 @@ fn a_tensor_round_trips_through_shared_memory() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut client = client.expect("engine socket answers");
-        client.attach(pb::AttachRequest { segment_name: name.clone() }).await.unwrap();
+        client
+            .attach(pb::AttachRequest {
+                segment_name: name.clone(),
+            })
+            .await
+            .unwrap();
 
         // Odd sizes, negative values, a non-trivial shape.
         let values: Vec<f32> = (0..3 * 7 * 5).map(|i| (i as f32 - 50.0) * 0.37).collect();
         let input = segment.write_f32(0, &[3, 7, 5], &values).unwrap();
         let reply = client
             .echo(pb::EchoRequest {
-                input: Some(pb::TensorRef { slot: input.slot, seq: input.seq }),
+                input: Some(pb::TensorRef {
+                    slot: input.slot,
+                    seq: input.seq,
+                }),
                 output_slot: 1,
                 scale: -2.0,
             })
@@ -43,7 +54,10 @@ fn a_tensor_round_trips_through_shared_memory() {
             .into_inner();
         let out = reply.output.unwrap();
         let tensor = segment
-            .read(neuroshard_shared::shm::TensorRef { slot: out.slot, seq: out.seq })
+            .read(neuroshard_shared::shm::TensorRef {
+                slot: out.slot,
+                seq: out.seq,
+            })
             .unwrap();
         assert_eq!(tensor.shape, vec![3, 7, 5]);
         let expect: Vec<f32> = values.iter().map(|v| v * -2.0).collect();
@@ -52,7 +66,10 @@ fn a_tensor_round_trips_through_shared_memory() {
         // A stale reference and an out-of-range slot are refused with an error, not a crash.
         let stale = client
             .echo(pb::EchoRequest {
-                input: Some(pb::TensorRef { slot: input.slot, seq: input.seq + 5 }),
+                input: Some(pb::TensorRef {
+                    slot: input.slot,
+                    seq: input.seq + 5,
+                }),
                 output_slot: 1,
                 scale: 1.0,
             })
@@ -61,7 +78,10 @@ fn a_tensor_round_trips_through_shared_memory() {
         assert_eq!(stale.code(), tonic::Code::InvalidArgument);
         let bad_slot = client
             .echo(pb::EchoRequest {
-                input: Some(pb::TensorRef { slot: input.slot, seq: input.seq }),
+                input: Some(pb::TensorRef {
+                    slot: input.slot,
+                    seq: input.seq,
+                }),
                 output_slot: 99,
                 scale: 1.0,
             })
@@ -71,5 +91,11 @@ fn a_tensor_round_trips_through_shared_memory() {
         // The engine is still there.
         client.health(pb::HealthRequest {}).await.unwrap();
     });
-    wait_for("socket exists", Duration::from_secs(1), Duration::from_millis(10), || socket.exists().then_some(())).unwrap();
+    wait_for(
+        "socket exists",
+        Duration::from_secs(1),
+        Duration::from_millis(10),
+        || socket.exists().then_some(()),
+    )
+    .unwrap();
 }

@@ -25,11 +25,16 @@ fn the_daemon_follows_an_externally_managed_engine() {
     assert_eq!(node.engine_pid(), None);
 
     drop(engine);
-    wait_for("gpu check not ok", Duration::from_secs(10), Duration::from_millis(50), || {
-        let (code, body) = node.get("/api/v1/health")?;
-        assert_eq!(code, 200);
-        (body["checks"]["gpu"] == "restarting").then_some(())
-    })
+    wait_for(
+        "gpu check not ok",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let (code, body) = node.get("/api/v1/health")?;
+            assert_eq!(code, 200);
+            (body["checks"]["gpu"] == "restarting").then_some(())
+        },
+    )
     .unwrap();
 
     // The service manager brings it back; the daemon re-attaches.

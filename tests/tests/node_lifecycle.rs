@@ -10,7 +10,9 @@ use nix::unistd::Pid;
 const START: Duration = Duration::from_secs(30);
 
 fn shm_name(node: &Node) -> String {
-    segment_name_for(node.data_dir()).trim_start_matches('/').to_string()
+    segment_name_for(node.data_dir())
+        .trim_start_matches('/')
+        .to_string()
 }
 
 #[test]
@@ -50,7 +52,9 @@ fn health_keeps_answering_while_a_killed_engine_is_restarted() {
     let killed_at = Instant::now();
     let mut saw_not_ok = false;
     loop {
-        let (code, body) = node.get("/api/v1/health").expect("health must answer on every poll");
+        let (code, body) = node
+            .get("/api/v1/health")
+            .expect("health must answer on every poll");
         assert_eq!(code, 200, "health during an engine restart: {body}");
         let gpu = body["checks"]["gpu"].as_str().unwrap().to_string();
         if gpu != "ok" {
@@ -59,7 +63,10 @@ fn health_keeps_answering_while_a_killed_engine_is_restarted() {
         } else if saw_not_ok || node.engine_pid().is_some_and(|p| p != first) {
             break;
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(10), "engine not back within 10 s");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "engine not back within 10 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let second = node.engine_pid().expect("a new engine");
@@ -75,9 +82,12 @@ fn a_killed_daemon_takes_its_engine_down_and_the_next_start_reclaims_the_segment
     node.signal(Signal::SIGKILL).unwrap();
     node.wait_exit(Duration::from_secs(5)).unwrap();
 
-    wait_for("engine exit", Duration::from_secs(5), Duration::from_millis(50), || {
-        (!pid_alive(engine)).then_some(())
-    })
+    wait_for(
+        "engine exit",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || (!pid_alive(engine)).then_some(()),
+    )
     .unwrap();
     // The crash left the segment behind...
     assert_eq!(shm_entries(&shm_name(&node)).len(), 1);
@@ -103,7 +113,11 @@ fn a_clean_stop_leaves_no_segment_socket_or_pid_file() {
         .arg("stop")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(node.wait_exit(Duration::from_secs(30)).unwrap(), Some(0));
     assert!(!pid_alive(engine));
     assert!(shm_entries(&shm_name(&node)).is_empty());

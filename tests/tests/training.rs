@@ -9,13 +9,19 @@ use nix::unistd::Pid;
 
 fn step_and_loss(node: &Node) -> Option<(u64, f64)> {
     let (_, s) = node.get("/api/v1/status")?;
-    Some((s["training"]["step"].as_u64()?, s["training"]["loss"].as_f64()?))
+    Some((
+        s["training"]["step"].as_u64()?,
+        s["training"]["loss"].as_f64()?,
+    ))
 }
 
 fn wait_step(node: &Node, at_least: u64) -> (u64, f64) {
-    wait_for(&format!("training step {at_least}"), Duration::from_secs(240), Duration::from_millis(100), || {
-        step_and_loss(node).filter(|(s, _)| *s >= at_least)
-    })
+    wait_for(
+        &format!("training step {at_least}"),
+        Duration::from_secs(240),
+        Duration::from_millis(100),
+        || step_and_loss(node).filter(|(s, _)| *s >= at_least),
+    )
     .unwrap()
 }
 
@@ -31,7 +37,10 @@ fn training_loss_falls_and_resumes_from_checkpoints_after_crashes() {
     node.wait_healthy(Duration::from_secs(30)).unwrap();
 
     let (first_step, first_loss) = wait_step(&node, 1);
-    assert!(first_step <= 30, "first observation too late: step {first_step}");
+    assert!(
+        first_step <= 30,
+        "first observation too late: step {first_step}"
+    );
     let (_, later_loss) = wait_step(&node, first_step + 120);
     assert!(
         later_loss < first_loss - 0.5,
@@ -43,12 +52,20 @@ fn training_loss_falls_and_resumes_from_checkpoints_after_crashes() {
     let (before_kill, _) = step_and_loss(&node).unwrap();
     kill(Pid::from_raw(node.engine_pid().unwrap()), Signal::SIGKILL).unwrap();
     node.wait_healthy(Duration::from_secs(10)).unwrap();
-    let (resumed, _) = wait_for("model restored", Duration::from_secs(30), Duration::from_millis(50), || {
-        let s = step_and_loss(&node)?;
-        node.logs().contains("restored=true").then_some(s)
-    })
+    let (resumed, _) = wait_for(
+        "model restored",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || {
+            let s = step_and_loss(&node)?;
+            node.logs().contains("restored=true").then_some(s)
+        },
+    )
     .unwrap();
-    assert!(resumed + 12 >= before_kill, "resumed at step {resumed}, had reached {before_kill}");
+    assert!(
+        resumed + 12 >= before_kill,
+        "resumed at step {resumed}, had reached {before_kill}"
+    );
 
     // Clean stop writes a last checkpoint; the next start continues from exactly there.
     let (before_stop, _) = wait_step(&node, resumed + 5);
@@ -57,5 +74,8 @@ fn training_loss_falls_and_resumes_from_checkpoints_after_crashes() {
     node.spawn().unwrap();
     node.wait_healthy(Duration::from_secs(30)).unwrap();
     let (after_restart, _) = wait_step(&node, 1);
-    assert!(after_restart >= before_stop, "restarted at {after_restart}, stopped after {before_stop}");
+    assert!(
+        after_restart >= before_stop,
+        "restarted at {after_restart}, stopped after {before_stop}"
+    );
 }

@@ -25,7 +25,10 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
         EngineState::Restarting => ("restarting", engine.since.elapsed() < RESTART_GRACE),
         EngineState::Down => ("down", false),
     };
-    let network_ok = state.network.listening.load(std::sync::atomic::Ordering::Relaxed);
+    let network_ok = state
+        .network
+        .listening
+        .load(std::sync::atomic::Ordering::Relaxed);
     let network = if network_ok { "ok" } else { "down" };
     let storage = storage_check(&state);
     let cfg = state.config();
@@ -33,7 +36,11 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let peers_ok = !expects_peers || state.network.peer_count() > 0;
     let peers = if peers_ok { "ok" } else { "no_peers" };
     let healthy = gpu_ok && network_ok && storage == "ok" && peers_ok;
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         code,
         Json(json!({
