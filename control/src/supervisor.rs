@@ -160,7 +160,7 @@ async fn run(
             break;
         }
         let started = Instant::now();
-        let outcome = tokio::select! {
+        let why = tokio::select! {
             o = one_life(&cfg, &tx, &mut child) => o,
             _ = shutdown.changed() => break,
         };
@@ -169,33 +169,29 @@ async fn run(
             let _ = c.start_kill();
             let _ = c.wait().await;
         }
-        match outcome {
-            Life::Ended(why) => {
-                // A life that lasted a while resets the backoff: a crash after hours of work
-                // should be retried at once, a crash loop should slow down.
-                if started.elapsed() > Duration::from_secs(30) {
-                    failures = 0;
-                }
-                let delay = cfg
-                    .base_backoff
-                    .saturating_mul(1u32 << failures.min(16))
-                    .min(cfg.max_backoff);
-                failures = failures.saturating_add(1);
-                tracing::warn!(reason = %why, retry_in_ms = delay.as_millis() as u64, "engine lost; restarting");
-                tx.send_modify(|s| {
-                    if s.state == EngineState::Ok {
-                        s.since = Instant::now();
-                    }
-                    s.state = EngineState::Restarting;
-                    s.client = None;
-                    s.pid = None;
-                    s.restarts += 1;
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => break,
-                }
+        // A life that lasted a while resets the backoff: a crash after hours of work
+        // should be retried at once, a crash loop should slow down.
+        if started.elapsed() > Duration::from_secs(30) {
+            failures = 0;
+        }
+        let delay = cfg
+            .base_backoff
+            .saturating_mul(1u32 << failures.min(16))
+            .min(cfg.max_backoff);
+        failures = failures.saturating_add(1);
+        tracing::warn!(reason = %why, retry_in_ms = delay.as_millis() as u64, "engine lost; restarting");
+        tx.send_modify(|s| {
+            if s.state == EngineState::Ok {
+                s.since = Instant::now();
             }
+            s.state = EngineState::Restarting;
+            s.client = None;
+            s.pid = None;
+            s.restarts += 1;
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => break,
         }
     }
     tx.send_modify(|s| {
@@ -227,21 +223,18 @@ async fn stop_gracefully(mut child: tokio::process::Child) {
     }
 }
 
-enum Life {
-    Ended(String),
-}
-
-/// One engine lifetime: start (or find) it, attach, watch it until it dies or hangs. A
+/// One engine lifetime: start (or find) it, attach, watch it until it dies or hangs; returns
+/// why it ended. A
 /// spawned child is stored in `child` so the caller can stop it however this life ends.
 async fn one_life(
     cfg: &SupervisorConfig,
     tx: &watch::Sender<EngineStatus>,
     child: &mut Option<tokio::process::Child>,
-) -> Life {
+) -> String {
     if cfg.mode == EngineMode::Spawn {
         match spawn_engine(cfg) {
             Ok(c) => *child = Some(c),
-            Err(e) => return Life::Ended(format!("spawning {}: {e}", cfg.binary.display())),
+            Err(e) => return format!("spawning {}: {e}", cfg.binary.display()),
         }
     }
     let pid = child.as_ref().and_then(|c| c.id());
@@ -252,7 +245,7 @@ async fn one_life(
         if let Some(c) = child.as_mut()
             && let Ok(Some(status)) = c.try_wait()
         {
-            return Life::Ended(format!("engine exited during start-up: {status}"));
+            return format!("engine exited during start-up: {status}");
         }
         if let Ok(mut c) = connect(cfg.socket.clone()).await
             && c.health(pb::HealthRequest {}).await.is_ok()
@@ -260,7 +253,7 @@ async fn one_life(
             break c;
         }
         if Instant::now() > deadline {
-            return Life::Ended("engine did not answer within 15 s".into());
+            return "engine did not answer within 15 s".into();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -270,7 +263,7 @@ async fn one_life(
         })
         .await
     {
-        return Life::Ended(format!("attach failed: {}", e.message()));
+        return format!("attach failed: {}", e.message());
     }
     let health = client
         .health(pb::HealthRequest {})
@@ -292,7 +285,7 @@ async fn one_life(
     loop {
         tokio::select! {
             status = wait_child(child) => {
-                return Life::Ended(format!("engine exited: {status}"));
+                return format!("engine exited: {status}");
             }
             _ = probe.tick() => {
                 let answer = tokio::time::timeout(cfg.probe_every * 2, client.health(pb::HealthRequest {})).await;
@@ -302,7 +295,7 @@ async fn one_life(
                         let reply = reply.into_inner();
                         // A restarted external engine has lost the mapping: attach again.
                         if !reply.attached {
-                            return Life::Ended("engine lost its shared-memory attachment".into());
+                            return "engine lost its shared-memory attachment".into();
                         }
                         tx.send_modify(|s| s.last_health = Some(reply));
                     }
@@ -312,7 +305,7 @@ async fn one_life(
                             if let Some(c) = child.as_mut() {
                                 let _ = c.start_kill();
                             }
-                            return Life::Ended(format!("engine missed {missed} health probes"));
+                            return format!("engine missed {missed} health probes");
                         }
                     }
                 }
