@@ -17,7 +17,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{Runtime, RuntimeError, RuntimeHealth};
 
 /// Exit code after a device fault: tells the supervisor to restart us.
 pub const EXIT_DEVICE_FAULT: i32 = 70;
@@ -26,11 +26,15 @@ pub const EXIT_DEVICE_FAULT: i32 = 70;
 pub struct EngineService {
     runtime: Arc<Mutex<Runtime>>,
     segment: Arc<RwLock<Option<Arc<Segment>>>>,
+    /// The runtime's figures as of the end of the last command: what `Health` answers while
+    /// a command holds the runtime.
+    last_health: Arc<Mutex<RuntimeHealth>>,
 }
 
 impl EngineService {
     pub fn new(runtime: Runtime) -> EngineService {
         EngineService {
+            last_health: Arc::new(Mutex::new(runtime.health())),
             runtime: Arc::new(Mutex::new(runtime)),
             segment: Arc::new(RwLock::new(None)),
         }
@@ -51,11 +55,16 @@ impl EngineService {
         F: FnOnce(&mut Runtime) -> Result<T, RuntimeError> + Send + 'static,
     {
         let runtime = self.runtime.clone();
+        let last_health = self.last_health.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut rt = runtime
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut rt)
+            let result = f(&mut rt);
+            if let Ok(mut h) = last_health.lock() {
+                *h = rt.health();
+            }
+            result
         })
         .await
         .map_err(|e| Status::internal(format!("engine task failed: {e}")))?;
@@ -100,13 +109,17 @@ impl Engine for EngineService {
         let attached = self.segment.read().map(|s| s.is_some()).unwrap_or(false);
         // Health must answer while a long command holds the runtime: never wait for the lock.
         let h = match self.runtime.try_lock() {
-            Ok(rt) => Some(rt.health()),
-            Err(_) => None,
+            Ok(rt) => {
+                let h = rt.health();
+                if let Ok(mut last) = self.last_health.lock() {
+                    *last = h.clone();
+                }
+                h
+            }
+            Err(_) => self.last_health.lock().map(|h| h.clone()).unwrap_or_default(),
         };
-        let busy = h.is_none();
-        let h = h.unwrap_or_default();
         Ok(Response::new(pb::HealthReply {
-            device: if busy { "busy".into() } else { h.device },
+            device: h.device,
             device_name: h.device_name,
             memory_used: h.memory_used,
             memory_total: h.memory_total,
