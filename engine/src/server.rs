@@ -116,7 +116,11 @@ impl Engine for EngineService {
                 }
                 h
             }
-            Err(_) => self.last_health.lock().map(|h| h.clone()).unwrap_or_default(),
+            Err(_) => self
+                .last_health
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_default(),
         };
         Ok(Response::new(pb::HealthReply {
             device: h.device,

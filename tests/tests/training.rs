@@ -49,8 +49,14 @@ fn training_loss_falls_and_resumes_from_checkpoints_after_crashes() {
 
     // Device memory comes from the engine, also while it is busy with training steps.
     let (_, status) = node.get("/api/v1/status").unwrap();
-    assert!(status["resources"]["gpu_memory_total"].as_u64().unwrap() > 0, "{status}");
-    assert!(status["resources"]["gpu_memory_used"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        status["resources"]["gpu_memory_total"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    assert!(
+        status["resources"]["gpu_memory_used"].as_u64().unwrap() > 0,
+        "{status}"
+    );
 
     // Engine crash: the daemon restarts it and training resumes from the last checkpoint
     // (at most checkpoint_every steps back), not from scratch.
