@@ -34,4 +34,8 @@ cargo build --workspace --bins
 echo "== test"
 # Hugging Face's tokenizers must read our tokenizer.json and produce the same ids.
 python3 shared/tests/hf_tokenizer_check.py
-cargo test --workspace "$@"
+log=$(mktemp)
+cargo test --workspace "$@" 2>&1 | tee "$log"
+# One closing line for the whole run (cargo's last line is the last crate's doc-tests).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
