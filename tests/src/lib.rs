@@ -258,12 +258,26 @@ impl Drop for Node {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let engines = children_named(child.id() as i32, "neuroshard-engine");
-            let _ = child.kill();
-            let _ = child.wait();
+            // Ask for a clean stop first (it removes the segment and socket), then insist.
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let stopped = wait_for(
+                "daemon stop",
+                Duration::from_secs(10),
+                Duration::from_millis(20),
+                || child.try_wait().ok().flatten(),
+            );
+            if stopped.is_err() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             for pid in engines {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+        // A test that killed the daemon leaves its segment behind: do not leak it.
+        let _ = neuroshard_shared::shm::Segment::unlink(&neuroshard_shared::shm::segment_name_for(
+            self.dir.path(),
+        ));
         if std::thread::panicking() {
             eprintln!(
                 "----- logs of node on port {} -----\n{}",
