@@ -29,6 +29,15 @@ pub(crate) fn check_shapes(
     assert_eq!(lse, b * h * t, "attention: lse is not [B, H, T]");
 }
 
+/// Backward's gradient buffers match the forward's shapes (v has k's shape, checked by
+/// `check_shapes`).
+pub(crate) fn check_grad_shapes(dq: usize, dk: usize, dv: usize, dout: usize, q: usize, k: usize) {
+    assert_eq!(dq, q, "attention: dq is not [B, T, H, D]");
+    assert_eq!(dout, q, "attention: dout is not [B, T, H, D]");
+    assert_eq!(dk, k, "attention: dk is not [B, T, KVH, D]");
+    assert_eq!(dv, k, "attention: dv is not [B, T, KVH, D]");
+}
+
 /// out [B,T,H,D] and lse [B,H,T] from q [B,T,H,D], k, v [B,T,KVH,D] (overwrites both).
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub fn attention_forward(
@@ -127,10 +136,7 @@ pub fn attention_backward(
         kvh,
         d,
     );
-    assert_eq!(dq.len(), q.len(), "attention: dq is not [B, T, H, D]");
-    assert_eq!(dout.len(), q.len(), "attention: dout is not [B, T, H, D]");
-    assert_eq!(dk.len(), k.len(), "attention: dk is not [B, T, KVH, D]");
-    assert_eq!(dv.len(), v.len(), "attention: dv is not [B, T, KVH, D]");
+    check_grad_shapes(dq.len(), dk.len(), dv.len(), dout.len(), q.len(), k.len());
     let scale = 1.0 / (d as f32).sqrt();
     let group = h / kvh;
     for bi in 0..b {

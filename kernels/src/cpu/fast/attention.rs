@@ -13,7 +13,7 @@ use super::matmul::gemm_raw;
 use super::simd::{
     SyncPtr, dot, exp, exp_in_place_sum, max as simd_max, multiversion, with_scratch,
 };
-use crate::cpu::attention::check_shapes;
+use crate::cpu::attention::{check_grad_shapes, check_shapes};
 
 /// Query positions per tile.
 const TQ: usize = 32;
@@ -249,10 +249,7 @@ pub fn attention_backward(
         kvh,
         d,
     );
-    assert_eq!(dq.len(), q.len(), "attention: dq is not [B, T, H, D]");
-    assert_eq!(dout.len(), q.len(), "attention: dout is not [B, T, H, D]");
-    assert_eq!(dk.len(), k.len(), "attention: dk is not [B, T, KVH, D]");
-    assert_eq!(dv.len(), v.len(), "attention: dv is not [B, T, KVH, D]");
+    check_grad_shapes(dq.len(), dk.len(), dv.len(), dout.len(), q.len(), k.len());
     if t == 0 {
         return;
     }
