@@ -36,6 +36,14 @@ pub fn checkpoint_path(data_dir: &Path) -> PathBuf {
     data_dir.join("checkpoints").join("latest.ckpt")
 }
 
+/// The transformer layers this node holds: all of the configured model (role `full`).
+pub fn held_layers(cfg: &Config) -> std::ops::Range<u32> {
+    let n = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
+        .map(|m| m.layers)
+        .unwrap_or(0);
+    0..n
+}
+
 /// Builds the LoadModel command for the configured model, holding every layer (role `full`).
 pub fn load_request(
     cfg: &Config,
@@ -43,16 +51,14 @@ pub fn load_request(
     checkpoint: Option<&Path>,
 ) -> pb::LoadModelRequest {
     let t = &cfg.training;
-    let layers = neuroshard_shared::model::ModelConfig::preset(&t.model)
-        .map(|m| m.layers)
-        .unwrap_or(0);
+    let layers = held_layers(cfg);
     pb::LoadModelRequest {
         model: Some(pb::ModelSpec {
             preset: t.model.clone(),
             ..Default::default()
         }),
-        layer_start: 0,
-        layer_end: layers,
+        layer_start: layers.start,
+        layer_end: layers.end,
         has_embedding: true,
         has_head: true,
         seed: t.seed,

@@ -71,10 +71,7 @@ pub async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
     let training = state.training();
     let res = state.resources.latest();
     let layers: Vec<u32> = if training.model_loaded {
-        let n = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
-            .map(|m| m.layers)
-            .unwrap_or(0);
-        (0..n).collect()
+        crate::trainer::held_layers(&cfg).collect()
     } else {
         Vec::new()
     };
