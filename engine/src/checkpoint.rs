@@ -361,6 +361,89 @@ pub fn load_params<B: Backend>(
     Ok(())
 }
 
+/// The parameter names of `stage` in canonical order (the order `Model::hash` walks).
+pub fn stage_names(cfg: &ModelConfig, stage: &StageSpec) -> Vec<String> {
+    use crate::model::params::{EMBED, FINAL_NORM, LM_HEAD, layer_specs};
+    let mut names = Vec::new();
+    if stage.has_embedding {
+        names.push(EMBED.to_string());
+    }
+    for l in stage.layer_start..stage.layer_end {
+        names.extend(layer_specs(cfg, l).into_iter().map(|(n, _, _)| n));
+    }
+    if stage.has_head {
+        names.push(FINAL_NORM.to_string());
+        names.push(LM_HEAD.to_string());
+    }
+    names
+}
+
+/// The model hash of the stage a checkpoint file holds (what `Model::hash` answered on the
+/// node that wrote it), from the file's tensors.
+pub fn file_model_hash(file: &TensorFile, path: &Path) -> Result<String> {
+    let meta = checkpoint_meta(file, path)?;
+    let mut h = crate::model::params::ModelHasher::default();
+    for name in stage_names(&meta.config, &meta.stage) {
+        let (shape, values) = file
+            .tensors
+            .get(&name)
+            .ok_or_else(|| CheckpointError::Mismatch {
+                path: path.to_path_buf(),
+                message: format!("tensor {name} of its own stage is missing"),
+            })?;
+        h.update(&name, shape, values);
+    }
+    Ok(h.hex())
+}
+
+/// Fills the held parameters (and their AdamW moments) of `model` from `sources`, each one
+/// from the first source holding a tensor of that name and shape (a shape that differs is an
+/// error). Returns the held transformer layers no source covered completely.
+pub fn overlay_sources<B: Backend>(
+    model: &mut Model<B>,
+    adam: &mut AdamState<B>,
+    sources: &[(&TensorFile, &Path)],
+) -> Result<Vec<u32>> {
+    for (i, p) in model.params.iter_mut().enumerate() {
+        let Some((file, path)) = sources
+            .iter()
+            .find(|(f, _)| f.tensors.contains_key(&p.name))
+        else {
+            continue;
+        };
+        let (shape, values) = &file.tensors[&p.name];
+        if shape != &p.shape {
+            return Err(CheckpointError::Mismatch {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor {} has shape {shape:?}, expected {:?}",
+                    p.name, p.shape
+                ),
+            });
+        }
+        model
+            .be
+            .write(&mut p.value, values)
+            .map_err(ModelError::from)?;
+        for (kind, dst) in [("m", &mut adam.m[i]), ("v", &mut adam.v[i])] {
+            if let Some((s, v)) = file.tensors.get(&format!("optim.{kind}.{}", p.name))
+                && s == &p.shape
+            {
+                model.be.write(dst, v).map_err(ModelError::from)?;
+            }
+        }
+    }
+    let spec = model.spec;
+    let seeded = (spec.layer_start..spec.layer_end)
+        .filter(|&l| {
+            crate::model::params::layer_specs(&model.cfg, l)
+                .iter()
+                .any(|(n, _, _)| !sources.iter().any(|(f, _)| f.tensors.contains_key(n)))
+        })
+        .collect();
+    Ok(seeded)
+}
+
 /// Loads the optimizer moments of a checkpoint into `adam`.
 pub fn load_moments<B: Backend>(
     model: &Model<B>,

@@ -5,7 +5,9 @@
 //! besides its local command socket and never decides anything about money or peers.
 
 pub mod backend;
+pub mod batcher;
 pub mod bench;
+pub mod bench_generate;
 pub mod checkpoint;
 pub mod data;
 pub mod dev;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use neuroshard_engine::batcher::BatchLimits;
 use neuroshard_engine::runtime::{DeviceChoice, Runtime};
 use neuroshard_engine::{server, watchdog};
 
@@ -27,6 +28,9 @@ enum Command {
     GradDump(neuroshard_engine::dev::GradDumpArgs),
     /// Time full training steps of a preset and print tokens/s, step time and GFLOP/s.
     BenchTrain(neuroshard_engine::bench::BenchTrainArgs),
+    /// Time generation with continuous batching: time to first token and decode tokens/s per
+    /// batch size.
+    BenchGenerate(neuroshard_engine::bench_generate::BenchGenerateArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -43,10 +47,24 @@ struct ServeArgs {
     /// CPU threads for the numerics (default: all cores).
     #[arg(long, env = "NEUROSHARD_CPU_THREADS")]
     threads: Option<usize>,
+    /// Generate requests decoded together at most (continuous batching).
+    #[arg(long, default_value_t = 8, env = "NEUROSHARD_MAX_BATCH")]
+    max_batch: usize,
+    /// MiB of KV cache the batch may reserve; a request reserves its whole length on admission.
+    #[arg(long, default_value_t = 256, env = "NEUROSHARD_KV_BUDGET_MB")]
+    kv_budget_mb: u64,
+    /// Generate requests that may wait for a place in the batch; more are refused
+    /// (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 64, env = "NEUROSHARD_MAX_WAITING")]
+    max_waiting: usize,
 }
 
 fn main() -> anyhow::Result<()> {
+    // A log line that cannot be written (stderr on a full disk) is dropped. With internal
+    // errors logged, tracing-subscriber reports it with `eprintln!`, which panics when stderr
+    // refuses that too: the task that logged died (an HTTP request got no answer at all).
     tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
@@ -62,6 +80,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchTrain(args) => neuroshard_engine::bench::run(&args),
+        Command::BenchGenerate(args) => neuroshard_engine::bench_generate::run(&args),
     }
 }
 
@@ -93,7 +112,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; engine exiting"),
             }
         };
-        let result = server::serve(listener, server::EngineService::new(runtime), shutdown).await;
+        let limits = BatchLimits {
+            max_batch: args.max_batch,
+            kv_budget_bytes: args.kv_budget_mb.saturating_mul(1 << 20),
+            max_waiting: args.max_waiting,
+        };
+        let service = server::EngineService::new(runtime, limits)?;
+        let result = server::serve(listener, service, shutdown).await;
         let _ = std::fs::remove_file(&args.socket);
         result?;
         anyhow::Ok(())

@@ -110,6 +110,31 @@ impl<B: Backend> AdamState<B> {
         cfg: &OptimConfig,
         lr: f32,
     ) -> Result<f32, ModelError> {
+        self.step_clipped_by(model, cfg, lr, None)
+    }
+
+    /// The squared norm of the gradients averaged over the accumulated micro-batches (what
+    /// [`AdamState::step`] clips by), without changing them.
+    pub fn sq_grad_norm(model: &Model<B>) -> Result<f64, ModelError> {
+        if model.accumulated == 0 {
+            return Err(ModelError::Input(
+                "gradient norm asked without any backward since the last step".into(),
+            ));
+        }
+        let grads: Vec<&B::Buf> = model.params.iter().map(|p| &p.grad).collect();
+        let norm = f64::from(model.be.global_norm(&grads)?) / f64::from(model.accumulated);
+        Ok(norm * norm)
+    }
+
+    /// [`AdamState::step`], clipping by `global_norm` when given (the norm over every pipeline
+    /// stage's gradients) instead of the norm of the held gradients.
+    pub fn step_clipped_by(
+        &mut self,
+        model: &mut Model<B>,
+        cfg: &OptimConfig,
+        lr: f32,
+        global_norm: Option<f32>,
+    ) -> Result<f32, ModelError> {
         if model.accumulated == 0 {
             return Err(ModelError::Input(
                 "optimizer step without any backward since the last step".into(),
@@ -123,7 +148,10 @@ impl<B: Backend> AdamState<B> {
             }
         }
         let grads: Vec<&B::Buf> = model.params.iter().map(|p| &p.grad).collect();
-        let norm = be.global_norm(&grads)?;
+        let norm = match global_norm {
+            Some(n) => n,
+            None => be.global_norm(&grads)?,
+        };
         if !norm.is_finite() {
             model.zero_grads()?;
             return Err(ModelError::Input(format!(

@@ -13,6 +13,7 @@
 //! - Checkpoint writes atomically; Restore replaces the loaded model (or loads one).
 
 mod session;
+mod stage;
 
 use std::path::Path;
 
@@ -28,7 +29,7 @@ use crate::data::DataError;
 use crate::export::ExportError;
 use crate::model::{ModelError, StageSpec};
 use crate::optim::TrainSettings;
-pub use session::{Session, State};
+pub use session::{Prepared, Session, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -52,6 +53,13 @@ pub enum RuntimeError {
     Data(#[from] DataError),
     #[error(transparent)]
     Export(ExportError),
+    /// At capacity right now (inference sessions): retry later.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// An inference session this engine no longer holds (ended, expired, or the model was
+    /// reloaded): not the caller's fault.
+    #[error("{0}")]
+    SessionGone(String),
 }
 
 impl From<ModelError> for RuntimeError {
@@ -104,6 +112,8 @@ impl From<RuntimeError> for tonic::Status {
             RuntimeError::Checkpoint(_) => tonic::Status::invalid_argument(msg),
             RuntimeError::Data(_) => tonic::Status::failed_precondition(msg),
             RuntimeError::Export(_) => tonic::Status::invalid_argument(msg),
+            RuntimeError::Busy(_) => tonic::Status::unavailable(msg),
+            RuntimeError::SessionGone(_) => tonic::Status::failed_precondition(msg),
         }
     }
 }
@@ -117,6 +127,9 @@ pub struct RuntimeHealth {
     pub memory_total: u64,
     pub model_loaded: bool,
     pub step: u64,
+    /// Distributed inference sessions open here and their KV cache bytes.
+    pub stage_sessions: u32,
+    pub stage_kv_bytes: u64,
 }
 
 /// Which device the engine runs on, as asked on the command line.
@@ -156,6 +169,9 @@ pub struct Runtime {
     /// The CUDA backend while no model holds it (a model owns its backend).
     idle_cuda: Option<CudaBackend>,
     session: Option<Loaded>,
+    /// Bumps whenever the loaded model is replaced or dropped: generation state (KV caches)
+    /// belongs to one model and ends with it.
+    epoch: u64,
 }
 
 /// The model config a LoadModel request asks for: the preset with non-zero fields overriding.
@@ -215,6 +231,7 @@ impl Runtime {
             use_cuda: cuda.is_some(),
             idle_cuda: cuda,
             session: None,
+            epoch: 0,
         })
     }
 
@@ -227,6 +244,7 @@ impl Runtime {
 
     /// Drops the loaded model, keeping its CUDA backend for the next one.
     fn unload(&mut self) {
+        self.epoch += 1;
         if let Some(Loaded::Cuda(state)) = self.session.take() {
             self.idle_cuda = Some((*state).into_backend());
         }
@@ -262,6 +280,7 @@ impl Runtime {
         match self.session.as_ref().map(Loaded::get) {
             Some(s) => {
                 let (device, device_name, memory_used, memory_total) = s.device();
+                let (stage_sessions, stage_kv_bytes) = s.stage_stats();
                 RuntimeHealth {
                     device,
                     device_name,
@@ -269,6 +288,8 @@ impl Runtime {
                     memory_total,
                     model_loaded: true,
                     step: s.step(),
+                    stage_sessions,
+                    stage_kv_bytes,
                 }
             }
             None => RuntimeHealth {
@@ -309,7 +330,48 @@ impl Runtime {
         }
         let train = TrainSettings::from_spec(req.train.as_ref(), &cfg, &req.node_id);
         // The old model goes first so two never coexist in memory.
-        if req.checkpoint_path.is_empty() {
+        let mut seeded_layers = Vec::new();
+        if req.checkpoint_path.is_empty() && !req.sources.is_empty() {
+            let mut files = Vec::with_capacity(req.sources.len());
+            for src in &req.sources {
+                let path = Path::new(&src.path);
+                let file = crate::checkpoint::read_tensor_file(path)?;
+                let meta = crate::checkpoint::checkpoint_meta(&file, path)?;
+                if meta.config != cfg {
+                    return Err(RuntimeError::Invalid(format!(
+                        "source {path:?} holds another model ({:?})",
+                        meta.config
+                    )));
+                }
+                if !src.model_hash.is_empty() {
+                    let got = crate::checkpoint::file_model_hash(&file, path)?;
+                    if got != src.model_hash {
+                        return Err(RuntimeError::Invalid(format!(
+                            "source {path:?}: its weights hash to {got}, not the expected {}",
+                            src.model_hash
+                        )));
+                    }
+                }
+                files.push((file, path, meta));
+            }
+            let refs: Vec<_> = files.iter().map(|(f, p, m)| (f, *p, m)).collect();
+            let (c2, t2) = (cfg.clone(), train.clone());
+            let mut seeded = None;
+            let mut seeded2 = None;
+            self.build(
+                |be| {
+                    let (s, l) = State::from_sources(be, cfg, spec, req.seed, train, &refs)?;
+                    seeded = Some(l);
+                    Ok(s)
+                },
+                |be| {
+                    let (s, l) = State::from_sources(be, c2, spec, req.seed, t2, &refs)?;
+                    seeded2 = Some(l);
+                    Ok(s)
+                },
+            )?;
+            seeded_layers = seeded.or(seeded2).unwrap_or_default();
+        } else if req.checkpoint_path.is_empty() {
             let (c2, t2) = (cfg.clone(), train.clone());
             self.build(
                 |be| State::new(be, cfg, spec, req.seed, train),
@@ -333,6 +395,7 @@ impl Runtime {
             parameters: session.parameters(),
             model_hash: session.model_hash()?,
             step: session.step(),
+            seeded_layers,
         };
         tracing::info!(
             parameters = reply.parameters,
@@ -366,6 +429,23 @@ impl Runtime {
         req: &pb::OptimizerStepRequest,
     ) -> Result<pb::OptimizerStepReply, RuntimeError> {
         self.session()?.optimizer_step(req)
+    }
+
+    pub fn next_batch(
+        &mut self,
+        req: &pb::NextBatchRequest,
+        shm: &Segment,
+    ) -> Result<pb::NextBatchReply, RuntimeError> {
+        self.session()?.next_batch(req, shm)
+    }
+
+    pub fn grad_norm(&mut self) -> Result<pb::GradNormReply, RuntimeError> {
+        self.session()?.grad_norm()
+    }
+
+    pub fn reset_grads(&mut self) -> Result<pb::ResetGradsReply, RuntimeError> {
+        self.session()?.reset_grads()?;
+        Ok(pb::ResetGradsReply {})
     }
 
     pub fn train_step(
@@ -437,6 +517,70 @@ impl Runtime {
         emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
     ) -> Result<(), RuntimeError> {
         self.session()?.generate(req, emit)
+    }
+
+    /// Which model generation state belongs to (see `epoch`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Continuous batching, driven by `batcher.rs`: see [`Session::gen_prepare`].
+    pub fn gen_prepare(&mut self, req: &pb::GenerateRequest) -> Result<Prepared, RuntimeError> {
+        self.session()?.gen_prepare(req)
+    }
+
+    pub fn gen_admit(&mut self, id: u64, p: &Prepared) -> Result<pb::GenerateReply, RuntimeError> {
+        self.session()?.gen_admit(id, p)
+    }
+
+    pub fn gen_step(&mut self) -> Result<Vec<(u64, pb::GenerateReply)>, RuntimeError> {
+        self.session()?.gen_step()
+    }
+
+    pub fn gen_cancel(&mut self, id: u64) {
+        if let Ok(s) = self.session() {
+            s.gen_cancel(id);
+        }
+    }
+
+    /// Distributed inference: see `runtime/stage.rs`.
+    pub fn stage_start(
+        &mut self,
+        req: &pb::StageStartRequest,
+    ) -> Result<pb::StageStartReply, RuntimeError> {
+        self.session()?.stage_start(req)
+    }
+
+    pub fn stage_forward(
+        &mut self,
+        req: &pb::StageForwardRequest,
+        shm: &Segment,
+    ) -> Result<pb::StageForwardReply, RuntimeError> {
+        self.session()?.stage_forward(req, shm)
+    }
+
+    pub fn stage_sample(
+        &mut self,
+        req: &pb::StageSampleRequest,
+        shm: &Segment,
+    ) -> Result<pb::StageSampleReply, RuntimeError> {
+        self.session()?.stage_sample(req, shm)
+    }
+
+    pub fn stage_end(
+        &mut self,
+        req: &pb::StageEndRequest,
+    ) -> Result<pb::StageEndReply, RuntimeError> {
+        Ok(pb::StageEndReply {
+            ended: self.session()?.stage_end(req.session),
+        })
+    }
+
+    /// Drops idle inference sessions (called from Health when the runtime is free).
+    pub fn stage_prune(&mut self) {
+        if let Ok(s) = self.session() {
+            s.stage_prune();
+        }
     }
 }
 

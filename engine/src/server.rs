@@ -1,22 +1,26 @@
 //! The RPC edge of the engine: the `Engine` gRPC service on the local Unix socket.
 //!
 //! Every command runs on a blocking thread against the one `Runtime` (commands are serialized
-//! by its mutex: the data plane does one thing at a time). Shared-memory references are
+//! by its mutex: the data plane does one thing at a time). Generate is the exception: it joins
+//! the continuous batch of `batcher.rs`, whose thread takes the same mutex once per decode
+//! step, so commands interleave with generation. Shared-memory references are
 //! resolved here. A device fault is answered and then ends the process with a non-zero code,
 //! so the supervisor restarts the engine from the last checkpoint instead of serving results
 //! from a broken context.
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use neuroshard_proto::engine as pb;
 use neuroshard_proto::engine::engine_server::{Engine, EngineServer};
 use neuroshard_shared::shm::{Segment, TensorRef};
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::{UnboundedReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
+use crate::batcher::{BatchLimits, Batcher};
 use crate::runtime::{Runtime, RuntimeError, RuntimeHealth};
 
 /// Exit code after a device fault: tells the supervisor to restart us.
@@ -29,15 +33,22 @@ pub struct EngineService {
     /// The runtime's figures as of the end of the last command: what `Health` answers while
     /// a command holds the runtime.
     last_health: Arc<Mutex<RuntimeHealth>>,
+    /// Generate requests go through the continuous-batching scheduler (`batcher.rs`).
+    batcher: Arc<Batcher>,
 }
 
 impl EngineService {
-    pub fn new(runtime: Runtime) -> EngineService {
-        EngineService {
-            last_health: Arc::new(Mutex::new(runtime.health())),
-            runtime: Arc::new(Mutex::new(runtime)),
+    /// The service over `runtime`; starts the generation scheduler thread.
+    pub fn new(runtime: Runtime, limits: BatchLimits) -> std::io::Result<EngineService> {
+        let last_health = Arc::new(Mutex::new(runtime.health()));
+        let runtime = Arc::new(Mutex::new(runtime));
+        let batcher = Batcher::start(runtime.clone(), last_health.clone(), limits)?;
+        Ok(EngineService {
+            last_health,
+            runtime,
             segment: Arc::new(RwLock::new(None)),
-        }
+            batcher: Arc::new(batcher),
+        })
     }
 
     fn segment(&self) -> Result<Arc<Segment>, Status> {
@@ -72,12 +83,13 @@ impl EngineService {
     }
 }
 
-/// Converts a runtime error to a status; a device fault also schedules the process exit.
-fn fault_exits(e: RuntimeError) -> Status {
+/// Converts a runtime error to a status; a device fault also schedules the process exit (on
+/// a plain thread, so the scheduler thread can call this too).
+pub(crate) fn fault_exits(e: RuntimeError) -> Status {
     if let RuntimeError::DeviceFault { op, message } = &e {
         tracing::error!(op, %message, "device fault: exiting so the supervisor restarts the engine");
-        tokio::spawn(async {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
             std::process::exit(EXIT_DEVICE_FAULT);
         });
     }
@@ -109,7 +121,8 @@ impl Engine for EngineService {
         let attached = self.segment.read().map(|s| s.is_some()).unwrap_or(false);
         // Health must answer while a long command holds the runtime: never wait for the lock.
         let h = match self.runtime.try_lock() {
-            Ok(rt) => {
+            Ok(mut rt) => {
+                rt.stage_prune();
                 let h = rt.health();
                 if let Ok(mut last) = self.last_health.lock() {
                     *last = h.clone();
@@ -132,6 +145,13 @@ impl Engine for EngineService {
             step: h.step,
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
+            batch_size: self.batcher.stats().active.load(Ordering::SeqCst) as u32,
+            batch_waiting: self.batcher.stats().waiting.load(Ordering::SeqCst) as u32,
+            kv_bytes_used: self.batcher.stats().kv_bytes_used.load(Ordering::SeqCst),
+            kv_bytes_budget: self.batcher.limits().kv_budget_bytes,
+            max_batch: self.batcher.limits().max_batch as u32,
+            stage_sessions: h.stage_sessions,
+            stage_kv_bytes: h.stage_kv_bytes,
         }))
     }
 
@@ -214,6 +234,35 @@ impl Engine for EngineService {
             .map(Response::new)
     }
 
+    async fn next_batch(
+        &self,
+        req: Request<pb::NextBatchRequest>,
+    ) -> Result<Response<pb::NextBatchReply>, Status> {
+        let req = req.into_inner();
+        let seg = self.segment()?;
+        self.with_runtime(move |rt| rt.next_batch(&req, &seg))
+            .await
+            .map(Response::new)
+    }
+
+    async fn grad_norm(
+        &self,
+        _req: Request<pb::GradNormRequest>,
+    ) -> Result<Response<pb::GradNormReply>, Status> {
+        self.with_runtime(|rt| rt.grad_norm())
+            .await
+            .map(Response::new)
+    }
+
+    async fn reset_grads(
+        &self,
+        _req: Request<pb::ResetGradsRequest>,
+    ) -> Result<Response<pb::ResetGradsReply>, Status> {
+        self.with_runtime(|rt| rt.reset_grads())
+            .await
+            .map(Response::new)
+    }
+
     async fn train_step(
         &self,
         req: Request<pb::TrainStepRequest>,
@@ -275,26 +324,61 @@ impl Engine for EngineService {
             .map(Response::new)
     }
 
-    type GenerateStream = ReceiverStream<Result<pb::GenerateReply, Status>>;
+    type GenerateStream = UnboundedReceiverStream<Result<pb::GenerateReply, Status>>;
 
+    /// Joins the continuous batch; the stream gets each token as it is produced. Dropping the
+    /// stream frees the request's place and KV cache at the next step.
     async fn generate(
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // Unbounded: a request produces at most max_seq replies, and a slow reader must not
+        // stall the whole batch.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.batcher.submit(req.into_inner(), tx)?;
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn stage_start(
+        &self,
+        req: Request<pb::StageStartRequest>,
+    ) -> Result<Response<pb::StageStartReply>, Status> {
         let req = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut rt = runtime
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let mut emit = |reply: pb::GenerateReply| tx.blocking_send(Ok(reply)).is_ok();
-            if let Err(e) = rt.generate(&req, &mut emit) {
-                let status = e.into();
-                let _ = tx.blocking_send(Err(status));
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        self.with_runtime(move |rt| rt.stage_start(&req))
+            .await
+            .map(Response::new)
+    }
+
+    async fn stage_forward(
+        &self,
+        req: Request<pb::StageForwardRequest>,
+    ) -> Result<Response<pb::StageForwardReply>, Status> {
+        let req = req.into_inner();
+        let seg = self.segment()?;
+        self.with_runtime(move |rt| rt.stage_forward(&req, &seg))
+            .await
+            .map(Response::new)
+    }
+
+    async fn stage_sample(
+        &self,
+        req: Request<pb::StageSampleRequest>,
+    ) -> Result<Response<pb::StageSampleReply>, Status> {
+        let req = req.into_inner();
+        let seg = self.segment()?;
+        self.with_runtime(move |rt| rt.stage_sample(&req, &seg))
+            .await
+            .map(Response::new)
+    }
+
+    async fn stage_end(
+        &self,
+        req: Request<pb::StageEndRequest>,
+    ) -> Result<Response<pb::StageEndReply>, Status> {
+        let req = req.into_inner();
+        self.with_runtime(move |rt| rt.stage_end(&req))
+            .await
+            .map(Response::new)
     }
 }
 

@@ -101,19 +101,19 @@ impl ModelConfig {
         {
             return bad("hidden, layers, heads, kv_heads and ffn must be positive".into());
         }
-        if self.hidden % self.heads != 0 {
+        if !self.hidden.is_multiple_of(self.heads) {
             return bad(format!(
                 "hidden {} not divisible by heads {}",
                 self.hidden, self.heads
             ));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "heads {} not divisible by kv_heads {}",
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()

@@ -43,25 +43,25 @@ impl Finish {
 }
 
 /// Per-shape buffers of one decoding pass over `tq` tokens.
-struct Step<B: Backend> {
-    x: B::Buf,
-    n: B::Buf,
-    rstd: B::Buf,
-    q_pre: B::Buf,
-    q: B::Buf,
-    k_pre: B::Buf,
-    k: B::Buf,
-    v: B::Buf,
-    att: B::Buf,
-    proj: B::Buf,
-    x2: B::Buf,
-    gate: B::Buf,
-    up: B::Buf,
-    h: B::Buf,
-    last: B::Buf,
-    nlast: B::Buf,
-    rlast: B::Buf,
-    logits: B::Buf,
+pub(super) struct Step<B: Backend> {
+    pub(super) x: B::Buf,
+    pub(super) n: B::Buf,
+    pub(super) rstd: B::Buf,
+    pub(super) q_pre: B::Buf,
+    pub(super) q: B::Buf,
+    pub(super) k_pre: B::Buf,
+    pub(super) k: B::Buf,
+    pub(super) v: B::Buf,
+    pub(super) att: B::Buf,
+    pub(super) proj: B::Buf,
+    pub(super) x2: B::Buf,
+    pub(super) gate: B::Buf,
+    pub(super) up: B::Buf,
+    pub(super) h: B::Buf,
+    pub(super) last: B::Buf,
+    pub(super) nlast: B::Buf,
+    pub(super) rlast: B::Buf,
+    pub(super) logits: B::Buf,
 }
 
 impl<B: Backend> Model<B> {
@@ -120,7 +120,7 @@ impl<B: Backend> Model<B> {
                 step_bufs = Some((tq, self.step_buffers(tq)?));
             }
             let (_, st) = step_bufs.as_mut().expect("just set");
-            self.decode_pass(&input, pos, st, &mut kcache, &mut vcache)?;
+            self.decode_pass(&input, pos, max_seq, st, &mut kcache, &mut vcache)?;
             be.download(&st.logits, &mut logits)?;
             pos += tq;
             let token = sample(&mut logits[..self.v_live], sampling, &mut rng);
@@ -141,7 +141,7 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn step_buffers(&self, tq: usize) -> Result<Step<B>> {
+    pub(super) fn step_buffers(&self, tq: usize) -> Result<Step<B>> {
         let be = &self.be;
         let c = self.cfg.hidden as usize;
         let kv = (self.cfg.kv_heads * self.cfg.head_dim()) as usize;
@@ -168,19 +168,71 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Runs `tokens` at positions `past..`, appending their keys/values to the caches, and
+    /// Runs `tokens` at positions `past..`, appending their keys/values to the caches (of `tmax`
+    /// rows), and
     /// leaves the next-token logits of the last position in `st.logits`.
-    fn decode_pass(
+    pub(super) fn decode_pass(
         &self,
         tokens: &[u32],
         past: usize,
+        tmax: usize,
         st: &mut Step<B>,
         kc: &mut [B::Buf],
         vc: &mut [B::Buf],
     ) -> Result<()> {
         let be = &self.be;
         let cfg = &self.cfg;
-        let (tq, c, f) = (tokens.len(), cfg.hidden as usize, cfg.ffn as usize);
+        let (tq, c) = (tokens.len(), cfg.hidden as usize);
+        let ids = be.upload_ids(tokens)?;
+        be.embedding_forward(&mut st.x, &ids, &self.params[0].value, c)?;
+        self.cached_layers(1, tq, past, tmax, st, kc, vc)?;
+        self.last_logits(tq, st)
+    }
+
+    /// Final norm and LM head on the last of `tq` positions of `st.x`: the next-token logits
+    /// (full vocabulary) in `st.logits`.
+    pub(super) fn last_logits(&self, tq: usize, st: &mut Step<B>) -> Result<()> {
+        let be = &self.be;
+        let c = self.cfg.hidden as usize;
+        let n = self.params.len();
+        be.copy_range(&mut st.last, 0, &st.x, (tq - 1) * c, c)?;
+        be.rmsnorm_forward(
+            &mut st.nlast,
+            &mut st.rlast,
+            &st.last,
+            &self.params[n - 2].value,
+            1,
+            c,
+            self.cfg.norm_eps,
+        )?;
+        be.matmul_forward(
+            &mut st.logits,
+            &st.nlast,
+            &self.params[n - 1].value,
+            1,
+            c,
+            self.cfg.vocab_size as usize,
+        )?;
+        Ok(())
+    }
+
+    /// Runs the held transformer layers over the `tq` rows in `st.x` (in place) at positions
+    /// `past..`, appending keys/values to the caches (of `tmax` rows); the layer parameters
+    /// start at `self.params[first]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn cached_layers(
+        &self,
+        first: usize,
+        tq: usize,
+        past: usize,
+        tmax: usize,
+        st: &mut Step<B>,
+        kc: &mut [B::Buf],
+        vc: &mut [B::Buf],
+    ) -> Result<()> {
+        let be = &self.be;
+        let cfg = &self.cfg;
+        let (c, f) = (cfg.hidden as usize, cfg.ffn as usize);
         let (h, kvh, d) = (
             cfg.heads as usize,
             cfg.kv_heads as usize,
@@ -188,10 +240,8 @@ impl<B: Backend> Model<B> {
         );
         let kv = kvh * d;
         let (eps, theta) = (cfg.norm_eps, cfg.rope_theta);
-        let ids = be.upload_ids(tokens)?;
-        be.embedding_forward(&mut st.x, &ids, &self.params[0].value, c)?;
         for l in 0..self.num_layers() {
-            let w = &self.params[1 + l * PARAMS_PER_LAYER..1 + (l + 1) * PARAMS_PER_LAYER];
+            let w = &self.params[first + l * PARAMS_PER_LAYER..first + (l + 1) * PARAMS_PER_LAYER];
             be.rmsnorm_forward(
                 &mut st.n,
                 &mut st.rstd,
@@ -212,7 +262,7 @@ impl<B: Backend> Model<B> {
                 b: 1,
                 tq,
                 past,
-                tmax: cfg.max_seq as usize,
+                tmax,
                 h,
                 kvh,
                 d,
@@ -235,25 +285,6 @@ impl<B: Backend> Model<B> {
             be.matmul_forward(&mut st.proj, &st.h, &w[WD].value, tq, f, c)?;
             be.add(&mut st.x, &st.x2, &st.proj)?;
         }
-        let n = self.params.len();
-        be.copy_range(&mut st.last, 0, &st.x, (tq - 1) * c, c)?;
-        be.rmsnorm_forward(
-            &mut st.nlast,
-            &mut st.rlast,
-            &st.last,
-            &self.params[n - 2].value,
-            1,
-            c,
-            eps,
-        )?;
-        be.matmul_forward(
-            &mut st.logits,
-            &st.nlast,
-            &self.params[n - 1].value,
-            1,
-            c,
-            cfg.vocab_size as usize,
-        )?;
         Ok(())
     }
 }

@@ -8,9 +8,11 @@
 //! `max_outstanding` micro-batches may wait for their backward (a clear error beyond). Buffers
 //! are pooled per shape: a steady training loop allocates nothing per step.
 
+pub mod batch;
 pub mod generate;
 pub mod layer;
 pub mod params;
+pub mod stage_gen;
 
 use std::collections::HashMap;
 

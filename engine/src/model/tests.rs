@@ -262,3 +262,98 @@ fn cached_generation_matches_full_forward_argmax() {
         seq.push(tok);
     }
 }
+
+/// Tokens of `prompt` decoded alone by the sequential path.
+fn alone(m: &Model<CpuBackend>, prompt: &[u32], max_tokens: u32, s: Sampling) -> Vec<u32> {
+    let mut got = Vec::new();
+    m.generate(prompt, max_tokens, s, &mut |tok, _, _| {
+        got.push(tok);
+        true
+    })
+    .unwrap();
+    got
+}
+
+#[test]
+fn batched_decoding_matches_each_request_alone() {
+    use super::batch::{BatchScratch, Sequence};
+    let cfg = tiny();
+    let m = stage(&cfg, 0, 2, true, true);
+    let sampled = |seed| Sampling {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 40,
+        seed,
+    };
+    let greedy = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+    };
+    // (arrives before decode step, prompt, max_tokens, sampling)
+    let requests: Vec<(usize, Vec<u32>, u32, Sampling)> = vec![
+        (0, vec![1, 40, 41, 42, 300], 12, greedy),
+        (0, vec![7, 8], 20, sampled(11)),
+        (0, vec![], 5, sampled(12)),
+        (3, vec![100, 200, 300, 400, 500, 510], 9, greedy),
+        (3, vec![55], 15, sampled(13)),
+        (7, vec![9, 9, 9], 4, sampled(14)),
+    ];
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
+    let mut active: Vec<(usize, Sequence<CpuBackend>)> = Vec::new();
+    let mut scratch: Option<BatchScratch<CpuBackend>> = None;
+    let mut widest = 0;
+    for step in 0..40 {
+        for (i, (at, prompt, max_tokens, s)) in requests.iter().enumerate() {
+            if *at == step {
+                let (seq, first) = m.start_sequence(prompt, *max_tokens, *s).unwrap();
+                got[i].push(first.token);
+                if first.finish.is_none() {
+                    active.push((i, seq));
+                }
+            }
+        }
+        widest = widest.max(active.len());
+        let mut refs: Vec<&mut Sequence<CpuBackend>> = active.iter_mut().map(|(_, s)| s).collect();
+        let out = m.decode_batch(&mut refs, &mut scratch).unwrap();
+        for ((i, _), e) in active.iter().zip(&out) {
+            assert_eq!(e.index as usize, got[*i].len());
+            got[*i].push(e.token);
+        }
+        // Finished sequences leave; the others continue.
+        active.retain(|(_, s)| !s.finished());
+    }
+    assert!(active.is_empty());
+    assert!(widest >= 4, "the batch held {widest} sequences at most");
+    for (i, (_, prompt, max_tokens, s)) in requests.iter().enumerate() {
+        assert_eq!(got[i], alone(&m, prompt, *max_tokens, *s), "request {i}");
+    }
+}
+
+#[test]
+fn sequences_refuse_bad_input_and_reserve_their_length() {
+    use super::batch::{kv_cache_bytes, reserved_rows};
+    let cfg = tiny();
+    let m = stage(&cfg, 0, 2, true, true);
+    let s = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+    };
+    assert!(m.start_sequence(&[cfg.vocab_size], 4, s).is_err());
+    assert!(m.start_sequence(&[5], 0, s).is_err());
+    let long = vec![5u32; cfg.max_seq as usize];
+    assert!(m.start_sequence(&long, 4, s).is_err());
+    let (seq, _) = m.start_sequence(&[5, 6, 7], 10, s).unwrap();
+    assert_eq!(seq.rows(), 13);
+    assert_eq!(reserved_rows(&cfg, 3, u32::MAX), cfg.max_seq as usize);
+    assert_eq!(
+        kv_cache_bytes(&cfg, 13),
+        cfg.layers as u64 * 2 * 13 * cfg.kv_heads as u64 * cfg.head_dim() as u64 * 4
+    );
+    // A stage without the head cannot generate.
+    let part = stage(&cfg, 0, 1, true, false);
+    assert!(part.start_sequence(&[5], 4, s).is_err());
+}

@@ -14,6 +14,7 @@ use super::RuntimeError;
 use crate::backend::Backend;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{DataLoader, DataPosition, DataSource, LoaderConfig, builtin_tokenizer};
+use crate::model::batch::{BatchScratch, Emitted, Sequence, kv_cache_bytes, reserved_rows};
 use crate::model::generate::Sampling;
 use crate::model::{Model, StageInput, StageSpec};
 use crate::optim::{AdamState, TrainSettings};
@@ -42,6 +43,13 @@ pub trait Session: Send {
         req: &pb::OptimizerStepRequest,
     ) -> Result<pb::OptimizerStepReply, RuntimeError>;
     fn train_step(&mut self) -> Result<pb::TrainStepReply, RuntimeError>;
+    fn next_batch(
+        &mut self,
+        req: &pb::NextBatchRequest,
+        seg: &Segment,
+    ) -> Result<pb::NextBatchReply, RuntimeError>;
+    fn grad_norm(&mut self) -> Result<pb::GradNormReply, RuntimeError>;
+    fn reset_grads(&mut self) -> Result<(), RuntimeError>;
     fn export_weights(
         &mut self,
         req: &pb::ExportWeightsRequest,
@@ -58,6 +66,57 @@ pub trait Session: Send {
         req: &pb::GenerateRequest,
         emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
     ) -> Result<(), RuntimeError>;
+    /// Tokenizes and checks a Generate request, and says how much KV cache it reserves; the
+    /// batch is untouched.
+    fn gen_prepare(&mut self, req: &pb::GenerateRequest) -> Result<Prepared, RuntimeError>;
+    /// Admits a prepared request into the batch under `id`: prefill and first token. A request
+    /// whose first token is its last is not kept.
+    fn gen_admit(&mut self, id: u64, p: &Prepared) -> Result<pb::GenerateReply, RuntimeError>;
+    /// One decode step of every sequence in the batch: a reply per sequence; finished ones
+    /// leave. On an error the batch is emptied.
+    fn gen_step(&mut self) -> Result<Vec<(u64, pb::GenerateReply)>, RuntimeError>;
+    /// Drops a sequence (its client went away), freeing its KV cache.
+    fn gen_cancel(&mut self, id: u64);
+    /// Distributed inference (`stage.rs`): the requester's front end of a session.
+    fn stage_start(
+        &mut self,
+        req: &pb::StageStartRequest,
+    ) -> Result<pb::StageStartReply, RuntimeError>;
+    /// This stage's layers for one step of a session.
+    fn stage_forward(
+        &mut self,
+        req: &pb::StageForwardRequest,
+        seg: &Segment,
+    ) -> Result<pb::StageForwardReply, RuntimeError>;
+    /// The next token of a session from the last stage's logits.
+    fn stage_sample(
+        &mut self,
+        req: &pb::StageSampleRequest,
+        seg: &Segment,
+    ) -> Result<pb::StageSampleReply, RuntimeError>;
+    /// Frees a session; false when it was not open.
+    fn stage_end(&mut self, session: u64) -> bool;
+    /// Drops idle sessions.
+    fn stage_prune(&mut self);
+    /// Open sessions and their KV cache bytes.
+    fn stage_stats(&self) -> (u32, u64);
+}
+
+/// A Generate request checked and tokenized, waiting for a place in the batch.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: u32,
+    pub sampling: Sampling,
+    /// KV cache bytes the request reserves for its whole length.
+    pub kv_bytes: u64,
+}
+
+/// A sequence in the batch with the bytes of a character its text has not completed yet.
+struct Active<B: Backend> {
+    id: u64,
+    seq: Sequence<B>,
+    pending_text: Vec<u8>,
 }
 
 pub struct State<B: Backend> {
@@ -68,6 +127,11 @@ pub struct State<B: Backend> {
     /// A restored position to seek to when the loader opens.
     pending_position: Option<DataPosition>,
     tokenizer: Option<Tokenizer>,
+    /// The sequences being generated together (continuous batching).
+    active: Vec<Active<B>>,
+    batch_scratch: Option<BatchScratch<B>>,
+    /// Distributed inference sessions (`stage.rs`).
+    pub(super) stage_sessions: super::stage::StageSessions<B>,
 }
 
 impl<B: Backend> State<B> {
@@ -88,6 +152,9 @@ impl<B: Backend> State<B> {
             loader: None,
             pending_position: None,
             tokenizer: None,
+            active: Vec::new(),
+            batch_scratch: None,
+            stage_sessions: Default::default(),
         })
     }
 
@@ -133,7 +200,44 @@ impl<B: Backend> State<B> {
             loader: None,
             pending_position,
             tokenizer: None,
+            active: Vec::new(),
+            batch_scratch: None,
+            stage_sessions: Default::default(),
         })
+    }
+
+    /// A stage from the seed whose held parameters (weights and AdamW moments) are then taken
+    /// from `sources`, checkpoints of other stages of the same model (see
+    /// `checkpoint::overlay_sources`); the optimizer step and data position are the first
+    /// source's. Also returns the held layers no source covered.
+    pub fn from_sources(
+        be: B,
+        cfg: ModelConfig,
+        spec: StageSpec,
+        seed: u64,
+        train: TrainSettings,
+        sources: &[(&checkpoint::TensorFile, &Path, &CheckpointMeta)],
+    ) -> Result<(State<B>, Vec<u32>), RuntimeError> {
+        let mut state = State::new(be, cfg, spec, seed, train)?;
+        let files: Vec<(&checkpoint::TensorFile, &Path)> =
+            sources.iter().map(|(f, p, _)| (*f, *p)).collect();
+        let seeded = checkpoint::overlay_sources(&mut state.model, &mut state.adam, &files)?;
+        if let Some((_, _, first)) = sources.first() {
+            state.adam.step = first.step;
+            if spec.has_embedding && first.stage.has_embedding {
+                state.pending_position = match &first.data_position {
+                    Some(json) => Some(serde_json::from_str(json).map_err(|e| {
+                        RuntimeError::Invalid(format!("checkpoint data position {json:?}: {e}"))
+                    })?),
+                    None => None,
+                };
+            }
+            if first.stage.has_embedding || first.stage.has_head {
+                state.model.v_live =
+                    (first.v_live as usize).clamp(1, state.model.cfg.vocab_size as usize);
+            }
+        }
+        Ok((state, seeded))
     }
 
     /// Gives the backend back (the model and optimizer state are dropped).
@@ -141,7 +245,7 @@ impl<B: Backend> State<B> {
         self.model.be
     }
 
-    fn tokenizer(&mut self) -> Result<&Tokenizer, RuntimeError> {
+    pub(super) fn tokenizer(&mut self) -> Result<&Tokenizer, RuntimeError> {
         if self.tokenizer.is_none() {
             let tok = builtin_tokenizer(self.model.cfg.vocab_size)
                 .map_err(|e| RuntimeError::Invalid(format!("building the tokenizer: {e}")))?;
@@ -424,11 +528,60 @@ impl<B: Backend> Session for State<B> {
         } else {
             self.train.optim.lr
         };
-        let norm = self.adam.step(&mut self.model, &self.train.optim, lr)?;
+        let global = req.global_norm.filter(|n| n.is_finite() && *n >= 0.0);
+        let norm = self
+            .adam
+            .step_clipped_by(&mut self.model, &self.train.optim, lr, global)?;
         Ok(pb::OptimizerStepReply {
             step: self.adam.step,
             grad_norm: norm,
         })
+    }
+
+    fn next_batch(
+        &mut self,
+        req: &pb::NextBatchRequest,
+        seg: &Segment,
+    ) -> Result<pb::NextBatchReply, RuntimeError> {
+        if !self.model.spec.has_embedding {
+            return Err(RuntimeError::Invalid(
+                "NextBatch needs the embedding (the first pipeline stage)".into(),
+            ));
+        }
+        if req.ids_slot == req.labels_slot {
+            return Err(RuntimeError::Invalid(
+                "ids and labels need two different slots".into(),
+            ));
+        }
+        let batch = self.loader()?.next_batch()?;
+        let shard = self
+            .loader
+            .as_ref()
+            .map(|l| l.position().shard_id)
+            .unwrap_or(0);
+        let shape = [batch.batch as u64, batch.seq as u64];
+        let ids = neuroshard_shared::shm::Tensor::from_u32(&shape, &batch.input_ids);
+        let ids = seg.write(req.ids_slot, ids.dtype, &ids.shape, &ids.bytes)?;
+        let labels = neuroshard_shared::shm::Tensor::from_u32(&shape, &batch.labels);
+        let labels = seg.write(req.labels_slot, labels.dtype, &labels.shape, &labels.bytes)?;
+        Ok(pb::NextBatchReply {
+            ids: Some(pbref(ids)),
+            labels: Some(pbref(labels)),
+            shard: shard as u32,
+        })
+    }
+
+    fn grad_norm(&mut self) -> Result<pb::GradNormReply, RuntimeError> {
+        Ok(pb::GradNormReply {
+            sq_norm: AdamState::sq_grad_norm(&self.model)?,
+            micro_batches: self.model.accumulated,
+        })
+    }
+
+    fn reset_grads(&mut self) -> Result<(), RuntimeError> {
+        self.model.clear_activations();
+        self.model.zero_grads()?;
+        Ok(())
     }
 
     fn train_step(&mut self) -> Result<pb::TrainStepReply, RuntimeError> {
@@ -547,7 +700,128 @@ impl<B: Backend> Session for State<B> {
         req: &pb::GenerateRequest,
         emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
     ) -> Result<(), RuntimeError> {
-        let s = req.sampling.unwrap_or_default();
+        let p = self.gen_prepare(req)?;
+        let tokenizer = self.tokenizer.as_ref().expect("loaded by gen_prepare");
+        let prompt_tokens = p.prompt_ids.len() as u32;
+        let mut decode = tokenizer.decode_stream();
+        self.model.generate(
+            &p.prompt_ids,
+            p.max_tokens,
+            p.sampling,
+            &mut |token, index, finish| {
+                emit(pb::GenerateReply {
+                    token_id: token,
+                    index,
+                    finish_reason: finish.map(|f| f.as_str().to_string()).unwrap_or_default(),
+                    text: decode.step(token),
+                    prompt_tokens: if index == 0 { prompt_tokens } else { 0 },
+                    queue_us: 0,
+                })
+            },
+        )?;
+        Ok(())
+    }
+
+    fn gen_prepare(&mut self, req: &pb::GenerateRequest) -> Result<Prepared, RuntimeError> {
+        let (prompt_ids, max_tokens, sampling) =
+            self.gen_prepare_parts(&req.prompt, &req.prompt_ids, req.max_tokens, req.sampling)?;
+        let rows = reserved_rows(&self.model.cfg, prompt_ids.len(), max_tokens);
+        Ok(Prepared {
+            kv_bytes: kv_cache_bytes(&self.model.cfg, rows),
+            prompt_ids,
+            max_tokens,
+            sampling,
+        })
+    }
+
+    fn gen_admit(&mut self, id: u64, p: &Prepared) -> Result<pb::GenerateReply, RuntimeError> {
+        let (seq, first) = self
+            .model
+            .start_sequence(&p.prompt_ids, p.max_tokens, p.sampling)?;
+        let mut active = Active {
+            id,
+            seq,
+            pending_text: Vec::new(),
+        };
+        let mut reply = self.reply(&mut active, first)?;
+        reply.prompt_tokens = p.prompt_ids.len() as u32;
+        if first.finish.is_none() {
+            self.active.retain(|a| a.id != id);
+            self.active.push(active);
+        }
+        Ok(reply)
+    }
+
+    fn gen_step(&mut self) -> Result<Vec<(u64, pb::GenerateReply)>, RuntimeError> {
+        let mut refs: Vec<&mut Sequence<B>> = self.active.iter_mut().map(|a| &mut a.seq).collect();
+        let emitted = match self.model.decode_batch(&mut refs, &mut self.batch_scratch) {
+            Ok(e) => e,
+            Err(e) => {
+                self.active.clear();
+                return Err(e.into());
+            }
+        };
+        let mut active = std::mem::take(&mut self.active);
+        let mut out = Vec::with_capacity(active.len());
+        for (a, e) in active.iter_mut().zip(emitted) {
+            out.push((a.id, self.reply(a, e)?));
+        }
+        active.retain(|a| !a.seq.finished());
+        self.active = active;
+        Ok(out)
+    }
+
+    fn gen_cancel(&mut self, id: u64) {
+        self.active.retain(|a| a.id != id);
+    }
+
+    fn stage_start(
+        &mut self,
+        req: &pb::StageStartRequest,
+    ) -> Result<pb::StageStartReply, RuntimeError> {
+        State::stage_start(self, req)
+    }
+
+    fn stage_forward(
+        &mut self,
+        req: &pb::StageForwardRequest,
+        seg: &Segment,
+    ) -> Result<pb::StageForwardReply, RuntimeError> {
+        State::stage_forward(self, req, seg)
+    }
+
+    fn stage_sample(
+        &mut self,
+        req: &pb::StageSampleRequest,
+        seg: &Segment,
+    ) -> Result<pb::StageSampleReply, RuntimeError> {
+        State::stage_sample(self, req, seg)
+    }
+
+    fn stage_end(&mut self, session: u64) -> bool {
+        State::stage_end(self, session)
+    }
+
+    fn stage_prune(&mut self) {
+        State::stage_prune(self)
+    }
+
+    fn stage_stats(&self) -> (u32, u64) {
+        (self.stage_sessions.len() as u32, self.stage_kv_bytes())
+    }
+}
+
+impl<B: Backend> State<B> {
+    /// A generation request's prompt ids (a text prompt tokenized after a document
+    /// separator), max_tokens (0: the model's context) and sampling (no seed: from the clock).
+    pub(super) fn gen_prepare_parts(
+        &mut self,
+        prompt: &str,
+        prompt_ids: &[u32],
+        max_tokens: u32,
+        sampling: Option<pb::SamplingParams>,
+    ) -> Result<(Vec<u32>, u32, Sampling), RuntimeError> {
+        let s = sampling.unwrap_or_default();
         let seed = s.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -560,24 +834,40 @@ impl<B: Backend> Session for State<B> {
             top_k: s.top_k,
             seed,
         };
-        let max_tokens = if req.max_tokens == 0 {
+        let max_tokens = if max_tokens == 0 {
             self.model.cfg.max_seq
         } else {
-            req.max_tokens
+            max_tokens
         };
-        self.model.generate(
-            &req.prompt_ids,
-            max_tokens,
-            sampling,
-            &mut |token, index, finish| {
-                emit(pb::GenerateReply {
-                    token_id: token,
-                    index,
-                    finish_reason: finish.map(|f| f.as_str().to_string()).unwrap_or_default(),
-                })
-            },
-        )?;
-        Ok(())
+        let tokenizer = self.tokenizer()?;
+        // A text prompt starts a new document, as documents start after EOS in training.
+        let prompt_ids: Vec<u32> = if prompt.is_empty() {
+            prompt_ids.to_vec()
+        } else {
+            std::iter::once(neuroshard_shared::tokenizer::EOS_ID)
+                .chain(tokenizer.encode(prompt))
+                .collect()
+        };
+        Ok((prompt_ids, max_tokens, sampling))
+    }
+
+    /// The reply carrying one produced token of `a`, with the text it completes.
+    fn reply(&mut self, a: &mut Active<B>, e: Emitted) -> Result<pb::GenerateReply, RuntimeError> {
+        let tokenizer = self.tokenizer()?;
+        let mut decode = neuroshard_shared::tokenizer::DecodeStream::resume(
+            tokenizer,
+            std::mem::take(&mut a.pending_text),
+        );
+        let text = decode.step(e.token);
+        a.pending_text = decode.into_pending();
+        Ok(pb::GenerateReply {
+            token_id: e.token,
+            index: e.index,
+            finish_reason: e.finish.map(|f| f.as_str().to_string()).unwrap_or_default(),
+            text,
+            prompt_tokens: 0,
+            queue_us: 0,
+        })
     }
 }
 

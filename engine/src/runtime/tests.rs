@@ -34,7 +34,20 @@ fn load_clip(
     lr: f32,
     clip: f32,
 ) -> pb::LoadModelReply {
-    rt.load_model(&pb::LoadModelRequest {
+    rt.load_model(&load_request(start, end, emb, head, lr, clip))
+        .unwrap()
+}
+
+/// LoadModel of layers `start..end` of `tiny` (seed 11, node "node-a", batch 4 × 32).
+fn load_request(
+    start: u32,
+    end: u32,
+    emb: bool,
+    head: bool,
+    lr: f32,
+    clip: f32,
+) -> pb::LoadModelRequest {
+    pb::LoadModelRequest {
         model: Some(pb::ModelSpec {
             preset: "tiny".into(),
             ..Default::default()
@@ -53,8 +66,7 @@ fn load_clip(
         }),
         node_id: "node-a".into(),
         ..Default::default()
-    })
-    .unwrap()
+    }
 }
 
 fn pbref(r: TensorRef) -> Option<pb::TensorRef> {
@@ -176,7 +188,10 @@ fn pipeline_through_shm_equals_the_full_model() {
     // One optimizer step on every node: the stages' weights must equal the full model's.
     for rt in [&mut full, &mut s1, &mut s2] {
         let st = rt
-            .optimizer_step(&pb::OptimizerStepRequest { learning_rate: 0.0 })
+            .optimizer_step(&pb::OptimizerStepRequest {
+                learning_rate: 0.0,
+                global_norm: None,
+            })
             .unwrap();
         assert_eq!(st.step, 1);
     }
@@ -323,6 +338,7 @@ fn generate_streams_and_stops() {
             seed: Some(4),
         }),
         request_id: "r".into(),
+        prompt: String::new(),
     };
     let mut got = Vec::new();
     rt.generate(&req, &mut |r| {
@@ -411,4 +427,192 @@ fn weights_travel_through_a_slot_and_hf_export_needs_the_full_model() {
         s.import_weights(&pb::ImportWeightsRequest { src: None }, None)
             .is_err()
     );
+}
+
+fn load_sources(
+    rt: &mut Runtime,
+    start: u32,
+    end: u32,
+    emb: bool,
+    head: bool,
+    sources: &[(&std::path::Path, &str)],
+) -> Result<pb::LoadModelReply, RuntimeError> {
+    rt.load_model(&pb::LoadModelRequest {
+        sources: sources
+            .iter()
+            .map(|(p, h)| pb::WeightSource {
+                path: p.display().to_string(),
+                model_hash: h.to_string(),
+            })
+            .collect(),
+        ..load_request(start, end, emb, head, 1e-3, 0.0)
+    })
+}
+
+#[test]
+fn a_stage_takes_its_layers_from_other_stages_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let full_ck = dir.path().join("full.ckpt");
+    let mut a = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut a, 0, 0, false, false, 1e-3);
+    for _ in 0..3 {
+        a.train_step(&pb::TrainStepRequest {}).unwrap();
+    }
+    a.checkpoint(&pb::CheckpointRequest {
+        path: full_ck.display().to_string(),
+    })
+    .unwrap();
+    let full_hash = a.model_hash().unwrap().model_hash;
+
+    // The whole model from the full checkpoint (hash checked): same weights, moments, step and
+    // data position, so the next step is the same.
+    let mut e = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let r = load_sources(&mut e, 0, 2, true, true, &[(&full_ck, &full_hash)]).unwrap();
+    assert_eq!((r.step, &r.model_hash), (3, &full_hash));
+    assert!(r.seeded_layers.is_empty());
+    let na = a.train_step(&pb::TrainStepRequest {}).unwrap();
+    let ne = e.train_step(&pb::TrainStepRequest {}).unwrap();
+    assert_eq!(na.loss.to_bits(), ne.loss.to_bits());
+    assert_eq!(a.model_hash().unwrap(), e.model_hash().unwrap());
+
+    // The last stage (layer 1 + head) from the full checkpoint: not the seed's weights.
+    let mut b = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let seeded_hash = load(&mut b, 1, 2, false, true, 1e-3).model_hash;
+    let r = load_sources(&mut b, 1, 2, false, true, &[(&full_ck, "")]).unwrap();
+    assert_ne!(r.model_hash, seeded_hash);
+    assert_eq!(r.step, 3);
+    let stage_ck = dir.path().join("stage.ckpt");
+    b.checkpoint(&pb::CheckpointRequest {
+        path: stage_ck.display().to_string(),
+    })
+    .unwrap();
+    // The whole model from that stage: layer 0 (and the embedding) from the seed.
+    let mut d = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let r = load_sources(&mut d, 0, 2, true, true, &[(&stage_ck, &r.model_hash)]).unwrap();
+    assert_eq!(r.seeded_layers, vec![0]);
+    // A hash that does not match, or a missing file, is refused.
+    let err = load_sources(&mut d, 0, 2, true, true, &[(&stage_ck, &full_hash)]).unwrap_err();
+    assert!(err.to_string().contains("hash"), "{err}");
+    let missing = dir.path().join("nope.ckpt");
+    assert!(load_sources(&mut d, 0, 2, true, true, &[(&missing, "")]).is_err());
+}
+
+#[test]
+fn stage_sessions_generate_what_the_full_model_generates() {
+    let seg = segment("stage");
+    let mut full = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut full, 0, 0, false, false, 0.0);
+    let mut first = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut first, 0, 1, true, false, 0.0);
+    let mut last = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut last, 1, 2, false, true, 0.0);
+    let sampling = pb::SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 20,
+        seed: Some(4),
+    };
+    let req = pb::GenerateRequest {
+        prompt_ids: vec![1, 50, 60],
+        max_tokens: 6,
+        sampling: Some(sampling),
+        request_id: "r".into(),
+        prompt: String::new(),
+    };
+    let mut want = Vec::new();
+    full.generate(&req, &mut |r| {
+        want.push((r.token_id, r.finish_reason));
+        true
+    })
+    .unwrap();
+
+    // The requester's front end on the first stage's engine; layers on both.
+    let session = 0xfeed;
+    let start = first
+        .stage_start(&pb::StageStartRequest {
+            session,
+            prompt: String::new(),
+            prompt_ids: vec![1, 50, 60],
+            max_tokens: 6,
+            sampling: Some(sampling),
+        })
+        .unwrap();
+    assert_eq!(start.prompt_ids, vec![1, 50, 60]);
+    let mut got = Vec::new();
+    let mut input = start.prompt_ids.clone();
+    let mut position = 0u32;
+    loop {
+        let ids = write_u32(&seg, 0, &[input.len() as u64], &input);
+        let acts = first
+            .stage_forward(
+                &pb::StageForwardRequest {
+                    session,
+                    input: ids,
+                    output_slot: 1,
+                    position,
+                    rows: start.rows,
+                },
+                &seg,
+            )
+            .unwrap();
+        let logits = last
+            .stage_forward(
+                &pb::StageForwardRequest {
+                    session,
+                    input: acts.output,
+                    output_slot: 2,
+                    position,
+                    rows: start.rows,
+                },
+                &seg,
+            )
+            .unwrap();
+        assert!(logits.kv_bytes > 0);
+        let t = first
+            .stage_sample(
+                &pb::StageSampleRequest {
+                    session,
+                    logits: logits.output,
+                },
+                &seg,
+            )
+            .unwrap()
+            .token
+            .unwrap();
+        position += input.len() as u32;
+        got.push((t.token_id, t.finish_reason.clone()));
+        if !t.finish_reason.is_empty() {
+            break;
+        }
+        input = vec![t.token_id];
+    }
+    assert_eq!(got, want);
+
+    // Out of step or unknown sessions are refused; End frees once.
+    let one = write_u32(&seg, 0, &[1], &[5]);
+    let stale = pb::StageForwardRequest {
+        session,
+        input: one,
+        output_slot: 1,
+        position: 1,
+        rows: start.rows,
+    };
+    assert!(first.stage_forward(&stale, &seg).is_err());
+    let unknown = pb::StageForwardRequest {
+        session: 7,
+        ..stale.clone()
+    };
+    assert!(first.stage_forward(&unknown, &seg).is_err());
+    let too_many_rows = pb::StageForwardRequest {
+        session: 8,
+        position: 0,
+        rows: 1 << 20,
+        ..stale
+    };
+    assert!(first.stage_forward(&too_many_rows, &seg).is_err());
+    for rt in [&mut first, &mut last] {
+        let end = pb::StageEndRequest { session };
+        assert!(rt.stage_end(&end).unwrap().ended);
+        assert!(!rt.stage_end(&end).unwrap().ended);
+    }
 }

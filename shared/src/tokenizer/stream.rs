@@ -21,6 +21,17 @@ impl<'t> DecodeStream<'t> {
         }
     }
 
+    /// Continues a stream whose undecoded bytes were kept by [`DecodeStream::into_pending`]
+    /// (a caller that cannot hold the borrow between ids, such as a batch of sequences).
+    pub fn resume(tokenizer: &'t Tokenizer, pending: Vec<u8>) -> DecodeStream<'t> {
+        DecodeStream { tokenizer, pending }
+    }
+
+    /// The bytes not yet emitted, to [`DecodeStream::resume`] later.
+    pub fn into_pending(self) -> Vec<u8> {
+        self.pending
+    }
+
     /// Adds one id; returns the text completed by it (often empty in the middle of a multi-byte
     /// character). Ids outside the vocabulary add nothing.
     pub fn step(&mut self, id: u32) -> String {
