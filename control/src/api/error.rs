@@ -44,11 +44,32 @@ impl ApiError {
         )
     }
 
+    pub fn rate_limited(retry_after_secs: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            "Too many requests",
+        )
+        .with_details(json!({ "retry_after": retry_after_secs }))
+    }
+
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "SERVICE_UNAVAILABLE",
             message,
+        )
+    }
+
+    /// The node could not write to its data directory or database (disk full, read-only file
+    /// system): nothing was changed, reads still work, the write can be retried once there is
+    /// room again. The cause is logged, never returned.
+    pub fn storage(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(%cause, "storage refused a write");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORAGE_ERROR",
+            "the node cannot write to its data directory (disk full or read-only); nothing was changed, reads still work",
         )
     }
 
@@ -71,13 +92,53 @@ impl IntoResponse for ApiError {
         if let Some(details) = self.details {
             error["details"] = details;
         }
-        (self.status, axum::Json(json!({ "error": error }))).into_response()
+        let retry_after = (self.status == StatusCode::TOO_MANY_REQUESTS)
+            .then(|| error["details"]["retry_after"].as_u64())
+            .flatten();
+        let mut response = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(r: axum::extract::rejection::JsonRejection) -> ApiError {
-        ApiError::bad_request(r.body_text())
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                "request body is larger than the limit (api.max_body_kb)",
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "expected a body with Content-Type: application/json",
+            ),
+            _ => ApiError::bad_request(r.body_text()),
+        }
+    }
+}
+
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> ApiError {
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if e.is_storage() {
+            return ApiError::storage(e);
+        }
+        if status.is_server_error() {
+            return ApiError::internal(e);
+        }
+        let details = e.details();
+        let mut err = ApiError::new(status, e.code(), e.to_string());
+        if details.as_object().is_some_and(|o| !o.is_empty()) {
+            err = err.with_details(details);
+        }
+        err
     }
 }
 
@@ -85,4 +146,19 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(r: axum::extract::rejection::QueryRejection) -> ApiError {
         ApiError::bad_request(r.body_text())
     }
+}
+
+/// The error body of every failed request (for the OpenAPI document).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code, listed in docs/errors.md.
+    pub code: String,
+    pub message: String,
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<Value>,
 }

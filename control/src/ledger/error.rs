@@ -84,6 +84,19 @@ impl LedgerError {
         }
     }
 
+    /// The store refused a write for want of room or write access (disk full, read-only file
+    /// system or database file, I/O error): the operation changed nothing and can be retried.
+    pub fn is_storage(&self) -> bool {
+        let Self::Database { source, .. } = self else {
+            return false;
+        };
+        match source {
+            sqlx::Error::Io(_) => true,
+            sqlx::Error::Database(e) => e.code().is_some_and(|c| is_storage_code(&c)),
+            _ => false,
+        }
+    }
+
     /// HTTP status the REST layer should answer with.
     pub fn http_status(&self) -> u16 {
         match self {
@@ -143,6 +156,18 @@ impl LedgerError {
     }
 }
 
+/// SQLite result codes (extended codes keep the primary one in the low byte): READONLY (8),
+/// IOERR (10), FULL (13), CANTOPEN (14); PostgreSQL SQLSTATEs: disk_full (53100),
+/// read_only_sql_transaction (25006), io_error (58030).
+fn is_storage_code(code: &str) -> bool {
+    if let Ok(n) = code.parse::<u32>()
+        && code.len() < 5
+    {
+        return matches!(n & 0xff, 8 | 10 | 13 | 14);
+    }
+    matches!(code, "53100" | "25006" | "58030")
+}
+
 pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
     move |source| LedgerError::Database { op, source }
 }
@@ -161,6 +186,26 @@ mod tests {
         assert_eq!(e.http_status(), 402);
         assert_eq!(e.details(), json!({"required": 100.0, "available": 50.0}));
         assert!(e.to_string().starts_with("not enough NEURO"));
+    }
+
+    #[test]
+    fn full_or_read_only_storage_is_recognised() {
+        for code in ["13", "8", "1032", "10", "778", "14", "53100", "25006"] {
+            assert!(is_storage_code(code), "{code}");
+        }
+        for code in ["1", "5", "19", "2067", "23505", "40001"] {
+            assert!(!is_storage_code(code), "{code}");
+        }
+        let io = LedgerError::Database {
+            op: "append",
+            source: sqlx::Error::Io(std::io::Error::other("no space left on device")),
+        };
+        assert!(io.is_storage());
+        let missing = LedgerError::Database {
+            op: "read",
+            source: sqlx::Error::RowNotFound,
+        };
+        assert!(!missing.is_storage());
     }
 
     #[test]

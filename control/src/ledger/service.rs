@@ -170,6 +170,11 @@ impl Ledger {
             .collect())
     }
 
+    /// Sequence number of the last stored block (0 when none): where a gossip push starts.
+    pub async fn last_seq(&self) -> i64 {
+        self.inner.lock().await.next_seq - 1
+    }
+
     /// Hash of the derived state; equal on nodes holding the same blocks.
     pub async fn root_hash(&self) -> Hash32 {
         self.inner.lock().await.state.root_hash()

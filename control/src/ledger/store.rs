@@ -4,22 +4,46 @@
 
 use std::path::Path;
 
-use sqlx::AnyPool;
-use sqlx::Row;
-use sqlx::any::AnyPoolOptions;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyPool, Connection, Row};
 
 use super::block::SignedBlock;
 use super::error::{LedgerError, db};
 use super::keys::Hash32;
 
+/// Takes a connection whose write transaction failed out of the pool and closes it (which rolls
+/// back whatever SQLite still holds open). A COMMIT refused for a full disk can leave SQLite's
+/// transaction and sqlx's count of open transactions disagreeing; handed out again, such a
+/// connection turned the next transactions into savepoints of a transaction that never
+/// commits: acknowledged writes vanished at the next restart, and the write lock it kept made
+/// other connections wait (found by `tests/tests/storage.rs`).
+async fn discard(conn: PoolConnection<Any>) {
+    if let Err(e) = conn.detach().close().await {
+        tracing::warn!(error = %e, "closing a failed database connection");
+    }
+}
+
+/// A pooled connection that is not inside a transaction. One that is (a transaction left open
+/// by a failed or interrupted write) is closed: written on, its `BEGIN` would become a
+/// savepoint and its `COMMIT` a savepoint release, acknowledging a write that never commits.
+async fn acquire_outside_transaction(pool: &AnyPool) -> Result<PoolConnection<Any>, LedgerError> {
+    for _ in 0..3 {
+        let conn = pool.acquire().await.map_err(db("acquire"))?;
+        if !conn.is_in_transaction() {
+            return Ok(conn);
+        }
+        tracing::error!("a pooled database connection was still inside a transaction: closed");
+        discard(conn).await;
+    }
+    Err(LedgerError::Database {
+        op: "acquire",
+        source: sqlx::Error::Protocol("pooled connections stay inside a transaction".into()),
+    })
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Which database the URL named.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use crate::db::Backend;
 
 /// A locally refused proof, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,29 +72,13 @@ pub fn sqlite_url(data_dir: &Path) -> String {
 impl Store {
     /// Connects, switches SQLite to WAL, and runs the migrations.
     pub async fn open(url: &str) -> Result<Store, LedgerError> {
-        sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            Backend::Postgres
-        } else {
-            return Err(LedgerError::InvalidMessage {
-                reason: "database_url must start with sqlite: or postgres:".into(),
-            });
-        };
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 2 } else { 4 })
-            .connect(url)
+        let backend = Backend::of(url).ok_or_else(|| LedgerError::InvalidMessage {
+            reason: crate::db::BAD_URL.into(),
+        })?;
+        // Writes are serialized by the ledger's lock; a second connection serves reads.
+        let pool = crate::db::connect(url, backend, 2)
             .await
             .map_err(db("connect"))?;
-        if backend == Backend::Sqlite {
-            // WAL persists in the file; synchronous stays FULL (the default), so a committed
-            // transaction survives a crash or power loss.
-            sqlx::query("PRAGMA journal_mode=WAL")
-                .fetch_all(&pool)
-                .await
-                .map_err(db("enable wal"))?;
-        }
         MIGRATOR
             .run(&pool)
             .await
@@ -96,6 +104,25 @@ impl Store {
         ))
     }
 
+    /// Checks the database answers and takes writes: a write statement that changes nothing,
+    /// rolled back (a read-only database or file refuses it).
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        let mut conn = acquire_outside_transaction(&self.pool).await?;
+        let result = async {
+            let mut tx = conn.begin().await.map_err(db("health begin"))?;
+            sqlx::query("DELETE FROM proof_rejections WHERE id < 0")
+                .execute(&mut *tx)
+                .await
+                .map_err(db("health write"))?;
+            tx.rollback().await.map_err(db("health rollback"))
+        }
+        .await;
+        if result.is_err() {
+            discard(conn).await;
+        }
+        result
+    }
+
     /// Highest sequence numbers in use: (messages, rejections).
     pub async fn max_seqs(&self) -> Result<(i64, i64), LedgerError> {
         let m = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM ledger_messages")
@@ -119,26 +146,41 @@ impl Store {
         blocks: &[(Hash32, &SignedBlock)],
         received_at: i64,
     ) -> Result<(), LedgerError> {
-        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
-        for (i, (hash, block)) in blocks.iter().enumerate() {
-            let body = serde_json::to_string(block).expect("blocks always serialize");
-            sqlx::query(
-                "INSERT INTO ledger_messages (seq, hash, account, height, kind, body, received_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(first_seq + i as i64)
-            .bind(hash.to_hex())
-            .bind(block.block.account.to_checksum())
-            .bind(block.block.height as i64)
-            .bind(block.block.op.kind())
-            .bind(body)
-            .bind(received_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("insert block"))?;
+        let mut conn = acquire_outside_transaction(&self.pool).await?;
+        let result = async {
+            let mut tx = conn.begin().await.map_err(db("begin"))?;
+            for (i, (hash, block)) in blocks.iter().enumerate() {
+                let body = serde_json::to_string(block).expect("blocks always serialize");
+                sqlx::query(
+                    "INSERT INTO ledger_messages (seq, hash, account, height, kind, body, received_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(first_seq + i as i64)
+                .bind(hash.to_hex())
+                .bind(block.block.account.to_checksum())
+                .bind(block.block.height as i64)
+                .bind(block.block.op.kind())
+                .bind(body)
+                .bind(received_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("insert block"))?;
+            }
+            tx.commit().await.map_err(db("commit"))?;
+            // Only the outermost COMMIT makes the blocks durable.
+            if conn.is_in_transaction() {
+                return Err(LedgerError::Database {
+                    op: "commit",
+                    source: sqlx::Error::Protocol("commit left the connection in a transaction".into()),
+                });
+            }
+            Ok(())
         }
-        tx.commit().await.map_err(db("commit"))?;
-        Ok(())
+        .await;
+        if result.is_err() {
+            discard(conn).await;
+        }
+        result
     }
 
     /// Blocks with seq > `after`, oldest first, at most `limit`.

@@ -1,0 +1,459 @@
+//! Wallet and proof endpoints. Each acts for the account the caller's token is bound to;
+//! amounts are NEURO as JSON numbers (integer units of 10^-9 NEURO inside).
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Query, State};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+
+use super::ApiError;
+use crate::auth::Caller;
+use crate::ledger::amount::signed_units_to_neuro;
+use crate::ledger::views::{date_string, timestamp_string};
+use crate::ledger::{Address, HistoryEntry, parse_neuro_f64, units_to_neuro};
+use crate::state::AppState;
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Runs a ledger write on a task of its own, so a client that hangs up or times out cannot
+/// cancel it between its database commit and the in-memory update (a request future is
+/// dropped when its connection closes). A write cut there was stored but unknown to the
+/// state: the account's next write reused its sequence number and was refused, as were all
+/// later ones, until a restart.
+async fn ledger_write<T: Send + 'static>(
+    write: impl std::future::Future<Output = Result<T, crate::ledger::LedgerError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(write).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(ApiError::internal(format!("ledger write task: {e}"))),
+    }
+}
+
+fn wallet_of(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<std::sync::Arc<crate::ledger::Wallet>, ApiError> {
+    state
+        .keyring
+        .wallet(&caller.account)
+        .map_err(ApiError::internal)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BalanceResponse {
+    pub address: String,
+    pub balances: Balances,
+    /// Present while something is staked.
+    pub staking: Option<StakingView>,
+    /// Set when the account equivocated: its funds are burned and it is frozen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_at_height: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Balances {
+    pub available: f64,
+    pub staked: f64,
+    /// Unstaked funds in their cooldown plus transfers not yet claimed.
+    pub pending: f64,
+    pub total: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StakingView {
+    pub amount: f64,
+    pub duration_days: u32,
+    /// YYYY-MM-DD (UTC).
+    pub start_date: String,
+    pub unlock_date: String,
+    pub multiplier: f64,
+}
+
+fn staking_view(s: &crate::ledger::Staking) -> StakingView {
+    StakingView {
+        amount: units_to_neuro(s.amount),
+        duration_days: s.duration_days,
+        start_date: date_string(s.start_at),
+        unlock_date: date_string(s.unlock_at),
+        multiplier: (s.multiplier * 100.0).round() / 100.0,
+    }
+}
+
+/// `GET /wallet/balance`.
+#[utoipa::path(get, path = "/api/v1/wallet/balance", tag = "wallet", security(("bearer" = [])),
+    responses((status = 200, description = "Balances of the token's account", body = BalanceResponse),
+              (status = 401, description = "No valid token", body = super::error::ErrorBody)))]
+pub async fn balance(State(state): State<AppState>, caller: Caller) -> Json<BalanceResponse> {
+    let b = state.ledger.balance(&caller.account, now()).await;
+    Json(BalanceResponse {
+        address: b.address.to_checksum(),
+        balances: Balances {
+            available: units_to_neuro(b.available),
+            staked: units_to_neuro(b.staked),
+            pending: units_to_neuro(b.pending),
+            total: units_to_neuro(b.total),
+        },
+        staking: b.staking.as_ref().map(staking_view),
+        frozen_at_height: b.frozen_at_height,
+    })
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    /// 0x + 40 hex digits.
+    pub to: String,
+    /// NEURO, at most 9 decimals.
+    pub amount: f64,
+    #[serde(default)]
+    pub memo: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SendResponse {
+    pub transaction_id: String,
+    pub from: String,
+    pub to: String,
+    pub amount: f64,
+    /// Burned: 0.1% of the amount.
+    pub fee: f64,
+    pub memo: String,
+    /// confirmed: stored durably and applied.
+    pub status: String,
+    pub timestamp: String,
+}
+
+/// `POST /wallet/send`.
+#[utoipa::path(post, path = "/api/v1/wallet/send", tag = "wallet", security(("bearer" = [])),
+    request_body = SendRequest,
+    responses((status = 200, description = "Transfer confirmed", body = SendResponse),
+              (status = 400, description = "Invalid address, amount or memo", body = super::error::ErrorBody),
+              (status = 401, description = "No valid token", body = super::error::ErrorBody),
+              (status = 402, description = "Not enough NEURO", body = super::error::ErrorBody),
+              (status = 503, description = "STORAGE_ERROR: the disk is full or read-only; nothing was changed", body = super::error::ErrorBody)))]
+pub async fn send(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<SendRequest>, JsonRejection>,
+) -> Result<Json<SendResponse>, ApiError> {
+    let Json(req) = body?;
+    let to = Address::parse(&req.to)?;
+    let amount = parse_neuro_f64(req.amount)?;
+    let wallet = wallet_of(&state, &caller)?;
+    let ledger = state.ledger.clone();
+    let r = ledger_write(async move { ledger.send(&wallet, to, amount, &req.memo, now()).await })
+        .await?;
+    Ok(Json(SendResponse {
+        transaction_id: r.transaction_id,
+        from: r.from.to_checksum(),
+        to: r.to.to_checksum(),
+        amount: units_to_neuro(r.amount),
+        fee: units_to_neuro(r.fee),
+        memo: r.memo,
+        status: r.status.into(),
+        timestamp: timestamp_string(r.timestamp),
+    }))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// 1 to 1000, default 10 (proofs: 50).
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
+}
+
+fn page(q: &PageQuery, default: usize) -> Result<(usize, usize), ApiError> {
+    let limit = q.limit.unwrap_or(default);
+    if !(1..=1000).contains(&limit) {
+        return Err(
+            ApiError::bad_request(format!("limit {limit} is not in 1..=1000"))
+                .with_details(json!({"field": "limit"})),
+        );
+    }
+    Ok((limit, q.offset.unwrap_or(0)))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TransactionsResponse {
+    pub transactions: Vec<TransactionView>,
+    /// All entries of the account, not only this page.
+    pub total: usize,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TransactionView {
+    pub id: String,
+    /// send, receive, reward, stake, unstake.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Signed NEURO: + received or rewarded, - sent or staked; 0 when rejected.
+    pub amount: f64,
+    pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fee: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memo: Option<String>,
+    /// confirmed, or rejected (with `reason`) when the block took no effect.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+/// Unit amounts and unix times in history details, as NEURO and dates.
+fn details_view(details: &Value) -> Value {
+    let mut d = details.clone();
+    if let Some(map) = d.as_object_mut() {
+        for key in ["staked", "unstaked", "claimed"] {
+            if let Some(units) = map.get(key).and_then(Value::as_u64) {
+                map.insert(key.into(), json!(units_to_neuro(units)));
+            }
+        }
+        for (key, name) in [
+            ("unlock_at", "unlock_date"),
+            ("available_at", "available_date"),
+        ] {
+            if let Some(t) = map.remove(key).and_then(|v| v.as_i64()) {
+                map.insert(name.into(), json!(date_string(t)));
+            }
+        }
+    }
+    d
+}
+
+fn transaction_view(e: &HistoryEntry) -> TransactionView {
+    let counterparty = e.counterparty.map(|a| a.to_checksum());
+    TransactionView {
+        id: e.id.clone(),
+        kind: e.kind.into(),
+        amount: signed_units_to_neuro(e.amount),
+        timestamp: timestamp_string(e.timestamp),
+        to: counterparty.clone().filter(|_| e.kind == "send"),
+        from: counterparty.filter(|_| e.kind == "receive"),
+        fee: (e.kind == "send").then(|| units_to_neuro(e.fee)),
+        memo: e.memo.clone(),
+        status: if e.rejected.is_some() {
+            "rejected"
+        } else {
+            "confirmed"
+        }
+        .into(),
+        reason: e.rejected.clone(),
+        details: details_view(&e.details),
+    }
+}
+
+/// `GET /wallet/transactions?limit&offset`, newest first.
+#[utoipa::path(get, path = "/api/v1/wallet/transactions", tag = "wallet", security(("bearer" = [])),
+    params(PageQuery),
+    responses((status = 200, description = "History of the token's account", body = TransactionsResponse),
+              (status = 400, description = "Bad limit or offset", body = super::error::ErrorBody),
+              (status = 401, description = "No valid token", body = super::error::ErrorBody)))]
+pub async fn transactions(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<TransactionsResponse>, ApiError> {
+    let Query(q) = query?;
+    let (limit, offset) = page(&q, 10)?;
+    let p = state
+        .ledger
+        .transactions(&caller.account, limit, offset)
+        .await;
+    Ok(Json(TransactionsResponse {
+        transactions: p.transactions.iter().map(transaction_view).collect(),
+        total: p.total,
+        limit: p.limit,
+        offset: p.offset,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StakeRequest {
+    pub amount: f64,
+    /// 1 to 365.
+    pub duration_days: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StakeResponse {
+    pub success: bool,
+    pub transaction_id: String,
+    pub stake: StakingView,
+    pub new_balance: NewBalance,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NewBalance {
+    pub available: f64,
+    pub staked: f64,
+}
+
+/// `POST /wallet/stake`.
+#[utoipa::path(post, path = "/api/v1/wallet/stake", tag = "wallet", security(("bearer" = [])),
+    request_body = StakeRequest,
+    responses((status = 200, description = "Staked", body = StakeResponse),
+              (status = 400, description = "Invalid amount or duration", body = super::error::ErrorBody),
+              (status = 401, description = "No valid token", body = super::error::ErrorBody),
+              (status = 402, description = "Not enough NEURO", body = super::error::ErrorBody),
+              (status = 503, description = "STORAGE_ERROR: the disk is full or read-only; nothing was changed", body = super::error::ErrorBody)))]
+pub async fn stake(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<StakeRequest>, JsonRejection>,
+) -> Result<Json<StakeResponse>, ApiError> {
+    let Json(req) = body?;
+    let amount = parse_neuro_f64(req.amount)?;
+    let wallet = wallet_of(&state, &caller)?;
+    let ledger = state.ledger.clone();
+    let days = req.duration_days;
+    let r = ledger_write(async move { ledger.stake(&wallet, amount, days, now()).await }).await?;
+    Ok(Json(StakeResponse {
+        success: true,
+        transaction_id: r.transaction_id,
+        stake: staking_view(&r.stake),
+        new_balance: NewBalance {
+            available: units_to_neuro(r.available),
+            staked: units_to_neuro(r.staked),
+        },
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnstakeRequest {
+    pub amount: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UnstakeResponse {
+    pub success: bool,
+    pub transaction_id: String,
+    pub unstake: UnstakeView,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UnstakeView {
+    pub amount: f64,
+    pub cooldown_days: i64,
+    /// YYYY-MM-DD (UTC) when the funds become available.
+    pub available_date: String,
+}
+
+/// `POST /wallet/unstake`.
+#[utoipa::path(post, path = "/api/v1/wallet/unstake", tag = "wallet", security(("bearer" = [])),
+    request_body = UnstakeRequest,
+    responses((status = 200, description = "Cooldown started", body = UnstakeResponse),
+              (status = 400, description = "Invalid amount", body = super::error::ErrorBody),
+              (status = 401, description = "No valid token", body = super::error::ErrorBody),
+              (status = 402, description = "Not that much staked", body = super::error::ErrorBody),
+              (status = 409, description = "Stake still locked", body = super::error::ErrorBody),
+              (status = 503, description = "STORAGE_ERROR: the disk is full or read-only; nothing was changed", body = super::error::ErrorBody)))]
+pub async fn unstake(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<UnstakeRequest>, JsonRejection>,
+) -> Result<Json<UnstakeResponse>, ApiError> {
+    let Json(req) = body?;
+    let amount = parse_neuro_f64(req.amount)?;
+    let wallet = wallet_of(&state, &caller)?;
+    let ledger = state.ledger.clone();
+    let r = ledger_write(async move { ledger.unstake(&wallet, amount, now()).await }).await?;
+    Ok(Json(UnstakeResponse {
+        success: true,
+        transaction_id: r.transaction_id,
+        unstake: UnstakeView {
+            amount: units_to_neuro(r.amount),
+            cooldown_days: r.cooldown_days,
+            available_date: date_string(r.available_at),
+        },
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProofsResponse {
+    pub proofs: Vec<ProofView>,
+    pub stats: ProofStatsView,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProofView {
+    pub id: String,
+    /// uptime, training, inference, data.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// First layer the proof covers; null for proofs without layers.
+    pub layer: Option<u32>,
+    pub timestamp: String,
+    pub verified: bool,
+    pub reward: f64,
+    /// Why it earned nothing, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProofStatsView {
+    pub total_submitted: usize,
+    pub total_verified: usize,
+    pub total_reward: f64,
+    /// Refused proofs counted by reason code.
+    #[schema(value_type = Object)]
+    pub rejected_by_reason: Value,
+}
+
+/// `GET /proofs?limit&offset`: the proofs of the token's account, newest first.
+#[utoipa::path(get, path = "/api/v1/proofs", tag = "wallet", security(("bearer" = [])),
+    params(PageQuery),
+    responses((status = 200, description = "Proof history", body = ProofsResponse),
+              (status = 400, description = "Bad limit or offset", body = super::error::ErrorBody),
+              (status = 401, description = "No valid token", body = super::error::ErrorBody)))]
+pub async fn proofs(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<ProofsResponse>, ApiError> {
+    let Query(q) = query?;
+    let (limit, offset) = page(&q, 50)?;
+    let p = state.ledger.proofs(&caller.account, limit, offset).await?;
+    Ok(Json(ProofsResponse {
+        proofs: p
+            .proofs
+            .into_iter()
+            .map(|e| ProofView {
+                id: e.id,
+                kind: e.proof_type,
+                layer: e.layer,
+                timestamp: timestamp_string(e.timestamp),
+                verified: e.verified,
+                reward: units_to_neuro(e.reward),
+                reason: e.reason,
+            })
+            .collect(),
+        stats: ProofStatsView {
+            total_submitted: p.stats.total_submitted,
+            total_verified: p.stats.total_verified,
+            total_reward: units_to_neuro(p.stats.total_reward),
+            rejected_by_reason: p
+                .stats
+                .rejected_by_reason
+                .into_iter()
+                .map(|(k, v)| (k, json!(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        },
+    }))
+}

@@ -1,0 +1,115 @@
+//! The wallets whose keys this node holds: the node wallet (`wallet.json`, which earns the
+//! node's rewards) and user wallets under `<data_dir>/wallets/<address>.json`, created by
+//! `neuroshard token create --new-wallet`. An API token acts for one of these accounts, and the
+//! daemon signs that account's blocks with its key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::ledger::keystore::{self, SCRYPT_LOG_N};
+use crate::ledger::{Address, LedgerError, Wallet};
+
+const WALLETS_DIR: &str = "wallets";
+
+fn wallet_path(data_dir: &Path, address: &Address) -> PathBuf {
+    data_dir
+        .join(WALLETS_DIR)
+        .join(format!("{}.json", address.to_checksum()))
+}
+
+/// Creates a user wallet keystore (mode 0600) and returns it.
+pub fn create_user_wallet(
+    data_dir: &Path,
+    passphrase: Option<&str>,
+) -> Result<Wallet, LedgerError> {
+    let dir = data_dir.join(WALLETS_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| LedgerError::Keystore {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let wallet = Wallet::generate();
+    keystore::save(
+        &wallet_path(data_dir, &wallet.address()),
+        &wallet,
+        passphrase,
+        SCRYPT_LOG_N,
+    )?;
+    Ok(wallet)
+}
+
+/// Whether this node holds the key of `address`.
+pub fn holds(data_dir: &Path, node: &Address, address: &Address) -> bool {
+    address == node || wallet_path(data_dir, address).exists()
+}
+
+/// The keys of the accounts API tokens act for, loaded on first use.
+pub struct Keyring {
+    data_dir: PathBuf,
+    passphrase: Option<String>,
+    node: Arc<Wallet>,
+    loaded: Mutex<HashMap<Address, Arc<Wallet>>>,
+}
+
+impl Keyring {
+    pub fn new(data_dir: &Path, node: Arc<Wallet>, passphrase: Option<String>) -> Keyring {
+        Keyring {
+            data_dir: data_dir.to_path_buf(),
+            passphrase,
+            node,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn node(&self) -> &Arc<Wallet> {
+        &self.node
+    }
+
+    /// The wallet of `address`, when this node holds its key.
+    pub fn wallet(&self, address: &Address) -> Result<Arc<Wallet>, LedgerError> {
+        if *address == self.node.address() {
+            return Ok(self.node.clone());
+        }
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = loaded.get(address) {
+            return Ok(w.clone());
+        }
+        let wallet = Arc::new(keystore::load(
+            &wallet_path(&self.data_dir, address),
+            self.passphrase.as_deref(),
+        )?);
+        if wallet.address() != *address {
+            return Err(LedgerError::Keystore {
+                path: wallet_path(&self.data_dir, address).display().to_string(),
+                reason: format!("holds the key of {}, not {address}", wallet.address()),
+            });
+        }
+        loaded.insert(*address, wallet.clone());
+        Ok(wallet)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_wallets_are_found_by_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Arc::new(Wallet::from_seed(7));
+        let user = create_user_wallet(dir.path(), None).unwrap();
+        let ring = Keyring::new(dir.path(), node.clone(), None);
+        assert_eq!(
+            ring.wallet(&node.address()).unwrap().address(),
+            node.address()
+        );
+        assert_eq!(
+            ring.wallet(&user.address()).unwrap().address(),
+            user.address()
+        );
+        assert!(holds(dir.path(), &node.address(), &user.address()));
+        let stranger = Wallet::from_seed(8).address();
+        assert!(!holds(dir.path(), &node.address(), &stranger));
+        assert!(ring.wallet(&stranger).is_err());
+    }
+}
