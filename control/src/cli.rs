@@ -30,8 +30,22 @@ pub struct Cli {
 pub enum Command {
     /// Run the node in the foreground (REST API, peer service, engine supervision).
     Start(StartArgs),
+    /// Create the data directory, the node wallet and a config file with the defaults.
+    Setup,
     /// Show the status of the running node.
-    Status(PortArg),
+    Status(crate::ops::Conn),
+    /// Wallet of the token's account: balance, send, stake, unstake, history.
+    Wallet {
+        #[command(flatten)]
+        conn: crate::ops::Conn,
+        #[command(subcommand)]
+        command: crate::ops::WalletCommand,
+    },
+    /// Peers of the running node.
+    Peers(crate::ops::Conn),
+    /// API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(crate::ops::TokenCommand),
     /// Stop the running node (SIGTERM, waits for a clean exit).
     Stop,
     /// Show or change the configuration file.
@@ -43,6 +57,25 @@ pub enum Command {
     /// Benchmarks (run by the engine binary).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a tracker: nodes started with `--tracker http://HOST:PORT` announce themselves to
+    /// it and learn each other's addresses from it.
+    Tracker(TrackerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrackerArgs {
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8765)]
+    pub port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Database (default: SQLite `tracker.db` in the data directory).
+    #[arg(long, env = "NEUROSHARD_TRACKER_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// A node is listed this many seconds after its last announcement.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub ttl_secs: u64,
 }
 
 #[derive(Args, Debug, Default)]
@@ -71,6 +104,9 @@ pub struct StartArgs {
     /// Do not train (serve only).
     #[arg(long)]
     pub no_training: bool,
+    /// Do not open the dashboard in a browser.
+    #[arg(long, env = "NEUROSHARD_NO_BROWSER")]
+    pub no_browser: bool,
     /// Compute threads for the engine (0 = all cores).
     #[arg(long, env = "NEUROSHARD_CPU_THREADS")]
     pub cpu_threads: Option<u32>,
@@ -86,13 +122,6 @@ pub struct StartArgs {
     /// Ledger database URL (default: SQLite in the data directory).
     #[arg(long, env = "NEUROSHARD_DATABASE_URL")]
     pub database_url: Option<String>,
-}
-
-#[derive(Args, Debug)]
-pub struct PortArg {
-    /// Port of the running node (default: from the config file).
-    #[arg(long, env = "NEUROSHARD_PORT")]
-    pub port: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,25 +223,60 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(args) => {
             let cfg = apply_flags(Config::load(&paths.config_path)?, &args);
             cfg.validate()?;
+            let host = if cfg.host == "0.0.0.0" || cfg.host == "::" {
+                "127.0.0.1"
+            } else {
+                cfg.host.as_str()
+            };
+            let url = format!("http://{host}:{}/", cfg.port);
+            println!("NeuroShard node starting; dashboard at {url}");
+            if !args.no_browser {
+                open_browser(url);
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(daemon::run(cfg, paths, daemon::shutdown_signal()))?;
             Ok(())
         }
-        Command::Status(p) => {
-            let cfg = Config::load(&paths.config_path)?;
-            let port = p.port.unwrap_or(cfg.port);
-            let body = http_get(port, "/api/v1/status")
-                .with_context(|| format!("no node answering on 127.0.0.1:{port}"))?;
-            println!("{body}");
-            Ok(())
-        }
+        Command::Setup => crate::ops::setup(&paths),
+        Command::Status(conn) => crate::ops::status(&paths, &conn),
+        Command::Wallet { conn, command } => crate::ops::wallet(&paths, &conn, command),
+        Command::Peers(conn) => crate::ops::peers(&paths, &conn),
+        Command::Token(c) => crate::ops::token_command(&paths, c),
         Command::Stop => stop(&paths),
         Command::Config(c) => config_command(c, &paths),
         Command::Dev(DevCommand::GradDump { args }) => exec_engine("grad-dump", &args),
         Command::Bench(BenchCommand::Train { args }) => exec_engine("bench-train", &args),
+        Command::Tracker(args) => tracker(&paths, args),
     }
+}
+
+fn tracker(paths: &Paths, args: TrackerArgs) -> anyhow::Result<()> {
+    let database_url = match args.database_url {
+        Some(url) => url,
+        None => {
+            std::fs::create_dir_all(&paths.data_dir)
+                .with_context(|| format!("creating {}", paths.data_dir.display()))?;
+            format!("sqlite://{}/tracker.db?mode=rwc", paths.data_dir.display())
+        }
+    };
+    let opts = crate::tracker::TrackerOptions {
+        database_url,
+        ttl: Duration::from_secs(args.ttl_secs),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding the tracker to {addr}"))?;
+        tracing::info!(%addr, ttl_secs = args.ttl_secs, "tracker running");
+        println!("NeuroShard tracker listening on http://{addr}");
+        crate::tracker::serve(listener, opts, daemon::shutdown_signal()).await
+    })
 }
 
 fn config_command(c: ConfigCommand, paths: &Paths) -> anyhow::Result<()> {
@@ -234,6 +298,33 @@ fn config_command(c: ConfigCommand, paths: &Paths) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Opens `url` in the desktop's browser a moment after start, when there is a desktop.
+fn open_browser(url: String) {
+    let desktop = std::env::var_os("DISPLAY").is_some()
+        || std::env::var_os("WAYLAND_DISPLAY").is_some()
+        || cfg!(target_os = "macos");
+    if !desktop {
+        return;
+    }
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        let opener = if cfg!(target_os = "macos") {
+            "open"
+        } else {
+            "xdg-open"
+        };
+        if let Err(e) = std::process::Command::new(opener)
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            tracing::debug!(error = %e, "could not open a browser");
+        }
+    });
 }
 
 /// Sends SIGTERM to the daemon named by the pid file and waits up to 30 s for it to exit.
@@ -286,24 +377,4 @@ fn exec_engine(subcommand: &str, args: &[String]) -> anyhow::Result<()> {
         .args(args)
         .exec();
     Err(err).with_context(|| format!("running {}", binary.display()))
-}
-
-/// A minimal HTTP/1.1 GET to the local node; returns the body.
-fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP answer")?;
-    if !head.starts_with("HTTP/1.1 2") {
-        bail!("{}: {body}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_string())
 }

@@ -29,7 +29,7 @@ pub enum ConfigError {
     UnknownKey(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// REST API port; the peer gRPC service listens on port + 1000.
@@ -45,9 +45,31 @@ pub struct Config {
     pub engine: EngineConfig,
     pub training: TrainingConfig,
     pub resources: ResourcesConfig,
+    pub api: ApiConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Requests per minute allowed to one API token (bursts up to this many at once).
+    pub rate_limit_per_token: u32,
+    /// Requests per minute allowed to one client address without a token.
+    pub rate_limit_per_ip: u32,
+    /// Largest request body accepted, in KiB.
+    pub max_body_kb: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            rate_limit_per_token: 600,
+            rate_limit_per_ip: 300,
+            max_body_kb: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// `spawn`: the daemon starts and supervises the engine. `external`: a service manager
@@ -62,14 +84,16 @@ pub struct EngineConfig {
     pub shm_slot_mb: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineMode {
     Spawn,
     External,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainingConfig {
     pub enabled: bool,
@@ -81,15 +105,37 @@ pub struct TrainingConfig {
     pub weight_decay: f64,
     pub clip_norm: f64,
     pub diloco_steps: u32,
+    /// How the replicas' pseudo-gradients are combined each round (default trimmed mean).
+    pub aggregator: crate::diloco::aggregate::AggregatorKind,
+    /// Share trimmed on each side by the trimmed mean (at least one value once three remain).
+    pub aggregator_trim: f64,
+    /// Byzantine replicas Krum and Multi-Krum tolerate.
+    pub aggregator_byzantine: u32,
+    /// Wire encoding of pseudo-gradients: bf16, int8 (with error feedback) or f32.
+    pub diloco_encoding: crate::diloco::compress::Encoding,
+    /// Pseudo-gradients with a larger total norm are refused.
+    pub diloco_max_norm: f64,
+    /// Seconds a replica waits for the others' pseudo-gradients once its own is sent.
+    pub diloco_round_timeout_secs: u32,
+    /// Outer Nesterov step (DiLoCo: lr 0.7, momentum 0.9).
+    pub outer_lr: f64,
+    pub outer_momentum: f64,
     /// Text files, a directory or a Genesis manifest; empty means the built-in corpus.
     pub data_path: String,
     /// Model seed: every node with the same seed builds identical initial weights.
     pub seed: u64,
     /// Steps between checkpoints.
     pub checkpoint_every: u32,
+    /// Pipeline training: micro-batches per batch (GPipe); the batch is split into this many
+    /// equal parts (the largest divisor of the batch size not above it).
+    pub micro_batches: u32,
+    /// Stop training after this many optimizer steps (0: never).
+    pub max_steps: u64,
+    /// Pipeline training: seconds a stage may take to answer before the step fails.
+    pub pipeline_timeout_secs: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResourcesConfig {
     /// auto, cpu or cuda.
@@ -99,6 +145,9 @@ pub struct ResourcesConfig {
     pub cpu_threads: u32,
     /// Free disk below which the storage check fails.
     pub min_free_disk_mb: u64,
+    /// Transformer layers this node may hold (dynamic layer pool); 0: as many as
+    /// `max_memory_gb` allows. Covering the whole model makes the node a full replica.
+    pub max_layers: u32,
 }
 
 impl Default for Config {
@@ -112,6 +161,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             training: TrainingConfig::default(),
             resources: ResourcesConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -139,9 +189,20 @@ impl Default for TrainingConfig {
             weight_decay: 0.01,
             clip_norm: 1.0,
             diloco_steps: 500,
+            aggregator: Default::default(),
+            aggregator_trim: 0.1,
+            aggregator_byzantine: 1,
+            diloco_encoding: Default::default(),
+            diloco_max_norm: 1000.0,
+            diloco_round_timeout_secs: 60,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
             data_path: String::new(),
             seed: 42,
             checkpoint_every: 50,
+            micro_batches: 4,
+            max_steps: 0,
+            pipeline_timeout_secs: 30,
         }
     }
 }
@@ -153,6 +214,7 @@ impl Default for ResourcesConfig {
             max_memory_gb: 8.0,
             cpu_threads: 0,
             min_free_disk_mb: 100,
+            max_layers: 0,
         }
     }
 }
@@ -262,6 +324,39 @@ impl Config {
         if t.diloco_steps == 0 {
             return bad("training.diloco_steps", "must be at least 1".into());
         }
+        if !(0.0..0.5).contains(&t.aggregator_trim) {
+            return bad(
+                "training.aggregator_trim",
+                format!("{} is not in [0, 0.5)", t.aggregator_trim),
+            );
+        }
+        if !(t.diloco_max_norm > 0.0 && t.diloco_max_norm.is_finite()) {
+            return bad("training.diloco_max_norm", "must be positive".into());
+        }
+        if t.diloco_round_timeout_secs == 0 {
+            return bad(
+                "training.diloco_round_timeout_secs",
+                "must be at least 1".into(),
+            );
+        }
+        if !(t.outer_lr > 0.0 && t.outer_lr <= 10.0) {
+            return bad(
+                "training.outer_lr",
+                format!("{} is not in (0, 10]", t.outer_lr),
+            );
+        }
+        if !(0.0..1.0).contains(&t.outer_momentum) {
+            return bad(
+                "training.outer_momentum",
+                format!("{} is not in [0, 1)", t.outer_momentum),
+            );
+        }
+        if !(1..=8).contains(&t.micro_batches) {
+            return bad("training.micro_batches", "must be 1..=8".into());
+        }
+        if !(1..=600).contains(&t.pipeline_timeout_secs) {
+            return bad("training.pipeline_timeout_secs", "must be 1..=600".into());
+        }
         if t.checkpoint_every == 0 {
             return bad("training.checkpoint_every", "must be at least 1".into());
         }
@@ -280,6 +375,34 @@ impl Config {
             return bad(
                 "engine.shm_slots",
                 "slots must be 1..=256 and slot size 1..=4096 MB".into(),
+            );
+        }
+        let a = &self.api;
+        for (key, v) in [
+            ("api.rate_limit_per_token", a.rate_limit_per_token),
+            ("api.rate_limit_per_ip", a.rate_limit_per_ip),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                return bad(
+                    key,
+                    format!("{v} is not in 1..=1000000 requests per minute"),
+                );
+            }
+        }
+        if !(1..=65_536).contains(&a.max_body_kb) {
+            return bad(
+                "api.max_body_kb",
+                format!("{} is not in 1..=65536 KiB", a.max_body_kb),
+            );
+        }
+        if !self.tracker_url.is_empty() && !self.tracker_url.starts_with("http://") {
+            return bad(
+                "tracker_url",
+                format!(
+                    "{:?} is not an http:// URL (run `neuroshard tracker`; put TLS in front \
+                     of it with a reverse proxy and give its http:// address)",
+                    self.tracker_url
+                ),
             );
         }
         for peer in &self.seed_peers {
@@ -344,6 +467,21 @@ pub fn needs_restart(key: &str) -> bool {
         || key == "training.model"
         || key == "training.seed"
         || key == "training.data_path"
+        || key == "api.max_body_kb"
+}
+
+/// `database_url` without its password, for display.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 fn lookup_mut<'a>(tree: &'a mut serde_json::Value, key: &str) -> Option<&'a mut serde_json::Value> {
@@ -445,7 +583,13 @@ fn kind(v: &serde_json::Value) -> &'static str {
 
 /// Writes `bytes` to `path` atomically (same-directory temp file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// As [`write_atomic`], the file created with `mode` (0o600 for secrets) from the start.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -457,7 +601,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::process::id()
     ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

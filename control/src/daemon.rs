@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, EngineMode};
-use crate::peer::{PeerService, PeerState};
+use crate::ledger::Ledger;
+use crate::peer::PeerState;
 use crate::resources::Sampler;
 use crate::state::AppState;
 use crate::supervisor::{self, SupervisorConfig};
@@ -45,6 +46,10 @@ pub enum DaemonError {
     Shm(#[from] neuroshard_shared::shm::ShmError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// Where the node keeps its files.
@@ -116,6 +121,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     config.validate()?;
+    // Keys, tokens, the ledger database and checkpoints are the node's alone: every file the
+    // daemon (and the engine it spawns) creates is private to its user.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let data_dir = &paths.data_dir;
     let _lock = lock_data_dir(data_dir)?;
     let node_id = node_id(data_dir).map_err(|source| DaemonError::DataDir {
@@ -123,12 +131,26 @@ pub async fn run(
         source,
     })?;
 
+    // The node's wallet key and the ledger come before anything that could earn or spend.
+    let passphrase = std::env::var("NEUROSHARD_WALLET_PASSPHRASE").ok();
+    let wallet = Arc::new(crate::ledger::keystore::load_or_create(
+        data_dir,
+        passphrase.as_deref(),
+    )?);
+    let ledger = Arc::new(if config.database_url.is_empty() {
+        Ledger::open_data_dir(data_dir).await?
+    } else {
+        Ledger::open(&config.database_url).await?
+    });
+    tracing::info!(address = %wallet.address(), "wallet loaded");
+
     let segment_name = segment_name_for(data_dir);
     let (segment, reclaimed) = Segment::create(
         &segment_name,
         config.engine.shm_slots,
         config.engine.shm_slot_mb as u64 * 1024 * 1024,
     )?;
+    let segment = Arc::new(segment);
     if reclaimed {
         tracing::warn!(segment = %segment_name, "reclaimed a shared-memory segment left by a crashed daemon");
     }
@@ -177,6 +199,12 @@ pub async fn run(
     let config = Arc::new(RwLock::new(config));
     let network = Arc::new(PeerState::default());
     let training = Arc::new(Mutex::new(TrainingStats::default()));
+    let auth = Arc::new(crate::auth::Authenticator::start(
+        data_dir,
+        wallet.address(),
+    )?);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let api_config = config.read().map(|c| c.api.clone()).unwrap_or_default();
     let state = AppState {
         node_id: node_id.clone(),
         started: Instant::now(),
@@ -187,27 +215,93 @@ pub async fn run(
         resources: Sampler::start(Duration::from_secs(1)),
         training: training.clone(),
         network: network.clone(),
+        ledger: ledger.clone(),
+        wallet: wallet.clone(),
+        keyring: Arc::new(crate::wallets::Keyring::new(
+            data_dir,
+            wallet.clone(),
+            passphrase,
+        )),
+        auth,
+        limits: Arc::new(crate::api::RateLimits::new(&api_config)),
+        metrics: metrics.clone(),
+        config_write: Arc::new(tokio::sync::Mutex::new(())),
+        inference_slots: Arc::new(tokio::sync::Semaphore::new(
+            crate::api::inference::QUEUE_LIMIT,
+        )),
+        net: Arc::new(std::sync::OnceLock::new()),
     };
-
-    let trainer = Trainer {
-        engine: engine.clone(),
-        config: config.clone(),
-        stats: training,
-        data_dir: data_dir.clone(),
-        node_id: node_id.clone(),
-    };
-    let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
+    let state_net = state.net.clone();
+    let work_task = tokio::spawn(crate::work::run(state.clone(), stop_trainer_rx.clone()));
 
     let rest_task = tokio::spawn(crate::api::serve(
         http,
         state,
         wait_true(stop_servers_rx.clone()),
     ));
-    let peer_task = tokio::spawn(crate::peer::serve(
-        peer,
-        PeerService::new(node_id.clone(), network),
-        wait_true(stop_servers_rx),
+    let (peer_net, seeds) = {
+        let cfg = config.read().map(|c| c.clone()).unwrap_or_default();
+        // A node that cannot hold the whole model says nothing about its layers until the
+        // trainer has chosen them (after meeting its peers).
+        let all = crate::trainer::held_layers(&cfg);
+        let fits = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
+            .map_or(true, |m| {
+                crate::pipeline::assign::capacity(&cfg, &m) >= all.end
+            });
+        let local = if fits {
+            crate::network::LocalRole {
+                role: "full".into(),
+                layers: all.collect(),
+            }
+        } else {
+            crate::network::LocalRole {
+                role: "worker".into(),
+                layers: Vec::new(),
+            }
+        };
+        let net = crate::network::Network::new(
+            wallet.clone(),
+            ledger.clone(),
+            network.clone(),
+            cfg.port,
+            cfg.grpc_port(),
+            local,
+        );
+        (net, cfg.seed_peers.clone())
+    };
+    let tracker_url = config
+        .read()
+        .map(|c| c.tracker_url.clone())
+        .unwrap_or_default();
+    if !tracker_url.is_empty() {
+        tokio::spawn(crate::tracker::client::run(
+            peer_net.clone(),
+            tracker_url,
+            stop_servers_rx.clone(),
+        ));
+    }
+    let stage = Arc::new(crate::pipeline::Stage::new(
+        engine.subscribe(),
+        segment.clone(),
+        config.clone(),
+        training.clone(),
+        data_dir.clone(),
     ));
+    let _ = peer_net.pipeline.set(stage.clone());
+    let _ = state_net.set(peer_net.clone());
+    let _ = network.pipeline.set(stage.counters.clone());
+    let trainer = Trainer {
+        engine: engine.clone(),
+        config: config.clone(),
+        stats: training,
+        data_dir: data_dir.clone(),
+        node_id: node_id.clone(),
+        metrics: metrics.clone(),
+        net: Some(peer_net.clone()),
+        stage: Some(stage),
+    };
+    let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
+    let peer_task = tokio::spawn(crate::network::run(peer_net, peer, seeds, stop_servers_rx));
     tracing::info!(
         %node_id,
         api = %http_addr,
@@ -226,12 +320,17 @@ pub async fn run(
     {
         tracing::warn!("trainer did not finish its last checkpoint in time");
     }
+    let _ = tokio::time::timeout(Duration::from_secs(5), work_task).await;
     let _ = stop_servers_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), rest_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), peer_task).await;
     let _ = stop_engine_tx.send(true);
     let _ = supervisor_task.await;
     drop(segment);
+    // The pipeline stage may still hold a reference in a finished task's state: unlink by
+    // name so no segment outlives a clean exit.
+    let _ = Segment::unlink(&segment_name);
+    ledger.close().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -3,7 +3,11 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    // A log line that cannot be written (stderr on a full disk) is dropped. With internal
+    // errors logged, tracing-subscriber reports it with `eprintln!`, which panics when stderr
+    // refuses that too: the task that logged died (an HTTP request got no answer at all).
     tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(

@@ -21,6 +21,22 @@ pub struct AppState {
     pub resources: Sampler,
     pub training: Arc<Mutex<TrainingStats>>,
     pub network: Arc<crate::peer::PeerState>,
+    /// The node's view of the network ledger.
+    pub ledger: Arc<crate::ledger::Ledger>,
+    /// The node's own wallet: signs its proofs, receives its rewards.
+    pub wallet: Arc<crate::ledger::Wallet>,
+    /// Keys of the accounts API tokens act for.
+    pub keyring: Arc<crate::wallets::Keyring>,
+    pub auth: Arc<crate::auth::Authenticator>,
+    pub limits: Arc<crate::api::RateLimits>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Places for inference requests (generating or waiting for the engine).
+    pub inference_slots: Arc<tokio::sync::Semaphore>,
+    /// Serializes configuration changes (validate, save, apply).
+    pub config_write: Arc<tokio::sync::Mutex<()>>,
+    /// The peer network (set once it is up): a node without every layer serves inference
+    /// through it (`pipeline/infer.rs`).
+    pub net: Arc<std::sync::OnceLock<Arc<crate::network::Network>>>,
 }
 
 impl AppState {

@@ -1,0 +1,17 @@
+//! DiLoCo across replicas of the same layers: H local steps, then an exchange of
+//! pseudo-gradients (θ_start − θ_local), a robust aggregate and an outer Nesterov step that
+//! every honest replica computes bit for bit the same. ARCHITECTURE.md ("DiLoCo") explains
+//! the round protocol.
+//!
+//! * [`aggregate`]: mean, weighted mean, median, trimmed mean, Krum, Multi-Krum, geometric
+//!   median.
+//! * [`compress`]: bf16 / int8 (with error feedback) encoding of pseudo-gradients.
+//! * [`validate`]: checks on a peer's contribution, counted refusals, the per-round inbox.
+//! * [`outer`]: the outer Nesterov step.
+
+pub mod aggregate;
+pub mod compress;
+pub mod outer;
+pub mod round;
+pub mod sync;
+pub mod validate;

@@ -1,0 +1,510 @@
+//! One DiLoCo round boundary, run by the trainer after H inner steps: catch up when this
+//! replica is in a minority state, else compute and send its pseudo-gradient, wait for the
+//! other replicas (until they all arrived or the deadline), aggregate in sender order, take
+//! the outer step from θ_start and import the result into the engine.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use neuroshard_proto::Message as _;
+use neuroshard_proto::engine as epb;
+use neuroshard_proto::peer as pb;
+
+use super::aggregate::Input;
+use super::compress;
+use super::round::{self, Diloco, Settings};
+use super::validate::{Contribution, Layout};
+use crate::metrics::Metrics;
+use crate::network::Network;
+use crate::network::client::PeerConn;
+use crate::supervisor::Client;
+
+/// The role of a node that holds the same layers as this one (all of them, for now).
+const REPLICA_ROLE: &str = "full";
+
+/// What a round boundary did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Aggregated with `contributors` replicas (this one included); the new start hash.
+    Stepped { contributors: usize, hash: String },
+    /// Adopted the agreed weights of round `round` from a peer.
+    CaughtUp { round: u64, hash: String },
+}
+
+pub struct Round<'a> {
+    pub diloco: &'a Diloco,
+    pub net: &'a Arc<Network>,
+    pub metrics: &'a Metrics,
+    pub settings: Settings,
+    /// Folder for the weight files exchanged with the engine.
+    pub dir: PathBuf,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Connected peers of `net` holding the same layers, in id order, each with its info; the
+/// (round, hash) there is the fresher of its last ping and its last contribution.
+pub fn replicas(net: &Network) -> Vec<(PeerConn, pb::NodeInfo)> {
+    let mut r: Vec<_> = net
+        .peers
+        .conns_with_info()
+        .into_iter()
+        .filter(|(_, i)| i.role == REPLICA_ROLE)
+        .collect();
+    {
+        let inbox = lock(&net.diloco.inbox);
+        for (_, info) in &mut r {
+            if let Some((round, hash)) = inbox.latest_of(&info.node_id)
+                && round >= info.diloco_round
+            {
+                info.diloco_round = round;
+                info.round_hash = hash;
+            }
+        }
+    }
+    r.sort_by(|a, b| a.1.node_id.cmp(&b.1.node_id));
+    r
+}
+
+/// Reads the engine's weights: layout (sorted by name), values, model hash.
+async fn export(
+    client: &mut Client,
+    dir: &Path,
+) -> Result<(Layout, Vec<Vec<f32>>, String), String> {
+    let path = dir.join("local.safetensors");
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let reply = client
+        .export_weights(epb::ExportWeightsRequest {
+            dest: Some(epb::export_weights_request::Dest::Path(
+                path.display().to_string(),
+            )),
+            format: "safetensors".into(),
+        })
+        .await
+        .map_err(|s| format!("export weights: {}", s.message()))?
+        .into_inner();
+    let tensors = round::read_weights_file(&path).map_err(|e| e.to_string())?;
+    let layout = Layout::new(
+        tensors
+            .iter()
+            .map(|(n, s, _)| (n.clone(), s.clone()))
+            .collect(),
+    );
+    let values = tensors.into_iter().map(|(_, _, v)| v).collect();
+    Ok((layout, values, reply.model_hash))
+}
+
+/// Writes `theta` (layout order) and imports it into the engine; the engine's new hash.
+async fn import(
+    client: &mut Client,
+    dir: &Path,
+    layout: &Layout,
+    theta: &[Vec<f32>],
+) -> Result<String, String> {
+    let path = dir.join("import.safetensors");
+    let bytes = round::encode_weights(layout, theta, None).map_err(|e| e.to_string())?;
+    round::write_file(&path, &bytes).map_err(|e| e.to_string())?;
+    let reply = client
+        .import_weights(epb::ImportWeightsRequest {
+            src: Some(epb::import_weights_request::Src::Path(
+                path.display().to_string(),
+            )),
+        })
+        .await
+        .map_err(|s| format!("import weights: {}", s.message()))?
+        .into_inner();
+    Ok(reply.model_hash)
+}
+
+/// Reads the loaded model into the round state when it has none yet (first start).
+pub async fn init(diloco: &Diloco, client: &mut Client, dir: &Path) -> Result<(), String> {
+    if lock(&diloco.state).initialized {
+        return Ok(());
+    }
+    let (layout, theta, hash) = export(client, dir).await?;
+    let mut s = lock(&diloco.state);
+    s.momentum = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+    s.theta_start = theta;
+    s.layout = layout;
+    s.start_hash = hash;
+    s.round = 0;
+    s.inner_step = 0;
+    s.initialized = true;
+    Ok(())
+}
+
+impl<'a> Round<'a> {
+    /// A round boundary of `net`'s DiLoCo state, exchanging weight files in `dir`.
+    pub fn new(
+        net: &'a Arc<Network>,
+        metrics: &'a Metrics,
+        settings: Settings,
+        dir: PathBuf,
+    ) -> Round<'a> {
+        Round {
+            diloco: &net.diloco,
+            net,
+            metrics,
+            settings,
+            dir,
+        }
+    }
+}
+
+impl Round<'_> {
+    fn replicas(&self) -> Vec<(PeerConn, pb::NodeInfo)> {
+        replicas(self.net)
+    }
+
+    /// When the most common (round, start hash) among the replicas and this node beats ours
+    /// (more holders; ties to the later round, then the larger hash), adopts it from a peer.
+    pub async fn catch_up(&self, client: &mut Client) -> Result<Option<Outcome>, String> {
+        let (round, hash) = self.diloco.advertised();
+        let replicas = self.replicas();
+        lock(&self.diloco.figures).replica_states = replicas
+            .iter()
+            .filter(|(_, i)| !i.round_hash.is_empty())
+            .map(|(_, i)| (i.node_id.clone(), i.diloco_round, i.round_hash.clone()))
+            .collect();
+        let mut tally: BTreeMap<(u64, String), usize> = BTreeMap::new();
+        *tally.entry((round, hash.clone())).or_default() += 1;
+        for (_, i) in &replicas {
+            if !i.round_hash.is_empty() {
+                *tally
+                    .entry((i.diloco_round, i.round_hash.clone()))
+                    .or_default() += 1;
+            }
+        }
+        let own_count = tally[&(round, hash.clone())];
+        let Some((best, count)) = tally
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)))
+        else {
+            return Ok(None);
+        };
+        if best == (round, hash.clone()) || (count, &best) <= (own_count, &(round, hash.clone())) {
+            return Ok(None);
+        }
+        let layout = lock(&self.diloco.state).layout.clone();
+        let numel: usize = layout
+            .tensors
+            .iter()
+            .filter_map(|(_, s)| Layout::numel(s))
+            .sum();
+        let max_bytes = 8 * numel + (1 << 20) + 64 * layout.tensors.len() * 8;
+        let mut last_err = String::from("no peer holds the agreed state");
+        for (conn, _) in replicas
+            .iter()
+            .filter(|(_, i)| (i.diloco_round, &i.round_hash) == (best.0, &best.1))
+        {
+            let (r, h, bytes) = match conn.get_weights(max_bytes).await {
+                Ok(x) => x,
+                Err(e) => {
+                    last_err = e.to_string();
+                    continue;
+                }
+            };
+            // Pings lag up to 2 s behind a round change: the peer's answer is current, and
+            // when it is where this node already is, there is nothing to adopt.
+            if (r, h.as_str()) == (round, hash.as_str()) {
+                return Ok(None);
+            }
+            let split =
+                round::decode_weights(&bytes).and_then(|t| round::split_snapshot(&layout, t));
+            let (theta, momentum) = match split {
+                Ok(x) => x,
+                Err(e) => {
+                    last_err = format!("{}: {e}", conn.id);
+                    continue;
+                }
+            };
+            let got = import(client, &self.dir, &layout, &theta).await?;
+            if got != h {
+                tracing::warn!(peer = %conn.id, claimed = %h, got = %got, "fetched weights do not match the peer's hash");
+            }
+            {
+                let mut s = lock(&self.diloco.state);
+                s.round = r;
+                s.start_hash = got.clone();
+                s.theta_start = theta;
+                s.momentum = momentum;
+                s.inner_step = 0;
+            }
+            lock(&self.diloco.inbox).prune(r);
+            lock(&self.diloco.figures).catch_ups += 1;
+            lock(&self.diloco.figures).syncs_failed += 1;
+            self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %conn.id, round = r, hash = %got, "caught up with the replicas' agreed weights");
+            return Ok(Some(Outcome::CaughtUp {
+                round: r,
+                hash: got,
+            }));
+        }
+        Err(format!("catch-up failed: {last_err}"))
+    }
+
+    /// The round boundary after the inner steps (`loss`: their mean, `batches`: how many).
+    pub async fn finish(
+        &self,
+        client: &mut Client,
+        loss: f32,
+        batches: u64,
+    ) -> Result<Outcome, String> {
+        if let Some(o) = self.catch_up(client).await? {
+            return Ok(o);
+        }
+        let (layout, theta_local, _) = export(client, &self.dir).await?;
+        let (round, start_hash, me): (u64, String, String) = {
+            let s = lock(&self.diloco.state);
+            if s.layout != layout {
+                return Err("the engine's tensors changed during the round".into());
+            }
+            (s.round, s.start_hash.clone(), self.net.id().to_string())
+        };
+        // Pseudo-gradient, encoded; our own contribution is its decoded form, like everyone's.
+        let encoding = self.settings.encoding;
+        let mut wire = Vec::with_capacity(layout.tensors.len());
+        let mut own = Vec::with_capacity(layout.tensors.len());
+        {
+            let s = lock(&self.diloco.state);
+            let mut residuals = lock(&self.diloco.residuals);
+            residuals.resize(layout.tensors.len(), Vec::new());
+            for (i, ((name, shape), local)) in layout.tensors.iter().zip(&theta_local).enumerate() {
+                let delta: Vec<f32> = s.theta_start[i]
+                    .iter()
+                    .zip(local)
+                    .map(|(a, b)| a - b)
+                    .collect();
+                let data = compress::encode(encoding, &delta, &mut residuals[i]);
+                own.push(
+                    compress::decode(encoding, &data, delta.len()).map_err(|e| e.to_string())?,
+                );
+                wire.push(pb::DeltaTensor {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    data,
+                });
+            }
+        }
+        lock(&self.diloco.inbox).insert_own(Contribution {
+            sender: me.clone(),
+            round,
+            model_hash: start_hash.clone(),
+            loss,
+            batches,
+            tensors: own,
+        });
+        let msg = pb::DeltaMessage {
+            auth: None,
+            round,
+            model_hash: start_hash.clone(),
+            loss,
+            batches,
+            encoding: encoding.name().into(),
+            tensors: wire,
+        };
+        let size = msg.encoded_len() as u64;
+        let replicas = self.replicas();
+        let sends: Vec<_> = replicas
+            .iter()
+            .map(|(conn, _)| {
+                let conn = conn.clone();
+                let msg = msg.clone();
+                tokio::spawn(async move { (conn.id, conn.push_delta(msg).await) })
+            })
+            .collect();
+        let mut sent_bytes = 0u64;
+        for task in sends {
+            match task.await {
+                Ok((_, Ok(ack))) if ack.accepted => sent_bytes += size,
+                Ok((peer, Ok(ack))) => {
+                    sent_bytes += size;
+                    tracing::debug!(%peer, reason = %ack.reason, "peer refused our pseudo-gradient");
+                }
+                Ok((peer, Err(e))) => {
+                    tracing::debug!(%peer, error = %e, "pseudo-gradient not delivered")
+                }
+                Err(_) => {}
+            }
+        }
+        // Wait for every replica in the same state, or the deadline.
+        let deadline = Instant::now() + self.settings.timeout;
+        let needed = self.settings.aggregator.min_contributions();
+        let mut missing;
+        loop {
+            // Wait for every replica not known to be ahead that has sent nothing for this
+            // round yet: one in an earlier round or on another hash may be catching up
+            // (pings are up to 2 s old). One that sent a delta from another start is done.
+            let have = lock(&self.diloco.inbox).senders(round);
+            let now = self.replicas();
+            missing = now
+                .iter()
+                .filter(|(_, i)| i.diloco_round <= round)
+                .filter(|(_, i)| !have.contains(&i.node_id))
+                .count();
+            // Too few matching contributions to outvote a bad one while replicas are around:
+            // keep waiting (until the deadline) for a replica out of step to catch up and
+            // send a delta from our start, and catch up ourselves if we are the minority.
+            let short = !now.is_empty()
+                && lock(&self.diloco.inbox).matching(round, &start_hash).len() < needed;
+            if (missing == 0 && !short) || Instant::now() >= deadline {
+                break;
+            }
+            if short && missing == 0 {
+                match self.catch_up(client).await {
+                    Ok(Some(o)) => return Ok(o),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, "catch-up while waiting failed"),
+                }
+            }
+            tokio::select! {
+                _ = self.diloco.arrived.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+        // The losses the replicas reported with this round's contributions.
+        {
+            let ids: Vec<&str> = replicas.iter().map(|(_, i)| i.node_id.as_str()).collect();
+            let reported: Vec<(String, f32)> = lock(&self.diloco.inbox)
+                .in_round(round)
+                .into_iter()
+                .filter(|c| ids.contains(&c.sender.as_str()))
+                .map(|c| (c.sender.clone(), c.loss))
+                .collect();
+            let mut f = lock(&self.diloco.figures);
+            for (sender, loss) in reported {
+                f.peer_losses.entry(sender).or_default().record(round, loss);
+            }
+        }
+        // Too few contributions for the aggregator to outvote one bad sender (a replica out of
+        // step meets a stranger's delta alone, and nothing is trimmed from two): adopt the
+        // replicas' state if they moved on without us, else step with our own delta only;
+        // the replicas' majority state is adopted at the next boundary, so a bad delta never
+        // decides a round.
+        let matching = lock(&self.diloco.inbox).matching(round, &start_hash).len();
+        let alone = matching < needed;
+        if alone && !replicas.is_empty() {
+            match self.catch_up(client).await {
+                Ok(Some(o)) => return Ok(o),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "catch-up after a short round failed"),
+            }
+            tracing::warn!(
+                round,
+                contributions = matching,
+                needed,
+                "too few contributions to outvote a bad one; this round uses our own delta only"
+            );
+        }
+        // Aggregate in sender order, outer step from θ_start, import.
+        let (senders, flat, weights) = {
+            let inbox = lock(&self.diloco.inbox);
+            let mut senders = Vec::new();
+            let mut flat = Vec::new();
+            let mut weights = Vec::new();
+            for c in inbox.matching(round, &start_hash) {
+                if alone && c.sender != me {
+                    continue;
+                }
+                senders.push(c.sender.clone());
+                flat.push(c.flat());
+                weights.push(c.batches as f32);
+            }
+            (senders, flat, weights)
+        };
+        let contributors = flat.len();
+        let inputs: Vec<Input<'_>> = flat
+            .iter()
+            .zip(&weights)
+            .map(|(v, &w)| Input {
+                values: v,
+                weight: w,
+            })
+            .collect();
+        let report = self
+            .settings
+            .aggregator
+            .aggregate_report(&inputs)
+            .map_err(|e| e.to_string())?;
+        let outvoted: Vec<String> = report
+            .outvoted
+            .iter()
+            .map(|&i| senders[i].clone())
+            .collect();
+        if !outvoted.is_empty() {
+            tracing::info!(round, ?outvoted, "contributions outvoted by the aggregator");
+        }
+        let agg = report.values;
+        // New weights and momentum are computed aside and committed together after the
+        // import, so GetWeights never serves a half-updated state.
+        let (theta_new, momentum_new) = {
+            let s = lock(&self.diloco.state);
+            let mut offset = 0;
+            let mut out = Vec::with_capacity(s.theta_start.len());
+            let mut momentum = s.momentum.clone();
+            for (t, m) in s.theta_start.iter().zip(momentum.iter_mut()) {
+                let d = &agg[offset..offset + t.len()];
+                offset += t.len();
+                out.push(self.settings.outer.step(t, d, m));
+            }
+            (out, momentum)
+        };
+        let hash = import(client, &self.dir, &layout, &theta_new).await?;
+        {
+            let mut s = lock(&self.diloco.state);
+            s.round = round + 1;
+            s.start_hash = hash.clone();
+            s.theta_start = theta_new;
+            s.momentum = momentum_new;
+            s.inner_step = 0;
+        }
+        lock(&self.diloco.inbox).prune(round + 1);
+        let had_peers = !replicas.is_empty();
+        let ok = !had_peers || contributors > 1;
+        {
+            let mut f = lock(&self.diloco.figures);
+            f.outer_steps += 1;
+            f.bytes_sent_last_round = sent_bytes;
+            f.bytes_sent_total += sent_bytes;
+            f.last_contributors = contributors;
+            f.outvoted_total += outvoted.len() as u64;
+            for sender in &outvoted {
+                *f.outvoted_by.entry(sender.clone()).or_default() += 1;
+            }
+            f.last_outvoted = outvoted;
+            if alone && had_peers {
+                f.rounds_alone += 1;
+            }
+            f.agreeing = contributors;
+            f.replicas = replicas.len() + 1;
+            f.round_losses.push(loss);
+            if f.round_losses.len() > 1000 {
+                f.round_losses.remove(0);
+            }
+            if ok {
+                f.syncs_ok += 1;
+            } else {
+                f.syncs_failed += 1;
+            }
+        }
+        if ok {
+            self.metrics.syncs_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            round,
+            contributors,
+            missing,
+            bytes = sent_bytes,
+            hash = %hash,
+            "DiLoCo outer step"
+        );
+        Ok(Outcome::Stepped { contributors, hash })
+    }
+}

@@ -1,0 +1,373 @@
+//! An authenticated connection to one peer: dial, mutual handshake, then signed requests.
+//! Every call has a deadline and is counted in the node's traffic figures.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use neuroshard_proto::Message as _;
+use neuroshard_proto::peer as pb;
+use neuroshard_proto::peer::peer_client::PeerClient;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use super::auth::{self, Authed};
+use super::error::NetworkError;
+use super::{CONNECT_TIMEOUT, Network, PING_TIMEOUT, RPC_TIMEOUT, SYNC_PAGE, now_ms};
+use crate::ledger::Address;
+use crate::peer::MAX_MESSAGE_BYTES;
+
+/// A handshaken connection. Cheap to clone (one HTTP/2 connection underneath).
+#[derive(Clone)]
+pub struct PeerConn {
+    /// The address this node dialed.
+    pub addr: String,
+    /// The peer's proven identity.
+    pub id: Address,
+    /// What the peer said about itself in the handshake.
+    pub info: pb::NodeInfo,
+    client: PeerClient<Channel>,
+    net: Arc<Network>,
+}
+
+impl std::fmt::Debug for PeerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerConn({} at {})", self.id, self.addr)
+    }
+}
+
+/// Opens a channel to `addr` (`host:port`) without handshaking.
+pub async fn dial(addr: &str) -> Result<PeerClient<Channel>, NetworkError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(RPC_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| NetworkError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
+    Ok(PeerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+impl PeerConn {
+    /// Dials `addr` and runs the handshake: the peer proves it holds the key of the address
+    /// it claims by signing our fresh challenge, and we prove ours by signing its challenge.
+    pub async fn connect(net: Arc<Network>, addr: &str) -> Result<PeerConn, NetworkError> {
+        let mut client = dial(addr).await?;
+        let rpc = |method: &'static str| {
+            move |source: tonic::Status| {
+                if source.code() == Code::AlreadyExists {
+                    NetworkError::SelfConnection { addr: addr.into() }
+                } else {
+                    NetworkError::Rpc {
+                        addr: addr.into(),
+                        method,
+                        source,
+                    }
+                }
+            }
+        };
+        let counted = |sent: usize, received: usize| {
+            net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+            net.state
+                .bytes_sent
+                .fetch_add(sent as u64, Ordering::Relaxed);
+            net.state
+                .bytes_received
+                .fetch_add(received as u64, Ordering::Relaxed);
+        };
+        let server_challenge = client
+            .challenge(with_deadline(pb::ChallengeRequest {}, RPC_TIMEOUT))
+            .await
+            .map_err(rpc("Challenge"))?
+            .into_inner()
+            .challenge;
+        counted(0, server_challenge.len());
+        let challenge: [u8; 32] = rand::random();
+        let node = net.local_info();
+        let digest = auth::client_handshake_digest(&server_challenge, &challenge, &node);
+        let request = pb::HandshakeRequest {
+            node: Some(node),
+            challenge: challenge.to_vec(),
+            signature: net.wallet.sign_digest(&digest).0.to_vec(),
+            server_challenge,
+        };
+        let sent = request.encoded_len();
+        let reply = client
+            .handshake(with_deadline(request, RPC_TIMEOUT))
+            .await
+            .map_err(rpc("Handshake"))?
+            .into_inner();
+        counted(sent, reply.encoded_len());
+        let bad = |reason: String| NetworkError::Handshake {
+            addr: addr.into(),
+            reason,
+        };
+        let info = reply
+            .node
+            .ok_or_else(|| bad("reply carries no node info".into()))?;
+        let id = auth::verify_signer(
+            &auth::server_handshake_digest(&challenge, &info),
+            &reply.signature,
+            &info.node_id,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        if id == net.id() {
+            return Err(NetworkError::SelfConnection { addr: addr.into() });
+        }
+        Ok(PeerConn {
+            addr: addr.into(),
+            id,
+            info,
+            client,
+            net,
+        })
+    }
+
+    /// Signs `body`, sends it with `call` under `deadline`, counts the traffic.
+    async fn call<T, R, F, Fut>(
+        &self,
+        method: &'static str,
+        body: T,
+        deadline: Duration,
+        call: F,
+    ) -> Result<R, NetworkError>
+    where
+        T: Authed,
+        R: neuroshard_proto::Message,
+        F: FnOnce(PeerClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let body = auth::sign_request(&self.net.wallet, body, now_ms());
+        let sent = body.encoded_len();
+        let state = &self.net.state;
+        state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+        state.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        let reply = call(self.client.clone(), with_deadline(body, deadline))
+            .await
+            .map_err(|source| NetworkError::Rpc {
+                addr: self.addr.clone(),
+                method,
+                source,
+            })?
+            .into_inner();
+        state
+            .bytes_received
+            .fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
+        Ok(reply)
+    }
+
+    /// Pings the peer: the measured round-trip time in ms and the peer's current info.
+    pub async fn ping(&self) -> Result<(f64, Option<pb::NodeInfo>), NetworkError> {
+        let started = Instant::now();
+        let body = pb::PingRequest {
+            node_id: self.net.id().to_string(),
+            sent_at_ms: now_ms(),
+            auth: None,
+        };
+        let reply = self
+            .call("Ping", body, PING_TIMEOUT, |mut c, r| async move {
+                c.ping(r).await
+            })
+            .await?;
+        Ok((started.elapsed().as_secs_f64() * 1000.0, reply.node))
+    }
+
+    /// Peer exchange: the peers the peer is connected to.
+    pub async fn get_peers(&self) -> Result<Vec<pb::NodeInfo>, NetworkError> {
+        let reply = self
+            .call(
+                "GetPeers",
+                pb::GetPeersRequest::default(),
+                RPC_TIMEOUT,
+                |mut c, r| async move { c.get_peers(r).await },
+            )
+            .await?;
+        Ok(reply.peers)
+    }
+
+    /// Pushes ledger messages (`Message::to_bytes`).
+    pub async fn gossip_ledger(
+        &self,
+        messages: Vec<Vec<u8>>,
+    ) -> Result<pb::GossipReply, NetworkError> {
+        let body = pb::GossipRequest {
+            auth: None,
+            kind: "ledger".into(),
+            messages,
+        };
+        self.call("Gossip", body, RPC_TIMEOUT, |mut c, r| async move {
+            c.gossip(r).await
+        })
+        .await
+    }
+
+    /// One anti-entropy page: the peer's ledger messages stored after `after_seq`.
+    pub async fn sync_ledger(&self, after_seq: i64) -> Result<pb::SyncReply, NetworkError> {
+        let body = pb::SyncRequest {
+            auth: None,
+            after_seq,
+            limit: SYNC_PAGE,
+        };
+        self.call("SyncLedger", body, RPC_TIMEOUT, |mut c, r| async move {
+            c.sync_ledger(r).await
+        })
+        .await
+    }
+}
+
+impl PeerConn {
+    /// Sends this node's pseudo-gradient for a DiLoCo round.
+    pub async fn push_delta(&self, body: pb::DeltaMessage) -> Result<pb::DeltaAck, NetworkError> {
+        self.call("PushDelta", body, RPC_TIMEOUT, |mut c, r| async move {
+            c.push_delta(r).await
+        })
+        .await
+    }
+
+    /// The peer's current DiLoCo round, its starting hash and the snapshot bytes (weights and
+    /// momentum, safetensors), at most `max_bytes`.
+    pub async fn get_weights(
+        &self,
+        max_bytes: usize,
+    ) -> Result<(u64, String, Vec<u8>), NetworkError> {
+        self.get_weights_of(Vec::new(), max_bytes).await
+    }
+
+    /// A checkpoint of the peer's pipeline stage, which holds every one of `layers`, and the
+    /// hash of that stage's parameters; at most `max_bytes`.
+    pub async fn get_stage_weights(
+        &self,
+        layers: Vec<u32>,
+        max_bytes: usize,
+    ) -> Result<(String, Vec<u8>), NetworkError> {
+        let (_, hash, bytes) = self.get_weights_of(layers, max_bytes).await?;
+        Ok((hash, bytes))
+    }
+
+    async fn get_weights_of(
+        &self,
+        layers: Vec<u32>,
+        max_bytes: usize,
+    ) -> Result<(u64, String, Vec<u8>), NetworkError> {
+        let req = pb::GetWeightsRequest { auth: None, layers };
+        let body = auth::sign_request(&self.net.wallet, req, now_ms());
+        let addr = self.addr.clone();
+        let rpc = |source: tonic::Status| NetworkError::Rpc {
+            addr: addr.clone(),
+            method: "GetWeights",
+            source,
+        };
+        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+        let mut stream = self
+            .client
+            .clone()
+            .get_weights(with_deadline(body, WEIGHTS_TIMEOUT))
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        let mut data = Vec::new();
+        let mut head: Option<(u64, String)> = None;
+        while let Some(chunk) = stream.message().await.map_err(rpc)? {
+            self.net
+                .state
+                .bytes_received
+                .fetch_add(chunk.encoded_len() as u64, Ordering::Relaxed);
+            let key = (chunk.diloco_round, chunk.model_hash.clone());
+            if head.get_or_insert_with(|| key.clone()) != &key
+                || data.len() + chunk.data.len() > max_bytes
+            {
+                return Err(NetworkError::Malformed {
+                    what: "weights transfer",
+                    reason: "inconsistent chunks or too large".into(),
+                });
+            }
+            data.extend_from_slice(&chunk.data);
+            if chunk.last {
+                let (round, hash) = key;
+                return Ok((round, hash, data));
+            }
+        }
+        Err(NetworkError::Malformed {
+            what: "weights transfer",
+            reason: "stream ended before the last chunk".into(),
+        })
+    }
+}
+
+impl PeerConn {
+    /// Pipeline forward to this stage (and the stages after it); the loss comes back.
+    pub async fn pipeline_forward(
+        &self,
+        body: pb::PipelineForwardRequest,
+        deadline: Duration,
+    ) -> Result<pb::PipelineForwardReply, NetworkError> {
+        self.call("PipelineForward", body, deadline, |mut c, r| async move {
+            c.pipeline_forward(r).await
+        })
+        .await
+    }
+
+    /// Pipeline backward; the gradient w.r.t. this stage's input comes back.
+    pub async fn pipeline_backward(
+        &self,
+        body: pb::PipelineBackwardRequest,
+        deadline: Duration,
+    ) -> Result<pb::PipelineBackwardReply, NetworkError> {
+        self.call("PipelineBackward", body, deadline, |mut c, r| async move {
+            c.pipeline_backward(r).await
+        })
+        .await
+    }
+
+    /// Pipeline optimizer phase ("norm" or "apply") on this stage and those after it.
+    pub async fn pipeline_step(
+        &self,
+        body: pb::PipelineStepRequest,
+        deadline: Duration,
+    ) -> Result<pb::PipelineStepReply, NetworkError> {
+        self.call("PipelineStep", body, deadline, |mut c, r| async move {
+            c.pipeline_step(r).await
+        })
+        .await
+    }
+
+    /// Distributed inference: this stage's layers for one generation step.
+    pub async fn infer_forward(
+        &self,
+        body: pb::InferForwardRequest,
+        deadline: Duration,
+    ) -> Result<pb::InferForwardReply, NetworkError> {
+        self.call("InferForward", body, deadline, |mut c, r| async move {
+            c.infer_forward(r).await
+        })
+        .await
+    }
+
+    /// Distributed inference: frees a session on this stage.
+    pub async fn infer_end(
+        &self,
+        body: pb::InferEndRequest,
+        deadline: Duration,
+    ) -> Result<pb::InferEndReply, NetworkError> {
+        self.call("InferEnd", body, deadline, |mut c, r| async move {
+            c.infer_end(r).await
+        })
+        .await
+    }
+}
+
+/// Deadline of a whole weights transfer.
+const WEIGHTS_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn with_deadline<T>(body: T, deadline: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(body);
+    r.set_timeout(deadline);
+    r
+}

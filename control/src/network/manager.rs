@@ -1,0 +1,508 @@
+//! The peer manager: keeps the addresses this node may dial (seeds, addresses learned from
+//! handshakes and from peer exchange), dials them with backoff, and runs one task per
+//! connected peer that pings it, measures RTT, asks it for its peers and drops it after
+//! missed heartbeats. [`PeerState::peers`](crate::peer::PeerState) mirrors the table.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use neuroshard_proto::peer as pb;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::client::PeerConn;
+use super::error::NetworkError;
+use super::score::node_key;
+use super::{
+    DROP_AFTER, MAX_KNOWN_ADDRESSES, MAX_PEERS, Network, PEX_INTERVAL, PING_INTERVAL,
+    SYNC_INTERVAL, gossip, stopped,
+};
+use crate::ledger::Address;
+use crate::peer::PeerInfo;
+
+/// How often the manager looks for addresses to dial.
+const DIAL_TICK: Duration = Duration::from_millis(500);
+/// Redial backoff: from 1 s, doubling, at most 30 s.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A learned (non-seed) address is forgotten after this many failed dials in a row.
+const MAX_FAILURES: u32 = 5;
+/// An address that led to an already connected node is checked again after this long.
+const ALIAS_RECHECK: Duration = Duration::from_secs(30);
+
+/// An address this node may dial.
+#[derive(Debug, Clone)]
+pub struct Known {
+    /// Seeds are never forgotten.
+    pub seed: bool,
+    pub failures: u32,
+    pub next_try: Instant,
+    /// The address leads back to this node.
+    pub is_self: bool,
+    /// The node last found there.
+    pub id: Option<Address>,
+}
+
+/// A connected peer.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub conn: PeerConn,
+    pub info: pb::NodeInfo,
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// RTT of the last answered ping (ms).
+    pub rtt_ms: f64,
+    pub last_ok: Instant,
+    /// Distinguishes this connection from a later one to the same node.
+    pub generation: u64,
+}
+
+/// The connected peers, by identity.
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    inner: Mutex<HashMap<Address, Connected>>,
+    next_generation: AtomicU64,
+}
+
+impl PeerTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Address, Connected>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a fresh connection; `None` when the node is already connected.
+    fn insert(&self, conn: PeerConn, rtt_ms: f64) -> Option<u64> {
+        let mut g = self.lock();
+        if g.contains_key(&conn.id) {
+            return None;
+        }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        g.insert(
+            conn.id,
+            Connected {
+                info: conn.info.clone(),
+                conn,
+                since: chrono::Utc::now(),
+                rtt_ms,
+                last_ok: Instant::now(),
+                generation,
+            },
+        );
+        Some(generation)
+    }
+
+    fn remove(&self, id: &Address, generation: u64) -> bool {
+        let mut g = self.lock();
+        if g.get(id).is_some_and(|c| c.generation == generation) {
+            g.remove(id);
+            return true;
+        }
+        false
+    }
+
+    fn answered(&self, id: &Address, generation: u64, rtt_ms: f64, info: Option<pb::NodeInfo>) {
+        if let Some(c) = self
+            .lock()
+            .get_mut(id)
+            .filter(|c| c.generation == generation)
+        {
+            c.rtt_ms = rtt_ms;
+            c.last_ok = Instant::now();
+            if let Some(info) = info.filter(|i| i.node_id == c.info.node_id) {
+                c.info = info;
+            }
+        }
+    }
+
+    /// When the connection last answered; `None` when it is no longer in the table.
+    fn last_ok(&self, id: &Address, generation: u64) -> Option<Instant> {
+        self.lock()
+            .get(id)
+            .filter(|c| c.generation == generation)
+            .map(|c| c.last_ok)
+    }
+
+    pub fn is_current(&self, id: &Address, generation: u64) -> bool {
+        self.last_ok(id, generation).is_some()
+    }
+
+    pub fn contains(&self, id: &Address) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Connections to push gossip over.
+    pub fn conns(&self) -> Vec<PeerConn> {
+        self.lock().values().map(|c| c.conn.clone()).collect()
+    }
+
+    /// The table as peer exchange shows it: addresses are the ones this node dials.
+    pub fn node_infos(&self) -> Vec<pb::NodeInfo> {
+        self.lock()
+            .values()
+            .map(|c| pb::NodeInfo {
+                node_id: c.conn.id.to_string(),
+                address: c.conn.addr.clone(),
+                role: c.info.role.clone(),
+                layers: c.info.layers.clone(),
+                public_key: Vec::new(),
+                http_port: c.info.http_port,
+                diloco_round: c.info.diloco_round,
+                round_hash: c.info.round_hash.clone(),
+                capacity: c.info.capacity,
+            })
+            .collect()
+    }
+
+    /// Each connection with the peer's latest info (from the handshake or its last ping).
+    pub fn conns_with_info(&self) -> Vec<(PeerConn, pb::NodeInfo)> {
+        self.lock()
+            .values()
+            .map(|c| (c.conn.clone(), c.info.clone()))
+            .collect()
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let mut out: Vec<PeerInfo> = self
+            .lock()
+            .values()
+            .map(|c| PeerInfo {
+                id: c.conn.id.to_string(),
+                address: c.conn.addr.clone(),
+                role: c.info.role.clone(),
+                layers: c.info.layers.clone(),
+                latency_ms: c.rtt_ms,
+                connected_since: c.since,
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+}
+
+/// Copies the table into the REST-visible [`PeerState`](crate::peer::PeerState).
+fn publish(net: &Network) {
+    let infos = net.peers.peer_infos();
+    net.state
+        .active_connections
+        .store(infos.len() as u64, Ordering::Relaxed);
+    if let Ok(mut g) = net.state.peers.write() {
+        *g = infos;
+    }
+}
+
+/// The port of a `host:port` string.
+pub fn port_of(addr: &str) -> Option<u16> {
+    let (host, port) = addr.rsplit_once(':')?;
+    if host.is_empty() {
+        return None;
+    }
+    port.parse().ok().filter(|p| *p != 0)
+}
+
+/// `ip:port`, with brackets for IPv6.
+pub fn join_host_port(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+/// `host:port` for an IP literal (bracketed when IPv6) or a DNS name.
+pub fn join_host_port_str(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => join_host_port(ip, port),
+        Err(_) => format!("{host}:{port}"),
+    }
+}
+
+fn known(net: &Network) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+    net.known.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Adds the configured seed peers.
+pub fn add_seeds(net: &Network, seeds: &[String]) {
+    let mut g = known(net);
+    for s in seeds {
+        g.insert(
+            s.trim().to_string(),
+            Known {
+                seed: true,
+                failures: 0,
+                next_try: Instant::now(),
+                is_self: false,
+                id: None,
+            },
+        );
+    }
+}
+
+/// Remembers an address learned from a handshake or from peer exchange.
+pub fn learn_address(net: &Network, addr: &str) {
+    if port_of(addr).is_none() {
+        return;
+    }
+    let mut g = known(net);
+    if g.contains_key(addr) {
+        return;
+    }
+    if g.len() >= MAX_KNOWN_ADDRESSES {
+        // Make room by forgetting a learned address that failed; else ignore the new one.
+        let victim = g
+            .iter()
+            .filter(|(_, k)| !k.seed && k.failures > 0)
+            .max_by_key(|(_, k)| k.failures)
+            .map(|(a, _)| a.clone());
+        match victim {
+            Some(v) => {
+                g.remove(&v);
+            }
+            None => return,
+        }
+    }
+    g.insert(
+        addr.to_string(),
+        Known {
+            seed: false,
+            failures: 0,
+            next_try: Instant::now(),
+            is_self: false,
+            id: None,
+        },
+    );
+}
+
+fn backoff(failures: u32) -> Duration {
+    BACKOFF_START
+        .saturating_mul(1 << failures.min(5))
+        .min(BACKOFF_MAX)
+}
+
+/// Addresses worth dialing now.
+fn due(net: &Network, dialing: &HashSet<String>, now: Instant) -> Vec<String> {
+    let room = MAX_PEERS.saturating_sub(net.peers.len() + dialing.len());
+    known(net)
+        .iter()
+        .filter(|(addr, k)| {
+            !k.is_self
+                && k.next_try <= now
+                && !dialing.contains(*addr)
+                && !k.id.is_some_and(|id| net.peers.contains(&id))
+        })
+        .map(|(a, _)| a.clone())
+        .take(room)
+        .collect()
+}
+
+/// Records a dial's outcome; returns the connection when it should be kept.
+fn dialed(net: &Network, addr: &str, result: Result<PeerConn, NetworkError>) -> Option<PeerConn> {
+    let now = Instant::now();
+    let mut g = known(net);
+    let entry = g.get_mut(addr)?;
+    match result {
+        Ok(conn) => {
+            entry.failures = 0;
+            entry.id = Some(conn.id);
+            if net.peers.contains(&conn.id) {
+                entry.next_try = now + ALIAS_RECHECK;
+                return None;
+            }
+            if let Some(left) = net.scores.banned(&node_key(&conn.id), now) {
+                entry.next_try = now + Duration::from_secs(left);
+                return None;
+            }
+            Some(conn)
+        }
+        Err(NetworkError::SelfConnection { .. }) => {
+            entry.is_self = true;
+            None
+        }
+        Err(e) => {
+            entry.failures += 1;
+            entry.next_try = now + backoff(entry.failures);
+            tracing::debug!(%addr, error = %e, failures = entry.failures, "dial failed");
+            if !entry.seed && entry.failures >= MAX_FAILURES {
+                g.remove(addr);
+            }
+            None
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(net: Arc<Network>, shutdown: watch::Receiver<bool>) {
+    let mut dialing: HashSet<String> = HashSet::new();
+    let mut dials: JoinSet<(String, Result<PeerConn, NetworkError>)> = JoinSet::new();
+    let mut tick = tokio::time::interval(DIAL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = tick.tick() => {
+                for addr in due(&net, &dialing, Instant::now()) {
+                    dialing.insert(addr.clone());
+                    let net = net.clone();
+                    dials.spawn(async move {
+                        let r = PeerConn::connect(net, &addr).await;
+                        (addr, r)
+                    });
+                }
+            }
+            Some(done) = dials.join_next(), if !dials.is_empty() => {
+                let Ok((addr, result)) = done else { continue };
+                dialing.remove(&addr);
+                if let Some(conn) = dialed(&net, &addr, result) {
+                    connected(&net, conn, shutdown.clone());
+                }
+            }
+        }
+    }
+    dials.abort_all();
+}
+
+fn connected(net: &Arc<Network>, conn: PeerConn, shutdown: watch::Receiver<bool>) {
+    let Some(generation) = net.peers.insert(conn.clone(), 0.0) else {
+        return;
+    };
+    tracing::info!(peer = %conn.id, addr = %conn.addr, role = %conn.info.role, "peer connected");
+    publish(net);
+    tokio::spawn(heartbeat(
+        net.clone(),
+        conn.clone(),
+        generation,
+        shutdown.clone(),
+    ));
+    tokio::spawn(anti_entropy(net.clone(), conn, generation, shutdown));
+}
+
+/// Pings every [`PING_INTERVAL`], asks for peers every [`PEX_INTERVAL`], drops the peer when
+/// it has not answered for [`DROP_AFTER`] or got banned.
+async fn heartbeat(
+    net: Arc<Network>,
+    conn: PeerConn,
+    generation: u64,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stop = shutdown.clone();
+    let mut tick = tokio::time::interval(PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_pex = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        if !net.peers.is_current(&conn.id, generation) {
+            return;
+        }
+        if net
+            .scores
+            .banned(&node_key(&conn.id), Instant::now())
+            .is_some()
+        {
+            drop_peer(&net, &conn, generation, "banned after misbehaving");
+            return;
+        }
+        match conn.ping().await {
+            Ok((rtt_ms, info)) => {
+                net.peers.answered(&conn.id, generation, rtt_ms, info);
+                publish(&net);
+            }
+            Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                // The peer no longer knows our session (it restarted, or evicted it):
+                // drop now, so the manager dials and handshakes again at once.
+                drop_peer(&net, &conn, generation, "session lost");
+                return;
+            }
+            Err(e) => {
+                let Some(last) = net.peers.last_ok(&conn.id, generation) else {
+                    return;
+                };
+                tracing::debug!(peer = %conn.id, error = %e, "ping missed");
+                if last.elapsed() >= DROP_AFTER {
+                    drop_peer(&net, &conn, generation, "missed heartbeats");
+                    return;
+                }
+                continue;
+            }
+        }
+        if Instant::now() >= next_pex {
+            next_pex = Instant::now() + PEX_INTERVAL;
+            match conn.get_peers().await {
+                Ok(list) => exchange(&net, list),
+                Err(e) => tracing::debug!(peer = %conn.id, error = %e, "peer exchange failed"),
+            }
+        }
+    }
+}
+
+/// Learns the addresses of nodes a peer knows that this node is not connected to.
+fn exchange(net: &Network, list: Vec<pb::NodeInfo>) {
+    let me = net.id();
+    for p in list {
+        let Ok(id) = Address::parse(&p.node_id) else {
+            continue;
+        };
+        if id == me || net.peers.contains(&id) {
+            continue;
+        }
+        learn_address(net, &p.address);
+    }
+}
+
+fn drop_peer(net: &Network, conn: &PeerConn, generation: u64, why: &str) {
+    if net.peers.remove(&conn.id, generation) {
+        tracing::warn!(peer = %conn.id, addr = %conn.addr, reason = why, "peer dropped");
+        publish(net);
+    }
+}
+
+/// Pulls the peer's ledger right after connecting and every [`SYNC_INTERVAL`].
+async fn anti_entropy(
+    net: Arc<Network>,
+    conn: PeerConn,
+    generation: u64,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stop = shutdown;
+    let mut after = 0i64;
+    loop {
+        if *stop.borrow() || !net.peers.is_current(&conn.id, generation) {
+            return;
+        }
+        match gossip::pull(&net, &conn, &mut after).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(peer = %conn.id, new = n, "ledger pulled"),
+            Err(e) => tracing::debug!(peer = %conn.id, error = %e, "ledger pull failed"),
+        }
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_backoff() {
+        assert_eq!(port_of("127.0.0.1:9000"), Some(9000));
+        assert_eq!(port_of("[::1]:9000"), Some(9000));
+        assert_eq!(port_of("host:0"), None);
+        assert_eq!(port_of(":9000"), None);
+        assert_eq!(port_of("nohost"), None);
+        assert_eq!(port_of("h:99999"), None);
+        assert_eq!(join_host_port("::1".parse().unwrap(), 5), "[::1]:5");
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(30), BACKOFF_MAX);
+    }
+}

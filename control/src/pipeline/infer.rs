@@ -1,0 +1,602 @@
+//! Distributed inference: a node that does not hold every layer serves a generation through
+//! the peers holding the others.
+//!
+//! The requesting node plans a route over the stages (itself included where it holds the next
+//! layers; peers by their advertised layers, lowest latency first), opens the session's front
+//! end on its own engine (prompt tokenized, sampler seeded: `StageStart`), then for every token
+//! sends each stage in turn its input (`InferForward`: token ids to the stage holding the
+//! embedding, activations after it) and takes its output back; the last stage answers with the
+//! next-token logits, which the requester's engine samples (`StageSample`), exactly as a full
+//! node samples. Each stage keeps the session's KV cache of its own layers, so a decode step
+//! sends one row of activations per stage. Activations come back to the requester between
+//! stages (a star, not a chain): the requester knows which stage failed, and a stage never has
+//! to reach another.
+//!
+//! Every call has the pipeline deadline (`training.pipeline_timeout_secs`); a stage that dies,
+//! refuses or is late ends the generation with an error, and every stage's session is freed
+//! (`InferEnd`, best effort: the engines also drop sessions idle for two minutes).
+//!
+//! Inference on a stage uses its own shared-memory slots (4 and 5) under its own lock, so it
+//! runs between training commands without touching the training slots; with fewer than six
+//! slots it shares the training slots and takes the training stage lock.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use neuroshard_proto::engine as epb;
+use neuroshard_proto::peer as pb;
+use neuroshard_shared::model::ModelConfig;
+use neuroshard_shared::shm::DType;
+use tokio::sync::mpsc;
+
+use super::{Hop, PipeError, SLOT_INPUT, SLOT_OUTPUT, Stage, Wire, check_acts, engine_err, within};
+use crate::network::Network;
+use crate::network::error::NetworkError;
+
+/// Slots inference uses when the segment has them.
+const SLOT_INFER_IN: u32 = 4;
+const SLOT_INFER_OUT: u32 = 5;
+
+/// The shared-memory slots an inference command may use, held while it runs.
+struct SlotGuard<'a> {
+    _infer: tokio::sync::MutexGuard<'a, ()>,
+    _train: Option<tokio::sync::MutexGuard<'a, u64>>,
+    input: u32,
+    output: u32,
+}
+
+/// Inference state of a stage: the lock over the inference slots.
+#[derive(Default)]
+pub struct InferState {
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// One stage of an inference route.
+#[derive(Clone)]
+pub enum Target {
+    /// This node's own layers.
+    Local(Range<u32>),
+    Peer(Box<Hop>),
+}
+
+impl Target {
+    fn layers(&self) -> Range<u32> {
+        match self {
+            Target::Local(r) => r.clone(),
+            Target::Peer(h) => h.layers.clone(),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Target::Local(_) => "local".into(),
+            Target::Peer(h) => h.conn.id.to_string(),
+        }
+    }
+}
+
+/// The stages from layer 0 to the head: this node where it holds the next layers, else the
+/// connected peer (lowest latency, then id) whose contiguous layers start there.
+pub fn plan_inference(
+    net: &Network,
+    own: Option<Range<u32>>,
+    total: u32,
+) -> Result<Vec<Target>, PipeError> {
+    let mut peers: Vec<(Hop, f64)> = net
+        .peers
+        .conns_with_info()
+        .into_iter()
+        .filter_map(|(c, info)| {
+            let first = *info.layers.iter().min()?;
+            let last = *info.layers.iter().max()?;
+            let contiguous = info.layers.len() as u32 == last - first + 1;
+            (contiguous && last < total).then_some((c, first..last + 1))
+        })
+        .map(|(c, layers)| {
+            let rtt = net
+                .state
+                .peers
+                .read()
+                .ok()
+                .and_then(|ps| {
+                    ps.iter()
+                        .find(|p| p.id == c.id.to_string())
+                        .map(|p| p.latency_ms)
+                })
+                .unwrap_or(f64::MAX);
+            (Hop { conn: c, layers }, rtt)
+        })
+        .collect();
+    peers.sort_by(|a, b| {
+        a.1.partial_cmp(&b.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a.0.conn.id.to_string().cmp(&b.0.conn.id.to_string()))
+    });
+    let mut route = Vec::new();
+    let mut next = 0;
+    while next < total {
+        let target = match &own {
+            Some(r) if r.start == next && r.end > r.start => Target::Local(r.clone()),
+            _ => peers
+                .iter()
+                .find(|(h, _)| h.layers.start == next)
+                .map(|(h, _)| Target::Peer(Box::new(h.clone())))
+                .ok_or_else(|| {
+                    PipeError::NoRoute(format!(
+                        "no connected peer holds layers from {next}; the model is not covered"
+                    ))
+                })?,
+        };
+        next = target.layers().end;
+        route.push(target);
+    }
+    Ok(route)
+}
+
+/// A peer call's failure: a late peer is a timeout, anything else names the stage.
+fn infer_peer_err(hop: &Hop, e: NetworkError) -> PipeError {
+    if let NetworkError::Rpc { source, .. } = &e
+        && matches!(
+            source.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        )
+    {
+        return PipeError::Timeout(hop.conn.id.to_string());
+    }
+    super::peer_err(hop, e)
+}
+
+/// Checks token ids from a peer: u32 [T], 1 <= T < max_seq, every id in the vocabulary.
+fn check_ids(t: Option<&pb::PipelineTensor>, m: &ModelConfig) -> Result<Wire, PipeError> {
+    let t = t.ok_or_else(|| PipeError::Refused("input missing".into()))?;
+    let n = t.shape.first().copied().unwrap_or(0);
+    if t.dtype != "u32"
+        || t.shape.len() != 1
+        || !(1..u64::from(m.max_seq)).contains(&n)
+        || t.data.len() as u64 != n * 4
+    {
+        return Err(PipeError::Refused(format!(
+            "token ids must be u32 [T] with 1 <= T < {} ({} bytes), got {:?} {:?} ({} bytes)",
+            m.max_seq,
+            n * 4,
+            t.dtype,
+            t.shape,
+            t.data.len()
+        )));
+    }
+    super::u32_below_vocab(t, m, "a token id")
+}
+
+/// Checks next-token logits from the last stage: f32 [V], 1 <= V <= vocabulary, finite.
+fn check_logits(t: Option<&pb::PipelineTensor>, m: &ModelConfig) -> Result<Wire, PipeError> {
+    let t = t.ok_or_else(|| PipeError::Refused("logits missing".into()))?;
+    let n = t.shape.first().copied().unwrap_or(0);
+    if t.dtype != "f32"
+        || t.shape.len() != 1
+        || !(1..=u64::from(m.vocab_size)).contains(&n)
+        || t.data.len() as u64 != n * 4
+    {
+        return Err(PipeError::Refused(format!(
+            "logits must be f32 [V] with V <= {}, got {:?} {:?} ({} bytes)",
+            m.vocab_size,
+            t.dtype,
+            t.shape,
+            t.data.len()
+        )));
+    }
+    if t.data
+        .chunks_exact(4)
+        .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+    {
+        return Err(PipeError::Refused("logits hold NaN or Inf".into()));
+    }
+    Ok(Wire {
+        dtype: DType::F32,
+        shape: t.shape.clone(),
+        data: t.data.clone(),
+    })
+}
+
+/// What a generation through the pipeline is asked for.
+#[derive(Debug, Clone)]
+pub struct InferRequest {
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub sampling: epb::SamplingParams,
+}
+
+/// The tokens of a generation as they are produced; the channel closes after the last one or
+/// after an error.
+pub type TokenStream = mpsc::UnboundedReceiver<Result<epb::GenerateReply, PipeError>>;
+
+impl Stage {
+    /// Runs this node's layers for one step of `session` on the engine.
+    async fn infer_local(
+        &self,
+        session: u64,
+        position: u32,
+        rows: u32,
+        input: &Wire,
+    ) -> Result<Wire, PipeError> {
+        let mut client = self.client()?;
+        let slots = self.infer_slots().await;
+        let input = self.write(slots.input, input)?;
+        let r = client
+            .stage_forward(epb::StageForwardRequest {
+                session,
+                input: Some(input),
+                output_slot: slots.output,
+                position,
+                rows,
+            })
+            .await
+            .map_err(infer_engine_err)?
+            .into_inner();
+        self.read(r.output)
+    }
+
+    /// Frees `session` on this node's engine.
+    async fn infer_end_local(&self, session: u64) -> bool {
+        let Ok(mut client) = self.client() else {
+            return false;
+        };
+        client
+            .stage_end(epb::StageEndRequest { session })
+            .await
+            .map(|r| r.into_inner().ended)
+            .unwrap_or(false)
+    }
+
+    /// InferForward from a peer: checks the input against this stage, runs its layers.
+    pub async fn serve_infer(
+        &self,
+        req: pb::InferForwardRequest,
+    ) -> Result<pb::InferForwardReply, PipeError> {
+        let a = self.ready()?;
+        let m = self.model()?;
+        let checked = (|| {
+            if req.layer_start != a.layers.start {
+                return Err(PipeError::Refused(format!(
+                    "input for layer {}, this stage starts at {}",
+                    req.layer_start, a.layers.start
+                )));
+            }
+            if req.rows == 0 || req.rows > m.max_seq || req.position >= req.rows {
+                return Err(PipeError::Refused(format!(
+                    "position {} of {} rows (at most {})",
+                    req.position, req.rows, m.max_seq
+                )));
+            }
+            let input = if a.has_embedding() {
+                check_ids(req.input.as_ref(), &m)?
+            } else {
+                let w = check_acts(req.input.as_ref(), "input", &m, None)?;
+                if w.shape[0] != 1 {
+                    return Err(PipeError::Refused(format!(
+                        "input has shape {:?}, expected [1, T, {}]",
+                        w.shape, m.hidden
+                    )));
+                }
+                w
+            };
+            let t = input.shape[input.shape.len().min(2) - 1];
+            if u64::from(req.position) + t > u64::from(req.rows) {
+                return Err(PipeError::Refused(format!(
+                    "{} cached + {t} new positions exceed the {} rows",
+                    req.position, req.rows
+                )));
+            }
+            Ok(input)
+        })();
+        let input = checked.map_err(|e| self.refused_infer(e))?;
+        self.counters
+            .tensor_bytes
+            .fetch_add(input.data.len() as u64, Ordering::Relaxed);
+        let out = self
+            .infer_local(req.session, req.position, req.rows, &input)
+            .await
+            .map_err(|e| self.refused_infer(e))?;
+        self.counters
+            .tensor_bytes
+            .fetch_add(out.data.len() as u64, Ordering::Relaxed);
+        Ok(pb::InferForwardReply {
+            output: Some(out.to_pb()),
+        })
+    }
+
+    /// InferEnd from a peer: frees the session here.
+    pub async fn serve_infer_end(&self, req: pb::InferEndRequest) -> pb::InferEndReply {
+        pb::InferEndReply {
+            ended: self.infer_end_local(req.session).await,
+        }
+    }
+
+    /// Starts a generation through the pipeline from this node; tokens arrive on the returned
+    /// channel as they are produced. Dropping the channel stops the generation (at the next
+    /// token) and frees every stage's session.
+    pub fn generate_remote(
+        self: &Arc<Self>,
+        net: Arc<Network>,
+        req: InferRequest,
+    ) -> Result<TokenStream, PipeError> {
+        let a = self.ready()?;
+        let route = plan_inference(&net, Some(a.layers.clone()), a.total)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stage = self.clone();
+        tokio::spawn(async move {
+            let session = rand::random::<u64>();
+            let result = stage.run_generation(&route, session, &req, &tx).await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, session = format!("{session:x}"), "pipeline inference failed");
+                let _ = tx.send(Err(e));
+            }
+            stage.end_everywhere(&route, session).await;
+        });
+        Ok(rx)
+    }
+
+    async fn run_generation(
+        &self,
+        route: &[Target],
+        session: u64,
+        req: &InferRequest,
+        tx: &mpsc::UnboundedSender<Result<epb::GenerateReply, PipeError>>,
+    ) -> Result<(), PipeError> {
+        let m = self.model()?;
+        let secs = self.config().training.pipeline_timeout_secs;
+        let mut client = self.client()?;
+        let start = client
+            .stage_start(epb::StageStartRequest {
+                session,
+                prompt: req.prompt.clone(),
+                prompt_ids: Vec::new(),
+                max_tokens: req.max_tokens,
+                sampling: Some(req.sampling),
+            })
+            .await
+            .map_err(infer_engine_err)?
+            .into_inner();
+        let rows = start.rows;
+        let prompt_tokens = start.prompt_ids.len() as u32;
+        let started = std::time::Instant::now();
+        let mut spent = vec![Duration::ZERO; route.len() + 1];
+        let mut produced = 0u32;
+        let mut input: Vec<u32> = start.prompt_ids;
+        let mut position = 0u32;
+        loop {
+            let ids = Wire {
+                dtype: DType::U32,
+                shape: vec![input.len() as u64],
+                data: input.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            };
+            let logits = self
+                .step_route(route, session, position, rows, ids, &m, secs, &mut spent)
+                .await?;
+            let sampled_at = std::time::Instant::now();
+            let slots = self.infer_slots().await;
+            let logits = self.write(slots.input, &logits)?;
+            let mut reply = client
+                .stage_sample(epb::StageSampleRequest {
+                    session,
+                    logits: Some(logits),
+                })
+                .await
+                .map_err(infer_engine_err)?
+                .into_inner()
+                .token
+                .ok_or_else(|| PipeError::Engine("the engine sampled no token".into()))?;
+            drop(slots);
+            spent[route.len()] += sampled_at.elapsed();
+            produced += 1;
+            if reply.index == 0 {
+                reply.prompt_tokens = prompt_tokens;
+            }
+            position += input.len() as u32;
+            let done = !reply.finish_reason.is_empty();
+            let token = reply.token_id;
+            if tx.send(Ok(reply)).is_err() || done {
+                let per_stage: Vec<String> = route
+                    .iter()
+                    .map(Target::name)
+                    .chain(std::iter::once("sample".to_string()))
+                    .zip(&spent)
+                    .map(|(n, d)| {
+                        format!("{n}={:.2}ms", d.as_secs_f64() * 1e3 / f64::from(produced))
+                    })
+                    .collect();
+                tracing::info!(
+                    tokens = produced,
+                    stages = route.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    per_token = %per_stage.join(" "),
+                    "pipeline generation"
+                );
+                return Ok(());
+            }
+            input = vec![token];
+        }
+    }
+
+    /// Takes the inference slots: its own (4, 5) under the inference lock, or, with fewer
+    /// than six slots, the training slots under the training stage lock as well.
+    async fn infer_slots(&self) -> SlotGuard<'_> {
+        let infer = self.infer.lock.lock().await;
+        if self.segment.slot_count() > SLOT_INFER_OUT {
+            SlotGuard {
+                _infer: infer,
+                _train: None,
+                input: SLOT_INFER_IN,
+                output: SLOT_INFER_OUT,
+            }
+        } else {
+            SlotGuard {
+                _infer: infer,
+                _train: Some(self.current.lock().await),
+                input: SLOT_INPUT,
+                output: SLOT_OUTPUT,
+            }
+        }
+    }
+
+    fn refused_infer(&self, e: PipeError) -> PipeError {
+        if matches!(e, PipeError::Refused(_)) {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "inference request refused");
+        }
+        e
+    }
+
+    /// One generation step through every stage of `route`: the last stage's logits.
+    #[allow(clippy::too_many_arguments)]
+    async fn step_route(
+        &self,
+        route: &[Target],
+        session: u64,
+        position: u32,
+        rows: u32,
+        ids: Wire,
+        m: &ModelConfig,
+        secs: u32,
+        spent: &mut [Duration],
+    ) -> Result<Wire, PipeError> {
+        let mut x = ids;
+        let t = x.shape[0];
+        for (i, target) in route.iter().enumerate() {
+            let last = i + 1 == route.len();
+            let began = std::time::Instant::now();
+            let out = match target {
+                Target::Local(_) => {
+                    within(secs, "local", self.infer_local(session, position, rows, &x)).await?
+                }
+                Target::Peer(hop) => {
+                    let req = pb::InferForwardRequest {
+                        auth: None,
+                        session,
+                        layer_start: hop.layers.start,
+                        input: Some(x.to_pb()),
+                        position,
+                        rows,
+                    };
+                    self.counters
+                        .tensor_bytes
+                        .fetch_add(x.data.len() as u64, Ordering::Relaxed);
+                    let r = within(secs, &target.name(), async {
+                        hop.conn
+                            .infer_forward(req, Duration::from_secs(u64::from(secs)))
+                            .await
+                            .map_err(|e| infer_peer_err(hop, e))
+                    })
+                    .await?;
+                    let checked = if last {
+                        check_logits(r.output.as_ref(), m)
+                    } else {
+                        check_acts(r.output.as_ref(), "output", m, Some((1, t)))
+                    };
+                    let w = checked.map_err(|e| PipeError::Peer {
+                        stage: target.name(),
+                        message: e.to_string(),
+                    })?;
+                    self.counters
+                        .tensor_bytes
+                        .fetch_add(w.data.len() as u64, Ordering::Relaxed);
+                    w
+                }
+            };
+            spent[i] += began.elapsed();
+            x = out;
+        }
+        Ok(x)
+    }
+
+    /// Frees the session on every stage of the route (and the front end here), in parallel,
+    /// each with a short deadline.
+    async fn end_everywhere(&self, route: &[Target], session: u64) {
+        let ends = route.iter().filter_map(|t| match t {
+            Target::Peer(hop) => Some(async move {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    hop.conn.infer_end(
+                        pb::InferEndRequest {
+                            auth: None,
+                            session,
+                        },
+                        Duration::from_secs(5),
+                    ),
+                )
+                .await;
+                if !matches!(r, Ok(Ok(_))) {
+                    tracing::debug!(stage = %hop.conn.id, "could not end the inference session there (it expires)");
+                }
+            }),
+            Target::Local(_) => None,
+        });
+        futures_util::future::join_all(ends).await;
+        self.infer_end_local(session).await;
+    }
+}
+
+/// The engine's refusals keep their meaning; everything else is an engine failure.
+fn infer_engine_err(s: tonic::Status) -> PipeError {
+    match s.code() {
+        tonic::Code::InvalidArgument => PipeError::Refused(s.message().to_string()),
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
+            PipeError::NotReady(s.message().to_string())
+        }
+        _ => engine_err(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelConfig {
+        ModelConfig::preset("tiny").unwrap()
+    }
+
+    fn u32s(shape: Vec<u64>, v: &[u32]) -> pb::PipelineTensor {
+        pb::PipelineTensor {
+            dtype: "u32".into(),
+            shape,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    fn f32s(shape: Vec<u64>, v: &[f32]) -> pb::PipelineTensor {
+        pb::PipelineTensor {
+            dtype: "f32".into(),
+            shape,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    #[test]
+    fn token_ids_from_a_peer_are_checked() {
+        let m = model();
+        assert!(check_ids(Some(&u32s(vec![3], &[1, 2, 3])), &m).is_ok());
+        assert!(check_ids(None, &m).is_err());
+        assert!(check_ids(Some(&u32s(vec![2], &[1, 2, 3])), &m).is_err());
+        assert!(check_ids(Some(&u32s(vec![1, 3], &[1, 2, 3])), &m).is_err());
+        assert!(check_ids(Some(&u32s(vec![0], &[])), &m).is_err());
+        assert!(check_ids(Some(&u32s(vec![1], &[m.vocab_size])), &m).is_err());
+        let long = vec![1u32; m.max_seq as usize];
+        assert!(check_ids(Some(&u32s(vec![m.max_seq as u64], &long)), &m).is_err());
+        let mut f = u32s(vec![1], &[1]);
+        f.dtype = "f32".into();
+        assert!(check_ids(Some(&f), &m).is_err());
+    }
+
+    #[test]
+    fn logits_from_the_last_stage_are_checked() {
+        let m = model();
+        assert!(check_logits(Some(&f32s(vec![2], &[0.5, -1.0])), &m).is_ok());
+        assert!(check_logits(Some(&f32s(vec![2], &[0.5, f32::NAN])), &m).is_err());
+        assert!(check_logits(Some(&f32s(vec![3], &[0.5, 1.0])), &m).is_err());
+        assert!(check_logits(Some(&f32s(vec![1, 2], &[0.5, 1.0])), &m).is_err());
+        let big = vec![0.0; m.vocab_size as usize + 1];
+        assert!(check_logits(Some(&f32s(vec![big.len() as u64], &big)), &m).is_err());
+        assert!(check_logits(None, &m).is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! The receiving side of the pipeline RPCs: check the peer's tensors, run this stage on the
+//! engine, call the next stage of the route, answer with what came back.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use neuroshard_proto::peer as pb;
+
+use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
+use crate::ledger::Address;
+use crate::network::Network;
+
+/// Most stages a route may name.
+const MAX_ROUTE: usize = 64;
+
+impl Stage {
+    /// Pipeline training calls come from the stage before this one: a connected peer whose
+    /// layers end where this stage's begin. Anyone else (a peer holding other layers, a
+    /// stranger) could otherwise inject micro-batches into this stage's gradients or move its
+    /// step id on.
+    pub fn check_upstream(&self, net: &Network, caller: &Address) -> Result<(), PipeError> {
+        let a = self.ready()?;
+        let upstream = net
+            .peers
+            .conns_with_info()
+            .into_iter()
+            .find(|(c, _)| &c.id == caller)
+            .and_then(|(_, info)| info.layers.iter().max().map(|l| l + 1));
+        if upstream == Some(a.layers.start) {
+            return Ok(());
+        }
+        Err(self.refused(PipeError::Refused(format!(
+            "{caller} is not a stage before this one (layers from {})",
+            a.layers.start
+        ))))
+    }
+
+    fn refused(&self, e: PipeError) -> PipeError {
+        if matches!(e, PipeError::Refused(_)) {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "pipeline request refused");
+        }
+        e
+    }
+
+    /// Fails a step whose request was checked against layers this stage no longer holds (a
+    /// takeover reloaded the engine meanwhile): its result is not the route's.
+    fn same_layers(&self, checked: &super::Assignment) -> Result<(), PipeError> {
+        match self.assignment() {
+            Some(now) if &now == checked => Ok(()),
+            _ => Err(PipeError::NotReady(
+                "this stage's layers changed during the step".into(),
+            )),
+        }
+    }
+
+    /// The connection to the next stage of `route`, and the rest of the route after it.
+    fn next_hop(&self, net: &Network, route: &[String]) -> Result<(Hop, Vec<String>), PipeError> {
+        if route.len() > MAX_ROUTE {
+            return Err(PipeError::Refused(format!(
+                "route names {} stages (at most {MAX_ROUTE})",
+                route.len()
+            )));
+        }
+        let id = route
+            .first()
+            .ok_or_else(|| PipeError::Refused("route ends before the head".into()))?;
+        let (conn, info) = net
+            .peers
+            .conns_with_info()
+            .into_iter()
+            .find(|(c, _)| &c.id.to_string() == id)
+            .ok_or_else(|| PipeError::NoRoute(format!("not connected to stage {id}")))?;
+        let first = info.layers.iter().min().copied().unwrap_or(0);
+        let last = info.layers.iter().max().copied().unwrap_or(0);
+        Ok((
+            Hop {
+                conn,
+                layers: first..last + 1,
+            },
+            route[1..].to_vec(),
+        ))
+    }
+
+    /// PipelineForward: activations in, this stage's layers, then the next stage; the loss back.
+    pub async fn serve_forward(
+        &self,
+        net: &Network,
+        req: pb::PipelineForwardRequest,
+    ) -> Result<pb::PipelineForwardReply, PipeError> {
+        let a = self.ready()?;
+        let m = self.model()?;
+        let checked = (|| {
+            if a.has_embedding() {
+                return Err(PipeError::Refused(
+                    "this node is the first stage; it takes no activations".into(),
+                ));
+            }
+            if req.layer_start != a.layers.start {
+                return Err(PipeError::Refused(format!(
+                    "activations for layer {}, this stage starts at {}",
+                    req.layer_start, a.layers.start
+                )));
+            }
+            if a.has_head() != req.route.is_empty() {
+                return Err(PipeError::Refused(
+                    "the route must end at the stage that holds the head".into(),
+                ));
+            }
+            let acts = check_acts(req.activations.as_ref(), "activations", &m, None)?;
+            let labels = check_labels(req.labels.as_ref(), &m, acts.shape[0], acts.shape[1])?;
+            Ok((acts, labels))
+        })();
+        let (acts, labels) = checked.map_err(|e| self.refused(e))?;
+        self.counters.tensor_bytes.fetch_add(
+            (acts.data.len() + labels.data.len()) as u64,
+            Ordering::Relaxed,
+        );
+        let secs = self.config().training.pipeline_timeout_secs;
+        let out = self
+            .forward(
+                req.step,
+                req.micro_batch,
+                &acts,
+                a.has_head().then_some(&labels),
+            )
+            .await
+            .map_err(|e| self.refused(e))?;
+        self.same_layers(&a)?;
+        match out {
+            Out::Loss(loss) => {
+                if let Ok(mut s) = self.stats.lock() {
+                    s.loss = Some(loss);
+                }
+                Ok(pb::PipelineForwardReply { loss })
+            }
+            Out::Acts(out) => {
+                let (hop, rest) = self
+                    .next_hop(net, &req.route)
+                    .map_err(|e| self.refused(e))?;
+                self.counters.tensor_bytes.fetch_add(
+                    (out.data.len() + labels.data.len()) as u64,
+                    Ordering::Relaxed,
+                );
+                let next = pb::PipelineForwardRequest {
+                    auth: None,
+                    step: req.step,
+                    micro_batch: req.micro_batch,
+                    activations: Some(out.to_pb()),
+                    labels: Some(labels.to_pb()),
+                    layer_start: a.layers.end,
+                    route: rest,
+                };
+                within(secs, &hop.conn.id.to_string(), async {
+                    hop.conn
+                        .pipeline_forward(next, Duration::from_secs(u64::from(secs)))
+                        .await
+                        .map_err(|e| peer_err(&hop, e))
+                })
+                .await
+            }
+        }
+    }
+
+    /// PipelineBackward: the next stage's gradient (or the loss on the last stage), this
+    /// stage's backward, the gradient w.r.t. this stage's input back.
+    pub async fn serve_backward(
+        &self,
+        net: &Network,
+        req: pb::PipelineBackwardRequest,
+    ) -> Result<pb::PipelineBackwardReply, PipeError> {
+        let a = self.ready()?;
+        if a.has_embedding() {
+            return Err(self.refused(PipeError::Refused(
+                "the first stage takes no backward from a peer".into(),
+            )));
+        }
+        let grad = if a.has_head() {
+            if !req.route.is_empty() {
+                return Err(self.refused(PipeError::Refused(
+                    "the route must end at the stage that holds the head".into(),
+                )));
+            }
+            None
+        } else {
+            let m = self.model()?;
+            let secs = self.config().training.pipeline_timeout_secs;
+            let (hop, rest) = self
+                .next_hop(net, &req.route)
+                .map_err(|e| self.refused(e))?;
+            let next = pb::PipelineBackwardRequest {
+                auth: None,
+                step: req.step,
+                micro_batch: req.micro_batch,
+                route: rest,
+            };
+            let r = within(secs, &hop.conn.id.to_string(), async {
+                hop.conn
+                    .pipeline_backward(next, Duration::from_secs(u64::from(secs)))
+                    .await
+                    .map_err(|e| peer_err(&hop, e))
+            })
+            .await?;
+            let g = check_acts(r.grad_input.as_ref(), "grad_input", &m, None)
+                .map_err(|e| self.refused(e))?;
+            self.counters
+                .tensor_bytes
+                .fetch_add(g.data.len() as u64, Ordering::Relaxed);
+            Some(g)
+        };
+        let gi = self
+            .backward(req.step, req.micro_batch, grad.as_ref())
+            .await
+            .map_err(|e| self.refused(e))?
+            .ok_or_else(|| PipeError::Engine("no input gradient from the engine".into()))?;
+        self.same_layers(&a)?;
+        self.counters
+            .tensor_bytes
+            .fetch_add(gi.data.len() as u64, Ordering::Relaxed);
+        Ok(pb::PipelineBackwardReply {
+            grad_input: Some(gi.to_pb()),
+        })
+    }
+
+    /// PipelineStep: "norm" sums squared gradient norms down the route; "apply" steps every
+    /// stage's optimizer with the global norm.
+    pub async fn serve_step(
+        &self,
+        net: &Network,
+        req: pb::PipelineStepRequest,
+    ) -> Result<pb::PipelineStepReply, PipeError> {
+        let a = self.ready()?;
+        if a.has_embedding() {
+            return Err(self.refused(PipeError::Refused(
+                "the first stage takes no optimizer step from a peer".into(),
+            )));
+        }
+        if a.has_head() != req.route.is_empty() {
+            return Err(self.refused(PipeError::Refused(
+                "the route must end at the stage that holds the head".into(),
+            )));
+        }
+        let secs = self.config().training.pipeline_timeout_secs;
+        let next = if req.route.is_empty() {
+            None
+        } else {
+            Some(
+                self.next_hop(net, &req.route)
+                    .map_err(|e| self.refused(e))?,
+            )
+        };
+        let forward = |phase: &str, norm: f32| {
+            let next = next.clone();
+            let phase = phase.to_string();
+            let step = req.step;
+            async move {
+                match next {
+                    None => Ok(pb::PipelineStepReply::default()),
+                    Some((hop, rest)) => {
+                        within(secs, &hop.conn.id.to_string(), async {
+                            hop.conn
+                                .pipeline_step(
+                                    pb::PipelineStepRequest {
+                                        auth: None,
+                                        step,
+                                        phase,
+                                        global_norm: norm,
+                                        route: rest,
+                                    },
+                                    Duration::from_secs(u64::from(secs)),
+                                )
+                                .await
+                                .map_err(|e| peer_err(&hop, e))
+                        })
+                        .await
+                    }
+                }
+            }
+        };
+        match req.phase.as_str() {
+            "norm" => {
+                let local = self.sq_norm(req.step).await.map_err(|e| self.refused(e))?;
+                let rest = forward("norm", 0.0).await?.sq_norm;
+                if !(rest.is_finite() && rest >= 0.0) {
+                    return Err(PipeError::Peer {
+                        stage: "next".into(),
+                        message: format!("squared norm {rest}"),
+                    });
+                }
+                Ok(pb::PipelineStepReply {
+                    sq_norm: local + rest,
+                    optimizer_step: 0,
+                })
+            }
+            "apply" => {
+                let (local, _) = tokio::try_join!(
+                    async {
+                        self.apply(req.step, req.global_norm)
+                            .await
+                            .map_err(|e| self.refused(e))
+                    },
+                    forward("apply", req.global_norm)
+                )?;
+                Ok(pb::PipelineStepReply {
+                    sq_norm: 0.0,
+                    optimizer_step: local,
+                })
+            }
+            other => Err(self.refused(PipeError::Refused(format!(
+                "unknown phase {other:?} (norm or apply)"
+            )))),
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Proof of Neural Work, the producing side: once per 60 s epoch the node signs a proof of what
+//! it did since its last one (uptime, training batches with the model hash before and after,
+//! inference tokens) and submits it to the ledger, which verifies it and mints the reward on
+//! the node wallet's chain. Refused proofs are recorded by the ledger with their reason.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use neuroshard_proto::engine as pb;
+use tokio::sync::watch;
+
+use crate::ledger::keys::keccak;
+use crate::ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
+use crate::ledger::{Proof, ProofType, SignedProof};
+use crate::state::AppState;
+
+/// What the node had done at the last proof.
+#[derive(Debug, Clone, Default)]
+struct Mark {
+    at: i64,
+    steps: u64,
+    tokens: u64,
+    model_hash: String,
+}
+
+/// Runs until `stop` flips: one proof per epoch, submitted a second after the epoch turns.
+pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+    let mut mark = Mark {
+        at: chrono::Utc::now().timestamp(),
+        steps: state.training().steps_this_run,
+        tokens: state.metrics.tokens_generated.load(Ordering::Relaxed),
+        model_hash: String::new(),
+    };
+    loop {
+        let now = chrono::Utc::now().timestamp();
+        let next = (now / EPOCH_SECONDS + 1) * EPOCH_SECONDS + 1;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs((next - now).max(1) as u64)) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        mark = prove(&state, mark).await;
+    }
+}
+
+async fn current_model_hash(state: &AppState) -> Option<String> {
+    let mut client = state.engine.client()?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.model_hash(pb::ModelHashRequest {}),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(reply.into_inner().model_hash)
+}
+
+async fn prove(state: &AppState, mark: Mark) -> Mark {
+    let now = chrono::Utc::now().timestamp();
+    let training = state.training();
+    let tokens = state.metrics.tokens_generated.load(Ordering::Relaxed);
+    let model_hash = current_model_hash(state).await.unwrap_or_default();
+    let cfg = state.config();
+    let layers: Vec<u32> = if training.model_loaded {
+        crate::trainer::live_layers(&cfg, &training).collect()
+    } else {
+        Vec::new()
+    };
+    // The first proof compares with the hash the model had when it was loaded.
+    let mut mark = mark;
+    if mark.model_hash.is_empty() {
+        mark.model_hash = training.model_hash.clone();
+    }
+    // Batches count only when the model demonstrably changed between the two hashes.
+    let batches = training.steps_this_run.saturating_sub(mark.steps);
+    let trained = batches > 0
+        && !mark.model_hash.is_empty()
+        && !model_hash.is_empty()
+        && mark.model_hash != model_hash
+        && training.loss.is_some_and(|l| l > 0.0)
+        && !layers.is_empty();
+    let batches = if trained { batches.min(600) } else { 0 };
+    let inference_tokens = tokens.saturating_sub(mark.tokens);
+    let loss = training.loss.map(f64::from).unwrap_or(0.0);
+    let proof_type = if trained {
+        ProofType::Training
+    } else if inference_tokens > 0 {
+        ProofType::Inference
+    } else {
+        ProofType::Uptime
+    };
+    let commitment = if trained {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(mark.model_hash.as_bytes());
+        bytes.extend_from_slice(model_hash.as_bytes());
+        bytes.extend_from_slice(&batches.to_le_bytes());
+        bytes.extend_from_slice(&loss.to_le_bytes());
+        keccak(b"neuroshard-gradient-commitment-v1", &bytes).to_hex()
+    } else {
+        String::new()
+    };
+    let proof = Proof {
+        node_id: state.wallet.address(),
+        proof_type,
+        timestamp: now,
+        nonce: rand::random(),
+        uptime_seconds: (now - mark.at).clamp(0, MAX_UPTIME_SECONDS as i64) as u64,
+        tokens_processed: inference_tokens.min(33_333 * EPOCH_SECONDS as u64),
+        training_batches: batches,
+        data_samples: if trained {
+            (batches * u64::from(cfg.training.batch_size)).min(60_000)
+        } else {
+            0
+        },
+        request_id: String::new(),
+        model_hash: model_hash.clone(),
+        holds_embedding: !layers.is_empty(),
+        holds_lm_head: !layers.is_empty(),
+        layers_held: layers,
+        epoch_id: Proof::epoch_of(now),
+        model_hash_start: if trained {
+            mark.model_hash.clone()
+        } else {
+            String::new()
+        },
+        model_hash_end: if trained {
+            model_hash.clone()
+        } else {
+            String::new()
+        },
+        gradient_commitment: commitment,
+        current_loss: if trained { loss } else { 0.0 },
+    };
+    // Transfers to the node wallet are claimed once an epoch (sends claim them too).
+    if let Err(e) = state.ledger.claim_incoming(&state.wallet, now).await {
+        tracing::warn!(error = %e, "claiming incoming transfers failed");
+    }
+    let signed = SignedProof::sign(proof, &state.wallet);
+    match state.ledger.submit_proof(&state.wallet, signed, now).await {
+        Ok(accepted) => tracing::info!(
+            proof = %accepted.proof_id,
+            kind = proof_type.as_str(),
+            batches,
+            reward = crate::ledger::units_to_neuro(accepted.reward),
+            "proof of work rewarded"
+        ),
+        Err(e) => tracing::warn!(error = %e, "proof of work not rewarded"),
+    }
+    Mark {
+        at: now,
+        steps: training.steps_this_run,
+        tokens,
+        model_hash: if model_hash.is_empty() {
+            mark.model_hash
+        } else {
+            model_hash
+        },
+    }
+}
