@@ -19,9 +19,11 @@ apt_install() {
     }
 }
 command -v systemd-analyze >/dev/null || apt_install systemd
+# The dashboard test drives a real headless browser.
+command -v chromium >/dev/null || apt_install chromium
 command -v python3 >/dev/null || apt_install python3 python3-pip
-python3 -c 'import numpy, tokenizers' 2>/dev/null || \
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore numpy tokenizers
+python3 -c 'import numpy, tokenizers, openai' 2>/dev/null || \
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore numpy tokenizers openai
 # NVRTC, CUDA headers and ptxas from PyPI: every CUDA kernel is compiled in the tests.
 . scripts/cuda-env.sh
 . scripts/postgres-test-server.sh

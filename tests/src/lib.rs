@@ -1,6 +1,11 @@
 //! Integration harness: runs real `neuroshard` / `neuroshard-engine` processes, each node in
 //! its own temporary directory with free ports, waits by polling (never fixed sleeps), kills
-//! its children on drop and prints their logs when a test fails.
+//! its children on drop and prints their logs when a test fails. A node keeps its ledger in
+//! SQLite or, with [`Backend::Postgres`], in a PostgreSQL database of its own.
+
+mod database;
+
+pub use database::{Backend, POSTGRES_URL_VAR, PgDatabase};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,6 +56,16 @@ pub fn free_port_pair() -> u16 {
     panic!("no free port pair found");
 }
 
+/// Set when a [`wait_for`] timed out: a test that returns that error (rather than panicking)
+/// still gets its processes' logs printed as they are dropped.
+static TIMED_OUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this test process is failing: a panic in progress or a [`wait_for`] timed out.
+/// Drop impls print logs when it is true.
+pub fn failing() -> bool {
+    std::thread::panicking() || TIMED_OUT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Polls `f` every `every` until it returns `Some`, or fails after `timeout`.
 pub fn wait_for<T>(
     what: &str,
@@ -64,6 +79,7 @@ pub fn wait_for<T>(
             return Ok(v);
         }
         if Instant::now() > deadline {
+            TIMED_OUT.store(true, std::sync::atomic::Ordering::Relaxed);
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(every);
@@ -119,6 +135,9 @@ pub struct NodeOptions {
     pub config: String,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Where the ledger lives. PostgreSQL: [`Node::start`] creates a database for the node
+    /// and writes its `database_url`; check [`Backend::available`] first.
+    pub backend: Backend,
 }
 
 impl Default for NodeOptions {
@@ -127,7 +146,24 @@ impl Default for NodeOptions {
             config: "[training]\nenabled = false\nmodel = \"tiny\"\n".into(),
             extra_args: Vec::new(),
             env: Vec::new(),
+            backend: Backend::Sqlite,
         }
+    }
+}
+
+impl NodeOptions {
+    /// The same options with `seed_peers` set (`host:port` of peer services), written as a
+    /// top-level key before the tables of `config`.
+    pub fn with_seed_peers(mut self, peers: &[String]) -> Self {
+        let list: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
+        self.config = format!("seed_peers = [{}]\n{}", list.join(", "), self.config);
+        self
+    }
+
+    /// The same options with the ledger on `backend`.
+    pub fn on(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
     }
 }
 
@@ -139,12 +175,32 @@ pub struct Node {
     log: PathBuf,
     http: reqwest::blocking::Client,
     opts: NodeOptions,
+    /// The node's PostgreSQL database; dropped after the node's processes (fields drop after
+    /// `Drop::drop`).
+    database: Option<PgDatabase>,
 }
 
 impl Node {
     pub fn start(opts: NodeOptions) -> anyhow::Result<Node> {
-        let dir = tempfile::Builder::new().prefix("nsnode-").tempdir()?;
-        std::fs::write(dir.path().join("neuroshard.toml"), &opts.config)?;
+        Node::start_in(&std::env::temp_dir(), opts)
+    }
+
+    /// Like [`Node::start`], with the data directory made under `parent` (a small file
+    /// system, for instance).
+    pub fn start_in(parent: &Path, opts: NodeOptions) -> anyhow::Result<Node> {
+        let dir = tempfile::Builder::new()
+            .prefix("nsnode-")
+            .tempdir_in(parent)?;
+        let database = match opts.backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(PgDatabase::create()?),
+        };
+        let config = match &database {
+            // A top-level key, so before the tables of `config`.
+            Some(db) => format!("database_url = {:?}\n{}", db.url, opts.config),
+            None => opts.config.clone(),
+        };
+        std::fs::write(dir.path().join("neuroshard.toml"), config)?;
         let mut node = Node {
             log: dir.path().join("daemon.log"),
             dir,
@@ -154,6 +210,7 @@ impl Node {
                 .timeout(Duration::from_secs(5))
                 .build()?,
             opts,
+            database,
         };
         node.spawn()?;
         Ok(node)
@@ -192,6 +249,11 @@ impl Node {
         self.child.as_ref().map(|c| c.id() as i32)
     }
 
+    /// `host:port` of the node's peer gRPC service (HTTP port + 1000) on loopback.
+    pub fn peer_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port + 1000)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
@@ -218,6 +280,96 @@ impl Node {
         Some((code, r.json().unwrap_or(Value::Null)))
     }
 
+    /// The API token the daemon wrote for this start (`<data_dir>/api.cookie`).
+    pub fn api_token(&self) -> anyhow::Result<String> {
+        let path = self.dir.path().join("api.cookie");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(text.trim().to_string())
+    }
+
+    /// A new wallet with its own API token, made as a user would (`neuroshard token create
+    /// --new-wallet`): returns (token, wallet address).
+    pub fn new_wallet(&self, name: &str) -> anyhow::Result<(String, String)> {
+        let out = Command::new(binary("neuroshard"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["token", "create", "--name", name, "--new-wallet"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let token = stdout
+            .lines()
+            .nth(1)
+            .context("token create printed no token line")?
+            .trim()
+            .to_string();
+        let balance: Value = self
+            .http
+            .get(self.url("/api/v1/wallet/balance"))
+            .bearer_auth(&token)
+            .send()?
+            .json()?;
+        let address = balance["address"]
+            .as_str()
+            .context("balance has no address")?
+            .to_string();
+        Ok((token, address))
+    }
+
+    /// Waits until the node's own wallet has more than `min` NEURO available (its training
+    /// rewards arrive once per 60 s epoch); the available amount.
+    pub fn wait_available(&self, min: f64, timeout: Duration) -> anyhow::Result<f64> {
+        wait_for(
+            "funds from a training reward",
+            timeout,
+            Duration::from_millis(500),
+            || {
+                let (code, b) =
+                    self.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)?;
+                (code == 200).then_some(())?;
+                b["balances"]["available"].as_f64().filter(|a| *a > min)
+            },
+        )
+    }
+
+    /// Sends `amount` NEURO from the node's own wallet to `to`, confirmed.
+    pub fn send_from_node(&self, to: &str, amount: f64) -> anyhow::Result<()> {
+        let (code, body) = self
+            .authed(
+                reqwest::Method::POST,
+                "/api/v1/wallet/send",
+                Some(serde_json::json!({"to": to, "amount": amount})),
+            )
+            .context("send: no answer")?;
+        if code != 200 || body["status"] != "confirmed" {
+            bail!("send of {amount} NEURO to {to} answered {code}: {body}");
+        }
+        Ok(())
+    }
+
+    /// Like [`Node::request`], with the node's own API token as bearer.
+    pub fn authed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Option<(u16, Value)> {
+        let token = self.api_token().ok()?;
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.json().unwrap_or(Value::Null)))
+    }
+
     /// Waits until `/api/v1/health` says healthy with the engine ok.
     pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<Value> {
         wait_for("node healthy", timeout, Duration::from_millis(50), || {
@@ -225,6 +377,20 @@ impl Node {
             (code == 200 && body["healthy"] == true && body["checks"]["gpu"] == "ok")
                 .then_some(body)
         })
+    }
+
+    /// Waits until the engine has the model loaded (status lists layers); inference answers
+    /// 503 before that.
+    pub fn wait_model_loaded(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for(
+            "the model loaded",
+            timeout,
+            Duration::from_millis(20),
+            || {
+                let (_, s) = self.get("/api/v1/status")?;
+                (!s["layers"].as_array()?.is_empty()).then_some(())
+            },
+        )
     }
 
     /// The engine process the daemon spawned (there must be exactly one).
@@ -252,6 +418,37 @@ impl Node {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Where this node keeps its ledger.
+    pub fn backend(&self) -> Backend {
+        self.opts.backend
+    }
+
+    /// Checks that the node keeps its ledger where its options say (the `database_url` of its
+    /// config answer: empty for SQLite) and that neither that answer nor its logs show the
+    /// database password.
+    pub fn assert_database_settings(&self) {
+        let (code, body) = self
+            .authed(reqwest::Method::GET, "/api/v1/config", None)
+            .expect("the node answers GET /api/v1/config");
+        assert_eq!(code, 200, "{body}");
+        let shown = body["database_url"].as_str().unwrap_or_default();
+        match self.opts.backend {
+            Backend::Sqlite => assert_eq!(shown, "", "{body}"),
+            Backend::Postgres => assert!(shown.starts_with("postgres"), "{body}"),
+        }
+        if let Some(password) = self.database.as_ref().and_then(|d| d.password.as_deref()) {
+            assert!(
+                !shown.contains(password),
+                "config answer shows the password: {body}"
+            );
+            assert!(
+                !self.logs().contains(password),
+                "node on port {} logged its database password",
+                self.port
+            );
+        }
+    }
 }
 
 impl Drop for Node {
@@ -278,7 +475,7 @@ impl Drop for Node {
         let _ = neuroshard_shared::shm::Segment::unlink(&neuroshard_shared::shm::segment_name_for(
             self.dir.path(),
         ));
-        if std::thread::panicking() {
+        if failing() {
             eprintln!(
                 "----- logs of node on port {} -----\n{}",
                 self.port,
@@ -327,7 +524,7 @@ impl Drop for EngineProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        if failing() {
             eprintln!("----- engine logs -----\n{}", self.logs());
         }
     }

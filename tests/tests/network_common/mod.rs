@@ -1,0 +1,188 @@
+//! An observer for the network scenarios: an in-process peer with its own wallet that
+//! handshakes with real nodes over their peer service, reads their peer tables and ledgers,
+//! and injects signed ledger blocks as any node could.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use neuroshard::ledger::proof::Proof;
+use neuroshard::ledger::{Address, Balance, Ledger, Message, ProofType, SignedProof, Wallet};
+use neuroshard::network::client::PeerConn;
+use neuroshard::network::{LocalRole, Network};
+use neuroshard::peer::PeerState;
+use neuroshard_tests::Node;
+
+pub fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+pub struct Observer {
+    pub rt: tokio::runtime::Runtime,
+    pub net: Arc<Network>,
+    _dir: tempfile::TempDir,
+}
+
+impl Observer {
+    /// An observer whose wallet's ledger lives in a temporary directory. It announces port 1,
+    /// where nothing listens: nodes that try to dial it back fail and forget it.
+    pub fn new() -> anyhow::Result<Observer> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let dir = tempfile::tempdir()?;
+        let ledger = rt.block_on(Ledger::open_data_dir(dir.path()))?;
+        let net = Network::new(
+            Arc::new(Wallet::generate()),
+            Arc::new(ledger),
+            Arc::new(PeerState::default()),
+            0,
+            1,
+            LocalRole {
+                role: "observer".into(),
+                layers: Vec::new(),
+            },
+        );
+        Ok(Observer { rt, net, _dir: dir })
+    }
+
+    pub fn wallet(&self) -> &Wallet {
+        &self.net.wallet
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.net.ledger
+    }
+
+    /// Handshakes with `node`'s peer service; the connection's `id` is the node's identity.
+    pub fn connect(&self, node: &Node) -> anyhow::Result<PeerConn> {
+        let addr = node.peer_addr();
+        self.rt
+            .block_on(PeerConn::connect(self.net.clone(), &addr))
+            .with_context(|| format!("handshake with {addr}"))
+    }
+
+    /// The identities in `conn`'s node's peer table (this observer is never in it).
+    pub fn peer_ids(&self, conn: &PeerConn) -> Option<BTreeSet<Address>> {
+        let peers = self.rt.block_on(conn.get_peers()).ok()?;
+        peers
+            .iter()
+            .map(|p| Address::parse(&p.node_id).ok())
+            .collect()
+    }
+
+    /// Every ledger message `conn`'s node holds, through its anti-entropy service.
+    pub fn messages(&self, conn: &PeerConn) -> anyhow::Result<Vec<Message>> {
+        let mut after = 0;
+        let mut out = Vec::new();
+        loop {
+            let page = self.rt.block_on(conn.sync_ledger(after))?;
+            if page.messages.is_empty() {
+                return Ok(out);
+            }
+            for bytes in &page.messages {
+                out.push(Message::from_bytes(bytes)?);
+            }
+            after = page.next_seq;
+        }
+    }
+
+    /// Hashes of the blocks `conn`'s node holds.
+    pub fn block_hashes(&self, conn: &PeerConn) -> Option<BTreeSet<String>> {
+        let msgs = self.messages(conn).ok()?;
+        Some(
+            msgs.iter()
+                .flat_map(|m| m.blocks().into_iter().map(|b| b.hash().to_hex()))
+                .collect(),
+        )
+    }
+
+    /// The balances of `accounts` as of `now`, derived from exactly the blocks `conn`'s node
+    /// holds (in a fresh ledger of the observer's).
+    pub fn balances_held_by(
+        &self,
+        conn: &PeerConn,
+        accounts: &[Address],
+        now: i64,
+    ) -> anyhow::Result<Vec<Balance>> {
+        let dir = tempfile::tempdir()?;
+        let messages = self.messages(conn)?;
+        self.rt.block_on(async {
+            let ledger = Ledger::open_data_dir(dir.path()).await?;
+            for m in &messages {
+                ledger.apply(m, now_s()).await?;
+            }
+            let mut out = Vec::new();
+            for a in accounts {
+                out.push(ledger.balance(a, now).await);
+            }
+            ledger.close().await;
+            Ok(out)
+        })
+    }
+
+    /// Mints the observer's wallet a training reward (one proof, about 300 NEURO), as any
+    /// node does for its work, in the observer's own ledger.
+    pub fn mint(&self, now: i64) -> anyhow::Result<()> {
+        let w = self.wallet();
+        let proof = SignedProof::sign(
+            Proof {
+                node_id: w.address(),
+                proof_type: ProofType::Training,
+                timestamp: now,
+                nonce: now as u64,
+                uptime_seconds: 60,
+                tokens_processed: 600 * 2048,
+                training_batches: 600,
+                data_samples: 0,
+                request_id: String::new(),
+                model_hash: "ab".repeat(32),
+                layers_held: (0..1024).collect(),
+                holds_embedding: false,
+                holds_lm_head: false,
+                epoch_id: Proof::epoch_of(now),
+                model_hash_start: format!("{now:064x}"),
+                model_hash_end: format!("{:064x}", now + 1),
+                gradient_commitment: "cc".repeat(32),
+                current_loss: 2.0,
+            },
+            w,
+        );
+        self.rt
+            .block_on(self.ledger().submit_proof(w, proof, now))?;
+        Ok(())
+    }
+
+    /// Sends `units` from the observer's wallet to `to`, in the observer's own ledger.
+    pub fn send(&self, to: Address, units: u64, now: i64) -> anyhow::Result<()> {
+        self.rt.block_on(
+            self.ledger()
+                .send(self.wallet(), to, units, "observer", now),
+        )?;
+        Ok(())
+    }
+
+    /// Pushes the observer's ledger messages stored after `after_seq` to one node only.
+    /// Returns the last sequence number pushed.
+    pub fn push_to(&self, conn: &PeerConn, after_seq: i64) -> anyhow::Result<i64> {
+        let page = self
+            .rt
+            .block_on(self.ledger().messages_since(after_seq, 1000))?;
+        let last = page.last().map(|(s, _)| *s).unwrap_or(after_seq);
+        let bytes = page.iter().map(|(_, m)| m.to_bytes()).collect();
+        let reply = self.rt.block_on(conn.gossip_ledger(bytes))?;
+        anyhow::ensure!(
+            reply.rejected == 0,
+            "node rejected {} of the observer's messages",
+            reply.rejected
+        );
+        Ok(last)
+    }
+}

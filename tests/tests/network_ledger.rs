@@ -1,0 +1,273 @@
+//! Three real nodes on loopback, no tracker: B and C are seeded with A only, so C finds B
+//! through peer exchange. Ledger blocks injected at A reach every node by gossip, a node that
+//! was offline catches up by anti-entropy, and a stopped node leaves the peer tables within
+//! the documented bound. Then the nodes pay each other through their REST APIs and all three
+//! end up with one root hash and the same balances. Once with every node's ledger in SQLite,
+//! once with each node on a PostgreSQL database of its own.
+
+mod network_common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use network_common::{Observer, now_s};
+use neuroshard::ledger::{Address, UNITS_PER_NEURO, units_to_neuro};
+use neuroshard::network::DROP_BOUND;
+use neuroshard::network::client::PeerConn;
+use neuroshard_tests::{Backend, Node, NodeOptions, wait_for};
+use nix::sys::signal::Signal;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const START: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(200);
+/// Nodes claim incoming transfers with their proof of work, once per 60 s epoch.
+const EPOCH_WAIT: Duration = Duration::from_secs(150);
+
+/// `ledger` of `GET /api/v1/network` on every node, when they all agree.
+fn one_root(nodes: &[&Node]) -> Option<Value> {
+    let roots: Vec<Value> = nodes
+        .iter()
+        .map(|n| n.get("/api/v1/network").map(|(_, b)| b["ledger"].clone()))
+        .collect::<Option<_>>()?;
+    (roots[0]["root_hash"].is_string() && roots.iter().all(|r| *r == roots[0]))
+        .then(|| roots[0].clone())
+}
+
+/// Every node holds the same ledger (one root hash over REST), the blocks each holds give
+/// the same balances, and each node's REST balance of its own wallet matches them.
+fn agreed(obs: &Observer, nodes: &[&Node], conns: &[&PeerConn], ids: &[Address]) -> Option<Value> {
+    let root = one_root(nodes)?;
+    let now = now_s();
+    let derived: Vec<_> = conns
+        .iter()
+        .map(|c| obs.balances_held_by(c, ids, now).ok())
+        .collect::<Option<_>>()?;
+    if derived.iter().any(|d| *d != derived[0]) {
+        return None;
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let (code, body) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
+        let b = &body["balances"];
+        let want = &derived[0][i];
+        let close = |field: &str, units: u64| {
+            b[field]
+                .as_f64()
+                .is_some_and(|v| (v - units_to_neuro(units)).abs() < 1e-9)
+        };
+        if code != 200
+            || !close("available", want.available)
+            || !close("pending", want.pending)
+            || !close("total", want.total)
+        {
+            return None;
+        }
+    }
+    // Nothing was minted meanwhile (a new epoch would change the ledger under our feet).
+    (one_root(nodes)? == root).then_some(root)
+}
+
+fn seeded(seed: &Node) -> NodeOptions {
+    NodeOptions::default()
+        .with_seed_peers(&[seed.peer_addr()])
+        .on(seed.backend())
+}
+
+/// Waits until every node's block set is the same and contains `must_hold`; returns it.
+fn converged(
+    obs: &Observer,
+    conns: &[&PeerConn],
+    must_hold: &BTreeSet<String>,
+) -> anyhow::Result<BTreeSet<String>> {
+    wait_for("ledgers to converge", SETTLE, POLL, || {
+        let sets: Vec<BTreeSet<String>> = conns
+            .iter()
+            .map(|c| obs.block_hashes(c))
+            .collect::<Option<_>>()?;
+        let first = sets[0].clone();
+        (sets.iter().all(|s| *s == first) && must_hold.is_subset(&first)).then_some(first)
+    })
+}
+
+#[test]
+fn three_nodes_find_each_other_and_converge_on_one_ledger_sqlite() {
+    three_nodes_find_each_other_and_converge_on_one_ledger(Backend::Sqlite);
+}
+
+#[test]
+fn three_nodes_find_each_other_and_converge_on_one_ledger_postgres() {
+    three_nodes_find_each_other_and_converge_on_one_ledger(Backend::Postgres);
+}
+
+fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
+    if !backend.available("three_nodes_find_each_other_and_converge_on_one_ledger") {
+        return;
+    }
+    let a = Node::start(NodeOptions::default().on(backend)).unwrap();
+    a.wait_healthy(START).unwrap();
+    let b = Node::start(seeded(&a)).unwrap();
+    let mut c = Node::start(seeded(&a)).unwrap();
+    // A seeded node is healthy only once it has a peer.
+    b.wait_healthy(START).unwrap();
+    c.wait_healthy(START).unwrap();
+
+    let obs = Observer::new().unwrap();
+    let (ca, cb, cc) = (
+        obs.connect(&a).unwrap(),
+        obs.connect(&b).unwrap(),
+        obs.connect(&c).unwrap(),
+    );
+    let ids = [ca.id, cb.id, cc.id];
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "three identities"
+    );
+
+    // Everyone sees both others (C learned B from A's peer list), and nobody sees itself.
+    for (conn, me) in [(&ca, 0), (&cb, 1), (&cc, 2)] {
+        let others: BTreeSet<Address> = (0..3).filter(|i| *i != me).map(|i| ids[i]).collect();
+        wait_for("a full peer table", SETTLE, POLL, || {
+            (obs.peer_ids(conn)? == others).then_some(())
+        })
+        .unwrap();
+    }
+    for node in [&a, &b, &c] {
+        let (code, status) = node.get("/api/v1/status").unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(status["peer_count"], 2, "{status}");
+    }
+
+    // Blocks signed by a wallet that is none of the nodes, handed to A only: a reward and a
+    // transfer to each node's wallet. B and C get them by gossip.
+    let n = UNITS_PER_NEURO;
+    let now = now_s();
+    obs.mint(now).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        obs.send(*id, (10 + i as u64) * n, now).unwrap();
+    }
+    let pushed = obs.push_to(&ca, 0).unwrap();
+    let ours: BTreeSet<String> = obs
+        .rt
+        .block_on(obs.ledger().messages_since(0, 100))
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m.blocks()[0].hash().to_hex())
+        .collect();
+    assert_eq!(ours.len(), 4);
+    converged(&obs, &[&ca, &cb, &cc], &ours).unwrap();
+
+    // Every node derives the same balances from what it holds: rebuild C's ledger.
+    let rebuilt = Observer::new().unwrap();
+    for m in obs.messages(&cc).unwrap() {
+        rebuilt
+            .rt
+            .block_on(rebuilt.ledger().apply(&m, now_s()))
+            .unwrap();
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let bal = rebuilt.rt.block_on(rebuilt.ledger().balance(id, now_s()));
+        assert_eq!(bal.pending, (10 + i as u64) * n, "transfer to node {i}");
+    }
+
+    // C goes offline; A and B drop it within the documented bound.
+    c.signal(Signal::SIGTERM).unwrap();
+    c.wait_exit(Duration::from_secs(30)).unwrap();
+    for conn in [&ca, &cb] {
+        wait_for(
+            "the stopped node to leave the peer table",
+            DROP_BOUND + Duration::from_secs(10),
+            POLL,
+            || (!obs.peer_ids(conn)?.contains(&ids[2])).then_some(()),
+        )
+        .unwrap();
+    }
+
+    // Meanwhile more transfers reach A; C, back online, catches up by pulling.
+    obs.send(ids[2], 5 * n, now_s()).unwrap();
+    obs.send(ids[1], 6 * n, now_s()).unwrap();
+    obs.push_to(&ca, pushed).unwrap();
+    let all: BTreeSet<String> = obs
+        .rt
+        .block_on(obs.ledger().messages_since(0, 100))
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m.blocks()[0].hash().to_hex())
+        .collect();
+    assert_eq!(all.len(), 6);
+    converged(&obs, &[&ca, &cb], &all).unwrap();
+    c.spawn().unwrap();
+    c.wait_healthy(START).unwrap();
+    let cc = obs.connect(&c).unwrap();
+    assert_eq!(cc.id, ids[2], "a restarted node keeps its identity");
+    converged(&obs, &[&ca, &cb, &cc], &all).unwrap();
+    for conn in [&ca, &cb, &cc] {
+        wait_for(
+            "the restarted node back in every table",
+            SETTLE,
+            POLL,
+            || (obs.peer_ids(conn)?.len() == 2).then_some(()),
+        )
+        .unwrap();
+    }
+
+    // The nodes' wallets: what /status says is what the handshake proved.
+    let nodes = [&a, &b, &c];
+    let conns = [&ca, &cb, &cc];
+    for (node, id) in nodes.iter().zip(ids) {
+        let (_, status) = node.get("/api/v1/status").unwrap();
+        let said = status["wallet_address"].as_str().unwrap_or_default();
+        assert_eq!(Address::parse(said).unwrap(), id, "{status}");
+    }
+    // Each node claims what the observer sent it with its next proof of work.
+    for node in nodes {
+        wait_for("the observer's transfer claimed", EPOCH_WAIT, POLL, || {
+            let (code, body) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
+            (code == 200 && body["balances"]["available"].as_f64()? >= 10.0).then_some(())
+        })
+        .unwrap();
+    }
+    // The nodes pay each other in a ring through their REST APIs.
+    for (i, node) in nodes.iter().enumerate() {
+        let to = ids[(i + 1) % 3].to_checksum();
+        let amount = 3.0 - i as f64;
+        let (code, body) = node
+            .authed(
+                Method::POST,
+                "/api/v1/wallet/send",
+                Some(json!({"to": to, "amount": amount, "memo": "ring"})),
+            )
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], "confirmed", "{body}");
+    }
+    let root = wait_for(
+        "one ledger and the same balances on every node",
+        EPOCH_WAIT,
+        POLL,
+        || agreed(&obs, &nodes, &conns, &ids),
+    )
+    .unwrap();
+    assert!(root["blocks"].as_u64().unwrap() >= 6 + 3, "{root}");
+    assert_eq!(root["invariant_ok"], true, "{root}");
+    // The ring transfers are part of it: each recipient holds its transfer (claimed or not).
+    let derived = obs.balances_held_by(&ca, &ids, now_s()).unwrap();
+    for (i, bal) in derived.iter().enumerate() {
+        assert!(bal.total > 0, "wallet {i}: {bal:?}");
+    }
+    let sends = obs
+        .messages(&cb)
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            m.blocks().iter().any(|blk| {
+                matches!(&blk.block.op, neuroshard::ledger::Op::Send { memo, .. } if memo == "ring")
+            })
+        })
+        .count();
+    assert_eq!(sends, 3, "B holds the three ring transfers");
+    for node in nodes {
+        node.assert_database_settings();
+    }
+}

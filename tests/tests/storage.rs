@@ -1,0 +1,297 @@
+//! A full disk with real processes: the data directory lives on a small tmpfs that the test
+//! fills to the last byte while the node runs. Writes (send, stake, config PATCH) answer 503
+//! `STORAGE_ERROR` and change nothing, reads keep working, health reports the storage check
+//! failing, proof minting on a full disk does not bring the node down, and once space returns
+//! the node takes writes again with every earlier record intact, also after a restart.
+//!
+//! Mounting a tmpfs needs CAP_SYS_ADMIN (the tests run as root in CI and in the dev
+//! containers). Without it the test falls back to another real mechanism: the data
+//! directory is made read-only (mode 0500), which refuses the new files that config saves and
+//! the health probe need; SQLite keeps its already-open descriptor there, so sends may then
+//! succeed, and are only required to be either stored or refused with `STORAGE_ERROR`.
+//!
+//! The daemon's log (`daemon.log`, as the harness starts it) is on the same full disk, so the
+//! node must also live with log lines it cannot write: a write that failed to log once made
+//! tracing-subscriber report the failure with `eprintln!`, which panicked, and the request
+//! got no answer at all (the panic could not be logged either).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use neuroshard_tests::{Node, NodeOptions, pid_alive, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// A tmpfs of `size_mb` mounted on a fresh directory, unmounted on drop.
+struct SmallDisk {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl SmallDisk {
+    fn mount(size_mb: u32) -> SmallDisk {
+        let dir = std::env::temp_dir().join(format!("nsdisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here: falling back to a read-only data directory");
+        }
+        SmallDisk { dir, mounted }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.dir).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes `path` until the file system refuses another byte; returns the bytes written.
+fn fill(path: &Path) -> u64 {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut written = 0u64;
+    for chunk in [1 << 20, 4096, 1] {
+        let buf = vec![0xa5u8; chunk];
+        while f.write_all(&buf).is_ok() {
+            written += chunk as u64;
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+fn send_entries(node: &Node) -> HashSet<String> {
+    let (code, page) = node
+        .authed(Method::GET, "/api/v1/wallet/transactions?limit=1000", None)
+        .unwrap();
+    assert_eq!(code, 200, "{page}");
+    page["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["type"] == "send" || t["type"] == "stake")
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn assert_storage_error(what: &str, answer: Option<(u16, Value)>) {
+    let (code, body) = answer.unwrap_or_else(|| panic!("{what}: no answer"));
+    assert_eq!(code, 503, "{what}: {body}");
+    assert_eq!(body["error"]["code"], "STORAGE_ERROR", "{what}: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("disk full or read-only")),
+        "{what}: {body}"
+    );
+}
+
+fn batch_size(node: &Node) -> Value {
+    let (code, cfg) = node.authed(Method::GET, "/api/v1/config", None).unwrap();
+    assert_eq!(code, 200, "{cfg}");
+    cfg["training"]["batch_size"].clone()
+}
+
+#[test]
+fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
+    let disk = SmallDisk::mount(64);
+    // Training on: its rewards fund the writes, and its checkpoints hit the full disk too.
+    let opts = NodeOptions {
+        config: "[resources]\nmin_free_disk_mb = 1\n[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 32\n".into(),
+        ..NodeOptions::default()
+    };
+    let mut node = Node::start_in(&disk.dir, opts).unwrap();
+    node.wait_healthy(Duration::from_secs(30)).unwrap();
+    let (_, frank) = node.new_wallet("frank").unwrap();
+    // Funds come from the node's proofs of work (one per 60 s epoch).
+    wait_for(
+        "a proof-of-work reward",
+        Duration::from_secs(150),
+        Duration::from_millis(500),
+        || {
+            let (_, b) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
+            b["balances"]["available"].as_f64().filter(|a| *a > 0.0005)
+        },
+    )
+    .unwrap();
+    let write = |path: &str, body: Value| node.authed(Method::POST, path, Some(body));
+    let send = || {
+        write(
+            "/api/v1/wallet/send",
+            json!({"to": frank, "amount": 0.00001, "memo": "disk"}),
+        )
+    };
+    let stake = || {
+        write(
+            "/api/v1/wallet/stake",
+            json!({"amount": 0.00001, "duration_days": 1}),
+        )
+    };
+    let patch = |n: u32| {
+        node.authed(
+            Method::PATCH,
+            "/api/v1/config",
+            Some(json!({"training": {"batch_size": n}})),
+        )
+    };
+    let mut acked = HashSet::new();
+    for op in [&send as &dyn Fn() -> Option<(u16, Value)>, &stake, &send] {
+        let (code, body) = op().unwrap();
+        assert_eq!(code, 200, "{body}");
+        acked.insert(body["transaction_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(patch(2).unwrap().0, 200);
+    let config_path = node.data_dir().join("neuroshard.toml");
+    let config_before = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config_before.contains("batch_size = 2"), "{config_before}");
+    assert_eq!(send_entries(&node), acked);
+    let (_, balance_before) = node
+        .authed(Method::GET, "/api/v1/wallet/balance", None)
+        .unwrap();
+
+    // The disk fills up (or, without a tmpfs, the data directory turns read-only).
+    let filler = disk.dir.join("filler");
+    let data_mode = std::fs::metadata(node.data_dir()).unwrap().permissions();
+    if disk.mounted {
+        let n = fill(&filler);
+        eprintln!("filled the disk with {} MB", n >> 20);
+    } else {
+        std::fs::set_permissions(node.data_dir(), std::fs::Permissions::from_mode(0o500)).unwrap();
+    }
+
+    let (code, health) = node.get("/api/v1/health").unwrap();
+    assert_eq!(code, 503, "{health}");
+    assert_eq!(health["healthy"], false, "{health}");
+    assert!(
+        health["checks"]["storage"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("not_writable")),
+        "{health}"
+    );
+    assert_storage_error("config patch", patch(3));
+    assert_eq!(
+        std::fs::read_to_string(&config_path).unwrap(),
+        config_before,
+        "a refused patch changed the file"
+    );
+    assert_eq!(batch_size(&node), 2, "a refused patch was applied live");
+    if disk.mounted {
+        assert_storage_error("send", send());
+        assert_storage_error("stake", stake());
+        assert_storage_error("send", send());
+    } else {
+        for op in [&send as &dyn Fn() -> Option<(u16, Value)>, &stake] {
+            let (code, body) = op().unwrap();
+            if code == 200 {
+                acked.insert(body["transaction_id"].as_str().unwrap().to_string());
+            } else {
+                assert_storage_error("write", Some((code, body)));
+            }
+        }
+    }
+    // Reads keep working and show exactly what was stored.
+    for path in ["/api/v1/status", "/api/v1/network", "/api/v1/peers"] {
+        let (code, body) = node.authed(Method::GET, path, None).unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+    assert_eq!(
+        send_entries(&node),
+        acked,
+        "refused writes left entries behind"
+    );
+    if disk.mounted {
+        let (_, balance) = node
+            .authed(Method::GET, "/api/v1/wallet/balance", None)
+            .unwrap();
+        assert_eq!(
+            balance["balances"]["staked"], balance_before["balances"]["staked"],
+            "a refused stake moved funds"
+        );
+    }
+    // The node stays up on a full disk across an epoch turn, when it mints a proof (which
+    // the store refuses): health keeps answering, with the storage check failing.
+    let epoch = |s: u64| s / 60;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let start = now();
+    wait_for(
+        "an epoch turn and its proof attempt",
+        Duration::from_secs(70),
+        Duration::from_millis(500),
+        || {
+            let (code, h) = node.get("/api/v1/health").expect("health answers");
+            assert_eq!(code, 503, "{h}");
+            (epoch(now().saturating_sub(3)) > epoch(start)).then_some(())
+        },
+    )
+    .unwrap();
+    assert!(
+        pid_alive(node.pid().unwrap()),
+        "the daemon died on a full disk"
+    );
+    let (_, network) = node.get("/api/v1/network").unwrap();
+    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+
+    // Space returns: writes work again, without a restart.
+    if disk.mounted {
+        std::fs::remove_file(&filler).unwrap();
+    } else {
+        std::fs::set_permissions(node.data_dir(), data_mode).unwrap();
+    }
+    node.wait_healthy(Duration::from_secs(10)).unwrap();
+    for op in [&send as &dyn Fn() -> Option<(u16, Value)>, &stake] {
+        let (code, body) = op().unwrap();
+        assert_eq!(code, 200, "{body}");
+        acked.insert(body["transaction_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(patch(3).unwrap().0, 200);
+    assert_eq!(batch_size(&node), 3);
+
+    // And every record is intact after a restart.
+    node.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    node.wait_exit(Duration::from_secs(20)).unwrap();
+    node.spawn().unwrap();
+    node.wait_healthy(Duration::from_secs(60)).unwrap();
+    wait_for(
+        "the restarted node's token",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            node.authed(Method::GET, "/api/v1/status", None)
+                .filter(|(c, _)| *c == 200)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        send_entries(&node),
+        acked,
+        "records lost or added across the full disk"
+    );
+    assert_eq!(batch_size(&node), 3);
+    let (_, network) = node.get("/api/v1/network").unwrap();
+    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+    assert!(!node.logs().contains("panicked"), "the daemon panicked");
+    drop(node);
+    drop(disk);
+}
