@@ -1,12 +1,9 @@
 //! Fast linear layer: all three products (forward, dinp, dweight) go straight to the `gemm`
 //! crate with strides that express the transposes, so nothing is copied or transposed here.
-//! gemm runs on the current rayon pool with all its threads.
+//! A product is cut into one band of dst per thread of the current rayon pool, each band a
+//! serial gemm call.
 
 use gemm::{Parallelism, gemm};
-
-fn parallelism() -> Parallelism {
-    Parallelism::Rayon(rayon::current_num_threads())
-}
 
 /// `dst[m,n] (row stride dst_rs) = (accumulate ? dst : 0) + lhs[m,k] @ rhs[k,n]`, each
 /// operand given by a raw pointer and its row and column strides in elements. `parallel`
@@ -44,11 +41,95 @@ pub(crate) unsafe fn gemm_raw(
         }
         return;
     }
-    let par = if parallel {
-        parallelism()
+    let threads = if parallel {
+        rayon::current_num_threads()
     } else {
-        Parallelism::None
+        1
     };
+    // dst in equal bands of rows (of columns when it has too few rows), one per thread, each a
+    // serial gemm that packs its own operands: in a training step on two cores this measured
+    // a little faster than gemm's own rayon split (BENCHMARKS.md, training step).
+    let split_rows = m >= 2 * MIN_PART || m >= n;
+    let len = if split_rows { m } else { n };
+    let parts = threads.min(len / MIN_PART).max(1);
+    if parts == 1 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            gemm_serial(
+                m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
+            )
+        };
+        return;
+    }
+    let chunk = len.div_ceil(parts).next_multiple_of(16);
+    let (dst, lhs, rhs) = (dst as usize, lhs as usize, rhs as usize);
+    rayon::scope(|s| {
+        for start in (0..len).step_by(chunk) {
+            let l = chunk.min(len - start);
+            s.spawn(move |_| {
+                let (dst, lhs, rhs) = (dst as *mut f32, lhs as *const f32, rhs as *const f32);
+                // SAFETY: each part owns the dst rows (or columns) start..start + l, inside the
+                // caller's ranges; lhs and rhs are only read.
+                unsafe {
+                    if split_rows {
+                        gemm_serial(
+                            l,
+                            n,
+                            k,
+                            dst.add(start * dst_rs),
+                            dst_rs,
+                            accumulate,
+                            lhs.add(start * lhs_rs),
+                            lhs_rs,
+                            lhs_cs,
+                            rhs,
+                            rhs_rs,
+                            rhs_cs,
+                        )
+                    } else {
+                        gemm_serial(
+                            m,
+                            l,
+                            k,
+                            dst.add(start),
+                            dst_rs,
+                            accumulate,
+                            lhs,
+                            lhs_rs,
+                            lhs_cs,
+                            rhs.add(start * rhs_cs),
+                            rhs_rs,
+                            rhs_cs,
+                        )
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Rows (or columns) below which a part is not worth a thread.
+const MIN_PART: usize = 64;
+
+/// `gemm_raw` on the calling thread.
+///
+/// # Safety
+/// As [`gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         gemm(
@@ -70,7 +151,7 @@ pub(crate) unsafe fn gemm_raw(
             false,
             false,
             false,
-            par,
+            Parallelism::None,
         );
     }
 }
@@ -163,13 +244,16 @@ mod tests {
     use crate::cpu::matmul as reference;
     use crate::cpu::testutil::*;
 
-    const SHAPES: [(usize, usize, usize); 6] = [
+    // Odd sizes; (130, 70, 150) is cut into bands of rows, (7, 20, 300) into bands of columns
+    // when the pool has two threads or more.
+    const SHAPES: [(usize, usize, usize); 7] = [
         (7, 13, 5),
         (1, 1, 1),
         (1, 64, 33),
         (33, 17, 1),
         (64, 96, 80),
         (130, 70, 150),
+        (7, 20, 300),
     ];
 
     #[test]
