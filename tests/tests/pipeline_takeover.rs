@@ -1,7 +1,8 @@
 //! The dynamic layer pool while running (real processes on loopback, `default` preset, 4
 //! layers): a worker SIGKILLed mid-training has its layer taken over by a neighbour with room
 //! and training resumes; a node joining a pipeline with layers others already hold starts from
-//! their weights and step.
+//! their weights and step; a worker that stalls (SIGSTOP) under the drop time is waited for,
+//! one that stalls past it is taken over, and training goes on when it wakes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -233,6 +234,73 @@ fn a_stalled_worker_fails_steps_by_the_deadline_and_training_resumes_when_it_wak
         role_and_layers(&b).unwrap(),
         ("worker".to_string(), vec![2])
     );
+    let loss = status(&a).unwrap()["training"]["loss"].as_f64().unwrap();
+    assert!(loss.is_finite(), "loss {loss}");
+}
+
+#[test]
+fn a_worker_stalled_past_the_drop_time_is_taken_over_and_training_goes_on_when_it_wakes() {
+    // The validator has room: a stall longer than the peer drop time is a departure.
+    let (a, b, c) = three_stages(3, "pipeline_timeout_secs = 2");
+    let nodes = [&a, &b, &c];
+    wait_for("pipeline steps", START, POLL, || {
+        step(&a).filter(|s| *s >= 3)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+
+    // The worker's daemon stops answering, its sockets open, until the others have dropped it,
+    // the validator has taken its layer over and training runs through the validator.
+    let worker = Pid::from_raw(b.pid().unwrap());
+    kill(worker, Signal::SIGSTOP).unwrap();
+    let stalled_at = std::time::Instant::now();
+    let resumed = (|| {
+        wait_role(&c, "validator", &[2, 3]);
+        let taken_over = step(&a).unwrap();
+        wait_for(
+            "training to resume through the validator",
+            TRAIN,
+            POLL,
+            || step(&a).filter(|s| *s >= taken_over + 5),
+        )
+    })();
+    let stalled_for = stalled_at.elapsed();
+    // Health answered on the others throughout (their figures came from the API above).
+    for n in [&a, &c] {
+        assert_eq!(n.get("/api/v1/health").map(|(code, _)| code), Some(200));
+    }
+    kill(worker, Signal::SIGCONT).unwrap();
+    let resumed = resumed.unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    eprintln!("stalled for {stalled_for:?}; training resumed at step {resumed}");
+
+    // Awake, the worker still holds its old layer 2 and reconnects. The driver's routes must
+    // keep reaching the head: the worker alone does not (nobody starts at layer 3), the
+    // validator does.
+    wait_for("the worker back in the driver's view", START, POLL, || {
+        network(&a)
+            .filter(|n| n["nodes"]["total"] == 3 && n["coverage"]["layers"][2]["holders"] == 2)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    wait_for("the worker healthy again", START, POLL, || {
+        b.get("/api/v1/health").filter(|(code, _)| *code == 200)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    let back = step(&a).unwrap();
+    let failed = |n: &Node| network(n).and_then(|v| v["pipeline"]["failed_steps"].as_u64());
+    let failed_back = failed(&a).unwrap();
+    wait_for(
+        "training to go on with the worker back",
+        TRAIN,
+        POLL,
+        || step(&a).filter(|s| *s >= back + 10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    let failed_after = failed(&a).unwrap();
+    assert!(
+        failed_after <= failed_back + 1,
+        "steps failed with the worker back: {failed_back} -> {failed_after}\n{}",
+        dump(&nodes)
+    );
+    assert_eq!(role_and_layers(&c).unwrap().1, vec![2, 3]);
     let loss = status(&a).unwrap()["training"]["loss"].as_f64().unwrap();
     assert!(loss.is_finite(), "loss {loss}");
 }

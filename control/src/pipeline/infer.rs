@@ -77,65 +77,34 @@ impl Target {
     }
 }
 
-/// The stages from layer 0 to the head: this node where it holds the next layers, else the
-/// connected peer (lowest latency, then id) whose contiguous layers start there.
+/// The stages from layer 0 to the head: this node's own layers where they fit (they cost no
+/// peer call), and the connected peers' (lowest latency, then id) for the rest; see
+/// [`super::shortest_route`].
 pub fn plan_inference(
     net: &Network,
     own: Option<Range<u32>>,
     total: u32,
 ) -> Result<Vec<Target>, PipeError> {
-    let mut peers: Vec<(Hop, f64)> = net
-        .peers
-        .conns_with_info()
+    let targets: Vec<Target> = own
+        .filter(|r| r.end > r.start)
+        .map(Target::Local)
         .into_iter()
-        .filter_map(|(c, info)| {
-            let first = *info.layers.iter().min()?;
-            let last = *info.layers.iter().max()?;
-            let contiguous = info.layers.len() as u32 == last - first + 1;
-            (contiguous && last < total).then_some((c, first..last + 1))
-        })
-        .map(|(c, layers)| {
-            let rtt = net
-                .state
-                .peers
-                .read()
-                .ok()
-                .and_then(|ps| {
-                    ps.iter()
-                        .find(|p| p.id == c.id.to_string())
-                        .map(|p| p.latency_ms)
-                })
-                .unwrap_or(f64::MAX);
-            (Hop { conn: c, layers }, rtt)
-        })
+        .chain(
+            super::candidate_hops(net, total)
+                .into_iter()
+                .map(|h| Target::Peer(Box::new(h))),
+        )
         .collect();
-    peers.sort_by(|a, b| {
-        a.1.partial_cmp(&b.1)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then_with(|| a.0.conn.id.to_string().cmp(&b.0.conn.id.to_string()))
-    });
-    let mut route = Vec::new();
-    let mut next = 0;
-    while next < total {
-        let target = match &own {
-            Some(r) if r.start == next && r.end > r.start => Target::Local(r.clone()),
-            _ => peers
-                .iter()
-                .find(|(h, _)| h.layers.start == next)
-                .map(|(h, _)| Target::Peer(Box::new(h.clone())))
-                .ok_or_else(|| {
-                    PipeError::NoRoute(format!(
-                        "no connected peer holds layers from {next}; the model is not covered"
-                    ))
-                })?,
-        };
-        next = target.layers().end;
-        route.push(target);
-    }
-    Ok(route)
+    let ranges: Vec<_> = targets.iter().map(Target::layers).collect();
+    let remote = |i: usize| matches!(targets[i], Target::Peer(_));
+    let route = super::shortest_route(&ranges, remote, 0, total).ok_or_else(|| {
+        PipeError::NoRoute(format!(
+            "the connected peers do not cover layers 0..{total}; the model is not covered"
+        ))
+    })?;
+    Ok(route.into_iter().map(|i| targets[i].clone()).collect())
 }
 
-/// A peer call's failure: a late peer is a timeout, anything else names the stage.
 fn infer_peer_err(hop: &Hop, e: NetworkError) -> PipeError {
     if let NetworkError::Rpc { source, .. } = &e
         && matches!(
