@@ -10,6 +10,9 @@
 //! the health probe need; SQLite keeps its already-open descriptor there, so sends may then
 //! succeed, and are only required to be either stored or refused with `STORAGE_ERROR`.
 //!
+//! As root, once the node is stopped the tmpfs is also remounted read-only and a start is
+//! refused with a clear error that changes nothing; the start after it finds every record.
+//!
 //! The daemon's log (`daemon.log`, as the harness starts it) is on the same full disk, so the
 //! node must also live with log lines it cannot write: a write that failed to log once made
 //! tracing-subscriber report the failure with `eprintln!`, which panicked, and the request
@@ -52,6 +55,89 @@ impl SmallDisk {
         }
         SmallDisk { dir, mounted }
     }
+}
+
+impl SmallDisk {
+    /// Remounts the tmpfs read-only (`ro`) or writable (`rw`); refused (EBUSY) while a
+    /// process holds a file on it open for writing.
+    fn remount(&self, mode: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {mode} of {}", self.dir.display());
+    }
+}
+
+/// With the node stopped, its data directory turns read-only (as root, permissions do not
+/// bind, and the file system cannot be remounted read-only while the daemon holds its files
+/// open): a start is refused at once with an error that names the directory and the cause,
+/// and nothing there changes.
+fn start_on_read_only_disk_is_refused(disk: &SmallDisk, node: &Node) {
+    let listing = |dir: &Path| {
+        let mut v: Vec<(String, u64)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(node.data_dir());
+    disk.remount("ro");
+    let mut child = Command::new(neuroshard_tests::binary("neuroshard"))
+        .arg("--data-dir")
+        .arg(node.data_dir())
+        .arg("start")
+        .arg("--port")
+        .arg(node.port.to_string())
+        .env(
+            "NEUROSHARD_ENGINE_BINARY",
+            neuroshard_tests::binary("neuroshard-engine"),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(
+        "the start on a read-only data directory to give up",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || child.try_wait().ok().flatten(),
+    );
+    if status.is_err() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    disk.remount("rw");
+    let status = status.unwrap_or_else(|e| panic!("{e}: still running\n{text}"));
+    assert!(
+        !status.success(),
+        "started on a read-only data directory\n{text}"
+    );
+    assert!(
+        text.contains(&node.data_dir().display().to_string())
+            && text.to_lowercase().contains("read-only file system"),
+        "the error does not say which directory and why:\n{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    assert_eq!(
+        listing(node.data_dir()),
+        before,
+        "the refused start changed the directory"
+    );
 }
 
 impl Drop for SmallDisk {
@@ -271,6 +357,9 @@ fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
     // And every record is intact after a restart.
     node.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     node.wait_exit(Duration::from_secs(20)).unwrap();
+    if disk.mounted {
+        start_on_read_only_disk_is_refused(&disk, &node);
+    }
     node.spawn().unwrap();
     node.wait_healthy(Duration::from_secs(60)).unwrap();
     wait_for(
