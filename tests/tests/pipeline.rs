@@ -43,7 +43,7 @@ fn three_stages(extra: &str) -> (Node, Node, Node) {
 fn three_stages_train_and_the_loss_falls() {
     let (a, b, c) = three_stages("");
     let nodes = [&a, &b, &c];
-    let first = wait_for("a first pipeline step", START, POLL, || {
+    wait_for("a first pipeline step", START, POLL, || {
         step(&a).filter(|s| *s >= 1).and_then(|_| loss(&a))
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
@@ -62,24 +62,37 @@ fn three_stages_train_and_the_loss_falls() {
     assert_eq!(layers["layers"][0]["index"], 2, "{layers}");
     assert_eq!(layers["total_layers"], 4, "{layers}");
 
-    wait_for("40 pipeline steps", TRAIN, POLL, || {
-        step(&a).filter(|s| *s >= 40)
+    wait_for("80 pipeline steps", TRAIN, POLL, || {
+        step(&a).filter(|s| *s >= 80)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
     // Every stage stepped its own optimizer as often as the driver (give or take the step
     // in flight).
     for n in [&b, &c] {
         let s = step(n).unwrap();
-        assert!(s >= 39, "a stage is at step {s}");
+        assert!(s >= 79, "a stage is at step {s}");
     }
-    let later = loss(&a).unwrap();
+    // One batch's loss is noisy (±0.4 around the plateau, more where the data gets harder):
+    // compare the mean of the first three steps with the mean of the last twenty, from the
+    // driver's loss history.
+    let history = a.get("/api/v1/training/history").unwrap().1;
+    let points: Vec<f64> = history["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p[1].as_f64())
+        .collect();
+    assert!(points.len() >= 80, "{history}");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, later) = (mean(&points[..3]), mean(&points[points.len() - 20..]));
+    eprintln!("loss {first:.3} -> {later:.3} over {} steps", points.len());
     assert!(
         later < first * 0.9,
-        "loss did not fall: {first} -> {later}\n{}",
+        "loss did not fall: {first} -> {later}\n{history}\n{}",
         dump(&nodes)
     );
     let net = a.get("/api/v1/network").unwrap().1;
-    assert!(net["pipeline"]["steps"].as_u64().unwrap() >= 40, "{net}");
+    assert!(net["pipeline"]["steps"].as_u64().unwrap() >= 80, "{net}");
     assert!(
         net["pipeline"]["tensor_bytes"].as_u64().unwrap() > 0,
         "{net}"
