@@ -7,7 +7,8 @@ use gemm::{Parallelism, gemm};
 
 /// `dst[m,n] (row stride dst_rs) = (accumulate ? dst : 0) + lhs[m,k] @ rhs[k,n]`, each
 /// operand given by a raw pointer and its row and column strides in elements. `parallel`
-/// runs gemm on all threads of the current rayon pool, otherwise on the calling thread.
+/// cuts dst into one band per thread of the current rayon pool, otherwise it all runs on
+/// the calling thread.
 ///
 /// # Safety
 /// Every element `r * rs + c * cs` (r, c in range) must be inside its allocation; the dst
@@ -66,42 +67,31 @@ pub(crate) unsafe fn gemm_raw(
     rayon::scope(|s| {
         for start in (0..len).step_by(chunk) {
             let l = chunk.min(len - start);
+            // The band's shape and where it starts in dst, lhs and rhs.
+            let (rows, cols, at_dst, at_lhs, at_rhs) = if split_rows {
+                (l, n, start * dst_rs, start * lhs_rs, 0)
+            } else {
+                (m, l, start, 0, start * rhs_cs)
+            };
             s.spawn(move |_| {
                 let (dst, lhs, rhs) = (dst as *mut f32, lhs as *const f32, rhs as *const f32);
-                // SAFETY: each part owns the dst rows (or columns) start..start + l, inside the
-                // caller's ranges; lhs and rhs are only read.
+                // SAFETY: each band owns its dst rows (or columns), inside the caller's
+                // ranges; lhs and rhs are only read.
                 unsafe {
-                    if split_rows {
-                        gemm_serial(
-                            l,
-                            n,
-                            k,
-                            dst.add(start * dst_rs),
-                            dst_rs,
-                            accumulate,
-                            lhs.add(start * lhs_rs),
-                            lhs_rs,
-                            lhs_cs,
-                            rhs,
-                            rhs_rs,
-                            rhs_cs,
-                        )
-                    } else {
-                        gemm_serial(
-                            m,
-                            l,
-                            k,
-                            dst.add(start),
-                            dst_rs,
-                            accumulate,
-                            lhs,
-                            lhs_rs,
-                            lhs_cs,
-                            rhs.add(start * rhs_cs),
-                            rhs_rs,
-                            rhs_cs,
-                        )
-                    }
+                    gemm_serial(
+                        rows,
+                        cols,
+                        k,
+                        dst.add(at_dst),
+                        dst_rs,
+                        accumulate,
+                        lhs.add(at_lhs),
+                        lhs_rs,
+                        lhs_cs,
+                        rhs.add(at_rhs),
+                        rhs_rs,
+                        rhs_cs,
+                    )
                 }
             });
         }
