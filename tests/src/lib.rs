@@ -222,6 +222,16 @@ impl Node {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        let mut cmd = self.start_command();
+        cmd.stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        self.child = Some(cmd.spawn().context("spawning neuroshard")?);
+        Ok(())
+    }
+
+    /// `neuroshard start` for this node (data directory, port, options, environment), its
+    /// output not yet directed: [`Node::spawn`] sends it to the node's log.
+    pub fn start_command(&self) -> Command {
         let mut cmd = Command::new(binary("neuroshard"));
         cmd.arg("--data-dir")
             .arg(self.dir.path())
@@ -231,14 +241,11 @@ impl Node {
             .args(&self.opts.extra_args)
             .env("RUST_LOG", "info")
             .env("NEUROSHARD_ENGINE_BINARY", binary("neuroshard-engine"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log));
+            .stdin(Stdio::null());
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().context("spawning neuroshard")?);
-        Ok(())
+        cmd
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -368,6 +375,25 @@ impl Node {
         let r = req.send().ok()?;
         let code = r.status().as_u16();
         Some((code, r.json().unwrap_or(Value::Null)))
+    }
+
+    /// `method path` with `token` as bearer and a 20 s deadline (long enough for a generation
+    /// on a loaded machine); the answer's JSON. Panics when there is no JSON answer.
+    pub fn call_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let mut req = http
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                self.url(path),
+            )
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().unwrap().json().unwrap()
     }
 
     /// Waits until `/api/v1/health` says healthy with the engine ok.

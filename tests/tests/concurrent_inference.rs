@@ -23,23 +23,6 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
-fn call(node: &Node, token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
-    let mut req = http
-        .request(
-            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
-            node.url(path),
-        )
-        .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    req.send().unwrap().json().unwrap()
-}
-
 #[test]
 fn a_hundred_concurrent_requests_are_served_or_refused_cleanly() {
     let opts = NodeOptions {
@@ -137,8 +120,7 @@ fn a_hundred_concurrent_requests_are_served_or_refused_cleanly() {
     let (code, _) = node.get("/api/v1/status").unwrap();
     assert_eq!(code, 200);
     // After the burst the node serves again.
-    let again = call(
-        &node,
+    let again = node.call_as(
         &cookie,
         "POST",
         "/api/v1/inference",

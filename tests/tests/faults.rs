@@ -15,23 +15,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-fn authed(node: &Node, token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
-    let mut req = http
-        .request(
-            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
-            node.url(path),
-        )
-        .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    req.send().unwrap().json().unwrap()
-}
-
 fn step(node: &Node) -> Option<u64> {
     node.get("/api/v1/status")?.1["training"]["step"].as_u64()
 }
@@ -107,15 +90,10 @@ fn engine_sigkills_during_training_and_streaming_lose_nothing() {
             || step(&node).filter(|s| *s > 0),
         )
         .unwrap();
-        let history_before = authed(
-            &node,
-            &cookie,
-            "GET",
-            "/api/v1/wallet/transactions?limit=1",
-            None,
-        )["total"]
-            .as_u64()
-            .unwrap();
+        let history_before =
+            node.call_as(&cookie, "GET", "/api/v1/wallet/transactions?limit=1", None)["total"]
+                .as_u64()
+                .unwrap();
         // (A killed engine may linger a moment as a zombie until the supervisor reaps it.)
         let engine = wait_for(
             "one engine process",
@@ -127,7 +105,7 @@ fn engine_sigkills_during_training_and_streaming_lose_nothing() {
         if k % 2 == 1 {
             // Kill it in the middle of a paid stream, after the first token arrived.
             let balance_before =
-                authed(&node, &user, "GET", "/api/v1/wallet/balance", None)["balances"]["total"]
+                node.call_as(&user, "GET", "/api/v1/wallet/balance", None)["balances"]["total"]
                     .as_f64()
                     .unwrap();
             let http = reqwest::blocking::Client::builder()
@@ -169,7 +147,7 @@ fn engine_sigkills_during_training_and_streaming_lose_nothing() {
                 assert_eq!(last["token"], "[DONE]", "{last}");
             }
             let balance_after =
-                authed(&node, &user, "GET", "/api/v1/wallet/balance", None)["balances"]["total"]
+                node.call_as(&user, "GET", "/api/v1/wallet/balance", None)["balances"]["total"]
                     .as_f64()
                     .unwrap();
             let charged = balance_before - balance_after;
@@ -202,15 +180,10 @@ fn engine_sigkills_during_training_and_streaming_lose_nothing() {
             resumed + 6 >= before,
             "kill {k}: step {before} before, {resumed} after the restart"
         );
-        let history_after = authed(
-            &node,
-            &cookie,
-            "GET",
-            "/api/v1/wallet/transactions?limit=1",
-            None,
-        )["total"]
-            .as_u64()
-            .unwrap();
+        let history_after =
+            node.call_as(&cookie, "GET", "/api/v1/wallet/transactions?limit=1", None)["total"]
+                .as_u64()
+                .unwrap();
         assert!(
             history_after >= history_before,
             "kill {k}: ledger history shrank"

@@ -91,17 +91,9 @@ fn start_on_read_only_disk_is_refused(disk: &SmallDisk, node: &Node) {
     };
     let before = listing(node.data_dir());
     disk.remount("ro");
-    let mut child = Command::new(neuroshard_tests::binary("neuroshard"))
-        .arg("--data-dir")
-        .arg(node.data_dir())
-        .arg("start")
-        .arg("--port")
-        .arg(node.port.to_string())
-        .env(
-            "NEUROSHARD_ENGINE_BINARY",
-            neuroshard_tests::binary("neuroshard-engine"),
-        )
-        .stdin(std::process::Stdio::null())
+    // The node's own start command; its log is on the read-only disk, so the output is piped.
+    let mut child = node
+        .start_command()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
