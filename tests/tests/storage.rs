@@ -13,6 +13,14 @@
 //! As root, once the node is stopped the tmpfs is also remounted read-only and a start is
 //! refused with a clear error that changes nothing; the start after it finds every record.
 //!
+//! A file system that turns read-only under the running node, as one does on a disk error:
+//! an ext4 image on a loop device mounted `errors=remount-ro`, made to record an error through
+//! its `trigger_fs_error` switch in sysfs, so the kernel remounts it read-only with the
+//! daemon's database, log and checkpoints open on it (what `mount -o remount,ro` refuses).
+//! Writes answer `STORAGE_ERROR`, reads and health keep answering, and after `e2fsck` and a
+//! fresh mount the restarted node holds every acknowledged record. This needs root and loop
+//! devices (CI has both and requires the test; elsewhere it says why it cannot run).
+//!
 //! The daemon's log (`daemon.log`, as the harness starts it) is on the same full disk, so the
 //! node must also live with log lines it cannot write: a write that failed to log once made
 //! tracing-subscriber report the failure with `eprintln!`, which panicked, and the request
@@ -187,6 +195,44 @@ fn batch_size(node: &Node) -> Value {
     cfg["training"]["batch_size"].clone()
 }
 
+/// Funds come from the node's proofs of work (one per 60 s epoch).
+fn wait_reward(node: &Node) {
+    wait_for(
+        "a proof-of-work reward",
+        Duration::from_secs(150),
+        Duration::from_millis(500),
+        || {
+            let (_, b) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
+            b["balances"]["available"].as_f64().filter(|a| *a > 0.0005)
+        },
+    )
+    .unwrap();
+}
+
+fn send(node: &Node, to: &str) -> Option<(u16, Value)> {
+    node.authed(
+        Method::POST,
+        "/api/v1/wallet/send",
+        Some(json!({"to": to, "amount": 0.00001, "memo": "disk"})),
+    )
+}
+
+fn stake(node: &Node) -> Option<(u16, Value)> {
+    node.authed(
+        Method::POST,
+        "/api/v1/wallet/stake",
+        Some(json!({"amount": 0.00001, "duration_days": 1})),
+    )
+}
+
+fn patch_batch_size(node: &Node, n: u32) -> Option<(u16, Value)> {
+    node.authed(
+        Method::PATCH,
+        "/api/v1/config",
+        Some(json!({"training": {"batch_size": n}})),
+    )
+}
+
 #[test]
 fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
     let disk = SmallDisk::mount(64);
@@ -198,37 +244,10 @@ fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
     let mut node = Node::start_in(&disk.dir, opts).unwrap();
     node.wait_healthy(Duration::from_secs(30)).unwrap();
     let (_, frank) = node.new_wallet("frank").unwrap();
-    // Funds come from the node's proofs of work (one per 60 s epoch).
-    wait_for(
-        "a proof-of-work reward",
-        Duration::from_secs(150),
-        Duration::from_millis(500),
-        || {
-            let (_, b) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
-            b["balances"]["available"].as_f64().filter(|a| *a > 0.0005)
-        },
-    )
-    .unwrap();
-    let write = |path: &str, body: Value| node.authed(Method::POST, path, Some(body));
-    let send = || {
-        write(
-            "/api/v1/wallet/send",
-            json!({"to": frank, "amount": 0.00001, "memo": "disk"}),
-        )
-    };
-    let stake = || {
-        write(
-            "/api/v1/wallet/stake",
-            json!({"amount": 0.00001, "duration_days": 1}),
-        )
-    };
-    let patch = |n: u32| {
-        node.authed(
-            Method::PATCH,
-            "/api/v1/config",
-            Some(json!({"training": {"batch_size": n}})),
-        )
-    };
+    wait_reward(&node);
+    let send = || send(&node, &frank);
+    let stake = || stake(&node);
+    let patch = |n: u32| patch_batch_size(&node, n);
     let mut acked = HashSet::new();
     for op in [&send as &dyn Fn() -> Option<(u16, Value)>, &stake, &send] {
         let (code, body) = op().unwrap();
@@ -372,6 +391,235 @@ fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
     assert_eq!(batch_size(&node), 3);
     let (_, network) = node.get("/api/v1/network").unwrap();
     assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+    assert!(!node.logs().contains("panicked"), "the daemon panicked");
+    drop(node);
+    drop(disk);
+}
+
+/// An ext4 file system in an image file on a loop device, mounted `errors=remount-ro` on a
+/// fresh directory: the kernel turns it read-only by itself when it records an error, as it
+/// does on a failing disk. Unmounted, detached and removed on drop.
+struct Ext4Disk {
+    dir: PathBuf,
+    image: PathBuf,
+    device: String,
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "{program} {}: {}: {text}",
+            args.join(" "),
+            out.status
+        ))
+    }
+}
+
+impl Ext4Disk {
+    /// None (and why) where loop devices or mounting are not allowed.
+    fn mount(size_mb: u64) -> Result<Ext4Disk, String> {
+        let base = std::env::temp_dir().join(format!("nsext4-{}", std::process::id()));
+        let (dir, image) = (base.join("mnt"), base.join("disk.img"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size_mb << 20))
+            .map_err(|e| e.to_string())?;
+        let image_s = image.to_str().unwrap();
+        run("mkfs.ext4", &["-q", "-F", image_s])?;
+        let device = run("losetup", &["--find", "--show", image_s])?
+            .trim()
+            .to_string();
+        let disk = Ext4Disk { dir, image, device };
+        disk.mount_device()?;
+        Ok(disk)
+    }
+
+    fn mount_device(&self) -> Result<String, String> {
+        run(
+            "mount",
+            &[
+                "-t",
+                "ext4",
+                "-o",
+                "errors=remount-ro",
+                &self.device,
+                self.dir.to_str().unwrap(),
+            ],
+        )
+    }
+
+    /// Records a file system error (ext4's `trigger_fs_error`): the kernel aborts the journal
+    /// and remounts the file system read-only under whoever has files open on it.
+    fn fail(&self) {
+        let name = Path::new(&self.device).file_name().unwrap();
+        let switch = Path::new("/sys/fs/ext4")
+            .join(name)
+            .join("trigger_fs_error");
+        std::fs::write(&switch, "read-only test\n")
+            .unwrap_or_else(|e| panic!("{}: {e}", switch.display()));
+    }
+
+    /// After the processes on it are gone: unmount, repair the journal, mount again (rw).
+    fn repair(&self) {
+        run("umount", &[self.dir.to_str().unwrap()]).unwrap();
+        // e2fsck exits 1 when it fixed something: the recorded error is cleared then.
+        let fsck = Command::new("e2fsck")
+            .args(["-f", "-y", &self.device])
+            .output()
+            .unwrap();
+        assert!(
+            matches!(fsck.status.code(), Some(0 | 1)),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+        self.mount_device().unwrap();
+    }
+}
+
+impl Drop for Ext4Disk {
+    fn drop(&mut self) {
+        let _ = run("umount", &[self.dir.to_str().unwrap()]);
+        let _ = run("losetup", &["-d", &self.device]);
+        let _ = std::fs::remove_dir_all(self.image.parent().unwrap());
+    }
+}
+
+#[test]
+fn file_system_turning_read_only_under_the_running_node_loses_nothing() {
+    let disk = match Ext4Disk::mount(128) {
+        Ok(disk) => disk,
+        Err(why) => {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "needs root and loop devices (CI=true): {why}"
+            );
+            eprintln!("cannot mount an ext4 image here (needs root and loop devices): {why}");
+            return;
+        }
+    };
+    let opts = NodeOptions {
+        config: "[resources]\nmin_free_disk_mb = 1\n[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 32\n".into(),
+        ..NodeOptions::default()
+    };
+    let mut node = Node::start_in(&disk.dir, opts).unwrap();
+    node.wait_healthy(Duration::from_secs(30)).unwrap();
+    let (_, grace) = node.new_wallet("grace").unwrap();
+    wait_reward(&node);
+    let mut acked = HashSet::new();
+    for answer in [send(&node, &grace), stake(&node), send(&node, &grace)] {
+        let (code, body) = answer.unwrap();
+        assert_eq!(code, 200, "{body}");
+        acked.insert(body["transaction_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(patch_batch_size(&node, 2).unwrap().0, 200);
+    let config_path = node.data_dir().join("neuroshard.toml");
+    let config_before = std::fs::read_to_string(&config_path).unwrap();
+    let (_, balance_before) = node
+        .authed(Method::GET, "/api/v1/wallet/balance", None)
+        .unwrap();
+
+    // The disk fails: read-only under the daemon, its files open.
+    disk.fail();
+    let probe = std::fs::write(disk.dir.join("probe"), b"x").unwrap_err();
+    assert_eq!(
+        probe.raw_os_error(),
+        Some(nix::libc::EROFS),
+        "the file system did not turn read-only: {probe}"
+    );
+
+    let (code, health) = node.get("/api/v1/health").unwrap();
+    assert_eq!(code, 503, "{health}");
+    assert!(
+        health["checks"]["storage"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("not_writable")),
+        "{health}"
+    );
+    assert_storage_error("send", send(&node, &grace));
+    assert_storage_error("stake", stake(&node));
+    assert_storage_error("config patch", patch_batch_size(&node, 3));
+    assert_storage_error("send", send(&node, &grace));
+    assert_eq!(batch_size(&node), 2, "a refused patch was applied live");
+    // Reads keep working and show exactly what was stored.
+    for path in ["/api/v1/status", "/api/v1/network", "/api/v1/peers"] {
+        let (code, body) = node.authed(Method::GET, path, None).unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+    assert_eq!(send_entries(&node), acked, "refused writes left entries");
+    let (_, balance) = node
+        .authed(Method::GET, "/api/v1/wallet/balance", None)
+        .unwrap();
+    assert_eq!(
+        balance["balances"]["staked"], balance_before["balances"]["staked"],
+        "a refused stake moved funds"
+    );
+    // The daemon lives on a read-only disk across an epoch turn, when it mints a proof and
+    // its engine checkpoints: health keeps answering 503.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let start = now();
+    wait_for(
+        "an epoch turn on the read-only disk",
+        Duration::from_secs(70),
+        Duration::from_millis(500),
+        || {
+            let (code, h) = node.get("/api/v1/health").expect("health answers");
+            assert_eq!(code, 503, "{h}");
+            ((now() - 3) / 60 > start / 60).then_some(())
+        },
+    )
+    .unwrap();
+    assert!(pid_alive(node.pid().unwrap()), "the daemon died");
+    let (_, network) = node.get("/api/v1/network").unwrap();
+    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+
+    // A stop on the read-only disk still ends the daemon and its engine.
+    node.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let exit = node.wait_exit(Duration::from_secs(30)).unwrap();
+    eprintln!("daemon stopped on the read-only disk: {exit:?}");
+
+    // The disk is repaired (fsck, mount again); the node finds every record.
+    disk.repair();
+    assert_eq!(
+        std::fs::read_to_string(&config_path).unwrap(),
+        config_before,
+        "a refused patch changed the file"
+    );
+    node.spawn().unwrap();
+    node.wait_healthy(Duration::from_secs(60)).unwrap();
+    wait_for(
+        "the restarted node's token",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            node.authed(Method::GET, "/api/v1/status", None)
+                .filter(|(c, _)| *c == 200)
+        },
+    )
+    .unwrap();
+    assert_eq!(send_entries(&node), acked, "records lost or added");
+    assert_eq!(batch_size(&node), 2);
+    let (_, network) = node.get("/api/v1/network").unwrap();
+    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+    // And it takes writes again.
+    let (code, body) = send(&node, &grace).unwrap();
+    assert_eq!(code, 200, "{body}");
     assert!(!node.logs().contains("panicked"), "the daemon panicked");
     drop(node);
     drop(disk);
