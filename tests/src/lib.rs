@@ -252,6 +252,12 @@ impl Node {
         self.dir.path()
     }
 
+    /// Sets (or replaces) an environment variable of the daemon's next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.opts.env.retain(|(k, _)| k != key);
+        self.opts.env.push((key.to_string(), value.to_string()));
+    }
+
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)
     }

@@ -4,6 +4,7 @@
 //! once on PostgreSQL.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -399,5 +400,214 @@ fn sigkill_during_sends_stakes_unstakes_and_proof_minting(backend: Backend) {
         "restart to first new verified proof: {:?}",
         restarted_at.elapsed()
     );
+    node.assert_database_settings();
+}
+
+/// libfaketime, which shifts the clock a process reads (`apt-get install faketime`).
+fn libfaketime() -> Option<String> {
+    if let Ok(path) = std::env::var("NS_LIBFAKETIME") {
+        return Some(path);
+    }
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+        "/usr/local/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .map(str::to_string)
+}
+
+/// Stakes lock for at least a day, so unstakes need a clock past the unlock date: the node
+/// stakes, stops, and starts again with its clock two days ahead (libfaketime: the wall
+/// clock only, timers keep the real monotonic clock), as a node does when it is restarted
+/// days later. Then clients unstake concurrently and the daemon is SIGKILLed among them:
+/// after a restart every acknowledged unstake is there, its funds in cooldown, and the
+/// ledger adds up.
+#[test]
+fn sigkill_during_unstakes_loses_no_acknowledged_unstake_sqlite() {
+    sigkill_during_unstakes_loses_no_acknowledged_unstake(Backend::Sqlite);
+}
+
+#[test]
+fn sigkill_during_unstakes_loses_no_acknowledged_unstake_postgres() {
+    sigkill_during_unstakes_loses_no_acknowledged_unstake(Backend::Postgres);
+}
+
+fn sigkill_during_unstakes_loses_no_acknowledged_unstake(backend: Backend) {
+    let test = "sigkill_during_unstakes_loses_no_acknowledged_unstake";
+    if !backend.available(test) {
+        return;
+    }
+    let Some(faketime) = libfaketime() else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "{test}: libfaketime not found (apt-get install faketime, or set NS_LIBFAKETIME)"
+        );
+        eprintln!("{test}: libfaketime not found (apt-get install faketime): skipping");
+        return;
+    };
+    let opts = NodeOptions {
+        config: "[api]\nrate_limit_per_token = 1000000\n[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 32\n"
+            .into(),
+        backend,
+        ..NodeOptions::default()
+    };
+    let mut node = Node::start(opts).unwrap();
+    node.wait_healthy(Duration::from_secs(30)).unwrap();
+    node.wait_available(0.02, Duration::from_secs(200)).unwrap();
+    // Room for 1,000 unstakes: far more than the clients get through before the kill.
+    const STAKES: usize = 10;
+    const STAKE: f64 = 0.001;
+    const UNSTAKE: f64 = 0.00001;
+    let stake = json!({"amount": STAKE, "duration_days": 1});
+    for _ in 0..STAKES {
+        let (code, body) = node
+            .authed(
+                reqwest::Method::POST,
+                "/api/v1/wallet/stake",
+                Some(stake.clone()),
+            )
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    let (code, body) = node
+        .authed(
+            reqwest::Method::POST,
+            "/api/v1/wallet/unstake",
+            Some(json!({"amount": UNSTAKE})),
+        )
+        .unwrap();
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("STAKE_LOCKED")),
+        "{body}"
+    );
+
+    // Two days later.
+    node.signal(Signal::SIGTERM).unwrap();
+    node.wait_exit(Duration::from_secs(20)).unwrap();
+    node.set_env("LD_PRELOAD", &faketime);
+    node.set_env("FAKETIME", "+2d");
+    node.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    node.spawn().unwrap();
+    node.wait_healthy(Duration::from_secs(60)).unwrap();
+    let cookie = wait_for(
+        "the restarted node's token",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            node.authed(reqwest::Method::GET, "/api/v1/status", None)
+                .filter(|(c, _)| *c == 200)?;
+            node.api_token().ok()
+        },
+    )
+    .unwrap();
+    let (_, before) = node
+        .authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
+        .unwrap();
+    let staked_before = before["balances"]["staked"].as_f64().unwrap();
+    assert!(
+        (staked_before - STAKES as f64 * STAKE).abs() < 1e-9,
+        "{before}"
+    );
+
+    // Four clients unstake as fast as they can; the daemon is killed while they do.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let kill_at = Instant::now() + Duration::from_millis(500);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (acked, url, cookie) = (
+                acked.clone(),
+                node.url("/api/v1/wallet/unstake"),
+                cookie.clone(),
+            );
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                // Bounded: the daemon is killed long before this.
+                let give_up = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < give_up {
+                    let Ok(r) = http
+                        .post(&url)
+                        .bearer_auth(&cookie)
+                        .json(&json!({"amount": UNSTAKE}))
+                        .send()
+                    else {
+                        return; // the daemon is gone
+                    };
+                    let status = r.status().as_u16();
+                    let Ok(reply) = r.json::<Value>() else {
+                        return; // cut off mid-answer: not acknowledged
+                    };
+                    match status {
+                        200 => {
+                            assert_eq!(reply["unstake"]["cooldown_days"], 7, "{reply}");
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push(reply["transaction_id"].as_str().unwrap().to_string());
+                        }
+                        // Every stake unstaked already: refused, not acknowledged.
+                        402 | 409 => return,
+                        _ => panic!("unstake answered {status}: {reply}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(kill_at.saturating_duration_since(Instant::now()));
+    node.signal(Signal::SIGKILL).unwrap();
+    node.wait_exit(Duration::from_secs(10)).unwrap();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    eprintln!("{} unstakes acknowledged before the kill", acked.len());
+    assert!(
+        (3..(STAKES as f64 * STAKE / UNSTAKE) as usize).contains(&acked.len()),
+        "{} unstakes acknowledged before the kill: the kill must land among them",
+        acked.len()
+    );
+
+    node.spawn().unwrap();
+    node.wait_healthy(Duration::from_secs(60)).unwrap();
+    let cookie = wait_for(
+        "a new cookie",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let c = node.api_token().ok()?;
+            (c != cookie).then_some(c)
+        },
+    )
+    .unwrap();
+    let held = transaction_ids(&node, &cookie);
+    let missing: Vec<&String> = acked.iter().filter(|id| !held.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged unstakes lost: {missing:?}",
+        missing.len(),
+        acked.len()
+    );
+    // Their funds left the stake for the cooldown (an unstake stored but cut off before its
+    // answer may have left too).
+    let (_, balance) = node
+        .authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
+        .unwrap();
+    let staked = balance["balances"]["staked"].as_f64().unwrap();
+    let pending = balance["balances"]["pending"].as_f64().unwrap();
+    let unstaked = acked.len() as f64 * UNSTAKE;
+    assert!(
+        staked <= staked_before - unstaked + 1e-9,
+        "staked {staked} after {} acknowledged unstakes from {staked_before}: {balance}",
+        acked.len()
+    );
+    assert!(pending + 1e-9 >= unstaked, "{balance}");
+    let (_, network) = node.get("/api/v1/network").unwrap();
+    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
     node.assert_database_settings();
 }
