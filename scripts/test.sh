@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need (Python
 # packages, the CUDA compiler wheels for the kernel compile check, systemd-analyze, a
-# PostgreSQL server for the ledger tests), builds the binaries, runs every test.
+# PostgreSQL server for the ledger tests, e2fsprogs and libfaketime), builds the binaries,
+# runs every test.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh -p neuroshard-kernels   # extra args go to `cargo test`
@@ -19,6 +20,10 @@ apt_install() {
     }
 }
 command -v systemd-analyze >/dev/null || apt_install systemd
+# The storage test mounts an ext4 image on a loop device; the ledger crash test runs a node
+# with its clock days ahead (libfaketime) to unstake past the lock.
+command -v mkfs.ext4 >/dev/null && command -v e2fsck >/dev/null || apt_install e2fsprogs
+command -v faketime >/dev/null || apt_install faketime
 # The dashboard test drives a real headless browser.
 command -v chromium >/dev/null || apt_install chromium
 command -v python3 >/dev/null || apt_install python3 python3-pip
