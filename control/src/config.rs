@@ -431,7 +431,7 @@ impl Config {
             key: key.into(),
             message,
         })?;
-        self.from_tree(tree, key)
+        self.config_from_tree(tree, key)
     }
 
     /// Applies a partial JSON object; returns the new config and the dotted keys changed.
@@ -439,14 +439,14 @@ impl Config {
         let mut tree = self.to_json();
         let mut changed = Vec::new();
         merge(&mut tree, patch, "", &mut changed)?;
-        let cfg = self.from_tree(
+        let cfg = self.config_from_tree(
             tree,
             changed.first().map(String::as_str).unwrap_or("<patch>"),
         )?;
         Ok((cfg, changed))
     }
 
-    fn from_tree(&self, tree: serde_json::Value, key: &str) -> Result<Config, ConfigError> {
+    fn config_from_tree(&self, tree: serde_json::Value, key: &str) -> Result<Config, ConfigError> {
         let cfg: Config = serde_json::from_value(tree).map_err(|e| ConfigError::Invalid {
             key: key.into(),
             message: e.to_string(),

@@ -307,7 +307,7 @@ fn every_endpoint_answers_as_documented() {
     let r = api
         .http
         .post(node.url("/api/v1/wallet/send"))
-        .bearer_auth(token.unwrap())
+        .bearer_auth(cookie.trim())
         .header("content-type", "application/json")
         .body("{not json")
         .send()

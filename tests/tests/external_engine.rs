@@ -12,13 +12,15 @@ fn the_daemon_follows_an_externally_managed_engine() {
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&socket, &log).unwrap();
 
-    let mut opts = NodeOptions::default();
-    opts.extra_args = vec![
-        "--engine".into(),
-        "external".into(),
-        "--engine-socket".into(),
-        socket.display().to_string(),
-    ];
+    let opts = NodeOptions {
+        extra_args: vec![
+            "--engine".into(),
+            "external".into(),
+            "--engine-socket".into(),
+            socket.display().to_string(),
+        ],
+        ..NodeOptions::default()
+    };
     let node = Node::start(opts).unwrap();
     node.wait_healthy(Duration::from_secs(30)).unwrap();
     // The daemon spawned nothing itself.

@@ -225,10 +225,10 @@ fn openapi_driven_fuzzing_never_gets_a_5xx_or_a_crash() {
                 json!({"training": {"batch_size": 1 + rng.below(4), "nope": rng.chance(30).then_some(1)}}),
             );
         }
-        if path == "/api/v1/inference" {
-            if let Some(Value::Object(m)) = body.as_mut() {
-                m.insert("max_tokens".into(), json!(rng.below(8)));
-            }
+        if path == "/api/v1/inference"
+            && let Some(Value::Object(m)) = body.as_mut()
+        {
+            m.insert("max_tokens".into(), json!(rng.below(8)));
         }
         let url = node.url(&format!("{path}{}", query(&doc, op, &mut rng)));
         let mut req = http.request(

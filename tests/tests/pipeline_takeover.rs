@@ -253,16 +253,14 @@ fn a_worker_stalled_past_the_drop_time_is_taken_over_and_training_goes_on_when_i
     let worker = Pid::from_raw(b.pid().unwrap());
     kill(worker, Signal::SIGSTOP).unwrap();
     let stalled_at = std::time::Instant::now();
-    let resumed = (|| {
-        wait_role(&c, "validator", &[2, 3]);
-        let taken_over = step(&a).unwrap();
-        wait_for(
-            "training to resume through the validator",
-            TRAIN,
-            POLL,
-            || step(&a).filter(|s| *s >= taken_over + 5),
-        )
-    })();
+    wait_role(&c, "validator", &[2, 3]);
+    let taken_over = step(&a).unwrap();
+    let resumed = wait_for(
+        "training to resume through the validator",
+        TRAIN,
+        POLL,
+        || step(&a).filter(|s| *s >= taken_over + 5),
+    );
     let stalled_for = stalled_at.elapsed();
     // Health answered on the others throughout (their figures came from the API above).
     for n in [&a, &c] {

@@ -507,7 +507,8 @@ mod tests {
     fn verify_says_why_training_does_not_work() {
         let ok = verdict(&figures());
         assert!(ok.is_working && ok.action.is_none() && ok.metrics.is_some());
-        let cases: Vec<(fn(&mut GlobalTraining), &str)> = vec![
+        type Case = (fn(&mut GlobalTraining), &'static str);
+        let cases: Vec<Case> = vec![
             (|g| g.local.is_training = false, "not training"),
             (
                 |g| g.hash_agreement_rate = 1.0 / 3.0,

@@ -394,10 +394,9 @@ mod tests {
 
     /// `honest` honest rows, then one attacker row per function in `attacks` (each given
     /// the honest mean); also returns that mean.
-    fn with_attackers(
-        honest_rows: usize,
-        attacks: &[&dyn Fn(&[f32]) -> Vec<f32>],
-    ) -> (Vec<Vec<f32>>, Vec<f32>) {
+    type Attack<'a> = &'a dyn Fn(&[f32]) -> Vec<f32>;
+
+    fn with_attackers(honest_rows: usize, attacks: &[Attack]) -> (Vec<Vec<f32>>, Vec<f32>) {
         let mut rows = honest(honest_rows);
         let target = honest_mean(&rows, honest_rows);
         for attack in attacks {

@@ -636,7 +636,8 @@ pub(crate) fn shortest_route(
     // best[p]: cost (peer stages, stages) of the best chain ending at layer from + p, the stage
     // that ends it and where that stage starts. Every stage goes forward, so positions in
     // increasing order are final when reached.
-    let mut best: Vec<Option<((u32, u32), usize, u32)>> = vec![None; span + 1];
+    type Reached = ((u32, u32), usize, u32);
+    let mut best: Vec<Option<Reached>> = vec![None; span + 1];
     best[0] = Some(((0, 0), usize::MAX, from));
     for pos in from..total {
         let Some((cost, _, _)) = best[(pos - from) as usize] else {
@@ -711,7 +712,7 @@ pub struct StepReport {
 pub fn micro_batches(rows: u64, want: u32) -> u32 {
     (1..=want.max(1))
         .rev()
-        .find(|m| rows % u64::from(*m) == 0)
+        .find(|m| rows.is_multiple_of(u64::from(*m)))
         .unwrap_or(1)
 }
 

@@ -600,7 +600,7 @@ fn stage_sessions_generate_what_the_full_model_generates() {
     assert!(first.stage_forward(&stale, &seg).is_err());
     let unknown = pb::StageForwardRequest {
         session: 7,
-        ..stale.clone()
+        ..stale
     };
     assert!(first.stage_forward(&unknown, &seg).is_err());
     let too_many_rows = pb::StageForwardRequest {
