@@ -21,6 +21,14 @@ const ASSIGN_WAIT: Duration = Duration::from_secs(10);
 /// in a row before a node takes it over).
 const TAKEOVER_CHECK: Duration = Duration::from_secs(1);
 
+/// A replica left off the training route (its step unchanged this long) refreshes its layers
+/// from a holder that has trained them at least `RESYNC_LAG` steps further. The wait doubles
+/// after each refresh up to `RESYNC_MAX_IDLE` (a standby replica of a large stage should not
+/// pull it every few seconds), and is back to `RESYNC_IDLE` once the node trains again.
+const RESYNC_IDLE: Duration = Duration::from_secs(10);
+const RESYNC_MAX_IDLE: Duration = Duration::from_secs(300);
+const RESYNC_LAG: u64 = 10;
+
 /// Longest a stage snapshot transfer from a peer may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -157,6 +165,9 @@ impl Trainer {
         // Takeover: when the coverage was last checked, and the gap seen then.
         let mut last_check = Instant::now();
         let mut seen_gap: Option<std::ops::Range<u32>> = None;
+        // Resync: this stage's step when last seen to change, since when, and the wait.
+        let mut unchanged: (u64, Instant) = (0, Instant::now());
+        let mut resync_wait = RESYNC_IDLE;
         loop {
             // Wait for a live engine.
             let (generation, client) = loop {
@@ -219,11 +230,25 @@ impl Trainer {
                 // Dynamic layer pool: layers nobody holds any more are taken over.
                 if pipelined && last_check.elapsed() >= TAKEOVER_CHECK {
                     last_check = Instant::now();
+                    let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
+                    if let Some(net) = &self.net {
+                        net.set_train_step(step);
+                    }
+                    if step != unchanged.0 {
+                        unchanged = (step, Instant::now());
+                        resync_wait = RESYNC_IDLE;
+                    }
                     if let Some(a) = self
                         .rebalance(&mut client, &assignment, &mut seen_gap)
                         .await
                     {
                         assignment = a;
+                    } else if unchanged.1.elapsed() >= resync_wait
+                        && self.resync(&mut client, &assignment, step).await
+                    {
+                        let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
+                        unchanged = (step, Instant::now());
+                        resync_wait = (resync_wait * 2).min(RESYNC_MAX_IDLE);
                     }
                 }
                 let done = cfg.training.max_steps > 0
@@ -469,7 +494,7 @@ impl Trainer {
         let layers = takeover(total, &me, &peers).filter(|r| *r != a.layers)?;
         let new = crate::pipeline::Assignment { layers, total };
         tracing::warn!(uncovered = ?gap, from = ?a.layers, to = ?new.layers, "layers uncovered; taking them over");
-        match self.reload(client, a, &new).await {
+        match self.reload(client, a, &new, None).await {
             Ok(()) => {
                 if let Some(stage) = &self.stage {
                     stage
@@ -488,10 +513,55 @@ impl Trainer {
         }
     }
 
-    /// Fetches from connected peers a checkpoint of each stage that holds some of `needed`
-    /// (GetWeights with layers; its hash is checked by the engine when loading). Returns the
-    /// files written, with the stage hash each peer claimed and the needed layers each covers.
-    async fn fetch_layers(&self, needed: std::ops::Range<u32>) -> Vec<(PathBuf, String, Vec<u32>)> {
+    /// A replica left off the training route trains nothing while the route's holder of its
+    /// layers goes on; should the route switch to it (that holder gone), training would step
+    /// back to stale weights. So when a peer holding some of this node's layers has trained
+    /// them `RESYNC_LAG` steps further, this node reloads them from such peers (weights, AdamW
+    /// moments and step; its own state for layers they lack). True when it tried.
+    async fn resync(
+        &self,
+        client: &mut crate::supervisor::Client,
+        a: &crate::pipeline::Assignment,
+        step: u64,
+    ) -> bool {
+        let Some(net) = &self.net else {
+            return false;
+        };
+        if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
+            return false;
+        }
+        let min_step = step.saturating_add(RESYNC_LAG);
+        let ahead =
+            net.peers.node_infos().into_iter().find(|i| {
+                i.train_step >= min_step && i.layers.iter().any(|l| a.layers.contains(l))
+            });
+        let Some(ahead) = ahead else {
+            return false;
+        };
+        tracing::info!(step, peer = %ahead.node_id, peer_step = ahead.train_step, layers = ?a.layers, "replica behind another holder of its layers; fetching their weights");
+        match self.reload(client, a, a, Some(min_step)).await {
+            Ok(()) => {
+                if let Some(stage) = &self.stage {
+                    stage
+                        .counters
+                        .resyncs
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "resync failed; keeping this node's weights"),
+        }
+        true
+    }
+
+    /// Fetches from connected peers whose layers are at step `min_step` or later a checkpoint
+    /// of each stage that holds some of `needed` (GetWeights with layers; its hash is checked
+    /// by the engine when loading). Returns the files written, with the stage hash each peer
+    /// claimed and the needed layers each covers.
+    async fn fetch_layers(
+        &self,
+        needed: std::ops::Range<u32>,
+        min_step: u64,
+    ) -> Vec<(PathBuf, String, Vec<u32>)> {
         let Some(net) = &self.net else {
             return Vec::new();
         };
@@ -506,7 +576,9 @@ impl Trainer {
             .saturating_add(16 << 20);
         let mut left: std::collections::BTreeSet<u32> = needed.collect();
         let mut peers = net.peers.conns_with_info();
-        peers.sort_by_key(|p| p.0.id.to_string());
+        // The holders that trained furthest first (a stale replica is the last resort).
+        peers.retain(|p| p.1.train_step >= min_step);
+        peers.sort_by_key(|p| (std::cmp::Reverse(p.1.train_step), p.0.id.to_string()));
         let dir = self.data_dir.join("checkpoints");
         let _ = std::fs::create_dir_all(&dir);
         let mut out = Vec::new();
@@ -628,20 +700,35 @@ impl Trainer {
 
     /// Changes the engine's layers from `old` to `new` under the stage lock: the layers kept
     /// from this node's current state, the new ones from a peer holding them, else from this
-    /// node's latest checkpoint, else from the seed. On failure the old range is back.
+    /// node's latest checkpoint, else from the seed. With `refresh` (resync, `new` == `old`)
+    /// every layer comes from peers whose layers are at that step or later where they hold
+    /// it, the optimizer step with them. On failure the old range is back.
     async fn reload(
         &self,
         client: &mut crate::supervisor::Client,
         old: &crate::pipeline::Assignment,
         new: &crate::pipeline::Assignment,
+        refresh: Option<u64>,
     ) -> Result<(), String> {
         let stage = self.stage.as_ref().ok_or("no pipeline stage")?;
         // Fetched before the stage lock is taken: a peer fetching from this node meanwhile
         // must not wait for it.
-        let needed = new.layers.start.max(old.layers.end)..new.layers.end;
-        let below = new.layers.start..new.layers.end.min(old.layers.start);
-        let mut fetched = self.fetch_layers(needed).await;
-        fetched.extend(self.fetch_layers(below).await);
+        let fetched = match refresh {
+            Some(min_step) => {
+                let fetched = self.fetch_layers(new.layers.clone(), min_step).await;
+                if fetched.is_empty() {
+                    return Err("no peer ahead served its weights".into());
+                }
+                fetched
+            }
+            None => {
+                let needed = new.layers.start.max(old.layers.end)..new.layers.end;
+                let below = new.layers.start..new.layers.end.min(old.layers.start);
+                let mut fetched = self.fetch_layers(needed, 0).await;
+                fetched.extend(self.fetch_layers(below, 0).await);
+                fetched
+            }
+        };
         let _lock = stage.exclusive().await;
         let dir = self.data_dir.join("checkpoints");
         let _ = std::fs::create_dir_all(&dir);
@@ -659,8 +746,14 @@ impl Trainer {
         }
         self.update(|s| s.model_loaded = false);
         let from_peers: Vec<u32> = fetched.iter().flat_map(|f| f.2.clone()).collect();
-        let mut sources = vec![(own.clone(), String::new())];
-        sources.extend(fetched.iter().map(|(p, h, _)| (p.clone(), h.clone())));
+        // A layer comes from the first source that holds it, the optimizer step from the
+        // first source: this node's own state first, unless refreshing from peers ahead.
+        let own_source = (own.clone(), String::new());
+        let peer_sources = fetched.iter().map(|(p, h, _)| (p.clone(), h.clone()));
+        let mut sources: Vec<(PathBuf, String)> = match refresh {
+            Some(_) => peer_sources.chain(std::iter::once(own_source)).collect(),
+            None => std::iter::once(own_source).chain(peer_sources).collect(),
+        };
         let latest = checkpoint_path(&self.data_dir);
         if latest.exists() {
             sources.push((latest.clone(), String::new()));
@@ -679,7 +772,12 @@ impl Trainer {
         }
         match result {
             Ok((reply, from_peers)) => {
-                self.record_load(&reply, new, &old.layers, &from_peers);
+                let kept = if refresh.is_some() {
+                    0..0
+                } else {
+                    old.layers.clone()
+                };
+                self.record_load(&reply, new, &kept, &from_peers);
                 self.publish(new);
                 // The latest checkpoint is of the new range from now on.
                 self.checkpoint(client).await;
@@ -763,7 +861,7 @@ impl Trainer {
         // their current weights, step and moments; what they lack comes from this node's
         // checkpoint, else the seed.
         if !a.is_full() {
-            let fetched = self.fetch_layers(a.layers.clone()).await;
+            let fetched = self.fetch_layers(a.layers.clone(), 0).await;
             if !fetched.is_empty() {
                 let mut sources: Vec<(PathBuf, String)> = fetched
                     .iter()

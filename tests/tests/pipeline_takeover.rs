@@ -301,4 +301,35 @@ fn a_worker_stalled_past_the_drop_time_is_taken_over_and_training_goes_on_when_i
     assert_eq!(role_and_layers(&c).unwrap().1, vec![2, 3]);
     let loss = status(&a).unwrap()["training"]["loss"].as_f64().unwrap();
     assert!(loss.is_finite(), "loss {loss}");
+
+    // Left off the route, the woken worker's layer 2 would stay as it was when it stopped,
+    // and a route switched back to it would train on stale weights: once idle for 10 s it
+    // refreshes the layer from the validator, which trained it further (weights, moments and
+    // step), and training goes on.
+    let (worker_step, validator_step) = (step(&b).unwrap(), step(&c).unwrap());
+    assert!(
+        validator_step > worker_step,
+        "the validator at step {validator_step}, the idle worker at {worker_step}"
+    );
+    wait_for(
+        "the idle worker to refresh its layer from the validator",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let resyncs = network(&b)?["pipeline"]["resyncs"].as_u64()?;
+            (resyncs >= 1 && step(&b)? >= validator_step).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    assert_eq!(role_and_layers(&b).unwrap().1, vec![2]);
+    eprintln!(
+        "worker refreshed: step {worker_step} -> {:?} (validator at {validator_step}); {}",
+        step(&b),
+        network(&b).unwrap()["pipeline"]
+    );
+    let after = step(&a).unwrap();
+    wait_for("training to go on after the refresh", TRAIN, POLL, || {
+        step(&a).filter(|s| *s >= after + 5)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
 }

@@ -179,6 +179,9 @@ pub struct PipelineSummary {
     pub tensor_bytes: u64,
     /// Times this node took over layers nobody held any more.
     pub takeovers: u64,
+    /// Times this node, a replica left off the training route, refreshed its layers from a
+    /// holder that had trained them further.
+    pub resyncs: u64,
     /// Layers this node loaded (on a takeover or on joining) from a peer's weights, from its
     /// own checkpoint, or from the seed because nobody had them (a warning is logged).
     pub layers_from_peer: u64,
@@ -290,6 +293,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         refused: counter(|c| &c.refused),
         tensor_bytes: counter(|c| &c.tensor_bytes),
         takeovers: counter(|c| &c.takeovers),
+        resyncs: counter(|c| &c.resyncs),
         layers_from_peer: counter(|c| &c.layers_from_peer),
         layers_from_checkpoint: counter(|c| &c.layers_from_checkpoint),
         layers_from_init: counter(|c| &c.layers_from_init),

@@ -159,6 +159,7 @@ impl PeerTable {
                 diloco_round: c.info.diloco_round,
                 round_hash: c.info.round_hash.clone(),
                 capacity: c.info.capacity,
+                train_step: c.info.train_step,
             })
             .collect()
     }

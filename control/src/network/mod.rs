@@ -90,6 +90,8 @@ pub struct Network {
     local: RwLock<LocalRole>,
     /// The most layers this node may hold (pipeline takeover); 0 until the layer pool sets it.
     capacity: std::sync::atomic::AtomicU32,
+    /// The optimizer step of this node's layers, as peers see it (pipeline resync).
+    train_step: std::sync::atomic::AtomicU64,
     pub(crate) auth: auth::Authenticator,
     pub(crate) scores: score::Scores,
     pub(crate) peers: manager::PeerTable,
@@ -119,6 +121,7 @@ impl Network {
             http_port,
             local: RwLock::new(local),
             capacity: std::sync::atomic::AtomicU32::new(0),
+            train_step: std::sync::atomic::AtomicU64::new(0),
             auth: auth::Authenticator::default(),
             scores: score::Scores::default(),
             peers: manager::PeerTable::default(),
@@ -143,6 +146,12 @@ impl Network {
         if let Ok(mut g) = self.local.write() {
             *g = role;
         }
+    }
+
+    /// The optimizer step of this node's layers, as peers see it.
+    pub fn set_train_step(&self, step: u64) {
+        self.train_step
+            .store(step, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The most layers this node may hold, as peers see it.
@@ -170,6 +179,7 @@ impl Network {
             diloco_round,
             round_hash,
             capacity: self.capacity.load(std::sync::atomic::Ordering::Relaxed),
+            train_step: self.train_step.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

@@ -97,6 +97,9 @@ pub struct Counters {
     pub tensor_bytes: AtomicU64,
     /// Times this node changed its layers to cover layers nobody held (takeover).
     pub takeovers: AtomicU64,
+    /// Times this node, a replica left off the training route, refreshed its layers from a
+    /// holder that had trained them further.
+    pub resyncs: AtomicU64,
     /// Layers loaded (takeover or start) from a peer's weights (GetWeights, hash checked),
     /// from this node's own checkpoint, or from the seed because neither had them.
     pub layers_from_peer: AtomicU64,
