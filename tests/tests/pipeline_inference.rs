@@ -292,6 +292,63 @@ fn a_stage_stalled_or_killed_mid_generation_fails_the_request_cleanly() {
 }
 
 #[test]
+fn a_generation_goes_on_over_another_route_when_a_stage_dies() {
+    let (a, b, c) = three_stages();
+    // Greedy through the worker and the validator: the text every route must give.
+    let body = json!({"prompt": "The river", "max_tokens": 60, "temperature": 0});
+    let want = generate(&a, &[&a, &b, &c], body.clone());
+    assert_eq!(want["tokens_generated"], 60, "{want}");
+
+    // A fourth node with room for two layers adds redundancy at the end: layers 2 and 3, so
+    // the driver's route is one peer call (it) instead of two (worker, validator).
+    let seeds = [a.peer_addr(), b.peer_addr(), c.peer_addr()];
+    let d = Node::start(options(Some(2)).with_seed_peers(&seeds)).unwrap();
+    let nodes = [&a, &b, &c, &d];
+    wait_role(&d, "validator", &[2, 3]);
+    d.wait_model_loaded(START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    wait_for("the driver to see every node", START, POLL, || {
+        let n = a.get("/api/v1/network")?.1;
+        (n["nodes"]["total"] == 4 && n["coverage"]["layers"][3]["holders"] == 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    let failovers = || {
+        a.get("/api/v1/network").unwrap().1["pipeline"]["inference_failovers"]
+            .as_u64()
+            .unwrap()
+    };
+    let got = generate(&a, &nodes, body.clone());
+    assert_eq!(got["text"], want["text"], "through the fourth node");
+    assert_eq!(failovers(), 0);
+
+    // The fourth node dies (daemon and engine) three tokens into a stream: the stream goes on
+    // through the worker and the validator and gives exactly the text of an unbroken route.
+    let engines = children_named(d.pid().unwrap(), "neuroshard-engine");
+    let mut killed = false;
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (text, last) = stream(&a, streamed, |n| {
+        if n == 3 && !killed {
+            kill(Pid::from_raw(d.pid().unwrap()), Signal::SIGKILL).unwrap();
+            for e in &engines {
+                let _ = kill(Pid::from_raw(*e), Signal::SIGKILL);
+            }
+            killed = true;
+        }
+    });
+    assert!(killed, "the generation ended before the kill: {last}");
+    assert_eq!(last["token"], "[DONE]", "{last}\n{}", dump(&nodes));
+    assert_eq!(text, want["text"].as_str().unwrap(), "{}", dump(&nodes));
+    assert_eq!(
+        last["usage"]["completion_tokens"], 60,
+        "every token delivered and charged once: {last}"
+    );
+    assert_eq!(failovers(), 1, "{}", dump(&nodes));
+    // The stages of the new route free their sessions.
+    wait_sessions_freed(&[&a, &b, &c]);
+}
+
+#[test]
 fn inference_runs_while_the_pipeline_trains() {
     let (a, b, c) = three_stages_with(
         "enabled = true\nbatch_size = 4\nseq_len = 32\nlearning_rate = 0.003\nmicro_batches = 2\n",

@@ -182,6 +182,8 @@ pub struct PipelineSummary {
     /// Times this node, a replica left off the training route, refreshed its layers from a
     /// holder that had trained them further.
     pub resyncs: u64,
+    /// Generations from this node that went on over another route after a peer stage failed.
+    pub inference_failovers: u64,
     /// Layers this node loaded (on a takeover or on joining) from a peer's weights, from its
     /// own checkpoint, or from the seed because nobody had them (a warning is logged).
     pub layers_from_peer: u64,
@@ -294,6 +296,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         tensor_bytes: counter(|c| &c.tensor_bytes),
         takeovers: counter(|c| &c.takeovers),
         resyncs: counter(|c| &c.resyncs),
+        inference_failovers: counter(|c| &c.failovers),
         layers_from_peer: counter(|c| &c.layers_from_peer),
         layers_from_checkpoint: counter(|c| &c.layers_from_checkpoint),
         layers_from_init: counter(|c| &c.layers_from_init),

@@ -12,9 +12,13 @@
 //! stages (a star, not a chain): the requester knows which stage failed, and a stage never has
 //! to reach another.
 //!
-//! Every call has the pipeline deadline (`training.pipeline_timeout_secs`); a stage that dies,
-//! refuses or is late ends the generation with an error, and every stage's session is freed
-//! (`InferEnd`, best effort: the engines also drop sessions idle for two minutes).
+//! Every call has the pipeline deadline (`training.pipeline_timeout_secs`); a peer stage that
+//! dies, refuses or is late ends the route: every stage's session is freed (`InferEnd`, best
+//! effort: the engines also drop sessions idle for two minutes) and, where other peers cover
+//! its layers, the generation goes on over a route without it (at most `MAX_FAILOVERS` times):
+//! a new session is prefilled with the prompt and the tokens produced so far, and the client
+//! sees one uninterrupted stream. Greedy decoding continues exactly; a sampled one continues
+//! from a sampler seeded afresh. Without another route the generation ends with the error.
 //!
 //! Inference on a stage uses its own shared-memory slots (4 and 5) under its own lock, so it
 //! runs between training commands without touching the training slots; with fewer than six
@@ -34,6 +38,19 @@ use tokio::sync::mpsc;
 use super::{Hop, PipeError, SLOT_INPUT, SLOT_OUTPUT, Stage, Wire, check_acts, engine_err, within};
 use crate::network::Network;
 use crate::network::error::NetworkError;
+
+/// Most times one generation moves to another route after a peer stage failed.
+const MAX_FAILOVERS: usize = 2;
+
+/// What a generation has produced so far, so that it can go on over another route.
+#[derive(Debug, Default)]
+struct Generated {
+    /// The prompt as the first route's front end tokenized it (empty before it started).
+    prompt_ids: Vec<u32>,
+    /// The token budget the front end settled on.
+    max_tokens: u32,
+    tokens: Vec<u32>,
+}
 
 /// Slots inference uses when the segment has them.
 const SLOT_INFER_IN: u32 = 4;
@@ -80,10 +97,12 @@ impl Target {
 /// The stages from layer 0 to the head: this node's own layers where they fit (they cost no
 /// peer call), and the connected peers' (lowest latency, then id) for the rest; see
 /// [`super::shortest_route`].
+/// Peers named in `avoid` (stages that failed this generation) are left out.
 pub fn plan_inference(
     net: &Network,
     own: Option<Range<u32>>,
     total: u32,
+    avoid: &[String],
 ) -> Result<Vec<Target>, PipeError> {
     let targets: Vec<Target> = own
         .filter(|r| r.end > r.start)
@@ -92,6 +111,7 @@ pub fn plan_inference(
         .chain(
             super::candidate_hops(net, total)
                 .into_iter()
+                .filter(|h| !avoid.contains(&h.conn.id.to_string()))
                 .map(|h| Target::Peer(Box::new(h))),
         )
         .collect();
@@ -291,44 +311,87 @@ impl Stage {
         req: InferRequest,
     ) -> Result<TokenStream, PipeError> {
         let a = self.ready()?;
-        let route = plan_inference(&net, Some(a.layers.clone()), a.total)?;
+        let own = Some(a.layers.clone());
+        let route = plan_inference(&net, own.clone(), a.total, &[])?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stage = self.clone();
         tokio::spawn(async move {
-            let session = rand::random::<u64>();
-            let result = stage.run_generation(&route, session, &req, &tx).await;
-            if let Err(e) = result {
-                tracing::warn!(error = %e, session = format!("{session:x}"), "pipeline inference failed");
-                let _ = tx.send(Err(e));
+            let (mut route, mut failed) = (route, Vec::<String>::new());
+            let mut done = Generated::default();
+            loop {
+                let session = rand::random::<u64>();
+                let result = stage
+                    .run_generation(&route, session, &req, &mut done, &tx)
+                    .await;
+                stage.end_everywhere(&route, session).await;
+                let Err(e) = result else {
+                    return;
+                };
+                tracing::warn!(error = %e, session = format!("{session:x}"), tokens = done.tokens.len(), "pipeline inference failed");
+                // A peer stage failed: on over a route without it, if there is one.
+                let next = match e.failed_stage() {
+                    Some(s) if failed.len() < MAX_FAILOVERS && !tx.is_closed() => {
+                        failed.push(s.to_string());
+                        plan_inference(&net, own.clone(), a.total, &failed).ok()
+                    }
+                    _ => None,
+                };
+                let Some(next) = next else {
+                    let _ = tx.send(Err(e));
+                    return;
+                };
+                tracing::warn!(avoiding = ?failed, stages = next.len(), tokens = done.tokens.len(), "generation goes on over another route");
+                stage.counters.failovers.fetch_add(1, Ordering::Relaxed);
+                route = next;
             }
-            stage.end_everywhere(&route, session).await;
         });
         Ok(rx)
     }
 
+    /// One generation over `route` as session `session`, from where `done` left off (the
+    /// prompt's start on the first route; on another one, the prompt and the tokens produced
+    /// so far are prefilled and the token budget is what is left).
     async fn run_generation(
         &self,
         route: &[Target],
         session: u64,
         req: &InferRequest,
+        done: &mut Generated,
         tx: &mpsc::UnboundedSender<Result<epb::GenerateReply, PipeError>>,
     ) -> Result<(), PipeError> {
         let m = self.model()?;
         let secs = self.config().training.pipeline_timeout_secs;
         let mut client = self.client()?;
-        let start = client
-            .stage_start(epb::StageStartRequest {
+        let resumed = !done.prompt_ids.is_empty();
+        let base = done.tokens.len() as u32;
+        let request = if resumed {
+            epb::StageStartRequest {
+                session,
+                prompt: String::new(),
+                prompt_ids: [done.prompt_ids.as_slice(), &done.tokens].concat(),
+                max_tokens: done.max_tokens.saturating_sub(base).max(1),
+                sampling: Some(req.sampling),
+            }
+        } else {
+            epb::StageStartRequest {
                 session,
                 prompt: req.prompt.clone(),
                 prompt_ids: Vec::new(),
                 max_tokens: req.max_tokens,
                 sampling: Some(req.sampling),
-            })
+            }
+        };
+        let start = client
+            .stage_start(request)
             .await
             .map_err(infer_engine_err)?
             .into_inner();
+        if !resumed {
+            done.prompt_ids = start.prompt_ids.clone();
+            done.max_tokens = start.max_tokens;
+        }
         let rows = start.rows;
-        let prompt_tokens = start.prompt_ids.len() as u32;
+        let prompt_tokens = done.prompt_ids.len() as u32;
         let started = std::time::Instant::now();
         let mut spent = vec![Duration::ZERO; route.len() + 1];
         let mut produced = 0u32;
@@ -359,9 +422,11 @@ impl Stage {
             drop(slots);
             spent[route.len()] += sampled_at.elapsed();
             produced += 1;
+            reply.index += base;
             if reply.index == 0 {
                 reply.prompt_tokens = prompt_tokens;
             }
+            done.tokens.push(reply.token_id);
             position += input.len() as u32;
             let done = !reply.finish_reason.is_empty();
             let token = reply.token_id;

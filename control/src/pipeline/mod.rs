@@ -68,6 +68,18 @@ pub enum PipeError {
     NoRoute(String),
 }
 
+impl PipeError {
+    /// The peer stage that failed (died, stalled, refused or answered wrong), if one did.
+    pub fn failed_stage(&self) -> Option<&str> {
+        match self {
+            PipeError::Peer { stage, .. } | PipeError::Timeout(stage) if stage != "local" => {
+                Some(stage)
+            }
+            _ => None,
+        }
+    }
+}
+
 impl From<PipeError> for tonic::Status {
     fn from(e: PipeError) -> tonic::Status {
         let msg = e.to_string();
@@ -100,6 +112,8 @@ pub struct Counters {
     /// Times this node, a replica left off the training route, refreshed its layers from a
     /// holder that had trained them further.
     pub resyncs: AtomicU64,
+    /// Generations from this node that went on over another route after a peer stage failed.
+    pub failovers: AtomicU64,
     /// Layers loaded (takeover or start) from a peer's weights (GetWeights, hash checked),
     /// from this node's own checkpoint, or from the seed because neither had them.
     pub layers_from_peer: AtomicU64,
