@@ -37,6 +37,114 @@ fn transaction_ids(node: &Node, token: &str) -> HashSet<String> {
     }
 }
 
+/// What a client of [`burst_then_kill`] does after a refusal.
+enum Refusal {
+    /// Fails the test.
+    Unexpected,
+    /// Ends this client.
+    Stop,
+    /// Tries again.
+    Retry,
+}
+
+/// Clients POST their body to their path (one thread each, as fast as they can) while the
+/// daemon is SIGKILLed `kill_after` from now; the path and 200 answer of every operation
+/// acknowledged before it died. `refusal` says what a non-200 answer to a path means.
+fn burst_then_kill(
+    node: &mut Node,
+    cookie: &str,
+    clients: Vec<(&'static str, Value)>,
+    kill_after: Duration,
+    refusal: fn(&str, u16, &Value) -> Refusal,
+) -> Vec<(&'static str, Value)> {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = clients
+        .into_iter()
+        .map(|(path, body)| {
+            let (acked, url, cookie) = (acked.clone(), node.url(path), cookie.to_string());
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                // Bounded: the daemon is killed long before this.
+                let give_up = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < give_up {
+                    let Ok(r) = http.post(&url).bearer_auth(&cookie).json(&body).send() else {
+                        return; // the daemon is gone
+                    };
+                    let status = r.status().as_u16();
+                    let Ok(reply) = r.json::<Value>() else {
+                        return; // cut off mid-answer: not acknowledged
+                    };
+                    if status == 200 {
+                        acked.lock().unwrap().push((path, reply));
+                        continue;
+                    }
+                    match refusal(path, status, &reply) {
+                        Refusal::Stop => return,
+                        Refusal::Retry => {}
+                        Refusal::Unexpected => panic!("{path} answered {status}: {reply}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(kill_after);
+    node.signal(Signal::SIGKILL).unwrap();
+    node.wait_exit(Duration::from_secs(10)).unwrap();
+    for t in threads {
+        t.join().unwrap();
+    }
+    std::mem::take(&mut *acked.lock().unwrap())
+}
+
+/// Starts the daemon again after a kill; its new cookie.
+fn restart(node: &mut Node, old_cookie: &str) -> String {
+    node.spawn().unwrap();
+    node.wait_healthy(Duration::from_secs(60)).unwrap();
+    wait_for(
+        "a new cookie",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let c = node.api_token().ok()?;
+            (c != old_cookie).then_some(c)
+        },
+    )
+    .unwrap()
+}
+
+/// Fails the test, saying what the node holds, unless every id of `acked` is in the
+/// wallet's history.
+fn assert_held(node: &Node, cookie: &str, acked: &[String], what: &str) {
+    let held = transaction_ids(node, cookie);
+    let missing: Vec<&String> = acked.iter().filter(|id| !held.contains(*id)).collect();
+    if missing.is_empty() {
+        return;
+    }
+    // So that a failure tells a lost write from a wrong read-back.
+    let (_, balance) = node
+        .authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
+        .unwrap_or_default();
+    let (_, network) = node.get("/api/v1/network").unwrap_or_default();
+    panic!(
+        "{} of {} acknowledged {what} lost (the node lists {} entries for its wallet; \
+         balance {balance}; network {network}): {:?}",
+        missing.len(),
+        acked.len(),
+        held.len(),
+        &missing[..missing.len().min(20)]
+    );
+}
+
+fn ids(replies: &[(&str, Value)]) -> Vec<String> {
+    replies
+        .iter()
+        .map(|(_, r)| r["transaction_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn sigkill_during_concurrent_sends_loses_no_acknowledged_transfer_sqlite() {
     sigkill_during_concurrent_sends_loses_no_acknowledged_transfer(Backend::Sqlite);
@@ -70,53 +178,22 @@ fn sigkill_during_concurrent_sends_loses_no_acknowledged_transfer(backend: Backe
     node.wait_available(0.05, Duration::from_secs(200)).unwrap();
 
     // Four clients send as fast as they can; the daemon is killed while they do.
-    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let stop_at = Instant::now() + Duration::from_millis(1500);
-    let clients: Vec<_> = (0..4)
+    let clients = (0..4)
         .map(|i| {
-            let (acked, url, cookie) = (
-                acked.clone(),
-                node.url("/api/v1/wallet/send"),
-                cookie.clone(),
-            );
-            let to = recipients[i % recipients.len()].clone();
-            std::thread::spawn(move || {
-                let http = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(5))
-                    .build()
-                    .unwrap();
-                while Instant::now() < stop_at + Duration::from_secs(2) {
-                    let r = http
-                        .post(&url)
-                        .bearer_auth(cookie.trim())
-                        .json(&json!({"to": to, "amount": 0.00001, "memo": format!("burst {i}")}))
-                        .send();
-                    match r {
-                        Ok(r) if r.status().as_u16() == 200 => {
-                            let body: Value = r.json().unwrap();
-                            acked
-                                .lock()
-                                .unwrap()
-                                .push(body["transaction_id"].as_str().unwrap().to_string());
-                        }
-                        Ok(r) => panic!(
-                            "send refused: {} {}",
-                            r.status(),
-                            r.text().unwrap_or_default()
-                        ),
-                        Err(_) => return, // the daemon is gone
-                    }
-                }
-            })
+            let to = &recipients[i % recipients.len()];
+            let body = json!({"to": to, "amount": 0.00001, "memo": format!("burst {i}")});
+            ("/api/v1/wallet/send", body)
         })
         .collect();
-    std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
-    node.signal(Signal::SIGKILL).unwrap();
-    node.wait_exit(Duration::from_secs(10)).unwrap();
-    for c in clients {
-        c.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let cookie = cookie.trim().to_string();
+    let replies = burst_then_kill(
+        &mut node,
+        &cookie,
+        clients,
+        Duration::from_millis(1500),
+        |_, _, _| Refusal::Unexpected,
+    );
+    let acked = ids(&replies);
     eprintln!("{} transfers acknowledged before the kill", acked.len());
     assert!(
         acked.len() >= 10,
@@ -124,48 +201,11 @@ fn sigkill_during_concurrent_sends_loses_no_acknowledged_transfer(backend: Backe
         acked.len()
     );
 
-    node.spawn().unwrap();
-    node.wait_healthy(Duration::from_secs(60)).unwrap();
-    let cookie = wait_for(
-        "a new cookie",
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            let c = node.api_token().ok()?;
-            (c != cookie).then_some(c)
-        },
-    )
-    .unwrap();
-    let held = transaction_ids(&node, cookie.trim());
-    let missing: Vec<&String> = acked.iter().filter(|id| !held.contains(*id)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged transfers lost: {missing:?}",
-        missing.len(),
-        acked.len()
-    );
+    let cookie = restart(&mut node, &cookie);
+    assert_held(&node, cookie.trim(), &acked, "transfers");
     let (_, network) = node.get("/api/v1/network").unwrap();
     assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
     node.assert_database_settings();
-}
-
-/// One kind of ledger operation a client keeps sending during the crash test.
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Send,
-    Stake,
-    Unstake,
-}
-
-/// What the clients saw acknowledged (HTTP 200) before the daemon died.
-#[derive(Default)]
-struct Acked {
-    transaction_ids: Vec<String>,
-    stakes: usize,
-    /// The largest `new_balance.staked` an acknowledged stake reported.
-    max_staked: f64,
-    /// Unstakes refused with 409 `STAKE_LOCKED` (the stakes are locked for a day).
-    unstakes_refused_locked: usize,
 }
 
 fn proofs(node: &Node, token: &str) -> Value {
@@ -241,137 +281,66 @@ fn sigkill_during_sends_stakes_unstakes_and_proof_minting(backend: Backend) {
     let proofs_before = proof_ids(&proofs(&node, &cookie));
     let kill_at = Instant::now() + Duration::from_secs_f64(60.0 + 1.3 - second_of_minute());
 
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let ops = [Op::Send, Op::Send, Op::Stake, Op::Stake, Op::Unstake];
-    let clients: Vec<_> = ops
-        .iter()
-        .enumerate()
-        .map(|(i, &op)| {
-            let (acked, cookie) = (acked.clone(), cookie.clone());
-            let to = recipients[i % recipients.len()].clone();
-            let (url, body) = match op {
-                Op::Send => (
-                    node.url("/api/v1/wallet/send"),
-                    json!({"to": to, "amount": 0.00001, "memo": format!("crash {i}")}),
-                ),
-                Op::Stake => (
-                    node.url("/api/v1/wallet/stake"),
-                    json!({"amount": 0.00002, "duration_days": 1}),
-                ),
-                Op::Unstake => (
-                    node.url("/api/v1/wallet/unstake"),
-                    json!({"amount": 0.00001}),
-                ),
-            };
-            std::thread::spawn(move || {
-                let http = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(5))
-                    .build()
-                    .unwrap();
-                // Bounded: the daemon is killed long before this.
-                let give_up = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < give_up {
-                    let Ok(r) = http.post(&url).bearer_auth(&cookie).json(&body).send() else {
-                        return; // the daemon is gone
-                    };
-                    let status = r.status().as_u16();
-                    let Ok(reply) = r.json::<Value>() else {
-                        return; // cut off mid-answer: not acknowledged
-                    };
-                    let mut acked = acked.lock().unwrap();
-                    match (op, status) {
-                        (_, 200) => {
-                            acked
-                                .transaction_ids
-                                .push(reply["transaction_id"].as_str().unwrap().to_string());
-                            if let Op::Stake = op {
-                                acked.stakes += 1;
-                                let staked = reply["new_balance"]["staked"].as_f64().unwrap();
-                                acked.max_staked = acked.max_staked.max(staked);
-                            }
-                        }
-                        (Op::Unstake, 409 | 402) => {
-                            // Locked for a day (or nothing staked yet): refused, not acked.
-                            if reply["error"]["code"] == "STAKE_LOCKED" {
-                                acked.unstakes_refused_locked += 1;
-                            }
-                        }
-                        _ => panic!("{op:?} answered {status}: {reply}"),
-                    }
-                }
-            })
+    // Two clients send, two stake, one unstakes (refused: the stakes lock for a day).
+    let clients = (0..5)
+        .map(|i| match i {
+            0 | 1 => {
+                let to = &recipients[i % recipients.len()];
+                let body = json!({"to": to, "amount": 0.00001, "memo": format!("crash {i}")});
+                ("/api/v1/wallet/send", body)
+            }
+            2 | 3 => (
+                "/api/v1/wallet/stake",
+                json!({"amount": 0.00002, "duration_days": 1}),
+            ),
+            _ => ("/api/v1/wallet/unstake", json!({"amount": 0.00001})),
         })
         .collect();
-    std::thread::sleep(kill_at.saturating_duration_since(Instant::now()));
-    node.signal(Signal::SIGKILL).unwrap();
-    node.wait_exit(Duration::from_secs(10)).unwrap();
-    for c in clients {
-        c.join().unwrap();
-    }
-    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    let replies = burst_then_kill(
+        &mut node,
+        &cookie,
+        clients,
+        kill_at.saturating_duration_since(Instant::now()),
+        |path, status, _| match (path, status) {
+            // Locked for a day (or nothing staked yet): refused, not acknowledged.
+            ("/api/v1/wallet/unstake", 402 | 409) => Refusal::Retry,
+            _ => Refusal::Unexpected,
+        },
+    );
+    let acked = ids(&replies);
+    let stakes: Vec<f64> = replies
+        .iter()
+        .filter(|(path, _)| *path == "/api/v1/wallet/stake")
+        .map(|(_, r)| r["new_balance"]["staked"].as_f64().unwrap())
+        .collect();
+    let max_staked = stakes.iter().copied().fold(0.0, f64::max);
     eprintln!(
-        "acknowledged before the kill: {} operations ({} stakes, staked {} NEURO); {} unstakes \
-         refused as locked",
-        acked.transaction_ids.len(),
-        acked.stakes,
-        acked.max_staked,
-        acked.unstakes_refused_locked
+        "acknowledged before the kill: {} operations ({} stakes, staked {max_staked} NEURO)",
+        acked.len(),
+        stakes.len(),
     );
     assert!(
-        acked.stakes >= 3,
+        stakes.len() >= 3,
         "only {} stakes before the kill",
-        acked.stakes
+        stakes.len()
     );
     assert!(
-        acked.transaction_ids.len() >= 10,
+        acked.len() >= 10,
         "only {} operations before the kill",
-        acked.transaction_ids.len()
+        acked.len()
     );
 
     let restarted_at = Instant::now();
-    node.spawn().unwrap();
-    node.wait_healthy(Duration::from_secs(60)).unwrap();
-    let cookie = wait_for(
-        "a new cookie",
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            let c = node.api_token().ok()?;
-            (c != cookie).then_some(c)
-        },
-    )
-    .unwrap();
-
+    let cookie = restart(&mut node, &cookie);
     // Every acknowledged transfer and stake is there, confirmed.
-    let held = transaction_ids(&node, &cookie);
-    let missing: Vec<&String> = acked
-        .transaction_ids
-        .iter()
-        .filter(|id| !held.contains(*id))
-        .collect();
-    if !missing.is_empty() {
-        // Say what the node holds, so a failure tells a lost write from a wrong read-back.
-        let (_, balance) = node
-            .authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
-            .unwrap_or_default();
-        let (_, network) = node.get("/api/v1/network").unwrap_or_default();
-        panic!(
-            "{} of {} acknowledged operations lost (the node lists {} entries for its wallet; \
-             balance {balance}; network {network}): {:?}",
-            missing.len(),
-            acked.transaction_ids.len(),
-            held.len(),
-            &missing[..missing.len().min(20)]
-        );
-    }
+    assert_held(&node, &cookie, &acked, "operations");
     let (_, balance) = node
         .authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
         .unwrap();
     let staked = balance["balances"]["staked"].as_f64().unwrap();
     assert!(
-        staked + 1e-9 >= acked.max_staked,
-        "staked {staked} NEURO after the restart, an acknowledged stake reported {}",
-        acked.max_staked
+        staked + 1e-9 >= max_staked,
+        "staked {staked} NEURO after the restart, an acknowledged stake reported {max_staked}"
     );
     // Every proof minted before the burst survived; the ledger adds up.
     let after = proofs(&node, &cookie);
@@ -514,58 +483,24 @@ fn sigkill_during_unstakes_loses_no_acknowledged_unstake(backend: Backend) {
     );
 
     // Four clients unstake as fast as they can; the daemon is killed while they do.
-    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let kill_at = Instant::now() + Duration::from_millis(500);
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (acked, url, cookie) = (
-                acked.clone(),
-                node.url("/api/v1/wallet/unstake"),
-                cookie.clone(),
-            );
-            std::thread::spawn(move || {
-                let http = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(5))
-                    .build()
-                    .unwrap();
-                // Bounded: the daemon is killed long before this.
-                let give_up = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < give_up {
-                    let Ok(r) = http
-                        .post(&url)
-                        .bearer_auth(&cookie)
-                        .json(&json!({"amount": UNSTAKE}))
-                        .send()
-                    else {
-                        return; // the daemon is gone
-                    };
-                    let status = r.status().as_u16();
-                    let Ok(reply) = r.json::<Value>() else {
-                        return; // cut off mid-answer: not acknowledged
-                    };
-                    match status {
-                        200 => {
-                            assert_eq!(reply["unstake"]["cooldown_days"], 7, "{reply}");
-                            acked
-                                .lock()
-                                .unwrap()
-                                .push(reply["transaction_id"].as_str().unwrap().to_string());
-                        }
-                        // Every stake unstaked already: refused, not acknowledged.
-                        402 | 409 => return,
-                        _ => panic!("unstake answered {status}: {reply}"),
-                    }
-                }
-            })
-        })
+    let clients = (0..4)
+        .map(|_| ("/api/v1/wallet/unstake", json!({"amount": UNSTAKE})))
         .collect();
-    std::thread::sleep(kill_at.saturating_duration_since(Instant::now()));
-    node.signal(Signal::SIGKILL).unwrap();
-    node.wait_exit(Duration::from_secs(10)).unwrap();
-    for c in clients {
-        c.join().unwrap();
+    // 402/409: every stake unstaked already; refused, not acknowledged.
+    let replies = burst_then_kill(
+        &mut node,
+        &cookie,
+        clients,
+        Duration::from_millis(500),
+        |_, status, _| match status {
+            402 | 409 => Refusal::Stop,
+            _ => Refusal::Unexpected,
+        },
+    );
+    for (_, r) in &replies {
+        assert_eq!(r["unstake"]["cooldown_days"], 7, "{r}");
     }
-    let acked = acked.lock().unwrap().clone();
+    let acked = ids(&replies);
     eprintln!("{} unstakes acknowledged before the kill", acked.len());
     assert!(
         (3..(STAKES as f64 * STAKE / UNSTAKE) as usize).contains(&acked.len()),
@@ -573,26 +508,8 @@ fn sigkill_during_unstakes_loses_no_acknowledged_unstake(backend: Backend) {
         acked.len()
     );
 
-    node.spawn().unwrap();
-    node.wait_healthy(Duration::from_secs(60)).unwrap();
-    let cookie = wait_for(
-        "a new cookie",
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            let c = node.api_token().ok()?;
-            (c != cookie).then_some(c)
-        },
-    )
-    .unwrap();
-    let held = transaction_ids(&node, &cookie);
-    let missing: Vec<&String> = acked.iter().filter(|id| !held.contains(*id)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged unstakes lost: {missing:?}",
-        missing.len(),
-        acked.len()
-    );
+    let cookie = restart(&mut node, &cookie);
+    assert_held(&node, &cookie, &acked, "unstakes");
     // Their funds left the stake for the cooldown (an unstake stored but cut off before its
     // answer may have left too).
     let (_, balance) = node

@@ -195,6 +195,54 @@ fn batch_size(node: &Node) -> Value {
     cfg["training"]["batch_size"].clone()
 }
 
+/// The node stays up across an epoch turn, when it mints a proof (which the store refuses)
+/// and its engine checkpoints: health keeps answering 503 (the storage check failing), and
+/// the ledger still adds up.
+fn lives_through_an_epoch_turn_unable_to_store(node: &Node) {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let start = now();
+    wait_for(
+        "an epoch turn and its proof attempt",
+        Duration::from_secs(70),
+        Duration::from_millis(500),
+        || {
+            let (code, h) = node.get("/api/v1/health").expect("health answers");
+            assert_eq!(code, 503, "{h}");
+            (now().saturating_sub(3) / 60 > start / 60).then_some(())
+        },
+    )
+    .unwrap();
+    assert!(pid_alive(node.pid().unwrap()), "the daemon died");
+    let (_, network) = node.get("/api/v1/network").unwrap();
+    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+}
+
+/// Starts the stopped node again: its ledger entries are exactly `acked`, its saved batch
+/// size is `batch`, and the ledger adds up.
+fn restarts_with_every_record(node: &mut Node, acked: &HashSet<String>, batch: u32) {
+    node.spawn().unwrap();
+    node.wait_healthy(Duration::from_secs(60)).unwrap();
+    wait_for(
+        "the restarted node's token",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            node.authed(Method::GET, "/api/v1/status", None)
+                .filter(|(c, _)| *c == 200)
+        },
+    )
+    .unwrap();
+    assert_eq!(&send_entries(node), acked, "records lost or added");
+    assert_eq!(batch_size(node), batch);
+    let (_, network) = node.get("/api/v1/network").unwrap();
+    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+}
+
 /// Funds come from the node's proofs of work (one per 60 s epoch).
 fn wait_reward(node: &Node) {
     wait_for(
@@ -322,33 +370,7 @@ fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
             "a refused stake moved funds"
         );
     }
-    // The node stays up on a full disk across an epoch turn, when it mints a proof (which
-    // the store refuses): health keeps answering, with the storage check failing.
-    let epoch = |s: u64| s / 60;
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
-    let start = now();
-    wait_for(
-        "an epoch turn and its proof attempt",
-        Duration::from_secs(70),
-        Duration::from_millis(500),
-        || {
-            let (code, h) = node.get("/api/v1/health").expect("health answers");
-            assert_eq!(code, 503, "{h}");
-            (epoch(now().saturating_sub(3)) > epoch(start)).then_some(())
-        },
-    )
-    .unwrap();
-    assert!(
-        pid_alive(node.pid().unwrap()),
-        "the daemon died on a full disk"
-    );
-    let (_, network) = node.get("/api/v1/network").unwrap();
-    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+    lives_through_an_epoch_turn_unable_to_store(&node);
 
     // Space returns: writes work again, without a restart.
     if disk.mounted {
@@ -371,26 +393,7 @@ fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
     if disk.mounted {
         start_on_read_only_disk_is_refused(&disk, &node);
     }
-    node.spawn().unwrap();
-    node.wait_healthy(Duration::from_secs(60)).unwrap();
-    wait_for(
-        "the restarted node's token",
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            node.authed(Method::GET, "/api/v1/status", None)
-                .filter(|(c, _)| *c == 200)
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        send_entries(&node),
-        acked,
-        "records lost or added across the full disk"
-    );
-    assert_eq!(batch_size(&node), 3);
-    let (_, network) = node.get("/api/v1/network").unwrap();
-    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+    restarts_with_every_record(&mut node, &acked, 3);
     assert!(!node.logs().contains("panicked"), "the daemon panicked");
     drop(node);
     drop(disk);
@@ -565,29 +568,7 @@ fn file_system_turning_read_only_under_the_running_node_loses_nothing() {
         balance["balances"]["staked"], balance_before["balances"]["staked"],
         "a refused stake moved funds"
     );
-    // The daemon lives on a read-only disk across an epoch turn, when it mints a proof and
-    // its engine checkpoints: health keeps answering 503.
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
-    let start = now();
-    wait_for(
-        "an epoch turn on the read-only disk",
-        Duration::from_secs(70),
-        Duration::from_millis(500),
-        || {
-            let (code, h) = node.get("/api/v1/health").expect("health answers");
-            assert_eq!(code, 503, "{h}");
-            ((now() - 3) / 60 > start / 60).then_some(())
-        },
-    )
-    .unwrap();
-    assert!(pid_alive(node.pid().unwrap()), "the daemon died");
-    let (_, network) = node.get("/api/v1/network").unwrap();
-    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+    lives_through_an_epoch_turn_unable_to_store(&node);
 
     // A stop on the read-only disk still ends the daemon and its engine.
     node.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -601,22 +582,7 @@ fn file_system_turning_read_only_under_the_running_node_loses_nothing() {
         config_before,
         "a refused patch changed the file"
     );
-    node.spawn().unwrap();
-    node.wait_healthy(Duration::from_secs(60)).unwrap();
-    wait_for(
-        "the restarted node's token",
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            node.authed(Method::GET, "/api/v1/status", None)
-                .filter(|(c, _)| *c == 200)
-        },
-    )
-    .unwrap();
-    assert_eq!(send_entries(&node), acked, "records lost or added");
-    assert_eq!(batch_size(&node), 2);
-    let (_, network) = node.get("/api/v1/network").unwrap();
-    assert_eq!(network["ledger"]["invariant_ok"], true, "{network}");
+    restarts_with_every_record(&mut node, &acked, 2);
     // And it takes writes again.
     let (code, body) = send(&node, &grace).unwrap();
     assert_eq!(code, 200, "{body}");
