@@ -136,6 +136,26 @@ pub struct Stage {
     pub counters: Arc<Counters>,
     /// Distributed inference on this stage (`infer.rs`).
     infer: infer::InferState,
+    /// The batch of a driver step that failed: the next step trains on it, so a failure
+    /// never skips data (and the steps stay those of one node reading the same data).
+    retry_batch: std::sync::Mutex<Option<Batch>>,
+}
+
+/// A driver's batch: token ids, labels, and the shard they came from.
+type Batch = (Wire, Wire, u32);
+
+/// Puts a driver step's batch back for the next step unless the step finished.
+struct Requeue<'a> {
+    slot: &'a std::sync::Mutex<Option<Batch>>,
+    batch: Option<Batch>,
+}
+
+impl Drop for Requeue<'_> {
+    fn drop(&mut self) {
+        if let (Some(b), Ok(mut slot)) = (self.batch.take(), self.slot.lock()) {
+            *slot = Some(b);
+        }
+    }
 }
 
 /// A tensor as it travels between stages (little-endian bytes, like the shm payload).
@@ -286,6 +306,7 @@ impl Stage {
             current: tokio::sync::Mutex::new(0),
             counters: Arc::new(Counters::default()),
             infer: infer::InferState::default(),
+            retry_batch: std::sync::Mutex::new(None),
         }
     }
 
@@ -769,7 +790,15 @@ impl Stage {
             .cloned()
             .ok_or_else(|| PipeError::NoRoute("no stage after the driver".into()))?;
         let rest: Vec<String> = route[1..].iter().map(|h| h.conn.id.to_string()).collect();
-        let (ids, labels, shard) = self.next_batch(step).await?;
+        let pending = self.retry_batch.lock().ok().and_then(|mut b| b.take());
+        let (ids, labels, shard) = match pending {
+            Some(batch) => batch,
+            None => self.next_batch(step).await?,
+        };
+        let mut requeue = Requeue {
+            slot: &self.retry_batch,
+            batch: Some((ids.clone(), labels.clone(), shard)),
+        };
         let (b, t) = (ids.shape[0], ids.shape[1]);
         let m = micro_batches(b, cfg.training.micro_batches);
         let per = b / u64::from(m);
@@ -895,6 +924,8 @@ impl Stage {
                 .await
                 .map_err(|e| peer_err(&first, e))
         });
+        // From here a stage may have stepped on the batch: it is not trained on again.
+        requeue.batch = None;
         let (local_step, _) = tokio::try_join!(self.apply(step, global), remote_apply)?;
         let loss = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
         Ok(StepReport {
