@@ -59,9 +59,13 @@ fn message(
     }
 }
 
-/// Attacks every round it sees until `stop`; counts the deltas the replicas accepted.
+/// Attacks every round it sees until `stop`, each round once (a replica that catches up
+/// goes back to a round it had left; attacking that round again would only get the attacker
+/// banned for its over-norm deltas before any round could outvote it); counts the deltas the
+/// replicas accepted.
 async fn attack(conns: Vec<PeerConn>, stop: Arc<AtomicBool>, accepted: Arc<AtomicU64>) {
     let mut prev: Option<(u64, round::Tensors)> = None;
+    let mut attacked = 0u64;
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let Ok((r, hash, bytes)) = conns[0].get_weights(64 << 20).await else {
@@ -79,7 +83,9 @@ async fn attack(conns: Vec<PeerConn>, stop: Arc<AtomicBool>, accepted: Arc<Atomi
             .collect();
         if let Some((pr, old)) = &prev
             && pr + 1 == r
+            && r > attacked
         {
+            attacked = r;
             // The last outer update points along the honest pseudo-gradients' opposite;
             // send it (the sign flip of an honest delta), scaled to norm 500.
             let update: Vec<Vec<f32>> = theta
