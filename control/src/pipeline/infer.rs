@@ -364,25 +364,24 @@ impl Stage {
         let mut client = self.client()?;
         let resumed = !done.prompt_ids.is_empty();
         let base = done.tokens.len() as u32;
-        let request = if resumed {
-            epb::StageStartRequest {
-                session,
-                prompt: String::new(),
-                prompt_ids: [done.prompt_ids.as_slice(), &done.tokens].concat(),
-                max_tokens: done.max_tokens.saturating_sub(base).max(1),
-                sampling: Some(req.sampling),
-            }
+        let (prompt, prompt_ids, max_tokens) = if resumed {
+            let context = [done.prompt_ids.as_slice(), &done.tokens].concat();
+            (
+                String::new(),
+                context,
+                done.max_tokens.saturating_sub(base).max(1),
+            )
         } else {
-            epb::StageStartRequest {
-                session,
-                prompt: req.prompt.clone(),
-                prompt_ids: Vec::new(),
-                max_tokens: req.max_tokens,
-                sampling: Some(req.sampling),
-            }
+            (req.prompt.clone(), Vec::new(), req.max_tokens)
         };
         let start = client
-            .stage_start(request)
+            .stage_start(epb::StageStartRequest {
+                session,
+                prompt,
+                prompt_ids,
+                max_tokens,
+                sampling: Some(req.sampling),
+            })
             .await
             .map_err(infer_engine_err)?
             .into_inner();
@@ -428,9 +427,9 @@ impl Stage {
             }
             done.tokens.push(reply.token_id);
             position += input.len() as u32;
-            let done = !reply.finish_reason.is_empty();
+            let finished = !reply.finish_reason.is_empty();
             let token = reply.token_id;
-            if tx.send(Ok(reply)).is_err() || done {
+            if tx.send(Ok(reply)).is_err() || finished {
                 let per_stage: Vec<String> = route
                     .iter()
                     .map(Target::name)
