@@ -47,6 +47,29 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The (round, start hash) this node should adopt, given its own and the replicas'
+/// advertised states, or None to keep its own: the most common state (ties to the later
+/// round, then the larger hash) when it beats ours. Never a state from an earlier round than
+/// ours: a node that finished its outer step first sees the others still in the round it
+/// left (their pings lag, their outer steps are still running), and going back there threw
+/// its round away and sent it round the same round again. When its state is the minority
+/// one, the others reach its round with theirs and it adopts that.
+fn state_to_adopt(own: (u64, &str), replicas: &[(u64, &str)]) -> Option<(u64, String)> {
+    let mut tally: BTreeMap<(u64, &str), usize> = BTreeMap::new();
+    *tally.entry(own).or_default() += 1;
+    for &state in replicas {
+        *tally.entry(state).or_default() += 1;
+    }
+    let own_count = tally[&own];
+    let (best, count) = tally
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)))?;
+    if best == own || best.0 < own.0 || (count, best) <= (own_count, own) {
+        return None;
+    }
+    Some((best.0, best.1.to_string()))
+}
+
 /// Connected peers of `net` holding the same layers, in id order, each with its info; the
 /// (round, hash) there is the fresher of its last ping and its last contribution.
 pub fn replicas(net: &Network) -> Vec<(PeerConn, pb::NodeInfo)> {
@@ -171,25 +194,14 @@ impl Round<'_> {
             .filter(|(_, i)| !i.round_hash.is_empty())
             .map(|(_, i)| (i.node_id.clone(), i.diloco_round, i.round_hash.clone()))
             .collect();
-        let mut tally: BTreeMap<(u64, String), usize> = BTreeMap::new();
-        *tally.entry((round, hash.clone())).or_default() += 1;
-        for (_, i) in &replicas {
-            if !i.round_hash.is_empty() {
-                *tally
-                    .entry((i.diloco_round, i.round_hash.clone()))
-                    .or_default() += 1;
-            }
-        }
-        let own_count = tally[&(round, hash.clone())];
-        let Some((best, count)) = tally
-            .into_iter()
-            .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)))
-        else {
+        let states: Vec<(u64, &str)> = replicas
+            .iter()
+            .filter(|(_, i)| !i.round_hash.is_empty())
+            .map(|(_, i)| (i.diloco_round, i.round_hash.as_str()))
+            .collect();
+        let Some(best) = state_to_adopt((round, &hash), &states) else {
             return Ok(None);
         };
-        if best == (round, hash.clone()) || (count, &best) <= (own_count, &(round, hash.clone())) {
-            return Ok(None);
-        }
         let layout = lock(&self.diloco.state).layout.clone();
         let numel: usize = layout
             .tensors
@@ -210,8 +222,8 @@ impl Round<'_> {
                 }
             };
             // Pings lag up to 2 s behind a round change: the peer's answer is current, and
-            // when it is where this node already is, there is nothing to adopt.
-            if (r, h.as_str()) == (round, hash.as_str()) {
+            // when it is where this node already is, or behind it, there is nothing to adopt.
+            if (r, h.as_str()) == (round, hash.as_str()) || r < round {
                 return Ok(None);
             }
             let split =
@@ -506,5 +518,44 @@ impl Round<'_> {
             "DiLoCo outer step"
         );
         Ok(Outcome::Stepped { contributors, hash })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_to_adopt;
+
+    #[test]
+    fn a_node_behind_or_in_the_minority_adopts_the_majority_state() {
+        // Behind: the replicas moved on to round 3 together.
+        assert_eq!(
+            state_to_adopt((2, "a"), &[(3, "b"), (3, "b")]),
+            Some((3, "b".into()))
+        );
+        // Same round, another hash than the majority's.
+        assert_eq!(
+            state_to_adopt((3, "x"), &[(3, "b"), (3, "b")]),
+            Some((3, "b".into()))
+        );
+        // A fresh node (round 0) adopts the replicas' state.
+        assert_eq!(
+            state_to_adopt((0, "init"), &[(5, "b")]),
+            Some((5, "b".into()))
+        );
+        // One replica each way: ties go to the later round, then the larger hash.
+        assert_eq!(state_to_adopt((3, "a"), &[(4, "b")]), Some((4, "b".into())));
+        assert_eq!(state_to_adopt((3, "a"), &[(3, "b")]), Some((3, "b".into())));
+    }
+
+    #[test]
+    fn a_node_keeps_its_state_when_it_is_the_majority_or_ahead() {
+        assert_eq!(state_to_adopt((3, "a"), &[(3, "a"), (3, "b")]), None);
+        assert_eq!(state_to_adopt((3, "b"), &[(3, "a")]), None);
+        assert_eq!(state_to_adopt((3, "a"), &[]), None);
+        // Ahead of every replica: the others are still finishing the round it left.
+        assert_eq!(
+            state_to_adopt((2, "next"), &[(1, "start"), (1, "start"), (1, "start")]),
+            None
+        );
     }
 }
