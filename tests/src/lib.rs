@@ -61,9 +61,12 @@ pub fn free_port_pair() -> u16 {
 static TIMED_OUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether this test process is failing: a panic in progress or a [`wait_for`] timed out.
-/// Drop impls print logs when it is true.
+/// Drop impls print logs when it is true, and always when `NEUROSHARD_TEST_LOGS=1` (to read
+/// what the nodes did in a passing run).
 pub fn failing() -> bool {
-    std::thread::panicking() || TIMED_OUT.load(std::sync::atomic::Ordering::Relaxed)
+    std::thread::panicking()
+        || TIMED_OUT.load(std::sync::atomic::Ordering::Relaxed)
+        || std::env::var_os("NEUROSHARD_TEST_LOGS").is_some_and(|v| v == "1")
 }
 
 /// Polls `f` every `every` until it returns `Some`, or fails after `timeout`.
