@@ -106,9 +106,42 @@ fn fma_loop(iters: usize) -> f32 {
     out.iter().sum()
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_loop_512(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(0.0); 12];
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for x in acc {
+        s = _mm512_add_ps(s, x);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
 /// Measured FMA peak of the whole rayon pool (GFLOP/s, wall and CPU-normalized): 12
-/// independent 8-wide FMA chains per thread, all threads at once.
+/// independent FMA chains per thread, all threads at once, as wide as the CPU has (16
+/// lanes with AVX-512F, else 8 with AVX2).
 fn fma_peak() -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        let threads = rayon::current_num_threads();
+        let iters = 10_000_000;
+        let tm = time(5, || {
+            rayon::broadcast(|_| {
+                // SAFETY: AVX-512F checked above.
+                black_box(unsafe { fma_loop_512(black_box(iters)) });
+            });
+        });
+        let fl = threads as f64 * iters as f64 * 12.0 * 16.0 * 2.0 / 1e9;
+        return (fl / tm.wall, fl / tm.cpu);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         let threads = rayon::current_num_threads();
