@@ -321,11 +321,21 @@ fn a_generation_goes_on_over_another_route_when_a_stage_dies() {
     assert_eq!(got["text"], want["text"], "through the fourth node");
     assert_eq!(failovers(), 0);
 
-    // The fourth node dies (daemon and engine) three tokens into a stream: the stream goes on
-    // through the worker and the validator and gives exactly the text of an unbroken route.
+    // The fourth node dies (daemon and engine) three tokens into a seeded, sampled stream: the
+    // stream goes on through the worker and the validator and gives exactly the text of an
+    // unbroken route (the new route's sampler skips the draws already made).
+    let sampled = json!({"prompt": "The river", "max_tokens": 60, "temperature": 1.0, "seed": 7});
+    let want = generate(&a, &[&a, &b, &c], sampled.clone());
+    assert_eq!(want["tokens_generated"], 60, "{want}");
+    let greedy = got["text"].clone();
+    assert_ne!(
+        want["text"], greedy,
+        "sampling at temperature 1 gave the greedy text"
+    );
+    assert_eq!(failovers(), 0);
     let engines = children_named(d.pid().unwrap(), "neuroshard-engine");
     let mut killed = false;
-    let mut streamed = body.clone();
+    let mut streamed = sampled;
     streamed["stream"] = json!(true);
     let (text, last) = stream(&a, streamed, |n| {
         if n == 3 && !killed {

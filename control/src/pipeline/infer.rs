@@ -17,8 +17,9 @@
 //! effort: the engines also drop sessions idle for two minutes) and, where other peers cover
 //! its layers, the generation goes on over a route without it (at most `MAX_FAILOVERS` times):
 //! a new session is prefilled with the prompt and the tokens produced so far, and the client
-//! sees one uninterrupted stream. Greedy decoding continues exactly; a sampled one continues
-//! from a sampler seeded afresh. Without another route the generation ends with the error.
+//! sees one uninterrupted stream. Decoding continues exactly: greedy, and seeded sampling too
+//! (the new front end skips the sampler draws already made). Without another route the
+//! generation ends with the error.
 //!
 //! Inference on a stage uses its own shared-memory slots (4 and 5) under its own lock, so it
 //! runs between training commands without touching the training slots; with fewer than six
@@ -381,6 +382,7 @@ impl Stage {
                 prompt_ids,
                 max_tokens,
                 sampling: Some(req.sampling),
+                draws: base,
             })
             .await
             .map_err(infer_engine_err)?

@@ -129,10 +129,22 @@ impl<B: Backend> State<B> {
                 cfg.max_seq
             )));
         }
+        if req.draws >= cfg.max_seq {
+            return Err(RuntimeError::Invalid(format!(
+                "draws {} not below max_seq {}",
+                req.draws, cfg.max_seq
+            )));
+        }
         let rows = reserved_rows(cfg, prompt_ids.len(), max_tokens);
+        // One draw per token sampled (`sample`): a resumed generation's sampler goes on from
+        // where the first route's left off.
+        let mut rng = SplitMix64(sampling.seed);
+        for _ in 0..req.draws {
+            rng.next_u64();
+        }
         let front = Front {
             sampling,
-            rng: SplitMix64(sampling.seed),
+            rng,
             prompt_len: prompt_ids.len(),
             max_tokens,
             rows,

@@ -535,6 +535,7 @@ fn stage_sessions_generate_what_the_full_model_generates() {
             prompt_ids: vec![1, 50, 60],
             max_tokens: 6,
             sampling: Some(sampling),
+            draws: 0,
         })
         .unwrap();
     assert_eq!(start.prompt_ids, vec![1, 50, 60]);
