@@ -130,31 +130,28 @@ fn fma_loop_512(iters: usize) -> f32 {
 /// lanes with AVX-512F, else 8 with AVX2).
 fn fma_peak() -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    {
+        // SAFETY (of each loop): called only when its features are present (checked here).
+        let (lanes, iters, fma): (usize, usize, unsafe fn(usize) -> f32) =
+            if std::is_x86_feature_detected!("avx512f") {
+                (16, 10_000_000, fma_loop_512)
+            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            {
+                (8, 20_000_000, fma_loop)
+            } else {
+                return (f64::NAN, f64::NAN);
+            };
         let threads = rayon::current_num_threads();
-        let iters = 10_000_000;
         let tm = time(5, || {
             rayon::broadcast(|_| {
-                // SAFETY: AVX-512F checked above.
-                black_box(unsafe { fma_loop_512(black_box(iters)) });
+                // SAFETY: the loop's features were checked above.
+                black_box(unsafe { fma(black_box(iters)) });
             });
         });
-        let fl = threads as f64 * iters as f64 * 12.0 * 16.0 * 2.0 / 1e9;
-        return (fl / tm.wall, fl / tm.cpu);
+        let fl = threads as f64 * iters as f64 * 12.0 * lanes as f64 * 2.0 / 1e9;
+        (fl / tm.wall, fl / tm.cpu)
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        let threads = rayon::current_num_threads();
-        let iters = 20_000_000;
-        let tm = time(5, || {
-            rayon::broadcast(|_| {
-                // SAFETY: AVX2 and FMA checked above.
-                black_box(unsafe { fma_loop(black_box(iters)) });
-            });
-        });
-        let fl = threads as f64 * iters as f64 * 12.0 * 8.0 * 2.0 / 1e9;
-        return (fl / tm.wall, fl / tm.cpu);
-    }
+    #[cfg(not(target_arch = "x86_64"))]
     (f64::NAN, f64::NAN)
 }
 
