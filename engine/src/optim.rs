@@ -141,16 +141,13 @@ impl<B: Backend> AdamState<B> {
             ));
         }
         let be = &model.be;
-        if model.accumulated > 1 {
-            let s = 1.0 / model.accumulated as f32;
-            for p in &mut model.params {
-                be.scale(&mut p.grad, s)?;
-            }
-        }
+        // The mean over the accumulated micro-batches and the clip are one factor on the
+        // gradients, applied inside the update (no pass of their own).
+        let mean = 1.0 / model.accumulated as f32;
         let grads: Vec<&B::Buf> = model.params.iter().map(|p| &p.grad).collect();
         let norm = match global_norm {
             Some(n) => n,
-            None => be.global_norm(&grads)?,
+            None => be.global_norm(&grads)? * mean,
         };
         if !norm.is_finite() {
             model.zero_grads()?;
@@ -158,7 +155,8 @@ impl<B: Backend> AdamState<B> {
                 "gradient norm is {norm}: step skipped, gradients dropped"
             )));
         }
-        let scale = neuroshard_kernels::cpu::fast::clip_scale(norm, cfg.clip_norm);
+        let clip = neuroshard_kernels::cpu::fast::clip_scale(norm, cfg.clip_norm);
+        let grad_scale = if clip < 1.0 { mean * clip } else { mean };
         let hp = AdamW {
             lr,
             beta1: cfg.beta1,
@@ -168,19 +166,18 @@ impl<B: Backend> AdamState<B> {
         };
         self.step += 1;
         for (i, p) in model.params.iter_mut().enumerate() {
-            if scale < 1.0 {
-                be.scale(&mut p.grad, scale)?;
-            }
-            be.adamw_step(
+            be.adamw_step_zeroing(
                 &mut p.value,
-                &p.grad,
+                &mut p.grad,
                 &mut self.m[i],
                 &mut self.v[i],
                 self.step,
                 hp,
+                grad_scale,
             )?;
         }
-        model.zero_grads()?;
+        // The update zeroed the gradients.
+        model.accumulated = 0;
         Ok(norm)
     }
 }

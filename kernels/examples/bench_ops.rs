@@ -9,6 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use neuroshard_kernels::cpu::{self, fast};
+use rayon::prelude::*;
 
 #[repr(C)]
 struct Timespec {
@@ -413,6 +414,26 @@ fn main() {
             ms(r),
             ms(fnorm),
             ms(rnorm)
+        );
+        // What a training step does after its backward: the clip scale, the update and the
+        // gradient reset, as three passes and as the one fused pass the engine runs.
+        let mut g = grads.clone();
+        let passes = time(iters, || {
+            step += 1;
+            fast::scale_in_place(&mut g, 0.5);
+            fast::adamw_step(&mut p, &g, &mut m, &mut v, step, 1e-3, 0.9, 0.95, 1e-8, 0.1);
+            g.par_chunks_mut(1 << 15).for_each(|c| c.fill(0.0));
+        });
+        let fused = time(iters, || {
+            step += 1;
+            fast::adamw_step_zeroing(
+                &mut p, &mut g, &mut m, &mut v, step, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5,
+            );
+        });
+        println!(
+            "clip + adamw + zero [{n}]  three passes {} | fused {}",
+            ms(passes),
+            ms(fused)
         );
     }
 }

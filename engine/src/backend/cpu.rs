@@ -506,6 +506,43 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn adamw_step_zeroing(
+        &self,
+        params: &mut Vec<f32>,
+        grads: &mut Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        t: u64,
+        hp: AdamW,
+        grad_scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "adamw_step_zeroing";
+        let n = params.len();
+        check_len(OP, "grads", grads.len(), n)?;
+        check_len(OP, "m", m.len(), n)?;
+        check_len(OP, "v", v.len(), n)?;
+        if t == 0 {
+            return Err(BackendError::Shape {
+                op: OP,
+                detail: "step t starts at 1".into(),
+            });
+        }
+        k::adamw_step_zeroing(
+            params,
+            grads,
+            m,
+            v,
+            t,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            grad_scale,
+        );
+        Ok(())
+    }
+
     fn global_norm(&self, grads: &[&Vec<f32>]) -> Result<f32> {
         let slices: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
         Ok(k::global_norm(&slices))

@@ -291,6 +291,25 @@ pub trait Backend: Send + 'static {
         t: u64,
         hp: AdamW,
     ) -> Result<()>;
+    /// [`Backend::adamw_step`] on `grads × grad_scale`, then `grads` zeroed: what a training
+    /// step does after its backward passes. A backend may do it in one pass over memory.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step_zeroing(
+        &self,
+        params: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        t: u64,
+        hp: AdamW,
+        grad_scale: f32,
+    ) -> Result<()> {
+        if grad_scale != 1.0 {
+            self.scale(grads, grad_scale)?;
+        }
+        self.adamw_step(params, grads, m, v, t, hp)?;
+        self.fill(grads, 0.0)
+    }
     /// sqrt(sum of squares) over all the buffers.
     fn global_norm(&self, grads: &[&Self::Buf]) -> Result<f32>;
 }

@@ -16,7 +16,7 @@ pub(crate) mod simd;
 mod swiglu;
 
 pub use super::embedding::{embedding_backward, embedding_forward};
-pub use adamw::{adamw_step, clip_scale, global_norm, scale_in_place};
+pub use adamw::{adamw_step, adamw_step_zeroing, clip_scale, global_norm, scale_in_place};
 pub use attention::{attention_backward, attention_forward};
 pub use attention_cached::attention_cached_forward;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
