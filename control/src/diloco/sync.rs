@@ -52,8 +52,8 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// round, then the larger hash) when it beats ours. Never a state from an earlier round than
 /// ours: a node that finished its outer step first sees the others still in the round it
 /// left (their pings lag, their outer steps are still running), and going back there threw
-/// its round away and sent it round the same round again. When its state is the minority
-/// one, the others reach its round with theirs and it adopts that.
+/// its round away and made it do that round again. When its state is the minority one, the
+/// others reach its round with theirs and it adopts that.
 fn state_to_adopt(own: (u64, &str), replicas: &[(u64, &str)]) -> Option<(u64, String)> {
     let mut tally: BTreeMap<(u64, &str), usize> = BTreeMap::new();
     *tally.entry(own).or_default() += 1;
