@@ -156,7 +156,7 @@ impl<B: Backend> AdamState<B> {
             )));
         }
         let clip = neuroshard_kernels::cpu::fast::clip_scale(norm, cfg.clip_norm);
-        let grad_scale = if clip < 1.0 { mean * clip } else { mean };
+        let grad_scale = mean * clip;
         let hp = AdamW {
             lr,
             beta1: cfg.beta1,

@@ -474,17 +474,11 @@ impl Backend for CpuBackend {
         t: u64,
         hp: AdamW,
     ) -> Result<()> {
-        const OP: &str = "adamw_step";
-        let n = params.len();
-        check_len(OP, "grads", grads.len(), n)?;
-        check_len(OP, "m", m.len(), n)?;
-        check_len(OP, "v", v.len(), n)?;
-        if t == 0 {
-            return Err(BackendError::Shape {
-                op: OP,
-                detail: "step t starts at 1".into(),
-            });
-        }
+        check_adamw(
+            "adamw_step",
+            [params.len(), grads.len(), m.len(), v.len()],
+            t,
+        )?;
         params
             .par_chunks_mut(PAR_CHUNK)
             .zip(grads.par_chunks(PAR_CHUNK))
@@ -516,17 +510,11 @@ impl Backend for CpuBackend {
         hp: AdamW,
         grad_scale: f32,
     ) -> Result<()> {
-        const OP: &str = "adamw_step_zeroing";
-        let n = params.len();
-        check_len(OP, "grads", grads.len(), n)?;
-        check_len(OP, "m", m.len(), n)?;
-        check_len(OP, "v", v.len(), n)?;
-        if t == 0 {
-            return Err(BackendError::Shape {
-                op: OP,
-                detail: "step t starts at 1".into(),
-            });
-        }
+        check_adamw(
+            "adamw_step_zeroing",
+            [params.len(), grads.len(), m.len(), v.len()],
+            t,
+        )?;
         k::adamw_step_zeroing(
             params,
             grads,
@@ -590,6 +578,20 @@ fn check_attn(
     check_len(op, "k", kk, kn)?;
     check_len(op, "v", v, kn)?;
     check_len(op, "lse", lse, s.b * s.h * s.t)
+}
+
+/// params, grads, m and v (`lens`) of one length, and the step `t` from 1.
+fn check_adamw(op: &'static str, lens: [usize; 4], t: u64) -> Result<()> {
+    for (what, len) in ["grads", "m", "v"].into_iter().zip(&lens[1..]) {
+        check_len(op, what, *len, lens[0])?;
+    }
+    if t == 0 {
+        return Err(BackendError::Shape {
+            op,
+            detail: "step t starts at 1".into(),
+        });
+    }
+    Ok(())
 }
 
 fn check_ce(

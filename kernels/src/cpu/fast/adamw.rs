@@ -24,22 +24,8 @@ pub fn adamw_step(
     eps: f32,
     weight_decay: f32,
 ) {
-    let n = params.len();
-    assert!(
-        grads.len() == n && m.len() == n && v.len() == n,
-        "adamw: length mismatch"
-    );
-    assert!(t >= 1, "adamw: step t starts at 1");
-    let (bc1, bc2) = bias_corrections(t, beta1, beta2);
-    let hp = Hyper {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        bc1,
-        bc2,
-    };
+    let lens = [params.len(), grads.len(), m.len(), v.len()];
+    let hp = Hyper::checked(lens, t, lr, beta1, beta2, eps, weight_decay);
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
@@ -58,6 +44,33 @@ struct Hyper {
     bc2: f32,
 }
 
+impl Hyper {
+    /// The step's hyperparameters with its bias corrections, after checking that params,
+    /// grads, m and v (`lens`) have one length and that `t` starts at 1.
+    fn checked(
+        lens: [usize; 4],
+        t: u64,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    ) -> Hyper {
+        assert!(lens.iter().all(|&l| l == lens[0]), "adamw: length mismatch");
+        assert!(t >= 1, "adamw: step t starts at 1");
+        let (bc1, bc2) = bias_corrections(t, beta1, beta2);
+        Hyper {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            bc1,
+            bc2,
+        }
+    }
+}
+
 /// [`adamw_step`] on `grads * grad_scale`, then `grads` zeroed: a training step's clip scale,
 /// update and gradient reset in one pass over memory instead of three.
 #[allow(clippy::too_many_arguments)]
@@ -74,22 +87,8 @@ pub fn adamw_step_zeroing(
     weight_decay: f32,
     grad_scale: f32,
 ) {
-    let n = params.len();
-    assert!(
-        grads.len() == n && m.len() == n && v.len() == n,
-        "adamw: length mismatch"
-    );
-    assert!(t >= 1, "adamw: step t starts at 1");
-    let (bc1, bc2) = bias_corrections(t, beta1, beta2);
-    let hp = Hyper {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        bc1,
-        bc2,
-    };
+    let lens = [params.len(), grads.len(), m.len(), v.len()];
+    let hp = Hyper::checked(lens, t, lr, beta1, beta2, eps, weight_decay);
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks_mut(CHUNK))
