@@ -269,18 +269,13 @@ pub fn read_weights_file(path: &Path) -> Result<Tensors, WeightsError> {
     decode_weights(&bytes)
 }
 
-/// Writes atomically (temp + rename) so the engine never reads half a file.
+/// Writes atomically so the engine never reads half a file.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
     let err = |e: std::io::Error| WeightsError::File {
         path: path.display().to_string(),
         message: e.to_string(),
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    neuroshard_shared::fsx::write_atomic(path, bytes, None).map_err(err)
 }
 
 /// A round's starting weights and outer momentum, one vector per layout tensor each.

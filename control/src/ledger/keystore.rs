@@ -182,27 +182,8 @@ pub fn save(
         secret: form,
     };
     let text = serde_json::to_string_pretty(&file).map_err(|e| err(path, e.to_string()))?;
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    fs::create_dir_all(&dir).map_err(|e| err(path, format!("cannot create directory: {e}")))?;
-    let tmp = path.with_extension("json.tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| err(path, format!("cannot create: {e}")))?;
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| err(path, format!("cannot write: {e}")))?;
-    fs::rename(&tmp, path).map_err(|e| err(path, format!("cannot rename into place: {e}")))?;
-    if let Ok(d) = fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    neuroshard_shared::fsx::write_atomic(path, text.as_bytes(), Some(0o600))
+        .map_err(|e| err(path, format!("cannot write: {e}")))
 }
 
 fn derive(

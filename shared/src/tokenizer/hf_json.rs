@@ -88,10 +88,8 @@ pub(super) fn save(tok: &Tokenizer, path: &Path) -> Result<(), TokenizerError> {
         path: path.to_path_buf(),
         source,
     };
-    // Temp file + rename: a crash mid-write never leaves a torn tokenizer.json behind.
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, to_json(tok)).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // All or nothing: a crash mid-write never leaves a torn tokenizer.json behind.
+    crate::fsx::write_atomic(path, to_json(tok).as_bytes(), None).map_err(io)
 }
 
 pub(super) fn load(path: &Path) -> Result<Tokenizer, TokenizerError> {
