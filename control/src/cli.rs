@@ -371,7 +371,7 @@ fn running(pid: nix::unistd::Pid) -> bool {
 /// Replaces this process with the engine binary running `subcommand args...`.
 fn exec_engine(subcommand: &str, args: &[String]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    let binary = crate::supervisor::default_engine_binary();
+    let binary = crate::engine::supervisor::default_engine_binary();
     let err = std::process::Command::new(&binary)
         .arg(subcommand)
         .args(args)

@@ -16,11 +16,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, EngineMode};
+use crate::engine::supervisor::{self, SupervisorConfig};
 use crate::ledger::Ledger;
 use crate::peer::PeerState;
 use crate::resources::Sampler;
 use crate::state::AppState;
-use crate::supervisor::{self, SupervisorConfig};
 use crate::trainer::{Trainer, TrainingStats};
 
 pub const PID_FILE: &str = "neuroshard.pid";
@@ -194,7 +194,7 @@ pub async fn run(
     let (stop_engine_tx, stop_engine_rx) = watch::channel(false);
     let (stop_trainer_tx, stop_trainer_rx) = watch::channel(false);
     let (stop_servers_tx, stop_servers_rx) = watch::channel(false);
-    let (engine, supervisor_task) = supervisor::start(sup_cfg, stop_engine_rx);
+    let (engine, supervisor_task) = supervisor::start(sup_cfg, segment.clone(), stop_engine_rx);
 
     let config = Arc::new(RwLock::new(config));
     let network = Arc::new(PeerState::default());
@@ -282,7 +282,6 @@ pub async fn run(
     }
     let stage = Arc::new(crate::pipeline::Stage::new(
         engine.subscribe(),
-        segment.clone(),
         config.clone(),
         training.clone(),
         data_dir.clone(),

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::resources::Sampler;
-use crate::supervisor::Engine;
 use crate::trainer::TrainingStats;
 
 /// Shared state of one running node. Cheap to clone (everything behind `Arc`).

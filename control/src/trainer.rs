@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use neuroshard_proto::engine as pb;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::supervisor::{Engine, EngineState};
+use crate::engine::{
+    Engine, EngineError, EngineHandle, EngineState, LoadSpec, Loaded, TrainSettings,
+    checkpoint_path,
+};
 
 /// Longest a node with too little room for the whole model waits for its seed peers before
 /// choosing its layers.
@@ -59,10 +61,6 @@ pub struct TrainingStats {
     pub rate: crate::metrics::StepRate,
 }
 
-pub fn checkpoint_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("checkpoints").join("latest.ckpt")
-}
-
 /// The transformer layers this node holds: all of the configured model (role `full`).
 pub fn held_layers(cfg: &Config) -> std::ops::Range<u32> {
     let n = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
@@ -79,55 +77,37 @@ pub fn live_layers(cfg: &Config, stats: &TrainingStats) -> std::ops::Range<u32> 
     }
 }
 
-/// Builds the LoadModel command for the configured model, holding every layer (role `full`).
-pub fn load_request(
-    cfg: &Config,
-    node_id: &str,
-    checkpoint: Option<&Path>,
-) -> pb::LoadModelRequest {
-    let all = crate::pipeline::Assignment::full(held_layers(cfg).end);
-    load_request_for(cfg, node_id, checkpoint, &all)
-}
-
-/// Builds the LoadModel command for the layers of `a`.
-pub fn load_request_for(
+/// What LoadModel builds for the layers of `a` of the configured model.
+pub fn load_spec(
     cfg: &Config,
     node_id: &str,
     checkpoint: Option<&Path>,
     a: &crate::pipeline::Assignment,
-) -> pb::LoadModelRequest {
-    let t = &cfg.training;
-    let layers = a.layers.clone();
-    pb::LoadModelRequest {
-        model: Some(pb::ModelSpec {
-            preset: t.model.clone(),
-            ..Default::default()
-        }),
-        layer_start: layers.start,
-        layer_end: layers.end,
+) -> LoadSpec {
+    LoadSpec {
+        preset: cfg.training.model.clone(),
+        layers: a.layers.clone(),
         has_embedding: a.has_embedding(),
         has_head: a.has_head(),
-        seed: t.seed,
-        checkpoint_path: checkpoint
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        train: Some(pb::TrainSpec {
-            learning_rate: t.learning_rate as f32,
-            weight_decay: t.weight_decay as f32,
-            clip_norm: t.clip_norm as f32,
-            batch_size: t.batch_size,
-            seq_len: t.seq_len,
-            data_path: t.data_path.clone(),
-        }),
+        seed: cfg.training.seed,
+        checkpoint: checkpoint.map(Path::to_path_buf),
+        train: train_settings(cfg),
         node_id: node_id.to_string(),
-        dtype: "f32".into(),
         sources: Vec::new(),
     }
 }
 
 /// The settings a loaded model trains with (all applied live by a reload).
-fn train_settings(cfg: &Config) -> Option<pb::TrainSpec> {
-    load_request(cfg, "", None).train
+fn train_settings(cfg: &Config) -> TrainSettings {
+    let t = &cfg.training;
+    TrainSettings {
+        learning_rate: t.learning_rate as f32,
+        weight_decay: t.weight_decay as f32,
+        clip_norm: t.clip_norm as f32,
+        batch_size: t.batch_size,
+        seq_len: t.seq_len,
+        data_path: t.data_path.clone(),
+    }
 }
 
 pub struct Trainer {
@@ -176,7 +156,7 @@ impl Trainer {
                 }
                 {
                     let s = engine.borrow();
-                    if let (EngineState::Ok, Some(c)) = (s.state, s.client.clone()) {
+                    if let (EngineState::Ok, Some(c)) = (s.state, s.handle.clone()) {
                         break (s.generation, c);
                     }
                 }
@@ -186,9 +166,8 @@ impl Trainer {
                 }
             };
             self.update(|s| s.model_loaded = false);
-            let mut client = client;
             let mut applied = train_settings(&self.config());
-            if let Err(e) = self.bring_up(&mut client, &assignment).await {
+            if let Err(e) = self.bring_up(&client, &assignment).await {
                 tracing::warn!(error = %e, "could not load the model; retrying");
                 self.update(|s| s.last_error = Some(e));
                 tokio::select! {
@@ -198,14 +177,14 @@ impl Trainer {
                 continue;
             }
             if !pipelined {
-                self.diloco_init(&mut client).await;
+                self.diloco_init(&client).await;
             }
             // Losses of the current DiLoCo round's inner steps.
             let mut round_losses: Vec<f32> = Vec::new();
             // Train until the engine restarts or we are told to stop.
             loop {
                 if *stop.borrow() {
-                    self.checkpoint(&mut client).await;
+                    self.checkpoint(&client).await;
                     return;
                 }
                 if engine.borrow().generation != generation
@@ -218,9 +197,9 @@ impl Trainer {
                 // checkpoint with the new settings, so nothing learned is lost.
                 if train_settings(&cfg) != applied {
                     tracing::info!("training settings changed; reloading the model with them");
-                    self.checkpoint(&mut client).await;
+                    self.checkpoint(&client).await;
                     applied = train_settings(&cfg);
-                    if let Err(e) = self.bring_up(&mut client, &assignment).await {
+                    if let Err(e) = self.bring_up(&client, &assignment).await {
                         tracing::warn!(error = %e, "could not reload with the new settings");
                         self.update(|s| s.last_error = Some(e));
                         break;
@@ -238,13 +217,10 @@ impl Trainer {
                         unchanged = (step, Instant::now());
                         resync_wait = RESYNC_IDLE;
                     }
-                    if let Some(a) = self
-                        .rebalance(&mut client, &assignment, &mut seen_gap)
-                        .await
-                    {
+                    if let Some(a) = self.rebalance(&client, &assignment, &mut seen_gap).await {
                         assignment = a;
                     } else if unchanged.1.elapsed() >= resync_wait
-                        && self.resync(&mut client, &assignment, step).await
+                        && self.resync(&client, &assignment, step).await
                     {
                         let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
                         unchanged = (step, Instant::now());
@@ -268,9 +244,8 @@ impl Trainer {
                     self.pipeline_step(last_step_id, &mut stop).await;
                     continue;
                 }
-                match client.train_step(pb::TrainStepRequest {}).await {
+                match client.train_step().await {
                     Ok(r) => {
-                        let r = r.into_inner();
                         self.update(|s| {
                             s.step = r.step;
                             s.loss = Some(r.loss);
@@ -286,15 +261,15 @@ impl Trainer {
                             s.last_error = None;
                         });
                         if r.step % cfg.training.checkpoint_every as u64 == 0 {
-                            self.checkpoint(&mut client).await;
+                            self.checkpoint(&client).await;
                         }
                         round_losses.push(r.loss);
-                        self.diloco_round(&mut client, &cfg, &mut round_losses, &mut stop)
+                        self.diloco_round(&client, &cfg, &mut round_losses, &mut stop)
                             .await;
                     }
-                    Err(status) => {
-                        self.update(|s| s.last_error = Some(status.message().to_string()));
-                        tracing::warn!(error = %status.message(), "training step failed");
+                    Err(e) => {
+                        self.update(|s| s.last_error = Some(e.message()));
+                        tracing::warn!(error = %e, "training step failed");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                             _ = stop.changed() => {}
@@ -308,7 +283,7 @@ impl Trainer {
 
     /// Reads the loaded model into the DiLoCo round state (first start) and catches up with
     /// the replicas if they agree on other weights.
-    async fn diloco_init(&self, client: &mut crate::supervisor::Client) {
+    async fn diloco_init(&self, client: &EngineHandle) {
         let Some(net) = &self.net else { return };
         let dir = self.data_dir.join("diloco");
         if let Ok(mut m) = net.diloco.max_norm.lock() {
@@ -322,7 +297,7 @@ impl Trainer {
     /// Counts an inner step; after H of them runs the round boundary with the replicas.
     async fn diloco_round(
         &self,
-        client: &mut crate::supervisor::Client,
+        client: &EngineHandle,
         cfg: &Config,
         losses: &mut Vec<f32>,
         stop: &mut watch::Receiver<bool>,
@@ -460,7 +435,7 @@ impl Trainer {
     /// network. The new assignment when it changed.
     async fn rebalance(
         &self,
-        client: &mut crate::supervisor::Client,
+        client: &EngineHandle,
         a: &crate::pipeline::Assignment,
         seen: &mut Option<std::ops::Range<u32>>,
     ) -> Option<crate::pipeline::Assignment> {
@@ -520,7 +495,7 @@ impl Trainer {
     /// moments and step; its own state for layers they lack). True when it tried.
     async fn resync(
         &self,
-        client: &mut crate::supervisor::Client,
+        client: &EngineHandle,
         a: &crate::pipeline::Assignment,
         step: u64,
     ) -> bool {
@@ -630,30 +605,20 @@ impl Trainer {
     /// LoadModel for `a` from checkpoints of stages (`sources`: path, expected hash).
     async fn load_from(
         &self,
-        client: &mut crate::supervisor::Client,
+        client: &EngineHandle,
         a: &crate::pipeline::Assignment,
         sources: &[(PathBuf, String)],
-    ) -> Result<pb::LoadModelReply, String> {
-        let mut req = load_request_for(&self.config(), &self.node_id, None, a);
-        req.sources = sources
-            .iter()
-            .map(|(p, h)| pb::WeightSource {
-                path: p.display().to_string(),
-                model_hash: h.clone(),
-            })
-            .collect();
-        client
-            .load_model(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
+    ) -> Result<Loaded, String> {
+        let mut spec = load_spec(&self.config(), &self.node_id, None, a);
+        spec.sources = sources.to_vec();
+        client.load_model(&spec).await.map_err(|e| e.message())
     }
 
     /// Counts where the layers `new` (those not in `kept`) came from after a load with
     /// sources, warns about those that start from the seed, and records the loaded model.
     fn record_load(
         &self,
-        reply: &pb::LoadModelReply,
+        reply: &Loaded,
         a: &crate::pipeline::Assignment,
         kept: &std::ops::Range<u32>,
         from_peers: &[u32],
@@ -705,7 +670,7 @@ impl Trainer {
     /// it, the optimizer step with them. On failure the old range is back.
     async fn reload(
         &self,
-        client: &mut crate::supervisor::Client,
+        client: &EngineHandle,
         old: &crate::pipeline::Assignment,
         new: &crate::pipeline::Assignment,
         refresh: Option<u64>,
@@ -730,19 +695,12 @@ impl Trainer {
             }
         };
         let _lock = stage.exclusive().await;
-        let dir = self.data_dir.join("checkpoints");
-        let _ = std::fs::create_dir_all(&dir);
-        let own = dir.join("takeover.ckpt");
-        if let Err(s) = client
-            .checkpoint(pb::CheckpointRequest {
-                path: own.display().to_string(),
-            })
-            .await
-        {
+        let own = crate::engine::checkpoints_dir(&self.data_dir).join("takeover.ckpt");
+        if let Err(e) = client.checkpoint(&own).await {
             for (p, _, _) in &fetched {
                 let _ = std::fs::remove_file(p);
             }
-            return Err(format!("checkpoint before the reload: {}", s.message()));
+            return Err(format!("checkpoint before the reload: {e}"));
         }
         self.update(|s| s.model_loaded = false);
         let from_peers: Vec<u32> = fetched.iter().flat_map(|f| f.2.clone()).collect();
@@ -787,12 +745,7 @@ impl Trainer {
             Err(e) => {
                 // Back to the old range from the state saved a moment ago.
                 let back = client
-                    .load_model(load_request_for(
-                        &self.config(),
-                        &self.node_id,
-                        Some(&own),
-                        old,
-                    ))
+                    .load_model(&load_spec(&self.config(), &self.node_id, Some(&own), old))
                     .await;
                 if back.is_ok() {
                     self.update(|s| s.model_loaded = true);
@@ -852,7 +805,7 @@ impl Trainer {
     /// Restores the latest checkpoint if there is one, else builds the model from the seed.
     async fn bring_up(
         &self,
-        client: &mut crate::supervisor::Client,
+        client: &EngineHandle,
         a: &crate::pipeline::Assignment,
     ) -> Result<(), String> {
         let cfg = self.config();
@@ -887,24 +840,23 @@ impl Trainer {
             }
         }
         let existing = ckpt.exists().then_some(ckpt.as_path());
-        let req = load_request_for(&cfg, &self.node_id, existing, a);
-        let reply = match client.load_model(req).await {
-            Ok(r) => r.into_inner(),
+        let spec = load_spec(&cfg, &self.node_id, existing, a);
+        let reply = match client.load_model(&spec).await {
+            Ok(r) => r,
             // Only the engine's verdict on the file (invalid argument) condemns a checkpoint; a
             // transport error (the engine died while loading) is retried with the same file.
-            Err(status) if existing.is_some() && status.code() == tonic::Code::InvalidArgument => {
+            Err(EngineError::Invalid(why)) if existing.is_some() => {
                 // A checkpoint the engine cannot read must not stop the node: keep it aside for
                 // inspection and start from the seed.
-                tracing::error!(error = %status.message(), path = %ckpt.display(), "checkpoint unreadable; starting from seed");
+                tracing::error!(error = %why, path = %ckpt.display(), "checkpoint unreadable; starting from seed");
                 let aside = ckpt.with_extension(format!("bad-{}", chrono::Utc::now().timestamp()));
                 let _ = std::fs::rename(&ckpt, &aside);
                 client
-                    .load_model(load_request_for(&cfg, &self.node_id, None, a))
+                    .load_model(&load_spec(&cfg, &self.node_id, None, a))
                     .await
-                    .map_err(|s| s.message().to_string())?
-                    .into_inner()
+                    .map_err(|e| e.message())?
             }
-            Err(status) => return Err(status.message().to_string()),
+            Err(e) => return Err(e.message()),
         };
         tracing::info!(step = reply.step, params = reply.parameters, hash = %reply.model_hash, restored = existing.is_some(), "model loaded");
         self.update(|s| {
@@ -918,23 +870,14 @@ impl Trainer {
         Ok(())
     }
 
-    async fn checkpoint(&self, client: &mut crate::supervisor::Client) {
+    async fn checkpoint(&self, client: &EngineHandle) {
         let path = checkpoint_path(&self.data_dir);
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        match client
-            .checkpoint(pb::CheckpointRequest {
-                path: path.display().to_string(),
-            })
-            .await
-        {
-            Ok(r) => {
-                let step = r.into_inner().step;
+        match client.checkpoint(&path).await {
+            Ok(step) => {
                 tracing::debug!(step, "checkpoint written");
                 self.update(|s| s.last_checkpoint_step = Some(step));
             }
-            Err(status) => tracing::warn!(error = %status.message(), "checkpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
         }
     }
 }

@@ -6,7 +6,6 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use neuroshard_proto::engine as pb;
 use tokio::sync::watch;
 
 use crate::ledger::keys::keccak;
@@ -46,15 +45,11 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
 }
 
 async fn current_model_hash(state: &AppState) -> Option<String> {
-    let mut client = state.engine.client()?;
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.model_hash(pb::ModelHashRequest {}),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    Some(reply.into_inner().model_hash)
+    let engine = state.engine.handle()?;
+    tokio::time::timeout(Duration::from_secs(10), engine.model_hash())
+        .await
+        .ok()?
+        .ok()
 }
 
 async fn prove(state: &AppState, mark: Mark) -> Mark {

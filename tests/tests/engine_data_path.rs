@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use neuroshard::supervisor::connect;
+use neuroshard::engine::raw::connect;
 use neuroshard_proto::engine as pb;
 use neuroshard_shared::shm::Segment;
 use neuroshard_tests::{EngineProcess, wait_for};

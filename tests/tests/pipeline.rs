@@ -117,9 +117,9 @@ fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-async fn engine_client(socket: &Path) -> neuroshard::supervisor::Client {
+async fn engine_client(socket: &Path) -> neuroshard::engine::raw::Client {
     for _ in 0..500 {
-        if let Ok(c) = neuroshard::supervisor::connect(socket.to_path_buf()).await {
+        if let Ok(c) = neuroshard::engine::raw::connect(socket.to_path_buf()).await {
             return c;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -167,7 +167,16 @@ fn one_pipeline_step_equals_the_same_step_on_one_node() {
         let mut client = engine_client(&socket).await;
         let cfg = config("max_steps = 1");
         client
-            .load_model(neuroshard::trainer::load_request(&cfg, &node_id, None))
+            .load_model(neuroshard::engine::raw::load_request(
+                &neuroshard::trainer::load_spec(
+                    &cfg,
+                    &node_id,
+                    None,
+                    &neuroshard::pipeline::Assignment::full(
+                        neuroshard::trainer::held_layers(&cfg).end,
+                    ),
+                ),
+            ))
             .await
             .unwrap();
         let r = client

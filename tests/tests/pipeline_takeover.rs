@@ -119,7 +119,7 @@ fn a_killed_worker_s_layer_is_taken_over_and_training_resumes() {
 
 async fn engine_hash(socket: &Path) -> String {
     for _ in 0..500 {
-        if let Ok(mut c) = neuroshard::supervisor::connect(socket.to_path_buf()).await {
+        if let Ok(mut c) = neuroshard::engine::raw::connect(socket.to_path_buf()).await {
             return c
                 .model_hash(pb::ModelHashRequest {})
                 .await

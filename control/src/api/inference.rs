@@ -16,13 +16,13 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use neuroshard_proto::engine as pb;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
 use super::ApiError;
 use crate::auth::Caller;
+use crate::engine::{EngineError, Sampling, Token};
 use crate::ledger::{UNITS_PER_NEURO, transfer_fee, units_to_neuro};
 use crate::state::AppState;
 
@@ -351,14 +351,14 @@ pub async fn generate(
 /// Where a generation's tokens come from: this node's engine (it holds every layer) or the
 /// pipeline through the peers holding the others (`pipeline/infer.rs`).
 enum Tokens {
-    Engine(Box<tonic::Streaming<pb::GenerateReply>>),
+    Engine(Box<crate::engine::TokenStream>),
     Pipeline(crate::pipeline::infer::TokenStream),
 }
 
 impl Tokens {
-    async fn next(&mut self) -> Result<Option<pb::GenerateReply>, ApiError> {
+    async fn next(&mut self) -> Result<Option<Token>, ApiError> {
         match self {
-            Tokens::Engine(s) => s.message().await.map_err(engine_error),
+            Tokens::Engine(s) => s.next().await.map_err(engine_error),
             Tokens::Pipeline(rx) => match rx.recv().await {
                 None => Ok(None),
                 Some(Ok(r)) => Ok(Some(r)),
@@ -372,28 +372,24 @@ async fn engine_tokens(
     state: &AppState,
     req: &InferenceRequest,
     id: &str,
-) -> Result<tonic::Streaming<pb::GenerateReply>, ApiError> {
-    let mut client = state
+) -> Result<crate::engine::TokenStream, ApiError> {
+    let engine = state
         .engine
-        .client()
+        .handle()
         .ok_or_else(|| ApiError::unavailable("the engine is restarting; try again shortly"))?;
-    let request = pb::GenerateRequest {
-        prompt: req.prompt.clone(),
-        max_tokens: req.max_tokens,
-        sampling: Some(pb::SamplingParams {
-            temperature: req.temperature as f32,
-            top_p: req.top_p as f32,
-            top_k: req.top_k,
-            seed: req.seed,
-        }),
-        request_id: id.to_string(),
-        prompt_ids: Vec::new(),
-    };
-    Ok(client
-        .generate(request)
+    engine
+        .generate(&req.prompt, req.max_tokens, sampling(req), id)
         .await
-        .map_err(engine_error)?
-        .into_inner())
+        .map_err(engine_error)
+}
+
+fn sampling(req: &InferenceRequest) -> Sampling {
+    Sampling {
+        temperature: req.temperature as f32,
+        top_p: req.top_p as f32,
+        top_k: req.top_k,
+        seed: req.seed,
+    }
 }
 
 /// Starts a generation through the pipeline (this node lacks some layers).
@@ -416,12 +412,7 @@ fn pipeline_tokens(
             crate::pipeline::infer::InferRequest {
                 prompt: req.prompt.clone(),
                 max_tokens: req.max_tokens,
-                sampling: pb::SamplingParams {
-                    temperature: req.temperature as f32,
-                    top_p: req.top_p as f32,
-                    top_k: req.top_k,
-                    seed: req.seed,
-                },
+                sampling: sampling(req),
             },
         )
         .map_err(pipeline_error)
@@ -450,17 +441,15 @@ fn pipeline_error(e: crate::pipeline::PipeError) -> ApiError {
     }
 }
 
-fn engine_error(status: tonic::Status) -> ApiError {
-    match status.code() {
-        tonic::Code::InvalidArgument => ApiError::bad_request(status.message().to_string()),
-        tonic::Code::FailedPrecondition => {
+fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::Invalid(m) => ApiError::bad_request(m),
+        EngineError::NotReady(_) => {
             ApiError::unavailable("the model is being loaded; try again shortly")
         }
         // The batch is full or the request's KV cache does not fit the engine's budget.
-        tonic::Code::ResourceExhausted => {
-            ApiError::unavailable(format!("the engine is at capacity: {}", status.message()))
-        }
-        _ => ApiError::unavailable(format!("the engine failed: {}", status.message())),
+        EngineError::Busy(m) => ApiError::unavailable(format!("the engine is at capacity: {m}")),
+        e => ApiError::unavailable(format!("the engine failed: {e}")),
     }
 }
 

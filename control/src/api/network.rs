@@ -6,8 +6,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
+use crate::engine::EngineState;
 use crate::state::AppState;
-use crate::supervisor::EngineState;
 
 #[derive(Serialize, ToSchema)]
 pub struct PeersResponse {

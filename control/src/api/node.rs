@@ -10,9 +10,9 @@ use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::engine::EngineState;
 use crate::resources::free_disk;
 use crate::state::AppState;
-use crate::supervisor::EngineState;
 
 /// How long an engine restart may take before `gpu: restarting` counts as a failed check.
 const RESTART_GRACE: Duration = Duration::from_secs(60);

@@ -10,17 +10,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use neuroshard_proto::Message as _;
-use neuroshard_proto::engine as epb;
 use neuroshard_proto::peer as pb;
 
 use super::aggregate::Input;
 use super::compress;
 use super::round::{self, Diloco, Settings};
 use super::validate::{Contribution, Layout};
+use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::network::Network;
 use crate::network::client::PeerConn;
-use crate::supervisor::Client;
 
 /// The role of a node that holds the same layers as this one (all of them, for now).
 const REPLICA_ROLE: &str = "full";
@@ -96,21 +95,15 @@ pub fn replicas(net: &Network) -> Vec<(PeerConn, pb::NodeInfo)> {
 
 /// Reads the engine's weights: layout (sorted by name), values, model hash.
 async fn export(
-    client: &mut Client,
+    engine: &EngineHandle,
     dir: &Path,
 ) -> Result<(Layout, Vec<Vec<f32>>, String), String> {
     let path = dir.join("local.safetensors");
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let reply = client
-        .export_weights(epb::ExportWeightsRequest {
-            dest: Some(epb::export_weights_request::Dest::Path(
-                path.display().to_string(),
-            )),
-            format: "safetensors".into(),
-        })
+    let model_hash = engine
+        .export_weights(&path)
         .await
-        .map_err(|s| format!("export weights: {}", s.message()))?
-        .into_inner();
+        .map_err(|e| format!("export weights: {e}"))?;
     let tensors = round::read_weights_file(&path).map_err(|e| e.to_string())?;
     let layout = Layout::new(
         tensors
@@ -119,12 +112,12 @@ async fn export(
             .collect(),
     );
     let values = tensors.into_iter().map(|(_, _, v)| v).collect();
-    Ok((layout, values, reply.model_hash))
+    Ok((layout, values, model_hash))
 }
 
 /// Writes `theta` (layout order) and imports it into the engine; the engine's new hash.
 async fn import(
-    client: &mut Client,
+    engine: &EngineHandle,
     dir: &Path,
     layout: &Layout,
     theta: &[Vec<f32>],
@@ -132,24 +125,18 @@ async fn import(
     let path = dir.join("import.safetensors");
     let bytes = round::encode_weights(layout, theta, None).map_err(|e| e.to_string())?;
     round::write_file(&path, &bytes).map_err(|e| e.to_string())?;
-    let reply = client
-        .import_weights(epb::ImportWeightsRequest {
-            src: Some(epb::import_weights_request::Src::Path(
-                path.display().to_string(),
-            )),
-        })
+    engine
+        .import_weights(&path)
         .await
-        .map_err(|s| format!("import weights: {}", s.message()))?
-        .into_inner();
-    Ok(reply.model_hash)
+        .map_err(|e| format!("import weights: {e}"))
 }
 
 /// Reads the loaded model into the round state when it has none yet (first start).
-pub async fn init(diloco: &Diloco, client: &mut Client, dir: &Path) -> Result<(), String> {
+pub async fn init(diloco: &Diloco, engine: &EngineHandle, dir: &Path) -> Result<(), String> {
     if lock(&diloco.state).initialized {
         return Ok(());
     }
-    let (layout, theta, hash) = export(client, dir).await?;
+    let (layout, theta, hash) = export(engine, dir).await?;
     let mut s = lock(&diloco.state);
     s.momentum = theta.iter().map(|t| vec![0.0; t.len()]).collect();
     s.theta_start = theta;
@@ -186,7 +173,7 @@ impl Round<'_> {
 
     /// When the most common (round, start hash) among the replicas and this node beats ours
     /// (more holders; ties to the later round, then the larger hash), adopts it from a peer.
-    pub async fn catch_up(&self, client: &mut Client) -> Result<Option<Outcome>, String> {
+    pub async fn catch_up(&self, engine: &EngineHandle) -> Result<Option<Outcome>, String> {
         let (round, hash) = self.diloco.advertised();
         let replicas = self.replicas();
         lock(&self.diloco.figures).replica_states = replicas
@@ -235,7 +222,7 @@ impl Round<'_> {
                     continue;
                 }
             };
-            let got = import(client, &self.dir, &layout, &theta).await?;
+            let got = import(engine, &self.dir, &layout, &theta).await?;
             if got != h {
                 tracing::warn!(peer = %conn.id, claimed = %h, got = %got, "fetched weights do not match the peer's hash");
             }
@@ -263,14 +250,14 @@ impl Round<'_> {
     /// The round boundary after the inner steps (`loss`: their mean, `batches`: how many).
     pub async fn finish(
         &self,
-        client: &mut Client,
+        engine: &EngineHandle,
         loss: f32,
         batches: u64,
     ) -> Result<Outcome, String> {
-        if let Some(o) = self.catch_up(client).await? {
+        if let Some(o) = self.catch_up(engine).await? {
             return Ok(o);
         }
-        let (layout, theta_local, _) = export(client, &self.dir).await?;
+        let (layout, theta_local, _) = export(engine, &self.dir).await?;
         let (round, start_hash, me): (u64, String, String) = {
             let s = lock(&self.diloco.state);
             if s.layout != layout {
@@ -368,7 +355,7 @@ impl Round<'_> {
                 break;
             }
             if short && missing == 0 {
-                match self.catch_up(client).await {
+                match self.catch_up(engine).await {
                     Ok(Some(o)) => return Ok(o),
                     Ok(None) => {}
                     Err(e) => tracing::debug!(error = %e, "catch-up while waiting failed"),
@@ -401,7 +388,7 @@ impl Round<'_> {
         let matching = lock(&self.diloco.inbox).matching(round, &start_hash).len();
         let alone = matching < needed;
         if alone && !replicas.is_empty() {
-            match self.catch_up(client).await {
+            match self.catch_up(engine).await {
                 Ok(Some(o)) => return Ok(o),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, "catch-up after a short round failed"),
@@ -466,7 +453,7 @@ impl Round<'_> {
             }
             (out, momentum)
         };
-        let hash = import(client, &self.dir, &layout, &theta_new).await?;
+        let hash = import(engine, &self.dir, &layout, &theta_new).await?;
         {
             let mut s = lock(&self.diloco.state);
             s.round = round + 1;

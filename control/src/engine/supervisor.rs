@@ -9,16 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use neuroshard_proto::engine as pb;
-use neuroshard_proto::engine::engine_client::EngineClient;
+use neuroshard_shared::shm::Segment;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 
+use super::handle::{EngineHandle, connect};
+use super::types::EngineHealth;
 use crate::config::EngineMode;
-
-/// A connected engine client.
-pub type Client = EngineClient<Channel>;
 
 /// What the `gpu` health check reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,13 +43,13 @@ pub struct EngineStatus {
     pub state: EngineState,
     /// Bumped on every successful (re)connect, so users re-issue LoadModel/Restore.
     pub generation: u64,
-    /// Connected client; `None` unless state is Ok.
-    pub client: Option<EngineClient<Channel>>,
+    /// The connected engine; `None` unless state is Ok.
+    pub handle: Option<EngineHandle>,
     pub pid: Option<u32>,
     pub restarts: u64,
     /// When the current outage began (for the health grace period).
     pub since: Instant,
-    pub last_health: Option<pb::HealthReply>,
+    pub last_health: Option<EngineHealth>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,52 +100,35 @@ impl Engine {
         self.rx.clone()
     }
 
-    /// A connected client, if the engine is up right now.
-    pub fn client(&self) -> Option<EngineClient<Channel>> {
-        self.rx.borrow().client.clone()
+    /// The connected engine, if it is up right now.
+    pub fn handle(&self) -> Option<EngineHandle> {
+        self.rx.borrow().handle.clone()
     }
-}
-
-/// Connects a gRPC client to the engine's Unix socket.
-pub async fn connect(socket: PathBuf) -> Result<EngineClient<Channel>, tonic::transport::Error> {
-    // The URI is required by the API but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://engine.local")
-        .connect_timeout(Duration::from_secs(2))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                tokio::net::UnixStream::connect(socket)
-                    .await
-                    .map(TokioIo::new)
-            }
-        }))
-        .await?;
-    Ok(EngineClient::new(channel)
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20))
 }
 
 /// Starts the supervisor task; it runs until `shutdown` flips to true, then stops the engine
 /// it spawned (SIGTERM, then SIGKILL after a grace period) and removes the socket file.
 pub fn start(
     cfg: SupervisorConfig,
+    segment: Arc<Segment>,
     shutdown: watch::Receiver<bool>,
 ) -> (Engine, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(EngineStatus {
         state: EngineState::Down,
         generation: 0,
-        client: None,
+        handle: None,
         pid: None,
         restarts: 0,
         since: Instant::now(),
         last_health: None,
     });
-    let task = tokio::spawn(run(Arc::new(cfg), tx, shutdown));
+    let task = tokio::spawn(run(Arc::new(cfg), segment, tx, shutdown));
     (Engine { rx }, task)
 }
 
 async fn run(
     cfg: Arc<SupervisorConfig>,
+    segment: Arc<Segment>,
     tx: watch::Sender<EngineStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -161,7 +140,7 @@ async fn run(
         }
         let started = Instant::now();
         let why = tokio::select! {
-            o = one_life(&cfg, &tx, &mut child) => o,
+            o = one_life(&cfg, &segment, &tx, &mut child) => o,
             _ = shutdown.changed() => break,
         };
         // Whatever ended this life, the old process must be gone before the next one starts.
@@ -185,7 +164,7 @@ async fn run(
                 s.since = Instant::now();
             }
             s.state = EngineState::Restarting;
-            s.client = None;
+            s.handle = None;
             s.pid = None;
             s.restarts += 1;
         });
@@ -196,7 +175,7 @@ async fn run(
     }
     tx.send_modify(|s| {
         s.state = EngineState::Down;
-        s.client = None;
+        s.handle = None;
     });
     if let Some(c) = child.take() {
         stop_gracefully(c).await;
@@ -228,6 +207,7 @@ async fn stop_gracefully(mut child: tokio::process::Child) {
 /// spawned child is stored in `child` so the caller can stop it however this life ends.
 async fn one_life(
     cfg: &SupervisorConfig,
+    segment: &Arc<Segment>,
     tx: &watch::Sender<EngineStatus>,
     child: &mut Option<tokio::process::Child>,
 ) -> String {
@@ -241,40 +221,32 @@ async fn one_life(
 
     // Wait for the socket to answer Health (the child may still be starting).
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut client = loop {
+    let engine = loop {
         if let Some(c) = child.as_mut()
             && let Ok(Some(status)) = c.try_wait()
         {
             return format!("engine exited during start-up: {status}");
         }
-        if let Ok(mut c) = connect(cfg.socket.clone()).await
-            && c.health(pb::HealthRequest {}).await.is_ok()
-        {
-            break c;
+        if let Ok(c) = connect(cfg.socket.clone()).await {
+            let e = EngineHandle::new(c, segment.clone());
+            if e.health().await.is_ok() {
+                break e;
+            }
         }
         if Instant::now() > deadline {
             return "engine did not answer within 15 s".into();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    if let Err(e) = client
-        .attach(pb::AttachRequest {
-            segment_name: cfg.segment_name.clone(),
-        })
-        .await
-    {
-        return format!("attach failed: {}", e.message());
+    if let Err(e) = engine.attach(&cfg.segment_name).await {
+        return format!("attach failed: {e}");
     }
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner());
+    let health = engine.health().await.ok();
     tracing::info!(pid = ?pid, device = ?health.as_ref().map(|h| &h.device), "engine ready");
     tx.send_modify(|s| {
         s.state = EngineState::Ok;
         s.generation += 1;
-        s.client = Some(client.clone());
+        s.handle = Some(engine.clone());
         s.pid = pid.or(health.as_ref().map(|h| h.pid));
         s.last_health = health;
     });
@@ -288,11 +260,10 @@ async fn one_life(
                 return format!("engine exited: {status}");
             }
             _ = probe.tick() => {
-                let answer = tokio::time::timeout(cfg.probe_every * 2, client.health(pb::HealthRequest {})).await;
+                let answer = tokio::time::timeout(cfg.probe_every * 2, engine.health()).await;
                 match answer {
                     Ok(Ok(reply)) => {
                         missed = 0;
-                        let reply = reply.into_inner();
                         // A restarted external engine has lost the mapping: attach again.
                         if !reply.attached {
                             return "engine lost its shared-memory attachment".into();

@@ -30,13 +30,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use neuroshard_proto::engine as epb;
 use neuroshard_proto::peer as pb;
 use neuroshard_shared::model::ModelConfig;
 use neuroshard_shared::shm::DType;
 use tokio::sync::mpsc;
 
-use super::{Hop, PipeError, SLOT_INPUT, SLOT_OUTPUT, Stage, Wire, check_acts, engine_err, within};
+use super::{Hop, PipeError, Stage, Wire, check_acts, engine_err, within};
+use crate::engine::{EngineError, EngineHandle, Sampling, Slots, Token};
 use crate::network::Network;
 use crate::network::error::NetworkError;
 
@@ -53,16 +53,11 @@ struct Generated {
     tokens: Vec<u32>,
 }
 
-/// Slots inference uses when the segment has them.
-const SLOT_INFER_IN: u32 = 4;
-const SLOT_INFER_OUT: u32 = 5;
-
 /// The shared-memory slots an inference command may use, held while it runs.
 struct SlotGuard<'a> {
     _infer: tokio::sync::MutexGuard<'a, ()>,
     _train: Option<tokio::sync::MutexGuard<'a, u64>>,
-    input: u32,
-    output: u32,
+    slots: Slots,
 }
 
 /// Inference state of a stage: the lock over the inference slots.
@@ -194,12 +189,12 @@ fn check_logits(t: Option<&pb::PipelineTensor>, m: &ModelConfig) -> Result<Wire,
 pub struct InferRequest {
     pub prompt: String,
     pub max_tokens: u32,
-    pub sampling: epb::SamplingParams,
+    pub sampling: Sampling,
 }
 
 /// The tokens of a generation as they are produced; the channel closes after the last one or
 /// after an error.
-pub type TokenStream = mpsc::UnboundedReceiver<Result<epb::GenerateReply, PipeError>>;
+pub type TokenStream = mpsc::UnboundedReceiver<Result<Token, PipeError>>;
 
 impl Stage {
     /// Runs this node's layers for one step of `session` on the engine.
@@ -210,33 +205,21 @@ impl Stage {
         rows: u32,
         input: &Wire,
     ) -> Result<Wire, PipeError> {
-        let mut client = self.client()?;
-        let slots = self.infer_slots().await;
-        let input = self.write(slots.input, input)?;
-        let r = client
-            .stage_forward(epb::StageForwardRequest {
-                session,
-                input: Some(input),
-                output_slot: slots.output,
-                position,
-                rows,
-            })
+        let engine = self.handle()?;
+        let slots = self.infer_slots(&engine).await;
+        let out = engine
+            .stage_forward(session, slots.slots, input.view(), position, rows)
             .await
-            .map_err(infer_engine_err)?
-            .into_inner();
-        self.read(r.output)
+            .map_err(infer_engine_err)?;
+        Ok(out.into())
     }
 
     /// Frees `session` on this node's engine.
     async fn infer_end_local(&self, session: u64) -> bool {
-        let Ok(mut client) = self.client() else {
+        let Ok(engine) = self.handle() else {
             return false;
         };
-        client
-            .stage_end(epb::StageEndRequest { session })
-            .await
-            .map(|r| r.into_inner().ended)
-            .unwrap_or(false)
+        engine.stage_end(session).await.unwrap_or(false)
     }
 
     /// InferForward from a peer: checks the input against this stage, runs its layers.
@@ -358,11 +341,11 @@ impl Stage {
         session: u64,
         req: &InferRequest,
         done: &mut Generated,
-        tx: &mpsc::UnboundedSender<Result<epb::GenerateReply, PipeError>>,
+        tx: &mpsc::UnboundedSender<Result<Token, PipeError>>,
     ) -> Result<(), PipeError> {
         let m = self.model()?;
         let secs = self.config().training.pipeline_timeout_secs;
-        let mut client = self.client()?;
+        let engine = self.handle()?;
         let resumed = !done.prompt_ids.is_empty();
         let base = done.tokens.len() as u32;
         let (prompt, prompt_ids, max_tokens) = if resumed {
@@ -375,18 +358,10 @@ impl Stage {
         } else {
             (req.prompt.clone(), Vec::new(), req.max_tokens)
         };
-        let start = client
-            .stage_start(epb::StageStartRequest {
-                session,
-                prompt,
-                prompt_ids,
-                max_tokens,
-                sampling: Some(req.sampling),
-                draws: base,
-            })
+        let start = engine
+            .stage_start(session, prompt, prompt_ids, max_tokens, req.sampling, base)
             .await
-            .map_err(infer_engine_err)?
-            .into_inner();
+            .map_err(infer_engine_err)?;
         if !resumed {
             done.prompt_ids = start.prompt_ids.clone();
             done.max_tokens = start.max_tokens;
@@ -408,18 +383,11 @@ impl Stage {
                 .step_route(route, session, position, rows, ids, &m, secs, &mut spent)
                 .await?;
             let sampled_at = std::time::Instant::now();
-            let slots = self.infer_slots().await;
-            let logits = self.write(slots.input, &logits)?;
-            let mut reply = client
-                .stage_sample(epb::StageSampleRequest {
-                    session,
-                    logits: Some(logits),
-                })
+            let slots = self.infer_slots(&engine).await;
+            let mut reply = engine
+                .stage_sample(session, slots.slots, logits.view())
                 .await
-                .map_err(infer_engine_err)?
-                .into_inner()
-                .token
-                .ok_or_else(|| PipeError::Engine("the engine sampled no token".into()))?;
+                .map_err(infer_engine_err)?;
             drop(slots);
             spent[route.len()] += sampled_at.elapsed();
             produced += 1;
@@ -456,22 +424,19 @@ impl Stage {
 
     /// Takes the inference slots: its own (4, 5) under the inference lock, or, with fewer
     /// than six slots, the training slots under the training stage lock as well.
-    async fn infer_slots(&self) -> SlotGuard<'_> {
+    async fn infer_slots(&self, engine: &EngineHandle) -> SlotGuard<'_> {
         let infer = self.infer.lock.lock().await;
-        if self.segment.slot_count() > SLOT_INFER_OUT {
-            SlotGuard {
+        match engine.inference_slots() {
+            Some(slots) => SlotGuard {
                 _infer: infer,
                 _train: None,
-                input: SLOT_INFER_IN,
-                output: SLOT_INFER_OUT,
-            }
-        } else {
-            SlotGuard {
+                slots,
+            },
+            None => SlotGuard {
                 _infer: infer,
                 _train: Some(self.current.lock().await),
-                input: SLOT_INPUT,
-                output: SLOT_OUTPUT,
-            }
+                slots: crate::engine::slots::TRAINING,
+            },
         }
     }
 
@@ -573,13 +538,12 @@ impl Stage {
 }
 
 /// The engine's refusals keep their meaning; everything else is an engine failure.
-fn infer_engine_err(s: tonic::Status) -> PipeError {
-    match s.code() {
-        tonic::Code::InvalidArgument => PipeError::Refused(s.message().to_string()),
-        tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
-            PipeError::NotReady(s.message().to_string())
-        }
-        _ => engine_err(s),
+fn infer_engine_err(e: EngineError) -> PipeError {
+    match e {
+        EngineError::Invalid(m) => PipeError::Refused(m),
+        EngineError::Unavailable(m) | EngineError::NotReady(m) => PipeError::NotReady(m),
+        EngineError::Down => PipeError::NotReady(e.message()),
+        e => engine_err(e),
     }
 }
 

@@ -29,24 +29,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use neuroshard_proto::engine as epb;
 use neuroshard_proto::peer as pb;
 use neuroshard_shared::model::ModelConfig;
-use neuroshard_shared::shm::{DType, Segment, TensorRef};
+use neuroshard_shared::shm::{DType, Tensor};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::engine::{EngineError, EngineHandle, EngineStatus, Forwarded, TensorIn};
 use crate::network::Network;
 use crate::network::client::PeerConn;
-use crate::supervisor::{Client, EngineStatus};
 use crate::trainer::TrainingStats;
 pub use assign::Assignment;
 
-/// Shared-memory slots the pipeline uses (only under the stage lock).
-const SLOT_INPUT: u32 = 0;
-const SLOT_LABELS: u32 = 1;
-const SLOT_OUTPUT: u32 = 2;
-const SLOT_GRAD: u32 = 3;
 /// How far ahead of the local clock a step id may be (clock skew between stages).
 const MAX_STEP_AHEAD_MS: u64 = 60_000;
 /// Largest batch rows / sequence accepted from a peer.
@@ -92,8 +86,9 @@ impl From<PipeError> for tonic::Status {
     }
 }
 
-fn engine_err(s: tonic::Status) -> PipeError {
-    PipeError::Engine(s.message().to_string())
+/// An engine failure of a training command: whatever the engine said, the step failed.
+fn engine_err(e: EngineError) -> PipeError {
+    PipeError::Engine(e.message())
 }
 
 /// Figures of this node's pipeline work.
@@ -123,10 +118,9 @@ pub struct Counters {
     pub weights_served: AtomicU64,
 }
 
-/// One stage of the pipeline: this node's engine, its shm segment and its layers.
+/// One stage of the pipeline: this node's engine and its layers.
 pub struct Stage {
     engine: watch::Receiver<EngineStatus>,
-    segment: Arc<Segment>,
     config: Arc<RwLock<Config>>,
     stats: Arc<Mutex<TrainingStats>>,
     data_dir: PathBuf,
@@ -158,6 +152,16 @@ impl Drop for Requeue<'_> {
     }
 }
 
+impl From<Tensor> for Wire {
+    fn from(t: Tensor) -> Wire {
+        Wire {
+            dtype: t.dtype,
+            shape: t.shape,
+            data: t.bytes,
+        }
+    }
+}
+
 /// A tensor as it travels between stages (little-endian bytes, like the shm payload).
 #[derive(Debug, Clone)]
 pub struct Wire {
@@ -167,6 +171,15 @@ pub struct Wire {
 }
 
 impl Wire {
+    /// The tensor as the engine handle takes it.
+    pub fn view(&self) -> TensorIn<'_> {
+        TensorIn {
+            dtype: self.dtype,
+            shape: &self.shape,
+            bytes: &self.data,
+        }
+    }
+
     pub fn to_pb(&self) -> pb::PipelineTensor {
         pb::PipelineTensor {
             dtype: match self.dtype {
@@ -291,14 +304,12 @@ pub enum Out {
 impl Stage {
     pub fn new(
         engine: watch::Receiver<EngineStatus>,
-        segment: Arc<Segment>,
         config: Arc<RwLock<Config>>,
         stats: Arc<Mutex<TrainingStats>>,
         data_dir: PathBuf,
     ) -> Stage {
         Stage {
             engine,
-            segment,
             config,
             stats,
             data_dir,
@@ -340,10 +351,10 @@ impl Stage {
         }
     }
 
-    fn client(&self) -> Result<Client, PipeError> {
+    fn handle(&self) -> Result<EngineHandle, PipeError> {
         self.engine
             .borrow()
-            .client
+            .handle
             .clone()
             .ok_or_else(|| PipeError::NotReady("engine not running".into()))
     }
@@ -353,7 +364,7 @@ impl Stage {
     async fn enter(
         &self,
         step: u64,
-        client: &mut Client,
+        engine: &EngineHandle,
     ) -> Result<tokio::sync::MutexGuard<'_, u64>, PipeError> {
         // Step ids are the driver's clock in milliseconds: one far ahead of ours would make
         // every real step look old until then.
@@ -372,55 +383,18 @@ impl Stage {
             )));
         }
         if step > *cur {
-            client
-                .reset_grads(epb::ResetGradsRequest {})
-                .await
-                .map_err(engine_err)?;
+            engine.reset_grads().await.map_err(engine_err)?;
             *cur = step;
         }
         Ok(cur)
     }
 
-    fn read(&self, r: Option<epb::TensorRef>) -> Result<Wire, PipeError> {
-        let r = r.ok_or_else(|| PipeError::Engine("engine returned no tensor".into()))?;
-        let t = self
-            .segment
-            .read(TensorRef {
-                slot: r.slot,
-                seq: r.seq,
-            })
-            .map_err(|e| PipeError::Engine(e.to_string()))?;
-        Ok(Wire {
-            dtype: t.dtype,
-            shape: t.shape,
-            data: t.bytes,
-        })
-    }
-
-    fn write(&self, slot: u32, w: &Wire) -> Result<epb::TensorRef, PipeError> {
-        let r = self
-            .segment
-            .write(slot, w.dtype, &w.shape, &w.data)
-            .map_err(|e| PipeError::Engine(e.to_string()))?;
-        Ok(epb::TensorRef {
-            slot: r.slot,
-            seq: r.seq,
-        })
-    }
-
     /// The driver's next batch (token ids, labels) from its engine's data loader.
     pub async fn next_batch(&self, step: u64) -> Result<(Wire, Wire, u32), PipeError> {
-        let mut client = self.client()?;
-        let _g = self.enter(step, &mut client).await?;
-        let r = client
-            .next_batch(epb::NextBatchRequest {
-                ids_slot: SLOT_INPUT,
-                labels_slot: SLOT_LABELS,
-            })
-            .await
-            .map_err(engine_err)?
-            .into_inner();
-        Ok((self.read(r.ids)?, self.read(r.labels)?, r.shard))
+        let engine = self.handle()?;
+        let _g = self.enter(step, &engine).await?;
+        let (ids, labels, shard) = engine.next_batch().await.map_err(engine_err)?;
+        Ok((ids.into(), labels.into(), shard))
     }
 
     /// This stage's forward of one micro-batch: ids (driver) or activations in.
@@ -431,23 +405,15 @@ impl Stage {
         input: &Wire,
         labels: Option<&Wire>,
     ) -> Result<Out, PipeError> {
-        let mut client = self.client()?;
-        let _g = self.enter(step, &mut client).await?;
-        let input = self.write(SLOT_INPUT, input)?;
-        let labels = labels.map(|l| self.write(SLOT_LABELS, l)).transpose()?;
-        let r = client
-            .forward(epb::ForwardRequest {
-                input: Some(input),
-                labels,
-                output_slot: SLOT_OUTPUT,
-                micro_batch: engine_mb(step, mb),
-            })
+        let engine = self.handle()?;
+        let _g = self.enter(step, &engine).await?;
+        let r = engine
+            .forward(input.view(), labels.map(Wire::view), engine_mb(step, mb))
             .await
-            .map_err(engine_err)?
-            .into_inner();
-        match r.loss {
-            Some(l) => Ok(Out::Loss(l)),
-            None => Ok(Out::Acts(self.read(r.output)?)),
+            .map_err(engine_err)?;
+        match r {
+            Forwarded::Loss(l) => Ok(Out::Loss(l)),
+            Forwarded::Output(t) => Ok(Out::Acts(t.into())),
         }
     }
 
@@ -459,7 +425,7 @@ impl Stage {
         mb: u32,
         grad: Option<&Wire>,
     ) -> Result<Option<Wire>, PipeError> {
-        let mut client = self.client()?;
+        let engine = self.handle()?;
         let g = self.current.lock().await;
         if *g != step {
             return Err(PipeError::Refused(format!(
@@ -467,22 +433,16 @@ impl Stage {
                 *g
             )));
         }
-        let grad = grad.map(|w| self.write(SLOT_GRAD, w)).transpose()?;
-        let r = client
-            .backward(epb::BackwardRequest {
-                grad_output: grad,
-                grad_input_slot: SLOT_OUTPUT,
-                micro_batch: engine_mb(step, mb),
-            })
+        let r = engine
+            .backward(grad.map(Wire::view), engine_mb(step, mb))
             .await
-            .map_err(engine_err)?
-            .into_inner();
-        r.grad_input.map(|t| self.read(Some(t))).transpose()
+            .map_err(engine_err)?;
+        Ok(r.map(Wire::from))
     }
 
     /// Squared norm of this stage's gradients for `step`.
     pub async fn sq_norm(&self, step: u64) -> Result<f64, PipeError> {
-        let mut client = self.client()?;
+        let engine = self.handle()?;
         let g = self.current.lock().await;
         if *g != step {
             return Err(PipeError::Refused(format!(
@@ -490,17 +450,12 @@ impl Stage {
                 *g
             )));
         }
-        let r = client
-            .grad_norm(epb::GradNormRequest {})
-            .await
-            .map_err(engine_err)?
-            .into_inner();
-        Ok(r.sq_norm)
+        engine.grad_sq_norm().await.map_err(engine_err)
     }
 
     /// Steps this stage's optimizer clipped by `global_norm`; checkpoints on schedule.
     pub async fn apply(&self, step: u64, global_norm: f32) -> Result<u64, PipeError> {
-        let mut client = self.client()?;
+        let engine = self.handle()?;
         let g = self.current.lock().await;
         if *g != step {
             return Err(PipeError::Refused(format!(
@@ -513,43 +468,30 @@ impl Stage {
                 "global norm {global_norm} is not a norm"
             )));
         }
-        let r = client
-            .optimizer_step(epb::OptimizerStepRequest {
-                learning_rate: 0.0,
-                global_norm: Some(global_norm),
-            })
+        let new_step = engine
+            .optimizer_step(global_norm)
             .await
-            .map_err(engine_err)?
-            .into_inner();
+            .map_err(engine_err)?;
         let cfg = self.config();
-        if r.step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
-            let path = crate::trainer::checkpoint_path(&self.data_dir);
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            match client
-                .checkpoint(epb::CheckpointRequest {
-                    path: path.display().to_string(),
-                })
-                .await
-            {
-                Ok(c) => {
-                    let s = c.into_inner().step;
+        if new_step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
+            let path = crate::engine::checkpoint_path(&self.data_dir);
+            match engine.checkpoint(&path).await {
+                Ok(s) => {
                     if let Ok(mut st) = self.stats.lock() {
                         st.last_checkpoint_step = Some(s);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e.message(), "checkpoint failed"),
+                Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
             }
         }
         drop(g);
         if let Ok(mut s) = self.stats.lock() {
-            s.step = r.step;
+            s.step = new_step;
             s.steps_this_run += 1;
             s.last_step_at = Some(std::time::Instant::now());
             s.rate.record(std::time::Instant::now());
         }
-        Ok(r.step)
+        Ok(new_step)
     }
 }
 
@@ -570,25 +512,15 @@ impl Stage {
                 a.layers
             )));
         }
-        let mut client = self.client()?;
+        let engine = self.handle()?;
         let _g = self.current.lock().await;
-        let dir = self.data_dir.join("checkpoints");
+        let dir = crate::engine::checkpoints_dir(&self.data_dir);
         std::fs::create_dir_all(&dir).map_err(|e| PipeError::Engine(e.to_string()))?;
         let n = SNAPSHOTS.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!("serve-{}-{n}.ckpt", std::process::id()));
         let r = async {
-            client
-                .checkpoint(epb::CheckpointRequest {
-                    path: path.display().to_string(),
-                })
-                .await
-                .map_err(engine_err)?;
-            let hash = client
-                .model_hash(epb::ModelHashRequest {})
-                .await
-                .map_err(engine_err)?
-                .into_inner()
-                .model_hash;
+            engine.checkpoint(&path).await.map_err(engine_err)?;
+            let hash = engine.model_hash().await.map_err(engine_err)?;
             let bytes = std::fs::read(&path).map_err(|e| PipeError::Engine(e.to_string()))?;
             Ok((hash, bytes))
         }
