@@ -1,0 +1,211 @@
+//! Tensors as they travel between stages, and the checks a peer's tensor passes before it
+//! reaches the engine: dtype, shape against the model, byte length, finite values, labels and
+//! token ids inside the vocabulary.
+
+use neuroshard_proto::peer as pb;
+use neuroshard_shared::model::ModelConfig;
+use neuroshard_shared::shm::{DType, Tensor};
+
+use super::PipeError;
+use crate::engine::TensorIn;
+
+/// Largest batch rows / sequence accepted from a peer.
+pub(super) const MAX_ROWS: u64 = 4096;
+
+impl From<Tensor> for Wire {
+    fn from(t: Tensor) -> Wire {
+        Wire {
+            dtype: t.dtype,
+            shape: t.shape,
+            data: t.bytes,
+        }
+    }
+}
+
+/// A tensor as it travels between stages (little-endian bytes, like the shm payload).
+#[derive(Debug, Clone)]
+pub struct Wire {
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl Wire {
+    /// The tensor as the engine handle takes it.
+    pub fn view(&self) -> TensorIn<'_> {
+        TensorIn {
+            dtype: self.dtype,
+            shape: &self.shape,
+            bytes: &self.data,
+        }
+    }
+
+    pub fn to_pb(&self) -> pb::PipelineTensor {
+        pb::PipelineTensor {
+            dtype: match self.dtype {
+                DType::U32 => "u32",
+                _ => "f32",
+            }
+            .into(),
+            shape: self.shape.clone(),
+            data: self.data.clone(),
+        }
+    }
+}
+
+/// Checks an activation or gradient tensor from a peer: f32, [B, T, hidden], the byte length
+/// of that shape, every value finite; `expect_bt` pins B and T when known.
+pub fn check_acts(
+    t: Option<&pb::PipelineTensor>,
+    what: &str,
+    m: &ModelConfig,
+    expect_bt: Option<(u64, u64)>,
+) -> Result<Wire, PipeError> {
+    let t = t.ok_or_else(|| PipeError::Refused(format!("{what} missing")))?;
+    if t.dtype != "f32" {
+        return Err(PipeError::Refused(format!(
+            "{what} must be f32, got {:?}",
+            t.dtype
+        )));
+    }
+    let ok_shape = t.shape.len() == 3
+        && (1..=MAX_ROWS).contains(&t.shape[0])
+        && (1..=u64::from(m.max_seq)).contains(&t.shape[1])
+        && t.shape[2] == u64::from(m.hidden);
+    if !ok_shape {
+        return Err(PipeError::Refused(format!(
+            "{what} has shape {:?}, expected [B, T<={}, {}]",
+            t.shape, m.max_seq, m.hidden
+        )));
+    }
+    if let Some((b, tl)) = expect_bt
+        && (t.shape[0], t.shape[1]) != (b, tl)
+    {
+        return Err(PipeError::Refused(format!(
+            "{what} has shape {:?}, expected [{b}, {tl}, {}]",
+            t.shape, m.hidden
+        )));
+    }
+    let numel = t.shape.iter().product::<u64>();
+    if t.data.len() as u64 != numel * 4 {
+        return Err(PipeError::Refused(format!(
+            "{what} carries {} bytes, its shape needs {}",
+            t.data.len(),
+            numel * 4
+        )));
+    }
+    if t.data
+        .chunks_exact(4)
+        .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+    {
+        return Err(PipeError::Refused(format!("{what} has NaN or Inf values")));
+    }
+    Ok(Wire {
+        dtype: DType::F32,
+        shape: t.shape.clone(),
+        data: t.data.clone(),
+    })
+}
+
+/// Checks labels from a peer: u32 [B, T], every id below the vocabulary size.
+pub fn check_labels(
+    t: Option<&pb::PipelineTensor>,
+    m: &ModelConfig,
+    b: u64,
+    tl: u64,
+) -> Result<Wire, PipeError> {
+    let t = t.ok_or_else(|| PipeError::Refused("labels missing".into()))?;
+    if t.dtype != "u32" || t.shape != [b, tl] || t.data.len() as u64 != b * tl * 4 {
+        return Err(PipeError::Refused(format!(
+            "labels must be u32 [{b}, {tl}] ({} bytes), got {:?} {:?} ({} bytes)",
+            b * tl * 4,
+            t.dtype,
+            t.shape,
+            t.data.len()
+        )));
+    }
+    u32_below_vocab(t, m, "a label")
+}
+
+/// `t` (u32, shape and length already checked) as a [`Wire`] when every value is below the
+/// vocabulary size; `what` names one value in the refusal.
+pub(crate) fn u32_below_vocab(
+    t: &pb::PipelineTensor,
+    m: &ModelConfig,
+    what: &str,
+) -> Result<Wire, PipeError> {
+    if t.data
+        .chunks_exact(4)
+        .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) >= m.vocab_size)
+    {
+        return Err(PipeError::Refused(format!(
+            "{what} is not below the vocabulary size {}",
+            m.vocab_size
+        )));
+    }
+    Ok(Wire {
+        dtype: DType::U32,
+        shape: t.shape.clone(),
+        data: t.data.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelConfig {
+        ModelConfig::preset("tiny").unwrap()
+    }
+
+    fn acts(shape: Vec<u64>, data: Vec<u8>) -> pb::PipelineTensor {
+        pb::PipelineTensor {
+            dtype: "f32".into(),
+            shape,
+            data,
+        }
+    }
+
+    #[test]
+    fn malformed_peer_tensors_are_refused() {
+        let m = model();
+        let h = u64::from(m.hidden);
+        let good = acts(vec![2, 3, h], vec![0; (2 * 3 * h * 4) as usize]);
+        assert!(check_acts(Some(&good), "x", &m, None).is_ok());
+        assert!(check_acts(Some(&good), "x", &m, Some((2, 3))).is_ok());
+        assert!(check_acts(Some(&good), "x", &m, Some((1, 3))).is_err());
+        assert!(check_acts(None, "x", &m, None).is_err());
+        let short = acts(vec![2, 3, h], vec![0; 7]);
+        assert!(check_acts(Some(&short), "x", &m, None).is_err());
+        let wide = acts(vec![2, 3, h + 1], vec![0; (2 * 3 * (h + 1) * 4) as usize]);
+        assert!(check_acts(Some(&wide), "x", &m, None).is_err());
+        let long = acts(
+            vec![1, u64::from(m.max_seq) + 1, h],
+            vec![0; ((u64::from(m.max_seq) + 1) * h * 4) as usize],
+        );
+        assert!(check_acts(Some(&long), "x", &m, None).is_err());
+        let mut nan = good.clone();
+        nan.data[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(check_acts(Some(&nan), "x", &m, None).is_err());
+        let mut u32s = good.clone();
+        u32s.dtype = "u32".into();
+        assert!(check_acts(Some(&u32s), "x", &m, None).is_err());
+        let huge = acts(vec![u64::MAX, u64::MAX, h], vec![]);
+        assert!(check_acts(Some(&huge), "x", &m, None).is_err());
+    }
+
+    #[test]
+    fn labels_are_checked_against_shape_and_vocabulary() {
+        let m = model();
+        let ok = pb::PipelineTensor {
+            dtype: "u32".into(),
+            shape: vec![1, 2],
+            data: [5u32, 6].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        assert!(check_labels(Some(&ok), &m, 1, 2).is_ok());
+        assert!(check_labels(Some(&ok), &m, 2, 1).is_err());
+        let mut big = ok.clone();
+        big.data[0..4].copy_from_slice(&m.vocab_size.to_le_bytes());
+        assert!(check_labels(Some(&big), &m, 1, 2).is_err());
+    }
+}
