@@ -1,0 +1,291 @@
+//! Drives local training on the engine: brings the model up after every engine (re)start —
+//! restoring the latest checkpoint when there is one — runs training steps while training is
+//! enabled, and checkpoints every `training.checkpoint_every` steps and at shutdown.
+//!
+//! `mod.rs` holds the stats and the run loop; `pool.rs` the layers this node holds (pool
+//! membership, takeover, resync), `load.rs` bringing the model up and reloading it,
+//! `steps.rs` the DiLoCo round boundary and the driver's pipeline step.
+
+mod load;
+mod pool;
+mod steps;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::engine::{
+    Engine, EngineError, EngineHandle, EngineState, LoadSpec, Loaded, TrainSettings,
+    checkpoint_path,
+};
+
+/// Longest a node with too little room for the whole model waits for its seed peers before
+/// choosing its layers.
+const ASSIGN_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a pipeline stage looks for layers nobody holds (a gap must be seen on two checks
+/// in a row before a node takes it over).
+const TAKEOVER_CHECK: Duration = Duration::from_secs(1);
+
+/// A replica left off the training route (its step unchanged this long) refreshes its layers
+/// from a holder that has trained them at least `RESYNC_LAG` steps further. The wait doubles
+/// after each refresh up to `RESYNC_MAX_IDLE` (a standby replica of a large stage should not
+/// pull it every few seconds), and is back to `RESYNC_IDLE` once the node trains again.
+const RESYNC_IDLE: Duration = Duration::from_secs(10);
+const RESYNC_MAX_IDLE: Duration = Duration::from_secs(300);
+const RESYNC_LAG: u64 = 10;
+
+/// Longest a stage snapshot transfer from a peer may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Loss samples kept for the status endpoints (and later the training-verification figures).
+const HISTORY: usize = 1000;
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainingStats {
+    pub model_loaded: bool,
+    pub model_hash: String,
+    pub parameters: u64,
+    pub step: u64,
+    pub loss: Option<f32>,
+    pub tokens: u64,
+    pub history: VecDeque<(u64, f32)>,
+    pub last_checkpoint_step: Option<u64>,
+    pub last_error: Option<String>,
+    pub started: Option<Instant>,
+    /// Steps done since this daemon started.
+    pub steps_this_run: u64,
+    /// The layers this node holds (dynamic layer pool), once decided.
+    pub assignment: Option<crate::pipeline::Assignment>,
+    /// Data shards this node has trained on.
+    pub shards: std::collections::BTreeSet<u32>,
+    /// When the latest step finished.
+    pub last_step_at: Option<Instant>,
+    /// Steps per minute over the last hour (for steps per hour).
+    pub rate: crate::metrics::StepRate,
+}
+
+/// The transformer layers this node holds: all of the configured model (role `full`).
+pub fn held_layers(cfg: &Config) -> std::ops::Range<u32> {
+    let n = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
+        .map(|m| m.layers)
+        .unwrap_or(0);
+    0..n
+}
+
+/// The layers held now: the live assignment once decided, else every layer.
+pub fn live_layers(cfg: &Config, stats: &TrainingStats) -> std::ops::Range<u32> {
+    match &stats.assignment {
+        Some(a) => a.layers.clone(),
+        None => held_layers(cfg),
+    }
+}
+
+/// What LoadModel builds for the layers of `a` of the configured model.
+pub fn load_spec(
+    cfg: &Config,
+    node_id: &str,
+    checkpoint: Option<&Path>,
+    a: &crate::pipeline::Assignment,
+) -> LoadSpec {
+    LoadSpec {
+        preset: cfg.training.model.clone(),
+        layers: a.layers.clone(),
+        has_embedding: a.has_embedding(),
+        has_head: a.has_head(),
+        seed: cfg.training.seed,
+        checkpoint: checkpoint.map(Path::to_path_buf),
+        train: train_settings(cfg),
+        node_id: node_id.to_string(),
+        sources: Vec::new(),
+    }
+}
+
+/// The settings a loaded model trains with (all applied live by a reload).
+fn train_settings(cfg: &Config) -> TrainSettings {
+    let t = &cfg.training;
+    TrainSettings {
+        learning_rate: t.learning_rate as f32,
+        weight_decay: t.weight_decay as f32,
+        clip_norm: t.clip_norm as f32,
+        batch_size: t.batch_size,
+        seq_len: t.seq_len,
+        data_path: t.data_path.clone(),
+    }
+}
+
+pub struct Trainer {
+    pub engine: Engine,
+    pub config: Arc<RwLock<Config>>,
+    pub stats: Arc<Mutex<TrainingStats>>,
+    pub data_dir: PathBuf,
+    pub node_id: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The peer network; DiLoCo rounds run with the replicas connected there.
+    pub net: Option<Arc<crate::network::Network>>,
+    /// This node's pipeline stage (layers fewer than the model: pipeline training).
+    pub stage: Option<Arc<crate::pipeline::Stage>>,
+}
+
+impl Trainer {
+    fn config(&self) -> Config {
+        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut TrainingStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Runs until `stop` flips to true; then writes a last checkpoint if the engine is up.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut engine = self.engine.subscribe();
+        let Some(mut assignment) = self.assign(&mut stop).await else {
+            return;
+        };
+        let pipelined = !assignment.is_full();
+        let mut last_step_id = 0u64;
+        // Takeover: when the coverage was last checked, and the gap seen then.
+        let mut last_check = Instant::now();
+        let mut seen_gap: Option<std::ops::Range<u32>> = None;
+        // Resync: this stage's step when last seen to change, since when, and the wait.
+        let mut unchanged: (u64, Instant) = (0, Instant::now());
+        let mut resync_wait = RESYNC_IDLE;
+        loop {
+            // Wait for a live engine.
+            let (generation, client) = loop {
+                if *stop.borrow() {
+                    return;
+                }
+                {
+                    let s = engine.borrow();
+                    if let (EngineState::Ok, Some(c)) = (s.state, s.handle.clone()) {
+                        break (s.generation, c);
+                    }
+                }
+                tokio::select! {
+                    _ = engine.changed() => {}
+                    _ = stop.changed() => {}
+                }
+            };
+            self.update(|s| s.model_loaded = false);
+            let mut applied = train_settings(&self.config());
+            if let Err(e) = self.bring_up(&client, &assignment).await {
+                tracing::warn!(error = %e, "could not load the model; retrying");
+                self.update(|s| s.last_error = Some(e));
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            if !pipelined {
+                self.diloco_init(&client).await;
+            }
+            // Losses of the current DiLoCo round's inner steps.
+            let mut round_losses: Vec<f32> = Vec::new();
+            // Train until the engine restarts or we are told to stop.
+            loop {
+                if *stop.borrow() {
+                    self.checkpoint(&client).await;
+                    return;
+                }
+                if engine.borrow().generation != generation
+                    || engine.borrow().state != EngineState::Ok
+                {
+                    break;
+                }
+                let cfg = self.config();
+                // Training settings changed (PATCH /config): checkpoint, then reload from that
+                // checkpoint with the new settings, so nothing learned is lost.
+                if train_settings(&cfg) != applied {
+                    tracing::info!("training settings changed; reloading the model with them");
+                    self.checkpoint(&client).await;
+                    applied = train_settings(&cfg);
+                    if let Err(e) = self.bring_up(&client, &assignment).await {
+                        tracing::warn!(error = %e, "could not reload with the new settings");
+                        self.update(|s| s.last_error = Some(e));
+                        break;
+                    }
+                    continue;
+                }
+                // Dynamic layer pool: layers nobody holds any more are taken over.
+                if pipelined && last_check.elapsed() >= TAKEOVER_CHECK {
+                    last_check = Instant::now();
+                    let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
+                    if let Some(net) = &self.net {
+                        net.set_train_step(step);
+                    }
+                    if step != unchanged.0 {
+                        unchanged = (step, Instant::now());
+                        resync_wait = RESYNC_IDLE;
+                    }
+                    if let Some(a) = self.rebalance(&client, &assignment, &mut seen_gap).await {
+                        assignment = a;
+                    } else if unchanged.1.elapsed() >= resync_wait
+                        && self.resync(&client, &assignment, step).await
+                    {
+                        let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
+                        unchanged = (step, Instant::now());
+                        resync_wait = (resync_wait * 2).min(RESYNC_MAX_IDLE);
+                    }
+                }
+                let done = cfg.training.max_steps > 0
+                    && self.stats.lock().map(|s| s.step).unwrap_or(0) >= cfg.training.max_steps;
+                // Only the driver starts pipeline steps; the other stages serve them.
+                let idle = pipelined && assignment.role() != "driver";
+                if !cfg.training.enabled || done || idle {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.changed() => {}
+                        _ = engine.changed() => {}
+                    }
+                    continue;
+                }
+                if pipelined {
+                    last_step_id = crate::pipeline::new_step_id(last_step_id);
+                    self.pipeline_step(last_step_id, &mut stop).await;
+                    continue;
+                }
+                match client.train_step().await {
+                    Ok(r) => {
+                        self.update(|s| {
+                            s.step = r.step;
+                            s.loss = Some(r.loss);
+                            s.tokens += r.tokens;
+                            s.steps_this_run += 1;
+                            s.rate.record(Instant::now());
+                            s.last_step_at = Some(Instant::now());
+                            s.shards.insert(r.shard);
+                            s.history.push_back((r.step, r.loss));
+                            while s.history.len() > HISTORY {
+                                s.history.pop_front();
+                            }
+                            s.last_error = None;
+                        });
+                        if r.step % cfg.training.checkpoint_every as u64 == 0 {
+                            self.checkpoint(&client).await;
+                        }
+                        round_losses.push(r.loss);
+                        self.diloco_round(&client, &cfg, &mut round_losses, &mut stop)
+                            .await;
+                    }
+                    Err(e) => {
+                        self.update(|s| s.last_error = Some(e.message()));
+                        tracing::warn!(error = %e, "training step failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.changed() => {}
+                            _ = engine.changed() => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

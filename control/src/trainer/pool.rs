@@ -1,0 +1,176 @@
+//! Pool membership: which layers this node holds (the dynamic layer pool), telling the peers,
+//! taking over layers nobody holds, and resyncing a standby replica from a holder ahead.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::*;
+
+impl Trainer {
+    /// Decides which layers this node holds (dynamic layer pool): all of them when its
+    /// capacity covers the model; else, once the seed peers are connected (or 10 s passed),
+    /// the first layers nobody holds. Tells peers and the API. None when stopped meanwhile.
+    pub(super) async fn assign(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<crate::pipeline::Assignment> {
+        let cfg = self.config();
+        let total = held_layers(&cfg).end;
+        let model = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model).ok();
+        let capacity = model
+            .as_ref()
+            .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, m));
+        let a = match (&self.net, capacity >= total) {
+            (Some(net), false) => {
+                let wanted = cfg.seed_peers.len().min(crate::network::MAX_PEERS);
+                let deadline = Instant::now() + ASSIGN_WAIT;
+                while net.peers.len() < wanted && Instant::now() < deadline {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = stop.changed() => {}
+                    }
+                    if *stop.borrow() {
+                        return None;
+                    }
+                }
+                let held: Vec<Vec<u32>> = net
+                    .peers
+                    .node_infos()
+                    .into_iter()
+                    .map(|i| i.layers)
+                    .collect();
+                crate::pipeline::assign::choose(total, capacity, &held)
+            }
+            _ => crate::pipeline::Assignment::full(total),
+        };
+        tracing::info!(layers = ?a.layers, role = a.role(), capacity, "layers assigned");
+        if let Some(net) = &self.net {
+            net.set_capacity(capacity);
+        }
+        self.publish(&a);
+        Some(a)
+    }
+
+    /// Tells peers, the pipeline stage and the API which layers this node holds.
+    pub(super) fn publish(&self, a: &crate::pipeline::Assignment) {
+        if let Some(net) = &self.net {
+            net.set_local_role(crate::network::LocalRole {
+                role: a.role().into(),
+                layers: a.layers.clone().collect(),
+            });
+        }
+        if let Some(stage) = &self.stage {
+            stage.set_assignment(a.clone());
+        }
+        self.update(|s| s.assignment = Some(a.clone()));
+    }
+
+    /// (layers of the model, layers this node may hold).
+    pub(super) fn capacity(&self) -> (u32, u32) {
+        let cfg = self.config();
+        let total = held_layers(&cfg).end;
+        let capacity = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
+            .ok()
+            .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, &m));
+        (total, capacity)
+    }
+
+    /// Looks for layers nobody holds; when the takeover rule picks this node (the same gap
+    /// seen on two checks in a row), reloads the engine with the new range and tells the
+    /// network. The new assignment when it changed.
+    pub(super) async fn rebalance(
+        &self,
+        client: &EngineHandle,
+        a: &crate::pipeline::Assignment,
+        seen: &mut Option<std::ops::Range<u32>>,
+    ) -> Option<crate::pipeline::Assignment> {
+        use crate::pipeline::assign::{Holder, first_gap, takeover};
+        let net = self.net.as_ref()?;
+        if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
+            return None;
+        }
+        let (total, capacity) = self.capacity();
+        let me = Holder {
+            id: net.id().to_string(),
+            layers: a.layers.clone().collect(),
+            capacity,
+        };
+        let peers: Vec<Holder> = net
+            .peers
+            .node_infos()
+            .into_iter()
+            .map(|i| Holder {
+                id: i.node_id,
+                layers: i.layers,
+                capacity: i.capacity,
+            })
+            .collect();
+        let gap = first_gap(total, std::iter::once(&me).chain(&peers));
+        let confirmed = gap.is_some() && *seen == gap;
+        *seen = gap.clone();
+        if !confirmed {
+            return None;
+        }
+        let layers = takeover(total, &me, &peers).filter(|r| *r != a.layers)?;
+        let new = crate::pipeline::Assignment { layers, total };
+        tracing::warn!(uncovered = ?gap, from = ?a.layers, to = ?new.layers, "layers uncovered; taking them over");
+        match self.reload(client, a, &new, None).await {
+            Ok(()) => {
+                if let Some(stage) = &self.stage {
+                    stage
+                        .counters
+                        .takeovers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                *seen = None;
+                Some(new)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "takeover failed; retrying");
+                self.update(|s| s.last_error = Some(e));
+                None
+            }
+        }
+    }
+
+    /// A replica left off the training route trains nothing while the route's holder of its
+    /// layers goes on; should the route switch to it (that holder gone), training would step
+    /// back to stale weights. So when a peer holding some of this node's layers has trained
+    /// them `RESYNC_LAG` steps further, this node reloads them from such peers (weights, AdamW
+    /// moments and step; its own state for layers they lack). True when it tried.
+    pub(super) async fn resync(
+        &self,
+        client: &EngineHandle,
+        a: &crate::pipeline::Assignment,
+        step: u64,
+    ) -> bool {
+        let Some(net) = &self.net else {
+            return false;
+        };
+        if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
+            return false;
+        }
+        let min_step = step.saturating_add(RESYNC_LAG);
+        let ahead =
+            net.peers.node_infos().into_iter().find(|i| {
+                i.train_step >= min_step && i.layers.iter().any(|l| a.layers.contains(l))
+            });
+        let Some(ahead) = ahead else {
+            return false;
+        };
+        tracing::info!(step, peer = %ahead.node_id, peer_step = ahead.train_step, layers = ?a.layers, "replica behind another holder of its layers; fetching their weights");
+        match self.reload(client, a, a, Some(min_step)).await {
+            Ok(()) => {
+                if let Some(stage) = &self.stage {
+                    stage
+                        .counters
+                        .resyncs
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "resync failed; keeping this node's weights"),
+        }
+        true
+    }
+}
