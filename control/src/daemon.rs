@@ -205,40 +205,8 @@ pub async fn run(
     )?);
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let api_config = config.read().map(|c| c.api.clone()).unwrap_or_default();
-    let state = AppState {
-        node_id: node_id.clone(),
-        started: Instant::now(),
-        data_dir: data_dir.clone(),
-        config_path: paths.config_path.clone(),
-        config: config.clone(),
-        engine: engine.clone(),
-        resources: Sampler::start(Duration::from_secs(1)),
-        training: training.clone(),
-        network: network.clone(),
-        ledger: ledger.clone(),
-        wallet: wallet.clone(),
-        keyring: Arc::new(crate::wallets::Keyring::new(
-            data_dir,
-            wallet.clone(),
-            passphrase,
-        )),
-        auth,
-        limits: Arc::new(crate::api::RateLimits::new(&api_config)),
-        metrics: metrics.clone(),
-        config_write: Arc::new(tokio::sync::Mutex::new(())),
-        inference_slots: Arc::new(tokio::sync::Semaphore::new(
-            crate::api::inference::QUEUE_LIMIT,
-        )),
-        net: Arc::new(std::sync::OnceLock::new()),
-    };
-    let state_net = state.net.clone();
-    let work_task = tokio::spawn(crate::work::run(state.clone(), stop_trainer_rx.clone()));
-
-    let rest_task = tokio::spawn(crate::api::serve(
-        http,
-        state,
-        wait_true(stop_servers_rx.clone()),
-    ));
+    // Built in dependency order, nothing started yet: the network (transport), this node's
+    // pipeline stage, then the state the API reads, which holds both.
     let (peer_net, seeds) = {
         let cfg = config.read().map(|c| c.clone()).unwrap_or_default();
         // A node that cannot hold the whole model says nothing about its layers until the
@@ -269,6 +237,58 @@ pub async fn run(
         );
         (net, cfg.seed_peers.clone())
     };
+    let stage = Arc::new(crate::pipeline::Stage::new(
+        engine.subscribe(),
+        config.clone(),
+        training.clone(),
+        data_dir.clone(),
+    ));
+    // The peer port: the transport's own service, then each subsystem's, behind one guard.
+    let edge = crate::network::service::PeerEdge::new(peer_net.clone());
+    let peer_routes = crate::network::service::PeerService::routes(edge.clone())
+        .add_service(crate::network::gossip::LedgerService::server(edge.clone()))
+        .add_service(crate::diloco::service::DilocoService::server(
+            edge.clone(),
+            peer_net.diloco.clone(),
+        ))
+        .add_service(crate::pipeline::service::PipelineService::server(
+            edge,
+            stage.clone(),
+        ));
+    let state = AppState {
+        node_id: node_id.clone(),
+        started: Instant::now(),
+        data_dir: data_dir.clone(),
+        config_path: paths.config_path.clone(),
+        config: config.clone(),
+        engine: engine.clone(),
+        resources: Sampler::start(Duration::from_secs(1)),
+        training: training.clone(),
+        network: network.clone(),
+        ledger: ledger.clone(),
+        wallet: wallet.clone(),
+        keyring: Arc::new(crate::wallets::Keyring::new(
+            data_dir,
+            wallet.clone(),
+            passphrase,
+        )),
+        auth,
+        limits: Arc::new(crate::api::RateLimits::new(&api_config)),
+        metrics: metrics.clone(),
+        config_write: Arc::new(tokio::sync::Mutex::new(())),
+        inference_slots: Arc::new(tokio::sync::Semaphore::new(
+            crate::api::inference::QUEUE_LIMIT,
+        )),
+        net: peer_net.clone(),
+        stage: stage.clone(),
+    };
+    let work_task = tokio::spawn(crate::work::run(state.clone(), stop_trainer_rx.clone()));
+
+    let rest_task = tokio::spawn(crate::api::serve(
+        http,
+        state,
+        wait_true(stop_servers_rx.clone()),
+    ));
     let tracker_url = config
         .read()
         .map(|c| c.tracker_url.clone())
@@ -280,15 +300,6 @@ pub async fn run(
             stop_servers_rx.clone(),
         ));
     }
-    let stage = Arc::new(crate::pipeline::Stage::new(
-        engine.subscribe(),
-        config.clone(),
-        training.clone(),
-        data_dir.clone(),
-    ));
-    let _ = peer_net.pipeline.set(stage.clone());
-    let _ = state_net.set(peer_net.clone());
-    let _ = network.pipeline.set(stage.counters.clone());
     let trainer = Trainer {
         engine: engine.clone(),
         config: config.clone(),
@@ -300,7 +311,13 @@ pub async fn run(
         stage: Some(stage),
     };
     let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
-    let peer_task = tokio::spawn(crate::network::run(peer_net, peer, seeds, stop_servers_rx));
+    let peer_task = tokio::spawn(crate::network::run(
+        peer_net,
+        peer_routes,
+        peer,
+        seeds,
+        stop_servers_rx,
+    ));
     tracing::info!(
         %node_id,
         api = %http_addr,

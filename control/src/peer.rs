@@ -42,8 +42,6 @@ pub struct PeerState {
     /// DiLoCo rounds: the peer service files contributions here, the trainer runs the
     /// rounds, the API reads the figures.
     pub diloco: std::sync::Arc<crate::diloco::round::Diloco>,
-    /// Pipeline figures of this node's stage (set once at start-up).
-    pub pipeline: std::sync::OnceLock<std::sync::Arc<crate::pipeline::Counters>>,
 }
 
 impl PeerState {

@@ -34,9 +34,11 @@ pub struct AppState {
     pub inference_slots: Arc<tokio::sync::Semaphore>,
     /// Serializes configuration changes (validate, save, apply).
     pub config_write: Arc<tokio::sync::Mutex<()>>,
-    /// The peer network (set once it is up): a node without every layer serves inference
-    /// through it (`pipeline/infer.rs`).
-    pub net: Arc<std::sync::OnceLock<Arc<crate::network::Network>>>,
+    /// The peer network: a node without every layer serves inference through it
+    /// (`pipeline/infer.rs`).
+    pub net: Arc<crate::network::Network>,
+    /// This node's pipeline stage: its figures, and distributed inference from here.
+    pub stage: Arc<crate::pipeline::Stage>,
 }
 
 impl AppState {

@@ -12,21 +12,35 @@ use neuroshard::ledger::{Message, Op};
 use neuroshard::network::MAX_LEDGER_MESSAGE_BYTES;
 use neuroshard::network::auth::sign_request;
 use neuroshard_proto::peer as pb;
+use neuroshard_proto::peer::diloco_client::DilocoClient;
+use neuroshard_proto::peer::ledger_client::LedgerClient;
 use neuroshard_proto::peer::peer_client::PeerClient;
 use neuroshard_tests::{Node, NodeOptions};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 const START: Duration = Duration::from_secs(60);
-const GOSSIP: &str = "/neuroshard.peer.v1.Peer/Gossip";
+const GOSSIP: &str = "/neuroshard.peer.v1.Ledger/Gossip";
 
 fn channel(obs: &Observer, node: &Node) -> Channel {
     let ep = Endpoint::from_shared(format!("http://{}", node.peer_addr())).unwrap();
     obs.rt.block_on(ep.connect()).unwrap()
 }
 
-fn client(obs: &Observer, node: &Node) -> PeerClient<Channel> {
-    PeerClient::new(channel(obs, node)).max_encoding_message_size(usize::MAX)
+/// Clients of the node's peer services over one connection.
+struct Clients {
+    peer: PeerClient<Channel>,
+    ledger: LedgerClient<Channel>,
+    diloco: DilocoClient<Channel>,
+}
+
+fn client(obs: &Observer, node: &Node) -> Clients {
+    let ch = channel(obs, node);
+    Clients {
+        peer: PeerClient::new(ch.clone()).max_encoding_message_size(usize::MAX),
+        ledger: LedgerClient::new(ch.clone()).max_encoding_message_size(usize::MAX),
+        diloco: DilocoClient::new(ch).max_encoding_message_size(usize::MAX),
+    }
 }
 
 fn gossip(messages: Vec<Vec<u8>>) -> pb::GossipRequest {
@@ -75,13 +89,13 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     let mut c = client(&obs, &node);
     let e = obs
         .rt
-        .block_on(c.gossip(gossip(vec![b"{}".to_vec()])))
+        .block_on(c.ledger.gossip(gossip(vec![b"{}".to_vec()])))
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("no signed auth"), "{}", e.message());
     let stranger = neuroshard::ledger::Wallet::generate();
     let req = sign_request(&stranger, gossip(vec![]), now_s() * 1000);
-    let e = obs.rt.block_on(c.gossip(req)).unwrap_err();
+    let e = obs.rt.block_on(c.ledger.gossip(req)).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("handshake"), "{}", e.message());
 
@@ -90,7 +104,7 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     let mut c = client(&obs, &node);
     let mut forged = sign_request(obs.wallet(), gossip(vec![]), now_s() * 1000);
     forged.messages.push(b"added after signing".to_vec());
-    let e = obs.rt.block_on(c.gossip(forged)).unwrap_err();
+    let e = obs.rt.block_on(c.ledger.gossip(forged)).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("bad signature"), "{}", e.message());
     // A forged pseudo-gradient: a signed DiLoCo delta changed after signing.
@@ -102,19 +116,19 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     };
     let mut forged = sign_request(obs.wallet(), delta, now_s() * 1000);
     forged.round = 2;
-    let e = obs.rt.block_on(c.push_delta(forged)).unwrap_err();
+    let e = obs.rt.block_on(c.diloco.push_delta(forged)).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("bad signature"), "{}", e.message());
     let ping = sign_request(obs.wallet(), pb::PingRequest::default(), now_s() * 1000);
-    obs.rt.block_on(c.ping(ping.clone())).unwrap();
-    let e = obs.rt.block_on(c.ping(ping)).unwrap_err();
+    obs.rt.block_on(c.peer.ping(ping.clone())).unwrap();
+    let e = obs.rt.block_on(c.peer.ping(ping)).unwrap_err();
     assert!(e.message().contains("replayed"), "{}", e.message());
     let old = sign_request(
         obs.wallet(),
         pb::PingRequest::default(),
         (now_s() - 3600) * 1000,
     );
-    let e = obs.rt.block_on(c.ping(old)).unwrap_err();
+    let e = obs.rt.block_on(c.peer.ping(old)).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("window"), "{}", e.message());
 

@@ -397,18 +397,10 @@ fn pipeline_tokens(
     state: &AppState,
     req: &InferenceRequest,
 ) -> Result<crate::pipeline::infer::TokenStream, ApiError> {
-    let net =
-        state.net.get().cloned().ok_or_else(|| {
-            ApiError::unavailable("the peer network is starting; try again shortly")
-        })?;
-    let stage = net
-        .pipeline
-        .get()
-        .cloned()
-        .ok_or_else(|| ApiError::unavailable("no pipeline stage on this node"))?;
-    stage
+    state
+        .stage
         .generate_remote(
-            net,
+            state.net.clone(),
             crate::pipeline::infer::InferRequest {
                 prompt: req.prompt.clone(),
                 max_tokens: req.max_tokens,

@@ -283,11 +283,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         }
     }
     let counter = |f: fn(&crate::pipeline::Counters) -> &std::sync::atomic::AtomicU64| {
-        state
-            .network
-            .pipeline
-            .get()
-            .map_or(0, |c| f(c).load(std::sync::atomic::Ordering::Relaxed))
+        f(&state.stage.counters).load(std::sync::atomic::Ordering::Relaxed)
     };
     let pipeline = PipelineSummary {
         steps: counter(|c| &c.steps),

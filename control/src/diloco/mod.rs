@@ -8,10 +8,12 @@
 //! * [`compress`]: bf16 / int8 (with error feedback) encoding of pseudo-gradients.
 //! * [`validate`]: checks on a peer's contribution, counted refusals, the per-round inbox.
 //! * [`outer`]: the outer Nesterov step.
+//! * [`service`]: the `Diloco` peer service (PushDelta, GetWeights).
 
 pub mod aggregate;
 pub mod compress;
 pub mod outer;
 pub mod round;
+pub mod service;
 pub mod sync;
 pub mod validate;

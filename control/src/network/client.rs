@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use neuroshard_proto::Message as _;
 use neuroshard_proto::peer as pb;
+use neuroshard_proto::peer::diloco_client::DilocoClient;
+use neuroshard_proto::peer::ledger_client::LedgerClient;
 use neuroshard_proto::peer::peer_client::PeerClient;
+use neuroshard_proto::peer::pipeline_client::PipelineClient;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -26,8 +29,17 @@ pub struct PeerConn {
     pub id: Address,
     /// What the peer said about itself in the handshake.
     pub info: pb::NodeInfo,
-    client: PeerClient<Channel>,
+    channel: Channel,
     net: Arc<Network>,
+}
+
+/// A client of one of the peer port's services over `channel`, with the port's limits.
+macro_rules! service_client {
+    ($client:ident, $channel:expr) => {
+        $client::new($channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    };
 }
 
 impl std::fmt::Debug for PeerConn {
@@ -37,7 +49,7 @@ impl std::fmt::Debug for PeerConn {
 }
 
 /// Opens a channel to `addr` (`host:port`) without handshaking.
-pub async fn dial(addr: &str) -> Result<PeerClient<Channel>, NetworkError> {
+pub async fn dial(addr: &str) -> Result<Channel, NetworkError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -50,16 +62,15 @@ pub async fn dial(addr: &str) -> Result<PeerClient<Channel>, NetworkError> {
             addr: addr.into(),
             source,
         })?;
-    Ok(PeerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(channel)
 }
 
 impl PeerConn {
     /// Dials `addr` and runs the handshake: the peer proves it holds the key of the address
     /// it claims by signing our fresh challenge, and we prove ours by signing its challenge.
     pub async fn connect(net: Arc<Network>, addr: &str) -> Result<PeerConn, NetworkError> {
-        let mut client = dial(addr).await?;
+        let channel = dial(addr).await?;
+        let mut client = service_client!(PeerClient, channel.clone());
         let rpc = |method: &'static str| {
             move |source: tonic::Status| {
                 if source.code() == Code::AlreadyExists {
@@ -125,7 +136,7 @@ impl PeerConn {
             addr: addr.into(),
             id,
             info,
-            client,
+            channel,
             net,
         })
     }
@@ -141,7 +152,7 @@ impl PeerConn {
     where
         T: Authed,
         R: neuroshard_proto::Message,
-        F: FnOnce(PeerClient<Channel>, tonic::Request<T>) -> Fut,
+        F: FnOnce(Channel, tonic::Request<T>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         let body = auth::sign_request(&self.net.wallet, body, now_ms());
@@ -149,7 +160,7 @@ impl PeerConn {
         let state = &self.net.state;
         state.rpc_calls.fetch_add(1, Ordering::Relaxed);
         state.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
-        let reply = call(self.client.clone(), with_deadline(body, deadline))
+        let reply = call(self.channel.clone(), with_deadline(body, deadline))
             .await
             .map_err(|source| NetworkError::Rpc {
                 addr: self.addr.clone(),
@@ -172,8 +183,8 @@ impl PeerConn {
             auth: None,
         };
         let reply = self
-            .call("Ping", body, PING_TIMEOUT, |mut c, r| async move {
-                c.ping(r).await
+            .call("Ping", body, PING_TIMEOUT, |c, r| async move {
+                service_client!(PeerClient, c).ping(r).await
             })
             .await?;
         Ok((started.elapsed().as_secs_f64() * 1000.0, reply.node))
@@ -186,7 +197,7 @@ impl PeerConn {
                 "GetPeers",
                 pb::GetPeersRequest::default(),
                 RPC_TIMEOUT,
-                |mut c, r| async move { c.get_peers(r).await },
+                |c, r| async move { service_client!(PeerClient, c).get_peers(r).await },
             )
             .await?;
         Ok(reply.peers)
@@ -202,8 +213,8 @@ impl PeerConn {
             kind: "ledger".into(),
             messages,
         };
-        self.call("Gossip", body, RPC_TIMEOUT, |mut c, r| async move {
-            c.gossip(r).await
+        self.call("Gossip", body, RPC_TIMEOUT, |c, r| async move {
+            service_client!(LedgerClient, c).gossip(r).await
         })
         .await
     }
@@ -215,8 +226,8 @@ impl PeerConn {
             after_seq,
             limit: SYNC_PAGE,
         };
-        self.call("SyncLedger", body, RPC_TIMEOUT, |mut c, r| async move {
-            c.sync_ledger(r).await
+        self.call("SyncLedger", body, RPC_TIMEOUT, |c, r| async move {
+            service_client!(LedgerClient, c).sync_ledger(r).await
         })
         .await
     }
@@ -225,8 +236,8 @@ impl PeerConn {
 impl PeerConn {
     /// Sends this node's pseudo-gradient for a DiLoCo round.
     pub async fn push_delta(&self, body: pb::DeltaMessage) -> Result<pb::DeltaAck, NetworkError> {
-        self.call("PushDelta", body, RPC_TIMEOUT, |mut c, r| async move {
-            c.push_delta(r).await
+        self.call("PushDelta", body, RPC_TIMEOUT, |c, r| async move {
+            service_client!(DilocoClient, c).push_delta(r).await
         })
         .await
     }
@@ -237,7 +248,16 @@ impl PeerConn {
         &self,
         max_bytes: usize,
     ) -> Result<(u64, String, Vec<u8>), NetworkError> {
-        self.get_weights_of(Vec::new(), max_bytes).await
+        let body = auth::sign_request(
+            &self.net.wallet,
+            pb::GetWeightsRequest { auth: None },
+            now_ms(),
+        );
+        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+        let stream = service_client!(DilocoClient, self.channel.clone())
+            .get_weights(with_deadline(body, WEIGHTS_TIMEOUT))
+            .await;
+        self.collect_weights("GetWeights", stream, max_bytes).await
     }
 
     /// A checkpoint of the peer's pipeline stage, which holds every one of `layers`, and the
@@ -247,31 +267,36 @@ impl PeerConn {
         layers: Vec<u32>,
         max_bytes: usize,
     ) -> Result<(String, Vec<u8>), NetworkError> {
-        let (_, hash, bytes) = self.get_weights_of(layers, max_bytes).await?;
+        let body = auth::sign_request(
+            &self.net.wallet,
+            pb::GetStageWeightsRequest { auth: None, layers },
+            now_ms(),
+        );
+        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+        let stream = service_client!(PipelineClient, self.channel.clone())
+            .get_stage_weights(with_deadline(body, WEIGHTS_TIMEOUT))
+            .await;
+        let (_, hash, bytes) = self
+            .collect_weights("GetStageWeights", stream, max_bytes)
+            .await?;
         Ok((hash, bytes))
     }
 
-    async fn get_weights_of(
+    /// Reads a weights transfer to its last chunk: (round, hash, bytes), at most `max_bytes`,
+    /// every chunk naming the same round and hash.
+    async fn collect_weights(
         &self,
-        layers: Vec<u32>,
+        method: &'static str,
+        stream: Result<tonic::Response<tonic::Streaming<pb::WeightsChunk>>, tonic::Status>,
         max_bytes: usize,
     ) -> Result<(u64, String, Vec<u8>), NetworkError> {
-        let req = pb::GetWeightsRequest { auth: None, layers };
-        let body = auth::sign_request(&self.net.wallet, req, now_ms());
         let addr = self.addr.clone();
         let rpc = |source: tonic::Status| NetworkError::Rpc {
             addr: addr.clone(),
-            method: "GetWeights",
+            method,
             source,
         };
-        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
-        let mut stream = self
-            .client
-            .clone()
-            .get_weights(with_deadline(body, WEIGHTS_TIMEOUT))
-            .await
-            .map_err(rpc)?
-            .into_inner();
+        let mut stream = stream.map_err(rpc)?.into_inner();
         let mut data = Vec::new();
         let mut head: Option<(u64, String)> = None;
         while let Some(chunk) = stream.message().await.map_err(rpc)? {
@@ -308,8 +333,8 @@ impl PeerConn {
         body: pb::PipelineForwardRequest,
         deadline: Duration,
     ) -> Result<pb::PipelineForwardReply, NetworkError> {
-        self.call("PipelineForward", body, deadline, |mut c, r| async move {
-            c.pipeline_forward(r).await
+        self.call("PipelineForward", body, deadline, |c, r| async move {
+            service_client!(PipelineClient, c).pipeline_forward(r).await
         })
         .await
     }
@@ -320,8 +345,10 @@ impl PeerConn {
         body: pb::PipelineBackwardRequest,
         deadline: Duration,
     ) -> Result<pb::PipelineBackwardReply, NetworkError> {
-        self.call("PipelineBackward", body, deadline, |mut c, r| async move {
-            c.pipeline_backward(r).await
+        self.call("PipelineBackward", body, deadline, |c, r| async move {
+            service_client!(PipelineClient, c)
+                .pipeline_backward(r)
+                .await
         })
         .await
     }
@@ -332,8 +359,8 @@ impl PeerConn {
         body: pb::PipelineStepRequest,
         deadline: Duration,
     ) -> Result<pb::PipelineStepReply, NetworkError> {
-        self.call("PipelineStep", body, deadline, |mut c, r| async move {
-            c.pipeline_step(r).await
+        self.call("PipelineStep", body, deadline, |c, r| async move {
+            service_client!(PipelineClient, c).pipeline_step(r).await
         })
         .await
     }
@@ -344,8 +371,8 @@ impl PeerConn {
         body: pb::InferForwardRequest,
         deadline: Duration,
     ) -> Result<pb::InferForwardReply, NetworkError> {
-        self.call("InferForward", body, deadline, |mut c, r| async move {
-            c.infer_forward(r).await
+        self.call("InferForward", body, deadline, |c, r| async move {
+            service_client!(PipelineClient, c).infer_forward(r).await
         })
         .await
     }
@@ -356,8 +383,8 @@ impl PeerConn {
         body: pb::InferEndRequest,
         deadline: Duration,
     ) -> Result<pb::InferEndReply, NetworkError> {
-        self.call("InferEnd", body, deadline, |mut c, r| async move {
-            c.infer_end(r).await
+        self.call("InferEnd", body, deadline, |c, r| async move {
+            service_client!(PipelineClient, c).infer_end(r).await
         })
         .await
     }

@@ -15,11 +15,19 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use neuroshard_proto::peer as pb;
+use neuroshard_proto::peer::ledger_server::{Ledger as LedgerRpc, LedgerServer};
+use tonic::{Request, Response, Status};
+
 use super::client::PeerConn;
 use super::error::NetworkError;
 use super::score::{Offence, node_key};
-use super::{Network, PUSH_INTERVAL, SYNC_PAGE, stopped};
+use super::service::PeerEdge;
+use super::{
+    MAX_GOSSIP_MESSAGES, MAX_LEDGER_MESSAGE_BYTES, Network, PUSH_INTERVAL, SYNC_PAGE, stopped,
+};
 use crate::ledger::{Address, Hash32, Message};
+use crate::peer::MAX_MESSAGE_BYTES;
 
 /// Block origins remembered at most (the map is cleared when full: at worst a block is sent
 /// back to the peer it came from, which answers "duplicate").
@@ -238,6 +246,105 @@ fn for_peer(batch: &[(Option<Address>, Vec<u8>)], peer: Address) -> Vec<Vec<u8>>
         .filter(|(origin, _)| *origin != Some(peer))
         .map(|(_, bytes)| bytes.clone())
         .collect()
+}
+
+/// The `Ledger` peer service: blocks pushed by peers (gossip) and pages pulled by them
+/// (anti-entropy).
+pub struct LedgerService {
+    edge: PeerEdge,
+}
+
+impl LedgerService {
+    /// The service with the peer port's message limits, for the daemon to plug in.
+    pub fn server(edge: PeerEdge) -> LedgerServer<LedgerService> {
+        LedgerServer::new(LedgerService { edge })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl LedgerRpc for LedgerService {
+    async fn gossip(
+        &self,
+        req: Request<pb::GossipRequest>,
+    ) -> Result<Response<pb::GossipReply>, Status> {
+        let (body, v) = self.edge.verify(req)?;
+        match body.kind.as_str() {
+            "ledger" => {}
+            "proof" | "gradient" => {
+                return Err(NetworkError::NotServed {
+                    what: "proof and gradient gossip",
+                }
+                .into());
+            }
+            other => {
+                return Err(NetworkError::Malformed {
+                    what: "gossip",
+                    reason: format!(
+                        "unknown kind {:?}",
+                        other.chars().take(32).collect::<String>()
+                    ),
+                }
+                .into());
+            }
+        }
+        if body.messages.len() > MAX_GOSSIP_MESSAGES {
+            return Err(NetworkError::TooMany {
+                what: "gossip messages",
+                count: body.messages.len(),
+                max: MAX_GOSSIP_MESSAGES,
+            }
+            .into());
+        }
+        if let Some(big) = body
+            .messages
+            .iter()
+            .find(|m| m.len() > MAX_LEDGER_MESSAGE_BYTES)
+        {
+            return Err(NetworkError::TooLarge {
+                what: "ledger message",
+                size: big.len(),
+                max: MAX_LEDGER_MESSAGE_BYTES,
+            }
+            .into());
+        }
+        let tally = receive(&self.edge.net, v.peer, &body.messages).await?;
+        Ok(self.edge.sent(pb::GossipReply {
+            accepted: tally.accepted,
+            rejected: tally.rejected,
+            duplicates: tally.duplicates,
+        }))
+    }
+
+    async fn sync_ledger(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncReply>, Status> {
+        let (body, _v) = self.edge.verify(req)?;
+        if body.after_seq < 0 {
+            return Err(NetworkError::Malformed {
+                what: "sync request",
+                reason: format!("after_seq {} is negative", body.after_seq),
+            }
+            .into());
+        }
+        let limit = body.limit.clamp(1, SYNC_PAGE);
+        let page = self
+            .edge
+            .net
+            .ledger
+            .messages_since(body.after_seq, i64::from(limit))
+            .await
+            .map_err(NetworkError::from)?;
+        let next_seq = page.last().map(|(s, _)| *s).unwrap_or(body.after_seq);
+        let (seqs, messages) = page.into_iter().map(|(s, m)| (s, m.to_bytes())).unzip();
+        Ok(self.edge.sent(pb::SyncReply {
+            messages,
+            seqs,
+            next_seq,
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -99,8 +99,6 @@ pub struct Network {
     pub(crate) origins: gossip::Origins,
     /// DiLoCo rounds: contributions received, the agreed weights served to late replicas.
     pub diloco: Arc<crate::diloco::round::Diloco>,
-    /// This node's pipeline stage (set once at start-up by the daemon).
-    pub pipeline: std::sync::OnceLock<Arc<crate::pipeline::Stage>>,
 }
 
 impl Network {
@@ -127,7 +125,6 @@ impl Network {
             peers: manager::PeerTable::default(),
             known: Mutex::new(HashMap::new()),
             origins: gossip::Origins::default(),
-            pipeline: std::sync::OnceLock::new(),
         })
     }
 
@@ -195,6 +192,7 @@ pub async fn ledger_summary(ledger: &Ledger) -> (String, usize) {
 /// until `shutdown` turns true. `seeds` are `host:port` of peer services.
 pub async fn run(
     net: Arc<Network>,
+    routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
     seeds: Vec<String>,
     shutdown: watch::Receiver<bool>,
@@ -202,7 +200,7 @@ pub async fn run(
     manager::add_seeds(&net, &seeds);
     let manager = tokio::spawn(manager::run(net.clone(), shutdown.clone()));
     let push = tokio::spawn(gossip::push_loop(net.clone(), shutdown.clone()));
-    let result = service::serve(net.clone(), listener, wait_true(shutdown)).await;
+    let result = service::serve(net.clone(), routes, listener, wait_true(shutdown)).await;
     let _ = manager.await;
     let _ = push.await;
     result

@@ -1,6 +1,9 @@
-//! The peer gRPC service (server side). Every handler counts its bytes, verifies the signed
-//! auth (except the two handshake calls), and refuses with a clear status; none panics on
-//! peer input.
+//! The peer port's server side: the transport's own service (`Peer`: handshake, liveness,
+//! peer exchange), the [`PeerEdge`] every subsystem's service handles its requests through
+//! (byte accounting, signed-auth verification, bans), and [`serve`], which runs the services
+//! the daemon plugs in (`Ledger`, `Diloco`, `Pipeline`) behind the one guard layer. Every
+//! handler counts its bytes, verifies the signed auth (except the two handshake calls), and
+//! refuses with a clear status; none panics on peer input.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,15 +13,13 @@ use neuroshard_proto::Message as _;
 use neuroshard_proto::peer as pb;
 use neuroshard_proto::peer::peer_server::{Peer, PeerServer};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use super::auth::{self, Authed, Verified};
 use super::error::NetworkError;
 use super::score::node_key;
-use super::{
-    MAX_CONCURRENT_PER_CONNECTION, MAX_GOSSIP_MESSAGES, MAX_LEDGER_MESSAGE_BYTES, Network,
-    SERVER_TIMEOUT, SYNC_PAGE, gossip, manager, now_ms,
-};
+use super::{MAX_CONCURRENT_PER_CONNECTION, Network, SERVER_TIMEOUT, manager, now_ms};
 use crate::peer::MAX_MESSAGE_BYTES;
 
 /// Longest role name, address and layer list accepted in a peer's node info.
@@ -29,23 +30,28 @@ const MAX_HASH_CHARS: usize = 128;
 /// Bytes per chunk of a weights transfer.
 const WEIGHTS_CHUNK: usize = 4 << 20;
 
-pub struct PeerService {
-    net: Arc<Network>,
+/// What every peer service handles its requests through: the node's traffic figures, the
+/// signed-auth check and the ban list. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerEdge {
+    pub net: Arc<Network>,
 }
 
-impl PeerService {
-    pub fn new(net: Arc<Network>) -> PeerService {
-        PeerService { net }
+impl PeerEdge {
+    pub fn new(net: Arc<Network>) -> PeerEdge {
+        PeerEdge { net }
     }
 
-    fn received<T: neuroshard_proto::Message>(&self, req: &Request<T>) {
+    /// Counts a request's bytes as received.
+    pub fn received<T: neuroshard_proto::Message>(&self, req: &Request<T>) {
         self.net
             .state
             .bytes_received
             .fetch_add(req.get_ref().encoded_len() as u64, Ordering::Relaxed);
     }
 
-    fn sent<T: neuroshard_proto::Message>(&self, reply: T) -> Response<T> {
+    /// Counts a reply's bytes as sent and wraps it.
+    pub fn sent<T: neuroshard_proto::Message>(&self, reply: T) -> Response<T> {
         self.net
             .state
             .bytes_sent
@@ -54,7 +60,7 @@ impl PeerService {
     }
 
     /// Verifies a signed request: a known, unbanned node, in the window, not replayed.
-    fn verify<T: Authed>(&self, req: Request<T>) -> Result<(T, Verified), NetworkError> {
+    pub fn verify<T: Authed>(&self, req: Request<T>) -> Result<(T, Verified), NetworkError> {
         self.received(&req);
         let now = Instant::now();
         let (body, verified) = self.net.auth.verify(req.into_inner(), now_ms(), now)?;
@@ -65,6 +71,77 @@ impl PeerService {
             });
         }
         Ok((body, verified))
+    }
+
+    /// Streams `bytes` as weight chunks (each counted as sent), all naming `hash` and `round`.
+    pub fn weights_stream(&self, round: u64, hash: String, bytes: Vec<u8>) -> WeightsStream {
+        let chunks: Vec<pb::WeightsChunk> = {
+            let parts: Vec<&[u8]> = bytes.chunks(WEIGHTS_CHUNK).collect();
+            let n = parts.len();
+            parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, data)| pb::WeightsChunk {
+                    model_hash: hash.clone(),
+                    data: data.to_vec(),
+                    last: i + 1 == n,
+                    diloco_round: round,
+                })
+                .collect()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let state = self.net.state.clone();
+        tokio::spawn(async move {
+            for c in chunks {
+                state
+                    .bytes_sent
+                    .fetch_add(c.encoded_len() as u64, Ordering::Relaxed);
+                if tx.send(Ok(c)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// A weights transfer as it streams to the caller.
+pub type WeightsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WeightsChunk, Status>>;
+
+/// The transport's own service: handshake, ping, peer exchange.
+pub struct PeerService {
+    edge: PeerEdge,
+    net: Arc<Network>,
+}
+
+impl PeerService {
+    pub fn new(edge: PeerEdge) -> PeerService {
+        PeerService {
+            net: edge.net.clone(),
+            edge,
+        }
+    }
+
+    fn received<T: neuroshard_proto::Message>(&self, req: &Request<T>) {
+        self.edge.received(req)
+    }
+
+    fn sent<T: neuroshard_proto::Message>(&self, reply: T) -> Response<T> {
+        self.edge.sent(reply)
+    }
+
+    fn verify<T: Authed>(&self, req: Request<T>) -> Result<(T, Verified), NetworkError> {
+        self.edge.verify(req)
+    }
+
+    /// The `Peer` service with the peer port's message limits; the daemon adds the
+    /// subsystems' services to these routes.
+    pub fn routes(edge: PeerEdge) -> Routes {
+        Routes::new(
+            PeerServer::new(PeerService::new(edge))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 }
 
@@ -195,268 +272,13 @@ impl Peer for PeerService {
             .collect();
         Ok(self.sent(pb::GetPeersReply { peers }))
     }
-
-    async fn gossip(
-        &self,
-        req: Request<pb::GossipRequest>,
-    ) -> Result<Response<pb::GossipReply>, Status> {
-        let (body, v) = self.verify(req)?;
-        match body.kind.as_str() {
-            "ledger" => {}
-            "proof" | "gradient" => {
-                return Err(NetworkError::NotServed {
-                    what: "proof and gradient gossip",
-                }
-                .into());
-            }
-            other => {
-                return Err(NetworkError::Malformed {
-                    what: "gossip",
-                    reason: format!(
-                        "unknown kind {:?}",
-                        other.chars().take(32).collect::<String>()
-                    ),
-                }
-                .into());
-            }
-        }
-        if body.messages.len() > MAX_GOSSIP_MESSAGES {
-            return Err(NetworkError::TooMany {
-                what: "gossip messages",
-                count: body.messages.len(),
-                max: MAX_GOSSIP_MESSAGES,
-            }
-            .into());
-        }
-        if let Some(big) = body
-            .messages
-            .iter()
-            .find(|m| m.len() > MAX_LEDGER_MESSAGE_BYTES)
-        {
-            return Err(NetworkError::TooLarge {
-                what: "ledger message",
-                size: big.len(),
-                max: MAX_LEDGER_MESSAGE_BYTES,
-            }
-            .into());
-        }
-        let tally = gossip::receive(&self.net, v.peer, &body.messages).await?;
-        Ok(self.sent(pb::GossipReply {
-            accepted: tally.accepted,
-            rejected: tally.rejected,
-            duplicates: tally.duplicates,
-        }))
-    }
-
-    async fn sync_ledger(
-        &self,
-        req: Request<pb::SyncRequest>,
-    ) -> Result<Response<pb::SyncReply>, Status> {
-        let (body, _v) = self.verify(req)?;
-        if body.after_seq < 0 {
-            return Err(NetworkError::Malformed {
-                what: "sync request",
-                reason: format!("after_seq {} is negative", body.after_seq),
-            }
-            .into());
-        }
-        let limit = body.limit.clamp(1, SYNC_PAGE);
-        let page = self
-            .net
-            .ledger
-            .messages_since(body.after_seq, i64::from(limit))
-            .await
-            .map_err(NetworkError::from)?;
-        let next_seq = page.last().map(|(s, _)| *s).unwrap_or(body.after_seq);
-        let (seqs, messages) = page.into_iter().map(|(s, m)| (s, m.to_bytes())).unzip();
-        Ok(self.sent(pb::SyncReply {
-            messages,
-            seqs,
-            next_seq,
-        }))
-    }
-
-    type GetWeightsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<pb::WeightsChunk, Status>>;
-
-    async fn get_weights(
-        &self,
-        req: Request<pb::GetWeightsRequest>,
-    ) -> Result<Response<Self::GetWeightsStream>, Status> {
-        let (body, _) = self.verify(req)?;
-        let (round, hash, bytes) = if body.layers.is_empty() {
-            // The weights and outer momentum the current DiLoCo round started from: what a
-            // replica that fell behind adopts.
-            let Some(snap) = self.net.diloco.snapshot() else {
-                return Err(Status::unavailable("no model loaded yet; retry later"));
-            };
-            snap
-        } else {
-            // A pipeline stage's current checkpoint, for a node taking over or joining with
-            // some of its layers.
-            if body.layers.len() > 4096 {
-                return Err(Status::invalid_argument("too many layers requested"));
-            }
-            let stage = self.stage()?;
-            let (hash, bytes) = stage.snapshot(&body.layers).await?;
-            (0, hash, bytes)
-        };
-        let chunks: Vec<pb::WeightsChunk> = {
-            let parts: Vec<&[u8]> = bytes.chunks(WEIGHTS_CHUNK).collect();
-            let n = parts.len();
-            parts
-                .into_iter()
-                .enumerate()
-                .map(|(i, data)| pb::WeightsChunk {
-                    model_hash: hash.clone(),
-                    data: data.to_vec(),
-                    last: i + 1 == n,
-                    diloco_round: round,
-                })
-                .collect()
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let state = self.net.state.clone();
-        tokio::spawn(async move {
-            for c in chunks {
-                state
-                    .bytes_sent
-                    .fetch_add(c.encoded_len() as u64, Ordering::Relaxed);
-                if tx.send(Ok(c)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
-    }
-
-    async fn push_delta(
-        &self,
-        req: Request<pb::DeltaMessage>,
-    ) -> Result<Response<pb::DeltaAck>, Status> {
-        let (body, v) = self.verify(req)?;
-        let msg = crate::diloco::validate::WireDelta {
-            sender: v.peer.to_string(),
-            round: body.round,
-            model_hash: body.model_hash,
-            loss: body.loss,
-            batches: body.batches,
-            encoding: body.encoding,
-            tensors: body
-                .tensors
-                .into_iter()
-                .map(|t| crate::diloco::validate::WireTensor {
-                    name: t.name,
-                    shape: t.shape,
-                    data: t.data,
-                })
-                .collect(),
-        };
-        use crate::diloco::validate::Reject;
-        match self.net.diloco.receive(&msg) {
-            Ok(()) => Ok(self.sent(pb::DeltaAck {
-                accepted: true,
-                reason: String::new(),
-            })),
-            Err(reason) => {
-                self.net
-                    .state
-                    .rejected_messages
-                    .fetch_add(1, Ordering::Relaxed);
-                // Lagging or early honest replicas send stale, future or duplicate deltas;
-                // only a delta no honest replica sends costs the sender score.
-                if matches!(
-                    reason,
-                    Reject::Malformed
-                        | Reject::WrongShape
-                        | Reject::NonFinite
-                        | Reject::NormTooLarge
-                ) && self.net.scores.penalize(
-                    &node_key(&v.peer),
-                    super::score::Offence::BadLedgerMessage,
-                    1,
-                    Instant::now(),
-                ) {
-                    tracing::warn!(peer = %v.peer, "peer banned after sending bad pseudo-gradients");
-                }
-                tracing::debug!(peer = %v.peer, round = msg.round, reason = reason.name(), "pseudo-gradient refused");
-                Ok(self.sent(pb::DeltaAck {
-                    accepted: false,
-                    reason: reason.name().into(),
-                }))
-            }
-        }
-    }
-
-    async fn pipeline_forward(
-        &self,
-        req: Request<pb::PipelineForwardRequest>,
-    ) -> Result<Response<pb::PipelineForwardReply>, Status> {
-        let (body, v) = self.verify(req)?;
-        let stage = self.stage()?;
-        stage.check_upstream(&self.net, &v.peer)?;
-        let reply = stage.serve_forward(&self.net, body).await?;
-        Ok(self.sent(reply))
-    }
-
-    async fn pipeline_backward(
-        &self,
-        req: Request<pb::PipelineBackwardRequest>,
-    ) -> Result<Response<pb::PipelineBackwardReply>, Status> {
-        let (body, v) = self.verify(req)?;
-        let stage = self.stage()?;
-        stage.check_upstream(&self.net, &v.peer)?;
-        let reply = stage.serve_backward(&self.net, body).await?;
-        Ok(self.sent(reply))
-    }
-
-    async fn pipeline_step(
-        &self,
-        req: Request<pb::PipelineStepRequest>,
-    ) -> Result<Response<pb::PipelineStepReply>, Status> {
-        let (body, v) = self.verify(req)?;
-        let stage = self.stage()?;
-        stage.check_upstream(&self.net, &v.peer)?;
-        let reply = stage.serve_step(&self.net, body).await?;
-        Ok(self.sent(reply))
-    }
-
-    async fn infer_forward(
-        &self,
-        req: Request<pb::InferForwardRequest>,
-    ) -> Result<Response<pb::InferForwardReply>, Status> {
-        let (body, _) = self.verify(req)?;
-        let stage = self.stage()?;
-        let reply = stage.serve_infer(body).await?;
-        Ok(self.sent(reply))
-    }
-
-    async fn infer_end(
-        &self,
-        req: Request<pb::InferEndRequest>,
-    ) -> Result<Response<pb::InferEndReply>, Status> {
-        let (body, _) = self.verify(req)?;
-        let stage = self.stage()?;
-        let reply = stage.serve_infer_end(body).await;
-        Ok(self.sent(reply))
-    }
 }
 
-impl PeerService {
-    fn stage(&self) -> Result<std::sync::Arc<crate::pipeline::Stage>, Status> {
-        self.net
-            .pipeline
-            .get()
-            .cloned()
-            .ok_or_else(|| Status::unavailable("no pipeline stage on this node"))
-    }
-}
-
-/// Serves the peer service on `listener` until `shutdown` resolves.
+/// Serves `routes` (the `Peer` service and the subsystems' services) on `listener`, all
+/// behind the guard layer, until `shutdown` resolves.
 pub async fn serve(
     net: Arc<Network>,
+    routes: Routes,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -475,11 +297,7 @@ pub async fn serve(
         .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
         .tcp_nodelay(true)
         .layer(super::guard::GuardLayer::new(net.clone()))
-        .add_service(
-            PeerServer::new(PeerService::new(net))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     state.listening.store(false, Ordering::Relaxed);

@@ -1,14 +1,20 @@
-//! The receiving side of the pipeline RPCs: check the peer's tensors, run this stage on the
-//! engine, call the next stage of the route, answer with what came back.
+//! The receiving side of the pipeline RPCs (the `Pipeline` peer service): check the peer's
+//! tensors, run this stage on the engine, call the next stage of the route, answer with what
+//! came back.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use neuroshard_proto::peer as pb;
+use neuroshard_proto::peer::pipeline_server::{Pipeline as PipelineRpc, PipelineServer};
+use tonic::{Request, Response, Status};
 
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
 use crate::ledger::Address;
 use crate::network::Network;
+use crate::network::service::{PeerEdge, WeightsStream};
+use crate::peer::MAX_MESSAGE_BYTES;
 
 /// Most stages a route may name.
 const MAX_ROUTE: usize = 64;
@@ -310,5 +316,93 @@ impl Stage {
                 "unknown phase {other:?} (norm or apply)"
             )))),
         }
+    }
+}
+
+/// The `Pipeline` peer service: a stage's part of training steps and of generations, and its
+/// snapshot for a node taking its layers over.
+pub struct PipelineService {
+    edge: PeerEdge,
+    stage: Arc<Stage>,
+}
+
+impl PipelineService {
+    /// The service with the peer port's message limits, for the daemon to plug in.
+    pub fn server(edge: PeerEdge, stage: Arc<Stage>) -> PipelineServer<PipelineService> {
+        PipelineServer::new(PipelineService { edge, stage })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl PipelineRpc for PipelineService {
+    type GetStageWeightsStream = WeightsStream;
+
+    async fn get_stage_weights(
+        &self,
+        req: Request<pb::GetStageWeightsRequest>,
+    ) -> Result<Response<Self::GetStageWeightsStream>, Status> {
+        let (body, _) = self.edge.verify(req)?;
+        // A pipeline stage's current checkpoint, for a node taking over or joining with some
+        // of its layers.
+        if body.layers.len() > 4096 {
+            return Err(Status::invalid_argument("too many layers requested"));
+        }
+        let (hash, bytes) = self.stage.snapshot(&body.layers).await?;
+        Ok(Response::new(self.edge.weights_stream(0, hash, bytes)))
+    }
+
+    async fn pipeline_forward(
+        &self,
+        req: Request<pb::PipelineForwardRequest>,
+    ) -> Result<Response<pb::PipelineForwardReply>, Status> {
+        let (body, v) = self.edge.verify(req)?;
+        let stage = &self.stage;
+        stage.check_upstream(&self.edge.net, &v.peer)?;
+        let reply = stage.serve_forward(&self.edge.net, body).await?;
+        Ok(self.edge.sent(reply))
+    }
+
+    async fn pipeline_backward(
+        &self,
+        req: Request<pb::PipelineBackwardRequest>,
+    ) -> Result<Response<pb::PipelineBackwardReply>, Status> {
+        let (body, v) = self.edge.verify(req)?;
+        let stage = &self.stage;
+        stage.check_upstream(&self.edge.net, &v.peer)?;
+        let reply = stage.serve_backward(&self.edge.net, body).await?;
+        Ok(self.edge.sent(reply))
+    }
+
+    async fn pipeline_step(
+        &self,
+        req: Request<pb::PipelineStepRequest>,
+    ) -> Result<Response<pb::PipelineStepReply>, Status> {
+        let (body, v) = self.edge.verify(req)?;
+        let stage = &self.stage;
+        stage.check_upstream(&self.edge.net, &v.peer)?;
+        let reply = stage.serve_step(&self.edge.net, body).await?;
+        Ok(self.edge.sent(reply))
+    }
+
+    async fn infer_forward(
+        &self,
+        req: Request<pb::InferForwardRequest>,
+    ) -> Result<Response<pb::InferForwardReply>, Status> {
+        let (body, _) = self.edge.verify(req)?;
+        let stage = &self.stage;
+        let reply = stage.serve_infer(body).await?;
+        Ok(self.edge.sent(reply))
+    }
+
+    async fn infer_end(
+        &self,
+        req: Request<pb::InferEndRequest>,
+    ) -> Result<Response<pb::InferEndReply>, Status> {
+        let (body, _) = self.edge.verify(req)?;
+        let stage = &self.stage;
+        let reply = stage.serve_infer_end(body).await;
+        Ok(self.edge.sent(reply))
     }
 }

@@ -1,0 +1,107 @@
+//! The `Diloco` peer service: a replica's pseudo-gradient for a round (PushDelta, checked and
+//! filed for the round's aggregation) and the weights a round started from (GetWeights, for
+//! a replica that fell behind).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use neuroshard_proto::peer as pb;
+use neuroshard_proto::peer::diloco_server::{Diloco as DilocoRpc, DilocoServer};
+use tonic::{Request, Response, Status};
+
+use super::round::Diloco;
+use crate::network::score::node_key;
+use crate::network::service::{PeerEdge, WeightsStream};
+use crate::peer::MAX_MESSAGE_BYTES;
+
+pub struct DilocoService {
+    edge: PeerEdge,
+    diloco: Arc<Diloco>,
+}
+
+impl DilocoService {
+    /// The service with the peer port's message limits, for the daemon to plug in.
+    pub fn server(edge: PeerEdge, diloco: Arc<Diloco>) -> DilocoServer<DilocoService> {
+        DilocoServer::new(DilocoService { edge, diloco })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl DilocoRpc for DilocoService {
+    type GetWeightsStream = WeightsStream;
+
+    async fn get_weights(
+        &self,
+        req: Request<pb::GetWeightsRequest>,
+    ) -> Result<Response<Self::GetWeightsStream>, Status> {
+        self.edge.verify(req)?;
+        // The weights and outer momentum the current DiLoCo round started from: what a
+        // replica that fell behind adopts.
+        let Some((round, hash, bytes)) = self.diloco.snapshot() else {
+            return Err(Status::unavailable("no model loaded yet; retry later"));
+        };
+        Ok(Response::new(self.edge.weights_stream(round, hash, bytes)))
+    }
+
+    async fn push_delta(
+        &self,
+        req: Request<pb::DeltaMessage>,
+    ) -> Result<Response<pb::DeltaAck>, Status> {
+        let (body, v) = self.edge.verify(req)?;
+        let msg = super::validate::WireDelta {
+            sender: v.peer.to_string(),
+            round: body.round,
+            model_hash: body.model_hash,
+            loss: body.loss,
+            batches: body.batches,
+            encoding: body.encoding,
+            tensors: body
+                .tensors
+                .into_iter()
+                .map(|t| super::validate::WireTensor {
+                    name: t.name,
+                    shape: t.shape,
+                    data: t.data,
+                })
+                .collect(),
+        };
+        use super::validate::Reject;
+        match self.diloco.receive(&msg) {
+            Ok(()) => Ok(self.edge.sent(pb::DeltaAck {
+                accepted: true,
+                reason: String::new(),
+            })),
+            Err(reason) => {
+                self.edge
+                    .net
+                    .state
+                    .rejected_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                // Lagging or early honest replicas send stale, future or duplicate deltas;
+                // only a delta no honest replica sends costs the sender score.
+                if matches!(
+                    reason,
+                    Reject::Malformed
+                        | Reject::WrongShape
+                        | Reject::NonFinite
+                        | Reject::NormTooLarge
+                ) && self.edge.net.scores.penalize(
+                    &node_key(&v.peer),
+                    crate::network::score::Offence::BadLedgerMessage,
+                    1,
+                    Instant::now(),
+                ) {
+                    tracing::warn!(peer = %v.peer, "peer banned after sending bad pseudo-gradients");
+                }
+                tracing::debug!(peer = %v.peer, round = msg.round, reason = reason.name(), "pseudo-gradient refused");
+                Ok(self.edge.sent(pb::DeltaAck {
+                    accepted: false,
+                    reason: reason.name().into(),
+                }))
+            }
+        }
+    }
+}
