@@ -137,7 +137,7 @@ pub struct StatusResources {
 pub fn role(state: &AppState) -> &'static str {
     let training = state.training();
     if let Some(a) = training.assignment.as_ref().filter(|a| !a.is_full()) {
-        a.role()
+        a.role().as_str()
     } else if training.model_loaded {
         "full"
     } else {

@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use neuroshard_coordination::upkeep::{Action, Event, Upkeep};
 use tokio::sync::watch;
+
+use crate::pipeline::assign::Role;
 
 use crate::config::Config;
 use crate::engine::{
@@ -27,16 +30,8 @@ use crate::engine::{
 /// choosing its layers.
 const ASSIGN_WAIT: Duration = Duration::from_secs(10);
 
-/// How often a pipeline stage looks for layers nobody holds (a gap must be seen on two checks
-/// in a row before a node takes it over).
-const TAKEOVER_CHECK: Duration = Duration::from_secs(1);
-
-/// A replica left off the training route (its step unchanged this long) refreshes its layers
-/// from a holder that has trained them at least `RESYNC_LAG` steps further. The wait doubles
-/// after each refresh up to `RESYNC_MAX_IDLE` (a standby replica of a large stage should not
-/// pull it every few seconds), and is back to `RESYNC_IDLE` once the node trains again.
-const RESYNC_IDLE: Duration = Duration::from_secs(10);
-const RESYNC_MAX_IDLE: Duration = Duration::from_secs(300);
+/// A replica left off the training route refreshes its layers from a holder that has trained
+/// them at least this many steps further (when: `neuroshard_coordination::upkeep`).
 const RESYNC_LAG: u64 = 10;
 
 /// Longest a stage snapshot transfer from a peer may take.
@@ -150,12 +145,10 @@ impl Trainer {
         };
         let pipelined = !assignment.is_full();
         let mut last_step_id = 0u64;
-        // Takeover: when the coverage was last checked, and the gap seen then.
-        let mut last_check = Instant::now();
-        let mut seen_gap: Option<std::ops::Range<u32>> = None;
-        // Resync: this stage's step when last seen to change, since when, and the wait.
-        let mut unchanged: (u64, Instant) = (0, Instant::now());
-        let mut resync_wait = RESYNC_IDLE;
+        // Takeover and resync decisions (coordination); this loop carries them out.
+        let clock = Instant::now();
+        let now_ms = || clock.elapsed().as_millis() as u64;
+        let mut upkeep = Upkeep::new(now_ms());
         loop {
             // Wait for a live engine.
             let (generation, client) = loop {
@@ -215,30 +208,47 @@ impl Trainer {
                     continue;
                 }
                 // Dynamic layer pool: layers nobody holds any more are taken over.
-                if pipelined && last_check.elapsed() >= TAKEOVER_CHECK {
-                    last_check = Instant::now();
+                if pipelined {
                     let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
-                    if let Some(net) = &self.net {
-                        net.set_train_step(step);
-                    }
-                    if step != unchanged.0 {
-                        unchanged = (step, Instant::now());
-                        resync_wait = RESYNC_IDLE;
-                    }
-                    if let Some(a) = self.rebalance(&client, &assignment, &mut seen_gap).await {
-                        assignment = a;
-                    } else if unchanged.1.elapsed() >= resync_wait
-                        && self.resync(&client, &assignment, step).await
-                    {
-                        let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
-                        unchanged = (step, Instant::now());
-                        resync_wait = (resync_wait * 2).min(RESYNC_MAX_IDLE);
+                    let mut todo: VecDeque<Action> =
+                        upkeep.on(Event::Tick { step }, now_ms()).into();
+                    while let Some(action) = todo.pop_front() {
+                        let outcome = match action {
+                            Action::PublishStep(step) => {
+                                if let Some(net) = &self.net {
+                                    net.set_train_step(step);
+                                }
+                                None
+                            }
+                            Action::CheckCoverage => Some(self.coverage(&assignment)),
+                            Action::TakeOver(layers) => {
+                                let new = crate::pipeline::Assignment {
+                                    layers,
+                                    total: assignment.total,
+                                };
+                                Some(match self.take_over(&client, &assignment, &new).await {
+                                    true => {
+                                        assignment = new;
+                                        Event::TookOver
+                                    }
+                                    false => Event::TakeoverFailed,
+                                })
+                            }
+                            Action::Resync => {
+                                let tried = self.resync(&client, &assignment, step).await;
+                                let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
+                                Some(Event::Resynced { tried, step })
+                            }
+                        };
+                        if let Some(event) = outcome {
+                            todo.extend(upkeep.on(event, now_ms()));
+                        }
                     }
                 }
                 let done = cfg.training.max_steps > 0
                     && self.stats.lock().map(|s| s.step).unwrap_or(0) >= cfg.training.max_steps;
                 // Only the driver starts pipeline steps; the other stages serve them.
-                let idle = pipelined && assignment.role() != "driver";
+                let idle = pipelined && assignment.role() != Role::Driver;
                 if !cfg.training.enabled || done || idle {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}

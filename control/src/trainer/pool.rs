@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use neuroshard_coordination::upkeep::Event;
+
 use super::*;
 
 impl Trainer {
@@ -44,7 +46,7 @@ impl Trainer {
             }
             _ => crate::pipeline::Assignment::full(total),
         };
-        tracing::info!(layers = ?a.layers, role = a.role(), capacity, "layers assigned");
+        tracing::info!(layers = ?a.layers, role = %a.role(), capacity, "layers assigned");
         if let Some(net) = &self.net {
             net.set_capacity(capacity);
         }
@@ -56,7 +58,7 @@ impl Trainer {
     pub(super) fn publish(&self, a: &crate::pipeline::Assignment) {
         if let Some(net) = &self.net {
             net.set_local_role(crate::network::LocalRole {
-                role: a.role().into(),
+                role: a.role().as_str().into(),
                 layers: a.layers.clone().collect(),
             });
         }
@@ -76,19 +78,20 @@ impl Trainer {
         (total, capacity)
     }
 
-    /// Looks for layers nobody holds; when the takeover rule picks this node (the same gap
-    /// seen on two checks in a row), reloads the engine with the new range and tells the
-    /// network. The new assignment when it changed.
-    pub(super) async fn rebalance(
-        &self,
-        client: &EngineHandle,
-        a: &crate::pipeline::Assignment,
-        seen: &mut Option<std::ops::Range<u32>>,
-    ) -> Option<crate::pipeline::Assignment> {
+    /// The coverage as the takeover rule sees it now: the first run of layers nobody holds,
+    /// and the range the rule gives this node for it (when that changes this node's range).
+    /// Nothing while the model is not loaded.
+    pub(super) fn coverage(&self, a: &crate::pipeline::Assignment) -> Event {
         use crate::pipeline::assign::{Holder, first_gap, takeover};
-        let net = self.net.as_ref()?;
+        let nothing = Event::Coverage {
+            gap: None,
+            mine: None,
+        };
+        let Some(net) = self.net.as_ref() else {
+            return nothing;
+        };
         if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
-            return None;
+            return nothing;
         }
         let (total, capacity) = self.capacity();
         let me = Holder {
@@ -106,16 +109,22 @@ impl Trainer {
                 capacity: i.capacity,
             })
             .collect();
-        let gap = first_gap(total, std::iter::once(&me).chain(&peers));
-        let confirmed = gap.is_some() && *seen == gap;
-        *seen = gap.clone();
-        if !confirmed {
-            return None;
+        Event::Coverage {
+            gap: first_gap(total, std::iter::once(&me).chain(&peers)),
+            mine: takeover(total, &me, &peers).filter(|r| *r != a.layers),
         }
-        let layers = takeover(total, &me, &peers).filter(|r| *r != a.layers)?;
-        let new = crate::pipeline::Assignment { layers, total };
-        tracing::warn!(uncovered = ?gap, from = ?a.layers, to = ?new.layers, "layers uncovered; taking them over");
-        match self.reload(client, a, &new, None).await {
+    }
+
+    /// Reloads the engine with `new` (covering layers nobody holds) and tells the network.
+    /// Whether it worked (else the old range is back).
+    pub(super) async fn take_over(
+        &self,
+        client: &EngineHandle,
+        a: &crate::pipeline::Assignment,
+        new: &crate::pipeline::Assignment,
+    ) -> bool {
+        tracing::warn!(from = ?a.layers, to = ?new.layers, "layers uncovered; taking them over");
+        match self.reload(client, a, new, None).await {
             Ok(()) => {
                 if let Some(stage) = &self.stage {
                     stage
@@ -123,13 +132,12 @@ impl Trainer {
                         .takeovers
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                *seen = None;
-                Some(new)
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "takeover failed; retrying");
                 self.update(|s| s.last_error = Some(e));
-                None
+                false
             }
         }
     }

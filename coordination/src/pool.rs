@@ -1,0 +1,316 @@
+//! Dynamic layer pool: how many layers a node can hold and which ones it takes.
+//!
+//! Rule (the original's, made deterministic): a node whose capacity covers the whole model is
+//! a full replica. Otherwise it takes `capacity` contiguous layers starting at the first layer
+//! nobody holds; when every layer is held it adds redundancy where it is thinnest (the first
+//! window of `capacity` layers with the fewest holders, the last such window on a tie so a
+//! redundant node does not become a second driver). Role from what is held: embedding
+//! (layer 0) → driver, LM head (last layer) → validator, both → full, else worker.
+//!
+//! Takeover ([`takeover`]): while running, when some layers are held by nobody (their last
+//! holder left the peer table), one node — the same one in every node's view — extends or
+//! moves its contiguous range over the first such gap: a neighbour of the gap with room
+//! (`capacity` above what it holds; the left one first, then the right one, lowest node id
+//! among equals), else a node whose every layer another node also holds (it moves to the gap).
+
+use std::ops::Range;
+
+use neuroshard_shared::model::ModelConfig;
+
+/// What a node is in the pipeline, from the layers it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Every layer: trains alone (DiLoCo with other full replicas).
+    Full,
+    /// The embedding (layer 0) but not the head: drives pipeline steps.
+    Driver,
+    /// Layers in the middle.
+    Worker,
+    /// The LM head: computes the loss.
+    Validator,
+}
+
+impl Role {
+    /// The name peers and the API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Full => "full",
+            Role::Driver => "driver",
+            Role::Worker => "worker",
+            Role::Validator => "validator",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The layers a node holds and the role that follows from them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub layers: Range<u32>,
+    /// Layers of the whole model.
+    pub total: u32,
+}
+
+impl Assignment {
+    pub fn full(total: u32) -> Assignment {
+        Assignment {
+            layers: 0..total,
+            total,
+        }
+    }
+
+    pub fn has_embedding(&self) -> bool {
+        self.layers.start == 0
+    }
+
+    pub fn has_head(&self) -> bool {
+        self.layers.end == self.total
+    }
+
+    /// What the held layers make this node.
+    pub fn role(&self) -> Role {
+        match (self.has_embedding(), self.has_head()) {
+            (true, true) => Role::Full,
+            (true, false) => Role::Driver,
+            (false, true) => Role::Validator,
+            (false, false) => Role::Worker,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.has_embedding() && self.has_head()
+    }
+}
+
+/// Bytes one transformer layer needs for training (weights, grads, two Adam moments in fp32):
+/// (4h² + 3h·ffn + 2h) × 16, as in the original.
+pub fn layer_bytes(m: &ModelConfig) -> u64 {
+    let h = u64::from(m.hidden);
+    (4 * h * h + 3 * h * u64::from(m.ffn) + 2 * h) * 16
+}
+
+/// How many layers a node may hold: `max_layers` when set (above 0), else what
+/// `max_memory_gb` leaves after the embedding and head (2·vocab·h·16 bytes) with 20% kept for
+/// activations; at least one.
+pub fn capacity(max_layers: u32, max_memory_gb: f64, m: &ModelConfig) -> u32 {
+    if max_layers > 0 {
+        return max_layers;
+    }
+    let budget = (max_memory_gb.max(0.0) * 0.8 * (1u64 << 30) as f64) as u64;
+    let ends = 2 * u64::from(m.vocab_size) * u64::from(m.hidden) * 16;
+    let per = layer_bytes(m).max(1);
+    let n = budget.saturating_sub(ends) / per;
+    u32::try_from(n).unwrap_or(u32::MAX).max(1)
+}
+
+/// The layers a node with `capacity` takes, given the layers each known peer holds.
+pub fn choose(total: u32, capacity: u32, peers: &[Vec<u32>]) -> Assignment {
+    if total == 0 || capacity >= total {
+        return Assignment::full(total);
+    }
+    let mut holders = vec![0u32; total as usize];
+    for layers in peers {
+        for &l in layers {
+            if let Some(h) = holders.get_mut(l as usize) {
+                *h += 1;
+            }
+        }
+    }
+    let start = match holders.iter().position(|&h| h == 0) {
+        Some(first_free) => first_free as u32,
+        None => {
+            // Every layer is held: the window of `capacity` layers with the fewest holders (the
+            // last one on a tie, away from the embedding: one driver is enough).
+            (0..=total - capacity)
+                .rev()
+                .min_by_key(|&s| {
+                    holders[s as usize..(s + capacity) as usize]
+                        .iter()
+                        .map(|&h| u64::from(h))
+                        .sum::<u64>()
+                })
+                .unwrap_or(0)
+        }
+    };
+    let end = (start + capacity).min(total);
+    Assignment {
+        layers: start..end,
+        total,
+    }
+}
+
+/// A node as the takeover rule sees it: its id, the layers it advertises, its capacity.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub id: String,
+    pub layers: Vec<u32>,
+    pub capacity: u32,
+}
+
+impl Holder {
+    /// Its layers as a range, when they are contiguous and not empty.
+    fn range(&self, total: u32) -> Option<Range<u32>> {
+        let first = *self.layers.iter().min()?;
+        let last = *self.layers.iter().max()?;
+        let mut sorted = self.layers.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        (sorted.len() as u32 == last - first + 1 && last < total).then_some(first..last + 1)
+    }
+
+    fn room(&self, total: u32) -> u32 {
+        self.range(total)
+            .map_or(0, |r| self.capacity.saturating_sub(r.end - r.start))
+    }
+}
+
+/// The first run of layers nobody among `nodes` holds.
+pub fn first_gap<'a>(total: u32, nodes: impl Iterator<Item = &'a Holder>) -> Option<Range<u32>> {
+    let mut held = vec![false; total as usize];
+    for n in nodes {
+        for &l in &n.layers {
+            if let Some(h) = held.get_mut(l as usize) {
+                *h = true;
+            }
+        }
+    }
+    let g0 = held.iter().position(|h| !h)? as u32;
+    let g1 = (g0..total).find(|&l| held[l as usize]).unwrap_or(total);
+    Some(g0..g1)
+}
+
+/// The range `me` should hold instead of its current one so that the first uncovered gap is
+/// covered (see the module doc), or None when nothing is uncovered or another node takes it.
+/// Every node applies the same rule to the same table, so exactly one node acts on a gap.
+pub fn takeover(total: u32, me: &Holder, peers: &[Holder]) -> Option<Range<u32>> {
+    let all: Vec<&Holder> = std::iter::once(me).chain(peers).collect();
+    let gap = first_gap(total, all.iter().copied())?;
+    let lowest = |side: &dyn Fn(&Range<u32>) -> bool| {
+        all.iter()
+            .filter(|h| h.room(total) > 0 && h.range(total).is_some_and(|r| side(&r)))
+            .min_by(|a, b| a.id.cmp(&b.id))
+            .copied()
+    };
+    if let Some(h) = lowest(&|r| r.end == gap.start) {
+        let r = h.range(total)?;
+        return (h.id == me.id).then(|| r.start..(r.start + h.capacity).min(gap.end));
+    }
+    if let Some(h) = lowest(&|r| r.start == gap.end) {
+        let r = h.range(total)?;
+        return (h.id == me.id).then(|| r.end.saturating_sub(h.capacity).max(gap.start)..r.end);
+    }
+    // No neighbour has room: a node none of whose layers would be left uncovered moves there.
+    let mut holders = vec![0u32; total as usize];
+    for h in &all {
+        for l in h.range(total).into_iter().flatten() {
+            holders[l as usize] += 1;
+        }
+    }
+    let redundant = all
+        .iter()
+        .filter(|h| {
+            h.capacity > 0
+                && h.range(total)
+                    .is_some_and(|r| r.clone().all(|l| holders[l as usize] >= 2))
+        })
+        .min_by(|a, b| a.id.cmp(&b.id))?;
+    (redundant.id == me.id).then(|| gap.start..(gap.start + me.capacity).min(gap.end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_fits_the_model_is_a_full_replica() {
+        let a = choose(4, 4, &[vec![0, 1]]);
+        assert_eq!(a.layers, 0..4);
+        assert_eq!(a.role(), Role::Full);
+        assert_eq!(choose(4, 9, &[]).role(), Role::Full);
+    }
+
+    #[test]
+    fn nodes_take_the_first_free_layers_then_add_redundancy() {
+        let a = choose(4, 2, &[]);
+        assert_eq!((a.layers.clone(), a.role()), (0..2, Role::Driver));
+        let b = choose(4, 1, &[vec![0, 1]]);
+        assert_eq!((b.layers.clone(), b.role()), (2..3, Role::Worker));
+        let c = choose(4, 1, &[vec![0, 1], vec![2]]);
+        assert_eq!((c.layers.clone(), c.role()), (3..4, Role::Validator));
+        // Everything held: the thinnest window.
+        let d = choose(4, 2, &[vec![0, 1], vec![2], vec![3], vec![0, 1]]);
+        assert_eq!(d.layers, 2..4);
+        // A free layer in the middle is taken first, clamped at the end.
+        let e = choose(4, 3, &[vec![0, 1, 2]]);
+        assert_eq!(e.layers, 3..4);
+    }
+
+    fn h(id: &str, layers: std::ops::Range<u32>, capacity: u32) -> Holder {
+        Holder {
+            id: id.into(),
+            layers: layers.collect(),
+            capacity,
+        }
+    }
+
+    #[test]
+    fn a_neighbour_with_room_takes_over_an_uncovered_gap() {
+        // The worker (2) left: the driver has no room, the validator (3, room 2) extends left.
+        let a = h("a", 0..2, 2);
+        let c = h("c", 3..4, 3);
+        assert_eq!(takeover(4, &c, std::slice::from_ref(&a)), Some(2..4));
+        assert_eq!(takeover(4, &a, std::slice::from_ref(&c)), None);
+        // Nothing uncovered: nothing to do.
+        assert_eq!(takeover(4, &c, &[a.clone(), h("b", 2..3, 1)]), None);
+        // The left neighbour goes first; among equals the lowest id; clamped to the gap and
+        // to the capacity.
+        let l1 = h("l1", 0..1, 3);
+        let l2 = h("l0", 0..1, 2);
+        let r = h("r", 3..4, 4);
+        assert_eq!(takeover(4, &l2, &[l1.clone(), r.clone()]), Some(0..2));
+        assert_eq!(takeover(4, &l1, &[l2.clone(), r.clone()]), None);
+        assert_eq!(takeover(4, &r, &[l1.clone(), l2.clone()]), None);
+        // The driver left: the right neighbour extends down to layer 0 as far as it can.
+        let w = h("w", 2..3, 2);
+        assert_eq!(takeover(4, &w, &[h("v", 3..4, 1)]), Some(1..3));
+    }
+
+    #[test]
+    fn without_room_a_redundant_node_moves_to_the_gap() {
+        let a = h("a", 0..2, 2);
+        let c = h("c", 3..4, 1);
+        let d = h("d", 3..4, 1);
+        assert_eq!(
+            takeover(4, &d, &[a.clone(), c.clone()]),
+            None,
+            "c goes first"
+        );
+        assert_eq!(takeover(4, &c, &[a.clone(), d.clone()]), Some(2..3));
+        // Nobody can: nothing happens.
+        assert_eq!(takeover(4, &a, std::slice::from_ref(&c)), None);
+        assert_eq!(takeover(4, &c, std::slice::from_ref(&a)), None);
+    }
+
+    #[test]
+    fn capacity_comes_from_the_setting_or_the_memory() {
+        let m = ModelConfig::preset("default").unwrap();
+        assert!(capacity(0, 64.0, &m) >= m.layers);
+        assert_eq!(capacity(1, 64.0, &m), 1);
+        assert_eq!(capacity(0, 0.0, &m), 1);
+        assert_eq!(capacity(0, -3.0, &m), 1);
+    }
+
+    #[test]
+    fn roles_have_the_names_peers_use() {
+        let names: Vec<&str> = [Role::Full, Role::Driver, Role::Worker, Role::Validator]
+            .iter()
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(names, ["full", "driver", "worker", "validator"]);
+    }
+}
