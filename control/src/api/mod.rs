@@ -1,5 +1,7 @@
 //! The REST API of `../shared/reference/http-api.txt`. `app(state)` builds the router, so
-//! tests drive it with `oneshot` and production serves the same router on a socket.
+//! tests drive it with `oneshot` and production serves the same router on a socket. Every
+//! route is registered once, in `routes.rs`, which yields the router, the OpenAPI document and
+//! the auth table [`ROUTES`] together.
 //!
 //! A request flows: `observe` (who is calling, rate limit, metrics) -> `guard` (the route's
 //! auth requirement from [`ROUTES`]) -> the handler. Every error, including unknown routes,
@@ -13,6 +15,7 @@ mod network;
 mod node;
 pub mod openai;
 pub mod openapi;
+mod routes;
 mod settings;
 mod training;
 mod wallet;
@@ -25,86 +28,18 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 
 pub use error::ApiError;
 pub use limits::{Key, RateLimits};
 pub use node::role;
+pub use routes::{ROUTES, RouteSpec, RouteTable};
 
 use crate::auth::Caller;
 use crate::state::AppState;
 
-/// One endpoint and whether it needs a token. The router and the auth guard both come from
-/// this table, so a route cannot exist without a declared requirement.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteSpec {
-    pub method: &'static str,
-    pub path: &'static str,
-    pub auth: bool,
-}
-
-const fn r(method: &'static str, path: &'static str, auth: bool) -> RouteSpec {
-    RouteSpec { method, path, auth }
-}
-
-/// Every endpoint. `auth` follows the contract: endpoints it shows with an Authorization
-/// header need a token.
-pub const ROUTES: &[RouteSpec] = &[
-    r("GET", "/", false),
-    r("GET", "/api/v1/training/history", false),
-    r("GET", "/api/v1/status", false),
-    r("GET", "/api/v1/metrics", false),
-    r("GET", "/api/v1/health", false),
-    r("GET", "/api/v1/network", false),
-    r("GET", "/api/v1/peers", true),
-    r("GET", "/api/v1/layers", true),
-    r("GET", "/api/v1/config", true),
-    r("PATCH", "/api/v1/config", true),
-    r("GET", "/api/v1/proofs", true),
-    r("GET", "/api/v1/wallet/balance", true),
-    r("POST", "/api/v1/wallet/send", true),
-    r("GET", "/api/v1/wallet/transactions", true),
-    r("POST", "/api/v1/wallet/stake", true),
-    r("POST", "/api/v1/wallet/unstake", true),
-    r("POST", "/api/v1/inference", true),
-    r("GET", "/api/training/global", false),
-    r("GET", "/api/training/verify", false),
-    r("GET", "/api/v1/openapi.json", false),
-    r("GET", "/v1/models", true),
-    r("POST", "/v1/completions", true),
-    r("POST", "/v1/chat/completions", true),
-    r("GET", "/metrics", false),
-];
-
 pub fn app(state: AppState) -> Router {
     let max_body = state.config().api.max_body_kb as usize * 1024;
-    Router::new()
-        .route("/", get(dashboard::page))
-        .route("/api/v1/training/history", get(training::history))
-        .route("/api/v1/status", get(node::status))
-        .route("/api/v1/metrics", get(node::metrics))
-        .route("/api/v1/health", get(node::health))
-        .route("/api/v1/network", get(network::network))
-        .route("/api/v1/peers", get(network::peers))
-        .route("/api/v1/layers", get(network::layers))
-        .route(
-            "/api/v1/config",
-            get(settings::get_config).patch(settings::patch_config),
-        )
-        .route("/api/v1/proofs", get(wallet::proofs))
-        .route("/api/v1/wallet/balance", get(wallet::balance))
-        .route("/api/v1/wallet/send", post(wallet::send))
-        .route("/api/v1/wallet/transactions", get(wallet::transactions))
-        .route("/api/v1/wallet/stake", post(wallet::stake))
-        .route("/api/v1/wallet/unstake", post(wallet::unstake))
-        .route("/api/v1/inference", post(inference::inference))
-        .route("/api/training/global", get(training::training_global))
-        .route("/api/training/verify", get(training::training_verify))
-        .route("/api/v1/openapi.json", get(openapi::serve))
-        .route("/metrics", get(node::prometheus))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/chat/completions", post(openai::chat_completions))
+    routes::router()
         .route_layer(middleware::from_fn(guard))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,28 +1,18 @@
-//! The OpenAPI 3.1 document, generated from the handlers' annotations and served at
-//! `/api/v1/openapi.json`.
+//! The OpenAPI 3.1 document, served at `/api/v1/openapi.json`. Its paths and schemas come
+//! from the handlers' `#[utoipa::path]` annotations as `routes.rs` registers them; this
+//! module gives the rest (title, description, the error schema, the bearer scheme).
 
 use axum::Json;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use super::{network, node, settings, training, wallet};
-
 #[derive(OpenApi)]
 #[openapi(
     info(title = "NeuroShard node API", description = "REST API of a NeuroShard node. Errors use {\"error\": {\"code\", \"message\", \"details\"}}; codes are listed in docs/errors.md."),
-    paths(
-        node::status, node::metrics, node::health,
-        network::peers, network::layers, network::network,
-        settings::get_config, settings::patch_config,
-        wallet::balance, wallet::send, wallet::transactions, wallet::stake, wallet::unstake,
-        wallet::proofs,
-        super::inference::inference,
-        training::training_global, training::training_verify, training::history,
-    ),
     components(schemas(super::error::ErrorBody)),
     modifiers(&Bearer),
 )]
-pub struct ApiDoc;
+struct ApiDoc;
 
 struct Bearer;
 
@@ -36,11 +26,16 @@ impl utoipa::Modify for Bearer {
     }
 }
 
-/// The document as JSON.
-pub fn document() -> utoipa::openapi::OpenApi {
+/// The document without paths, which the route registration fills.
+pub(super) fn base() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
+/// The whole document.
+pub fn document() -> &'static utoipa::openapi::OpenApi {
+    super::routes::document()
+}
+
+pub async fn serve() -> Json<&'static utoipa::openapi::OpenApi> {
     Json(document())
 }

@@ -1,0 +1,97 @@
+//! What a generation costs and how it is paid.
+//!
+//! Price: [`PRICE_UNITS_PER_TOKEN`] per prompt and completion token (0.0001 NEURO, so the
+//! contract's example of 168 tokens costs 0.0168), sent from the caller's account to the node
+//! wallet as a ledger transfer (its 0.1% fee burned on top). Before any work the caller must
+//! afford the prompt plus `max_tokens`; afterwards only the tokens produced (delivered, when
+//! streaming) are charged. A node serving its own wallet charges nothing.
+
+use std::time::Instant;
+
+use super::{Generated, InferenceRequest};
+use crate::api::ApiError;
+use crate::auth::Caller;
+use crate::ledger::{UNITS_PER_NEURO, transfer_fee};
+use crate::state::AppState;
+
+/// 0.0001 NEURO per token.
+pub const PRICE_UNITS_PER_TOKEN: u64 = UNITS_PER_NEURO / 10_000;
+fn cost_of(tokens: u64) -> u64 {
+    tokens.saturating_mul(PRICE_UNITS_PER_TOKEN)
+}
+
+/// Refuses with 402 before any work when the caller cannot pay for the prompt plus
+/// `max_tokens` (the prompt's token count is bounded by its bytes + 1).
+pub(super) async fn check_funds(
+    state: &AppState,
+    caller: &Caller,
+    req: &InferenceRequest,
+) -> Result<(), ApiError> {
+    if caller.account == state.wallet.address() {
+        return Ok(());
+    }
+    let wallet = state
+        .keyring
+        .wallet(&caller.account)
+        .map_err(ApiError::internal)?;
+    let now = chrono::Utc::now().timestamp();
+    state.ledger.claim_incoming(&wallet, now).await?;
+    let bound = cost_of(req.prompt.len() as u64 + 1 + u64::from(req.max_tokens));
+    let required = bound + transfer_fee(bound);
+    let available = state.ledger.balance(&caller.account, now).await.available;
+    if available < required {
+        return Err(crate::ledger::LedgerError::InsufficientBalance {
+            required,
+            available,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Charges `tokens` to the caller, paid to the node wallet.
+pub(super) async fn charge(state: &AppState, caller: &Caller, id: &str, tokens: u64) -> u64 {
+    if caller.account == state.wallet.address() || tokens == 0 {
+        return 0;
+    }
+    let amount = cost_of(tokens);
+    let wallet = match state.keyring.wallet(&caller.account) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, request = id, "cannot sign the payment");
+            return 0;
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    match state
+        .ledger
+        .send(
+            &wallet,
+            state.wallet.address(),
+            amount,
+            &format!("inference {id}"),
+            now,
+        )
+        .await
+    {
+        Ok(_) => amount,
+        Err(e) => {
+            tracing::warn!(error = %e, request = id, "inference payment failed");
+            0
+        }
+    }
+}
+
+/// Charges a finished (non-streamed) generation and records it.
+pub async fn settle(state: &AppState, caller: &Caller, g: &mut Generated, started: Instant) {
+    g.cost = charge(
+        state,
+        caller,
+        &g.id,
+        u64::from(g.prompt_tokens + g.completion_tokens),
+    )
+    .await;
+    state
+        .metrics
+        .record_inference(u64::from(g.completion_tokens), started.elapsed());
+}
