@@ -1,12 +1,17 @@
-//! A small HTTP/1.1 client for the CLI's calls to the local node (no TLS: loopback only).
+//! The CLI's calls to the local node: `reqwest`'s blocking client over loopback (no TLS, no
+//! proxy). The operator commands run before any runtime exists, so the blocking client (which
+//! drives its own) is simpler than building one for a single request.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::Value;
 
-/// An answer: status code and JSON body (`Value::Null` when the body is empty).
+/// How long one call may take, connection to last byte.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An answer: status code and JSON body (`Value::Null` when the body is empty, a string when
+/// it is not JSON).
 pub struct Answer {
     pub status: u16,
     pub body: Value,
@@ -20,74 +25,54 @@ pub fn call(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> anyhow::Result<Answer> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
-        .with_context(|| format!("no node answering on 127.0.0.1:{port}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let payload = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(TIMEOUT)
+        .build()?;
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    let mut request = http.request(method, format!("http://127.0.0.1:{port}{path}"));
     if let Some(t) = token {
-        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        request = request.bearer_auth(t);
     }
-    if body.is_some() {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            payload.len()
-        ));
+    if let Some(b) = body {
+        request = request.json(b);
     }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes())?;
-    s.write_all(payload.as_bytes())?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("malformed HTTP status line {line:?}"))?;
-    let (mut length, mut chunked) = (None, false);
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "content-length" {
-                length = v.parse::<usize>().ok();
-            } else if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            }
-        }
+    let answer = request.send().map_err(|e| unreachable_node(e, port))?;
+    let status = answer.status().as_u16();
+    let raw = answer.bytes()?;
+    Ok(Answer {
+        status,
+        body: parse_body(&raw),
+    })
+}
+
+/// A failed connection reads "no node answering on 127.0.0.1:PORT" caused by the socket's own
+/// error (e.g. "Connection refused (os error 111)"); any other failure is reqwest's error.
+fn unreachable_node(e: reqwest::Error, port: u16) -> anyhow::Error {
+    if !e.is_connect() {
+        return e.into();
     }
-    let mut raw = Vec::new();
-    if chunked {
-        loop {
-            line.clear();
-            r.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim(), 16).context("malformed chunk size")?;
-            if size == 0 {
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk)?;
-            raw.extend_from_slice(&chunk[..size]);
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            let io = match io.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(io.kind(), io.to_string()),
+            };
+            return anyhow::Error::new(io)
+                .context(format!("no node answering on 127.0.0.1:{port}"));
         }
-    } else if let Some(n) = length {
-        raw.resize(n, 0);
-        r.read_exact(&mut raw)?;
-    } else {
-        r.read_to_end(&mut raw)?;
+        cause = c.source();
     }
-    let body = if raw.is_empty() {
-        Value::Null
-    } else {
-        match serde_json::from_slice(&raw) {
-            Ok(v) => v,
-            Err(_) => Value::String(String::from_utf8_lossy(&raw).into_owned()),
-        }
-    };
-    Ok(Answer { status, body })
+    anyhow::Error::new(e).context(format!("no node answering on 127.0.0.1:{port}"))
+}
+
+fn parse_body(raw: &[u8]) -> Value {
+    if raw.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_slice(raw)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(raw).into_owned()))
 }
 
 /// As [`call`], failing with the contract error's message on a non-2xx answer.
@@ -107,4 +92,125 @@ pub fn call_ok(
         }
     }
     Ok(a.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_json_text_or_null() {
+        assert_eq!(parse_body(b""), Value::Null);
+        assert_eq!(parse_body(br#"{"a":1}"#)["a"], 1);
+        assert_eq!(parse_body(b"plain"), Value::String("plain".into()));
+    }
+
+    #[test]
+    fn no_node_names_the_port_and_the_socket_error() {
+        // A port that was just free: nothing listens on it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let err = call(port, "GET", "/api/v1/status", None, None)
+            .err()
+            .unwrap();
+        let refused = std::io::Error::from_raw_os_error(nix::libc::ECONNREFUSED);
+        // What `main` prints: the message, then "Caused by:" and the socket's error.
+        let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+        assert_eq!(
+            chain,
+            [
+                format!("no node answering on 127.0.0.1:{port}"),
+                refused.to_string()
+            ]
+        );
+    }
+
+    /// Serves one canned answer on a fresh port; the request it read comes back on join.
+    fn serve_once(answer: impl Into<String>) -> (u16, std::thread::JoinHandle<String>) {
+        use std::io::{Read, Write};
+        let answer: String = answer.into();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0; 4096];
+            // Head, then the body its Content-Length announces.
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+            let length = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            let head = text.find("\r\n\r\n").unwrap() + 4;
+            while request.len() < head + length {
+                let n = s.read(&mut buf).unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(answer.as_bytes()).unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        (port, server)
+    }
+
+    #[test]
+    fn sends_token_and_json_and_renders_contract_errors() {
+        let body = r#"{"error":{"code":"NOT_FOUND","message":"no such route"}}"#;
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (port, server) = serve_once(answer);
+        let sent = serde_json::json!({"amount": 1.5});
+        let err = call_ok(
+            port,
+            "POST",
+            "/api/v1/x?limit=3",
+            Some("nst_t"),
+            Some(&sent),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.to_string(), "NOT_FOUND: no such route (HTTP 404)");
+        let request = server.join().unwrap();
+        assert!(
+            request.starts_with("POST /api/v1/x?limit=3 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        let lower = request.to_ascii_lowercase();
+        assert!(
+            lower.contains("authorization: bearer nst_t\r\n"),
+            "{request}"
+        );
+        assert!(
+            lower.contains("content-type: application/json\r\n"),
+            "{request}"
+        );
+        assert!(request.ends_with(r#"{"amount":1.5}"#), "{request}");
+    }
+
+    #[test]
+    fn other_errors_show_status_and_body_and_chunks_are_read() {
+        let (port, server) = serve_once(
+            "HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nbad\r\n4\r\n gw!\r\n0\r\n\r\n",
+        );
+        let err = call_ok(port, "GET", "/", None, None).err().unwrap();
+        assert_eq!(err.to_string(), "HTTP 502: \"bad gw!\"");
+        let request = server.join().unwrap();
+        assert!(
+            !request.to_ascii_lowercase().contains("authorization"),
+            "{request}"
+        );
+        let (port, server) = serve_once("HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(
+            call_ok(port, "DELETE", "/", None, None).unwrap(),
+            Value::Null
+        );
+        server.join().unwrap();
+    }
 }

@@ -1,20 +1,44 @@
 //! The node's counters and sliding windows, read by `GET /api/v1/metrics` and the Prometheus
 //! exposition at `/metrics`. Everything here counts real events; nothing is estimated.
+//!
+//! Latency quantiles come from `hdrhistogram`: one histogram per [`BUCKET`] of time, merged
+//! over the window when read.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
+
 /// Window for requests per minute and latency figures.
 pub const LATENCY_WINDOW: Duration = Duration::from_secs(300);
-/// Most samples kept in a window (bounded memory under any load).
-const MAX_SAMPLES: usize = 100_000;
+/// One histogram per bucket of this width; a window holds every bucket that overlaps its last
+/// [`LATENCY_WINDOW`], so it reaches back at most one bucket further.
+pub const BUCKET: Duration = Duration::from_secs(10);
+/// Latencies are kept in microseconds to 3 significant digits (0.1 %).
+const SIGFIGS: u8 = 3;
+/// Larger latencies are recorded as this (an hour), which bounds a histogram's size.
+const HIGHEST_US: u64 = 3_600_000_000;
 
-/// Latencies of the requests finished within [`LATENCY_WINDOW`].
+/// The samples of one bucket.
+#[derive(Debug)]
+struct Bucket {
+    /// Bucket number since the window's first sample.
+    index: u64,
+    micros: Histogram<u32>,
+    /// Exact sum of the samples, for the mean.
+    sum_ms: f64,
+}
+
+/// Latencies of the requests finished within [`LATENCY_WINDOW`] (and up to one [`BUCKET`]
+/// more).
 #[derive(Debug, Default)]
 pub struct LatencyWindow {
-    samples: VecDeque<(Instant, f64)>,
+    /// The first sample's instant: buckets are counted from it.
+    origin: Option<Instant>,
+    /// Buckets holding samples, oldest first; at most `LATENCY_WINDOW / BUCKET + 1`.
+    buckets: VecDeque<Bucket>,
 }
 
 /// What a window says at one instant.
@@ -27,19 +51,42 @@ pub struct WindowFigures {
     pub count: usize,
 }
 
+fn histogram() -> Histogram<u32> {
+    // An auto-resizing histogram; `new` fails only for more than 5 significant digits.
+    Histogram::new(SIGFIGS).expect("3 significant digits are valid")
+}
+
 impl LatencyWindow {
     pub fn record(&mut self, at: Instant, ms: f64) {
-        self.expire(at);
-        if self.samples.len() == MAX_SAMPLES {
-            self.samples.pop_front();
+        let origin = *self.origin.get_or_insert(at);
+        let since = at.saturating_duration_since(origin);
+        self.expire(since);
+        let index = (since.as_nanos() / BUCKET.as_nanos()) as u64;
+        // A sample whose instant was taken before the newest bucket's (it waited for the lock)
+        // joins the newest bucket.
+        if self.buckets.back().is_none_or(|b| b.index < index) {
+            self.buckets.push_back(Bucket {
+                index,
+                micros: histogram(),
+                sum_ms: 0.0,
+            });
         }
-        self.samples.push_back((at, ms));
+        if let Some(b) = self.buckets.back_mut() {
+            let us = ((ms * 1e3).round() as u64).min(HIGHEST_US);
+            // With auto-resize, recording fails only past the histogram's own limit (2^62).
+            if b.micros.record(us).is_err() {
+                b.micros.saturating_record(us);
+            }
+            b.sum_ms += ms;
+        }
     }
 
-    fn expire(&mut self, now: Instant) {
-        while let Some((t, _)) = self.samples.front() {
-            if now.duration_since(*t) > LATENCY_WINDOW {
-                self.samples.pop_front();
+    /// Drops the buckets that ended before the window that ends `since` after the origin.
+    fn expire(&mut self, since: Duration) {
+        while let Some(b) = self.buckets.front() {
+            let end = u128::from(b.index + 1) * BUCKET.as_nanos();
+            if end + LATENCY_WINDOW.as_nanos() <= since.as_nanos() {
+                self.buckets.pop_front();
             } else {
                 break;
             }
@@ -49,21 +96,37 @@ impl LatencyWindow {
     /// Figures over the window ending at `now`; `alive` is how long the node has been up (a
     /// younger node's rate is over its lifetime, not diluted by time it did not exist).
     pub fn figures(&mut self, now: Instant, alive: Duration) -> WindowFigures {
-        self.expire(now);
-        let n = self.samples.len();
+        let Some(origin) = self.origin else {
+            return WindowFigures::default();
+        };
+        let since = now.saturating_duration_since(origin);
+        self.expire(since);
+        let mut merged = histogram();
+        let mut sum_ms = 0.0;
+        for b in &self.buckets {
+            // Auto-resizing histograms of one precision always add up.
+            let _ = merged.add(&b.micros);
+            sum_ms += b.sum_ms;
+        }
+        let n = merged.len();
         if n == 0 {
             return WindowFigures::default();
         }
-        let mut ms: Vec<f64> = self.samples.iter().map(|(_, m)| *m).collect();
-        ms.sort_by(f64::total_cmp);
-        let rank = |q: f64| ms[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
-        let span = alive.min(LATENCY_WINDOW).as_secs_f64().max(1.0);
+        // The window starts at the beginning of the bucket that holds `now - LATENCY_WINDOW`.
+        let reach = match since.checked_sub(LATENCY_WINDOW) {
+            Some(start) => {
+                LATENCY_WINDOW + Duration::from_nanos((start.as_nanos() % BUCKET.as_nanos()) as u64)
+            }
+            None => LATENCY_WINDOW,
+        };
+        let span = alive.min(reach).as_secs_f64().max(1.0);
+        let quantile_ms = |q: f64| merged.value_at_quantile(q) as f64 / 1e3;
         WindowFigures {
             per_minute: n as f64 * 60.0 / span,
-            avg_ms: ms.iter().sum::<f64>() / n as f64,
-            p50_ms: rank(0.50),
-            p99_ms: rank(0.99),
-            count: n,
+            avg_ms: sum_ms / n as f64,
+            p50_ms: quantile_ms(0.50),
+            p99_ms: quantile_ms(0.99),
+            count: n as usize,
         }
     }
 }
@@ -166,20 +229,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn window_figures_and_expiry() {
+    fn quantiles_of_known_inputs() {
         let mut w = LatencyWindow::default();
         let t0 = Instant::now();
-        for i in 1..=100 {
-            w.record(t0, i as f64);
+        // 1 µs to 1 ms: below 2048 µs the histogram is exact.
+        for us in 1..=1000 {
+            w.record(t0, f64::from(us) / 1e3);
+        }
+        let f = w.figures(t0, Duration::from_secs(600));
+        assert_eq!(f.count, 1000);
+        assert_eq!(f.p50_ms, 0.5);
+        assert_eq!(f.p99_ms, 0.99);
+        assert!((f.avg_ms - 0.5005).abs() < 1e-12, "{}", f.avg_ms);
+
+        // 1 to 100 ms: within the histogram's 0.1 %, never below the true rank; the mean is exact.
+        let mut w = LatencyWindow::default();
+        for ms in 1..=100 {
+            w.record(t0, f64::from(ms));
         }
         let f = w.figures(t0, Duration::from_secs(600));
         assert_eq!(f.count, 100);
-        assert_eq!(f.p99_ms, 99.0);
-        assert_eq!(f.p50_ms, 50.0);
+        assert!(f.p50_ms >= 50.0 && f.p50_ms <= 50.0 * 1.001, "{}", f.p50_ms);
+        assert!(f.p99_ms >= 99.0 && f.p99_ms <= 99.0 * 1.001, "{}", f.p99_ms);
         assert!((f.avg_ms - 50.5).abs() < 1e-9);
+        // 100 requests, the window is 5 minutes: 20 per minute.
         assert!((f.per_minute - 20.0).abs() < 1e-9);
-        let later = t0 + LATENCY_WINDOW + Duration::from_secs(1);
-        assert_eq!(w.figures(later, Duration::from_secs(900)).count, 0);
+        // One slow request among a hundred fast ones: p99 is the 100th of 101, 100 ms.
+        w.record(t0, 60_000.0);
+        let f = w.figures(t0, Duration::from_secs(600));
+        assert!(f.p99_ms >= 100.0 && f.p99_ms <= 100.1, "{}", f.p99_ms);
+        assert_eq!(w.figures(t0, Duration::ZERO).per_minute, 101.0 * 60.0);
+    }
+
+    #[test]
+    fn window_keeps_the_last_five_minutes_by_bucket() {
+        let mut w = LatencyWindow::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let long = Duration::from_secs(3600);
+        w.record(t0, 1000.0);
+        w.record(at(200), 1.0);
+        // The first sample's bucket [0, 10 s) still overlaps the last 5 minutes at 305 s ...
+        assert_eq!(w.figures(at(305), long).count, 2);
+        // ... not at 310 s.
+        let f = w.figures(at(310), long);
+        assert_eq!((f.count, f.p99_ms), (1, 1.0));
+        assert_eq!(w.figures(at(510), long).count, 0);
+        assert_eq!(w.figures(at(510), long), WindowFigures::default());
+        assert_eq!(
+            LatencyWindow::default().figures(t0, long),
+            WindowFigures::default()
+        );
+    }
+
+    #[test]
+    fn rate_is_over_the_span_the_window_covers() {
+        let mut w = LatencyWindow::default();
+        let t0 = Instant::now();
+        for s in 0..600 {
+            w.record(t0 + Duration::from_secs(s), 2.0);
+        }
+        let long = Duration::from_secs(3600);
+        // At 600 s the window is [300 s, 600 s]: 300 samples in 5 minutes.
+        let f = w.figures(t0 + Duration::from_secs(600), long);
+        assert_eq!(f.count, 300);
+        assert!((f.per_minute - 60.0).abs() < 1e-9, "{}", f.per_minute);
+        // At 605 s it is [300 s, 605 s], the bucket that holds 305 s whole.
+        let f = w.figures(t0 + Duration::from_secs(605), long);
+        assert_eq!(f.count, 300);
+        assert!(
+            (f.per_minute - 300.0 * 60.0 / 305.0).abs() < 1e-9,
+            "{}",
+            f.per_minute
+        );
+        // A node up for 2 minutes has its rate over those 2 minutes.
+        let f = w.figures(t0 + Duration::from_secs(600), Duration::from_secs(120));
+        assert!((f.per_minute - 150.0).abs() < 1e-9, "{}", f.per_minute);
     }
 
     #[test]
