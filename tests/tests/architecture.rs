@@ -101,6 +101,19 @@ const NEVER: &[Never] = &[
         anywhere: &[&["tonic", "neuroshard-engine", "neuroshard-kernels"], CUDA],
         directly: &[REST],
     },
+    // Coordination decides and does nothing else: no runtime, no RPC, no storage, no clock
+    // and no randomness of its own (time and seeds come in as arguments), nothing of the
+    // daemon's.
+    Never {
+        krate: "neuroshard-coordination",
+        anywhere: &[
+            ASYNC,
+            DATABASE,
+            CUDA,
+            &["tonic", "axum", "reqwest", "hyper", "chrono", "rand", "neuroshard"],
+        ],
+        directly: &[],
+    },
     // The harness and the scenarios run everything.
     Never {
         krate: "neuroshard-tests",
