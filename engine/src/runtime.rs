@@ -12,8 +12,11 @@
 //! - TrainStep runs a whole local step with the data loader (full model only).
 //! - Checkpoint writes atomically; Restore replaces the loaded model (or loads one).
 
-mod session;
+mod generate;
 mod stage;
+mod state;
+mod train;
+mod weights;
 
 use std::path::Path;
 
@@ -29,7 +32,8 @@ use crate::data::DataError;
 use crate::export::ExportError;
 use crate::model::{ModelError, StageSpec};
 use crate::optim::TrainSettings;
-pub use session::{Prepared, Session, State};
+pub use generate::Prepared;
+pub use state::State;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -146,20 +150,15 @@ enum Loaded {
     Cuda(Box<State<CudaBackend>>),
 }
 
-impl Loaded {
-    fn get(&self) -> &dyn Session {
-        match self {
-            Loaded::Cpu(s) => s.as_ref(),
-            Loaded::Cuda(s) => s.as_ref(),
+/// Runs `$body` with `$s` bound to the `State` inside `$loaded` (a `Loaded`, `&Loaded` or
+/// `&mut Loaded`), whichever backend it is on: one line per command instead of a trait object.
+macro_rules! with_state {
+    ($loaded:expr, |$s:ident| $body:expr) => {
+        match $loaded {
+            Loaded::Cpu($s) => $body,
+            Loaded::Cuda($s) => $body,
         }
-    }
-
-    fn get_mut(&mut self) -> &mut dyn Session {
-        match self {
-            Loaded::Cpu(s) => s.as_mut(),
-            Loaded::Cuda(s) => s.as_mut(),
-        }
-    }
+    };
 }
 
 pub struct Runtime {
@@ -168,7 +167,8 @@ pub struct Runtime {
     use_cuda: bool,
     /// The CUDA backend while no model holds it (a model owns its backend).
     idle_cuda: Option<CudaBackend>,
-    session: Option<Loaded>,
+    /// The model, once LoadModel or Restore built one.
+    loaded: Option<Loaded>,
     /// Bumps whenever the loaded model is replaced or dropped: generation state (KV caches)
     /// belongs to one model and ends with it.
     epoch: u64,
@@ -230,22 +230,19 @@ impl Runtime {
             device,
             use_cuda: cuda.is_some(),
             idle_cuda: cuda,
-            session: None,
+            loaded: None,
             epoch: 0,
         })
     }
 
-    fn session(&mut self) -> Result<&mut dyn Session, RuntimeError> {
-        self.session
-            .as_mut()
-            .map(Loaded::get_mut)
-            .ok_or(RuntimeError::NoModel)
+    fn loaded(&mut self) -> Result<&mut Loaded, RuntimeError> {
+        self.loaded.as_mut().ok_or(RuntimeError::NoModel)
     }
 
     /// Drops the loaded model, keeping its CUDA backend for the next one.
     fn unload(&mut self) {
         self.epoch += 1;
-        if let Some(Loaded::Cuda(state)) = self.session.take() {
+        if let Some(Loaded::Cuda(state)) = self.loaded.take() {
             self.idle_cuda = Some((*state).into_backend());
         }
     }
@@ -272,26 +269,13 @@ impl Runtime {
         } else {
             Loaded::Cpu(Box::new(build_cpu(CpuBackend::new())?))
         };
-        self.session = Some(loaded);
+        self.loaded = Some(loaded);
         Ok(())
     }
 
     pub fn health(&self) -> RuntimeHealth {
-        match self.session.as_ref().map(Loaded::get) {
-            Some(s) => {
-                let (device, device_name, memory_used, memory_total) = s.device();
-                let (stage_sessions, stage_kv_bytes) = s.stage_stats();
-                RuntimeHealth {
-                    device,
-                    device_name,
-                    memory_used,
-                    memory_total,
-                    model_loaded: true,
-                    step: s.step(),
-                    stage_sessions,
-                    stage_kv_bytes,
-                }
-            }
+        match &self.loaded {
+            Some(loaded) => with_state!(loaded, |s| s.health()),
             None => RuntimeHealth {
                 device: if self.use_cuda {
                     "cuda".into()
@@ -386,17 +370,12 @@ impl Runtime {
                 |be| State::from_file(be, &file, path, Some((&cfg, &spec)), Some(t2)),
             )?;
         }
-        let session = self
-            .session
-            .as_ref()
-            .map(Loaded::get)
-            .ok_or(RuntimeError::NoModel)?;
-        let reply = pb::LoadModelReply {
-            parameters: session.parameters(),
-            model_hash: session.model_hash()?,
-            step: session.step(),
+        let reply = with_state!(self.loaded()?, |s| pb::LoadModelReply {
+            parameters: s.parameters(),
+            model_hash: s.model_hash()?,
+            step: s.step(),
             seeded_layers,
-        };
+        });
         tracing::info!(
             parameters = reply.parameters,
             layers = ?(spec.layer_start..spec.layer_end),
@@ -413,7 +392,7 @@ impl Runtime {
         req: &pb::ForwardRequest,
         shm: &Segment,
     ) -> Result<pb::ForwardReply, RuntimeError> {
-        self.session()?.forward(req, shm)
+        with_state!(self.loaded()?, |s| s.forward(req, shm))
     }
 
     pub fn backward(
@@ -421,14 +400,14 @@ impl Runtime {
         req: &pb::BackwardRequest,
         shm: &Segment,
     ) -> Result<pb::BackwardReply, RuntimeError> {
-        self.session()?.backward(req, shm)
+        with_state!(self.loaded()?, |s| s.backward(req, shm))
     }
 
     pub fn optimizer_step(
         &mut self,
         req: &pb::OptimizerStepRequest,
     ) -> Result<pb::OptimizerStepReply, RuntimeError> {
-        self.session()?.optimizer_step(req)
+        with_state!(self.loaded()?, |s| s.optimizer_step(req))
     }
 
     pub fn next_batch(
@@ -436,15 +415,15 @@ impl Runtime {
         req: &pb::NextBatchRequest,
         shm: &Segment,
     ) -> Result<pb::NextBatchReply, RuntimeError> {
-        self.session()?.next_batch(req, shm)
+        with_state!(self.loaded()?, |s| s.next_batch(req, shm))
     }
 
     pub fn grad_norm(&mut self) -> Result<pb::GradNormReply, RuntimeError> {
-        self.session()?.grad_norm()
+        with_state!(self.loaded()?, |s| s.grad_norm())
     }
 
     pub fn reset_grads(&mut self) -> Result<pb::ResetGradsReply, RuntimeError> {
-        self.session()?.reset_grads()?;
+        with_state!(self.loaded()?, |s| s.reset_grads())?;
         Ok(pb::ResetGradsReply {})
     }
 
@@ -452,7 +431,7 @@ impl Runtime {
         &mut self,
         _req: &pb::TrainStepRequest,
     ) -> Result<pb::TrainStepReply, RuntimeError> {
-        self.session()?.train_step()
+        with_state!(self.loaded()?, |s| s.train_step())
     }
 
     pub fn export_weights(
@@ -460,7 +439,7 @@ impl Runtime {
         req: &pb::ExportWeightsRequest,
         shm: Option<&Segment>,
     ) -> Result<pb::ExportWeightsReply, RuntimeError> {
-        self.session()?.export_weights(req, shm)
+        with_state!(self.loaded()?, |s| s.export_weights(req, shm))
     }
 
     pub fn import_weights(
@@ -468,7 +447,7 @@ impl Runtime {
         req: &pb::ImportWeightsRequest,
         shm: Option<&Segment>,
     ) -> Result<pb::ImportWeightsReply, RuntimeError> {
-        self.session()?.import_weights(req, shm)
+        with_state!(self.loaded()?, |s| s.import_weights(req, shm))
     }
 
     pub fn checkpoint(
@@ -478,7 +457,7 @@ impl Runtime {
         if req.path.is_empty() {
             return Err(RuntimeError::Invalid("Checkpoint needs a path".into()));
         }
-        self.session()?.checkpoint(Path::new(&req.path))
+        with_state!(self.loaded()?, |s| s.checkpoint(Path::new(&req.path)))
     }
 
     pub fn restore(&mut self, req: &pb::RestoreRequest) -> Result<pb::RestoreReply, RuntimeError> {
@@ -494,18 +473,17 @@ impl Runtime {
             |be| State::from_file(be, &file, path, None, None),
             |be| State::from_file(be, &file, path, None, None),
         )?;
-        let s = self.session()?;
-        let reply = pb::RestoreReply {
+        let reply = with_state!(self.loaded()?, |s| pb::RestoreReply {
             step: s.step(),
             model_hash: s.model_hash()?,
-        };
+        });
         tracing::info!(path = %req.path, step = reply.step, "checkpoint restored");
         Ok(reply)
     }
 
     pub fn model_hash(&mut self) -> Result<pb::ModelHashReply, RuntimeError> {
         Ok(pb::ModelHashReply {
-            model_hash: self.session()?.model_hash()?,
+            model_hash: with_state!(self.loaded()?, |s| s.model_hash())?,
         })
     }
 
@@ -516,7 +494,7 @@ impl Runtime {
         req: &pb::GenerateRequest,
         emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
     ) -> Result<(), RuntimeError> {
-        self.session()?.generate(req, emit)
+        with_state!(self.loaded()?, |s| s.generate(req, emit))
     }
 
     /// Which model generation state belongs to (see `epoch`).
@@ -524,22 +502,22 @@ impl Runtime {
         self.epoch
     }
 
-    /// Continuous batching, driven by `batcher.rs`: see [`Session::gen_prepare`].
+    /// Continuous batching, driven by `batcher.rs`: see `State::gen_prepare` (`runtime/generate.rs`).
     pub fn gen_prepare(&mut self, req: &pb::GenerateRequest) -> Result<Prepared, RuntimeError> {
-        self.session()?.gen_prepare(req)
+        with_state!(self.loaded()?, |s| s.gen_prepare(req))
     }
 
     pub fn gen_admit(&mut self, id: u64, p: &Prepared) -> Result<pb::GenerateReply, RuntimeError> {
-        self.session()?.gen_admit(id, p)
+        with_state!(self.loaded()?, |s| s.gen_admit(id, p))
     }
 
     pub fn gen_step(&mut self) -> Result<Vec<(u64, pb::GenerateReply)>, RuntimeError> {
-        self.session()?.gen_step()
+        with_state!(self.loaded()?, |s| s.gen_step())
     }
 
     pub fn gen_cancel(&mut self, id: u64) {
-        if let Ok(s) = self.session() {
-            s.gen_cancel(id);
+        if let Ok(loaded) = self.loaded() {
+            with_state!(loaded, |s| s.gen_cancel(id));
         }
     }
 
@@ -548,7 +526,7 @@ impl Runtime {
         &mut self,
         req: &pb::StageStartRequest,
     ) -> Result<pb::StageStartReply, RuntimeError> {
-        self.session()?.stage_start(req)
+        with_state!(self.loaded()?, |s| s.stage_start(req))
     }
 
     pub fn stage_forward(
@@ -556,7 +534,7 @@ impl Runtime {
         req: &pb::StageForwardRequest,
         shm: &Segment,
     ) -> Result<pb::StageForwardReply, RuntimeError> {
-        self.session()?.stage_forward(req, shm)
+        with_state!(self.loaded()?, |s| s.stage_forward(req, shm))
     }
 
     pub fn stage_sample(
@@ -564,7 +542,7 @@ impl Runtime {
         req: &pb::StageSampleRequest,
         shm: &Segment,
     ) -> Result<pb::StageSampleReply, RuntimeError> {
-        self.session()?.stage_sample(req, shm)
+        with_state!(self.loaded()?, |s| s.stage_sample(req, shm))
     }
 
     pub fn stage_end(
@@ -572,14 +550,14 @@ impl Runtime {
         req: &pb::StageEndRequest,
     ) -> Result<pb::StageEndReply, RuntimeError> {
         Ok(pb::StageEndReply {
-            ended: self.session()?.stage_end(req.session),
+            ended: with_state!(self.loaded()?, |s| s.stage_end(req.session)),
         })
     }
 
     /// Drops idle inference sessions (called from Health when the runtime is free).
     pub fn stage_prune(&mut self) {
-        if let Ok(s) = self.session() {
-            s.stage_prune();
+        if let Ok(loaded) = self.loaded() {
+            with_state!(loaded, |s| s.stage_prune());
         }
     }
 }

@@ -464,7 +464,7 @@ impl Segment {
         shape: &[u64],
         values: &[f32],
     ) -> Result<TensorRef, ShmError> {
-        self.write(slot, DType::F32, shape, as_bytes_f32(values))
+        self.write(slot, DType::F32, shape, bytemuck::cast_slice(values))
     }
 
     /// Reads the tensor `r` names; refuses a slot that was rewritten or is not ready.
@@ -598,11 +598,6 @@ impl std::fmt::Debug for Segment {
             .field("owner", &self.owner)
             .finish()
     }
-}
-
-fn as_bytes_f32(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
 #[cfg(test)]

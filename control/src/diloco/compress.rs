@@ -11,6 +11,7 @@
 //! The sender aggregates the *decoded* form of its own contribution, like everyone else,
 //! so all replicas see the same bits.
 
+use half::bf16;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, Default)]
@@ -63,28 +64,15 @@ pub enum DecodeError {
     Scale(f32),
 }
 
-/// f32 → bf16 bits, round to nearest even; NaN stays NaN.
-pub fn f32_to_bf16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    if v.is_nan() {
-        return ((bits >> 16) as u16) | 0x0040;
-    }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
-}
-
-pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits(u32::from(b) << 16)
-}
-
 /// Encodes `values`. For `int8`, `residual` (same length, or empty to start) carries the
 /// error feedback: it is added before quantizing and replaced by what was lost.
 pub fn encode(encoding: Encoding, values: &[f32], residual: &mut Vec<f32>) -> Vec<u8> {
     match encoding {
         Encoding::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        // Round to nearest even; a NaN stays NaN (quiet).
         Encoding::Bf16 => values
             .iter()
-            .flat_map(|&v| f32_to_bf16(v).to_le_bytes())
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect(),
         Encoding::Int8 => {
             if residual.len() != values.len() {
@@ -134,7 +122,7 @@ pub fn decode(encoding: Encoding, bytes: &[u8], values: usize) -> Result<Vec<f32
             .collect(),
         Encoding::Bf16 => bytes
             .chunks_exact(2)
-            .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Encoding::Int8 => {
             let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -168,20 +156,41 @@ mod tests {
         }
     }
 
+    /// One value through the bf16 wire encoding and back.
+    fn bf16_round_trip(v: f32) -> f32 {
+        decode(
+            Encoding::Bf16,
+            &encode(Encoding::Bf16, &[v], &mut Vec::new()),
+            1,
+        )
+        .unwrap()[0]
+    }
+
     #[test]
     fn bf16_rounds_to_nearest_even_and_keeps_specials() {
-        assert_eq!(bf16_to_f32(f32_to_bf16(1.0)), 1.0);
+        assert_eq!(bf16_round_trip(1.0), 1.0);
         // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even (1.0).
-        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        assert_eq!(bf16_round_trip(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(bf16_round_trip(1.0 + 3.0 / 512.0), 1.0 + 1.0 / 128.0);
+        // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: ties go to the even.
+        assert_eq!(bf16_round_trip(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
+        assert!(bf16_round_trip(f32::NAN).is_nan());
+        assert!(bf16_round_trip(-f32::NAN).is_nan());
+        assert_eq!(bf16_round_trip(f32::INFINITY), f32::INFINITY);
+        assert_eq!(bf16_round_trip(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        // The largest finite f32 rounds up to infinity, as round to nearest even does.
+        assert_eq!(bf16_round_trip(f32::MAX), f32::INFINITY);
+        assert_eq!(bf16_round_trip(-0.0).to_bits(), (-0.0f32).to_bits());
+        // Subnormals round like any other value (the smallest one to +0).
+        assert_eq!(bf16_round_trip(f32::from_bits(1)).to_bits(), 0);
         assert_eq!(
-            bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 512.0)),
-            1.0 + 1.0 / 128.0
+            bf16_round_trip(f32::from_bits(0x0001_8000)).to_bits(),
+            0x0002_0000
         );
-        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
-        assert_eq!(bf16_to_f32(f32_to_bf16(f32::INFINITY)), f32::INFINITY);
+        // Little-endian on the wire: 1.0 is 0x3f80.
         assert_eq!(
-            bf16_to_f32(f32_to_bf16(-0.0)).to_bits(),
-            (-0.0f32).to_bits()
+            encode(Encoding::Bf16, &[1.0], &mut Vec::new()),
+            [0x80, 0x3f]
         );
     }
 

@@ -195,8 +195,7 @@ pub fn f32_bytes(v: &[f32]) -> &[u8] {
         cfg!(target_endian = "little"),
         "neuroshard assumes a little-endian host"
     );
-    // SAFETY: f32 has no padding; any byte pattern is a valid u8; the length is exact.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    bytemuck::cast_slice(v)
 }
 
 /// f32 values from little-endian bytes (`bytes.len()` a multiple of 4).

@@ -13,7 +13,7 @@ use neuroshard_proto::engine as pb;
 use neuroshard_shared::shm::{Segment, TensorRef};
 
 use super::RuntimeError;
-use super::session::State;
+use super::state::State;
 use crate::backend::Backend;
 use crate::model::batch::reserved_rows;
 use crate::model::generate::{BOS_ID, EOS_ID, Finish, Sampling, sample};
@@ -105,6 +105,7 @@ impl<B: Backend> State<B> {
         Ok(s)
     }
 
+    /// The requester's front end of a session: the sampler and the text decoder.
     pub(super) fn stage_start(
         &mut self,
         req: &pb::StageStartRequest,
@@ -160,6 +161,7 @@ impl<B: Backend> State<B> {
         })
     }
 
+    /// This stage's layers for one step of a session.
     pub(super) fn stage_forward(
         &mut self,
         req: &pb::StageForwardRequest,
@@ -247,6 +249,7 @@ impl<B: Backend> State<B> {
         })
     }
 
+    /// The next token of a session from the last stage's logits.
     pub(super) fn stage_sample(
         &mut self,
         req: &pb::StageSampleRequest,
@@ -315,6 +318,7 @@ impl<B: Backend> State<B> {
         })
     }
 
+    /// Frees a session; false when it was not open.
     pub(super) fn stage_end(&mut self, session: u64) -> bool {
         self.stage_prune();
         self.stage_sessions.remove(&session).is_some()

@@ -14,19 +14,17 @@ unsafe impl DeviceRepr for Bf16 {}
 unsafe impl ValidAsZeroBits for Bf16 {}
 
 impl Bf16 {
-    /// Round to nearest even, exactly as `f32_to_bf16` in `common.cuh`; NaN stays NaN.
+    /// Round to nearest even by `half`, bit for bit as `f32_to_bf16` in `common.cuh` (a NaN
+    /// keeps its upper bits and comes out quiet; infinities and subnormals are rounded like
+    /// any other value).
     pub fn from_f32(x: f32) -> Bf16 {
-        let u = x.to_bits();
-        if u & 0x7fff_ffff > 0x7f80_0000 {
-            return Bf16(((u >> 16) | 0x40) as u16);
-        }
-        let u = u.wrapping_add(0x7fff + ((u >> 16) & 1));
-        Bf16((u >> 16) as u16)
+        Bf16(half::bf16::from_f32(x).to_bits())
     }
 
-    /// Exact widening.
+    /// Exact widening by `half`. A NaN comes out quiet: a signalling one gains the quiet bit,
+    /// where the kernels' `to_f32` keeps the bits as they are (both are NaN).
     pub fn to_f32(self) -> f32 {
-        f32::from_bits((self.0 as u32) << 16)
+        half::bf16::from_bits(self.0).to_f32()
     }
 }
 
@@ -87,6 +85,57 @@ mod tests {
         assert_eq!(Bf16::from_f32(-0.0).0, 0x8000);
         let x = 3.3125_f32 + 1e-3;
         assert!((Bf16::from_f32(x).to_f32() - x).abs() <= x * 2f32.powi(-8));
+    }
+
+    /// `f32_to_bf16` of `common.cuh`, line for line: what the kernels compute on the device.
+    fn device_f32_to_bf16(x: f32) -> u16 {
+        let u = x.to_bits();
+        if u & 0x7fff_ffff > 0x7f80_0000 {
+            return ((u >> 16) | 0x40) as u16;
+        }
+        (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
+    }
+
+    #[test]
+    fn bf16_from_f32_matches_the_kernels_bit_for_bit() {
+        // Every 65521st bit pattern (all exponents, both signs, NaNs, subnormals) and the
+        // neighbours of every tie and overflow edge.
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(65521).collect();
+        for hi in [
+            0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x7f80, 0x7fc0, 0x8000, 0xff7f,
+        ] {
+            for lo in [0x0000u32, 0x0001, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                bits.push((hi << 16) | lo);
+                bits.push(((hi | 0x8000) << 16) | lo);
+            }
+        }
+        for b in bits {
+            let x = f32::from_bits(b);
+            assert_eq!(
+                Bf16::from_f32(x).0,
+                device_f32_to_bf16(x),
+                "f32 bits {b:#010x}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_to_f32_is_exact_and_keeps_nan() {
+        for b in 0..=u16::MAX {
+            let y = Bf16(b).to_f32();
+            let exact = f32::from_bits((b as u32) << 16);
+            if exact.is_nan() {
+                // A signalling NaN comes back quiet; the sign and payload stay.
+                assert!(y.is_nan());
+                assert_eq!(
+                    y.to_bits(),
+                    exact.to_bits() | 0x0040_0000,
+                    "bf16 bits {b:#06x}"
+                );
+            } else {
+                assert_eq!(y.to_bits(), exact.to_bits(), "bf16 bits {b:#06x}");
+            }
+        }
     }
 
     #[test]
