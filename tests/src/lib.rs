@@ -1,11 +1,15 @@
 //! Integration harness: runs real `neuroshard` / `neuroshard-engine` processes, each node in
 //! its own temporary directory with free ports, waits by polling (never fixed sleeps), kills
 //! its children on drop and prints their logs when a test fails. A node keeps its ledger in
-//! SQLite or, with [`Backend::Postgres`], in a PostgreSQL database of its own.
+//! SQLite or, with [`Backend::Postgres`], in a PostgreSQL database of its own. Every scenario
+//! starts with [`scenario`]: the scenarios of one file run in parallel, those of different
+//! files one file after another.
 
 mod database;
+mod scenario;
 
 pub use database::{Backend, POSTGRES_URL_VAR, PgDatabase};
+pub use scenario::{Scenario, scenario};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,7 +64,13 @@ pub fn free_port_pair() -> u16 {
 /// still gets its processes' logs printed as they are dropped.
 static TIMED_OUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether this test process is failing: a panic in progress or a [`wait_for`] timed out.
+/// A new group of scenarios starts with no timeout behind it (see [`scenario`]).
+fn clear_timed_out() {
+    TIMED_OUT.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether this test is failing: a panic in progress or a [`wait_for`] of its group of
+/// scenarios (of the process, outside a [`scenario`]) timed out.
 /// Drop impls print logs when it is true, and always when `NEUROSHARD_TEST_LOGS=1` (to read
 /// what the nodes did in a passing run).
 pub fn failing() -> bool {
