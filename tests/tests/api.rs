@@ -194,6 +194,7 @@ fn cli(node: &Node, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn every_endpoint_answers_as_documented() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let opts = NodeOptions {
         config: "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 32\n"
             .into(),

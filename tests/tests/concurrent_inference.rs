@@ -25,6 +25,7 @@ fn rss_kib(pid: i32) -> u64 {
 
 #[test]
 fn a_hundred_concurrent_requests_are_served_or_refused_cleanly() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let opts = NodeOptions {
         config: "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 32\ncheckpoint_every = 50\n".into(),
         // A small engine batch and wait queue, so the engine's own refusal is exercised too.

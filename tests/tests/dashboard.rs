@@ -56,6 +56,7 @@ fn text_of(dom: &str, id: &str) -> String {
 
 #[test]
 fn dashboard_shows_live_figures_in_a_real_browser() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let opts = NodeOptions {
         config: "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 32\n"
             .into(),

@@ -11,6 +11,7 @@ fn deploy(path: &str) -> std::path::PathBuf {
 
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let bins = neuroshard_tests::bin_dir();
     neuroshard_tests::binary("neuroshard");
@@ -52,12 +53,14 @@ fn systemd_units_pass_systemd_analyze_verify() {
 
 #[test]
 fn the_example_config_is_the_defaults() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let cfg = neuroshard::config::Config::load(&deploy("neuroshard.toml")).unwrap();
     assert_eq!(cfg, neuroshard::config::Config::default());
 }
 
 #[test]
 fn the_supervisord_config_names_both_programs() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let text = std::fs::read_to_string(deploy("supervisord/neuroshard.conf")).unwrap();
     assert!(text.contains("[program:neuroshard-engine]"));
     assert!(text.contains("[program:neuroshard]"));

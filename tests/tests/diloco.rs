@@ -4,7 +4,7 @@
 //! figures list each replica with the loss it reported and say why training is or is not
 //! verified.
 
-mod diloco_common;
+use crate::diloco_common;
 
 use diloco_common::{
     POLL, ROUNDS, START, agreed_round, dump_logs, global, loss, losses, mean_of, options,
@@ -13,6 +13,7 @@ use neuroshard_tests::{Node, wait_for};
 
 #[test]
 fn three_replicas_agree_bit_for_bit_and_their_loss_falls() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let a = Node::start(options("")).unwrap();
     a.wait_healthy(START).unwrap();
     let b = Node::start(options("").with_seed_peers(&[a.peer_addr()])).unwrap();

@@ -9,8 +9,8 @@
 //! outvote one (three: replicas briefly out of step) steps with its own delta only and
 //! adopts the others' state at the next boundary, so the attacker never decides a round.
 
-mod diloco_common;
-mod network_common;
+use crate::diloco_common;
+use crate::network_common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,11 +128,13 @@ async fn attack(conns: Vec<PeerConn>, stop: Arc<AtomicBool>, accepted: Arc<Atomi
 
 #[test]
 fn trimmed_mean_replicas_outvote_a_sign_flipping_attacker_and_refuse_scaled_deltas() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     attacked("trimmed_mean");
 }
 
 #[test]
 fn krum_replicas_outvote_a_sign_flipping_attacker_and_refuse_scaled_deltas() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     attacked("krum");
 }
 

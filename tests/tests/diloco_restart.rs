@@ -3,7 +3,7 @@
 //! replicas' agreed weights from a peer and, one round later, all three start the round from
 //! the same hash again.
 
-mod diloco_common;
+use crate::diloco_common;
 
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 
 #[test]
 fn a_replica_killed_mid_round_rejoins_and_agrees_again() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let a = Node::start(options("")).unwrap();
     a.wait_healthy(START).unwrap();
     let b = Node::start(options("").with_seed_peers(&[a.peer_addr()])).unwrap();

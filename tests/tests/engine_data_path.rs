@@ -10,6 +10,7 @@ use neuroshard_tests::{EngineProcess, wait_for};
 
 #[test]
 fn a_tensor_round_trips_through_shared_memory() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("engine.sock");
     let _engine = EngineProcess::start(&socket, &dir.path().join("engine.log")).unwrap();

@@ -7,6 +7,7 @@ use neuroshard_tests::{EngineProcess, Node, NodeOptions, wait_for};
 
 #[test]
 fn the_daemon_follows_an_externally_managed_engine() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("engine.sock");
     let log = dir.path().join("engine.log");

@@ -21,6 +21,7 @@ fn step(node: &Node) -> Option<u64> {
 
 #[test]
 fn engine_sigkills_during_training_and_streaming_lose_nothing() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let kills = if std::env::var_os("NEUROSHARD_LONG_TESTS").is_some() {
         100
     } else {

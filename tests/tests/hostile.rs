@@ -173,6 +173,7 @@ fn urlencode(s: &str) -> String {
 
 #[test]
 fn openapi_driven_fuzzing_never_gets_a_5xx_or_a_crash() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let opts = NodeOptions {
         config: "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 2\nseq_len = 32\n\
                  [api]\nrate_limit_per_token = 1000000\nrate_limit_per_ip = 1000000\n"

@@ -147,11 +147,13 @@ fn ids(replies: &[(&str, Value)]) -> Vec<String> {
 
 #[test]
 fn sigkill_during_concurrent_sends_loses_no_acknowledged_transfer_sqlite() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     sigkill_during_concurrent_sends_loses_no_acknowledged_transfer(Backend::Sqlite);
 }
 
 #[test]
 fn sigkill_during_concurrent_sends_loses_no_acknowledged_transfer_postgres() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     sigkill_during_concurrent_sends_loses_no_acknowledged_transfer(Backend::Postgres);
 }
 
@@ -241,11 +243,13 @@ fn second_of_minute() -> f64 {
 /// minting, while transfers, stakes and unstakes are in flight.
 #[test]
 fn sigkill_during_sends_stakes_unstakes_and_proof_minting_loses_nothing_acknowledged_sqlite() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     sigkill_during_sends_stakes_unstakes_and_proof_minting(Backend::Sqlite);
 }
 
 #[test]
 fn sigkill_during_sends_stakes_unstakes_and_proof_minting_loses_nothing_acknowledged_postgres() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     sigkill_during_sends_stakes_unstakes_and_proof_minting(Backend::Postgres);
 }
 
@@ -396,11 +400,13 @@ fn libfaketime() -> Option<String> {
 /// ledger adds up.
 #[test]
 fn sigkill_during_unstakes_loses_no_acknowledged_unstake_sqlite() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     sigkill_during_unstakes_loses_no_acknowledged_unstake(Backend::Sqlite);
 }
 
 #[test]
 fn sigkill_during_unstakes_loses_no_acknowledged_unstake_postgres() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     sigkill_during_unstakes_loses_no_acknowledged_unstake(Backend::Postgres);
 }
 

@@ -5,7 +5,7 @@
 //! end up with one root hash and the same balances. Once with every node's ledger in SQLite,
 //! once with each node on a PostgreSQL database of its own.
 
-mod network_common;
+use crate::network_common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -92,11 +92,13 @@ fn converged(
 
 #[test]
 fn three_nodes_find_each_other_and_converge_on_one_ledger_sqlite() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     three_nodes_find_each_other_and_converge_on_one_ledger(Backend::Sqlite);
 }
 
 #[test]
 fn three_nodes_find_each_other_and_converge_on_one_ledger_postgres() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     three_nodes_find_each_other_and_converge_on_one_ledger(Backend::Postgres);
 }
 

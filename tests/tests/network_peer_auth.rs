@@ -3,7 +3,7 @@
 //! pseudo-gradient among them), forged ledger blocks —
 //! with clear statuses, bans a connection or node that keeps doing it, and stays healthy.
 
-mod network_common;
+use crate::network_common;
 
 use std::time::Duration;
 
@@ -39,6 +39,7 @@ fn gossip(messages: Vec<Vec<u8>>) -> pb::GossipRequest {
 
 #[test]
 fn hostile_requests_are_refused_and_the_node_keeps_working() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let node = Node::start(NodeOptions::default()).unwrap();
     node.wait_healthy(START).unwrap();
     let obs = Observer::new().unwrap();

@@ -135,6 +135,7 @@ fn generate(node: &Node) {
 
 #[test]
 fn slow_then_stalled_peer_neither_hangs_training_inference_nor_the_api() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let b = Node::start(NodeOptions::default()).unwrap();
     b.wait_healthy(Duration::from_secs(60)).unwrap();
     let proxy = Proxy::start(b.peer_addr());

@@ -17,6 +17,7 @@ fn shm_name(node: &Node) -> String {
 
 #[test]
 fn a_started_node_is_healthy_and_reports_its_status() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let node = Node::start(NodeOptions::default()).unwrap();
     let health = node.wait_healthy(START).unwrap();
     assert_eq!(health["checks"]["network"], "ok");
@@ -44,6 +45,7 @@ fn a_started_node_is_healthy_and_reports_its_status() {
 
 #[test]
 fn health_keeps_answering_while_a_killed_engine_is_restarted() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let node = Node::start(NodeOptions::default()).unwrap();
     node.wait_healthy(START).unwrap();
     let first = node.engine_pid().expect("one engine child");
@@ -76,6 +78,7 @@ fn health_keeps_answering_while_a_killed_engine_is_restarted() {
 
 #[test]
 fn a_killed_daemon_takes_its_engine_down_and_the_next_start_reclaims_the_segment() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let mut node = Node::start(NodeOptions::default()).unwrap();
     node.wait_healthy(START).unwrap();
     let engine = node.engine_pid().unwrap();
@@ -101,6 +104,7 @@ fn a_killed_daemon_takes_its_engine_down_and_the_next_start_reclaims_the_segment
 
 #[test]
 fn a_clean_stop_leaves_no_segment_socket_or_pid_file() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let mut node = Node::start(NodeOptions::default()).unwrap();
     node.wait_healthy(START).unwrap();
     let engine = node.engine_pid().unwrap();
@@ -127,6 +131,7 @@ fn a_clean_stop_leaves_no_segment_socket_or_pid_file() {
 
 #[test]
 fn a_second_daemon_on_the_same_data_dir_is_refused() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let node = Node::start(NodeOptions::default()).unwrap();
     node.wait_healthy(START).unwrap();
     let out = std::process::Command::new(neuroshard_tests::binary("neuroshard"))

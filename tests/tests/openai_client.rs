@@ -13,6 +13,7 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(300);
 
 #[test]
 fn official_openai_client_works_unchanged() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let node = Node::start(NodeOptions {
         config: "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 2\nseq_len = 32\n"
             .into(),

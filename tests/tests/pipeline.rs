@@ -3,9 +3,8 @@
 //! 0-1), a worker (layer 2) and a validator (layer 3 + head), started one after another with
 //! `seed_peers`. (The `tiny` preset has only 2 layers, too few for three stages.)
 
-#[path = "network_common/mod.rs"]
-mod network_common;
-mod pipeline_common;
+use crate::network_common;
+use crate::pipeline_common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,6 +40,7 @@ fn three_stages(extra: &str) -> (Node, Node, Node) {
 
 #[test]
 fn three_stages_train_and_the_loss_falls() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let (a, b, c) = three_stages("");
     let nodes = [&a, &b, &c];
     wait_for("a first pipeline step", START, POLL, || {
@@ -129,6 +129,7 @@ async fn engine_client(socket: &Path) -> neuroshard::supervisor::Client {
 
 #[test]
 fn one_pipeline_step_equals_the_same_step_on_one_node() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let (a, b, c) = three_stages("max_steps = 1");
     let nodes = [&a, &b, &c];
     wait_for("the one pipeline step on every stage", START, POLL, || {
@@ -239,6 +240,7 @@ fn refused_count(node: &Node) -> Option<u64> {
 
 #[test]
 fn pipeline_calls_from_a_peer_that_is_not_the_stage_before_are_refused() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let (a, b, c) = three_stages("");
     let nodes = [&a, &b, &c];
     wait_for("pipeline steps", START, POLL, || {

@@ -6,9 +6,8 @@
 //! hang, and every surviving stage frees the session. Inference runs while the pipeline
 //! trains; malformed peer requests are refused.
 
-#[path = "network_common/mod.rs"]
-mod network_common;
-mod pipeline_common;
+use crate::network_common;
+use crate::pipeline_common;
 
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
@@ -125,6 +124,7 @@ fn stream(node: &Node, body: Value, mut on_token: impl FnMut(usize)) -> (String,
 
 #[test]
 fn nodes_without_every_layer_generate_what_one_node_generates() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let (a, b, c) = three_stages();
     let single = Node::start(options(None)).unwrap();
     single.wait_model_loaded(START).unwrap();
@@ -196,6 +196,7 @@ fn nodes_without_every_layer_generate_what_one_node_generates() {
 
 #[test]
 fn a_stage_stalled_or_killed_mid_generation_fails_the_request_cleanly() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let (a, b, c) = three_stages();
     let nodes = [&a, &b, &c];
     // The route is up.
@@ -293,6 +294,7 @@ fn a_stage_stalled_or_killed_mid_generation_fails_the_request_cleanly() {
 
 #[test]
 fn a_generation_goes_on_over_another_route_when_a_stage_dies() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let (a, b, c) = three_stages();
     // Greedy through the worker and the validator: the text every route must give.
     let body = json!({"prompt": "The river", "max_tokens": 60, "temperature": 0});
@@ -360,6 +362,7 @@ fn a_generation_goes_on_over_another_route_when_a_stage_dies() {
 
 #[test]
 fn inference_runs_while_the_pipeline_trains() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let (a, b, c) = three_stages_with(
         "enabled = true\nbatch_size = 4\nseq_len = 32\nlearning_rate = 0.003\nmicro_batches = 2\n",
     );
@@ -403,6 +406,7 @@ fn ids(v: &[u32]) -> Option<pb::PipelineTensor> {
 
 #[test]
 fn malformed_inference_requests_from_a_peer_are_refused() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let a = Node::start(options(Some(2))).unwrap();
     wait_role(&a, "driver", &[0, 1]);
     a.wait_model_loaded(START).unwrap();

@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::pipeline_common;
 use neuroshard_proto::engine as pb;
-mod pipeline_common;
 
 use neuroshard_tests::{Node, NodeOptions, pid_alive, wait_for};
 use nix::sys::signal::{Signal, kill};
@@ -45,6 +45,7 @@ fn three_stages(c_layers: u32, extra: &str) -> (Node, Node, Node) {
 
 #[test]
 fn a_killed_worker_s_layer_is_taken_over_and_training_resumes() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     // The validator may hold 3 layers but holds 1: it has room for the worker's.
     let (a, mut b, c) = three_stages(3, "");
     wait_for("pipeline steps", START, POLL, || {
@@ -134,6 +135,7 @@ async fn engine_hash(socket: &Path) -> String {
 
 #[test]
 fn a_late_joiner_starts_from_the_holders_weights_and_step() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     // Training stops at step 6, so the holders' weights stay put while the joiner loads.
     let (a, b, c) = three_stages(1, "max_steps = 6");
     let nodes = [&a, &b, &c];
@@ -181,6 +183,7 @@ fn a_late_joiner_starts_from_the_holders_weights_and_step() {
 
 #[test]
 fn a_stalled_worker_fails_steps_by_the_deadline_and_training_resumes_when_it_wakes() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     // No stage has room: the stall is waited out, not taken over.
     let (a, b, c) = three_stages(1, "pipeline_timeout_secs = 2");
     let nodes = [&a, &b, &c];
@@ -240,6 +243,7 @@ fn a_stalled_worker_fails_steps_by_the_deadline_and_training_resumes_when_it_wak
 
 #[test]
 fn a_worker_stalled_past_the_drop_time_is_taken_over_and_training_goes_on_when_it_wakes() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     // The validator has room: a stall longer than the peer drop time is a departure.
     let (a, b, c) = three_stages(3, "pipeline_timeout_secs = 2");
     let nodes = [&a, &b, &c];

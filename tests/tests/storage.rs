@@ -283,6 +283,7 @@ fn patch_batch_size(node: &Node, n: u32) -> Option<(u16, Value)> {
 
 #[test]
 fn full_disk_refuses_writes_cleanly_keeps_reads_and_recovers_intact() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let disk = SmallDisk::mount(64);
     // Training on: its rewards fund the writes, and its checkpoints hit the full disk too.
     let opts = NodeOptions {
@@ -501,6 +502,7 @@ impl Drop for Ext4Disk {
 
 #[test]
 fn file_system_turning_read_only_under_the_running_node_loses_nothing() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let disk = match Ext4Disk::mount(128) {
         Ok(disk) => disk,
         Err(why) => {

@@ -149,6 +149,7 @@ fn error_code(body: &Value) -> &str {
 
 #[test]
 fn nodes_find_each_other_through_a_tracker() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let dir = tempfile::tempdir()?;
     let port = free_port_pair();
     let mut tracker = Tracker::start(dir.path(), port)?;

@@ -27,6 +27,7 @@ fn wait_step(node: &Node, at_least: u64) -> (u64, f64) {
 
 #[test]
 fn training_loss_falls_and_resumes_from_checkpoints_after_crashes() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
     let opts = NodeOptions {
         config: "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 8\nseq_len = 64\n\
                  learning_rate = 0.003\ncheckpoint_every = 10\n"
