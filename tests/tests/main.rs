@@ -14,6 +14,7 @@ mod network_common;
 mod pipeline_common;
 
 mod api;
+mod architecture;
 mod concurrent_inference;
 mod dashboard;
 mod deploy_units;

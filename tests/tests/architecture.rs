@@ -1,0 +1,350 @@
+//! The architecture invariants of ARCHITECTURE.md, checked over `cargo metadata`: which crate
+//! may know prost and the database, and what each crate of the workspace must never depend
+//! on, directly or through other crates. A violation names the crate, the dependency and the
+//! path through which it comes in.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Async runtimes and executors.
+const ASYNC: &[&str] = &["tokio", "async-std", "smol", "futures-executor"];
+/// Database drivers: sqlx and the lower crates one could use instead.
+const DATABASE: &[&str] = &[
+    "sqlx",
+    "sqlx-core",
+    "sqlx-sqlite",
+    "sqlx-postgres",
+    "libsqlite3-sys",
+    "rusqlite",
+    "tokio-postgres",
+];
+const CUDA: &[&str] = &["cudarc"];
+/// A REST API: its server and OpenAPI generator. tonic's router is built on axum, so axum
+/// below tonic is not one: only a crate's own axum is (checked `directly`).
+const REST: &[&str] = &["axum", "utoipa"];
+/// hyper under tonic. A crate that uses these itself speaks HTTP on its own: control dials the
+/// engine's socket with hyper-util; the engine's socket is served by tonic alone.
+const HYPER: &[&str] = &["hyper", "hyper-util", "h2"];
+const HTTP_CLIENT: &[&str] = &["reqwest", "ureq"];
+/// Peers and money: control (the peer network and the ledger live there today), the crates
+/// they move to (STYLE.md's target shape) and the secp256k1 keys of wallets and node
+/// identities.
+const PEERS_AND_MONEY: &[&str] = &[
+    "neuroshard",
+    "neuroshard-identity",
+    "neuroshard-ledger",
+    "neuroshard-net",
+    "neuroshard-coordination",
+    "k256",
+];
+
+/// What a crate never depends on: `anywhere` directly or through other crates, `directly` in
+/// its own dependencies (those may still come in through another crate). Normal dependencies
+/// only, the ones its code can use: dev- and build-dependencies are not followed.
+struct Never {
+    krate: &'static str,
+    anywhere: &'static [&'static [&'static str]],
+    directly: &'static [&'static [&'static str]],
+}
+
+/// The rules, one row per crate. Every workspace member needs a row, an empty one included; a
+/// row of a crate that does not exist (yet) checks nothing.
+const NEVER: &[Never] = &[
+    // The contracts and their generated code: no storage, no CUDA, no HTTP of its own.
+    Never {
+        krate: "neuroshard-proto",
+        anywhere: &[DATABASE, CUDA, HTTP_CLIENT],
+        directly: &[REST, HYPER],
+    },
+    // Plain types both processes agree on.
+    Never {
+        krate: "neuroshard-shared",
+        anywhere: &[ASYNC, DATABASE, CUDA],
+        directly: &[],
+    },
+    // No async, no I/O.
+    Never {
+        krate: "neuroshard-kernels",
+        anywhere: &[
+            ASYNC,
+            &["futures-util", "mio", "tonic"],
+            DATABASE,
+            REST,
+            HTTP_CLIENT,
+        ],
+        directly: &[],
+    },
+    // The data plane: tonic serves its command socket; no REST API, no HTTP client, no
+    // database, nothing of peers or money.
+    Never {
+        krate: "neuroshard-engine",
+        anywhere: &[DATABASE, HTTP_CLIENT, PEERS_AND_MONEY],
+        directly: &[REST, HYPER],
+    },
+    // The daemon must survive a GPU fault: the numerics and CUDA stay in the engine process.
+    Never {
+        krate: "neuroshard",
+        anywhere: &[&["neuroshard-engine", "neuroshard-kernels"], CUDA],
+        directly: &[],
+    },
+    // STYLE.md's target shape, for the crates moving out of control.
+    Never {
+        krate: "neuroshard-identity",
+        anywhere: &[ASYNC, DATABASE, &["tonic", "axum", "reqwest", "hyper"]],
+        directly: &[],
+    },
+    Never {
+        krate: "neuroshard-ledger",
+        anywhere: &[&["tonic", "neuroshard-engine", "neuroshard-kernels"], CUDA],
+        directly: &[REST],
+    },
+    // The harness and the scenarios run everything.
+    Never {
+        krate: "neuroshard-tests",
+        anywhere: &[],
+        directly: &[],
+    },
+];
+
+/// Protocol buffers: only proto knows prost; the other crates convert at the RPC edge.
+const PROTOBUF: &[&str] = &[
+    "prost",
+    "prost-build",
+    "prost-types",
+    "tonic-prost",
+    "tonic-prost-build",
+];
+const PROTOBUF_OWNERS: &[&str] = &["neuroshard-proto"];
+
+/// Only control touches the database.
+const DATABASE_OWNERS: &[&str] = &[
+    "neuroshard",
+    // The harness creates and drops a PostgreSQL database per node under test.
+    "neuroshard-tests",
+];
+
+/// Crates that only their owners may depend on directly (normal, build or dev dependency).
+const OWNED: &[(&[&str], &[&str])] = &[(PROTOBUF, PROTOBUF_OWNERS), (DATABASE, DATABASE_OWNERS)];
+
+#[test]
+fn crates_depend_only_on_what_the_architecture_allows() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let graph = Graph::load();
+    let mut problems = Vec::new();
+    for member in &graph.members {
+        if !NEVER.iter().any(|rule| rule.krate == member) {
+            problems.push(format!(
+                "workspace member {member} has no row in NEVER (tests/tests/architecture.rs): \
+                 add one (an empty one if it may depend on anything)"
+            ));
+        }
+    }
+    for rule in NEVER {
+        let krate = rule.krate;
+        let Some(reached) = graph.reachable(krate) else {
+            continue; // not a crate of the workspace (yet)
+        };
+        let forbidden: BTreeSet<&str> = rule
+            .anywhere
+            .iter()
+            .flat_map(|g| g.iter().copied())
+            .collect();
+        // A forbidden crate that comes in through another is told with that one.
+        let mut through: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for &name in &forbidden {
+            let Some(path) = reached.get(name) else {
+                continue;
+            };
+            // The path ends at `name`, so there is a first.
+            let first = path[1..]
+                .iter()
+                .map(String::as_str)
+                .find(|p| forbidden.contains(p))
+                .unwrap_or(name);
+            let others = through.entry(first).or_default();
+            if first != name {
+                others.push(name);
+            }
+        }
+        for (name, also) in through {
+            let also = if also.is_empty() {
+                String::new()
+            } else {
+                format!(" (and through it {})", also.join(", "))
+            };
+            problems.push(format!(
+                "{krate} must not depend on {name}, but does: {}{also}",
+                reached[name].join(" -> ")
+            ));
+        }
+        for (dep, kinds) in graph.direct(krate) {
+            let forbidden = rule.directly.iter().any(|g| g.contains(&dep.as_str()));
+            if forbidden && kinds.contains("normal") {
+                problems.push(format!(
+                    "{krate} must not depend on {dep} itself, but does ({kinds} dependency)"
+                ));
+            }
+        }
+    }
+    for (crates, owners) in OWNED {
+        for member in &graph.members {
+            if owners.contains(&member.as_str()) {
+                continue;
+            }
+            for (dep, kind) in graph.direct(member) {
+                if crates.contains(&dep.as_str()) {
+                    problems.push(format!(
+                        "{member} depends on {dep} directly ({kind} dependency), but only {} may",
+                        owners.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    // A graph read wrongly would find nothing and pass: the engine reaches the kernels.
+    let engine = graph
+        .reachable("neuroshard-engine")
+        .expect("the engine crate");
+    assert!(
+        engine.contains_key("neuroshard-kernels") && engine.contains_key("tokio"),
+        "the dependency graph was not read: the engine reaches {:?}",
+        engine.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        problems.is_empty(),
+        "architecture invariants broken:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The resolved dependency graph of the workspace on this machine's platform.
+struct Graph {
+    /// Package names of the workspace members.
+    members: BTreeSet<String>,
+    /// Package name of every package id.
+    names: BTreeMap<String, String>,
+    /// Package id → (dependency id, kinds: "normal", "dev", "build").
+    deps: BTreeMap<String, Vec<(String, Vec<String>)>>,
+}
+
+impl Graph {
+    fn load() -> Graph {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["metadata", "--format-version", "1", "--locked"])
+            .args(["--filter-platform", &host_triple()])
+            .current_dir(&root)
+            .output()
+            .expect("running cargo metadata");
+        assert!(
+            out.status.success(),
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata's JSON");
+        let names: BTreeMap<String, String> = meta["packages"]
+            .as_array()
+            .expect("packages")
+            .iter()
+            .map(|p| (text(&p["id"]), text(&p["name"])))
+            .collect();
+        let members = meta["workspace_members"]
+            .as_array()
+            .expect("workspace_members")
+            .iter()
+            .map(|id| names[&text(id)].clone())
+            .collect();
+        let mut deps = BTreeMap::new();
+        for node in meta["resolve"]["nodes"].as_array().expect("resolve.nodes") {
+            let edges = node["deps"]
+                .as_array()
+                .expect("deps")
+                .iter()
+                .map(|d| {
+                    let kinds = d["dep_kinds"]
+                        .as_array()
+                        .expect("dep_kinds")
+                        .iter()
+                        .map(|k| k["kind"].as_str().unwrap_or("normal").to_string())
+                        .collect();
+                    (text(&d["pkg"]), kinds)
+                })
+                .collect();
+            deps.insert(text(&node["id"]), edges);
+        }
+        Graph {
+            members,
+            names,
+            deps,
+        }
+    }
+
+    fn id_of(&self, name: &str) -> Option<&String> {
+        self.names
+            .iter()
+            .find(|(id, n)| *n == name && self.deps.contains_key(*id))
+            .map(|(id, _)| id)
+    }
+
+    /// Every crate `name` reaches through normal dependencies, with the shortest path to it
+    /// (package names, `name` first); `None` when `name` is not in the graph.
+    fn reachable(&self, name: &str) -> Option<BTreeMap<String, Vec<String>>> {
+        let start = self.id_of(name)?;
+        let mut path_to: BTreeMap<&String, Vec<String>> = BTreeMap::new();
+        path_to.insert(start, vec![name.to_string()]);
+        let mut queue = VecDeque::from([start]);
+        while let Some(id) = queue.pop_front() {
+            for (dep, kinds) in &self.deps[id] {
+                if path_to.contains_key(dep) || !kinds.iter().any(|k| k == "normal") {
+                    continue;
+                }
+                let mut path = path_to[id].clone();
+                path.push(self.names[dep].clone());
+                path_to.insert(dep, path);
+                queue.push_back(dep);
+            }
+        }
+        path_to.remove(start);
+        let mut by_name = BTreeMap::new();
+        for (id, path) in path_to {
+            by_name.entry(self.names[id].clone()).or_insert(path);
+        }
+        Some(by_name)
+    }
+
+    /// The direct dependencies of `name` (package name, kinds).
+    fn direct(&self, name: &str) -> Vec<(String, String)> {
+        let Some(id) = self.id_of(name) else {
+            return Vec::new();
+        };
+        self.deps[id]
+            .iter()
+            .map(|(dep, kinds)| (self.names[dep].clone(), kinds.join(", ")))
+            .collect()
+    }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str()
+        .expect("a string in cargo metadata's JSON")
+        .to_string()
+}
+
+/// This machine's target triple (`rustc -vV`), so the graph has the dependencies that are
+/// built here and no other platform's.
+fn host_triple() -> String {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .expect("running rustc -vV");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc -vV names the host")
+        .to_string()
+}
