@@ -42,7 +42,12 @@ echo "== test"
 # Hugging Face's tokenizers must read our tokenizer.json and produce the same ids.
 python3 shared/tests/hf_tokenizer_check.py
 log=$(mktemp)
-cargo test --workspace "$@" 2>&1 | tee "$log"
+# The whole workspace unless the caller picks packages: cargo ignores `-p` next to `--workspace`.
+scope=(--workspace)
+for arg in "$@"; do
+    case $arg in -p | -p?* | --package | --package=*) scope=() ;; esac
+done
+cargo test "${scope[@]}" "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo's last line is the last crate's doc-tests).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"
