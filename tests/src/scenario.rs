@@ -7,8 +7,9 @@
 //! `let _scenario = scenario(module_path!());`, which waits until no scenario of another group
 //! runs. So scenarios of one file still run in parallel with each other and never with those
 //! of another file: no more real nodes at once than before, and no new mix of scenarios
-//! competing for the machine. libtest starts tests in name order, so a group's tests are
-//! started one after another and the groups follow each other as the binaries did.
+//! competing for the machine. The gate is not a queue: when it frees, whichever waiting test
+//! takes it first goes, so a group may run in two turns (libtest starts tests in name order,
+//! so mostly the groups follow each other as the binaries did); two groups never overlap.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
