@@ -52,6 +52,13 @@ pub enum DaemonError {
     Ledger(#[from] crate::ledger::LedgerError),
 }
 
+/// The node's keystore fails as it did inside the ledger: `ledger: keystore …`.
+impl From<crate::ledger::IdentityError> for DaemonError {
+    fn from(e: crate::ledger::IdentityError) -> DaemonError {
+        DaemonError::Ledger(e.into())
+    }
+}
+
 /// Where the node keeps its files.
 #[derive(Debug, Clone)]
 pub struct Paths {

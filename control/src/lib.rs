@@ -7,10 +7,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
-pub mod db;
 pub mod diloco;
 pub mod engine;
-pub mod ledger;
 pub mod metrics;
 pub mod network;
 pub mod ops;
@@ -22,3 +20,8 @@ pub mod tracker;
 pub mod trainer;
 pub mod wallets;
 pub mod work;
+
+/// Transitional path alias: the ledger is the `neuroshard-ledger` crate (keys, addresses and
+/// the keystore re-exported from `neuroshard-identity`), still reachable as `crate::ledger::…`
+/// so the daemon's modules keep their paths. New code names the crates.
+pub use neuroshard_ledger as ledger;

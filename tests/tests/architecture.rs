@@ -134,6 +134,8 @@ const PROTOBUF_OWNERS: &[&str] = &["neuroshard-proto"];
 
 /// Only control touches the database.
 const DATABASE_OWNERS: &[&str] = &[
+    "neuroshard-ledger",
+    // The tracker's table (its queries and `sqlx::migrate!` need the crate itself).
     "neuroshard",
     // The harness creates and drops a PostgreSQL database per node under test.
     "neuroshard-tests",

@@ -142,6 +142,13 @@ impl From<crate::ledger::LedgerError> for ApiError {
     }
 }
 
+/// A key or address error answers as the ledger error of the same code and message.
+impl From<crate::ledger::IdentityError> for ApiError {
+    fn from(e: crate::ledger::IdentityError) -> ApiError {
+        crate::ledger::LedgerError::from(e).into()
+    }
+}
+
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(r: axum::extract::rejection::QueryRejection) -> ApiError {
         ApiError::bad_request(r.body_text())

@@ -23,6 +23,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use neuroshard_ledger::db;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::{AnyPool, Row};
@@ -64,13 +65,12 @@ pub struct TrackerStore {
 impl TrackerStore {
     /// Connects and runs the tracker's migrations.
     pub async fn open(url: &str) -> anyhow::Result<TrackerStore> {
-        let backend =
-            crate::db::Backend::of(url).ok_or_else(|| anyhow::anyhow!(crate::db::BAD_URL))?;
+        let backend = db::Backend::of(url).ok_or_else(|| anyhow::anyhow!(db::BAD_URL))?;
         // SQLite: one connection. Two deferred transactions that both read and then write
         // make SQLite answer one of them "database is locked" at once (no busy wait can
         // resolve that), and nodes that started together announce in the same millisecond.
         // A tracker's writes are tiny; serializing them costs nothing.
-        let pool = crate::db::connect(url, backend, 1).await?;
+        let pool = db::connect(url, backend, 1).await?;
         MIGRATOR.run(&pool).await?;
         Ok(TrackerStore { pool })
     }

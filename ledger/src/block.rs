@@ -290,7 +290,7 @@ mod tests {
     fn reward_block_keeps_its_hash_through_json() {
         let w = Wallet::from_seed(1);
         for loss in [1.7284881705882353, 3.9095515470588236, 2.4074480764705886] {
-            let mut proof = crate::ledger::proof::tests::training_proof(&w, 1_700_000_000);
+            let mut proof = crate::proof::tests::training_proof(&w, 1_700_000_000);
             proof.current_loss = loss;
             let b = SignedBlock::sign(
                 Block {
@@ -299,7 +299,7 @@ mod tests {
                     previous: Hash32::ZERO,
                     timestamp: 1_700_000_001,
                     op: Op::Reward {
-                        proof: crate::ledger::proof::SignedProof::sign(proof, &w),
+                        proof: crate::proof::SignedProof::sign(proof, &w),
                         amount: 1,
                     },
                 },

@@ -4,9 +4,9 @@
 mod ledger_support;
 
 use ledger_support::{T0, TestDb, postgres_db, proof, sqlite_db, sync};
-use neuroshard::ledger::account::VoidReason;
-use neuroshard::ledger::proof::Proof;
-use neuroshard::ledger::{
+use neuroshard_ledger::account::VoidReason;
+use neuroshard_ledger::proof::Proof;
+use neuroshard_ledger::{
     Block, BlockStatus, Hash32, Message, Op, RejectReason, SignedBlock, SignedProof, Wallet,
 };
 
@@ -32,7 +32,7 @@ macro_rules! on_both_backends {
     };
 }
 
-fn reason_count(stats: &neuroshard::ledger::ProofStats, code: &str) -> usize {
+fn reason_count(stats: &neuroshard_ledger::ProofStats, code: &str) -> usize {
     stats
         .rejected_by_reason
         .iter()

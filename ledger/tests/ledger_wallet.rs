@@ -5,8 +5,8 @@
 mod ledger_support;
 
 use ledger_support::{T0, TestDb, fund, postgres_db, proof, sqlite_db};
-use neuroshard::ledger::rewards::SECONDS_PER_DAY;
-use neuroshard::ledger::{Address, UNITS_PER_NEURO, Wallet, units_to_neuro};
+use neuroshard_ledger::rewards::SECONDS_PER_DAY;
+use neuroshard_ledger::{Address, UNITS_PER_NEURO, Wallet, units_to_neuro};
 
 const N: u64 = UNITS_PER_NEURO;
 
@@ -99,7 +99,7 @@ async fn errors_carry_codes_and_details(db: TestDb) {
         .await
         .unwrap_err();
     assert_eq!((e.code(), e.http_status()), ("INSUFFICIENT_BALANCE", 402));
-    let required = have + neuroshard::ledger::transfer_fee(have);
+    let required = have + neuroshard_ledger::transfer_fee(have);
     assert_eq!(e.details()["required"], units_to_neuro(required));
     assert_eq!(e.details()["available"], units_to_neuro(have));
     let e = ledger.send(&a, a.address(), N, "", now).await.unwrap_err();
@@ -278,7 +278,7 @@ async fn concurrent_sends_all_land_once(db: TestDb) {
 async fn keystore_wallet_drives_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let w = Wallet::load_or_create(dir.path()).unwrap();
-    let ledger = neuroshard::ledger::Ledger::open_data_dir(dir.path())
+    let ledger = neuroshard_ledger::Ledger::open_data_dir(dir.path())
         .await
         .unwrap();
     fund(&ledger, &w, 1, T0).await;

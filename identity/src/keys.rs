@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha3::{Digest, Keccak256};
 
 use super::address::Address;
-use super::error::LedgerError;
+use super::error::IdentityError;
 
 /// keccak-256 of `domain || bytes`: the digest every signature in the ledger is made over.
 pub fn keccak(domain: &[u8], bytes: &[u8]) -> Hash32 {
@@ -30,9 +30,9 @@ impl Hash32 {
         hex::encode(self.0)
     }
 
-    pub fn from_hex(text: &str) -> Result<Self, LedgerError> {
+    pub fn from_hex(text: &str) -> Result<Self, IdentityError> {
         let mut out = [0u8; 32];
-        hex::decode_to_slice(text, &mut out).map_err(|_| LedgerError::InvalidMessage {
+        hex::decode_to_slice(text, &mut out).map_err(|_| IdentityError::InvalidMessage {
             reason: format!(
                 "bad 32-byte hex hash {:?}",
                 text.chars().take(80).collect::<String>()
@@ -93,8 +93,8 @@ pub fn recover_signer(
     digest: &Hash32,
     sig: &Sig65,
     what: &'static str,
-) -> Result<Address, LedgerError> {
-    let bad = |reason: &str| LedgerError::BadSignature {
+) -> Result<Address, IdentityError> {
+    let bad = |reason: &str| IdentityError::BadSignature {
         what,
         reason: reason.to_string(),
     };
@@ -139,8 +139,8 @@ impl Wallet {
     }
 
     /// A wallet from 32 secret bytes (fails for zero or values not below the curve order).
-    pub fn from_secret(secret: &[u8; 32]) -> Result<Self, LedgerError> {
-        let key = SigningKey::from_slice(secret).map_err(|_| LedgerError::Keystore {
+    pub fn from_secret(secret: &[u8; 32]) -> Result<Self, IdentityError> {
+        let key = SigningKey::from_slice(secret).map_err(|_| IdentityError::Keystore {
             path: String::new(),
             reason: "secret key is not a valid secp256k1 scalar".into(),
         })?;

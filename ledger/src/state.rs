@@ -412,12 +412,12 @@ impl LedgerState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::account::Account;
-    use crate::ledger::amount::transfer_fee;
-    use crate::ledger::block::Block;
-    use crate::ledger::keys::Wallet;
-    use crate::ledger::proof::SignedProof;
-    use crate::ledger::proof::tests::training_proof;
+    use crate::account::Account;
+    use crate::amount::transfer_fee;
+    use crate::block::Block;
+    use crate::keys::Wallet;
+    use crate::proof::SignedProof;
+    use crate::proof::tests::training_proof;
 
     fn signed(w: &Wallet, height: u64, previous: Hash32, ts: i64, op: Op) -> SignedBlock {
         SignedBlock::sign(

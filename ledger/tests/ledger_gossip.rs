@@ -5,8 +5,8 @@
 mod ledger_support;
 
 use ledger_support::{T0, TestDb, fund, postgres_db, proof, sqlite_db, sync};
-use neuroshard::ledger::account::{Effect, VoidReason};
-use neuroshard::ledger::{
+use neuroshard_ledger::account::{Effect, VoidReason};
+use neuroshard_ledger::{
     Block, BlockStatus, Evidence, Ledger, Message, Op, RejectReason, SignedBlock, UNITS_PER_NEURO,
     Wallet, transfer_fee,
 };
@@ -231,7 +231,7 @@ async fn forged_and_replayed_messages_change_nothing(dbs: Vec<TestDb>) {
     let head = nodes[1]
         .with_state(|s| s.account(&b.address()).map(|x| (x.head, x.next_height)))
         .await;
-    let (prev, height) = head.unwrap_or((neuroshard::ledger::Hash32::ZERO, 0));
+    let (prev, height) = head.unwrap_or((neuroshard_ledger::Hash32::ZERO, 0));
     let early = SignedBlock::sign(
         Block {
             account: b.address(),

@@ -3,7 +3,9 @@
 //! # Design
 //! * **Keys.** A secp256k1 key per wallet ([`Wallet`], keystore `wallet.json`, mode 0600,
 //!   optionally scrypt + ChaCha20-Poly1305 encrypted). Addresses are Ethereum's: `0x` + the last
-//!   20 bytes of keccak-256 of the uncompressed public key, EIP-55 cased ([`Address`]).
+//!   20 bytes of keccak-256 of the uncompressed public key, EIP-55 cased ([`Address`]). Both
+//!   come from the `neuroshard-identity` crate, re-exported here as [`keys`], [`address`] and
+//!   [`keystore`].
 //! * **Account chains.** Every state change is a block on its owner's chain, signed by the owner
 //!   (recoverable ECDSA over keccak-256 of a canonical binary encoding, low-S only): `send`
 //!   (amount + fee, fee burned), `receive` (claims a send addressed to the account, by hash),
@@ -31,22 +33,28 @@
 //! * **Invariant:** minted == sum(available + staked + cooldown) + unclaimed sends + burned.
 //! * **Storage** ([`store::Store`]): sqlx over SQLite (WAL, synchronous FULL) or PostgreSQL; the
 //!   blocks are the only ledger table; the state is derived in memory at open. One writer (one
-//!   node process) per database.
+//!   node process) per database. [`db`] opens the database (URL → backend, one Any pool, WAL
+//!   on SQLite) for the ledger and for the daemon's tracker.
+//!
+//! **Invariant:** no axum, no tonic, no prost, no engine: the ledger's API is plain Rust types;
+//! REST and gRPC conversions live at the edges in the daemon.
 
 pub mod account;
-pub mod address;
 pub mod amount;
 pub mod block;
+pub mod db;
 pub mod encode;
 pub mod error;
-pub mod keys;
-pub mod keystore;
 pub mod proof;
 pub mod rewards;
 pub mod service;
 pub mod state;
 pub mod store;
 pub mod views;
+
+// Keys, addresses and the keystore live in `neuroshard-identity`; they are re-exported under
+// their old paths (`neuroshard_ledger::keys::Wallet`, ...) so the ledger's API stays whole.
+pub use neuroshard_identity::{IdentityError, address, keys, keystore};
 
 pub use account::{Effect, HistoryEntry, Outcome, VoidReason};
 pub use address::Address;

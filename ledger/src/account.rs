@@ -420,9 +420,9 @@ pub fn history_entry(block: &SignedBlock, hash: &Hash32, outcome: &Outcome) -> H
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::amount::transfer_fee;
-    use crate::ledger::block::Block;
-    use crate::ledger::keys::Wallet;
+    use crate::amount::transfer_fee;
+    use crate::block::Block;
+    use crate::keys::Wallet;
 
     fn blk(w: &Wallet, ts: i64, op: Op) -> SignedBlock {
         SignedBlock::sign(
@@ -488,8 +488,8 @@ mod tests {
 
     #[test]
     fn hourly_rate_limit_and_replay() {
-        use crate::ledger::proof::SignedProof;
-        use crate::ledger::proof::tests::training_proof;
+        use crate::proof::SignedProof;
+        use crate::proof::tests::training_proof;
         let w = Wallet::from_seed(1);
         let mut a = Account::new(w.address(), None);
         let p = SignedProof::sign(training_proof(&w, 100_000), &w);

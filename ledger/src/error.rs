@@ -1,6 +1,7 @@
 //! The one error type of the ledger module, with the codes and HTTP statuses the REST layer
 //! renders as `{"error":{"code","message","details"}}`.
 
+use neuroshard_identity::IdentityError;
 use serde_json::{Value, json};
 
 use super::amount::units_to_neuro;
@@ -156,6 +157,23 @@ impl LedgerError {
     }
 }
 
+/// A key, address or keystore failure as the ledger's error of the same code and message
+/// (identity's variants are the ledger's, one for one).
+impl From<IdentityError> for LedgerError {
+    fn from(e: IdentityError) -> LedgerError {
+        match e {
+            IdentityError::InvalidAddress { input, reason } => {
+                LedgerError::InvalidAddress { input, reason }
+            }
+            IdentityError::InvalidMessage { reason } => LedgerError::InvalidMessage { reason },
+            IdentityError::BadSignature { what, reason } => {
+                LedgerError::BadSignature { what, reason }
+            }
+            IdentityError::Keystore { path, reason } => LedgerError::Keystore { path, reason },
+        }
+    }
+}
+
 /// SQLite result codes (extended codes keep the primary one in the low byte): READONLY (8),
 /// IOERR (10), FULL (13), CANTOPEN (14); PostgreSQL SQLSTATEs: disk_full (53100),
 /// read_only_sql_transaction (25006), io_error (58030).
@@ -206,6 +224,33 @@ mod tests {
             source: sqlx::Error::RowNotFound,
         };
         assert!(!missing.is_storage());
+    }
+
+    #[test]
+    fn identity_errors_keep_their_code_and_message() {
+        let parse = crate::Address::parse("0x12").unwrap_err();
+        let (code, text) = (parse.code(), parse.to_string());
+        let e = LedgerError::from(parse);
+        assert_eq!((e.code(), e.to_string()), (code, text));
+        assert_eq!(e.code(), "INVALID_ADDRESS");
+        assert_eq!(e.http_status(), 400);
+        assert_eq!(e.details()["field"], "to");
+        let sig = crate::keys::recover_signer(&crate::Hash32::ZERO, &crate::Sig65([0; 65]), "test")
+            .unwrap_err();
+        let (code, text) = (sig.code(), sig.to_string());
+        let e = LedgerError::from(sig);
+        assert_eq!((e.code(), e.to_string()), (code, text));
+        assert_eq!((e.code(), e.http_status()), ("BAD_SIGNATURE", 400));
+        let hash = crate::Hash32::from_hex("zz").unwrap_err();
+        let e = LedgerError::from(hash);
+        assert_eq!((e.code(), e.http_status()), ("INVALID_MESSAGE", 400));
+        let key = crate::Wallet::from_secret(&[0; 32]).unwrap_err();
+        let text = key.to_string();
+        let e = LedgerError::from(key);
+        assert_eq!(
+            (e.code(), e.http_status(), e.to_string()),
+            ("INTERNAL", 500, text)
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use k256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha3::{Digest, Keccak256};
 
-use super::error::LedgerError;
+use super::error::IdentityError;
 
 /// A 20-byte account address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,8 +26,8 @@ impl Address {
 
     /// Parses `0x` + 40 hex digits. All-lowercase and all-uppercase digits are accepted as
     /// they are; mixed case must be a correct EIP-55 checksum.
-    pub fn parse(input: &str) -> Result<Self, LedgerError> {
-        let bad = |reason| LedgerError::InvalidAddress {
+    pub fn parse(input: &str) -> Result<Self, IdentityError> {
+        let bad = |reason| IdentityError::InvalidAddress {
             input: input.chars().take(64).collect(),
             reason,
         };
@@ -80,7 +80,7 @@ impl fmt::Debug for Address {
 }
 
 impl FromStr for Address {
-    type Err = LedgerError;
+    type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Address::parse(s)
     }

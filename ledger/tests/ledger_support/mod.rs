@@ -2,8 +2,8 @@
 //! NEUROSHARD_TEST_POSTGRES_URL is set, a fresh PostgreSQL database per test) and proofs.
 #![allow(dead_code)]
 
-use neuroshard::ledger::proof::Proof;
-use neuroshard::ledger::{Ledger, ProofType, SignedProof, Wallet};
+use neuroshard_ledger::proof::Proof;
+use neuroshard_ledger::{Ledger, ProofType, SignedProof, Wallet};
 
 pub const T0: i64 = 1_733_313_600; // 2024-12-04T12:00:00Z
 
@@ -37,7 +37,7 @@ impl TestDb {
 
 pub fn sqlite_db() -> TestDb {
     let dir = tempfile::tempdir().expect("temp dir");
-    let url = neuroshard::ledger::store::sqlite_url(dir.path());
+    let url = neuroshard_ledger::store::sqlite_url(dir.path());
     TestDb {
         url,
         _dir: Some(dir),
@@ -116,7 +116,7 @@ pub fn proof(w: &Wallet, timestamp: i64, layers: u32) -> SignedProof {
 /// Mints at least `neuro` NEURO to `w` through accepted proofs (one per epoch from `now`).
 /// Returns the time after the last proof.
 pub async fn fund(ledger: &Ledger, w: &Wallet, neuro: u64, mut now: i64) -> i64 {
-    let want = neuro * neuroshard::ledger::UNITS_PER_NEURO;
+    let want = neuro * neuroshard_ledger::UNITS_PER_NEURO;
     loop {
         let have = ledger.balance(&w.address(), now).await.available;
         if have >= want {

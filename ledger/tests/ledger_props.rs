@@ -3,11 +3,11 @@
 //! minted == held + in flight + burned holds after every single delivery; equivocated sends
 //! never credit anyone.
 
-use neuroshard::ledger::account::Outcome;
-use neuroshard::ledger::amount::transfer_fee;
-use neuroshard::ledger::proof::Proof;
-use neuroshard::ledger::state::LedgerState;
-use neuroshard::ledger::{Block, Hash32, Op, ProofType, SignedBlock, SignedProof, Wallet};
+use neuroshard_ledger::account::Outcome;
+use neuroshard_ledger::amount::transfer_fee;
+use neuroshard_ledger::proof::Proof;
+use neuroshard_ledger::state::LedgerState;
+use neuroshard_ledger::{Block, Hash32, Op, ProofType, SignedBlock, SignedProof, Wallet};
 use proptest::prelude::*;
 
 const T0: i64 = 1_733_313_600;
@@ -145,9 +145,9 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
         let op = match s {
             Spec::Reward { layers, .. } => {
                 let p = proof(w, ts, *layers);
-                let a = acct.clone().unwrap_or_else(|| {
-                    neuroshard::ledger::account::Account::new(w.address(), None)
-                });
+                let a = acct
+                    .clone()
+                    .unwrap_or_else(|| neuroshard_ledger::account::Account::new(w.address(), None));
                 let Ok((amount, _)) = a.expected_reward(&p) else {
                     continue;
                 };
@@ -342,7 +342,7 @@ fn equivocation_is_frozen_and_slashed_whatever_the_order() {
             previous: Hash32::ZERO,
             timestamp: T0,
             op: Op::Reward {
-                amount: neuroshard::ledger::account::Account::new(a.address(), None)
+                amount: neuroshard_ledger::account::Account::new(a.address(), None)
                     .expected_reward(&p)
                     .unwrap()
                     .0,

@@ -1,10 +1,9 @@
 //! The wallet keystore: `<data_dir>/wallet.json`, mode 0600, the secret either plain or
 //! encrypted with a passphrase (scrypt key derivation + ChaCha20-Poly1305, address as AAD).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -12,7 +11,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use super::address::Address;
-use super::error::LedgerError;
+use super::error::IdentityError;
 use super::keys::Wallet;
 
 /// File name of the keystore inside the data directory.
@@ -47,14 +46,14 @@ enum SecretForm {
 impl Wallet {
     /// Loads `<data_dir>/wallet.json`, or creates it with a fresh key (mode 0600, no
     /// passphrase) when it does not exist.
-    pub fn load_or_create(data_dir: &Path) -> Result<Wallet, LedgerError> {
+    pub fn load_or_create(data_dir: &Path) -> Result<Wallet, IdentityError> {
         load_or_create(data_dir, None)
     }
 }
 
 /// Loads the keystore, or creates it. With a passphrase a new keystore is encrypted, and an
 /// existing encrypted one needs it; a plain keystore ignores it.
-pub fn load_or_create(data_dir: &Path, passphrase: Option<&str>) -> Result<Wallet, LedgerError> {
+pub fn load_or_create(data_dir: &Path, passphrase: Option<&str>) -> Result<Wallet, IdentityError> {
     load_or_create_with(data_dir, passphrase, SCRYPT_LOG_N)
 }
 
@@ -63,7 +62,7 @@ pub fn load_or_create_with(
     data_dir: &Path,
     passphrase: Option<&str>,
     log_n: u8,
-) -> Result<Wallet, LedgerError> {
+) -> Result<Wallet, IdentityError> {
     let path = data_dir.join(KEYSTORE_FILE);
     if path.exists() {
         return load(&path, passphrase);
@@ -73,15 +72,15 @@ pub fn load_or_create_with(
     Ok(wallet)
 }
 
-fn err(path: &Path, reason: impl Into<String>) -> LedgerError {
-    LedgerError::Keystore {
+fn err(path: &Path, reason: impl Into<String>) -> IdentityError {
+    IdentityError::Keystore {
         path: path.display().to_string(),
         reason: reason.into(),
     }
 }
 
 /// Reads a keystore file. Refuses files readable by group or others.
-pub fn load(path: &Path, passphrase: Option<&str>) -> Result<Wallet, LedgerError> {
+pub fn load(path: &Path, passphrase: Option<&str>) -> Result<Wallet, IdentityError> {
     let meta = fs::metadata(path).map_err(|e| err(path, format!("cannot stat: {e}")))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -142,7 +141,7 @@ pub fn save(
     wallet: &Wallet,
     passphrase: Option<&str>,
     log_n: u8,
-) -> Result<(), LedgerError> {
+) -> Result<(), IdentityError> {
     let secret = wallet.secret_bytes();
     let form = match passphrase {
         None => SecretForm::Plain {
@@ -193,7 +192,7 @@ fn derive(
     log_n: u8,
     r: u32,
     p: u32,
-) -> Result<[u8; 32], LedgerError> {
+) -> Result<[u8; 32], IdentityError> {
     if !(10..=20).contains(&log_n) {
         return Err(err(path, format!("scrypt log_n {log_n} outside 10..=20")));
     }
@@ -205,11 +204,11 @@ fn derive(
     Ok(out)
 }
 
-fn hex_bytes(path: &Path, text: &str) -> Result<Vec<u8>, LedgerError> {
+fn hex_bytes(path: &Path, text: &str) -> Result<Vec<u8>, IdentityError> {
     hex::decode(text).map_err(|_| err(path, "bad hex field"))
 }
 
-fn decode32(path: &Path, text: &str) -> Result<[u8; 32], LedgerError> {
+fn decode32(path: &Path, text: &str) -> Result<[u8; 32], IdentityError> {
     hex_bytes(path, text)?
         .try_into()
         .map_err(|_| err(path, "secret must be 32 bytes"))
