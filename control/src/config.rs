@@ -193,7 +193,7 @@ impl Default for TrainingConfig {
             aggregator_trim: 0.1,
             aggregator_byzantine: 1,
             diloco_encoding: Default::default(),
-            diloco_max_norm: 1000.0,
+            diloco_max_norm: f64::from(crate::diloco::round::DEFAULT_MAX_NORM),
             diloco_round_timeout_secs: 60,
             outer_lr: 0.7,
             outer_momentum: 0.9,
@@ -589,6 +589,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// As [`write_atomic`], the file created with `mode` (0o600 for secrets) from the start.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     neuroshard_shared::fsx::write_atomic(path, bytes, Some(mode))
+}
+
+impl Config {
+    /// The DiLoCo round settings these `training.*` keys make.
+    pub fn diloco_settings(&self) -> crate::diloco::round::Settings {
+        use crate::diloco::aggregate::Aggregator;
+        let t = &self.training;
+        let mut aggregator = Aggregator::new(t.aggregator);
+        aggregator.trim = t.aggregator_trim as f32;
+        aggregator.byzantine = t.aggregator_byzantine as usize;
+        crate::diloco::round::Settings {
+            steps: t.diloco_steps,
+            aggregator,
+            encoding: t.diloco_encoding,
+            max_norm: t.diloco_max_norm as f32,
+            timeout: std::time::Duration::from_secs(u64::from(t.diloco_round_timeout_secs)),
+            outer: crate::diloco::outer::OuterOpt {
+                lr: t.outer_lr as f32,
+                momentum: t.outer_momentum as f32,
+            },
+        }
+    }
 }
 
 #[cfg(test)]

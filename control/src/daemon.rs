@@ -214,6 +214,7 @@ pub async fn run(
     let api_config = config.read().map(|c| c.api.clone()).unwrap_or_default();
     // Built in dependency order, nothing started yet: the network (transport), this node's
     // pipeline stage, then the state the API reads, which holds both.
+    let diloco = Arc::new(crate::diloco::round::Diloco::default());
     let (peer_net, seeds) = {
         let cfg = config.read().map(|c| c.clone()).unwrap_or_default();
         // A node that cannot hold the whole model says nothing about its layers until the
@@ -241,6 +242,10 @@ pub async fn run(
             cfg.port,
             cfg.grpc_port(),
             local,
+            {
+                let diloco = diloco.clone();
+                Box::new(move || diloco.advertised())
+            },
         );
         (net, cfg.seed_peers.clone())
     };
@@ -256,7 +261,7 @@ pub async fn run(
         .add_service(crate::network::gossip::LedgerService::server(edge.clone()))
         .add_service(crate::diloco::service::DilocoService::server(
             edge.clone(),
-            peer_net.diloco.clone(),
+            diloco.clone(),
         ))
         .add_service(crate::pipeline::service::PipelineService::server(
             edge,
@@ -287,6 +292,7 @@ pub async fn run(
             crate::api::inference::QUEUE_LIMIT,
         )),
         net: peer_net.clone(),
+        diloco: diloco.clone(),
         stage: stage.clone(),
     };
     let work_task = tokio::spawn(crate::work::run(state.clone(), stop_trainer_rx.clone()));
@@ -315,6 +321,7 @@ pub async fn run(
         node_id: node_id.clone(),
         metrics: metrics.clone(),
         net: Some(peer_net.clone()),
+        diloco,
         stage: Some(stage),
     };
     let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));

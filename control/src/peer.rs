@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
-/// Largest peer message accepted (the original's limit; pipeline tensors need it).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// A peer as the REST API shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -39,9 +37,6 @@ pub struct PeerState {
     /// Gossiped ledger messages that failed verification.
     pub rejected_messages: AtomicU64,
     pub peers: RwLock<Vec<PeerInfo>>,
-    /// DiLoCo rounds: the peer service files contributions here, the trainer runs the
-    /// rounds, the API reads the figures.
-    pub diloco: std::sync::Arc<crate::diloco::round::Diloco>,
 }
 
 impl PeerState {

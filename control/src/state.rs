@@ -37,6 +37,8 @@ pub struct AppState {
     /// The peer network: a node without every layer serves inference through it
     /// (`pipeline/infer.rs`).
     pub net: Arc<crate::network::Network>,
+    /// DiLoCo rounds: the figures `/api/training/global` shows.
+    pub diloco: Arc<crate::diloco::round::Diloco>,
     /// This node's pipeline stage: its figures, and distributed inference from here.
     pub stage: Arc<crate::pipeline::Stage>,
 }

@@ -179,7 +179,7 @@ pub fn global(state: &AppState) -> GlobalTraining {
             .is_some_and(|at| at.elapsed() < TRAINING_IDLE);
     let loss = t.loss.map(f64::from);
     let loss_ema = ema(losses.iter().map(|&l| f64::from(l)));
-    let d = &state.network.diloco;
+    let d = &state.diloco;
     let figures = d.figures.lock().map(|f| f.clone()).unwrap_or_default();
     let (round, round_hash, inner, initialized) = d
         .state

@@ -11,9 +11,8 @@ use super::aggregate::Aggregator;
 use super::compress::Encoding;
 use super::outer::OuterOpt;
 use super::validate::{Inbox, Layout, Reject, WireDelta};
-use crate::config::Config;
 
-/// Round settings, from `training.*`.
+/// Round settings, from `training.*` (`Config::diloco_settings`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
     /// Inner steps per round (H).
@@ -27,31 +26,9 @@ pub struct Settings {
     pub outer: OuterOpt,
 }
 
-impl Settings {
-    pub fn from_config(cfg: &Config) -> Settings {
-        let t = &cfg.training;
-        let mut aggregator = Aggregator::new(t.aggregator);
-        aggregator.trim = t.aggregator_trim as f32;
-        aggregator.byzantine = t.aggregator_byzantine as usize;
-        Settings {
-            steps: t.diloco_steps,
-            aggregator,
-            encoding: t.diloco_encoding,
-            max_norm: t.diloco_max_norm as f32,
-            timeout: Duration::from_secs(u64::from(t.diloco_round_timeout_secs)),
-            outer: OuterOpt {
-                lr: t.outer_lr as f32,
-                momentum: t.outer_momentum as f32,
-            },
-        }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings::from_config(&Config::default())
-    }
-}
+/// Largest accepted norm of one pseudo-gradient until the trainer sets the configured one
+/// (`training.diloco_max_norm`'s default).
+pub const DEFAULT_MAX_NORM: f32 = 1000.0;
 
 /// Where this replica stands: the round it is in and the weights that round started from.
 #[derive(Debug, Default, Clone)]
@@ -153,7 +130,7 @@ impl Default for Diloco {
             state: Mutex::default(),
             inbox: Mutex::default(),
             figures: Mutex::default(),
-            max_norm: Mutex::new(Settings::default().max_norm),
+            max_norm: Mutex::new(DEFAULT_MAX_NORM),
             residuals: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
         }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::round::Diloco;
 use crate::network::score::node_key;
 use crate::network::service::{PeerEdge, WeightsStream};
-use crate::peer::MAX_MESSAGE_BYTES;
+use crate::network::MAX_MESSAGE_BYTES;
 
 pub struct DilocoService {
     edge: PeerEdge,

@@ -49,7 +49,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Connected peers of `net` holding the same layers, in id order, each with its info; the
 /// (round, hash) there is the fresher of its last ping and its last contribution.
-pub fn replicas(net: &Network) -> Vec<(PeerConn, pb::NodeInfo)> {
+pub fn replicas(net: &Network, diloco: &Diloco) -> Vec<(PeerConn, pb::NodeInfo)> {
     let mut r: Vec<_> = net
         .peers
         .conns_with_info()
@@ -57,7 +57,7 @@ pub fn replicas(net: &Network) -> Vec<(PeerConn, pb::NodeInfo)> {
         .filter(|(_, i)| i.role == REPLICA_ROLE)
         .collect();
     {
-        let inbox = lock(&net.diloco.inbox);
+        let inbox = lock(&diloco.inbox);
         for (_, info) in &mut r {
             if let Some((round, hash)) = inbox.latest_of(&info.node_id)
                 && round >= info.diloco_round
@@ -127,15 +127,17 @@ pub async fn init(diloco: &Diloco, engine: &EngineHandle, dir: &Path) -> Result<
 }
 
 impl<'a> Round<'a> {
-    /// A round boundary of `net`'s DiLoCo state, exchanging weight files in `dir`.
+    /// A round boundary of `diloco` with the replicas among `net`'s peers, exchanging weight
+    /// files in `dir`.
     pub fn new(
         net: &'a Arc<Network>,
+        diloco: &'a Diloco,
         metrics: &'a Metrics,
         settings: Settings,
         dir: PathBuf,
     ) -> Round<'a> {
         Round {
-            diloco: &net.diloco,
+            diloco,
             net,
             metrics,
             settings,
@@ -146,7 +148,7 @@ impl<'a> Round<'a> {
 
 impl Round<'_> {
     fn replicas(&self) -> Vec<(PeerConn, pb::NodeInfo)> {
-        replicas(self.net)
+        replicas(self.net, self.diloco)
     }
 
     /// When the most common (round, start hash) among the replicas and this node beats ours

@@ -18,7 +18,7 @@ use super::auth::{self, Authed};
 use super::error::NetworkError;
 use super::{CONNECT_TIMEOUT, Network, PING_TIMEOUT, RPC_TIMEOUT, SYNC_PAGE, now_ms};
 use crate::ledger::Address;
-use crate::peer::MAX_MESSAGE_BYTES;
+use crate::network::MAX_MESSAGE_BYTES;
 
 /// A handshaken connection. Cheap to clone (one HTTP/2 connection underneath).
 #[derive(Clone)]

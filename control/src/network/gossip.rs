@@ -27,7 +27,7 @@ use super::{
     MAX_GOSSIP_MESSAGES, MAX_LEDGER_MESSAGE_BYTES, Network, PUSH_INTERVAL, SYNC_PAGE, stopped,
 };
 use crate::ledger::{Address, Hash32, Message};
-use crate::peer::MAX_MESSAGE_BYTES;
+use crate::network::MAX_MESSAGE_BYTES;
 
 /// Block origins remembered at most (the map is cleared when full: at worst a block is sent
 /// back to the peer it came from, which answers "duplicate").
@@ -365,6 +365,7 @@ mod tests {
                 role: "full".into(),
                 layers: Vec::new(),
             },
+            crate::network::no_advert(),
         )
     }
 

@@ -71,6 +71,18 @@ pub const MAX_LEDGER_MESSAGE_BYTES: usize = 64 * 1024;
 /// Most messages in one anti-entropy page (and one push).
 pub const SYNC_PAGE: u32 = 512;
 
+/// What a node tells its peers of its DiLoCo round: (round, starting hash). The subsystem
+/// that knows it hands the network this narrow reader; the network names no subsystem.
+pub type Advert = Box<dyn Fn() -> (u64, String) + Send + Sync>;
+
+/// The advert of a node that runs no DiLoCo rounds.
+pub fn no_advert() -> Advert {
+    Box::new(|| (0, String::new()))
+}
+
+/// Largest peer message accepted (the original's limit; pipeline tensors need it).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// The node's own figures as peers see them.
 #[derive(Debug, Clone)]
 pub struct LocalRole {
@@ -97,8 +109,8 @@ pub struct Network {
     pub(crate) peers: manager::PeerTable,
     pub(crate) known: Mutex<HashMap<String, manager::Known>>,
     pub(crate) origins: gossip::Origins,
-    /// DiLoCo rounds: contributions received, the agreed weights served to late replicas.
-    pub diloco: Arc<crate::diloco::round::Diloco>,
+    /// This node's DiLoCo (round, starting hash) as its peers see it, read at each ping.
+    advert: Advert,
 }
 
 impl Network {
@@ -109,9 +121,10 @@ impl Network {
         http_port: u16,
         grpc_port: u16,
         local: LocalRole,
+        advert: Advert,
     ) -> Arc<Network> {
         Arc::new(Network {
-            diloco: state.diloco.clone(),
+            advert,
             wallet,
             ledger,
             state,
@@ -165,7 +178,7 @@ impl Network {
             .read()
             .map(|g| g.clone())
             .unwrap_or_else(|p| p.into_inner().clone());
-        let (diloco_round, round_hash) = self.diloco.advertised();
+        let (diloco_round, round_hash) = (self.advert)();
         pb::NodeInfo {
             node_id: self.id().to_string(),
             address: format!("0.0.0.0:{}", self.grpc_port),

@@ -20,7 +20,7 @@ use super::auth::{self, Authed, Verified};
 use super::error::NetworkError;
 use super::score::node_key;
 use super::{MAX_CONCURRENT_PER_CONNECTION, Network, SERVER_TIMEOUT, manager, now_ms};
-use crate::peer::MAX_MESSAGE_BYTES;
+use crate::network::MAX_MESSAGE_BYTES;
 
 /// Longest role name, address and layer list accepted in a peer's node info.
 const MAX_ROLE_CHARS: usize = 32;

@@ -14,7 +14,7 @@ use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, with
 use crate::ledger::Address;
 use crate::network::Network;
 use crate::network::service::{PeerEdge, WeightsStream};
-use crate::peer::MAX_MESSAGE_BYTES;
+use crate::network::MAX_MESSAGE_BYTES;
 
 /// Most stages a route may name.
 const MAX_ROUTE: usize = 64;

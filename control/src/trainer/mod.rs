@@ -122,6 +122,8 @@ pub struct Trainer {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The peer network; DiLoCo rounds run with the replicas connected there.
     pub net: Option<Arc<crate::network::Network>>,
+    /// DiLoCo rounds of this node: the state the `Diloco` peer service files contributions in.
+    pub diloco: Arc<crate::diloco::round::Diloco>,
     /// This node's pipeline stage (layers fewer than the model: pipeline training).
     pub stage: Option<Arc<crate::pipeline::Stage>>,
 }

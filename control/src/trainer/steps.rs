@@ -11,12 +11,14 @@ impl Trainer {
     /// Reads the loaded model into the DiLoCo round state (first start) and catches up with
     /// the replicas if they agree on other weights.
     pub(super) async fn diloco_init(&self, client: &EngineHandle) {
-        let Some(net) = &self.net else { return };
-        let dir = self.data_dir.join("diloco");
-        if let Ok(mut m) = net.diloco.max_norm.lock() {
-            *m = crate::diloco::round::Settings::from_config(&self.config()).max_norm;
+        if self.net.is_none() {
+            return;
         }
-        if let Err(e) = crate::diloco::sync::init(&net.diloco, client, &dir).await {
+        let dir = self.data_dir.join("diloco");
+        if let Ok(mut m) = self.diloco.max_norm.lock() {
+            *m = self.config().diloco_settings().max_norm;
+        }
+        if let Err(e) = crate::diloco::sync::init(&self.diloco, client, &dir).await {
             tracing::warn!(error = %e, "DiLoCo: could not read the model's weights");
         }
     }
@@ -30,9 +32,9 @@ impl Trainer {
         stop: &mut watch::Receiver<bool>,
     ) {
         let Some(net) = &self.net else { return };
-        let settings = crate::diloco::round::Settings::from_config(cfg);
+        let settings = cfg.diloco_settings();
         let initialized = {
-            let mut s = net.diloco.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.diloco.state.lock().unwrap_or_else(|p| p.into_inner());
             s.inner_step = u32::try_from(losses.len()).unwrap_or(u32::MAX);
             s.initialized
         };
@@ -42,6 +44,7 @@ impl Trainer {
         }
         let round = crate::diloco::sync::Round::new(
             net,
+            &self.diloco,
             &self.metrics,
             settings,
             self.data_dir.join("diloco"),
@@ -52,7 +55,7 @@ impl Trainer {
             match round.catch_up(client).await {
                 Ok(Some(_)) => {
                     losses.clear();
-                    if let Ok(h) = net.diloco.state.lock().map(|s| s.start_hash.clone()) {
+                    if let Ok(h) = self.diloco.state.lock().map(|s| s.start_hash.clone()) {
                         self.update(|s| s.model_hash = h);
                     }
                 }
@@ -61,7 +64,7 @@ impl Trainer {
             }
             return;
         }
-        if let Ok(mut m) = net.diloco.max_norm.lock() {
+        if let Ok(mut m) = self.diloco.max_norm.lock() {
             *m = settings.max_norm;
         }
         let loss = losses.iter().sum::<f32>() / losses.len().max(1) as f32;

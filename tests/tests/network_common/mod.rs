@@ -49,6 +49,7 @@ impl Observer {
                 role: "observer".into(),
                 layers: Vec::new(),
             },
+            neuroshard::network::no_advert(),
         );
         Ok(Observer { rt, net, _dir: dir })
     }
