@@ -2,7 +2,9 @@
 //! exposition at `/metrics`. Everything here counts real events; nothing is estimated.
 //!
 //! Latency quantiles come from `hdrhistogram`: one histogram per [`BUCKET`] of time, merged
-//! over the window when read.
+//! over the window when read. The exposition is built with `prometheus-client`'s registry and
+//! its Prometheus text encoder, so HELP/TYPE lines, escaping and counters' `_total` suffix are
+//! right by construction.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -10,6 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Window for requests per minute and latency figures.
 pub const LATENCY_WINDOW: Duration = Duration::from_secs(300);
@@ -128,6 +133,46 @@ impl LatencyWindow {
             p99_ms: quantile_ms(0.99),
             count: n as usize,
         }
+    }
+}
+
+/// One snapshot in the Prometheus text format (0.0.4): every metric is named
+/// `neuroshard_<name>`, with the value it had when the snapshot was taken.
+#[derive(Debug)]
+pub struct Exposition(Registry);
+
+impl Default for Exposition {
+    fn default() -> Self {
+        Self(Registry::with_prefix("neuroshard"))
+    }
+}
+
+impl Exposition {
+    /// The `Content-Type` of [`Exposition::encode`]'s text.
+    pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+    /// A counter: `name` comes without `_total`, which the encoder appends; `help` without a
+    /// final full stop, which it appends too.
+    pub fn counter<N>(&mut self, name: &str, help: &str, value: N)
+    where
+        ConstCounter<N>: Metric,
+    {
+        self.0.register(name, help, ConstCounter::new(value));
+    }
+
+    /// A gauge (`help` without a final full stop).
+    pub fn gauge<N>(&mut self, name: &str, help: &str, value: N)
+    where
+        ConstGauge<N>: Metric,
+    {
+        self.0.register(name, help, ConstGauge::new(value));
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.0);
+        out
     }
 }
 
@@ -305,6 +350,85 @@ mod tests {
         // A node up for 2 minutes has its rate over those 2 minutes.
         let f = w.figures(t0 + Duration::from_secs(600), Duration::from_secs(120));
         assert!((f.per_minute - 150.0).abs() < 1e-9, "{}", f.per_minute);
+    }
+
+    /// Parses a Prometheus text exposition: (name, type, help, value) per sample, checking that
+    /// each sample follows its family's HELP and TYPE lines.
+    fn parse(text: &str) -> Vec<(String, String, String, f64)> {
+        let valid = |n: &str| {
+            !n.is_empty()
+                && !n.starts_with(|c: char| c.is_ascii_digit())
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        };
+        let mut out = Vec::new();
+        let (mut help, mut kind) = (None, None);
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, h) = rest.split_once(' ').unwrap();
+                help = Some((name.to_string(), h.to_string()));
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, k) = rest.split_once(' ').unwrap();
+                assert_eq!(Some(name), help.as_ref().map(|(n, _)| n.as_str()), "{line}");
+                assert!(["counter", "gauge"].contains(&k), "{line}");
+                kind = Some(k.to_string());
+            } else {
+                let (name, value) = line.split_once(' ').unwrap();
+                assert!(valid(name), "{line}");
+                let (family, h) = help.take().unwrap();
+                assert_eq!(name, family, "{line}");
+                let k = kind.take().unwrap();
+                if k == "counter" {
+                    assert!(name.ends_with("_total"), "{line}");
+                }
+                out.push((name.to_string(), k, h, value.parse::<f64>().unwrap()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn exposition_is_valid_prometheus_text() {
+        let mut e = Exposition::default();
+        e.counter("api_requests", "REST requests answered", 7u64);
+        e.counter("rewards_minted", "NEURO minted", 1.5f64);
+        e.gauge("uptime_seconds", "Seconds since the daemon started", 42u64);
+        e.gauge("engine_up", "1 when the engine answers", 1i64);
+        e.gauge(
+            "training_loss",
+            "Latest loss (NaN before the first step)",
+            f64::NAN,
+        );
+        e.gauge("odd", "A back\\slash and a\nnew line", -0.25f64);
+        let text = e.encode();
+        assert!(text.contains("\nneuroshard_engine_up 1\n"), "{text}");
+        assert!(text.starts_with(
+            "# HELP neuroshard_api_requests_total REST requests answered.\n\
+             # TYPE neuroshard_api_requests_total counter\n\
+             neuroshard_api_requests_total 7\n"
+        ));
+        let samples = parse(&text);
+        let names: Vec<_> = samples
+            .iter()
+            .map(|s| (s.0.as_str(), s.1.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("neuroshard_api_requests_total", "counter"),
+                ("neuroshard_rewards_minted_total", "counter"),
+                ("neuroshard_uptime_seconds", "gauge"),
+                ("neuroshard_engine_up", "gauge"),
+                ("neuroshard_training_loss", "gauge"),
+                ("neuroshard_odd", "gauge"),
+            ]
+        );
+        let values: Vec<f64> = samples.iter().map(|s| s.3).collect();
+        assert_eq!(values[..4], [7.0, 1.5, 42.0, 1.0]);
+        assert!(values[4].is_nan());
+        assert_eq!(values[5], -0.25);
+        // HELP escapes the backslash and the line break, so the text stays one line a field.
+        assert_eq!(samples[5].2, "A back\\\\slash and a\\nnew line.");
     }
 
     #[test]

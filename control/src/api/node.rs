@@ -1,6 +1,6 @@
 //! Node endpoints: health, status, metrics (JSON and Prometheus text).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -11,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::engine::EngineState;
+use crate::metrics::{Exposition, Metrics};
 use crate::resources::free_disk;
 use crate::state::AppState;
 
@@ -338,203 +339,281 @@ pub async fn metrics(State(state): State<AppState>) -> Json<MetricsResponse> {
 
 /// `GET /metrics` outside `/api/v1`: the same figures in the Prometheus text format.
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
-    let f = figures(&state).await;
+    let text = exposition(&figures(&state).await, &state.metrics);
+    ([(header::CONTENT_TYPE, Exposition::CONTENT_TYPE)], text)
+}
+
+/// The `/metrics` text of one snapshot. Counters are named without `_total` here: the encoder
+/// appends it (`api_requests` is exposed as `neuroshard_api_requests_total`). The rewards
+/// earned since start are a gauge so that their name keeps its `_total_neuro` ending.
+fn exposition(f: &Figures, a: &Metrics) -> String {
     let m = &f.metrics;
-    let a = &state.metrics;
-    let mut out = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, value: f64| {
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP neuroshard_{name} {help}");
-        let _ = writeln!(out, "# TYPE neuroshard_{name} {kind}");
-        let _ = writeln!(out, "neuroshard_{name} {value}");
-    };
-    let c = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed) as f64;
-    put(
+    let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let mut e = Exposition::default();
+    e.gauge(
         "uptime_seconds",
-        "gauge",
-        "Seconds since the daemon started.",
-        f.uptime_seconds as f64,
+        "Seconds since the daemon started",
+        f.uptime_seconds,
     );
-    put(
-        "api_requests_total",
-        "counter",
-        "REST requests answered.",
-        c(&a.api_requests),
-    );
-    put(
-        "api_client_errors_total",
-        "counter",
-        "REST answers 4xx other than 401 and 429.",
+    e.counter("api_requests", "REST requests answered", c(&a.api_requests));
+    e.counter(
+        "api_client_errors",
+        "REST answers 4xx other than 401 and 429",
         c(&a.api_client_errors),
     );
-    put(
-        "api_unauthorized_total",
-        "counter",
-        "REST answers 401.",
+    e.counter(
+        "api_unauthorized",
+        "REST answers 401",
         c(&a.api_unauthorized),
     );
-    put(
-        "api_rate_limited_total",
-        "counter",
-        "REST answers 429.",
+    e.counter(
+        "api_rate_limited",
+        "REST answers 429",
         c(&a.api_rate_limited),
     );
-    put(
-        "api_server_errors_total",
-        "counter",
-        "REST answers 5xx.",
+    e.counter(
+        "api_server_errors",
+        "REST answers 5xx",
         c(&a.api_server_errors),
     );
-    put(
+    e.gauge(
         "api_requests_per_minute",
-        "gauge",
-        "REST requests per minute over 5 minutes.",
+        "REST requests per minute over 5 minutes",
         f.api.per_minute,
     );
-    put(
+    e.gauge(
         "api_latency_p50_ms",
-        "gauge",
-        "REST latency median over 5 minutes.",
+        "REST latency median over 5 minutes",
         f.api.p50_ms,
     );
-    put(
+    e.gauge(
         "api_latency_p99_ms",
-        "gauge",
-        "REST latency p99 over 5 minutes.",
+        "REST latency p99 over 5 minutes",
         f.api.p99_ms,
     );
-    put(
-        "inference_requests_total",
-        "counter",
-        "Inference requests finished.",
-        m.inference.requests_total as f64,
+    e.counter(
+        "inference_requests",
+        "Inference requests finished",
+        m.inference.requests_total,
     );
-    put(
+    e.gauge(
         "inference_requests_per_minute",
-        "gauge",
-        "Inference requests per minute over 5 minutes.",
+        "Inference requests per minute over 5 minutes",
         m.inference.requests_per_minute,
     );
-    put(
+    e.gauge(
         "inference_latency_avg_ms",
-        "gauge",
-        "Inference latency mean over 5 minutes.",
+        "Inference latency mean over 5 minutes",
         m.inference.avg_latency_ms,
     );
-    put(
+    e.gauge(
         "inference_latency_p99_ms",
-        "gauge",
-        "Inference latency p99 over 5 minutes.",
+        "Inference latency p99 over 5 minutes",
         m.inference.p99_latency_ms,
     );
-    put(
-        "tokens_generated_total",
-        "counter",
-        "Tokens generated.",
-        m.inference.tokens_generated as f64,
+    e.counter(
+        "tokens_generated",
+        "Tokens generated",
+        m.inference.tokens_generated,
     );
-    put(
-        "training_steps_total",
-        "counter",
-        "Optimizer steps of the held layers.",
-        m.training.steps_total as f64,
+    e.counter(
+        "training_steps",
+        "Optimizer steps of the held layers",
+        m.training.steps_total,
     );
-    put(
+    e.gauge(
         "training_steps_per_hour",
-        "gauge",
-        "Training steps per hour over the last hour.",
+        "Training steps per hour over the last hour",
         m.training.steps_per_hour,
     );
-    put(
+    e.gauge(
         "training_loss",
-        "gauge",
-        "Latest training loss (NaN before the first step).",
+        "Latest training loss (NaN before the first step)",
         f.loss.map_or(f64::NAN, f64::from),
     );
-    put(
+    e.gauge(
         "training_model_loaded",
-        "gauge",
-        "1 when the engine holds the model.",
-        f64::from(u8::from(f.model_loaded)),
+        "1 when the engine holds the model",
+        i64::from(f.model_loaded),
     );
-    put(
-        "gradients_submitted_total",
-        "counter",
-        "Pseudo-gradients sent to replicas.",
-        m.training.gradients_submitted as f64,
+    e.counter(
+        "gradients_submitted",
+        "Pseudo-gradients sent to replicas",
+        m.training.gradients_submitted,
     );
-    put(
-        "gradients_accepted_total",
-        "counter",
-        "Pseudo-gradients accepted from replicas.",
-        m.training.gradients_accepted as f64,
+    e.counter(
+        "gradients_accepted",
+        "Pseudo-gradients accepted from replicas",
+        m.training.gradients_accepted,
     );
-    put(
+    e.gauge(
         "engine_up",
-        "gauge",
-        "1 when the engine answers.",
-        f64::from(u8::from(f.engine_up)),
+        "1 when the engine answers",
+        i64::from(f.engine_up),
     );
-    put(
-        "engine_restarts_total",
-        "counter",
-        "Engine restarts by the supervisor.",
-        f.engine_restarts as f64,
+    e.counter(
+        "engine_restarts",
+        "Engine restarts by the supervisor",
+        f.engine_restarts,
     );
-    put(
+    e.gauge(
         "engine_memory_used_bytes",
-        "gauge",
-        "Device memory the engine uses.",
-        f.engine_memory_used as f64,
+        "Device memory the engine uses",
+        f.engine_memory_used,
     );
-    put("peers", "gauge", "Connected peers.", f.peers as f64);
-    put(
-        "peer_bytes_sent_total",
-        "counter",
-        "Bytes sent by the peer service.",
-        m.network.bytes_sent as f64,
+    e.gauge("peers", "Connected peers", f.peers);
+    e.counter(
+        "peer_bytes_sent",
+        "Bytes sent by the peer service",
+        m.network.bytes_sent,
     );
-    put(
-        "peer_bytes_received_total",
-        "counter",
-        "Bytes received by the peer service.",
-        m.network.bytes_received as f64,
+    e.counter(
+        "peer_bytes_received",
+        "Bytes received by the peer service",
+        m.network.bytes_received,
     );
-    put(
-        "peer_rpc_calls_total",
-        "counter",
-        "Peer RPC calls served and made.",
-        m.network.rpc_calls as f64,
+    e.counter(
+        "peer_rpc_calls",
+        "Peer RPC calls served and made",
+        m.network.rpc_calls,
     );
-    put(
+    e.gauge(
         "rewards_earned_total_neuro",
-        "counter",
-        "NEURO minted to the node wallet.",
+        "NEURO minted to the node wallet",
         m.rewards.earned_total,
     );
-    put(
+    e.gauge(
         "rewards_earned_today_neuro",
-        "gauge",
-        "NEURO minted to the node wallet since 00:00 UTC.",
+        "NEURO minted to the node wallet since 00:00 UTC",
         m.rewards.earned_today,
     );
-    put(
+    e.gauge(
         "rewards_pending_neuro",
-        "gauge",
-        "NEURO in cooldown or unclaimed.",
+        "NEURO in cooldown or unclaimed",
         m.rewards.pending,
     );
-    put(
-        "ledger_blocks",
-        "gauge",
-        "Ledger blocks held.",
-        f.ledger_blocks as f64,
-    );
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
+    e.gauge("ledger_blocks", "Ledger blocks held", f.ledger_blocks);
+    e.encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition keeps every name the hand-written one had.
+    #[test]
+    fn exposition_keeps_the_metric_names() {
+        let f = Figures {
+            metrics: MetricsResponse {
+                timestamp: String::new(),
+                inference: InferenceMetrics {
+                    requests_total: 5,
+                    requests_per_minute: 1.5,
+                    avg_latency_ms: 20.25,
+                    p99_latency_ms: 40.0,
+                    tokens_generated: 70,
+                },
+                training: TrainingMetrics {
+                    steps_total: 9,
+                    steps_per_hour: 120.0,
+                    gradients_submitted: 2,
+                    gradients_accepted: 1,
+                },
+                network: NetworkMetrics {
+                    bytes_sent: 1000,
+                    bytes_received: 2000,
+                    active_connections: 1,
+                    rpc_calls: 30,
+                },
+                rewards: RewardMetrics {
+                    earned_today: 0.5,
+                    earned_total: 2.5,
+                    pending: 0.0,
+                },
+            },
+            api: crate::metrics::WindowFigures::default(),
+            loss: None,
+            model_loaded: true,
+            engine_up: true,
+            engine_restarts: 3,
+            engine_memory_used: 1 << 30,
+            uptime_seconds: 61,
+            peers: 2,
+            ledger_blocks: 4,
+        };
+        let a = Metrics::default();
+        a.record_api(401, Duration::from_millis(3));
+        let text = exposition(&f, &a);
+        let samples: Vec<(&str, &str)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split_once(' ').unwrap())
+            .collect();
+        let types: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split_once(' ').unwrap())
+            .collect();
+        let counters = [
+            "api_requests_total",
+            "api_client_errors_total",
+            "api_unauthorized_total",
+            "api_rate_limited_total",
+            "api_server_errors_total",
+            "inference_requests_total",
+            "tokens_generated_total",
+            "training_steps_total",
+            "gradients_submitted_total",
+            "gradients_accepted_total",
+            "engine_restarts_total",
+            "peer_bytes_sent_total",
+            "peer_bytes_received_total",
+            "peer_rpc_calls_total",
+        ];
+        let gauges = [
+            "uptime_seconds",
+            "api_requests_per_minute",
+            "api_latency_p50_ms",
+            "api_latency_p99_ms",
+            "inference_requests_per_minute",
+            "inference_latency_avg_ms",
+            "inference_latency_p99_ms",
+            "training_steps_per_hour",
+            "training_loss",
+            "training_model_loaded",
+            "engine_up",
+            "engine_memory_used_bytes",
+            "peers",
+            "rewards_earned_total_neuro",
+            "rewards_earned_today_neuro",
+            "rewards_pending_neuro",
+            "ledger_blocks",
+        ];
+        assert_eq!(types.len(), counters.len() + gauges.len(), "{text}");
+        for (names, kind) in [(&counters[..], "counter"), (&gauges[..], "gauge")] {
+            for name in names {
+                let full = format!("neuroshard_{name}");
+                assert!(
+                    types.contains(&(full.as_str(), kind)),
+                    "{full} {kind}\n{text}"
+                );
+                assert!(samples.iter().any(|(n, _)| *n == full), "{full}\n{text}");
+            }
+        }
+        for (name, value) in [
+            ("neuroshard_api_requests_total", "1"),
+            ("neuroshard_api_unauthorized_total", "1"),
+            ("neuroshard_uptime_seconds", "61"),
+            ("neuroshard_engine_up", "1"),
+            ("neuroshard_engine_memory_used_bytes", "1073741824"),
+            ("neuroshard_training_loss", "NaN"),
+            ("neuroshard_inference_latency_avg_ms", "20.25"),
+            ("neuroshard_rewards_earned_total_neuro", "2.5"),
+        ] {
+            assert!(samples.contains(&(name, value)), "{name} {value}\n{text}");
+        }
+        assert!(text.contains(
+            "# HELP neuroshard_api_client_errors_total REST answers 4xx other than 401 and 429.\n"
+        ));
+    }
 }
