@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::engine::EngineMode;
+
 pub const CONFIG_FILE: &str = "neuroshard.toml";
 
 #[derive(Debug, thiserror::Error)]
@@ -82,15 +84,6 @@ pub struct EngineConfig {
     /// Shared-memory slots and bytes per slot.
     pub shm_slots: u32,
     pub shm_slot_mb: u32,
-}
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineMode {
-    Spawn,
-    External,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

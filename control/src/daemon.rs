@@ -15,12 +15,12 @@ use neuroshard_shared::shm::{Segment, segment_name_for};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::AppState;
 use crate::config::{Config, EngineMode};
 use crate::engine::supervisor::{self, SupervisorConfig};
 use crate::ledger::Ledger;
 use crate::peer::PeerState;
 use crate::resources::Sampler;
-use crate::state::AppState;
 use crate::trainer::{Trainer, TrainingStats};
 
 pub const PID_FILE: &str = "neuroshard.pid";
@@ -219,7 +219,7 @@ pub async fn run(
         let cfg = config.read().map(|c| c.clone()).unwrap_or_default();
         // A node that cannot hold the whole model says nothing about its layers until the
         // trainer has chosen them (after meeting its peers).
-        let all = crate::trainer::held_layers(&cfg);
+        let all = crate::stats::held_layers(&cfg);
         let fits = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
             .map_or(true, |m| {
                 crate::pipeline::assign::capacity(&cfg, &m) >= all.end
@@ -295,7 +295,15 @@ pub async fn run(
         diloco: diloco.clone(),
         stage: stage.clone(),
     };
-    let work_task = tokio::spawn(crate::work::run(state.clone(), stop_trainer_rx.clone()));
+    let minter = crate::work::Minter {
+        config: config.clone(),
+        training: training.clone(),
+        metrics: metrics.clone(),
+        engine: engine.clone(),
+        wallet: wallet.clone(),
+        ledger: ledger.clone(),
+    };
+    let work_task = tokio::spawn(crate::work::run(minter, stop_trainer_rx.clone()));
 
     let rest_task = tokio::spawn(crate::api::serve(
         http,

@@ -15,7 +15,7 @@ pub mod ops;
 pub mod peer;
 pub mod pipeline;
 pub mod resources;
-pub mod state;
+pub mod stats;
 pub mod tracker;
 pub mod trainer;
 pub mod wallets;

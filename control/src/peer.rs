@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
-
 /// A peer as the REST API shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PeerInfo {

@@ -11,7 +11,35 @@ use tokio::sync::watch;
 use crate::ledger::keys::keccak;
 use crate::ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
 use crate::ledger::{Proof, ProofType, SignedProof};
-use crate::state::AppState;
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::ledger::{Ledger, Wallet};
+use crate::metrics::Metrics;
+use crate::stats::TrainingStats;
+
+/// What the proof minter reads and writes: the node's figures, its engine (for the model
+/// hash), its wallet and the ledger. Nothing else of the node.
+#[derive(Clone)]
+pub struct Minter {
+    pub config: Arc<RwLock<Config>>,
+    pub training: Arc<Mutex<TrainingStats>>,
+    pub metrics: Arc<Metrics>,
+    pub engine: Engine,
+    pub wallet: Arc<Wallet>,
+    pub ledger: Arc<Ledger>,
+}
+
+impl Minter {
+    fn training(&self) -> TrainingStats {
+        self.training.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    fn config(&self) -> Config {
+        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    }
+}
 
 /// What the node had done at the last proof.
 #[derive(Debug, Clone, Default)]
@@ -23,7 +51,7 @@ struct Mark {
 }
 
 /// Runs until `stop` flips: one proof per epoch, submitted a second after the epoch turns.
-pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+pub async fn run(state: Minter, mut stop: watch::Receiver<bool>) {
     let mut mark = Mark {
         at: chrono::Utc::now().timestamp(),
         steps: state.training().steps_this_run,
@@ -44,7 +72,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn current_model_hash(state: &AppState) -> Option<String> {
+async fn current_model_hash(state: &Minter) -> Option<String> {
     let engine = state.engine.handle()?;
     tokio::time::timeout(Duration::from_secs(10), engine.model_hash())
         .await
@@ -52,14 +80,14 @@ async fn current_model_hash(state: &AppState) -> Option<String> {
         .ok()
 }
 
-async fn prove(state: &AppState, mark: Mark) -> Mark {
+async fn prove(state: &Minter, mark: Mark) -> Mark {
     let now = chrono::Utc::now().timestamp();
     let training = state.training();
     let tokens = state.metrics.tokens_generated.load(Ordering::Relaxed);
     let model_hash = current_model_hash(state).await.unwrap_or_default();
     let cfg = state.config();
     let layers: Vec<u32> = if training.model_loaded {
-        crate::trainer::live_layers(&cfg, &training).collect()
+        crate::stats::live_layers(&cfg, &training).collect()
     } else {
         Vec::new()
     };

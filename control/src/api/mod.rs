@@ -17,6 +17,7 @@ pub mod openai;
 pub mod openapi;
 mod routes;
 mod settings;
+pub mod state;
 mod training;
 mod wallet;
 
@@ -33,9 +34,9 @@ pub use error::ApiError;
 pub use limits::{Key, RateLimits};
 pub use node::role;
 pub use routes::{ROUTES, RouteSpec, RouteTable};
+pub use state::AppState;
 
 use crate::auth::Caller;
-use crate::state::AppState;
 
 pub fn app(state: AppState) -> Router {
     let max_body = state.config().api.max_body_kb as usize * 1024;

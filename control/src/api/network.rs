@@ -5,9 +5,9 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::api::AppState;
 use crate::auth::Caller;
 use crate::engine::EngineState;
-use crate::state::AppState;
 
 #[derive(Serialize, ToSchema)]
 pub struct PeersResponse {
@@ -91,7 +91,7 @@ pub async fn layers(State(state): State<AppState>, _caller: Caller) -> Json<Laye
     let per_layer_mb = model.as_ref().map_or(0, |m| {
         (m.layer_params() * TRAIN_BYTES_PER_PARAM).div_ceil(1024 * 1024)
     });
-    let layers: Vec<LayerEntry> = crate::trainer::live_layers(&cfg, &state.training())
+    let layers: Vec<LayerEntry> = crate::stats::live_layers(&cfg, &state.training())
         .map(|index| LayerEntry {
             index,
             kind: "transformer".into(),
@@ -328,7 +328,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         }
     };
     let own: Vec<u32> = if training.model_loaded {
-        crate::trainer::live_layers(&cfg, &training).collect()
+        crate::stats::live_layers(&cfg, &training).collect()
     } else {
         Vec::new()
     };

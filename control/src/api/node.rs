@@ -10,10 +10,10 @@ use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::api::AppState;
 use crate::engine::EngineState;
 use crate::metrics::{Exposition, Metrics};
 use crate::resources::free_disk;
-use crate::state::AppState;
 
 /// How long an engine restart may take before `gpu: restarting` counts as a failed check.
 const RESTART_GRACE: Duration = Duration::from_secs(60);
@@ -155,7 +155,7 @@ pub async fn status(State(state): State<AppState>) -> Json<StatusResponse> {
     let training = state.training();
     let res = state.resources.latest();
     let layers: Vec<u32> = if training.model_loaded {
-        crate::trainer::live_layers(&cfg, &training).collect()
+        crate::stats::live_layers(&cfg, &training).collect()
     } else {
         Vec::new()
     };

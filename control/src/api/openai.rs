@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use super::inference::{self, InferenceRequest, Streaming};
+use crate::api::AppState;
 use crate::auth::Caller;
-use crate::state::AppState;
 
 /// The chat template: a transcript; generation stops when the model starts the next turn.
 const USER_TURN: &str = "\nUser:";

@@ -24,7 +24,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::{PathItemExt, routes};
 
 use super::{dashboard, inference, network, node, openai, openapi, settings, training, wallet};
-use crate::state::AppState;
+use crate::api::AppState;
 
 /// One endpoint and whether it needs a token (a row of [`ROUTES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

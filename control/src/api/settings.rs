@@ -7,9 +7,9 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::ApiError;
+use crate::api::AppState;
 use crate::auth::Caller;
 use crate::config::{Config, ConfigError, needs_restart, redact_url};
-use crate::state::AppState;
 
 /// The effective configuration, plus the node id and the derived peer port.
 #[derive(Serialize, ToSchema)]

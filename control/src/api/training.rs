@@ -10,8 +10,8 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::api::AppState;
 use crate::diloco::round::LOSS_EMA_ALPHA;
-use crate::state::AppState;
 
 /// Losses compared to judge the trend (the latest ones).
 const TREND_WINDOW: usize = 200;

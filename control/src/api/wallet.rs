@@ -9,11 +9,11 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use super::ApiError;
+use crate::api::AppState;
 use crate::auth::Caller;
 use crate::ledger::amount::signed_units_to_neuro;
 use crate::ledger::views::{date_string, timestamp_string};
 use crate::ledger::{Address, HistoryEntry, parse_neuro_f64, units_to_neuro};
-use crate::state::AppState;
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()

@@ -11,9 +11,9 @@ use neuroshard_proto::peer::diloco_server::{Diloco as DilocoRpc, DilocoServer};
 use tonic::{Request, Response, Status};
 
 use super::round::Diloco;
+use crate::network::MAX_MESSAGE_BYTES;
 use crate::network::score::node_key;
 use crate::network::service::{PeerEdge, WeightsStream};
-use crate::network::MAX_MESSAGE_BYTES;
 
 pub struct DilocoService {
     edge: PeerEdge,

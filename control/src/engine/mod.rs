@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub use error::EngineError;
 pub use handle::{EngineHandle, Forwarded, TokenStream};
 pub use slots::Slots;
-pub use supervisor::{Engine, EngineState, EngineStatus, SupervisorConfig};
+pub use supervisor::{Engine, EngineMode, EngineState, EngineStatus, SupervisorConfig};
 pub use types::{
     EngineHealth, LoadSpec, Loaded, Sampling, StageStarted, TensorIn, Token, TrainSettings,
     TrainStepped,

@@ -14,7 +14,18 @@ use tokio::sync::watch;
 
 use super::handle::{EngineHandle, connect};
 use super::types::EngineHealth;
-use crate::config::EngineMode;
+use serde::{Deserialize, Serialize};
+
+/// How the daemon gets its engine (`engine.mode`, `--engine`): it spawns and watches it, or
+/// connects to one a service manager runs.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineMode {
+    Spawn,
+    External,
+}
 
 /// What the `gpu` health check reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

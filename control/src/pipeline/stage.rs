@@ -14,7 +14,7 @@ use super::wire::Wire;
 use super::{Assignment, PipeError, infer};
 use crate::config::Config;
 use crate::engine::{EngineHandle, EngineStatus, Forwarded};
-use crate::trainer::TrainingStats;
+use crate::stats::TrainingStats;
 
 /// How far ahead of the local clock a step id may be (clock skew between stages).
 const MAX_STEP_AHEAD_MS: u64 = 60_000;

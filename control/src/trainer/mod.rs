@@ -25,6 +25,7 @@ use crate::engine::{
     Engine, EngineError, EngineHandle, EngineState, LoadSpec, Loaded, TrainSettings,
     checkpoint_path,
 };
+pub use crate::stats::{TrainingStats, held_layers, live_layers};
 
 /// Longest a node with too little room for the whole model waits for its seed peers before
 /// choosing its layers.
@@ -39,46 +40,6 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Loss samples kept for the status endpoints (and later the training-verification figures).
 const HISTORY: usize = 1000;
-
-#[derive(Debug, Clone, Default)]
-pub struct TrainingStats {
-    pub model_loaded: bool,
-    pub model_hash: String,
-    pub parameters: u64,
-    pub step: u64,
-    pub loss: Option<f32>,
-    pub tokens: u64,
-    pub history: VecDeque<(u64, f32)>,
-    pub last_checkpoint_step: Option<u64>,
-    pub last_error: Option<String>,
-    pub started: Option<Instant>,
-    /// Steps done since this daemon started.
-    pub steps_this_run: u64,
-    /// The layers this node holds (dynamic layer pool), once decided.
-    pub assignment: Option<crate::pipeline::Assignment>,
-    /// Data shards this node has trained on.
-    pub shards: std::collections::BTreeSet<u32>,
-    /// When the latest step finished.
-    pub last_step_at: Option<Instant>,
-    /// Steps per minute over the last hour (for steps per hour).
-    pub rate: crate::metrics::StepRate,
-}
-
-/// The transformer layers this node holds: all of the configured model (role `full`).
-pub fn held_layers(cfg: &Config) -> std::ops::Range<u32> {
-    let n = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
-        .map(|m| m.layers)
-        .unwrap_or(0);
-    0..n
-}
-
-/// The layers held now: the live assignment once decided, else every layer.
-pub fn live_layers(cfg: &Config, stats: &TrainingStats) -> std::ops::Range<u32> {
-    match &stats.assignment {
-        Some(a) => a.layers.clone(),
-        None => held_layers(cfg),
-    }
-}
 
 /// What LoadModel builds for the layers of `a` of the configured model.
 pub fn load_spec(

@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use super::{Generated, InferenceRequest};
 use crate::api::ApiError;
+use crate::api::AppState;
 use crate::auth::Caller;
 use crate::ledger::{UNITS_PER_NEURO, transfer_fee};
-use crate::state::AppState;
 
 /// 0.0001 NEURO per token.
 pub const PRICE_UNITS_PER_TOKEN: u64 = UNITS_PER_NEURO / 10_000;

@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 
 use super::{InferenceRequest, StopMatcher};
 use crate::api::ApiError;
+use crate::api::AppState;
 use crate::engine::{EngineError, Sampling, Token};
-use crate::state::AppState;
 
 /// What a finished generation produced.
 #[derive(Debug, Clone)]

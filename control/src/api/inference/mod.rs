@@ -27,9 +27,9 @@ pub use sse::{Streaming, stream_events};
 pub use stop::StopMatcher;
 
 use super::ApiError;
+use crate::api::AppState;
 use crate::auth::Caller;
 use crate::ledger::units_to_neuro;
-use crate::state::AppState;
 
 /// Requests generating at once; more wait for [`QUEUE_LIMIT`] places, beyond that 503.
 pub const QUEUE_LIMIT: usize = 64;

@@ -1,4 +1,5 @@
-//! What the REST handlers read: the node's live state, shared by reference.
+//! What the REST handlers read: the node's live state, shared by reference. It belongs to the
+//! API; background tasks get narrow handles of their own (the proof minter: `work::Minter`).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -7,7 +8,7 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::resources::Sampler;
-use crate::trainer::TrainingStats;
+use crate::stats::TrainingStats;
 
 /// Shared state of one running node. Cheap to clone (everything behind `Arc`).
 #[derive(Clone)]
@@ -28,7 +29,7 @@ pub struct AppState {
     /// Keys of the accounts API tokens act for.
     pub keyring: Arc<crate::wallets::Keyring>,
     pub auth: Arc<crate::auth::Authenticator>,
-    pub limits: Arc<crate::api::RateLimits>,
+    pub limits: Arc<super::RateLimits>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Places for inference requests (generating or waiting for the engine).
     pub inference_slots: Arc<tokio::sync::Semaphore>,
