@@ -242,11 +242,10 @@ mod tests {
         }
         // The undocumented ones: dashboard, Prometheus, the document, the OpenAI endpoints.
         assert_eq!(ROUTES.len(), documented + 6);
-        assert!(ROUTES.iter().any(|r| *r
-            == RouteSpec {
-                method: "PATCH",
-                path: "/api/v1/config",
-                auth: true
-            }));
+        assert!(ROUTES.contains(&RouteSpec {
+            method: "PATCH",
+            path: "/api/v1/config",
+            auth: true
+        }));
     }
 }

@@ -16,6 +16,7 @@ use crate::ledger::{UNITS_PER_NEURO, transfer_fee};
 
 /// 0.0001 NEURO per token.
 pub const PRICE_UNITS_PER_TOKEN: u64 = UNITS_PER_NEURO / 10_000;
+
 fn cost_of(tokens: u64) -> u64 {
     tokens.saturating_mul(PRICE_UNITS_PER_TOKEN)
 }

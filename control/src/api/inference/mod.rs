@@ -1,10 +1,11 @@
 //! `POST /inference`: text generation on the engine, plain or streamed (Server-Sent Events),
 //! with stop sequences matched on the decoded text, paid for through the ledger.
 //!
-//! The flow: [`schema`] (the request, validated) -> [`admit`] (a place in the queue, the
-//! 402 check of [`billing`]) -> [`generate`] (tokens from the engine or the pipeline, cut at
-//! stop sequences by [`stop`]) -> the answer, whole or as events ([`sse`]) -> the charge
-//! ([`billing`]). `openai.rs` shares everything but the request and answer formats.
+//! The flow: `schema.rs` (the request, validated) -> [`admit`] (a place in the queue, the
+//! 402 check of `billing.rs`) -> [`generate`] (tokens from the engine or the pipeline,
+//! `generate.rs`, cut at stop sequences by `stop.rs`) -> the answer, whole or as events
+//! (`sse.rs`) -> the charge (`billing.rs`). `openai.rs` shares everything but the request and
+//! answer formats.
 
 mod billing;
 mod generate;
