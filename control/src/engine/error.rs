@@ -5,9 +5,6 @@
 /// Why an engine command did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    /// No engine is connected right now (down, or being restarted by the supervisor).
-    #[error("engine not running")]
-    Down,
     /// The engine refused the request itself: bad input, a file it cannot read.
     #[error("{0}")]
     Invalid(String),

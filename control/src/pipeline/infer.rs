@@ -542,7 +542,6 @@ fn infer_engine_err(e: EngineError) -> PipeError {
     match e {
         EngineError::Invalid(m) => PipeError::Refused(m),
         EngineError::Unavailable(m) | EngineError::NotReady(m) => PipeError::NotReady(m),
-        EngineError::Down => PipeError::NotReady(e.message()),
         e => engine_err(e),
     }
 }
