@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use crate::api::AppState;
 use crate::config::{Config, EngineMode};
 use crate::engine::supervisor::{self, SupervisorConfig};
-use crate::ledger::Ledger;
 use crate::peer::PeerState;
 use crate::resources::Sampler;
 use crate::trainer::{Trainer, TrainingStats};
+use neuroshard_ledger::Ledger;
 
 pub const PID_FILE: &str = "neuroshard.pid";
 const LOCK_FILE: &str = "neuroshard.lock";
@@ -49,12 +49,12 @@ pub enum DaemonError {
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
     #[error("ledger: {0}")]
-    Ledger(#[from] crate::ledger::LedgerError),
+    Ledger(#[from] neuroshard_ledger::LedgerError),
 }
 
 /// The node's keystore fails as it did inside the ledger: `ledger: keystore …`.
-impl From<crate::ledger::IdentityError> for DaemonError {
-    fn from(e: crate::ledger::IdentityError) -> DaemonError {
+impl From<neuroshard_ledger::IdentityError> for DaemonError {
+    fn from(e: neuroshard_ledger::IdentityError) -> DaemonError {
         DaemonError::Ledger(e.into())
     }
 }
@@ -140,7 +140,7 @@ pub async fn run(
 
     // The node's wallet key and the ledger come before anything that could earn or spend.
     let passphrase = std::env::var("NEUROSHARD_WALLET_PASSPHRASE").ok();
-    let wallet = Arc::new(crate::ledger::keystore::load_or_create(
+    let wallet = Arc::new(neuroshard_ledger::keystore::load_or_create(
         data_dir,
         passphrase.as_deref(),
     )?);

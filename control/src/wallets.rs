@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::ledger::keystore::{self, SCRYPT_LOG_N};
-use crate::ledger::{Address, LedgerError, Wallet};
+use neuroshard_ledger::keystore::{self, SCRYPT_LOG_N};
+use neuroshard_ledger::{Address, LedgerError, Wallet};
 
 const WALLETS_DIR: &str = "wallets";
 

@@ -8,16 +8,16 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::ledger::keys::keccak;
-use crate::ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
-use crate::ledger::{Proof, ProofType, SignedProof};
+use neuroshard_ledger::keys::keccak;
+use neuroshard_ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
+use neuroshard_ledger::{Proof, ProofType, SignedProof};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::ledger::{Ledger, Wallet};
 use crate::metrics::Metrics;
 use crate::stats::TrainingStats;
+use neuroshard_ledger::{Ledger, Wallet};
 
 /// What the proof minter reads and writes: the node's figures, its engine (for the model
 /// hash), its wallet and the ledger. Nothing else of the node.
@@ -166,7 +166,7 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
             proof = %accepted.proof_id,
             kind = proof_type.as_str(),
             batches,
-            reward = crate::ledger::units_to_neuro(accepted.reward),
+            reward = neuroshard_ledger::units_to_neuro(accepted.reward),
             "proof of work rewarded"
         ),
         Err(e) => tracing::warn!(error = %e, "proof of work not rewarded"),

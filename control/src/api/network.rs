@@ -359,8 +359,8 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         ledger: LedgerSummary {
             root_hash: root,
             blocks,
-            minted: minted as f64 / crate::ledger::UNITS_PER_NEURO as f64,
-            burned: burned as f64 / crate::ledger::UNITS_PER_NEURO as f64,
+            minted: minted as f64 / neuroshard_ledger::UNITS_PER_NEURO as f64,
+            burned: burned as f64 / neuroshard_ledger::UNITS_PER_NEURO as f64,
             invariant_ok,
         },
         pipeline,

@@ -23,9 +23,9 @@ pub struct AppState {
     pub training: Arc<Mutex<TrainingStats>>,
     pub network: Arc<crate::peer::PeerState>,
     /// The node's view of the network ledger.
-    pub ledger: Arc<crate::ledger::Ledger>,
+    pub ledger: Arc<neuroshard_ledger::Ledger>,
     /// The node's own wallet: signs its proofs, receives its rewards.
-    pub wallet: Arc<crate::ledger::Wallet>,
+    pub wallet: Arc<neuroshard_ledger::Wallet>,
     /// Keys of the accounts API tokens act for.
     pub keyring: Arc<crate::wallets::Keyring>,
     pub auth: Arc<crate::auth::Authenticator>,

@@ -11,10 +11,10 @@ use neuroshard_proto::peer::pipeline_server::{Pipeline as PipelineRpc, PipelineS
 use tonic::{Request, Response, Status};
 
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
-use crate::ledger::Address;
 use crate::network::MAX_MESSAGE_BYTES;
 use crate::network::Network;
 use crate::network::service::{PeerEdge, WeightsStream};
+use neuroshard_ledger::Address;
 
 /// Most stages a route may name.
 const MAX_ROUTE: usize = 64;

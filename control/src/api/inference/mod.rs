@@ -30,7 +30,7 @@ pub use stop::StopMatcher;
 use super::ApiError;
 use crate::api::AppState;
 use crate::auth::Caller;
-use crate::ledger::units_to_neuro;
+use neuroshard_ledger::units_to_neuro;
 
 /// Requests generating at once; more wait for [`QUEUE_LIMIT`] places, beyond that 503.
 pub const QUEUE_LIMIT: usize = 64;
