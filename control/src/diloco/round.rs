@@ -330,7 +330,7 @@ mod tests {
             model_hash: "h".into(),
             loss: 1.0,
             batches: 1,
-            encoding: "bf16".into(),
+            encoding: Some(Encoding::Bf16),
             tensors: vec![],
         };
         assert_eq!(d.receive(&msg), Err(Reject::NotReady));
