@@ -10,9 +10,9 @@
 //! answer time says nothing about how close a guess was.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::SystemTime;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -239,7 +239,7 @@ impl Authenticator {
                 account: self.node_account,
             });
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.cache.lock();
         self.refresh(&mut cache);
         for t in &cache.tokens {
             let mut stored = [0u8; 32];

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::engine::EngineMode;
 
+mod live;
+
+pub use live::{ConfigSender, LiveConfig};
+
 pub const CONFIG_FILE: &str = "neuroshard.toml";
 
 #[derive(Debug, thiserror::Error)]

@@ -8,15 +8,16 @@
 use std::future::Future;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use neuroshard_shared::shm::{Segment, segment_name_for};
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::AppState;
-use crate::config::{Config, EngineMode};
+use crate::config::{Config, LiveConfig};
 use crate::engine::supervisor::{self, SupervisorConfig};
 use crate::peer::PeerState;
 use crate::resources::Sampler;
@@ -203,7 +204,8 @@ pub async fn run(
     let (stop_servers_tx, stop_servers_rx) = watch::channel(false);
     let (engine, supervisor_task) = supervisor::start(sup_cfg, segment.clone(), stop_engine_rx);
 
-    let config = Arc::new(RwLock::new(config));
+    // The live configuration: the API's PATCH handler is its one writer, the rest read it.
+    let (config_tx, config) = LiveConfig::channel(config);
     let network = Arc::new(PeerState::default());
     let training = Arc::new(Mutex::new(TrainingStats::default()));
     let auth = Arc::new(crate::auth::Authenticator::start(
@@ -211,12 +213,12 @@ pub async fn run(
         wallet.address(),
     )?);
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let api_config = config.read().map(|c| c.api.clone()).unwrap_or_default();
+    let api_config = config.get().api.clone();
     // Built in dependency order, nothing started yet: the network (transport), this node's
     // pipeline stage, then the state the API reads, which holds both.
     let diloco = Arc::new(crate::diloco::round::Diloco::default());
     let (peer_net, seeds) = {
-        let cfg = config.read().map(|c| c.clone()).unwrap_or_default();
+        let cfg = config.get();
         // A node that cannot hold the whole model says nothing about its layers until the
         // trainer has chosen them (after meeting its peers).
         let all = crate::stats::held_layers(&cfg);
@@ -287,7 +289,7 @@ pub async fn run(
         auth,
         limits: Arc::new(crate::api::RateLimits::new(&api_config)),
         metrics: metrics.clone(),
-        config_write: Arc::new(tokio::sync::Mutex::new(())),
+        config_write: Arc::new(tokio::sync::Mutex::new(config_tx)),
         inference_slots: Arc::new(tokio::sync::Semaphore::new(
             crate::api::inference::QUEUE_LIMIT,
         )),
@@ -310,10 +312,7 @@ pub async fn run(
         state,
         wait_true(stop_servers_rx.clone()),
     ));
-    let tracker_url = config
-        .read()
-        .map(|c| c.tracker_url.clone())
-        .unwrap_or_default();
+    let tracker_url = config.get().tracker_url.clone();
     if !tracker_url.is_empty() {
         tokio::spawn(crate::tracker::client::run(
             peer_net.clone(),
@@ -345,7 +344,7 @@ pub async fn run(
         api = %http_addr,
         peer = %peer_addr,
         data_dir = %data_dir.display(),
-        engine = ?config.read().map(|c| c.engine.mode).unwrap_or(EngineMode::Spawn),
+        engine = ?config.get().engine.mode,
         "node running"
     );
 

@@ -11,9 +11,10 @@ use tokio::sync::watch;
 use neuroshard_ledger::keys::keccak;
 use neuroshard_ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
 use neuroshard_ledger::{Proof, ProofType, SignedProof};
-use std::sync::{Arc, Mutex, RwLock};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::stats::TrainingStats;
@@ -23,7 +24,7 @@ use neuroshard_ledger::{Ledger, Wallet};
 /// hash), its wallet and the ledger. Nothing else of the node.
 #[derive(Clone)]
 pub struct Minter {
-    pub config: Arc<RwLock<Config>>,
+    pub config: LiveConfig,
     pub training: Arc<Mutex<TrainingStats>>,
     pub metrics: Arc<Metrics>,
     pub engine: Engine,
@@ -33,11 +34,7 @@ pub struct Minter {
 
 impl Minter {
     fn training(&self) -> TrainingStats {
-        self.training.lock().map(|t| t.clone()).unwrap_or_default()
-    }
-
-    fn config(&self) -> Config {
-        self.config.read().map(|c| c.clone()).unwrap_or_default()
+        self.training.lock().clone()
     }
 }
 
@@ -85,7 +82,7 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
     let training = state.training();
     let tokens = state.metrics.tokens_generated.load(Ordering::Relaxed);
     let model_hash = current_model_hash(state).await.unwrap_or_default();
-    let cfg = state.config();
+    let cfg = state.config.get();
     let layers: Vec<u32> = if training.model_loaded {
         crate::stats::live_layers(&cfg, &training).collect()
     } else {

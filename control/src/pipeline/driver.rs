@@ -65,7 +65,7 @@ impl Stage {
             .cloned()
             .ok_or_else(|| PipeError::NoRoute("no stage after the driver".into()))?;
         let rest: Vec<String> = route[1..].iter().map(|h| h.conn.id.to_string()).collect();
-        let pending = self.retry_batch.lock().ok().and_then(|mut b| b.take());
+        let pending = self.retry_batch.lock().take();
         let (ids, labels, shard) = match pending {
             Some(batch) => batch,
             None => self.next_batch(step).await?,

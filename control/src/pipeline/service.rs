@@ -135,9 +135,7 @@ impl Stage {
         self.same_layers(&a)?;
         match out {
             Out::Loss(loss) => {
-                if let Ok(mut s) = self.stats.lock() {
-                    s.loss = Some(loss);
-                }
+                self.stats.lock().loss = Some(loss);
                 Ok(pb::PipelineForwardReply { loss })
             }
             Out::Acts(out) => {

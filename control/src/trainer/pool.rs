@@ -90,7 +90,7 @@ impl Trainer {
         let Some(net) = self.net.as_ref() else {
             return nothing;
         };
-        if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
+        if !self.stats.lock().model_loaded {
             return nothing;
         }
         let (total, capacity) = self.capacity();
@@ -156,7 +156,7 @@ impl Trainer {
         let Some(net) = &self.net else {
             return false;
         };
-        if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
+        if !self.stats.lock().model_loaded {
             return false;
         }
         let min_step = step.saturating_add(RESYNC_LAG);

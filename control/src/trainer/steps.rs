@@ -15,9 +15,7 @@ impl Trainer {
             return;
         }
         let dir = self.data_dir.join("diloco");
-        if let Ok(mut m) = self.diloco.max_norm.lock() {
-            *m = self.config().diloco_settings().max_norm;
-        }
+        *self.diloco.max_norm.lock() = self.config().diloco_settings().max_norm;
         if let Err(e) = crate::diloco::sync::init(&self.diloco, client, &dir).await {
             tracing::warn!(error = %e, "DiLoCo: could not read the model's weights");
         }
@@ -34,7 +32,7 @@ impl Trainer {
         let Some(net) = &self.net else { return };
         let settings = cfg.diloco_settings();
         let initialized = {
-            let mut s = self.diloco.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.diloco.state.lock();
             s.inner_step = u32::try_from(losses.len()).unwrap_or(u32::MAX);
             s.initialized
         };
@@ -55,18 +53,15 @@ impl Trainer {
             match round.catch_up(client).await {
                 Ok(Some(_)) => {
                     losses.clear();
-                    if let Ok(h) = self.diloco.state.lock().map(|s| s.start_hash.clone()) {
-                        self.update(|s| s.model_hash = h);
-                    }
+                    let h = self.diloco.state.lock().start_hash.clone();
+                    self.update(|s| s.model_hash = h);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, "DiLoCo catch-up failed; retrying"),
             }
             return;
         }
-        if let Ok(mut m) = self.diloco.max_norm.lock() {
-            *m = settings.max_norm;
-        }
+        *self.diloco.max_norm.lock() = settings.max_norm;
         let loss = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
         let batches = losses.len() as u64;
         losses.clear();
