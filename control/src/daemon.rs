@@ -196,7 +196,7 @@ pub async fn run(
         binary,
         segment_name.clone(),
     );
-    sup_cfg.device = config.resources.device.clone();
+    sup_cfg.device = config.resources.device.to_string();
     sup_cfg.cpu_threads = config.resources.cpu_threads;
 
     let (stop_engine_tx, stop_engine_rx) = watch::channel(false);
@@ -222,10 +222,7 @@ pub async fn run(
         // A node that cannot hold the whole model says nothing about its layers until the
         // trainer has chosen them (after meeting its peers).
         let all = crate::stats::held_layers(&cfg);
-        let fits = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
-            .map_or(true, |m| {
-                crate::pipeline::assign::capacity(&cfg, &m) >= all.end
-            });
+        let fits = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config()) >= all.end;
         let local = if fits {
             crate::network::LocalRole {
                 role: "full".into(),

@@ -117,8 +117,7 @@ impl Stage {
     }
 
     pub fn model(&self) -> Result<ModelConfig, PipeError> {
-        ModelConfig::preset(&self.config().training.model)
-            .map_err(|e| PipeError::NotReady(e.to_string()))
+        Ok(self.config().training.model.config().clone())
     }
 
     pub fn assignment(&self) -> Option<Assignment> {

@@ -50,7 +50,7 @@ pub fn load_spec(
     a: &crate::pipeline::Assignment,
 ) -> LoadSpec {
     LoadSpec {
-        preset: cfg.training.model.clone(),
+        preset: cfg.training.model.to_string(),
         layers: a.layers.clone(),
         has_embedding: a.has_embedding(),
         has_head: a.has_head(),

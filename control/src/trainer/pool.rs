@@ -19,10 +19,7 @@ impl Trainer {
     ) -> Option<crate::pipeline::Assignment> {
         let cfg = self.config();
         let total = held_layers(&cfg).end;
-        let model = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model).ok();
-        let capacity = model
-            .as_ref()
-            .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, m));
+        let capacity = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config());
         let a = match (&self.net, capacity >= total) {
             (Some(net), false) => {
                 let wanted = cfg.seed_peers.len().min(crate::network::MAX_PEERS);
@@ -72,9 +69,7 @@ impl Trainer {
     pub(super) fn capacity(&self) -> (u32, u32) {
         let cfg = self.config();
         let total = held_layers(&cfg).end;
-        let capacity = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
-            .ok()
-            .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, &m));
+        let capacity = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config());
         (total, capacity)
     }
 

@@ -41,9 +41,7 @@ pub async fn admit(
     caller: &Caller,
     req: &InferenceRequest,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let max_seq = neuroshard_shared::model::ModelConfig::preset(&state.config().training.model)
-        .map(|m| m.max_seq)
-        .unwrap_or(2);
+    let max_seq = state.config().training.model.config().max_seq;
     req.validate(max_seq)?;
     if !state.training().model_loaded {
         return Err(ApiError::unavailable(
