@@ -273,4 +273,76 @@ mod tests {
             "invalid type: integer `1`, expected a string"
         );
     }
+    fn refused(patch: serde_json::Value) -> (String, String) {
+        match Config::default().merged(&patch) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("{patch}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_value_is_refused_with_validations_key_and_order() {
+        let (key, message) = refused(serde_json::json!({"host": "nope"}));
+        assert_eq!(key, "host");
+        assert_eq!(message, "\"nope\" is not an IP address");
+        // The first changed key is not the culprit: the key is still the typed value's.
+        let (key, _) = refused(serde_json::json!({"api": {"max_body_kb": 10}, "host": "x"}));
+        assert_eq!(key, "host");
+        let (key, _) = refused(serde_json::json!({"resources": {"device": "gpu"}}));
+        assert_eq!(key, "resources.device");
+        let (key, _) = refused(serde_json::json!({"training": {"model": "huge"}}));
+        assert_eq!(key, "training.model");
+        // Validation's order: the port, then host, device and model.
+        let (key, _) = refused(serde_json::json!({"port": 65000, "training": {"model": "x"}}));
+        assert_eq!(key, "port");
+        let (key, _) = refused(
+            serde_json::json!({"resources": {"device": "gpu"}, "training": {"model": "x"}}),
+        );
+        assert_eq!(key, "resources.device");
+        // A value of the wrong type comes before any of them, as before (under the first
+        // changed key, as before).
+        let (key, message) =
+            refused(serde_json::json!({"host": "x", "training": {"batch_size": -1}}));
+        assert_eq!(key, "host");
+        assert!(message.contains("-1"), "{message}");
+        // The CLI's flags: a bad port is reported before a bad host.
+        let cfg = Config {
+            port: 65000,
+            ..Config::default()
+        };
+        let Err(ConfigError::Invalid { key, .. }) = cfg.parse_value::<Host>("x") else {
+            panic!("a bad host is refused");
+        };
+        assert_eq!(key, "port");
+    }
+
+    #[test]
+    fn a_bad_value_in_the_file_is_refused_as_validation_refused_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(super::super::CONFIG_FILE);
+        std::fs::write(
+            &path,
+            "host = \"localhost\"\n[training]\nmodel = \"tiny\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap_err().to_string(),
+            "invalid configuration: host: \"localhost\" is not an IP address"
+        );
+        std::fs::write(&path, "port = 65000\n[resources]\ndevice = \"gpu\"\n").unwrap();
+        let Err(ConfigError::Invalid { key, .. }) = Config::load(&path) else {
+            panic!("refused");
+        };
+        assert_eq!(key, "port");
+        std::fs::write(&path, "host = \"x\"\nnonsense = 1\n").unwrap();
+        assert!(matches!(
+            Config::load(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+        std::fs::write(&path, "host = \"::1\"\n[training]\nmodel = \"tiny\"\n").unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.host.as_str(), "::1");
+        assert_eq!(cfg.training.model.config().layers, 2);
+        assert!(toml::to_string(&cfg).unwrap().contains("host = \"::1\""));
+    }
 }
