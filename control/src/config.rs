@@ -16,8 +16,8 @@ mod live;
 mod types;
 
 pub use live::{ConfigSender, LiveConfig};
-pub use types::{Device, Host, ModelPreset};
 use types::Refusal;
+pub use types::{Device, Host, ModelPreset};
 
 pub const CONFIG_FILE: &str = "neuroshard.toml";
 
