@@ -42,6 +42,7 @@
 pub mod account;
 pub mod amount;
 pub mod block;
+pub mod dates;
 pub mod db;
 pub mod encode;
 pub mod error;
@@ -50,6 +51,7 @@ pub mod rewards;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod units;
 pub mod views;
 
 // Keys, addresses and the keystore live in `neuroshard-identity`; they are re-exported under
