@@ -399,7 +399,7 @@ mod tests {
         };
         // No batch yet (no route, the data loader failed): nothing to requeue.
         assert!(!requeued(&[]));
-        assert!(requeued(&[started.clone()]));
+        assert!(requeued(std::slice::from_ref(&started)));
         assert!(requeued(&[started.clone(), forwarded.clone()]));
         assert!(requeued(&[
             started.clone(),

@@ -107,10 +107,10 @@ impl Stage {
             Ok(report) => Ok(report),
             Err(error) => {
                 let retry = schedule.failed();
-                if let (true, Some(b)) = (retry.requeue, batch) {
-                    if let Ok(mut slot) = self.retry_batch.lock() {
-                        *slot = Some(b);
-                    }
+                if let (true, Some(b), Ok(mut slot)) =
+                    (retry.requeue, batch, self.retry_batch.lock())
+                {
+                    *slot = Some(b);
                 }
                 Err(StepFailed {
                     error,
