@@ -10,14 +10,14 @@
 //! answer time says nothing about how close a guess was.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::SystemTime;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::ledger::Address;
+use neuroshard_ledger::Address;
 
 pub const TOKENS_FILE: &str = "tokens.json";
 pub const COOKIE_FILE: &str = "api.cookie";
@@ -239,7 +239,7 @@ impl Authenticator {
                 account: self.node_account,
             });
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.cache.lock();
         self.refresh(&mut cache);
         for t in &cache.tokens {
             let mut stored = [0u8; 32];
@@ -265,8 +265,8 @@ mod tests {
     #[test]
     fn create_verify_revoke() {
         let dir = tempfile::tempdir().unwrap();
-        let node = crate::ledger::Wallet::from_seed(1).address();
-        let other = crate::ledger::Wallet::from_seed(2).address();
+        let node = neuroshard_ledger::Wallet::from_seed(1).address();
+        let other = neuroshard_ledger::Wallet::from_seed(2).address();
         let auth = Authenticator::start(dir.path(), node).unwrap();
         let cookie = std::fs::read_to_string(dir.path().join(COOKIE_FILE)).unwrap();
         assert_eq!(auth.verify(&cookie).unwrap().account, node);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{CONFIG_FILE, Config, EngineMode};
+use crate::config::{CONFIG_FILE, Config, ConfigError, EngineMode};
 use crate::daemon::{self, PID_FILE, Paths};
 
 #[derive(Parser, Debug)]
@@ -173,16 +173,17 @@ fn default_data_dir() -> PathBuf {
         .join(".neuroshard")
 }
 
-/// Applies command-line flags (and their environment variables) over the file's values.
-pub fn apply_flags(mut cfg: Config, a: &StartArgs) -> Config {
+/// Applies command-line flags (and their environment variables) over the file's values. A
+/// bad host or model is refused as validation refuses it (a bad port first, as there).
+pub fn apply_flags(mut cfg: Config, a: &StartArgs) -> Result<Config, ConfigError> {
     if let Some(v) = a.port {
         cfg.port = v;
     }
     if let Some(v) = &a.host {
-        cfg.host = v.clone();
+        cfg.host = cfg.parse_value(v)?;
     }
     if let Some(v) = &a.device {
-        cfg.resources.device = v.clone();
+        cfg.resources.device = cfg.parse_value(v)?;
     }
     if let Some(v) = a.engine {
         cfg.engine.mode = v;
@@ -194,7 +195,7 @@ pub fn apply_flags(mut cfg: Config, a: &StartArgs) -> Config {
         cfg.engine.binary = v.display().to_string();
     }
     if let Some(v) = &a.model {
-        cfg.training.model = v.clone();
+        cfg.training.model = cfg.parse_value(v)?;
     }
     if a.no_training {
         cfg.training.enabled = false;
@@ -214,19 +215,18 @@ pub fn apply_flags(mut cfg: Config, a: &StartArgs) -> Config {
     if let Some(v) = &a.database_url {
         cfg.database_url = v.clone();
     }
-    cfg
+    Ok(cfg)
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = cli.paths();
     match cli.command {
         Command::Start(args) => {
-            let cfg = apply_flags(Config::load(&paths.config_path)?, &args);
+            let cfg = apply_flags(Config::load(&paths.config_path)?, &args)?;
             cfg.validate()?;
-            let host = if cfg.host == "0.0.0.0" || cfg.host == "::" {
-                "127.0.0.1"
-            } else {
-                cfg.host.as_str()
+            let host = match cfg.host.as_str() {
+                "0.0.0.0" | "::" => "127.0.0.1",
+                host => host,
             };
             let url = format!("http://{host}:{}/", cfg.port);
             println!("NeuroShard node starting; dashboard at {url}");

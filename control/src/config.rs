@@ -1,13 +1,23 @@
 //! The daemon's configuration: defaults, then `neuroshard.toml`, then environment and flags.
 //!
 //! One `Config`, validated once at start-up and passed down explicitly. The file is written
-//! atomically (temp file + rename) so a crash never leaves half a config behind.
+//! atomically (temp file + rename) so a crash never leaves half a config behind. The values
+//! that are names (host, device, model) are parsed into types as the config is read
+//! (`types.rs`); the running node reads the live config through a `watch` (`live.rs`).
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::engine::EngineMode;
+
+mod live;
+mod types;
+
+pub use live::{ConfigSender, LiveConfig};
+use types::Refusal;
+pub use types::{Device, Host, ModelPreset};
 
 pub const CONFIG_FILE: &str = "neuroshard.toml";
 
@@ -37,7 +47,8 @@ pub struct Config {
     /// REST API port; the peer gRPC service listens on port + 1000.
     pub port: u16,
     /// Address the REST API binds. The peer service always binds all interfaces.
-    pub host: String,
+    #[schema(value_type = String)]
+    pub host: Host,
     /// Tracker URL for discovery; empty means none.
     pub tracker_url: String,
     /// `host:port` peer addresses to start from.
@@ -91,7 +102,8 @@ pub struct EngineConfig {
 pub struct TrainingConfig {
     pub enabled: bool,
     /// Model preset: tiny, default, bench, gpt2-small.
-    pub model: String,
+    #[schema(value_type = String)]
+    pub model: ModelPreset,
     pub batch_size: u32,
     pub seq_len: u32,
     pub learning_rate: f64,
@@ -132,7 +144,8 @@ pub struct TrainingConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ResourcesConfig {
     /// auto, cpu or cuda.
-    pub device: String,
+    #[schema(value_type = String)]
+    pub device: Device,
     pub max_memory_gb: f64,
     /// Compute threads for the engine; 0 means all cores.
     pub cpu_threads: u32,
@@ -147,7 +160,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             port: 8000,
-            host: "127.0.0.1".into(),
+            host: Host::default(),
             tracker_url: String::new(),
             seed_peers: Vec::new(),
             database_url: String::new(),
@@ -175,7 +188,7 @@ impl Default for TrainingConfig {
     fn default() -> Self {
         TrainingConfig {
             enabled: true,
-            model: "default".into(),
+            model: ModelPreset::default(),
             batch_size: 8,
             seq_len: 128,
             learning_rate: 1e-3,
@@ -203,7 +216,7 @@ impl Default for TrainingConfig {
 impl Default for ResourcesConfig {
     fn default() -> Self {
         ResourcesConfig {
-            device: "auto".into(),
+            device: Device::default(),
             max_memory_gb: 8.0,
             cpu_threads: 0,
             min_free_disk_mb: 100,
@@ -225,10 +238,23 @@ impl Config {
                 });
             }
         };
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config = match toml::from_str(&text) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                // A bad host, device or model is refused as validation refuses it, unless
+                // the file has some other value of the wrong type as well.
+                let tree = toml::from_str::<toml::Table>(&text)
+                    .ok()
+                    .and_then(|t| serde_json::to_value(t).ok());
+                if let Some(Refusal::Typed(bad)) = tree.and_then(types::refusal) {
+                    return Err(bad);
+                }
+                return Err(ConfigError::Parse {
+                    path: path.into(),
+                    message: e.to_string(),
+                });
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -249,6 +275,30 @@ impl Config {
         self.port.saturating_add(1000)
     }
 
+    fn check_port(&self) -> Result<(), ConfigError> {
+        if self.port > 64535 {
+            return Err(ConfigError::Invalid {
+                key: "port".into(),
+                message: format!(
+                    "{} leaves no room for the peer port (port + 1000)",
+                    self.port
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Parses `text` as the value of a typed key (host, device, model); when it does not
+    /// parse, a bad port is reported first, as validation does.
+    pub fn parse_value<T: FromStr<Err = ConfigError>>(&self, text: &str) -> Result<T, ConfigError> {
+        text.parse().or_else(|e| {
+            self.check_port()?;
+            Err(e)
+        })
+    }
+
+    /// Checks the values types do not already guarantee (host, device and model are parsed
+    /// into theirs when read), in a fixed order: the first bad one is reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| {
             Err(ConfigError::Invalid {
@@ -256,34 +306,8 @@ impl Config {
                 message,
             })
         };
-        if self.port > 64535 {
-            return bad(
-                "port",
-                format!(
-                    "{} leaves no room for the peer port (port + 1000)",
-                    self.port
-                ),
-            );
-        }
-        if self.host.parse::<std::net::IpAddr>().is_err() {
-            return bad("host", format!("{:?} is not an IP address", self.host));
-        }
-        if !["auto", "cpu", "cuda"].contains(&self.resources.device.as_str()) {
-            return bad(
-                "resources.device",
-                format!("{:?} is not one of auto, cpu, cuda", self.resources.device),
-            );
-        }
+        self.check_port()?;
         let t = &self.training;
-        if neuroshard_shared::model::ModelConfig::preset(&t.model).is_err() {
-            return bad(
-                "training.model",
-                format!(
-                    "unknown preset {:?} (tiny, default, bench, gpt2-small)",
-                    t.model
-                ),
-            );
-        }
         if !(1..=1024).contains(&t.batch_size) {
             return bad(
                 "training.batch_size",
@@ -440,10 +464,20 @@ impl Config {
     }
 
     fn config_from_tree(&self, tree: serde_json::Value, key: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_json::from_value(tree).map_err(|e| ConfigError::Invalid {
-            key: key.into(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config = match serde_json::from_value(tree.clone()) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                let invalid = |e: serde_json::Error| ConfigError::Invalid {
+                    key: key.into(),
+                    message: e.to_string(),
+                };
+                return Err(match types::refusal(tree) {
+                    Some(Refusal::Typed(bad)) => bad,
+                    Some(Refusal::Type(other)) => invalid(other),
+                    None => invalid(e),
+                });
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -655,7 +689,10 @@ mod tests {
                 .batch_size,
             16
         );
-        assert_eq!(cfg.with_key("host", "0.0.0.0").unwrap().host, "0.0.0.0");
+        assert_eq!(
+            cfg.with_key("host", "0.0.0.0").unwrap().host.as_str(),
+            "0.0.0.0"
+        );
     }
 
     #[test]

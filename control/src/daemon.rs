@@ -8,20 +8,21 @@
 use std::future::Future;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use neuroshard_shared::shm::{Segment, segment_name_for};
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::AppState;
-use crate::config::{Config, EngineMode};
+use crate::config::{Config, LiveConfig};
 use crate::engine::supervisor::{self, SupervisorConfig};
-use crate::ledger::Ledger;
 use crate::peer::PeerState;
 use crate::resources::Sampler;
 use crate::trainer::{Trainer, TrainingStats};
+use neuroshard_ledger::Ledger;
 
 pub const PID_FILE: &str = "neuroshard.pid";
 const LOCK_FILE: &str = "neuroshard.lock";
@@ -49,12 +50,12 @@ pub enum DaemonError {
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
     #[error("ledger: {0}")]
-    Ledger(#[from] crate::ledger::LedgerError),
+    Ledger(#[from] neuroshard_ledger::LedgerError),
 }
 
 /// The node's keystore fails as it did inside the ledger: `ledger: keystore …`.
-impl From<crate::ledger::IdentityError> for DaemonError {
-    fn from(e: crate::ledger::IdentityError) -> DaemonError {
+impl From<neuroshard_ledger::IdentityError> for DaemonError {
+    fn from(e: neuroshard_ledger::IdentityError) -> DaemonError {
         DaemonError::Ledger(e.into())
     }
 }
@@ -140,7 +141,7 @@ pub async fn run(
 
     // The node's wallet key and the ledger come before anything that could earn or spend.
     let passphrase = std::env::var("NEUROSHARD_WALLET_PASSPHRASE").ok();
-    let wallet = Arc::new(crate::ledger::keystore::load_or_create(
+    let wallet = Arc::new(neuroshard_ledger::keystore::load_or_create(
         data_dir,
         passphrase.as_deref(),
     )?);
@@ -195,7 +196,7 @@ pub async fn run(
         binary,
         segment_name.clone(),
     );
-    sup_cfg.device = config.resources.device.clone();
+    sup_cfg.device = config.resources.device.to_string();
     sup_cfg.cpu_threads = config.resources.cpu_threads;
 
     let (stop_engine_tx, stop_engine_rx) = watch::channel(false);
@@ -203,7 +204,8 @@ pub async fn run(
     let (stop_servers_tx, stop_servers_rx) = watch::channel(false);
     let (engine, supervisor_task) = supervisor::start(sup_cfg, segment.clone(), stop_engine_rx);
 
-    let config = Arc::new(RwLock::new(config));
+    // The live configuration: the API's PATCH handler is its one writer, the rest read it.
+    let (config_tx, config) = LiveConfig::channel(config);
     let network = Arc::new(PeerState::default());
     let training = Arc::new(Mutex::new(TrainingStats::default()));
     let auth = Arc::new(crate::auth::Authenticator::start(
@@ -211,19 +213,16 @@ pub async fn run(
         wallet.address(),
     )?);
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let api_config = config.read().map(|c| c.api.clone()).unwrap_or_default();
+    let api_config = config.get().api.clone();
     // Built in dependency order, nothing started yet: the network (transport), this node's
     // pipeline stage, then the state the API reads, which holds both.
     let diloco = Arc::new(crate::diloco::round::Diloco::default());
     let (peer_net, seeds) = {
-        let cfg = config.read().map(|c| c.clone()).unwrap_or_default();
+        let cfg = config.get();
         // A node that cannot hold the whole model says nothing about its layers until the
         // trainer has chosen them (after meeting its peers).
         let all = crate::stats::held_layers(&cfg);
-        let fits = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
-            .map_or(true, |m| {
-                crate::pipeline::assign::capacity(&cfg, &m) >= all.end
-            });
+        let fits = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config()) >= all.end;
         let local = if fits {
             crate::network::LocalRole {
                 role: "full".into(),
@@ -287,7 +286,7 @@ pub async fn run(
         auth,
         limits: Arc::new(crate::api::RateLimits::new(&api_config)),
         metrics: metrics.clone(),
-        config_write: Arc::new(tokio::sync::Mutex::new(())),
+        config_write: Arc::new(tokio::sync::Mutex::new(config_tx)),
         inference_slots: Arc::new(tokio::sync::Semaphore::new(
             crate::api::inference::QUEUE_LIMIT,
         )),
@@ -310,10 +309,7 @@ pub async fn run(
         state,
         wait_true(stop_servers_rx.clone()),
     ));
-    let tracker_url = config
-        .read()
-        .map(|c| c.tracker_url.clone())
-        .unwrap_or_default();
+    let tracker_url = config.get().tracker_url.clone();
     if !tracker_url.is_empty() {
         tokio::spawn(crate::tracker::client::run(
             peer_net.clone(),
@@ -345,7 +341,7 @@ pub async fn run(
         api = %http_addr,
         peer = %peer_addr,
         data_dir = %data_dir.display(),
-        engine = ?config.read().map(|c| c.engine.mode).unwrap_or(EngineMode::Spawn),
+        engine = ?config.get().engine.mode,
         "node running"
     );
 

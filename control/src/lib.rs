@@ -21,7 +21,7 @@ pub mod trainer;
 pub mod wallets;
 pub mod work;
 
-/// Transitional path alias: the ledger is the `neuroshard-ledger` crate (keys, addresses and
-/// the keystore re-exported from `neuroshard-identity`), still reachable as `crate::ledger::…`
-/// so the daemon's modules keep their paths. New code names the crates.
+/// Transitional path alias, used only by `network/` now (its files move into a crate of
+/// their own, which names `neuroshard_ledger` itself): every other module names the crates.
+/// Delete this line once `network/` is gone from control.
 pub use neuroshard_ledger as ledger;

@@ -7,11 +7,11 @@
 //! right by construction.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Metric, Registry};
@@ -208,26 +208,26 @@ impl Metrics {
             500..=599 => self.api_server_errors.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
-        lock(&self.api_latency).record(Instant::now(), elapsed.as_secs_f64() * 1e3);
+        self.api_latency
+            .lock()
+            .record(Instant::now(), elapsed.as_secs_f64() * 1e3);
     }
 
     pub fn record_inference(&self, tokens: u64, elapsed: Duration) {
         self.inference_requests.fetch_add(1, Ordering::Relaxed);
         self.tokens_generated.fetch_add(tokens, Ordering::Relaxed);
-        lock(&self.inference_latency).record(Instant::now(), elapsed.as_secs_f64() * 1e3);
+        self.inference_latency
+            .lock()
+            .record(Instant::now(), elapsed.as_secs_f64() * 1e3);
     }
 
     pub fn api_window(&self, alive: Duration) -> WindowFigures {
-        lock(&self.api_latency).figures(Instant::now(), alive)
+        self.api_latency.lock().figures(Instant::now(), alive)
     }
 
     pub fn inference_window(&self, alive: Duration) -> WindowFigures {
-        lock(&self.inference_latency).figures(Instant::now(), alive)
+        self.inference_latency.lock().figures(Instant::now(), alive)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Training steps per minute over the last hour, for `steps_per_hour`.

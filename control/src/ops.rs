@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::client::call_ok;
 use crate::config::Config;
 use crate::daemon::Paths;
-use crate::ledger::Address;
+use neuroshard_ledger::Address;
 
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
@@ -267,7 +267,8 @@ fn passphrase() -> Option<String> {
 /// the defaults, and prints where they are.
 pub fn setup(paths: &Paths) -> anyhow::Result<()> {
     std::fs::create_dir_all(&paths.data_dir)?;
-    let wallet = crate::ledger::keystore::load_or_create(&paths.data_dir, passphrase().as_deref())?;
+    let wallet =
+        neuroshard_ledger::keystore::load_or_create(&paths.data_dir, passphrase().as_deref())?;
     if !paths.config_path.exists() {
         Config::default().save(&paths.config_path)?;
     }
@@ -287,7 +288,7 @@ pub fn token_command(paths: &Paths, cmd: TokenCommand) -> anyhow::Result<()> {
             account,
         } => {
             std::fs::create_dir_all(dir)?;
-            let node = crate::ledger::keystore::load_or_create(dir, passphrase().as_deref())?;
+            let node = neuroshard_ledger::keystore::load_or_create(dir, passphrase().as_deref())?;
             let account = if new_wallet {
                 crate::wallets::create_user_wallet(dir, passphrase().as_deref())?.address()
             } else if let Some(a) = account {

@@ -1,8 +1,10 @@
 //! Machine figures for `/status`: CPU use and RAM, sampled in the background so a request
 //! never waits on a measurement interval.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Resources {
@@ -31,10 +33,7 @@ impl Sampler {
                     ram_used: sys.used_memory(),
                     ram_total: sys.total_memory(),
                 };
-                match latest.lock() {
-                    Ok(mut l) => *l = sample,
-                    Err(_) => return,
-                }
+                *latest.lock() = sample;
                 // The sampler ends with the process; only the last Arc holder keeps it alive.
                 if Arc::strong_count(&latest) == 1 {
                     return;
@@ -46,7 +45,7 @@ impl Sampler {
     }
 
     pub fn latest(&self) -> Resources {
-        self.latest.lock().map(|l| *l).unwrap_or_default()
+        *self.latest.lock()
     }
 }
 

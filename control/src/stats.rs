@@ -33,10 +33,7 @@ pub struct TrainingStats {
 
 /// The transformer layers this node holds: all of the configured model (role `full`).
 pub fn held_layers(cfg: &Config) -> std::ops::Range<u32> {
-    let n = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
-        .map(|m| m.layers)
-        .unwrap_or(0);
-    0..n
+    0..cfg.training.model.config().layers
 }
 
 /// The layers held now: the live assignment once decided, else every layer.

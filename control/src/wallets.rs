@@ -5,10 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::ledger::keystore::{self, SCRYPT_LOG_N};
-use crate::ledger::{Address, LedgerError, Wallet};
+use neuroshard_ledger::keystore::{self, SCRYPT_LOG_N};
+use neuroshard_ledger::{Address, LedgerError, Wallet};
+use parking_lot::Mutex;
 
 const WALLETS_DIR: &str = "wallets";
 
@@ -70,7 +71,7 @@ impl Keyring {
         if *address == self.node.address() {
             return Ok(self.node.clone());
         }
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = self.loaded.lock();
         if let Some(w) = loaded.get(address) {
             return Ok(w.clone());
         }

@@ -8,22 +8,23 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::ledger::keys::keccak;
-use crate::ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
-use crate::ledger::{Proof, ProofType, SignedProof};
-use std::sync::{Arc, Mutex, RwLock};
+use neuroshard_ledger::keys::keccak;
+use neuroshard_ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
+use neuroshard_ledger::{Proof, ProofType, SignedProof};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::engine::Engine;
-use crate::ledger::{Ledger, Wallet};
 use crate::metrics::Metrics;
 use crate::stats::TrainingStats;
+use neuroshard_ledger::{Ledger, Wallet};
 
 /// What the proof minter reads and writes: the node's figures, its engine (for the model
 /// hash), its wallet and the ledger. Nothing else of the node.
 #[derive(Clone)]
 pub struct Minter {
-    pub config: Arc<RwLock<Config>>,
+    pub config: LiveConfig,
     pub training: Arc<Mutex<TrainingStats>>,
     pub metrics: Arc<Metrics>,
     pub engine: Engine,
@@ -33,11 +34,7 @@ pub struct Minter {
 
 impl Minter {
     fn training(&self) -> TrainingStats {
-        self.training.lock().map(|t| t.clone()).unwrap_or_default()
-    }
-
-    fn config(&self) -> Config {
-        self.config.read().map(|c| c.clone()).unwrap_or_default()
+        self.training.lock().clone()
     }
 }
 
@@ -85,7 +82,7 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
     let training = state.training();
     let tokens = state.metrics.tokens_generated.load(Ordering::Relaxed);
     let model_hash = current_model_hash(state).await.unwrap_or_default();
-    let cfg = state.config();
+    let cfg = state.config.get();
     let layers: Vec<u32> = if training.model_loaded {
         crate::stats::live_layers(&cfg, &training).collect()
     } else {
@@ -166,7 +163,7 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
             proof = %accepted.proof_id,
             kind = proof_type.as_str(),
             batches,
-            reward = crate::ledger::units_to_neuro(accepted.reward),
+            reward = neuroshard_ledger::units_to_neuro(accepted.reward),
             "proof of work rewarded"
         ),
         Err(e) => tracing::warn!(error = %e, "proof of work not rewarded"),

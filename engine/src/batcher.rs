@@ -14,12 +14,13 @@
 //! A model reload ends the sequences of the old model with UNAVAILABLE.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use neuroshard_proto::engine as pb;
+use parking_lot::Mutex;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
@@ -129,11 +130,7 @@ impl Batcher {
             tx,
             arrived: Instant::now(),
         };
-        let sent = self
-            .jobs
-            .lock()
-            .map_err(|_| Status::internal("batch queue lock poisoned"))?
-            .send(job);
+        let sent = self.jobs.lock().send(job);
         if sent.is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(Status::unavailable("the generation scheduler has stopped"));
@@ -185,13 +182,9 @@ impl Scheduler {
                 self.waiting.push_back((job, None));
             }
             let runtime = self.runtime.clone();
-            let mut rt = runtime
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut rt = runtime.lock();
             self.tick(&mut rt);
-            if let Ok(mut h) = self.last_health.lock() {
-                *h = rt.health();
-            }
+            *self.last_health.lock() = rt.health();
             drop(rt);
             self.publish();
         }

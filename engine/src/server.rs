@@ -10,12 +10,13 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
 
 use neuroshard_proto::engine as pb;
 use neuroshard_proto::engine::engine_server::{Engine, EngineServer};
 use neuroshard_shared::shm::{Segment, TensorRef};
+use parking_lot::{Mutex, RwLock};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{UnboundedReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
@@ -52,7 +53,6 @@ impl EngineService {
     fn segment(&self) -> Result<Arc<Segment>, Status> {
         self.segment
             .read()
-            .map_err(|_| Status::internal("segment lock poisoned"))?
             .clone()
             .ok_or_else(|| RuntimeError::NotAttached.into())
     }
@@ -66,13 +66,9 @@ impl EngineService {
         let runtime = self.runtime.clone();
         let last_health = self.last_health.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut rt = runtime
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut rt = runtime.lock();
             let result = f(&mut rt);
-            if let Ok(mut h) = last_health.lock() {
-                *h = rt.health();
-            }
+            *last_health.lock() = rt.health();
             result
         })
         .await
@@ -103,22 +99,16 @@ impl Engine for EngineService {
         &self,
         _req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthReply>, Status> {
-        let attached = self.segment.read().map(|s| s.is_some()).unwrap_or(false);
+        let attached = self.segment.read().is_some();
         // Health must answer while a long command holds the runtime: never wait for the lock.
         let h = match self.runtime.try_lock() {
-            Ok(mut rt) => {
+            Some(mut rt) => {
                 rt.stage_prune();
                 let h = rt.health();
-                if let Ok(mut last) = self.last_health.lock() {
-                    *last = h.clone();
-                }
+                *self.last_health.lock() = h.clone();
                 h
             }
-            Err(_) => self
-                .last_health
-                .lock()
-                .map(|h| h.clone())
-                .unwrap_or_default(),
+            None => self.last_health.lock().clone(),
         };
         Ok(Response::new(pb::HealthReply {
             device: h.device,
@@ -151,10 +141,7 @@ impl Engine for EngineService {
             slot_bytes: seg.slot_bytes(),
         };
         tracing::info!(segment = %name, slots = reply.slot_count, "attached shared memory");
-        *self
-            .segment
-            .write()
-            .map_err(|_| Status::internal("segment lock poisoned"))? = Some(Arc::new(seg));
+        *self.segment.write() = Some(Arc::new(seg));
         Ok(Response::new(reply))
     }
 

@@ -11,9 +11,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use network_common::{Observer, now_s};
-use neuroshard::ledger::{Address, UNITS_PER_NEURO, units_to_neuro};
 use neuroshard::network::DROP_BOUND;
 use neuroshard::network::client::PeerConn;
+use neuroshard_ledger::{Address, UNITS_PER_NEURO, units_to_neuro};
 use neuroshard_tests::{Backend, Node, NodeOptions, wait_for};
 use nix::sys::signal::Signal;
 use reqwest::Method;
@@ -264,7 +264,7 @@ fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
         .iter()
         .filter(|m| {
             m.blocks().iter().any(|blk| {
-                matches!(&blk.block.op, neuroshard::ledger::Op::Send { memo, .. } if memo == "ring")
+                matches!(&blk.block.op, neuroshard_ledger::Op::Send { memo, .. } if memo == "ring")
             })
         })
         .count();

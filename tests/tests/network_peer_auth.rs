@@ -8,9 +8,9 @@ use crate::network_common;
 use std::time::Duration;
 
 use network_common::{Observer, now_s};
-use neuroshard::ledger::{Message, Op};
 use neuroshard::network::MAX_LEDGER_MESSAGE_BYTES;
 use neuroshard::network::auth::sign_request;
+use neuroshard_ledger::{Message, Op};
 use neuroshard_proto::peer as pb;
 use neuroshard_proto::peer::diloco_client::DilocoClient;
 use neuroshard_proto::peer::ledger_client::LedgerClient;
@@ -94,7 +94,7 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("no signed auth"), "{}", e.message());
-    let stranger = neuroshard::ledger::Wallet::generate();
+    let stranger = neuroshard_ledger::Wallet::generate();
     let req = sign_request(&stranger, gossip(vec![]), now_s() * 1000);
     let e = obs.rt.block_on(c.ledger.gossip(req)).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use neuroshard::ledger::Wallet;
 use neuroshard::tracker::Announce;
+use neuroshard_ledger::Wallet;
 use neuroshard_tests::{Node, NodeOptions, binary, failing, free_port_pair, wait_for};
 use nix::sys::signal::Signal;
 use reqwest::Method;

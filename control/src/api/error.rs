@@ -123,8 +123,8 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
     }
 }
 
-impl From<crate::ledger::LedgerError> for ApiError {
-    fn from(e: crate::ledger::LedgerError) -> ApiError {
+impl From<neuroshard_ledger::LedgerError> for ApiError {
+    fn from(e: neuroshard_ledger::LedgerError) -> ApiError {
         let status =
             StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if e.is_storage() {
@@ -143,9 +143,9 @@ impl From<crate::ledger::LedgerError> for ApiError {
 }
 
 /// A key or address error answers as the ledger error of the same code and message.
-impl From<crate::ledger::IdentityError> for ApiError {
-    fn from(e: crate::ledger::IdentityError) -> ApiError {
-        crate::ledger::LedgerError::from(e).into()
+impl From<neuroshard_ledger::IdentityError> for ApiError {
+    fn from(e: neuroshard_ledger::IdentityError) -> ApiError {
+        neuroshard_ledger::LedgerError::from(e).into()
     }
 }
 

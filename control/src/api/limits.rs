@@ -4,12 +4,12 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use parking_lot::RwLock;
 
 use crate::config::ApiConfig;
 
@@ -59,16 +59,16 @@ impl RateLimits {
     /// Spends one request of `key`'s budget; `Err(wait)` when it is exhausted.
     pub fn check(&self, cfg: &ApiConfig, key: &Key) -> Result<(), Duration> {
         {
-            let current = self.limiters.read().unwrap_or_else(|p| p.into_inner());
+            let current = self.limiters.read();
             if current.per_token != cfg.rate_limit_per_token
                 || current.per_ip != cfg.rate_limit_per_ip
             {
                 drop(current);
-                *self.limiters.write().unwrap_or_else(|p| p.into_inner()) =
+                *self.limiters.write() =
                     Limiters::new(cfg.rate_limit_per_token, cfg.rate_limit_per_ip);
             }
         }
-        let l = self.limiters.read().unwrap_or_else(|p| p.into_inner());
+        let l = self.limiters.read();
         // Forget idle keys now and then, so memory stays bounded under many clients.
         if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             l.tokens.retain_recent();

@@ -86,11 +86,9 @@ const TRAIN_BYTES_PER_PARAM: u64 = 16;
               (status = 401, description = "No valid token", body = super::error::ErrorBody)))]
 pub async fn layers(State(state): State<AppState>, _caller: Caller) -> Json<LayersResponse> {
     let cfg = state.config();
-    let model = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model).ok();
+    let model = cfg.training.model.config();
     let active = state.training().model_loaded && state.engine.status().state == EngineState::Ok;
-    let per_layer_mb = model.as_ref().map_or(0, |m| {
-        (m.layer_params() * TRAIN_BYTES_PER_PARAM).div_ceil(1024 * 1024)
-    });
+    let per_layer_mb = (model.layer_params() * TRAIN_BYTES_PER_PARAM).div_ceil(1024 * 1024);
     let layers: Vec<LayerEntry> = crate::stats::live_layers(&cfg, &state.training())
         .map(|index| LayerEntry {
             index,
@@ -100,7 +98,7 @@ pub async fn layers(State(state): State<AppState>, _caller: Caller) -> Json<Laye
         })
         .collect();
     Json(LayersResponse {
-        total_layers: model.map_or(0, |m| m.layers),
+        total_layers: model.layers,
         my_layer_count: layers.len(),
         layers,
     })
@@ -258,7 +256,7 @@ fn human(n: u64) -> String {
     responses((status = 200, description = "Network statistics", body = NetworkResponse)))]
 pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
     let cfg = state.config();
-    let model = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model).ok();
+    let model = cfg.training.model.config();
     let training = state.training();
     let peers = state
         .network
@@ -316,7 +314,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         .last_health
         .as_ref()
         .map_or(0, |h| h.memory_used);
-    let params = model.as_ref().map_or(0, |m| m.total_params());
+    let params = model.total_params();
     let root = state.ledger.root_hash().await.to_hex();
     let blocks = state.ledger.with_state(|s| s.block_count()).await;
     let (minted, burned) = state.ledger.totals().await;
@@ -332,7 +330,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
     } else {
         Vec::new()
     };
-    let total_layers = model.as_ref().map_or(0, |m| m.layers);
+    let total_layers = model.layers;
     let coverage = coverage(
         total_layers,
         &own,
@@ -342,8 +340,8 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         coverage,
         nodes: counts,
         architecture: Architecture {
-            layers: model.as_ref().map_or(0, |m| m.layers),
-            hidden_dim: model.as_ref().map_or(0, |m| m.hidden),
+            layers: model.layers,
+            hidden_dim: model.hidden,
             parameters: human(params),
             parameters_exact: params,
         },
@@ -359,8 +357,8 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         ledger: LedgerSummary {
             root_hash: root,
             blocks,
-            minted: minted as f64 / crate::ledger::UNITS_PER_NEURO as f64,
-            burned: burned as f64 / crate::ledger::UNITS_PER_NEURO as f64,
+            minted: minted as f64 / neuroshard_ledger::UNITS_PER_NEURO as f64,
+            burned: burned as f64 / neuroshard_ledger::UNITS_PER_NEURO as f64,
             invariant_ok,
         },
         pipeline,

@@ -283,7 +283,7 @@ pub async fn figures(state: &AppState) -> Figures {
         .await;
     let balance = state.ledger.balance(&address, now.timestamp()).await;
     let blocks = state.ledger.with_state(|s| s.block_count()).await;
-    let neuro = |u: u128| u as f64 / crate::ledger::UNITS_PER_NEURO as f64;
+    let neuro = |u: u128| u as f64 / neuroshard_ledger::UNITS_PER_NEURO as f64;
     let engine = state.engine.status();
     let net = &state.network;
     Figures {

@@ -36,7 +36,7 @@ pub struct ConfigPatchResponse {
     responses((status = 200, description = "Effective configuration", body = ConfigResponse),
               (status = 401, description = "No valid token", body = super::error::ErrorBody)))]
 pub async fn get_config(State(state): State<AppState>, _caller: Caller) -> Json<ConfigResponse> {
-    let mut config = state.config();
+    let mut config = Config::clone(&state.config());
     config.database_url = redact_url(&config.database_url);
     Json(ConfigResponse {
         node_id: state.node_id.clone(),
@@ -108,8 +108,8 @@ pub async fn patch_config(
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
     // One writer at a time: validate, save, apply.
-    let _guard = state.config_write.lock().await;
-    let live = state.config();
+    let writer = state.config_write.lock().await;
+    let live = writer.borrow().clone();
     let (_, changed) = live.merged(&patch).map_err(config_error)?;
     let file = Config::load(&state.config_path).map_err(config_error)?;
     let (file_new, _) = file.merged(&patch).map_err(config_error)?;
@@ -117,9 +117,7 @@ pub async fn patch_config(
         file_new.save(&state.config_path).map_err(config_error)?;
         let live_patch = filter_patch(&patch, "", &|k| !needs_restart(k));
         let (applied, _) = live.merged(&live_patch).map_err(config_error)?;
-        if let Ok(mut c) = state.config.write() {
-            *c = applied;
-        }
+        writer.send_replace(std::sync::Arc::new(applied));
     }
     tracing::info!(updated = ?changed, "configuration patched");
     Ok(Json(ConfigPatchResponse {

@@ -2,10 +2,12 @@
 //! API; background tasks get narrow handles of their own (the proof minter: `work::Minter`).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::Config;
+use parking_lot::Mutex;
+
+use crate::config::{Config, ConfigSender, LiveConfig};
 use crate::engine::Engine;
 use crate::resources::Sampler;
 use crate::stats::TrainingStats;
@@ -17,15 +19,16 @@ pub struct AppState {
     pub started: Instant,
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
-    pub config: Arc<RwLock<Config>>,
+    /// The live configuration (`config()` reads it).
+    pub config: LiveConfig,
     pub engine: Engine,
     pub resources: Sampler,
     pub training: Arc<Mutex<TrainingStats>>,
     pub network: Arc<crate::peer::PeerState>,
     /// The node's view of the network ledger.
-    pub ledger: Arc<crate::ledger::Ledger>,
+    pub ledger: Arc<neuroshard_ledger::Ledger>,
     /// The node's own wallet: signs its proofs, receives its rewards.
-    pub wallet: Arc<crate::ledger::Wallet>,
+    pub wallet: Arc<neuroshard_ledger::Wallet>,
     /// Keys of the accounts API tokens act for.
     pub keyring: Arc<crate::wallets::Keyring>,
     pub auth: Arc<crate::auth::Authenticator>,
@@ -33,8 +36,9 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Places for inference requests (generating or waiting for the engine).
     pub inference_slots: Arc<tokio::sync::Semaphore>,
-    /// Serializes configuration changes (validate, save, apply).
-    pub config_write: Arc<tokio::sync::Mutex<()>>,
+    /// The one writer of the live configuration, behind a lock that serializes changes
+    /// (validate, save, apply: `PATCH /config`).
+    pub config_write: Arc<tokio::sync::Mutex<ConfigSender>>,
     /// The peer network: a node without every layer serves inference through it
     /// (`pipeline/infer.rs`).
     pub net: Arc<crate::network::Network>,
@@ -45,11 +49,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn config(&self) -> Config {
-        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
     }
 
     pub fn training(&self) -> TrainingStats {
-        self.training.lock().map(|t| t.clone()).unwrap_or_default()
+        self.training.lock().clone()
     }
 }

@@ -180,32 +180,26 @@ pub fn global(state: &AppState) -> GlobalTraining {
     let loss = t.loss.map(f64::from);
     let loss_ema = ema(losses.iter().map(|&l| f64::from(l)));
     let d = &state.diloco;
-    let figures = d.figures.lock().map(|f| f.clone()).unwrap_or_default();
-    let (round, round_hash, inner, initialized) = d
-        .state
-        .lock()
-        .map(|s| {
-            (
-                s.round,
-                s.start_hash.clone(),
-                u64::from(s.inner_step),
-                s.initialized,
-            )
-        })
-        .unwrap_or_default();
-    let (accepted, rejected) = d
-        .inbox
-        .lock()
-        .map(|i| {
-            (
-                i.accepted,
-                i.rejected
-                    .iter()
-                    .map(|(r, n)| (r.name().to_string(), *n))
-                    .collect(),
-            )
-        })
-        .unwrap_or_default();
+    let figures = d.figures.lock().clone();
+    let (round, round_hash, inner, initialized) = {
+        let s = d.state.lock();
+        (
+            s.round,
+            s.start_hash.clone(),
+            u64::from(s.inner_step),
+            s.initialized,
+        )
+    };
+    let (accepted, rejected): (u64, std::collections::BTreeMap<String, u64>) = {
+        let i = d.inbox.lock();
+        (
+            i.accepted,
+            i.rejected
+                .iter()
+                .map(|(r, n)| (r.name().to_string(), *n))
+                .collect(),
+        )
+    };
     // The connected replicas with a known DiLoCo state, and what they reported.
     let connected: Vec<String> = state
         .network

@@ -11,9 +11,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::ApiError;
 use crate::api::AppState;
 use crate::auth::Caller;
-use crate::ledger::amount::signed_units_to_neuro;
-use crate::ledger::views::{date_string, timestamp_string};
-use crate::ledger::{Address, HistoryEntry, parse_neuro_f64, units_to_neuro};
+use neuroshard_ledger::amount::signed_units_to_neuro;
+use neuroshard_ledger::views::{date_string, timestamp_string};
+use neuroshard_ledger::{Address, HistoryEntry, parse_neuro_f64, units_to_neuro};
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -25,7 +25,7 @@ fn now() -> i64 {
 /// state: the account's next write reused its sequence number and was refused, as were all
 /// later ones, until a restart.
 async fn ledger_write<T: Send + 'static>(
-    write: impl std::future::Future<Output = Result<T, crate::ledger::LedgerError>> + Send + 'static,
+    write: impl std::future::Future<Output = Result<T, neuroshard_ledger::LedgerError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::spawn(write).await {
         Ok(result) => Ok(result?),
@@ -36,7 +36,7 @@ async fn ledger_write<T: Send + 'static>(
 fn wallet_of(
     state: &AppState,
     caller: &Caller,
-) -> Result<std::sync::Arc<crate::ledger::Wallet>, ApiError> {
+) -> Result<std::sync::Arc<neuroshard_ledger::Wallet>, ApiError> {
     state
         .keyring
         .wallet(&caller.account)
@@ -73,7 +73,7 @@ pub struct StakingView {
     pub multiplier: f64,
 }
 
-fn staking_view(s: &crate::ledger::Staking) -> StakingView {
+fn staking_view(s: &neuroshard_ledger::Staking) -> StakingView {
     StakingView {
         amount: units_to_neuro(s.amount),
         duration_days: s.duration_days,

@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use super::aggregate::Aggregator;
 use super::compress::Encoding;
@@ -140,17 +141,18 @@ impl Default for Diloco {
 impl Diloco {
     /// The round and starting hash peers see in our node info.
     pub fn advertised(&self) -> (u64, String) {
-        match self.state.lock() {
-            Ok(s) if s.initialized => (s.round, s.start_hash.clone()),
-            _ => (0, String::new()),
+        let s = self.state.lock();
+        match s.initialized {
+            true => (s.round, s.start_hash.clone()),
+            false => (0, String::new()),
         }
     }
 
     /// Checks a peer's delta and keeps it; refusals are counted in the inbox.
     pub fn receive(&self, msg: &WireDelta) -> Result<(), Reject> {
-        let max_norm = self.max_norm.lock().map(|m| *m).unwrap_or(0.0);
-        let state = self.state.lock().map_err(|_| Reject::NotReady)?;
-        let mut inbox = self.inbox.lock().map_err(|_| Reject::NotReady)?;
+        let max_norm = *self.max_norm.lock();
+        let state = self.state.lock();
+        let mut inbox = self.inbox.lock();
         if !state.initialized {
             *inbox.rejected.entry(Reject::NotReady).or_default() += 1;
             return Err(Reject::NotReady);
@@ -166,7 +168,7 @@ impl Diloco {
 
     /// The round's starting weights and momentum as one safetensors file (for GetWeights).
     pub fn snapshot(&self) -> Option<(u64, String, Vec<u8>)> {
-        let s = self.state.lock().ok()?;
+        let s = self.state.lock();
         if !s.initialized {
             return None;
         }
@@ -330,10 +332,10 @@ mod tests {
             model_hash: "h".into(),
             loss: 1.0,
             batches: 1,
-            encoding: "bf16".into(),
+            encoding: Some(Encoding::Bf16),
             tensors: vec![],
         };
         assert_eq!(d.receive(&msg), Err(Reject::NotReady));
-        assert_eq!(d.inbox.lock().unwrap().rejected[&Reject::NotReady], 1);
+        assert_eq!(d.inbox.lock().rejected[&Reject::NotReady], 1);
     }
 }

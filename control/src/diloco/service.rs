@@ -57,7 +57,7 @@ impl DilocoRpc for DilocoService {
             model_hash: body.model_hash,
             loss: body.loss,
             batches: body.batches,
-            encoding: body.encoding,
+            encoding: super::compress::Encoding::parse(&body.encoding),
             tensors: body
                 .tensors
                 .into_iter()

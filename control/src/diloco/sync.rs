@@ -43,10 +43,6 @@ pub struct Round<'a> {
     pub dir: PathBuf,
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Connected peers of `net` holding the same layers, in id order, each with its info; the
 /// (round, hash) there is the fresher of its last ping and its last contribution.
 pub fn replicas(net: &Network, diloco: &Diloco) -> Vec<(PeerConn, pb::NodeInfo)> {
@@ -57,7 +53,7 @@ pub fn replicas(net: &Network, diloco: &Diloco) -> Vec<(PeerConn, pb::NodeInfo)>
         .filter(|(_, i)| i.role == REPLICA_ROLE)
         .collect();
     {
-        let inbox = lock(&diloco.inbox);
+        let inbox = diloco.inbox.lock();
         for (_, info) in &mut r {
             if let Some((round, hash)) = inbox.latest_of(&info.node_id)
                 && round >= info.diloco_round
@@ -111,11 +107,11 @@ async fn import(
 
 /// Reads the loaded model into the round state when it has none yet (first start).
 pub async fn init(diloco: &Diloco, engine: &EngineHandle, dir: &Path) -> Result<(), String> {
-    if lock(&diloco.state).initialized {
+    if diloco.state.lock().initialized {
         return Ok(());
     }
     let (layout, theta, hash) = export(engine, dir).await?;
-    let mut s = lock(&diloco.state);
+    let mut s = diloco.state.lock();
     s.momentum = theta.iter().map(|t| vec![0.0; t.len()]).collect();
     s.theta_start = theta;
     s.layout = layout;
@@ -156,7 +152,7 @@ impl Round<'_> {
     pub async fn catch_up(&self, engine: &EngineHandle) -> Result<Option<Outcome>, String> {
         let (round, hash) = self.diloco.advertised();
         let replicas = self.replicas();
-        lock(&self.diloco.figures).replica_states = replicas
+        self.diloco.figures.lock().replica_states = replicas
             .iter()
             .filter(|(_, i)| !i.round_hash.is_empty())
             .map(|(_, i)| (i.node_id.clone(), i.diloco_round, i.round_hash.clone()))
@@ -169,7 +165,7 @@ impl Round<'_> {
         let Some(best) = state_to_adopt((round, &hash), &states) else {
             return Ok(None);
         };
-        let layout = lock(&self.diloco.state).layout.clone();
+        let layout = self.diloco.state.lock().layout.clone();
         let numel: usize = layout
             .tensors
             .iter()
@@ -207,16 +203,16 @@ impl Round<'_> {
                 tracing::warn!(peer = %conn.id, claimed = %h, got = %got, "fetched weights do not match the peer's hash");
             }
             {
-                let mut s = lock(&self.diloco.state);
+                let mut s = self.diloco.state.lock();
                 s.round = r;
                 s.start_hash = got.clone();
                 s.theta_start = theta;
                 s.momentum = momentum;
                 s.inner_step = 0;
             }
-            lock(&self.diloco.inbox).prune(r);
-            lock(&self.diloco.figures).catch_ups += 1;
-            lock(&self.diloco.figures).syncs_failed += 1;
+            self.diloco.inbox.lock().prune(r);
+            self.diloco.figures.lock().catch_ups += 1;
+            self.diloco.figures.lock().syncs_failed += 1;
             self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(peer = %conn.id, round = r, hash = %got, "caught up with the replicas' agreed weights");
             return Ok(Some(Outcome::CaughtUp {
@@ -239,7 +235,7 @@ impl Round<'_> {
         }
         let (layout, theta_local, _) = export(engine, &self.dir).await?;
         let (round, start_hash, me): (u64, String, String) = {
-            let s = lock(&self.diloco.state);
+            let s = self.diloco.state.lock();
             if s.layout != layout {
                 return Err("the engine's tensors changed during the round".into());
             }
@@ -250,8 +246,8 @@ impl Round<'_> {
         let mut wire = Vec::with_capacity(layout.tensors.len());
         let mut own = Vec::with_capacity(layout.tensors.len());
         {
-            let s = lock(&self.diloco.state);
-            let mut residuals = lock(&self.diloco.residuals);
+            let s = self.diloco.state.lock();
+            let mut residuals = self.diloco.residuals.lock();
             residuals.resize(layout.tensors.len(), Vec::new());
             for (i, ((name, shape), local)) in layout.tensors.iter().zip(&theta_local).enumerate() {
                 let delta: Vec<f32> = s.theta_start[i]
@@ -270,7 +266,7 @@ impl Round<'_> {
                 });
             }
         }
-        lock(&self.diloco.inbox).insert_own(Contribution {
+        self.diloco.inbox.lock().insert_own(Contribution {
             sender: me.clone(),
             round,
             model_hash: start_hash.clone(),
@@ -319,7 +315,7 @@ impl Round<'_> {
             // Wait for every replica not known to be ahead that has sent nothing for this
             // round yet: one in an earlier round or on another hash may be catching up
             // (pings are up to 2 s old). One that sent a delta from another start is done.
-            let have = lock(&self.diloco.inbox).senders(round);
+            let have = self.diloco.inbox.lock().senders(round);
             let now = self.replicas();
             missing = now
                 .iter()
@@ -330,7 +326,7 @@ impl Round<'_> {
             // keep waiting (until the deadline) for a replica out of step to catch up and
             // send a delta from our start, and catch up ourselves if we are the minority.
             let short = !now.is_empty()
-                && lock(&self.diloco.inbox).matching(round, &start_hash).len() < needed;
+                && self.diloco.inbox.lock().matching(round, &start_hash).len() < needed;
             if (missing == 0 && !short) || Instant::now() >= deadline {
                 break;
             }
@@ -349,13 +345,16 @@ impl Round<'_> {
         // The losses the replicas reported with this round's contributions.
         {
             let ids: Vec<&str> = replicas.iter().map(|(_, i)| i.node_id.as_str()).collect();
-            let reported: Vec<(String, f32)> = lock(&self.diloco.inbox)
+            let reported: Vec<(String, f32)> = self
+                .diloco
+                .inbox
+                .lock()
                 .in_round(round)
                 .into_iter()
                 .filter(|c| ids.contains(&c.sender.as_str()))
                 .map(|c| (c.sender.clone(), c.loss))
                 .collect();
-            let mut f = lock(&self.diloco.figures);
+            let mut f = self.diloco.figures.lock();
             for (sender, loss) in reported {
                 f.peer_losses.entry(sender).or_default().record(round, loss);
             }
@@ -365,7 +364,7 @@ impl Round<'_> {
         // replicas' state if they moved on without us, else step with our own delta only;
         // the replicas' majority state is adopted at the next boundary, so a bad delta never
         // decides a round.
-        let matching = lock(&self.diloco.inbox).matching(round, &start_hash).len();
+        let matching = self.diloco.inbox.lock().matching(round, &start_hash).len();
         let alone = matching < needed;
         if alone && !replicas.is_empty() {
             match self.catch_up(engine).await {
@@ -382,7 +381,7 @@ impl Round<'_> {
         }
         // Aggregate in sender order, outer step from θ_start, import.
         let (senders, flat, weights) = {
-            let inbox = lock(&self.diloco.inbox);
+            let inbox = self.diloco.inbox.lock();
             let mut senders = Vec::new();
             let mut flat = Vec::new();
             let mut weights = Vec::new();
@@ -422,7 +421,7 @@ impl Round<'_> {
         // New weights and momentum are computed aside and committed together after the
         // import, so GetWeights never serves a half-updated state.
         let (theta_new, momentum_new) = {
-            let s = lock(&self.diloco.state);
+            let s = self.diloco.state.lock();
             let mut offset = 0;
             let mut out = Vec::with_capacity(s.theta_start.len());
             let mut momentum = s.momentum.clone();
@@ -435,18 +434,18 @@ impl Round<'_> {
         };
         let hash = import(engine, &self.dir, &layout, &theta_new).await?;
         {
-            let mut s = lock(&self.diloco.state);
+            let mut s = self.diloco.state.lock();
             s.round = round + 1;
             s.start_hash = hash.clone();
             s.theta_start = theta_new;
             s.momentum = momentum_new;
             s.inner_step = 0;
         }
-        lock(&self.diloco.inbox).prune(round + 1);
+        self.diloco.inbox.lock().prune(round + 1);
         let had_peers = !replicas.is_empty();
         let ok = !had_peers || contributors > 1;
         {
-            let mut f = lock(&self.diloco.figures);
+            let mut f = self.diloco.figures.lock();
             f.outer_steps += 1;
             f.bytes_sent_last_round = sent_bytes;
             f.bytes_sent_total += sent_bytes;

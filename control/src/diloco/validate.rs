@@ -71,7 +71,10 @@ pub struct WireDelta {
     pub model_hash: String,
     pub loss: f32,
     pub batches: u64,
-    pub encoding: String,
+    /// The wire's encoding name parsed at the RPC edge; `None` for a name this node does not
+    /// know, which [`check`] refuses as malformed (after the round checks, as any other
+    /// malformed message).
+    pub encoding: Option<Encoding>,
     pub tensors: Vec<WireTensor>,
 }
 
@@ -125,7 +128,7 @@ pub fn check(
     if msg.round > current_round + ROUND_WINDOW {
         return Err(Reject::FutureRound);
     }
-    let encoding = Encoding::parse(&msg.encoding).ok_or(Reject::Malformed)?;
+    let encoding = msg.encoding.ok_or(Reject::Malformed)?;
     if !msg.loss.is_finite() {
         return Err(Reject::NonFinite);
     }
@@ -282,7 +285,7 @@ mod tests {
             model_hash: "h".into(),
             loss: 2.0,
             batches: 20,
-            encoding: "bf16".into(),
+            encoding: Some(Encoding::Bf16),
             tensors: vec![
                 WireTensor {
                     name: "b".into(),
@@ -329,7 +332,7 @@ mod tests {
             (good("x", 8), Reject::FutureRound),
             (
                 WireDelta {
-                    encoding: "zip".into(),
+                    encoding: Encoding::parse("zip"),
                     ..good("x", 5)
                 },
                 Reject::Malformed,

@@ -107,10 +107,8 @@ impl Stage {
             Ok(report) => Ok(report),
             Err(error) => {
                 let retry = schedule.failed();
-                if let (true, Some(b), Ok(mut slot)) =
-                    (retry.requeue, batch, self.retry_batch.lock())
-                {
-                    *slot = Some(b);
+                if let (true, Some(b)) = (retry.requeue, batch) {
+                    *self.retry_batch.lock() = Some(b);
                 }
                 Err(StepFailed {
                     error,
@@ -148,7 +146,7 @@ impl Stage {
             rest: route[1..].iter().map(|h| h.conn.id.to_string()).collect(),
             secs: cfg.training.pipeline_timeout_secs,
         };
-        let pending = self.retry_batch.lock().ok().and_then(|mut b| b.take());
+        let pending = self.retry_batch.lock().take();
         let (ids, labels, shard) = match pending {
             Some(batch) => batch,
             None => self.next_batch(step).await?,

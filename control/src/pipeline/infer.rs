@@ -35,7 +35,7 @@ use neuroshard_shared::model::ModelConfig;
 use neuroshard_shared::shm::DType;
 use tokio::sync::mpsc;
 
-use super::{Hop, PipeError, Stage, Wire, check_acts, engine_err, within};
+use super::{Hop, PipeError, Stage, Wire, WireDType, check_acts, engine_err, within};
 use crate::engine::{EngineError, EngineHandle, Sampling, Slots, Token};
 use crate::network::Network;
 use crate::network::error::NetworkError;
@@ -137,7 +137,7 @@ fn infer_peer_err(hop: &Hop, e: NetworkError) -> PipeError {
 fn check_ids(t: Option<&pb::PipelineTensor>, m: &ModelConfig) -> Result<Wire, PipeError> {
     let t = t.ok_or_else(|| PipeError::Refused("input missing".into()))?;
     let n = t.shape.first().copied().unwrap_or(0);
-    if t.dtype != "u32"
+    if !WireDType::U32.is_of(t)
         || t.shape.len() != 1
         || !(1..u64::from(m.max_seq)).contains(&n)
         || t.data.len() as u64 != n * 4
@@ -158,7 +158,7 @@ fn check_ids(t: Option<&pb::PipelineTensor>, m: &ModelConfig) -> Result<Wire, Pi
 fn check_logits(t: Option<&pb::PipelineTensor>, m: &ModelConfig) -> Result<Wire, PipeError> {
     let t = t.ok_or_else(|| PipeError::Refused("logits missing".into()))?;
     let n = t.shape.first().copied().unwrap_or(0);
-    if t.dtype != "f32"
+    if !WireDType::F32.is_of(t)
         || t.shape.len() != 1
         || !(1..=u64::from(m.vocab_size)).contains(&n)
         || t.data.len() as u64 != n * 4

@@ -12,10 +12,10 @@ use tonic::{Request, Response, Status};
 
 use super::phase::Phase;
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
-use crate::ledger::Address;
 use crate::network::MAX_MESSAGE_BYTES;
 use crate::network::Network;
 use crate::network::service::{PeerEdge, WeightsStream};
+use neuroshard_ledger::Address;
 
 /// Most stages a route may name.
 const MAX_ROUTE: usize = 64;
@@ -136,9 +136,7 @@ impl Stage {
         self.same_layers(&a)?;
         match out {
             Out::Loss(loss) => {
-                if let Ok(mut s) = self.stats.lock() {
-                    s.loss = Some(loss);
-                }
+                self.stats.lock().loss = Some(loss);
                 Ok(pb::PipelineForwardReply { loss })
             }
             Out::Acts(out) => {

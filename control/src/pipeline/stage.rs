@@ -3,16 +3,17 @@
 //! under the stage lock.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 
 use neuroshard_shared::model::ModelConfig;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use super::error::engine_err;
 use super::wire::Wire;
 use super::{Assignment, PipeError, infer};
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::engine::{EngineHandle, EngineStatus, Forwarded};
 use crate::stats::TrainingStats;
 
@@ -49,7 +50,7 @@ pub struct Counters {
 /// One stage of the pipeline: this node's engine and its layers.
 pub struct Stage {
     pub(super) engine: watch::Receiver<EngineStatus>,
-    pub(super) config: Arc<RwLock<Config>>,
+    pub(super) config: LiveConfig,
     pub(super) stats: Arc<Mutex<TrainingStats>>,
     pub(super) data_dir: PathBuf,
     pub(super) assignment: RwLock<Option<Assignment>>,
@@ -61,7 +62,7 @@ pub struct Stage {
     /// The batch of a driver step that failed before any stage could step on it (the
     /// schedule's requeue): the next step trains on it, so a failure never skips data (and
     /// the steps stay those of one node reading the same data).
-    pub(super) retry_batch: std::sync::Mutex<Option<Batch>>,
+    pub(super) retry_batch: Mutex<Option<Batch>>,
 }
 
 /// A driver's batch: token ids, labels, and the shard they came from.
@@ -81,7 +82,7 @@ pub enum Out {
 impl Stage {
     pub fn new(
         engine: watch::Receiver<EngineStatus>,
-        config: Arc<RwLock<Config>>,
+        config: LiveConfig,
         stats: Arc<Mutex<TrainingStats>>,
         data_dir: PathBuf,
     ) -> Stage {
@@ -94,32 +95,29 @@ impl Stage {
             current: tokio::sync::Mutex::new(0),
             counters: Arc::new(Counters::default()),
             infer: infer::InferState::default(),
-            retry_batch: std::sync::Mutex::new(None),
+            retry_batch: Mutex::new(None),
         }
     }
 
-    pub fn config(&self) -> Config {
-        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
     }
 
     pub fn model(&self) -> Result<ModelConfig, PipeError> {
-        ModelConfig::preset(&self.config().training.model)
-            .map_err(|e| PipeError::NotReady(e.to_string()))
+        Ok(self.config().training.model.config().clone())
     }
 
     pub fn assignment(&self) -> Option<Assignment> {
-        self.assignment.read().ok().and_then(|a| a.clone())
+        self.assignment.read().clone()
     }
 
     pub fn set_assignment(&self, a: Assignment) {
-        if let Ok(mut g) = self.assignment.write() {
-            *g = Some(a);
-        }
+        *self.assignment.write() = Some(a);
     }
 
     /// The assignment, when the model is loaded with it.
     pub fn ready(&self) -> Result<Assignment, PipeError> {
-        let loaded = self.stats.lock().map(|s| s.model_loaded).unwrap_or(false);
+        let loaded = self.stats.lock().model_loaded;
         match self.assignment() {
             Some(a) if loaded => Ok(a),
             _ => Err(PipeError::NotReady(
@@ -254,15 +252,14 @@ impl Stage {
             let path = crate::engine::checkpoint_path(&self.data_dir);
             match engine.checkpoint(&path).await {
                 Ok(s) => {
-                    if let Ok(mut st) = self.stats.lock() {
-                        st.last_checkpoint_step = Some(s);
-                    }
+                    self.stats.lock().last_checkpoint_step = Some(s);
                 }
                 Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
             }
         }
         drop(g);
-        if let Ok(mut s) = self.stats.lock() {
+        {
+            let mut s = self.stats.lock();
             s.step = new_step;
             s.steps_this_run += 1;
             s.last_step_at = Some(std::time::Instant::now());

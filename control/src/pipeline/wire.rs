@@ -12,6 +12,46 @@ use crate::engine::TensorIn;
 /// Largest batch rows / sequence accepted from a peer.
 pub(super) const MAX_ROWS: u64 = 4096;
 
+/// The element type of a pipeline tensor on the wire, where it is a name (`"f32"`, `"u32"`):
+/// parsed once by the checks of a peer's tensor, named once when a tensor is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDType {
+    F32,
+    U32,
+}
+
+impl WireDType {
+    /// The dtype a wire name stands for; `None` for a name the pipeline does not carry.
+    pub fn parse(name: &str) -> Option<WireDType> {
+        match name {
+            "f32" => Some(WireDType::F32),
+            "u32" => Some(WireDType::U32),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WireDType::F32 => "f32",
+            WireDType::U32 => "u32",
+        }
+    }
+
+    /// How a tensor of `dtype` is named on the wire: u32 ids and labels, f32 everything
+    /// else (activations, gradients, logits).
+    pub fn of(dtype: DType) -> WireDType {
+        match dtype {
+            DType::U32 => WireDType::U32,
+            _ => WireDType::F32,
+        }
+    }
+
+    /// True when `t` carries this dtype (an unknown name carries none).
+    pub fn is_of(self, t: &pb::PipelineTensor) -> bool {
+        WireDType::parse(&t.dtype) == Some(self)
+    }
+}
+
 impl From<Tensor> for Wire {
     fn from(t: Tensor) -> Wire {
         Wire {
@@ -42,11 +82,7 @@ impl Wire {
 
     pub fn to_pb(&self) -> pb::PipelineTensor {
         pb::PipelineTensor {
-            dtype: match self.dtype {
-                DType::U32 => "u32",
-                _ => "f32",
-            }
-            .into(),
+            dtype: WireDType::of(self.dtype).name().into(),
             shape: self.shape.clone(),
             data: self.data.clone(),
         }
@@ -62,7 +98,7 @@ pub fn check_acts(
     expect_bt: Option<(u64, u64)>,
 ) -> Result<Wire, PipeError> {
     let t = t.ok_or_else(|| PipeError::Refused(format!("{what} missing")))?;
-    if t.dtype != "f32" {
+    if !WireDType::F32.is_of(t) {
         return Err(PipeError::Refused(format!(
             "{what} must be f32, got {:?}",
             t.dtype
@@ -115,7 +151,7 @@ pub fn check_labels(
     tl: u64,
 ) -> Result<Wire, PipeError> {
     let t = t.ok_or_else(|| PipeError::Refused("labels missing".into()))?;
-    if t.dtype != "u32" || t.shape != [b, tl] || t.data.len() as u64 != b * tl * 4 {
+    if !WireDType::U32.is_of(t) || t.shape != [b, tl] || t.data.len() as u64 != b * tl * 4 {
         return Err(PipeError::Refused(format!(
             "labels must be u32 [{b}, {tl}] ({} bytes), got {:?} {:?} ({} bytes)",
             b * tl * 4,
@@ -192,6 +228,17 @@ mod tests {
         assert!(check_acts(Some(&u32s), "x", &m, None).is_err());
         let huge = acts(vec![u64::MAX, u64::MAX, h], vec![]);
         assert!(check_acts(Some(&huge), "x", &m, None).is_err());
+    }
+
+    #[test]
+    fn wire_dtype_names_round_trip_and_unknown_names_are_none() {
+        for d in [WireDType::F32, WireDType::U32] {
+            assert_eq!(WireDType::parse(d.name()), Some(d));
+        }
+        assert_eq!(WireDType::parse("bf16"), None);
+        assert_eq!(WireDType::parse("F32"), None);
+        assert_eq!(WireDType::of(DType::U32), WireDType::U32);
+        assert_eq!(WireDType::of(DType::F32), WireDType::F32);
     }
 
     #[test]

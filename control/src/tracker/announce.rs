@@ -4,9 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::encode::Encoder;
-use crate::ledger::keys::{Hash32, Sig65, keccak, recover_signer};
-use crate::ledger::{Address, Wallet};
+use neuroshard_ledger::encode::Encoder;
+use neuroshard_ledger::keys::{Hash32, Sig65, keccak, recover_signer};
+use neuroshard_ledger::{Address, Wallet};
 
 /// Roles a node may announce.
 pub const ROLES: [&str; 5] = ["full", "driver", "worker", "validator", "observer"];

@@ -311,7 +311,7 @@ async fn health(State(t): State<Shared>) -> Result<Json<Value>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::Wallet;
+    use neuroshard_ledger::Wallet;
 
     /// Nodes started together announce in the same instant: every concurrent announcement
     /// is stored (SQLite once answered one of two "database is locked").

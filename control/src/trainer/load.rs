@@ -19,9 +19,7 @@ impl Trainer {
     ) -> Vec<(PathBuf, String, Vec<u32>)> {
         let net = &self.net;
         let cfg = self.config();
-        let Ok(model) = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model) else {
-            return Vec::new();
-        };
+        let model = cfg.training.model.config();
         // Weights and two moments in f32, plus the header.
         let max_bytes = usize::try_from(model.total_params())
             .unwrap_or(usize::MAX / 16)

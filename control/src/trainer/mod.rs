@@ -14,15 +14,16 @@ mod steps;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use neuroshard_coordination::upkeep::{Action, Event, Upkeep};
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::pipeline::assign::Role;
 
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::engine::{
     Engine, EngineError, EngineHandle, EngineState, LoadSpec, Loaded, TrainSettings,
     checkpoint_path,
@@ -51,7 +52,7 @@ pub fn load_spec(
     a: &crate::pipeline::Assignment,
 ) -> LoadSpec {
     LoadSpec {
-        preset: cfg.training.model.clone(),
+        preset: cfg.training.model.to_string(),
         layers: a.layers.clone(),
         has_embedding: a.has_embedding(),
         has_head: a.has_head(),
@@ -78,7 +79,7 @@ fn train_settings(cfg: &Config) -> TrainSettings {
 
 pub struct Trainer {
     pub engine: Engine,
-    pub config: Arc<RwLock<Config>>,
+    pub config: LiveConfig,
     pub stats: Arc<Mutex<TrainingStats>>,
     pub data_dir: PathBuf,
     pub node_id: String,
@@ -92,19 +93,20 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    fn config(&self) -> Config {
-        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    fn config(&self) -> Arc<Config> {
+        self.config.get()
     }
 
     fn update(&self, f: impl FnOnce(&mut TrainingStats)) {
-        if let Ok(mut s) = self.stats.lock() {
-            f(&mut s);
-        }
+        f(&mut self.stats.lock());
     }
 
     /// Runs until `stop` flips to true; then writes a last checkpoint if the engine is up.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut engine = self.engine.subscribe();
+        // Wakes an idle trainer when PATCH /config changes something (training enabled again,
+        // new settings to reload with), instead of at its next poll.
+        let mut config_changes = self.config.clone();
         let Some(mut assignment) = self.assign(&mut stop).await else {
             return;
         };
@@ -174,7 +176,7 @@ impl Trainer {
                 }
                 // Dynamic layer pool: layers nobody holds any more are taken over.
                 if pipelined {
-                    let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
+                    let step = self.stats.lock().step;
                     let mut todo: VecDeque<Action> =
                         upkeep.on(Event::Tick { step }, now_ms()).into();
                     while let Some(action) = todo.pop_front() {
@@ -199,7 +201,7 @@ impl Trainer {
                             }
                             Action::Resync => {
                                 let tried = self.resync(&client, &assignment, step).await;
-                                let step = self.stats.lock().map(|s| s.step).unwrap_or(0);
+                                let step = self.stats.lock().step;
                                 Some(Event::Resynced { tried, step })
                             }
                         };
@@ -208,8 +210,8 @@ impl Trainer {
                         }
                     }
                 }
-                let done = cfg.training.max_steps > 0
-                    && self.stats.lock().map(|s| s.step).unwrap_or(0) >= cfg.training.max_steps;
+                let done =
+                    cfg.training.max_steps > 0 && self.stats.lock().step >= cfg.training.max_steps;
                 // Only the driver starts pipeline steps; the other stages serve them.
                 let idle = pipelined && assignment.role() != Role::Driver;
                 if !cfg.training.enabled || done || idle {
@@ -217,6 +219,7 @@ impl Trainer {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         _ = stop.changed() => {}
                         _ = engine.changed() => {}
+                        _ = config_changes.changed() => {}
                     }
                     continue;
                 }

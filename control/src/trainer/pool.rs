@@ -19,10 +19,7 @@ impl Trainer {
     ) -> Option<crate::pipeline::Assignment> {
         let cfg = self.config();
         let total = held_layers(&cfg).end;
-        let model = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model).ok();
-        let capacity = model
-            .as_ref()
-            .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, m));
+        let capacity = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config());
         let a = if capacity < total {
             let net = &self.net;
             let wanted = cfg.seed_peers.len().min(crate::network::MAX_PEERS);
@@ -66,9 +63,7 @@ impl Trainer {
     pub(super) fn capacity(&self) -> (u32, u32) {
         let cfg = self.config();
         let total = held_layers(&cfg).end;
-        let capacity = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model)
-            .ok()
-            .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, &m));
+        let capacity = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config());
         (total, capacity)
     }
 
@@ -82,7 +77,7 @@ impl Trainer {
             mine: None,
         };
         let net = &self.net;
-        if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
+        if !self.stats.lock().model_loaded {
             return nothing;
         }
         let (total, capacity) = self.capacity();
@@ -144,7 +139,7 @@ impl Trainer {
         step: u64,
     ) -> bool {
         let net = &self.net;
-        if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
+        if !self.stats.lock().model_loaded {
             return false;
         }
         let min_step = step.saturating_add(RESYNC_LAG);

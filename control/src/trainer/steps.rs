@@ -14,9 +14,7 @@ impl Trainer {
     /// the replicas if they agree on other weights.
     pub(super) async fn diloco_init(&self, client: &EngineHandle) {
         let dir = self.data_dir.join("diloco");
-        if let Ok(mut m) = self.diloco.max_norm.lock() {
-            *m = self.config().diloco_settings().max_norm;
-        }
+        *self.diloco.max_norm.lock() = self.config().diloco_settings().max_norm;
         if let Err(e) = crate::diloco::sync::init(&self.diloco, client, &dir).await {
             tracing::warn!(error = %e, "DiLoCo: could not read the model's weights");
         }
@@ -34,12 +32,7 @@ impl Trainer {
         stop: &mut watch::Receiver<bool>,
     ) {
         let settings = cfg.diloco_settings();
-        let initialized = self
-            .diloco
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .initialized;
+        let initialized = self.diloco.state.lock().initialized;
         let actions = boundary.on(RoundEvent::InnerStep {
             loss,
             initialized,
@@ -48,8 +41,7 @@ impl Trainer {
         for action in actions {
             match action {
                 RoundAction::CountInnerSteps(n) => {
-                    let mut s = self.diloco.state.lock().unwrap_or_else(|p| p.into_inner());
-                    s.inner_step = n;
+                    self.diloco.state.lock().inner_step = n;
                 }
                 RoundAction::InitRound => self.diloco_init(client).await,
                 RoundAction::CatchUp => {
@@ -58,18 +50,15 @@ impl Trainer {
                     match self.round(&settings).catch_up(client).await {
                         Ok(Some(_)) => {
                             boundary.on(RoundEvent::CaughtUp);
-                            if let Ok(h) = self.diloco.state.lock().map(|s| s.start_hash.clone()) {
-                                self.update(|s| s.model_hash = h);
-                            }
+                            let h = self.diloco.state.lock().start_hash.clone();
+                            self.update(|s| s.model_hash = h);
                         }
                         Ok(None) => {}
                         Err(e) => tracing::debug!(error = %e, "DiLoCo catch-up failed; retrying"),
                     }
                 }
                 RoundAction::FinishRound { loss, batches } => {
-                    if let Ok(mut m) = self.diloco.max_norm.lock() {
-                        *m = settings.max_norm;
-                    }
+                    *self.diloco.max_norm.lock() = settings.max_norm;
                     let round = self.round(&settings);
                     let result = tokio::select! {
                         r = round.finish(client, loss, batches) => r,

@@ -10,7 +10,6 @@
 //! return data computed after a fault.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use neuroshard_kernels::KernelError;
 use neuroshard_kernels::cuda::cudarc::driver::CudaSlice;
@@ -19,6 +18,7 @@ use neuroshard_kernels::cuda::ops::optim::{AdamWParams, NORM_PARTIALS_PER_TENSOR
 use neuroshard_kernels::cuda::{
     CudaError, CudaKernels, DeviceProbe, ModuleSource, nvrtc_available, probe,
 };
+use parking_lot::Mutex;
 
 use super::{AdamW, AttnShape, Backend, BackendError, CachedAttnShape, Result, check_len};
 
@@ -88,11 +88,7 @@ impl CudaBackend {
     /// Takes scratch buffer `name` of exactly `n` floats out of the cache (allocating it when
     /// the cached one has another size); give it back with [`Self::put_scratch`].
     fn take_scratch(&self, name: &'static str, n: usize) -> Result<CudaSlice<f32>> {
-        let cached = self
-            .scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        let cached = self.scratch.lock().remove(name);
         match cached {
             Some(b) if b.len() == n => Ok(b),
             _ => self.k.zeros::<f32>(n).map_err(dev),
@@ -100,10 +96,7 @@ impl CudaBackend {
     }
 
     fn put_scratch(&self, name: &'static str, buf: CudaSlice<f32>) {
-        self.scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name, buf);
+        self.scratch.lock().insert(name, buf);
     }
 
     fn read_scalar(&self, buf: &CudaSlice<f32>) -> Result<f32> {

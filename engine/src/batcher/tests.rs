@@ -51,7 +51,7 @@ impl Scheduler {
 
     fn step(&mut self) {
         let rt = self.runtime.clone();
-        let mut rt = rt.lock().unwrap();
+        let mut rt = rt.lock();
         self.tick(&mut rt);
         self.publish();
     }
@@ -99,7 +99,6 @@ fn tokens(replies: &[Reply]) -> Vec<(u32, String, String)> {
 fn alone(rt: &Arc<Mutex<Runtime>>, req: &pb::GenerateRequest) -> Vec<(u32, String, String)> {
     let mut out = Vec::new();
     rt.lock()
-        .unwrap()
         .generate(req, &mut |r| {
             out.push((r.token_id, r.text, r.finish_reason));
             true
@@ -259,7 +258,7 @@ fn bad_requests_and_a_reload_end_their_streams_cleanly() {
         tonic::Code::InvalidArgument
     );
     assert_eq!(s.live.len(), 1);
-    load(&mut rt.lock().unwrap());
+    load(&mut rt.lock());
     s.step();
     let got = drain(&mut a);
     let last = got.last().unwrap().as_ref().unwrap_err();
@@ -298,7 +297,7 @@ fn a_full_wait_queue_refuses_at_once_and_the_thread_serves_the_rest() {
     let (tx2, _rx2) = tokio::sync::mpsc::unbounded_channel();
     {
         // While the runtime is held nothing leaves the queue.
-        let _held = rt.lock().unwrap();
+        let _held = rt.lock();
         batcher.submit(req.clone(), tx1).unwrap();
         let refused = batcher.submit(req.clone(), tx2).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use neuroshard::ledger::proof::Proof;
-use neuroshard::ledger::{Address, Balance, Ledger, Message, ProofType, SignedProof, Wallet};
 use neuroshard::network::client::PeerConn;
 use neuroshard::network::{LocalRole, Network};
 use neuroshard::peer::PeerState;
+use neuroshard_ledger::proof::Proof;
+use neuroshard_ledger::{Address, Balance, Ledger, Message, ProofType, SignedProof, Wallet};
 use neuroshard_tests::Node;
 
 pub fn now_s() -> i64 {

@@ -12,7 +12,7 @@ use super::{Generated, InferenceRequest};
 use crate::api::ApiError;
 use crate::api::AppState;
 use crate::auth::Caller;
-use crate::ledger::{UNITS_PER_NEURO, transfer_fee};
+use neuroshard_ledger::{UNITS_PER_NEURO, transfer_fee};
 
 /// 0.0001 NEURO per token.
 pub const PRICE_UNITS_PER_TOKEN: u64 = UNITS_PER_NEURO / 10_000;
@@ -41,7 +41,7 @@ pub(super) async fn check_funds(
     let required = bound + transfer_fee(bound);
     let available = state.ledger.balance(&caller.account, now).await.available;
     if available < required {
-        return Err(crate::ledger::LedgerError::InsufficientBalance {
+        return Err(neuroshard_ledger::LedgerError::InsufficientBalance {
             required,
             available,
         }

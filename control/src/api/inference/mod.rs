@@ -30,7 +30,7 @@ pub use stop::StopMatcher;
 use super::ApiError;
 use crate::api::AppState;
 use crate::auth::Caller;
-use crate::ledger::units_to_neuro;
+use neuroshard_ledger::units_to_neuro;
 
 /// Requests generating at once; more wait for [`QUEUE_LIMIT`] places, beyond that 503.
 pub const QUEUE_LIMIT: usize = 64;
@@ -41,9 +41,7 @@ pub async fn admit(
     caller: &Caller,
     req: &InferenceRequest,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let max_seq = neuroshard_shared::model::ModelConfig::preset(&state.config().training.model)
-        .map(|m| m.max_seq)
-        .unwrap_or(2);
+    let max_seq = state.config().training.model.config().max_seq;
     req.validate(max_seq)?;
     if !state.training().model_loaded {
         return Err(ApiError::unavailable(

@@ -11,7 +11,7 @@ use super::billing::charge;
 use super::{Generated, InferenceRequest, Usage, generate};
 use crate::api::AppState;
 use crate::auth::Caller;
-use crate::ledger::units_to_neuro;
+use neuroshard_ledger::units_to_neuro;
 
 /// Streams `data: {"token", "index"}` events, then `data: {"token": "[DONE]", ...}`. A reader
 /// that goes away stops the generation; only delivered tokens are charged.
