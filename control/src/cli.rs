@@ -76,6 +76,15 @@ pub struct TrackerArgs {
     /// A node is listed this many seconds after its last announcement.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub ttl_secs: u64,
+    /// Most connections one client address may hold open (more are refused at accept).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections_per_address: u64,
+    /// Most connections open at once from other machines (lowered to fit the open-file limit).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Seconds a connection may take to send a request head (also the keep-alive idle time).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
 }
 
 #[derive(Args, Debug, Default)]
@@ -261,9 +270,27 @@ fn tracker(paths: &Paths, args: TrackerArgs) -> anyhow::Result<()> {
             format!("sqlite://{}/tracker.db?mode=rwc", paths.data_dir.display())
         }
     };
+    let nofile = match crate::listen::raise_nofile_limit() {
+        Ok((soft, hard)) => {
+            tracing::info!(soft, hard, "open-file limit");
+            soft
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open-file limit");
+            1024
+        }
+    };
+    let header_timeout = Duration::from_secs(args.header_timeout_secs);
     let opts = crate::tracker::TrackerOptions {
         database_url,
         ttl: Duration::from_secs(args.ttl_secs),
+        limits: crate::listen::Limits {
+            per_address: args.max_connections_per_address as usize,
+            total: crate::listen::total_cap(args.max_connections as usize, nofile, 1),
+            header_timeout,
+            // Announcements are a few hundred bytes.
+            body_timeout: header_timeout,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -70,6 +70,30 @@ pub struct ApiConfig {
     pub rate_limit_per_ip: u32,
     /// Largest request body accepted, in KiB.
     pub max_body_kb: u32,
+    /// Most connections one client address may hold open at once (more are refused at
+    /// accept). Applies to the REST port and the tracker.
+    pub max_connections_per_address: u32,
+    /// Most connections open at once from other machines (loopback clients are not counted);
+    /// lowered at start when the descriptor limit leaves less room.
+    pub max_connections: u32,
+    /// Seconds a connection may take to send a complete request head; also how long an idle
+    /// keep-alive connection stays open.
+    pub header_timeout_secs: u32,
+    /// Seconds a request body may take to arrive.
+    pub body_timeout_secs: u32,
+}
+
+impl ApiConfig {
+    /// The connection limits of the REST port; `total_cap` is the remote-connection cap after
+    /// the descriptor limit (see [`crate::listen::total_cap`]).
+    pub fn limits(&self, total_cap: usize) -> crate::listen::Limits {
+        crate::listen::Limits {
+            per_address: self.max_connections_per_address as usize,
+            total: total_cap,
+            header_timeout: std::time::Duration::from_secs(u64::from(self.header_timeout_secs)),
+            body_timeout: std::time::Duration::from_secs(u64::from(self.body_timeout_secs)),
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -78,6 +102,10 @@ impl Default for ApiConfig {
             rate_limit_per_token: 600,
             rate_limit_per_ip: 300,
             max_body_kb: 64,
+            max_connections_per_address: 64,
+            max_connections: 4096,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
         }
     }
 }
@@ -412,6 +440,20 @@ impl Config {
                 format!("{} is not in 1..=65536 KiB", a.max_body_kb),
             );
         }
+        for (key, v, max) in [
+            (
+                "api.max_connections_per_address",
+                a.max_connections_per_address,
+                1_000_000,
+            ),
+            ("api.max_connections", a.max_connections, 1_000_000),
+            ("api.header_timeout_secs", a.header_timeout_secs, 3600),
+            ("api.body_timeout_secs", a.body_timeout_secs, 3600),
+        ] {
+            if !(1..=max).contains(&v) {
+                return bad(key, format!("{v} is not in 1..={max}"));
+            }
+        }
         if !self.tracker_url.is_empty() && !self.tracker_url.starts_with("http://") {
             return bad(
                 "tracker_url",
@@ -495,6 +537,10 @@ pub fn needs_restart(key: &str) -> bool {
         || key == "training.seed"
         || key == "training.data_path"
         || key == "api.max_body_kb"
+        || key == "api.max_connections_per_address"
+        || key == "api.max_connections"
+        || key == "api.header_timeout_secs"
+        || key == "api.body_timeout_secs"
 }
 
 /// `database_url` without its password, for display.

@@ -132,6 +132,29 @@ pub async fn run(
     // Keys, tokens, the ledger database and checkpoints are the node's alone: every file the
     // daemon (and the engine it spawns) creates is private to its user.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // Every client connection takes a descriptor: take all the system allows, and size the
+    // REST port's connection cap so that the node's own files keep their room.
+    let nofile = match crate::listen::raise_nofile_limit() {
+        Ok((soft, hard)) => {
+            tracing::info!(soft, hard, "open-file limit");
+            soft
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open-file limit");
+            1024
+        }
+    };
+    // The REST port and the peer port share what is left after the headroom.
+    let http_cap = crate::listen::total_cap(config.api.max_connections as usize, nofile, 2);
+    if http_cap < config.api.max_connections as usize {
+        tracing::warn!(
+            configured = config.api.max_connections,
+            cap = http_cap,
+            nofile,
+            "api.max_connections lowered to fit the open-file limit"
+        );
+    }
+    let http_limits = config.api.limits(http_cap);
     let data_dir = &paths.data_dir;
     let _lock = lock_data_dir(data_dir)?;
     let node_id = node_id(data_dir).map_err(|source| DaemonError::DataDir {
@@ -307,6 +330,7 @@ pub async fn run(
     let rest_task = tokio::spawn(crate::api::serve(
         http,
         state,
+        http_limits,
         wait_true(stop_servers_rx.clone()),
     ));
     let tracker_url = config.get().tracker_url.clone();

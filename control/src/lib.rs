@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod diloco;
 pub mod engine;
+pub mod listen;
 pub mod metrics;
 pub mod network;
 pub mod ops;

@@ -196,6 +196,8 @@ pub struct Metrics {
     /// DiLoCo rounds this node completed with its replicas, and rounds it missed.
     pub syncs_ok: AtomicU64,
     pub syncs_failed: AtomicU64,
+    /// Connections to the REST port: accepted, refused at accept, open (`listen.rs`).
+    pub http: std::sync::Arc<crate::listen::ConnStats>,
 }
 
 impl Metrics {

@@ -409,10 +409,7 @@ fn no_module_cycle_and_no_file_over_the_limit() {
                 .windows(2)
                 .map(|w| format!("{} -> {} ({})", w[0], w[1], graph[&w[0]][&w[1]]))
                 .collect();
-            problems.push(format!(
-                "module cycle in {krate}: {}",
-                steps.join(", ")
-            ));
+            problems.push(format!("module cycle in {krate}: {}", steps.join(", ")));
         }
     }
     // Sources read wrongly would find nothing and pass: the workspace has about 180 files.
@@ -494,7 +491,12 @@ fn module_graph(
 /// The top-level module a file belongs to (`api/state.rs` → `api`, `daemon.rs` → `daemon`);
 /// `None` for the crate roots.
 fn top_module(rel: &Path) -> Option<String> {
-    let first = rel.components().next()?.as_os_str().to_string_lossy().to_string();
+    let first = rel
+        .components()
+        .next()?
+        .as_os_str()
+        .to_string_lossy()
+        .to_string();
     if rel.components().count() > 1 {
         return Some(first);
     }

@@ -25,6 +25,7 @@ mod engine_data_path;
 mod external_engine;
 mod faults;
 mod hostile;
+mod hostile_sockets;
 mod ledger_crash;
 mod network_ledger;
 mod network_peer_auth;

@@ -137,16 +137,14 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     )
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves.
+/// Serves `app` on `listener` until `shutdown` resolves, with `limits` on connections and
+/// their timing (`crate::listen`); the connection figures go to the node's metrics.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    limits: crate::listen::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let stats = state.metrics.http.clone();
+    crate::listen::serve(listener, app(state), limits, stats, shutdown).await
 }

@@ -493,6 +493,21 @@ fn exposition(f: &Figures, a: &Metrics) -> String {
         m.rewards.pending,
     );
     e.gauge("ledger_blocks", "Ledger blocks held", f.ledger_blocks);
+    e.counter(
+        "http_connections_accepted",
+        "REST connections accepted",
+        c(&a.http.accepted),
+    );
+    e.counter(
+        "http_connections_refused",
+        "REST connections refused at accept (per-address or total cap)",
+        a.http.refused(),
+    );
+    e.gauge(
+        "http_connections_open",
+        "REST connections open",
+        c(&a.http.open),
+    );
     e.encode()
 }
 
@@ -569,6 +584,8 @@ mod tests {
             "peer_bytes_sent_total",
             "peer_bytes_received_total",
             "peer_rpc_calls_total",
+            "http_connections_accepted_total",
+            "http_connections_refused_total",
         ];
         let gauges = [
             "uptime_seconds",
@@ -588,6 +605,7 @@ mod tests {
             "rewards_earned_today_neuro",
             "rewards_pending_neuro",
             "ledger_blocks",
+            "http_connections_open",
         ];
         assert_eq!(types.len(), counters.len() + gauges.len(), "{text}");
         for (names, kind) in [(&counters[..], "counter"), (&gauges[..], "gauge")] {

@@ -54,6 +54,8 @@ pub struct TrackerOptions {
     pub database_url: String,
     /// A node is listed this long after its last announcement.
     pub ttl: Duration,
+    /// Connection limits and timeouts of the tracker's port.
+    pub limits: crate::listen::Limits,
 }
 
 /// The tracker's database of announcements.
@@ -204,12 +206,8 @@ pub async fn serve(
         })
     };
     let app = router(store, opts.ttl);
-    let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    let stats = Arc::new(crate::listen::ConnStats::default());
+    let result = crate::listen::serve(listener, app, opts.limits, stats, shutdown).await;
     expiry.abort();
     Ok(result?)
 }

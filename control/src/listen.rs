@@ -1,0 +1,368 @@
+//! Accepting HTTP connections from clients that may be hostile: the server under the REST API
+//! and the tracker. `axum::serve` sets no timeout and no connection limit, so one address could
+//! hold every descriptor of the process with connections that never finish a request. Here:
+//!
+//! * **At accept**, a connection is refused (closed at once, counted) when its address already
+//!   holds `per_address` connections, or when `total` connections from other machines are
+//!   open. Loopback clients (the local CLI, the dashboard on the same machine) are not counted
+//!   against `total`: their own room is bounded only by the per-address cap, so a flood from
+//!   outside never locks the operator out.
+//! * **HTTP/1**: hyper's header-read timer runs from the moment a connection waits for a
+//!   request head until the head is complete, so it bounds both a slowly sent request line
+//!   (slowloris) and an idle keep-alive connection: a connection that sends no complete head
+//!   within `header_timeout` is closed.
+//! * **Request bodies** must arrive whole within `body_timeout` of the first read
+//!   ([`DeadlineBody`]); later the request fails and the connection closes.
+//! * **HTTP/2**: a ping every `header_timeout`; a peer that does not answer is dropped.
+//! * Responses are never timed: a streamed answer (SSE) lasts as long as it has tokens.
+//!
+//! [`raise_nofile_limit`] lifts the soft descriptor limit to the hard one at start-up.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// Longest a graceful shutdown waits for open connections (a streaming answer would
+/// otherwise hold the node up for as long as it generates).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// After an accept error for want of descriptors, the loop waits this long before the next
+/// accept (instead of spinning on the same error).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The limits of one listening socket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Most connections open at once from one client address.
+    pub per_address: usize,
+    /// Most connections open at once from addresses other than loopback.
+    pub total: usize,
+    /// HTTP/1: longest wait for a complete request head, idle keep-alive included.
+    pub header_timeout: Duration,
+    /// Longest time a request body may take to arrive.
+    pub body_timeout: Duration,
+}
+
+/// Connection figures of one listening socket (metrics).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Connections accepted and served.
+    pub accepted: AtomicU64,
+    /// Connections refused at accept: their address held `per_address` already.
+    pub refused_per_address: AtomicU64,
+    /// Connections refused at accept: `total` connections from other machines were open.
+    pub refused_total: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+}
+
+impl ConnStats {
+    pub fn refused(&self) -> u64 {
+        self.refused_per_address.load(Ordering::Relaxed)
+            + self.refused_total.load(Ordering::Relaxed)
+    }
+}
+
+/// Open connections by client address; a [`Slot`] frees its place when dropped.
+#[derive(Default)]
+struct Table {
+    by_address: HashMap<IpAddr, usize>,
+    remote_total: usize,
+}
+
+struct Slot {
+    table: Arc<parking_lot::Mutex<Table>>,
+    stats: Arc<ConnStats>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock();
+        if let Some(n) = t.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.by_address.remove(&self.ip);
+            }
+        }
+        if !self.ip.is_loopback() {
+            t.remote_total -= 1;
+        }
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    PerAddress,
+    Total,
+}
+
+fn admit(
+    table: &Arc<parking_lot::Mutex<Table>>,
+    stats: &Arc<ConnStats>,
+    limits: &Limits,
+    ip: IpAddr,
+) -> Result<Slot, Refusal> {
+    let mut t = table.lock();
+    let held = t.by_address.get(&ip).copied().unwrap_or(0);
+    if held >= limits.per_address {
+        return Err(Refusal::PerAddress);
+    }
+    if !ip.is_loopback() {
+        if t.remote_total >= limits.total {
+            return Err(Refusal::Total);
+        }
+        t.remote_total += 1;
+    }
+    *t.by_address.entry(ip).or_insert(0) += 1;
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    Ok(Slot {
+        table: table.clone(),
+        stats: stats.clone(),
+        ip,
+    })
+}
+
+/// Serves `app` on `listener` with `limits` until `shutdown` resolves; then stops accepting
+/// and gives open connections [`SHUTDOWN_GRACE`] to finish. Handlers see the client's
+/// address as `ConnectInfo<SocketAddr>`, as with axum's own server.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    stats: Arc<ConnStats>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout);
+    let table = Arc::new(parking_lot::Mutex::new(Table::default()));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors (EMFILE/ENFILE) or a connection reset before accept:
+                    // neither ends the server.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let slot = match admit(&table, &stats, &limits, remote.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                let counter = match refusal {
+                    Refusal::PerAddress => &stats.refused_per_address,
+                    Refusal::Total => &stats.refused_total,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
+            }
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let body_timeout = limits.body_timeout;
+        let service = app
+            .clone()
+            .map_request(move |req: hyper::Request<Incoming>| {
+                let (mut parts, body) = req.into_parts();
+                parts.extensions.insert(ConnectInfo(remote));
+                hyper::Request::from_parts(parts, Body::new(DeadlineBody::new(body, body_timeout)))
+            });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, peer = %remote, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("connections still open at shutdown were cut");
+    }
+    Ok(())
+}
+
+/// The request body must arrive whole within its deadline, counted from the first read.
+pub struct DeadlineBody<B> {
+    inner: B,
+    timeout: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> DeadlineBody<B> {
+    pub fn new(inner: B, timeout: Duration) -> Self {
+        DeadlineBody {
+            inner,
+            timeout,
+            deadline: None,
+        }
+    }
+}
+
+/// A request body that did not arrive within its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+pub struct BodyTimeout(Duration);
+
+impl<B> http_body::Body for DeadlineBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let timeout = this.timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit; returns (soft, hard) after.
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    Ok((soft, hard))
+}
+
+/// Descriptors kept free of client connections: the node's own files (database, logs,
+/// checkpoints), its engine socket and shared memory, its peers and loopback clients.
+pub const DESCRIPTOR_HEADROOM: u64 = 1024;
+
+/// The total cap of remote connections for one socket: the configured figure, lowered so that
+/// `sockets` such sockets together leave [`DESCRIPTOR_HEADROOM`] of `nofile` free.
+pub fn total_cap(configured: usize, nofile: u64, sockets: u64) -> usize {
+    let room = nofile.saturating_sub(DESCRIPTOR_HEADROOM) / sockets.max(1);
+    configured
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_address: usize, total: usize) -> Limits {
+        Limits {
+            per_address,
+            total,
+            header_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn admits_up_to_the_caps_and_frees_on_drop() {
+        let table = Arc::new(parking_lot::Mutex::new(Table::default()));
+        let stats = Arc::new(ConnStats::default());
+        let l = limits(2, 3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let a1 = admit(&table, &stats, &l, a).unwrap();
+        let _a2 = admit(&table, &stats, &l, a).unwrap();
+        assert_eq!(
+            admit(&table, &stats, &l, a).err(),
+            Some(Refusal::PerAddress)
+        );
+        let _b1 = admit(&table, &stats, &l, b).unwrap();
+        assert_eq!(admit(&table, &stats, &l, b).err(), Some(Refusal::Total));
+        // Loopback does not count against the total, only against its own address cap.
+        let _l1 = admit(&table, &stats, &l, local).unwrap();
+        let _l2 = admit(&table, &stats, &l, local).unwrap();
+        assert_eq!(
+            admit(&table, &stats, &l, local).err(),
+            Some(Refusal::PerAddress)
+        );
+        assert_eq!(stats.open.load(Ordering::Relaxed), 5);
+        drop(a1);
+        assert_eq!(stats.open.load(Ordering::Relaxed), 4);
+        let _b2 = admit(&table, &stats, &l, b).unwrap();
+        assert!(table.lock().by_address.len() == 3);
+    }
+
+    #[test]
+    fn the_total_cap_keeps_headroom() {
+        assert_eq!(total_cap(4096, 1_048_576, 3), 4096);
+        assert_eq!(total_cap(4096, 4096, 2), 1536);
+        assert_eq!(total_cap(4096, 512, 2), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_ends_fails_at_its_deadline() {
+        use http_body_util::BodyExt;
+        // A body whose next frame never comes.
+        let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >());
+        let started = tokio::time::Instant::now();
+        let body = DeadlineBody::new(body, Duration::from_millis(200));
+        let err = body.collect().await.expect_err("a timeout");
+        assert!(err.to_string().contains("did not arrive"), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+}
