@@ -8,7 +8,7 @@ use neuroshard_proto::peer as pb;
 
 use super::stage::Requeue;
 use super::{Out, PipeError, Stage, Wire, check_acts, peer_err, plan_route, within};
-use crate::network::Network;
+use neuroshard_net::Network;
 
 /// The outcome of one driver step.
 #[derive(Debug, Clone)]
@@ -43,7 +43,7 @@ fn rows(w: &Wire, lo: u64, hi: u64) -> Wire {
 
 /// A fresh step id: later than any earlier one, also across restarts (milliseconds).
 pub fn new_step_id(last: u64) -> u64 {
-    (crate::network::now_ms().max(0) as u64).max(last + 1)
+    (neuroshard_net::now_ms().max(0) as u64).max(last + 1)
 }
 
 impl Stage {

@@ -25,7 +25,7 @@ impl Trainer {
             .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, m));
         let a = match (&self.net, capacity >= total) {
             (Some(net), false) => {
-                let wanted = cfg.seed_peers.len().min(crate::network::MAX_PEERS);
+                let wanted = cfg.seed_peers.len().min(neuroshard_net::MAX_PEERS);
                 let deadline = Instant::now() + ASSIGN_WAIT;
                 while net.peers.len() < wanted && Instant::now() < deadline {
                     tokio::select! {
@@ -57,7 +57,7 @@ impl Trainer {
     /// Tells peers, the pipeline stage and the API which layers this node holds.
     pub(super) fn publish(&self, a: &crate::pipeline::Assignment) {
         if let Some(net) = &self.net {
-            net.set_local_role(crate::network::LocalRole {
+            net.set_local_role(neuroshard_net::LocalRole {
                 role: a.role().as_str().into(),
                 layers: a.layers.clone().collect(),
             });
