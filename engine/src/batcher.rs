@@ -277,7 +277,7 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!(error = %e, sequences = self.live.len(), "batched decode step failed");
-                let status = crate::server::fault_exits(e);
+                let status = crate::runtime::fault_exits(e);
                 for (_, l) in self.live.drain() {
                     let _ = l.tx.send(Err(status.clone()));
                 }
@@ -351,7 +351,7 @@ impl Scheduler {
 }
 
 fn status(e: RuntimeError) -> Status {
-    crate::server::fault_exits(e)
+    crate::runtime::fault_exits(e)
 }
 
 #[cfg(test)]

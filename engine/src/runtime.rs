@@ -564,3 +564,19 @@ impl Runtime {
 
 #[cfg(test)]
 mod tests;
+
+/// Exit code after a device fault: tells the supervisor to restart us.
+pub const EXIT_DEVICE_FAULT: i32 = 70;
+
+/// Converts a runtime error to a status; a device fault also schedules the process exit (on
+/// a plain thread, so the scheduler thread can call this too).
+pub(crate) fn fault_exits(e: RuntimeError) -> tonic::Status {
+    if let RuntimeError::DeviceFault { op, message } = &e {
+        tracing::error!(op, %message, "device fault: exiting so the supervisor restarts the engine");
+        std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::process::exit(EXIT_DEVICE_FAULT);
+        });
+    }
+    e.into()
+}

@@ -21,10 +21,8 @@ use tokio_stream::wrappers::{UnboundedReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::batcher::{BatchLimits, Batcher};
-use crate::runtime::{Runtime, RuntimeError, RuntimeHealth};
+use crate::runtime::{Runtime, RuntimeError, RuntimeHealth, fault_exits};
 
-/// Exit code after a device fault: tells the supervisor to restart us.
-pub const EXIT_DEVICE_FAULT: i32 = 70;
 
 #[derive(Clone)]
 pub struct EngineService {
@@ -81,19 +79,6 @@ impl EngineService {
         .map_err(|e| Status::internal(format!("engine task failed: {e}")))?;
         result.map_err(fault_exits)
     }
-}
-
-/// Converts a runtime error to a status; a device fault also schedules the process exit (on
-/// a plain thread, so the scheduler thread can call this too).
-pub(crate) fn fault_exits(e: RuntimeError) -> Status {
-    if let RuntimeError::DeviceFault { op, message } = &e {
-        tracing::error!(op, %message, "device fault: exiting so the supervisor restarts the engine");
-        std::thread::spawn(|| {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            std::process::exit(EXIT_DEVICE_FAULT);
-        });
-    }
-    e.into()
 }
 
 fn tensor_ref(r: Option<pb::TensorRef>, what: &str) -> Result<TensorRef, Status> {

@@ -1,12 +1,8 @@
 //! Amounts: integer base units everywhere (1 NEURO = 10^9 units); f64 only at the JSON edge.
 
 use super::error::LedgerError;
+pub use super::units::{DECIMALS, UNITS_PER_NEURO, signed_units_to_neuro, units_to_neuro};
 
-/// Base units per NEURO. Nine decimals: the smallest reward (0.00001 per data sample) is
-/// 10,000 units, and an i64 still holds 9.2 billion NEURO.
-pub const UNITS_PER_NEURO: u64 = 1_000_000_000;
-/// Decimal places of one unit.
-pub const DECIMALS: usize = 9;
 /// Largest amount a single message may carry (fits an i64 with room for sums).
 pub const MAX_AMOUNT: u64 = i64::MAX as u64 / 4;
 /// Transfer fee: 1 part per 1000 (the contract's example: 0.1 on 100), rounded up to a whole
@@ -16,16 +12,6 @@ pub const FEE_PER_MILLE: u64 = 1;
 /// The fee burned by a transfer of `amount` units: ceil(amount / 1000).
 pub fn transfer_fee(amount: u64) -> u64 {
     amount.div_ceil(1000) * FEE_PER_MILLE
-}
-
-/// Units as NEURO for JSON output.
-pub fn units_to_neuro(units: u64) -> f64 {
-    units as f64 / UNITS_PER_NEURO as f64
-}
-
-/// Signed units (history entries) as NEURO for JSON output.
-pub fn signed_units_to_neuro(units: i128) -> f64 {
-    units as f64 / UNITS_PER_NEURO as f64
 }
 
 /// Parses an amount given as a JSON number. Rejects NaN, infinities, zero, negatives, values

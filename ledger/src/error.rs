@@ -4,7 +4,7 @@
 use neuroshard_identity::IdentityError;
 use serde_json::{Value, json};
 
-use super::amount::units_to_neuro;
+use super::units::units_to_neuro;
 
 /// Every way a ledger operation can fail. Messages are lowercase, without a trailing period.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +135,7 @@ impl LedgerError {
                 "staked": units_to_neuro(*staked),
             }),
             Self::StakeLocked { unlock_at } => json!({
-                "unlock_date": super::views::date_string(*unlock_at),
+                "unlock_date": super::dates::date_string(*unlock_at),
             }),
             Self::InvalidAddress { input, reason } => {
                 json!({ "field": "to", "input": input, "reason": reason })

@@ -42,6 +42,7 @@
 pub mod account;
 pub mod amount;
 pub mod block;
+pub mod dates;
 pub mod db;
 pub mod error;
 pub mod proof;
@@ -49,6 +50,7 @@ pub mod rewards;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod units;
 pub mod views;
 
 // Keys, addresses, the keystore and the canonical encoding live in `neuroshard-identity`; they

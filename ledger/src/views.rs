@@ -1,25 +1,12 @@
 //! Plain result structs for the REST layer (amounts in units; `*_neuro` helpers give the f64
-//! the JSON contract shows), and date formatting.
+//! the JSON contract shows); the date formats are `dates.rs`'s.
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 
 use super::account::{HistoryEntry, ProofRecord};
 use super::address::Address;
 
-/// `YYYY-MM-DD` (UTC) of unix seconds, as the contract's staking dates.
-pub fn date_string(unix: i64) -> String {
-    DateTime::<Utc>::from_timestamp(unix, 0)
-        .map(|d| d.format("%Y-%m-%d").to_string())
-        .unwrap_or_default()
-}
-
-/// RFC 3339 (UTC, `Z`) of unix seconds, as the contract's timestamps.
-pub fn timestamp_string(unix: i64) -> String {
-    DateTime::<Utc>::from_timestamp(unix, 0)
-        .map(|d| d.to_rfc3339_opts(SecondsFormat::Secs, true))
-        .unwrap_or_default()
-}
+pub use super::dates::{date_string, timestamp_string};
 
 /// `GET /wallet/balance`. total = available + staked + pending.
 #[derive(Debug, Clone, PartialEq)]

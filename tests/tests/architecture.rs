@@ -393,3 +393,213 @@ fn host_triple() -> String {
         .expect("rustc -vV names the host")
         .to_string()
 }
+
+/// No product file is longer than this many lines (one concept per file; ARCHITECTURE.md).
+const MAX_FILE_LINES: usize = 800;
+
+/// The crates whose sources are checked for module cycles and file length (product code:
+/// the test harness is not).
+const SOURCE_CRATES: &[&str] = &[
+    "proto",
+    "shared",
+    "identity",
+    "ledger",
+    "kernels",
+    "engine",
+    "coordination",
+    "control",
+];
+
+#[test]
+fn no_module_cycle_and_no_file_over_the_limit() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for krate in SOURCE_CRATES {
+        let src = root.join(krate).join("src");
+        let graph = module_graph(&src, &mut |file, lines| {
+            checked += 1;
+            if lines > MAX_FILE_LINES {
+                problems.push(format!(
+                    "{krate}/src/{file} has {lines} lines (most: {MAX_FILE_LINES}): split it by concept"
+                ));
+            }
+        });
+        for cycle in cycles(&graph) {
+            let steps: Vec<String> = cycle
+                .windows(2)
+                .map(|w| format!("{} -> {} ({})", w[0], w[1], graph[&w[0]][&w[1]]))
+                .collect();
+            problems.push(format!(
+                "module cycle in {krate}: {}",
+                steps.join(", ")
+            ));
+        }
+    }
+    // Sources read wrongly would find nothing and pass: the workspace has about 180 files.
+    assert!(checked > 150, "only {checked} source files were read");
+    assert!(
+        problems.is_empty(),
+        "source invariants broken:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// Top-level module → modules of the same crate it names (`crate::x`, `crate::{x, y}`, and
+/// `super::x` from a top-level file), each with one file that does. Comment lines are not
+/// read (a doc link is no dependency), nor is test code (`tests.rs` files, and a file's
+/// lines from its `#[cfg(test)]` on: unit tests sit at the bottom of their file).
+/// `report(file, lines)` is called for every file.
+fn module_graph(
+    src: &Path,
+    report: &mut dyn FnMut(&str, usize),
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut files = Vec::new();
+    let mut dirs = vec![src.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("reading a source folder") {
+            let path = entry.expect("a folder entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let modules: BTreeSet<String> = files
+        .iter()
+        .filter_map(|f| top_module(f.strip_prefix(src).ok()?))
+        .collect();
+    let mut graph: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for file in &files {
+        let rel = file.strip_prefix(src).expect("under src");
+        let name = rel.to_string_lossy().to_string();
+        let text = std::fs::read_to_string(file).expect("reading a source file");
+        report(&name, text.lines().count());
+        let Some(top) = top_module(rel) else {
+            continue; // lib.rs, main.rs: the crate root may name anything
+        };
+        if rel.file_name().is_some_and(|f| f == "tests.rs") {
+            continue;
+        }
+        // `super::` is the crate root in a top-level module's own file.
+        let top_file = rel.components().count() == 1
+            || rel.file_name().is_some_and(|f| f == "mod.rs") && rel.components().count() == 2;
+        for line in text.lines() {
+            let line = line.trim_start();
+            if line.starts_with("#[cfg(test)]") {
+                break;
+            }
+            if line.starts_with("//") {
+                continue;
+            }
+            let mut named = names_after(line, "crate::");
+            if top_file {
+                named.extend(names_after(line, "super::"));
+            }
+            for n in named {
+                if n != top && modules.contains(&n) {
+                    graph
+                        .entry(top.clone())
+                        .or_default()
+                        .entry(n)
+                        .or_insert_with(|| name.clone());
+                }
+            }
+        }
+    }
+    graph
+}
+
+/// The top-level module a file belongs to (`api/state.rs` → `api`, `daemon.rs` → `daemon`);
+/// `None` for the crate roots.
+fn top_module(rel: &Path) -> Option<String> {
+    let first = rel.components().next()?.as_os_str().to_string_lossy().to_string();
+    if rel.components().count() > 1 {
+        return Some(first);
+    }
+    let stem = first.strip_suffix(".rs")?;
+    (!matches!(stem, "lib" | "main")).then(|| stem.to_string())
+}
+
+/// The first path segments after each `prefix` in `line`: `crate::a::b` → `a`,
+/// `crate::{a::x, b}` → `a`, `b`.
+fn names_after(line: &str, prefix: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (i, _) in line.match_indices(prefix) {
+        // `foo_crate::` or `mycrate::` is not `crate::`.
+        let before = line[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let rest = &line[i + prefix.len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let group = group.split('}').next().unwrap_or("");
+            // Top-level items of the group only: `a::{x, y}, b` → a, b.
+            let mut depth = 0;
+            let mut start = 0;
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        out.push(ident(&group[start..j]));
+                        start = j + 1;
+                    }
+                    _ => {}
+                }
+            }
+            out.push(ident(&group[start..]));
+        } else {
+            out.push(ident(rest));
+        }
+    }
+    out.retain(|n| !n.is_empty());
+    out
+}
+
+/// Every strongly connected set of more than one module, as one cycle through it (first
+/// module repeated at the end).
+fn cycles(graph: &BTreeMap<String, BTreeMap<String, String>>) -> Vec<Vec<String>> {
+    let reaches = |from: &str| -> BTreeMap<String, Vec<String>> {
+        let mut path_to = BTreeMap::from([(from.to_string(), vec![from.to_string()])]);
+        let mut queue = VecDeque::from([from.to_string()]);
+        while let Some(m) = queue.pop_front() {
+            for next in graph.get(&m).into_iter().flat_map(|e| e.keys()) {
+                if !path_to.contains_key(next) {
+                    let mut p = path_to[&m].clone();
+                    p.push(next.clone());
+                    path_to.insert(next.clone(), p);
+                    queue.push_back(next.clone());
+                }
+            }
+        }
+        path_to
+    };
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (m, edges) in graph {
+        if seen.contains(m) {
+            continue;
+        }
+        // A cycle through m: an edge m -> n with a path n -> ... -> m.
+        for n in edges.keys() {
+            if let Some(back) = reaches(n).remove(m) {
+                let mut cycle = vec![m.clone()];
+                cycle.extend(back);
+                seen.extend(cycle.iter().cloned());
+                out.push(cycle);
+                break;
+            }
+        }
+    }
+    out
+}
