@@ -407,6 +407,7 @@ const SOURCE_CRATES: &[&str] = &[
     "kernels",
     "engine",
     "coordination",
+    "net",
     "control",
 ];
 
