@@ -333,9 +333,9 @@ pub async fn run(
         data_dir: data_dir.clone(),
         node_id: node_id.clone(),
         metrics: metrics.clone(),
-        net: Some(peer_net.clone()),
+        net: peer_net.clone(),
         diloco,
-        stage: Some(stage),
+        stage,
     };
     let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
     let gossip_task = tokio::spawn(crate::gossip::run(

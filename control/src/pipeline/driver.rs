@@ -1,12 +1,19 @@
-//! The driver's step: the batch split into micro-batches, GPipe forwards and backwards over
-//! the route, then the global-norm clipped optimizer step on every stage.
+//! The driver's step, carried out as `neuroshard_coordination::schedule` decides it: the batch
+//! split into micro-batches, GPipe forwards and backwards over the route, then the
+//! global-norm clipped optimizer step on every stage; after a failure the batch is requeued or
+//! given up and the trainer waits the backoff the schedule gives.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use neuroshard_coordination::Millis;
+use neuroshard_coordination::schedule::{Action, Event, Schedule, Summary};
 use neuroshard_proto::peer as pb;
+use neuroshard_shared::model::ModelConfig;
 
-use super::stage::Requeue;
+use super::phase::Phase;
+use super::route::Hop;
+use super::stage::Batch;
 use super::{Out, PipeError, Stage, Wire, check_acts, peer_err, plan_route, within};
 use neuroshard_net::Network;
 
@@ -21,12 +28,11 @@ pub struct StepReport {
     pub stages: usize,
 }
 
-/// Largest divisor of `rows` not above `want` (at least 1).
-pub fn micro_batches(rows: u64, want: u32) -> u32 {
-    (1..=want.max(1))
-        .rev()
-        .find(|m| rows.is_multiple_of(u64::from(*m)))
-        .unwrap_or(1)
+/// A driver step that failed, and how long to wait before the next (the schedule's choice).
+#[derive(Debug)]
+pub struct StepFailed {
+    pub error: PipeError,
+    pub retry_after: Millis,
 }
 
 /// Rows `[lo, hi)` of a [B, ...] tensor.
@@ -46,10 +52,83 @@ pub fn new_step_id(last: u64) -> u64 {
     (neuroshard_net::now_ms().max(0) as u64).max(last + 1)
 }
 
+/// What every hop of one driven step shares.
+struct Hops {
+    step: u64,
+    /// The first stage after the driver, and the ids of the stages after it.
+    first: Hop,
+    rest: Vec<String>,
+    secs: u32,
+}
+
+impl Hops {
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.secs))
+    }
+
+    /// Phase `phase` of the optimizer down the route.
+    async fn optimizer(
+        &self,
+        phase: Phase,
+        global_norm: f32,
+    ) -> Result<pb::PipelineStepReply, PipeError> {
+        let first = &self.first;
+        within(self.secs, &first.conn.id.to_string(), async {
+            first
+                .conn
+                .pipeline_step(
+                    pb::PipelineStepRequest {
+                        auth: None,
+                        step: self.step,
+                        phase: phase.as_str().into(),
+                        global_norm,
+                        route: self.rest.clone(),
+                    },
+                    self.timeout(),
+                )
+                .await
+                .map_err(|e| peer_err(first, e))
+        })
+        .await
+    }
+}
+
 impl Stage {
     /// One pipeline step from the driver: batch, GPipe forwards and backwards, global-norm
-    /// clipped optimizer step on every stage.
-    pub async fn drive(&self, net: &Network, step: u64) -> Result<StepReport, PipeError> {
+    /// clipped optimizer step on every stage. A failed step's batch is kept for the next
+    /// step when the schedule says so.
+    pub async fn drive(&self, net: &Network, step: u64) -> Result<StepReport, StepFailed> {
+        let mut schedule = Schedule::new();
+        let mut batch = None;
+        match self
+            .run_schedule(net, step, &mut schedule, &mut batch)
+            .await
+        {
+            Ok(report) => Ok(report),
+            Err(error) => {
+                let retry = schedule.failed();
+                if let (true, Some(b), Ok(mut slot)) =
+                    (retry.requeue, batch, self.retry_batch.lock())
+                {
+                    *slot = Some(b);
+                }
+                Err(StepFailed {
+                    error,
+                    retry_after: retry.after,
+                })
+            }
+        }
+    }
+
+    /// Takes the batch (into `batch`, for the caller to requeue) and carries the schedule's
+    /// actions out until it is done.
+    async fn run_schedule(
+        &self,
+        net: &Network,
+        step: u64,
+        schedule: &mut Schedule,
+        batch: &mut Option<Batch>,
+    ) -> Result<StepReport, PipeError> {
         let a = self.ready()?;
         if !a.has_embedding() || a.has_head() {
             return Err(PipeError::NotReady(format!(
@@ -58,171 +137,176 @@ impl Stage {
             )));
         }
         let cfg = self.config();
-        let secs = cfg.training.pipeline_timeout_secs;
         let route = plan_route(net, a.layers.end, a.total)?;
         let first = route
             .first()
             .cloned()
             .ok_or_else(|| PipeError::NoRoute("no stage after the driver".into()))?;
-        let rest: Vec<String> = route[1..].iter().map(|h| h.conn.id.to_string()).collect();
+        let hops = Hops {
+            step,
+            first,
+            rest: route[1..].iter().map(|h| h.conn.id.to_string()).collect(),
+            secs: cfg.training.pipeline_timeout_secs,
+        };
         let pending = self.retry_batch.lock().ok().and_then(|mut b| b.take());
         let (ids, labels, shard) = match pending {
             Some(batch) => batch,
             None => self.next_batch(step).await?,
         };
-        let mut requeue = Requeue {
-            slot: &self.retry_batch,
-            batch: Some((ids.clone(), labels.clone(), shard)),
-        };
         let (b, t) = (ids.shape[0], ids.shape[1]);
-        let m = micro_batches(b, cfg.training.micro_batches);
-        let per = b / u64::from(m);
-
-        // Forwards of every micro-batch at once (GPipe).
-        let forwards = (0..m).map(|i| {
-            let (first, rest) = (first.clone(), rest.clone());
-            let ids = rows(&ids, u64::from(i) * per, u64::from(i + 1) * per);
-            let labels = rows(&labels, u64::from(i) * per, u64::from(i + 1) * per);
-            async move {
-                let acts = match self.forward(step, i, &ids, None).await? {
-                    Out::Acts(w) => w,
-                    Out::Loss(_) => return Err(PipeError::Engine("driver computed a loss".into())),
-                };
-                let req = pb::PipelineForwardRequest {
-                    auth: None,
-                    step,
-                    micro_batch: i,
-                    activations: Some(acts.to_pb()),
-                    labels: Some(labels.to_pb()),
-                    layer_start: first.layers.start,
-                    route: rest,
-                };
-                self.counters.tensor_bytes.fetch_add(
-                    (acts.data.len() + labels.data.len()) as u64,
-                    Ordering::Relaxed,
-                );
-                let stage = first.conn.id.to_string();
-                let r = within(secs, &stage, async {
-                    first
-                        .conn
-                        .pipeline_forward(req, Duration::from_secs(u64::from(secs)))
-                        .await
-                        .map_err(|e| peer_err(&first, e))
-                })
-                .await?;
-                if !r.loss.is_finite() {
-                    return Err(PipeError::Peer {
-                        stage,
-                        message: format!("loss {}", r.loss),
-                    });
+        let (ids, labels, _) = &*batch.insert((ids, labels, shard));
+        let mut actions = schedule.on(Event::Started {
+            rows: b,
+            want: cfg.training.micro_batches,
+        });
+        // The schedule answers every event of a step it is waiting for until `Done`; an empty
+        // answer would be a bug there, which fails the step rather than spinning.
+        while !actions.is_empty() {
+            // The actions of one answer run at once (GPipe: every micro-batch's forward, then
+            // every backward); their events come back in the order of the actions.
+            let mut forwards = Vec::new();
+            let mut backwards = Vec::new();
+            let mut events = Vec::new();
+            for action in actions {
+                match action {
+                    Action::Forward { mb, rows: r } => forwards.push(self.forward_hop(
+                        &hops,
+                        mb,
+                        rows(ids, r.start, r.end),
+                        rows(labels, r.start, r.end),
+                    )),
+                    Action::Backward { mb, rows: r } => {
+                        let model = self.model()?;
+                        backwards.push(self.backward_hop(&hops, mb, model, (r.end - r.start, t)));
+                    }
+                    Action::GatherNorm => events.push(self.gather_norm(&hops).await?),
+                    Action::Apply { global_norm } => {
+                        events.push(self.apply_all(&hops, global_norm).await?)
+                    }
+                    Action::Done(Summary {
+                        loss,
+                        optimizer_step,
+                        micro_batches,
+                    }) => {
+                        return Ok(StepReport {
+                            loss,
+                            optimizer_step,
+                            tokens: b * t,
+                            shard,
+                            micro_batches,
+                            stages: route.len() + 1,
+                        });
+                    }
                 }
-                Ok(r.loss)
             }
-        });
-        let losses = futures_util::future::try_join_all(forwards).await?;
+            events.extend(futures_util::future::try_join_all(forwards).await?);
+            events.extend(futures_util::future::try_join_all(backwards).await?);
+            actions = events.into_iter().flat_map(|e| schedule.on(e)).collect();
+        }
+        Err(PipeError::Engine(
+            "the step's schedule stopped before it was done".into(),
+        ))
+    }
 
-        // Backwards of every micro-batch at once.
-        let model = self.model()?;
-        let backwards = (0..m).map(|i| {
-            let (first, rest) = (first.clone(), rest.clone());
-            let model = model.clone();
-            async move {
-                let req = pb::PipelineBackwardRequest {
-                    auth: None,
-                    step,
-                    micro_batch: i,
-                    route: rest,
-                };
-                let stage = first.conn.id.to_string();
-                let r = within(secs, &stage, async {
-                    first
-                        .conn
-                        .pipeline_backward(req, Duration::from_secs(u64::from(secs)))
-                        .await
-                        .map_err(|e| peer_err(&first, e))
-                })
-                .await?;
-                let grad = check_acts(r.grad_input.as_ref(), "grad_input", &model, Some((per, t)))
-                    .inspect_err(|_| {
-                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    })?;
-                self.counters
-                    .tensor_bytes
-                    .fetch_add(grad.data.len() as u64, Ordering::Relaxed);
-                self.backward(step, i, Some(&grad)).await?;
-                Ok::<(), PipeError>(())
-            }
-        });
-        futures_util::future::try_join_all(backwards).await?;
-
-        // Optimizer: the global gradient norm over every stage, then every stage steps.
+    /// This stage's forward of micro-batch `mb`, then the rest of the route's: its loss.
+    async fn forward_hop(
+        &self,
+        hops: &Hops,
+        mb: u32,
+        ids: Wire,
+        labels: Wire,
+    ) -> Result<Event, PipeError> {
+        let acts = match self.forward(hops.step, mb, &ids, None).await? {
+            Out::Acts(w) => w,
+            Out::Loss(_) => return Err(PipeError::Engine("driver computed a loss".into())),
+        };
+        let req = pb::PipelineForwardRequest {
+            auth: None,
+            step: hops.step,
+            micro_batch: mb,
+            activations: Some(acts.to_pb()),
+            labels: Some(labels.to_pb()),
+            layer_start: hops.first.layers.start,
+            route: hops.rest.clone(),
+        };
+        self.counters.tensor_bytes.fetch_add(
+            (acts.data.len() + labels.data.len()) as u64,
+            Ordering::Relaxed,
+        );
+        let first = &hops.first;
         let stage = first.conn.id.to_string();
-        let local = self.sq_norm(step).await?;
-        let remote = within(secs, &stage, async {
+        let r = within(hops.secs, &stage, async {
             first
                 .conn
-                .pipeline_step(
-                    pb::PipelineStepRequest {
-                        auth: None,
-                        step,
-                        phase: "norm".into(),
-                        global_norm: 0.0,
-                        route: rest.clone(),
-                    },
-                    Duration::from_secs(u64::from(secs)),
-                )
+                .pipeline_forward(req, hops.timeout())
                 .await
-                .map_err(|e| peer_err(&first, e))
+                .map_err(|e| peer_err(first, e))
         })
-        .await?
-        .sq_norm;
-        if !(remote.is_finite() && remote >= 0.0) {
+        .await?;
+        if !r.loss.is_finite() {
             return Err(PipeError::Peer {
                 stage,
+                message: format!("loss {}", r.loss),
+            });
+        }
+        Ok(Event::Forwarded { mb, loss: r.loss })
+    }
+
+    /// The backward of micro-batch `mb` down the route, then this stage's with the gradient
+    /// that came back (`shape`: the micro-batch's rows and sequence length).
+    async fn backward_hop(
+        &self,
+        hops: &Hops,
+        mb: u32,
+        model: ModelConfig,
+        shape: (u64, u64),
+    ) -> Result<Event, PipeError> {
+        let req = pb::PipelineBackwardRequest {
+            auth: None,
+            step: hops.step,
+            micro_batch: mb,
+            route: hops.rest.clone(),
+        };
+        let first = &hops.first;
+        let stage = first.conn.id.to_string();
+        let r = within(hops.secs, &stage, async {
+            first
+                .conn
+                .pipeline_backward(req, hops.timeout())
+                .await
+                .map_err(|e| peer_err(first, e))
+        })
+        .await?;
+        let grad = check_acts(r.grad_input.as_ref(), "grad_input", &model, Some(shape))
+            .inspect_err(|_| {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            })?;
+        self.counters
+            .tensor_bytes
+            .fetch_add(grad.data.len() as u64, Ordering::Relaxed);
+        self.backward(hops.step, mb, Some(&grad)).await?;
+        Ok(Event::BackwardDone { mb })
+    }
+
+    /// Phase `norm`: this stage's squared gradient norm, then the route's (checked).
+    async fn gather_norm(&self, hops: &Hops) -> Result<Event, PipeError> {
+        let local = self.sq_norm(hops.step).await?;
+        let remote = hops.optimizer(Phase::Norm, 0.0).await?.sq_norm;
+        if !(remote.is_finite() && remote >= 0.0) {
+            return Err(PipeError::Peer {
+                stage: hops.first.conn.id.to_string(),
                 message: format!("squared norm {remote}"),
             });
         }
-        let global = (local + remote).sqrt() as f32;
-        let remote_apply = within(secs, &stage, async {
-            first
-                .conn
-                .pipeline_step(
-                    pb::PipelineStepRequest {
-                        auth: None,
-                        step,
-                        phase: "apply".into(),
-                        global_norm: global,
-                        route: rest.clone(),
-                    },
-                    Duration::from_secs(u64::from(secs)),
-                )
-                .await
-                .map_err(|e| peer_err(&first, e))
-        });
-        // From here a stage may have stepped on the batch: it is not trained on again.
-        requeue.batch = None;
-        let (local_step, _) = tokio::try_join!(self.apply(step, global), remote_apply)?;
-        let loss = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
-        Ok(StepReport {
-            loss,
-            optimizer_step: local_step,
-            tokens: b * t,
-            shard,
-            micro_batches: m,
-            stages: route.len() + 1,
-        })
+        Ok(Event::NormGathered { local, remote })
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn micro_batches_divide_the_batch() {
-        assert_eq!(micro_batches(8, 4), 4);
-        assert_eq!(micro_batches(6, 4), 3);
-        assert_eq!(micro_batches(7, 4), 1);
-        assert_eq!(micro_batches(2, 0), 1);
+    /// Phase `apply`: this stage and the route step their optimizers at the same time.
+    async fn apply_all(&self, hops: &Hops, global_norm: f32) -> Result<Event, PipeError> {
+        let (optimizer_step, _) = tokio::try_join!(
+            self.apply(hops.step, global_norm),
+            hops.optimizer(Phase::Apply, global_norm)
+        )?;
+        Ok(Event::Applied { optimizer_step })
     }
 }

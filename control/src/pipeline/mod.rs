@@ -1,6 +1,7 @@
 //! Pipeline training across nodes that each hold some layers (dynamic layer pool).
 //!
-//! Schedule: GPipe. The driver splits its batch into `training.micro_batches` equal parts and
+//! Schedule: GPipe, decided by `neuroshard_coordination::schedule` and carried out by
+//! `driver.rs`. The driver splits its batch into `training.micro_batches` equal parts and
 //! starts every micro-batch's forward at once; each stage runs one engine command at a time
 //! (the stage lock), so while the worker runs micro-batch 0 the driver already runs micro-batch
 //! 1: the stages work at the same time. When every loss is back, every backward starts at once
@@ -12,8 +13,10 @@
 //! when the rest of the pipeline has answered (forward → the loss comes back; backward → the
 //! gradient w.r.t. the receiver's input comes back). Every hop has a deadline
 //! (`training.pipeline_timeout_secs`), so a dead or stalled stage fails the step; the driver
-//! counts it, logs it and retries with a fresh route; every stage drops what a failed step
-//! left the next time it sees a new step id.
+//! counts it, logs it and retries with a fresh route after the schedule's backoff, on the same
+//! batch unless a stage may already have stepped on it; every stage drops what a failed step
+//! left the next time it sees a new step id. The phases travel as strings and are parsed once
+//! at the edge (`phase.rs`).
 //!
 //! Tensors between stages are checked (dtype, shape against the model, byte length, finite
 //! values, label range) before they reach the engine; a malformed one is refused with
@@ -24,13 +27,14 @@ pub mod assign;
 mod driver;
 mod error;
 pub mod infer;
+mod phase;
 mod route;
 pub mod service;
 mod stage;
 mod wire;
 
 pub use assign::Assignment;
-pub use driver::{StepReport, micro_batches, new_step_id};
+pub use driver::{StepFailed, StepReport, new_step_id};
 pub(crate) use error::engine_err;
 pub use error::{PipeError, peer_err, within};
 pub use route::{Hop, plan_route};

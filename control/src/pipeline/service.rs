@@ -10,6 +10,7 @@ use neuroshard_proto::peer as pb;
 use neuroshard_proto::peer::pipeline_server::{Pipeline as PipelineRpc, PipelineServer};
 use tonic::{Request, Response, Status};
 
+use super::phase::Phase;
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
 use crate::ledger::Address;
 use neuroshard_net::MAX_MESSAGE_BYTES;
@@ -255,9 +256,8 @@ impl Stage {
                     .map_err(|e| self.refused(e))?,
             )
         };
-        let forward = |phase: &str, norm: f32| {
+        let forward = |phase: Phase, norm: f32| {
             let next = next.clone();
-            let phase = phase.to_string();
             let step = req.step;
             async move {
                 match next {
@@ -269,7 +269,7 @@ impl Stage {
                                     pb::PipelineStepRequest {
                                         auth: None,
                                         step,
-                                        phase,
+                                        phase: phase.as_str().into(),
                                         global_norm: norm,
                                         route: rest,
                                     },
@@ -283,10 +283,16 @@ impl Stage {
                 }
             }
         };
-        match req.phase.as_str() {
-            "norm" => {
+        let Some(phase) = Phase::parse(&req.phase) else {
+            return Err(self.refused(PipeError::Refused(format!(
+                "unknown phase {:?} (norm or apply)",
+                req.phase
+            ))));
+        };
+        match phase {
+            Phase::Norm => {
                 let local = self.sq_norm(req.step).await.map_err(|e| self.refused(e))?;
-                let rest = forward("norm", 0.0).await?.sq_norm;
+                let rest = forward(Phase::Norm, 0.0).await?.sq_norm;
                 if !(rest.is_finite() && rest >= 0.0) {
                     return Err(PipeError::Peer {
                         stage: "next".into(),
@@ -298,23 +304,20 @@ impl Stage {
                     optimizer_step: 0,
                 })
             }
-            "apply" => {
+            Phase::Apply => {
                 let (local, _) = tokio::try_join!(
                     async {
                         self.apply(req.step, req.global_norm)
                             .await
                             .map_err(|e| self.refused(e))
                     },
-                    forward("apply", req.global_norm)
+                    forward(Phase::Apply, req.global_norm)
                 )?;
                 Ok(pb::PipelineStepReply {
                     sq_norm: 0.0,
                     optimizer_step: local,
                 })
             }
-            other => Err(self.refused(PipeError::Refused(format!(
-                "unknown phase {other:?} (norm or apply)"
-            )))),
         }
     }
 }

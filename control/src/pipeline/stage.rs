@@ -58,27 +58,14 @@ pub struct Stage {
     pub counters: Arc<Counters>,
     /// Distributed inference on this stage (`infer.rs`).
     pub(super) infer: infer::InferState,
-    /// The batch of a driver step that failed: the next step trains on it, so a failure
-    /// never skips data (and the steps stay those of one node reading the same data).
+    /// The batch of a driver step that failed before any stage could step on it (the
+    /// schedule's requeue): the next step trains on it, so a failure never skips data (and
+    /// the steps stay those of one node reading the same data).
     pub(super) retry_batch: std::sync::Mutex<Option<Batch>>,
 }
 
 /// A driver's batch: token ids, labels, and the shard they came from.
 pub(super) type Batch = (Wire, Wire, u32);
-
-/// Puts a driver step's batch back for the next step unless the step finished.
-pub(super) struct Requeue<'a> {
-    pub(super) slot: &'a std::sync::Mutex<Option<Batch>>,
-    pub(super) batch: Option<Batch>,
-}
-
-impl Drop for Requeue<'_> {
-    fn drop(&mut self) {
-        if let (Some(b), Ok(mut slot)) = (self.batch.take(), self.slot.lock()) {
-            *slot = Some(b);
-        }
-    }
-}
 
 /// The engine's micro-batch key for micro-batch `mb` of step `step`.
 pub(super) fn engine_mb(step: u64, mb: u32) -> u64 {

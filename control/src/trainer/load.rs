@@ -17,9 +17,7 @@ impl Trainer {
         needed: std::ops::Range<u32>,
         min_step: u64,
     ) -> Vec<(PathBuf, String, Vec<u32>)> {
-        let Some(net) = &self.net else {
-            return Vec::new();
-        };
+        let net = &self.net;
         let cfg = self.config();
         let Ok(model) = neuroshard_shared::model::ModelConfig::preset(&cfg.training.model) else {
             return Vec::new();
@@ -118,18 +116,14 @@ impl Trainer {
         if !seeded.is_empty() {
             tracing::warn!(layers = ?seeded, "no replica and no checkpoint holds these layers; they start from the seed");
         }
-        if let Some(stage) = &self.stage {
+        {
             use std::sync::atomic::Ordering::Relaxed;
-            stage
-                .counters
-                .layers_from_peer
-                .fetch_add(peer as u64, Relaxed);
-            stage
-                .counters
+            let counters = &self.stage.counters;
+            counters.layers_from_peer.fetch_add(peer as u64, Relaxed);
+            counters
                 .layers_from_checkpoint
                 .fetch_add(ckpt as u64, Relaxed);
-            stage
-                .counters
+            counters
                 .layers_from_init
                 .fetch_add(seeded.len() as u64, Relaxed);
         }
@@ -155,7 +149,7 @@ impl Trainer {
         new: &crate::pipeline::Assignment,
         refresh: Option<u64>,
     ) -> Result<(), String> {
-        let stage = self.stage.as_ref().ok_or("no pipeline stage")?;
+        let stage = &self.stage;
         // Fetched before the stage lock is taken: a peer fetching from this node meanwhile
         // must not wait for it.
         let fetched = match refresh {

@@ -4,7 +4,9 @@
 //!
 //! `mod.rs` holds the stats and the run loop; `pool.rs` the layers this node holds (pool
 //! membership, takeover, resync), `load.rs` bringing the model up and reloading it,
-//! `steps.rs` the DiLoCo round boundary and the driver's pipeline step.
+//! `steps.rs` the DiLoCo round boundary and the driver's pipeline step. The decisions (when
+//! to take over or resync, when a round ends, the GPipe schedule and the retry of a failed
+//! step) are `neuroshard_coordination`'s state machines; the trainer carries them out.
 
 mod load;
 mod pool;
@@ -82,11 +84,11 @@ pub struct Trainer {
     pub node_id: String,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The peer network; DiLoCo rounds run with the replicas connected there.
-    pub net: Option<Arc<neuroshard_net::Network>>,
+    pub net: Arc<neuroshard_net::Network>,
     /// DiLoCo rounds of this node: the state the `Diloco` peer service files contributions in.
     pub diloco: Arc<crate::diloco::round::Diloco>,
-    /// This node's pipeline stage (layers fewer than the model: pipeline training).
-    pub stage: Option<Arc<crate::pipeline::Stage>>,
+    /// This node's pipeline stage (it trains when it holds fewer layers than the model).
+    pub stage: Arc<crate::pipeline::Stage>,
 }
 
 impl Trainer {
@@ -143,8 +145,8 @@ impl Trainer {
             if !pipelined {
                 self.diloco_init(&client).await;
             }
-            // Losses of the current DiLoCo round's inner steps.
-            let mut round_losses: Vec<f32> = Vec::new();
+            // The inner steps of the current DiLoCo round (coordination decides the boundary).
+            let mut boundary = neuroshard_coordination::round::Boundary::new();
             // Train until the engine restarts or we are told to stop.
             loop {
                 if *stop.borrow() {
@@ -178,9 +180,7 @@ impl Trainer {
                     while let Some(action) = todo.pop_front() {
                         let outcome = match action {
                             Action::PublishStep(step) => {
-                                if let Some(net) = &self.net {
-                                    net.set_train_step(step);
-                                }
+                                self.net.set_train_step(step);
                                 None
                             }
                             Action::CheckCoverage => Some(self.coverage(&assignment)),
@@ -244,8 +244,7 @@ impl Trainer {
                         if r.step % cfg.training.checkpoint_every as u64 == 0 {
                             self.checkpoint(&client).await;
                         }
-                        round_losses.push(r.loss);
-                        self.diloco_round(&client, &cfg, &mut round_losses, &mut stop)
+                        self.diloco_round(&client, &cfg, &mut boundary, r.loss, &mut stop)
                             .await;
                     }
                     Err(e) => {

@@ -23,48 +23,42 @@ impl Trainer {
         let capacity = model
             .as_ref()
             .map_or(total, |m| crate::pipeline::assign::capacity(&cfg, m));
-        let a = match (&self.net, capacity >= total) {
-            (Some(net), false) => {
-                let wanted = cfg.seed_peers.len().min(neuroshard_net::MAX_PEERS);
-                let deadline = Instant::now() + ASSIGN_WAIT;
-                while net.peers.len() < wanted && Instant::now() < deadline {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = stop.changed() => {}
-                    }
-                    if *stop.borrow() {
-                        return None;
-                    }
+        let a = if capacity < total {
+            let net = &self.net;
+            let wanted = cfg.seed_peers.len().min(neuroshard_net::MAX_PEERS);
+            let deadline = Instant::now() + ASSIGN_WAIT;
+            while net.peers.len() < wanted && Instant::now() < deadline {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = stop.changed() => {}
                 }
-                let held: Vec<Vec<u32>> = net
-                    .peers
-                    .node_infos()
-                    .into_iter()
-                    .map(|i| i.layers)
-                    .collect();
-                crate::pipeline::assign::choose(total, capacity, &held)
+                if *stop.borrow() {
+                    return None;
+                }
             }
-            _ => crate::pipeline::Assignment::full(total),
+            let held: Vec<Vec<u32>> = net
+                .peers
+                .node_infos()
+                .into_iter()
+                .map(|i| i.layers)
+                .collect();
+            crate::pipeline::assign::choose(total, capacity, &held)
+        } else {
+            crate::pipeline::Assignment::full(total)
         };
         tracing::info!(layers = ?a.layers, role = %a.role(), capacity, "layers assigned");
-        if let Some(net) = &self.net {
-            net.set_capacity(capacity);
-        }
+        self.net.set_capacity(capacity);
         self.publish(&a);
         Some(a)
     }
 
     /// Tells peers, the pipeline stage and the API which layers this node holds.
     pub(super) fn publish(&self, a: &crate::pipeline::Assignment) {
-        if let Some(net) = &self.net {
-            net.set_local_role(neuroshard_net::LocalRole {
-                role: a.role().as_str().into(),
-                layers: a.layers.clone().collect(),
-            });
-        }
-        if let Some(stage) = &self.stage {
-            stage.set_assignment(a.clone());
-        }
+        self.net.set_local_role(neuroshard_net::LocalRole {
+            role: a.role().as_str().into(),
+            layers: a.layers.clone().collect(),
+        });
+        self.stage.set_assignment(a.clone());
         self.update(|s| s.assignment = Some(a.clone()));
     }
 
@@ -87,9 +81,7 @@ impl Trainer {
             gap: None,
             mine: None,
         };
-        let Some(net) = self.net.as_ref() else {
-            return nothing;
-        };
+        let net = &self.net;
         if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
             return nothing;
         }
@@ -126,12 +118,10 @@ impl Trainer {
         tracing::warn!(from = ?a.layers, to = ?new.layers, "layers uncovered; taking them over");
         match self.reload(client, a, new, None).await {
             Ok(()) => {
-                if let Some(stage) = &self.stage {
-                    stage
-                        .counters
-                        .takeovers
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                self.stage
+                    .counters
+                    .takeovers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 true
             }
             Err(e) => {
@@ -153,9 +143,7 @@ impl Trainer {
         a: &crate::pipeline::Assignment,
         step: u64,
     ) -> bool {
-        let Some(net) = &self.net else {
-            return false;
-        };
+        let net = &self.net;
         if !self.stats.lock().map(|s| s.model_loaded).unwrap_or(false) {
             return false;
         }
@@ -170,12 +158,10 @@ impl Trainer {
         tracing::info!(step, peer = %ahead.node_id, peer_step = ahead.train_step, layers = ?a.layers, "replica behind another holder of its layers; fetching their weights");
         match self.reload(client, a, a, Some(min_step)).await {
             Ok(()) => {
-                if let Some(stage) = &self.stage {
-                    stage
-                        .counters
-                        .resyncs
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                self.stage
+                    .counters
+                    .resyncs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => tracing::warn!(error = %e, "resync failed; keeping this node's weights"),
         }

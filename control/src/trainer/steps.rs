@@ -1,8 +1,10 @@
-//! Training steps beyond one local step: the DiLoCo round boundary and the driver's
-//! pipeline step.
+//! Training steps beyond one local step: the DiLoCo round boundary (decided by
+//! `neuroshard_coordination::round`) and the driver's pipeline step (scheduled by
+//! `neuroshard_coordination::schedule`), carried out here.
 
 use std::time::{Duration, Instant};
 
+use neuroshard_coordination::round::{Action as RoundAction, Boundary, Event as RoundEvent};
 use tokio::sync::watch;
 
 use super::*;
@@ -11,9 +13,6 @@ impl Trainer {
     /// Reads the loaded model into the DiLoCo round state (first start) and catches up with
     /// the replicas if they agree on other weights.
     pub(super) async fn diloco_init(&self, client: &EngineHandle) {
-        if self.net.is_none() {
-            return;
-        }
         let dir = self.data_dir.join("diloco");
         if let Ok(mut m) = self.diloco.max_norm.lock() {
             *m = self.config().diloco_settings().max_norm;
@@ -23,83 +22,97 @@ impl Trainer {
         }
     }
 
-    /// Counts an inner step; after H of them runs the round boundary with the replicas.
+    /// Reports an inner step with `loss` to the round boundary and carries out what it
+    /// decides: read the round state in, catch up between boundaries, or finish the round
+    /// with the replicas after H inner steps.
     pub(super) async fn diloco_round(
         &self,
         client: &EngineHandle,
         cfg: &Config,
-        losses: &mut Vec<f32>,
+        boundary: &mut Boundary,
+        loss: f32,
         stop: &mut watch::Receiver<bool>,
     ) {
-        let Some(net) = &self.net else { return };
         let settings = cfg.diloco_settings();
-        let initialized = {
-            let mut s = self.diloco.state.lock().unwrap_or_else(|p| p.into_inner());
-            s.inner_step = u32::try_from(losses.len()).unwrap_or(u32::MAX);
-            s.initialized
-        };
-        if !initialized {
-            self.diloco_init(client).await;
-            return;
-        }
-        let round = crate::diloco::sync::Round::new(
-            net,
-            &self.diloco,
-            &self.metrics,
-            settings,
-            self.data_dir.join("diloco"),
-        );
-        if losses.len() < settings.steps as usize {
-            // Between boundaries: adopt the replicas' agreed state as soon as the peers'
-            // figures show this node is out of step, so it contributes to their round.
-            match round.catch_up(client).await {
-                Ok(Some(_)) => {
-                    losses.clear();
-                    if let Ok(h) = self.diloco.state.lock().map(|s| s.start_hash.clone()) {
-                        self.update(|s| s.model_hash = h);
+        let initialized = self
+            .diloco
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .initialized;
+        let actions = boundary.on(RoundEvent::InnerStep {
+            loss,
+            initialized,
+            h: settings.steps,
+        });
+        for action in actions {
+            match action {
+                RoundAction::CountInnerSteps(n) => {
+                    let mut s = self.diloco.state.lock().unwrap_or_else(|p| p.into_inner());
+                    s.inner_step = n;
+                }
+                RoundAction::InitRound => self.diloco_init(client).await,
+                RoundAction::CatchUp => {
+                    // Adopts the replicas' agreed state as soon as the peers' figures show
+                    // this node is out of step, so it contributes to their round.
+                    match self.round(&settings).catch_up(client).await {
+                        Ok(Some(_)) => {
+                            boundary.on(RoundEvent::CaughtUp);
+                            if let Ok(h) = self.diloco.state.lock().map(|s| s.start_hash.clone()) {
+                                self.update(|s| s.model_hash = h);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(error = %e, "DiLoCo catch-up failed; retrying"),
                     }
                 }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(error = %e, "DiLoCo catch-up failed; retrying"),
-            }
-            return;
-        }
-        if let Ok(mut m) = self.diloco.max_norm.lock() {
-            *m = settings.max_norm;
-        }
-        let loss = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
-        let batches = losses.len() as u64;
-        losses.clear();
-        let result = tokio::select! {
-            r = round.finish(client, loss, batches) => r,
-            _ = stop.changed() => return,
-        };
-        match result {
-            Ok(outcome) => {
-                let hash = match outcome {
-                    crate::diloco::sync::Outcome::Stepped { hash, .. }
-                    | crate::diloco::sync::Outcome::CaughtUp { hash, .. } => hash,
-                };
-                self.update(|s| s.model_hash = hash);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "DiLoCo round failed");
-                self.metrics
-                    .syncs_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.update(|s| s.last_error = Some(e));
+                RoundAction::FinishRound { loss, batches } => {
+                    if let Ok(mut m) = self.diloco.max_norm.lock() {
+                        *m = settings.max_norm;
+                    }
+                    let round = self.round(&settings);
+                    let result = tokio::select! {
+                        r = round.finish(client, loss, batches) => r,
+                        _ = stop.changed() => return,
+                    };
+                    match result {
+                        Ok(outcome) => {
+                            let hash = match outcome {
+                                crate::diloco::sync::Outcome::Stepped { hash, .. }
+                                | crate::diloco::sync::Outcome::CaughtUp { hash, .. } => hash,
+                            };
+                            self.update(|s| s.model_hash = hash);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "DiLoCo round failed");
+                            self.metrics
+                                .syncs_failed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.update(|s| s.last_error = Some(e));
+                        }
+                    }
+                }
             }
         }
     }
 
+    /// The round with the replicas connected to this node.
+    fn round(&self, settings: &crate::diloco::round::Settings) -> crate::diloco::sync::Round<'_> {
+        crate::diloco::sync::Round::new(
+            &self.net,
+            &self.diloco,
+            &self.metrics,
+            *settings,
+            self.data_dir.join("diloco"),
+        )
+    }
+
     /// One pipeline step driven from here; a failure is logged, counted and retried by the
-    /// next call.
+    /// next call after the schedule's backoff.
     pub(super) async fn pipeline_step(&self, step_id: u64, stop: &mut watch::Receiver<bool>) {
-        let (Some(stage), Some(net)) = (&self.stage, &self.net) else {
-            return;
-        };
+        let stage = &self.stage;
         let started = Instant::now();
-        match stage.drive(net, step_id).await {
+        match stage.drive(&self.net, step_id).await {
             Ok(r) => {
                 stage
                     .counters
@@ -124,15 +137,15 @@ impl Trainer {
                     s.last_error = None;
                 });
             }
-            Err(e) => {
+            Err(crate::pipeline::StepFailed { error, retry_after }) => {
                 stage
                     .counters
                     .failed_steps
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(error = %e, "pipeline step failed; retrying");
-                self.update(|s| s.last_error = Some(e.to_string()));
+                tracing::warn!(error = %error, "pipeline step failed; retrying");
+                self.update(|s| s.last_error = Some(error.to_string()));
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(retry_after)) => {}
                     _ = stop.changed() => {}
                 }
             }
