@@ -19,7 +19,6 @@ use tokio::sync::watch;
 use crate::api::AppState;
 use crate::config::{Config, LiveConfig};
 use crate::engine::supervisor::{self, SupervisorConfig};
-use crate::peer::PeerState;
 use crate::resources::Sampler;
 use crate::trainer::{Trainer, TrainingStats};
 use neuroshard_ledger::Ledger;
@@ -194,7 +193,7 @@ pub async fn run(
             addr: http_addr.clone(),
             source,
         })?;
-    let peer_addr = crate::peer::bind_address(config.grpc_port());
+    let peer_addr = neuroshard_net::bind_address(config.grpc_port());
     let peer = TcpListener::bind(peer_addr)
         .await
         .map_err(|source| DaemonError::Bind {
@@ -229,7 +228,7 @@ pub async fn run(
 
     // The live configuration: the API's PATCH handler is its one writer, the rest read it.
     let (config_tx, config) = LiveConfig::channel(config);
-    let network = Arc::new(PeerState::default());
+    let network = Arc::new(neuroshard_net::PeerState::default());
     let training = Arc::new(Mutex::new(TrainingStats::default()));
     let auth = Arc::new(crate::auth::Authenticator::start(
         data_dir,
@@ -237,9 +236,11 @@ pub async fn run(
     )?);
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let api_config = config.get().api.clone();
-    // Built in dependency order, nothing started yet: the network (transport), this node's
-    // pipeline stage, then the state the API reads, which holds both.
+    // Built in dependency order, nothing started yet: the network (transport), the ledger's
+    // gossip over it, this node's pipeline stage, then the state the API reads.
     let diloco = Arc::new(crate::diloco::round::Diloco::default());
+    // New connections, for the ledger's anti-entropy to pull from at once.
+    let (connected_tx, connected_rx) = tokio::sync::mpsc::unbounded_channel();
     let (peer_net, seeds) = {
         let cfg = config.get();
         // A node that cannot hold the whole model says nothing about its layers until the
@@ -247,19 +248,18 @@ pub async fn run(
         let all = crate::stats::held_layers(&cfg);
         let fits = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config()) >= all.end;
         let local = if fits {
-            crate::network::LocalRole {
+            neuroshard_net::LocalRole {
                 role: "full".into(),
                 layers: all.collect(),
             }
         } else {
-            crate::network::LocalRole {
+            neuroshard_net::LocalRole {
                 role: "worker".into(),
                 layers: Vec::new(),
             }
         };
-        let net = crate::network::Network::new(
+        let net = neuroshard_net::Network::new(
             wallet.clone(),
-            ledger.clone(),
             network.clone(),
             cfg.port,
             cfg.grpc_port(),
@@ -268,9 +268,11 @@ pub async fn run(
                 let diloco = diloco.clone();
                 Box::new(move || diloco.advertised())
             },
+            connected_tx,
         );
         (net, cfg.seed_peers.clone())
     };
+    let gossip = crate::gossip::Gossip::new(peer_net.clone(), ledger.clone());
     let stage = Arc::new(crate::pipeline::Stage::new(
         engine.subscribe(),
         config.clone(),
@@ -278,9 +280,12 @@ pub async fn run(
         data_dir.clone(),
     ));
     // The peer port: the transport's own service, then each subsystem's, behind one guard.
-    let edge = crate::network::service::PeerEdge::new(peer_net.clone());
-    let peer_routes = crate::network::service::PeerService::routes(edge.clone())
-        .add_service(crate::network::gossip::LedgerService::server(edge.clone()))
+    let edge = neuroshard_net::service::PeerEdge::new(peer_net.clone());
+    let peer_routes = neuroshard_net::service::PeerService::routes(edge.clone())
+        .add_service(crate::gossip::LedgerService::server(
+            edge.clone(),
+            gossip.clone(),
+        ))
         .add_service(crate::diloco::service::DilocoService::server(
             edge.clone(),
             diloco.clone(),
@@ -353,7 +358,12 @@ pub async fn run(
         stage,
     };
     let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
-    let peer_task = tokio::spawn(crate::network::run(
+    let gossip_task = tokio::spawn(crate::gossip::run(
+        gossip,
+        connected_rx,
+        stop_servers_rx.clone(),
+    ));
+    let peer_task = tokio::spawn(neuroshard_net::run(
         peer_net,
         peer_routes,
         peer,
@@ -381,7 +391,11 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), work_task).await;
     let _ = stop_servers_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), rest_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), peer_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = peer_task.await;
+        let _ = gossip_task.await;
+    })
+    .await;
     let _ = stop_engine_tx.send(true);
     let _ = supervisor_task.await;
     drop(segment);

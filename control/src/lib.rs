@@ -9,11 +9,10 @@ pub mod config;
 pub mod daemon;
 pub mod diloco;
 pub mod engine;
+pub mod gossip;
 pub mod listen;
 pub mod metrics;
-pub mod network;
 pub mod ops;
-pub mod peer;
 pub mod pipeline;
 pub mod resources;
 pub mod stats;
@@ -21,8 +20,3 @@ pub mod tracker;
 pub mod trainer;
 pub mod wallets;
 pub mod work;
-
-/// Transitional path alias, used only by `network/` now (its files move into a crate of
-/// their own, which names `neuroshard_ledger` itself): every other module names the crates.
-/// Delete this line once `network/` is gone from control.
-pub use neuroshard_ledger as ledger;

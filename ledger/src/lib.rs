@@ -44,7 +44,6 @@ pub mod amount;
 pub mod block;
 pub mod dates;
 pub mod db;
-pub mod encode;
 pub mod error;
 pub mod proof;
 pub mod rewards;
@@ -54,9 +53,10 @@ pub mod store;
 pub mod units;
 pub mod views;
 
-// Keys, addresses and the keystore live in `neuroshard-identity`; they are re-exported under
-// their old paths (`neuroshard_ledger::keys::Wallet`, ...) so the ledger's API stays whole.
-pub use neuroshard_identity::{IdentityError, address, keys, keystore};
+// Keys, addresses, the keystore and the canonical encoding live in `neuroshard-identity`; they
+// are re-exported under their old paths (`neuroshard_ledger::keys::Wallet`, ...) so the
+// ledger's API stays whole.
+pub use neuroshard_identity::{IdentityError, address, encode, keys, keystore};
 
 pub use account::{Effect, HistoryEntry, Outcome, VoidReason};
 pub use address::Address;

@@ -29,9 +29,9 @@ const REST: &[&str] = &["axum", "utoipa"];
 /// engine's socket with hyper-util; the engine's socket is served by tonic alone.
 const HYPER: &[&str] = &["hyper", "hyper-util", "h2"];
 const HTTP_CLIENT: &[&str] = &["reqwest", "ureq"];
-/// Peers and money: control (the peer network and the ledger live there today), the crates
-/// they move to (STYLE.md's target shape) and the secp256k1 keys of wallets and node
-/// identities.
+/// Peers and money: control (the daemon: the peer services, the ledger's gossip), the crates
+/// of identities, the ledger, the peer network (net) and coordination, and the secp256k1 keys
+/// of wallets and node identities.
 const PEERS_AND_MONEY: &[&str] = &[
     "neuroshard",
     "neuroshard-identity",
@@ -95,6 +95,28 @@ const NEVER: &[Never] = &[
         krate: "neuroshard-identity",
         anywhere: &[ASYNC, DATABASE, &["tonic", "axum", "reqwest", "hyper"]],
         directly: &[],
+    },
+    // The peer network is transport only: handshake, signed calls, connections, scores and
+    // bans, one peer table. The subsystems it carries plug in through the daemon, so it never
+    // reaches the ledger (nor its database), the daemon, the engine or CUDA; no REST API and
+    // no HTTP client of its own. Nor coordination: the transport decides nothing; the daemon
+    // joins coordination's decisions with net's table (routes, takeovers).
+    Never {
+        krate: "neuroshard-net",
+        anywhere: &[
+            DATABASE,
+            CUDA,
+            HTTP_CLIENT,
+            &[
+                "neuroshard",
+                "neuroshard-ledger",
+                "neuroshard-engine",
+                "neuroshard-kernels",
+                "neuroshard-coordination",
+                "utoipa",
+            ],
+        ],
+        directly: &[REST, HYPER],
     },
     Never {
         krate: "neuroshard-ledger",
@@ -385,6 +407,7 @@ const SOURCE_CRATES: &[&str] = &[
     "kernels",
     "engine",
     "coordination",
+    "net",
     "control",
 ];
 

@@ -22,7 +22,7 @@ use diloco_common::{
 use network_common::Observer;
 use neuroshard::diloco::compress::{self, Encoding};
 use neuroshard::diloco::round;
-use neuroshard::network::client::PeerConn;
+use neuroshard_net::client::PeerConn;
 use neuroshard_proto::peer as pb;
 use neuroshard_tests::{Node, wait_for};
 

@@ -11,9 +11,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use network_common::{Observer, now_s};
-use neuroshard::network::DROP_BOUND;
-use neuroshard::network::client::PeerConn;
 use neuroshard_ledger::{Address, UNITS_PER_NEURO, units_to_neuro};
+use neuroshard_net::DROP_BOUND;
+use neuroshard_net::client::PeerConn;
 use neuroshard_tests::{Backend, Node, NodeOptions, wait_for};
 use nix::sys::signal::Signal;
 use reqwest::Method;

@@ -8,9 +8,9 @@ use crate::network_common;
 use std::time::Duration;
 
 use network_common::{Observer, now_s};
-use neuroshard::network::MAX_LEDGER_MESSAGE_BYTES;
-use neuroshard::network::auth::sign_request;
+use neuroshard::gossip::{MAX_LEDGER_MESSAGE_BYTES, gossip_ledger};
 use neuroshard_ledger::{Message, Op};
+use neuroshard_net::auth::sign_request;
 use neuroshard_proto::peer as pb;
 use neuroshard_proto::peer::diloco_client::DilocoClient;
 use neuroshard_proto::peer::ledger_client::LedgerClient;
@@ -137,7 +137,7 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     let big = vec![b'x'; MAX_LEDGER_MESSAGE_BYTES + 1];
     let e = obs
         .rt
-        .block_on(conn.gossip_ledger(vec![big]))
+        .block_on(gossip_ledger(&conn, vec![big]))
         .unwrap_err()
         .to_string();
     assert!(e.contains("at most"), "{e}");
@@ -159,15 +159,21 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     }
     let reply = obs
         .rt
-        .block_on(conn.gossip_ledger(vec![
-            Message::Block(block.clone()).to_bytes(),
-            b"not a ledger message".to_vec(),
-        ]))
+        .block_on(gossip_ledger(
+            &conn,
+            vec![
+                Message::Block(block.clone()).to_bytes(),
+                b"not a ledger message".to_vec(),
+            ],
+        ))
         .unwrap();
     assert_eq!((reply.accepted, reply.rejected), (0, 2));
     let reply = obs
         .rt
-        .block_on(conn.gossip_ledger(vec![Message::Block(block).to_bytes(); 8]))
+        .block_on(gossip_ledger(
+            &conn,
+            vec![Message::Block(block).to_bytes(); 8],
+        ))
         .unwrap();
     assert_eq!(reply.rejected, 8);
     let e = obs.rt.block_on(conn.ping()).unwrap_err().to_string();
@@ -180,6 +186,6 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     let (rtt_ms, info) = fresh.rt.block_on(conn.ping()).unwrap();
     assert!(rtt_ms >= 0.0);
     assert_eq!(info.unwrap().node_id, conn.id.to_string());
-    let reply = fresh.rt.block_on(conn.gossip_ledger(vec![])).unwrap();
+    let reply = fresh.rt.block_on(gossip_ledger(&conn, vec![])).unwrap();
     assert_eq!(reply.rejected, 0);
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use neuroshard::network::DROP_BOUND;
+use neuroshard_net::DROP_BOUND;
 use neuroshard_tests::{Node, NodeOptions, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -158,7 +158,7 @@ fn slow_then_stalled_peer_neither_hangs_training_inference_nor_the_api() {
     // Slow: every chunk 150 ms late each way. B stays in the table past the drop time.
     proxy.set(SLOW);
     let step = training_step(&a);
-    let until = Instant::now() + neuroshard::network::DROP_AFTER + Duration::from_secs(2);
+    let until = Instant::now() + neuroshard_net::DROP_AFTER + Duration::from_secs(2);
     while Instant::now() < until {
         assert_serving(&a);
         assert_eq!(peer_count(&a), Some(1), "a slow peer was dropped");

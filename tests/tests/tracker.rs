@@ -204,7 +204,7 @@ fn nodes_find_each_other_through_a_tracker() -> anyhow::Result<()> {
 
     // Hostile announcements: each refused with the API's error body, nothing listed.
     let outsider = Wallet::from_seed(77);
-    let now = neuroshard::network::now_ms();
+    let now = neuroshard_net::now_ms();
     let good = Announce::signed(&outsider, 9999, 8999, None, "worker", vec![1], now);
     let mut forged = good.clone();
     forged.node_id = id_a.clone(); // claims to be A, signed by someone else

@@ -34,11 +34,9 @@ pub struct PeerEntry {
               (status = 401, description = "No valid token", body = super::error::ErrorBody)))]
 pub async fn peers(State(state): State<AppState>, _caller: Caller) -> Json<PeersResponse> {
     let peers: Vec<PeerEntry> = state
-        .network
+        .net
         .peers
-        .read()
-        .map(|p| p.clone())
-        .unwrap_or_default()
+        .peer_infos()
         .into_iter()
         .map(|p| PeerEntry {
             id: p.id,
@@ -258,12 +256,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
     let cfg = state.config();
     let model = cfg.training.model.config();
     let training = state.training();
-    let peers = state
-        .network
-        .peers
-        .read()
-        .map(|p| p.clone())
-        .unwrap_or_default();
+    let peers = state.net.peers.peer_infos();
     let mut counts = NodeCounts {
         total: 1 + peers.len(),
         drivers: 0,

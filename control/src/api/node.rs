@@ -54,7 +54,7 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let storage = storage_check(&state).await;
     let cfg = state.config();
     let expects_peers = !cfg.seed_peers.is_empty() || !cfg.tracker_url.is_empty();
-    let peers_ok = !expects_peers || state.network.peer_count() > 0;
+    let peers_ok = !expects_peers || !state.net.peers.is_empty();
     let healthy = gpu_ok && network_ok && storage == "ok" && peers_ok;
     let code = if healthy {
         StatusCode::OK
@@ -176,7 +176,7 @@ pub async fn status(State(state): State<AppState>) -> Json<StatusResponse> {
         status: status.into(),
         role: role(&state).into(),
         layers,
-        peer_count: state.network.peer_count(),
+        peer_count: state.net.peers.len(),
         wallet_address: state.wallet.address().to_checksum(),
         training: StatusTraining {
             enabled: cfg.training.enabled,
@@ -305,7 +305,7 @@ pub async fn figures(state: &AppState) -> Figures {
             network: NetworkMetrics {
                 bytes_sent: net.bytes_sent.load(Ordering::Relaxed),
                 bytes_received: net.bytes_received.load(Ordering::Relaxed),
-                active_connections: net.active_connections.load(Ordering::Relaxed),
+                active_connections: state.net.peers.len() as u64,
                 rpc_calls: net.rpc_calls.load(Ordering::Relaxed),
             },
             rewards: RewardMetrics {
@@ -321,7 +321,7 @@ pub async fn figures(state: &AppState) -> Figures {
         engine_restarts: engine.restarts,
         engine_memory_used: engine.last_health.as_ref().map_or(0, |h| h.memory_used),
         uptime_seconds: alive.as_secs(),
-        peers: net.peer_count(),
+        peers: state.net.peers.len(),
         ledger_blocks: blocks,
     }
 }

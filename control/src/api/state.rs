@@ -24,7 +24,7 @@ pub struct AppState {
     pub engine: Engine,
     pub resources: Sampler,
     pub training: Arc<Mutex<TrainingStats>>,
-    pub network: Arc<crate::peer::PeerState>,
+    pub network: Arc<neuroshard_net::PeerState>,
     /// The node's view of the network ledger.
     pub ledger: Arc<neuroshard_ledger::Ledger>,
     /// The node's own wallet: signs its proofs, receives its rewards.
@@ -41,7 +41,7 @@ pub struct AppState {
     pub config_write: Arc<tokio::sync::Mutex<ConfigSender>>,
     /// The peer network: a node without every layer serves inference through it
     /// (`pipeline/infer.rs`).
-    pub net: Arc<crate::network::Network>,
+    pub net: Arc<neuroshard_net::Network>,
     /// DiLoCo rounds: the figures `/api/training/global` shows.
     pub diloco: Arc<crate::diloco::round::Diloco>,
     /// This node's pipeline stage: its figures, and distributed inference from here.

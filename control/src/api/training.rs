@@ -202,11 +202,12 @@ pub fn global(state: &AppState) -> GlobalTraining {
     };
     // The connected replicas with a known DiLoCo state, and what they reported.
     let connected: Vec<String> = state
-        .network
+        .net
         .peers
-        .read()
-        .map(|p| p.iter().map(|i| i.id.clone()).collect())
-        .unwrap_or_default();
+        .peer_infos()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
     let peers: Vec<PeerTraining> = figures
         .replica_states
         .iter()

@@ -11,9 +11,9 @@ use neuroshard_proto::peer::diloco_server::{Diloco as DilocoRpc, DilocoServer};
 use tonic::{Request, Response, Status};
 
 use super::round::Diloco;
-use crate::network::MAX_MESSAGE_BYTES;
-use crate::network::score::node_key;
-use crate::network::service::{PeerEdge, WeightsStream};
+use neuroshard_net::MAX_MESSAGE_BYTES;
+use neuroshard_net::score::node_key;
+use neuroshard_net::service::{PeerEdge, WeightsStream};
 
 pub struct DilocoService {
     edge: PeerEdge,
@@ -90,7 +90,7 @@ impl DilocoRpc for DilocoService {
                         | Reject::NormTooLarge
                 ) && self.edge.net.scores.penalize(
                     &node_key(&v.peer),
-                    crate::network::score::Offence::BadLedgerMessage,
+                    neuroshard_net::score::Offence::BadLedgerMessage,
                     1,
                     Instant::now(),
                 ) {

@@ -19,8 +19,8 @@ use super::round::{self, Diloco, Settings};
 use super::validate::{Contribution, Layout};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-use crate::network::Network;
-use crate::network::client::PeerConn;
+use neuroshard_net::Network;
+use neuroshard_net::client::PeerConn;
 
 /// The role of a node that holds the same layers as this one (all of them, for now).
 const REPLICA_ROLE: &str = "full";

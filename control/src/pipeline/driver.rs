@@ -15,7 +15,7 @@ use super::phase::Phase;
 use super::route::Hop;
 use super::stage::Batch;
 use super::{Out, PipeError, Stage, Wire, check_acts, peer_err, plan_route, within};
-use crate::network::Network;
+use neuroshard_net::Network;
 
 /// The outcome of one driver step.
 #[derive(Debug, Clone)]
@@ -49,7 +49,7 @@ fn rows(w: &Wire, lo: u64, hi: u64) -> Wire {
 
 /// A fresh step id: later than any earlier one, also across restarts (milliseconds).
 pub fn new_step_id(last: u64) -> u64 {
-    (crate::network::now_ms().max(0) as u64).max(last + 1)
+    (neuroshard_net::now_ms().max(0) as u64).max(last + 1)
 }
 
 /// What every hop of one driven step shares.

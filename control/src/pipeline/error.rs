@@ -62,7 +62,7 @@ pub async fn within<T>(
     }
 }
 
-pub fn peer_err(stage: &Hop, e: crate::network::error::NetworkError) -> PipeError {
+pub fn peer_err(stage: &Hop, e: neuroshard_net::error::NetworkError) -> PipeError {
     PipeError::Peer {
         stage: stage.conn.id.to_string(),
         message: e.to_string(),

@@ -37,8 +37,8 @@ use tokio::sync::mpsc;
 
 use super::{Hop, PipeError, Stage, Wire, WireDType, check_acts, engine_err, within};
 use crate::engine::{EngineError, EngineHandle, Sampling, Slots, Token};
-use crate::network::Network;
-use crate::network::error::NetworkError;
+use neuroshard_net::Network;
+use neuroshard_net::error::NetworkError;
 
 /// Most times one generation moves to another route after a peer stage failed.
 const MAX_FAILOVERS: usize = 2;

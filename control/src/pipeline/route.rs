@@ -4,8 +4,8 @@
 pub use neuroshard_coordination::route::shortest_route;
 
 use super::PipeError;
-use crate::network::Network;
-use crate::network::client::PeerConn;
+use neuroshard_net::Network;
+use neuroshard_net::client::PeerConn;
 
 /// A stage after this one: its connection and the layers it runs.
 #[derive(Clone)]
@@ -17,25 +17,14 @@ pub struct Hop {
 /// The connected peers whose advertised layers are one contiguous range inside the model
 /// (`..total`), lowest measured latency first, then id: the candidate stages of a route.
 pub(crate) fn candidate_hops(net: &Network, total: u32) -> Vec<Hop> {
-    let rtts: Vec<(String, f64)> = net
-        .state
-        .peers
-        .read()
-        .map(|ps| ps.iter().map(|p| (p.id.clone(), p.latency_ms)).collect())
-        .unwrap_or_default();
     let mut hops: Vec<(Hop, f64)> = net
         .peers
-        .conns_with_info()
+        .conns_with_rtt()
         .into_iter()
-        .filter_map(|(c, info)| {
+        .filter_map(|(c, info, rtt)| {
             let first = *info.layers.iter().min()?;
             let last = *info.layers.iter().max()?;
             let contiguous = info.layers.len() as u32 == last - first + 1;
-            let id = c.id.to_string();
-            let rtt = rtts
-                .iter()
-                .find(|(p, _)| *p == id)
-                .map_or(f64::MAX, |(_, r)| *r);
             (contiguous && last < total).then(|| {
                 (
                     Hop {

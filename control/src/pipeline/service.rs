@@ -12,10 +12,10 @@ use tonic::{Request, Response, Status};
 
 use super::phase::Phase;
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
-use crate::network::MAX_MESSAGE_BYTES;
-use crate::network::Network;
-use crate::network::service::{PeerEdge, WeightsStream};
 use neuroshard_ledger::Address;
+use neuroshard_net::MAX_MESSAGE_BYTES;
+use neuroshard_net::Network;
+use neuroshard_net::service::{PeerEdge, WeightsStream};
 
 /// Most stages a route may name.
 const MAX_ROUTE: usize = 64;

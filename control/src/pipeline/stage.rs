@@ -143,7 +143,7 @@ impl Stage {
     ) -> Result<tokio::sync::MutexGuard<'_, u64>, PipeError> {
         // Step ids are the driver's clock in milliseconds: one far ahead of ours would make
         // every real step look old until then.
-        let ahead = step.saturating_sub(crate::network::now_ms().max(0) as u64);
+        let ahead = step.saturating_sub(neuroshard_net::now_ms().max(0) as u64);
         if ahead > MAX_STEP_AHEAD_MS {
             return Err(PipeError::Refused(format!(
                 "step {step} is {} s ahead of this node's clock",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{ANNOUNCE_INTERVAL, Announce, PeerList};
-use crate::network::{Network, manager, now_ms, stopped};
+use neuroshard_net::{Network, manager, now_ms, stopped};
 
 /// Deadline of one tracker request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

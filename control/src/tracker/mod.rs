@@ -241,7 +241,7 @@ async fn announce(
         Some(h) => h.clone(),
         None => from.ip().to_canonical().to_string(),
     };
-    let address = crate::network::manager::join_host_port_str(&host, a.peer_port);
+    let address = neuroshard_net::manager::join_host_port_str(&host, a.peer_port);
     if !t.store.upsert(&a, &address, now).await.map_err(storage)? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -85,7 +85,7 @@ pub struct Trainer {
     pub node_id: String,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The peer network; DiLoCo rounds run with the replicas connected there.
-    pub net: Arc<crate::network::Network>,
+    pub net: Arc<neuroshard_net::Network>,
     /// DiLoCo rounds of this node: the state the `Diloco` peer service files contributions in.
     pub diloco: Arc<crate::diloco::round::Diloco>,
     /// This node's pipeline stage (it trains when it holds fewer layers than the model).

@@ -22,7 +22,7 @@ impl Trainer {
         let capacity = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config());
         let a = if capacity < total {
             let net = &self.net;
-            let wanted = cfg.seed_peers.len().min(crate::network::MAX_PEERS);
+            let wanted = cfg.seed_peers.len().min(neuroshard_net::MAX_PEERS);
             let deadline = Instant::now() + ASSIGN_WAIT;
             while net.peers.len() < wanted && Instant::now() < deadline {
                 tokio::select! {
@@ -51,7 +51,7 @@ impl Trainer {
 
     /// Tells peers, the pipeline stage and the API which layers this node holds.
     pub(super) fn publish(&self, a: &crate::pipeline::Assignment) {
-        self.net.set_local_role(crate::network::LocalRole {
+        self.net.set_local_role(neuroshard_net::LocalRole {
             role: a.role().as_str().into(),
             layers: a.layers.clone().collect(),
         });

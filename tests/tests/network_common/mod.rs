@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use neuroshard::network::client::PeerConn;
-use neuroshard::network::{LocalRole, Network};
-use neuroshard::peer::PeerState;
+use neuroshard::gossip::{gossip_ledger, sync_ledger};
 use neuroshard_ledger::proof::Proof;
 use neuroshard_ledger::{Address, Balance, Ledger, Message, ProofType, SignedProof, Wallet};
+use neuroshard_net::client::PeerConn;
+use neuroshard_net::{LocalRole, Network, PeerState};
 use neuroshard_tests::Node;
 
 pub fn now_s() -> i64 {
@@ -26,6 +26,8 @@ pub fn now_s() -> i64 {
 pub struct Observer {
     pub rt: tokio::runtime::Runtime,
     pub net: Arc<Network>,
+    /// The observer's own ledger: what it signs, and where it checks what nodes hold.
+    ledger: Ledger,
     _dir: tempfile::TempDir,
 }
 
@@ -39,9 +41,10 @@ impl Observer {
             .build()?;
         let dir = tempfile::tempdir()?;
         let ledger = rt.block_on(Ledger::open_data_dir(dir.path()))?;
+        // Nobody pulls from the peers the observer connects to: the events are dropped.
+        let (connected, _) = tokio::sync::mpsc::unbounded_channel();
         let net = Network::new(
             Arc::new(Wallet::generate()),
-            Arc::new(ledger),
             Arc::new(PeerState::default()),
             0,
             1,
@@ -49,9 +52,15 @@ impl Observer {
                 role: "observer".into(),
                 layers: Vec::new(),
             },
-            neuroshard::network::no_advert(),
+            neuroshard_net::no_advert(),
+            connected,
         );
-        Ok(Observer { rt, net, _dir: dir })
+        Ok(Observer {
+            rt,
+            net,
+            ledger,
+            _dir: dir,
+        })
     }
 
     pub fn wallet(&self) -> &Wallet {
@@ -59,7 +68,7 @@ impl Observer {
     }
 
     pub fn ledger(&self) -> &Ledger {
-        &self.net.ledger
+        &self.ledger
     }
 
     /// Handshakes with `node`'s peer service; the connection's `id` is the node's identity.
@@ -84,7 +93,7 @@ impl Observer {
         let mut after = 0;
         let mut out = Vec::new();
         loop {
-            let page = self.rt.block_on(conn.sync_ledger(after))?;
+            let page = self.rt.block_on(sync_ledger(conn, after))?;
             if page.messages.is_empty() {
                 return Ok(out);
             }
@@ -178,7 +187,7 @@ impl Observer {
             .block_on(self.ledger().messages_since(after_seq, 1000))?;
         let last = page.last().map(|(s, _)| *s).unwrap_or(after_seq);
         let bytes = page.iter().map(|(_, m)| m.to_bytes()).collect();
-        let reply = self.rt.block_on(conn.gossip_ledger(bytes))?;
+        let reply = self.rt.block_on(gossip_ledger(conn, bytes))?;
         anyhow::ensure!(
             reply.rejected == 0,
             "node rejected {} of the observer's messages",

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use neuroshard::network::error::NetworkError;
+use neuroshard_net::error::NetworkError;
 use neuroshard_tests::{Node, NodeOptions, wait_for};
 use serde_json::Value;
 

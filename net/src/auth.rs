@@ -14,16 +14,17 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use neuroshard_identity::Address;
+use neuroshard_identity::encode::Encoder;
+use neuroshard_identity::keys::{Hash32, Sig65, Wallet, keccak, recover_signer};
 use neuroshard_proto::peer as pb;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Semaphore;
 
 use super::error::NetworkError;
-use crate::ledger::Address;
-use crate::ledger::encode::Encoder;
-use crate::ledger::keys::{Hash32, Sig65, Wallet, keccak, recover_signer};
 
 /// Requests dated further than this from the receiver's clock are refused.
 pub const AUTH_WINDOW_MS: i64 = 30_000;
@@ -328,10 +329,8 @@ impl Authenticator {
         ))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, AuthInner> {
-        // A panic while holding this lock cannot leave it inconsistent in a harmful way: every
-        // map is valid on its own. Keep serving.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, AuthInner> {
+        self.inner.lock()
     }
 }
 

@@ -1,14 +1,16 @@
 //! An authenticated connection to one peer: dial, mutual handshake, then signed requests.
-//! Every call has a deadline and is counted in the node's traffic figures.
+//! Every call has one deadline, set per call (a ping's, the RPC default, the pipeline's, a
+//! weights transfer's), and is counted in the node's traffic figures. A subsystem whose
+//! calls are not here signs and sends them through [`PeerConn::call`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use neuroshard_identity::Address;
 use neuroshard_proto::Message as _;
 use neuroshard_proto::peer as pb;
 use neuroshard_proto::peer::diloco_client::DilocoClient;
-use neuroshard_proto::peer::ledger_client::LedgerClient;
 use neuroshard_proto::peer::peer_client::PeerClient;
 use neuroshard_proto::peer::pipeline_client::PipelineClient;
 use tonic::Code;
@@ -16,9 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::auth::{self, Authed};
 use super::error::NetworkError;
-use super::{CONNECT_TIMEOUT, Network, PING_TIMEOUT, RPC_TIMEOUT, SYNC_PAGE, now_ms};
-use crate::ledger::Address;
-use crate::network::MAX_MESSAGE_BYTES;
+use super::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, Network, PING_TIMEOUT, RPC_TIMEOUT, now_ms};
 
 /// A handshaken connection. Cheap to clone (one HTTP/2 connection underneath).
 #[derive(Clone)]
@@ -48,12 +48,13 @@ impl std::fmt::Debug for PeerConn {
     }
 }
 
-/// Opens a channel to `addr` (`host:port`) without handshaking.
+/// Opens a channel to `addr` (`host:port`) without handshaking. The channel has no timeout
+/// of its own: each call carries its deadline (tonic would cut a call at the shorter of the
+/// two, so a channel timeout silently capped longer deadlines).
 pub async fn dial(addr: &str) -> Result<Channel, NetworkError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(RPC_TIMEOUT)
         .tcp_nodelay(true);
     let channel = endpoint
         .connect()
@@ -141,8 +142,9 @@ impl PeerConn {
         })
     }
 
-    /// Signs `body`, sends it with `call` under `deadline`, counts the traffic.
-    async fn call<T, R, F, Fut>(
+    /// Signs `body`, sends it with `call` (given the channel and the request) under
+    /// `deadline`, counts the traffic. `method` names the call in errors.
+    pub async fn call<T, R, F, Fut>(
         &self,
         method: &'static str,
         body: T,
@@ -201,35 +203,6 @@ impl PeerConn {
             )
             .await?;
         Ok(reply.peers)
-    }
-
-    /// Pushes ledger messages (`Message::to_bytes`).
-    pub async fn gossip_ledger(
-        &self,
-        messages: Vec<Vec<u8>>,
-    ) -> Result<pb::GossipReply, NetworkError> {
-        let body = pb::GossipRequest {
-            auth: None,
-            kind: "ledger".into(),
-            messages,
-        };
-        self.call("Gossip", body, RPC_TIMEOUT, |c, r| async move {
-            service_client!(LedgerClient, c).gossip(r).await
-        })
-        .await
-    }
-
-    /// One anti-entropy page: the peer's ledger messages stored after `after_seq`.
-    pub async fn sync_ledger(&self, after_seq: i64) -> Result<pb::SyncReply, NetworkError> {
-        let body = pb::SyncRequest {
-            auth: None,
-            after_seq,
-            limit: SYNC_PAGE,
-        };
-        self.call("SyncLedger", body, RPC_TIMEOUT, |c, r| async move {
-            service_client!(LedgerClient, c).sync_ledger(r).await
-        })
-        .await
     }
 }
 

@@ -6,8 +6,10 @@
 //! connection, not to the node it claims to be, so nobody can get another node banned.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use neuroshard_identity::Address;
+use parking_lot::{Mutex, MutexGuard};
 
 /// A fresh peer's score, and the most it can reach again.
 pub const MAX_SCORE: i32 = 100;
@@ -25,7 +27,7 @@ pub enum Offence {
     Malformed,
     /// Missing, forged or replayed authentication, or no handshake.
     Unauthenticated,
-    /// A ledger message that failed verification.
+    /// A ledger message or a DiLoCo delta that failed verification.
     BadLedgerMessage,
 }
 
@@ -125,13 +127,13 @@ impl Scores {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.inner.lock()
     }
 }
 
 /// Score key of an authenticated node.
-pub fn node_key(id: &crate::ledger::Address) -> String {
+pub fn node_key(id: &Address) -> String {
     format!("node {id}")
 }
 

@@ -1,4 +1,4 @@
-//! A tower layer in front of the peer service. It sees every request, including those tonic
+//! A tower layer in front of the peer port's services. It sees every request, including those tonic
 //! refuses before any handler runs (undecodable or oversized bodies): it counts the call,
 //! refuses connections that are banned without decoding anything, and charges every refused
 //! request to its connection's score according to the gRPC status of the answer.

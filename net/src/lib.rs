@@ -1,17 +1,24 @@
-//! The peer network: who a peer is, how it proves it, how nodes find each other without a
-//! tracker, and how the ledger spreads until every node holds the same blocks.
+//! The peer network's transport: who a peer is, how it proves it, how nodes find each other
+//! without a tracker, and the one table of the peers this node is connected to. It carries
+//! the subsystems' services (the ledger's gossip, DiLoCo, the pipeline) without knowing any of
+//! them: the daemon plugs them in ([`run`]'s routes) and hands the network narrow readers of
+//! what it advertises ([`Advert`]); whoever wants to act on a new connection reads the
+//! [`PeerUp`] events.
 //!
 //! * [`auth`]: identities (wallet addresses), the mutual challenge-response handshake and the
 //!   signed, timestamped, replay-checked auth every later request carries.
 //! * [`score`]: misbehaviour lowers a peer's (or a connection's) score; at zero it is banned.
-//! * [`guard`]: a tower layer in front of the service that counts every call, refuses banned
+//! * [`guard`]: a tower layer in front of the services that counts every call, refuses banned
 //!   connections before decoding anything and charges refused requests to their connection.
-//! * [`service`]: the gRPC service (server side).
+//! * [`service`]: the transport's own service (`Peer`: handshake, ping, peer exchange), the
+//!   [`PeerEdge`](service::PeerEdge) every subsystem's service handles its requests through,
+//!   and the server.
 //! * [`client`]: an authenticated connection to one peer (client side).
 //! * [`manager`]: dials seeds and exchanged addresses, pings, measures RTT, drops silent
-//!   peers, keeps [`PeerState::peers`] current.
-//! * [`gossip`]: pushes newly stored ledger blocks to every peer (flooding; a block is only
-//!   forwarded when it was new here) and pulls what a peer holds (anti-entropy).
+//!   peers.
+//! * [`table`]: the connected peers with their info and RTT ([`table::PeerTable`]); the REST
+//!   API's peer list and the pipeline's routes are read from it.
+//! * [`state`]: the traffic counters the REST API shows ([`PeerState`]).
 //!
 //! Figures (heartbeat, drop time, limits) are the constants below; ARCHITECTURE.md ("Peer
 //! network") explains them.
@@ -19,23 +26,26 @@
 pub mod auth;
 pub mod client;
 pub mod error;
-pub mod gossip;
 pub mod guard;
 pub mod manager;
 pub mod score;
 pub mod service;
+pub mod state;
+pub mod table;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use neuroshard_identity::{Address, Wallet};
 use neuroshard_proto::peer as pb;
-use tokio::sync::watch;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, watch};
 
 pub use error::NetworkError;
-
-use crate::ledger::{Address, Ledger, Wallet};
-use crate::peer::PeerState;
+pub use state::PeerState;
 
 /// A connected peer is pinged this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -46,12 +56,8 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DROP_AFTER: Duration = Duration::from_secs(10);
 /// Upper bound on the time from a peer's last answer to its removal (documented figure).
 pub const DROP_BOUND: Duration = Duration::from_secs(15);
-/// Anti-entropy: each peer's ledger is pulled this often (and right after connecting).
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Peer exchange: each peer is asked for its peers this often (and right after connecting).
 pub const PEX_INTERVAL: Duration = Duration::from_secs(5);
-/// Newly stored ledger blocks are pushed to peers this often.
-pub const PUSH_INTERVAL: Duration = Duration::from_millis(250);
 /// Deadline of an outgoing request (pings use [`PING_TIMEOUT`]).
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of a TCP connect to a peer.
@@ -64,12 +70,6 @@ pub const MAX_PEERS: usize = 32;
 pub const MAX_KNOWN_ADDRESSES: usize = 256;
 /// Requests served at once per TCP connection (more wait: back-pressure on the connection).
 pub const MAX_CONCURRENT_PER_CONNECTION: usize = 32;
-/// Most ledger messages in one gossip request.
-pub const MAX_GOSSIP_MESSAGES: usize = 1024;
-/// Largest single ledger message accepted.
-pub const MAX_LEDGER_MESSAGE_BYTES: usize = 64 * 1024;
-/// Most messages in one anti-entropy page (and one push).
-pub const SYNC_PAGE: u32 = 512;
 
 /// What a node tells its peers of its DiLoCo round: (round, starting hash). The subsystem
 /// that knows it hands the network this narrow reader; the network names no subsystem.
@@ -90,55 +90,71 @@ pub struct LocalRole {
     pub layers: Vec<u32>,
 }
 
+/// A peer that just connected: its connection and the generation that tells this
+/// connection from a later one to the same node ([`table::PeerTable::is_current`]). The
+/// daemon hands [`Network::new`] the sender; the ledger's anti-entropy reads the events and
+/// pulls the new peer's ledger at once, so the network names no subsystem.
+#[derive(Debug, Clone)]
+pub struct PeerUp {
+    pub conn: client::PeerConn,
+    pub generation: u64,
+}
+
 /// Everything the network tasks share.
 pub struct Network {
     /// The node's identity key.
     pub wallet: Arc<Wallet>,
-    pub ledger: Arc<Ledger>,
-    /// Figures the REST API shows.
+    /// Traffic figures the REST API shows.
     pub state: Arc<PeerState>,
     grpc_port: u16,
     http_port: u16,
     local: RwLock<LocalRole>,
     /// The most layers this node may hold (pipeline takeover); 0 until the layer pool sets it.
-    capacity: std::sync::atomic::AtomicU32,
+    capacity: AtomicU32,
     /// The optimizer step of this node's layers, as peers see it (pipeline resync).
-    train_step: std::sync::atomic::AtomicU64,
-    pub(crate) auth: auth::Authenticator,
-    pub(crate) scores: score::Scores,
-    pub(crate) peers: manager::PeerTable,
+    train_step: AtomicU64,
+    pub auth: auth::Authenticator,
+    pub scores: score::Scores,
+    /// The connected peers: the one peer table.
+    pub peers: table::PeerTable,
     pub(crate) known: Mutex<HashMap<String, manager::Known>>,
-    pub(crate) origins: gossip::Origins,
     /// This node's DiLoCo (round, starting hash) as its peers see it, read at each ping.
     advert: Advert,
+    /// Told of every new connection (a closed receiver is ignored).
+    connected: mpsc::UnboundedSender<PeerUp>,
 }
 
 impl Network {
     pub fn new(
         wallet: Arc<Wallet>,
-        ledger: Arc<Ledger>,
         state: Arc<PeerState>,
         http_port: u16,
         grpc_port: u16,
         local: LocalRole,
         advert: Advert,
+        connected: mpsc::UnboundedSender<PeerUp>,
     ) -> Arc<Network> {
         Arc::new(Network {
             advert,
             wallet,
-            ledger,
             state,
             grpc_port,
             http_port,
             local: RwLock::new(local),
-            capacity: std::sync::atomic::AtomicU32::new(0),
-            train_step: std::sync::atomic::AtomicU64::new(0),
+            capacity: AtomicU32::new(0),
+            train_step: AtomicU64::new(0),
             auth: auth::Authenticator::default(),
             scores: score::Scores::default(),
-            peers: manager::PeerTable::default(),
+            peers: table::PeerTable::default(),
             known: Mutex::new(HashMap::new()),
-            origins: gossip::Origins::default(),
+            connected,
         })
+    }
+
+    /// Tells whoever listens that `conn` just connected.
+    pub(crate) fn announce(&self, conn: client::PeerConn, generation: u64) {
+        // Nobody listening (a node without gossip, a test's observer) is fine.
+        let _ = self.connected.send(PeerUp { conn, generation });
     }
 
     /// (REST API port, peer service port).
@@ -153,31 +169,23 @@ impl Network {
 
     /// Changes the role and layers peers see (the layer pool calls this).
     pub fn set_local_role(&self, role: LocalRole) {
-        if let Ok(mut g) = self.local.write() {
-            *g = role;
-        }
+        *self.local.write() = role;
     }
 
     /// The optimizer step of this node's layers, as peers see it.
     pub fn set_train_step(&self, step: u64) {
-        self.train_step
-            .store(step, std::sync::atomic::Ordering::Relaxed);
+        self.train_step.store(step, Ordering::Relaxed);
     }
 
     /// The most layers this node may hold, as peers see it.
     pub fn set_capacity(&self, layers: u32) {
-        self.capacity
-            .store(layers, std::sync::atomic::Ordering::Relaxed);
+        self.capacity.store(layers, Ordering::Relaxed);
     }
 
     /// This node as its peers see it. The address carries only the port: a receiver pairs it
     /// with the IP the connection came from.
     pub fn local_info(&self) -> pb::NodeInfo {
-        let local = self
-            .local
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_else(|p| p.into_inner().clone());
+        let local = self.local.read().clone();
         let (diloco_round, round_hash) = (self.advert)();
         pb::NodeInfo {
             node_id: self.id().to_string(),
@@ -188,21 +196,15 @@ impl Network {
             http_port: u64::from(self.http_port),
             diloco_round,
             round_hash,
-            capacity: self.capacity.load(std::sync::atomic::Ordering::Relaxed),
-            train_step: self.train_step.load(std::sync::atomic::Ordering::Relaxed),
+            capacity: self.capacity.load(Ordering::Relaxed),
+            train_step: self.train_step.load(Ordering::Relaxed),
         }
     }
 }
 
-/// The ledger's root hash (hex) and block count, for `GET /api/v1/network`.
-pub async fn ledger_summary(ledger: &Ledger) -> (String, usize) {
-    let root = ledger.root_hash().await.to_hex();
-    let blocks = ledger.with_state(|s| s.block_count()).await;
-    (root, blocks)
-}
-
-/// Serves the peer service on `listener` and runs the peer manager and the gossip push
-/// until `shutdown` turns true. `seeds` are `host:port` of peer services.
+/// Serves the peer port on `listener` (the `Peer` service and the subsystems' services in
+/// `routes`) and runs the peer manager until `shutdown` turns true. `seeds` are `host:port`
+/// of peer services.
 pub async fn run(
     net: Arc<Network>,
     routes: tonic::service::Routes,
@@ -212,10 +214,8 @@ pub async fn run(
 ) -> Result<(), tonic::transport::Error> {
     manager::add_seeds(&net, &seeds);
     let manager = tokio::spawn(manager::run(net.clone(), shutdown.clone()));
-    let push = tokio::spawn(gossip::push_loop(net.clone(), shutdown.clone()));
     let result = service::serve(net.clone(), routes, listener, wait_true(shutdown)).await;
     let _ = manager.await;
-    let _ = push.await;
     result
 }
 
@@ -232,4 +232,9 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// The peer port's bind address: every interface, `port`.
+pub fn bind_address(port: u16) -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], port))
 }

@@ -1,16 +1,17 @@
 //! The peer manager: keeps the addresses this node may dial (seeds, addresses learned from
 //! handshakes and from peer exchange), dials them with backoff, and runs one task per
 //! connected peer that pings it, measures RTT, asks it for its peers and drops it after
-//! missed heartbeats. [`PeerState::peers`](crate::peer::PeerState) mirrors the table.
+//! missed heartbeats, all in the one peer table ([`crate::table::PeerTable`]). Each new
+//! connection is announced as a [`PeerUp`](crate::PeerUp) event.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use neuroshard_identity::Address;
 use neuroshard_proto::peer as pb;
+use parking_lot::MutexGuard;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -18,11 +19,8 @@ use super::client::PeerConn;
 use super::error::NetworkError;
 use super::score::node_key;
 use super::{
-    DROP_AFTER, MAX_KNOWN_ADDRESSES, MAX_PEERS, Network, PEX_INTERVAL, PING_INTERVAL,
-    SYNC_INTERVAL, gossip, stopped,
+    DROP_AFTER, MAX_KNOWN_ADDRESSES, MAX_PEERS, Network, PEX_INTERVAL, PING_INTERVAL, stopped,
 };
-use crate::ledger::Address;
-use crate::peer::PeerInfo;
 
 /// How often the manager looks for addresses to dial.
 const DIAL_TICK: Duration = Duration::from_millis(500);
@@ -47,160 +45,6 @@ pub struct Known {
     pub id: Option<Address>,
 }
 
-/// A connected peer.
-#[derive(Debug, Clone)]
-pub struct Connected {
-    pub conn: PeerConn,
-    pub info: pb::NodeInfo,
-    pub since: chrono::DateTime<chrono::Utc>,
-    /// RTT of the last answered ping (ms).
-    pub rtt_ms: f64,
-    pub last_ok: Instant,
-    /// Distinguishes this connection from a later one to the same node.
-    pub generation: u64,
-}
-
-/// The connected peers, by identity.
-#[derive(Debug, Default)]
-pub struct PeerTable {
-    inner: Mutex<HashMap<Address, Connected>>,
-    next_generation: AtomicU64,
-}
-
-impl PeerTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Address, Connected>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Adds a fresh connection; `None` when the node is already connected.
-    fn insert(&self, conn: PeerConn, rtt_ms: f64) -> Option<u64> {
-        let mut g = self.lock();
-        if g.contains_key(&conn.id) {
-            return None;
-        }
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        g.insert(
-            conn.id,
-            Connected {
-                info: conn.info.clone(),
-                conn,
-                since: chrono::Utc::now(),
-                rtt_ms,
-                last_ok: Instant::now(),
-                generation,
-            },
-        );
-        Some(generation)
-    }
-
-    fn remove(&self, id: &Address, generation: u64) -> bool {
-        let mut g = self.lock();
-        if g.get(id).is_some_and(|c| c.generation == generation) {
-            g.remove(id);
-            return true;
-        }
-        false
-    }
-
-    fn answered(&self, id: &Address, generation: u64, rtt_ms: f64, info: Option<pb::NodeInfo>) {
-        if let Some(c) = self
-            .lock()
-            .get_mut(id)
-            .filter(|c| c.generation == generation)
-        {
-            c.rtt_ms = rtt_ms;
-            c.last_ok = Instant::now();
-            if let Some(info) = info.filter(|i| i.node_id == c.info.node_id) {
-                c.info = info;
-            }
-        }
-    }
-
-    /// When the connection last answered; `None` when it is no longer in the table.
-    fn last_ok(&self, id: &Address, generation: u64) -> Option<Instant> {
-        self.lock()
-            .get(id)
-            .filter(|c| c.generation == generation)
-            .map(|c| c.last_ok)
-    }
-
-    pub fn is_current(&self, id: &Address, generation: u64) -> bool {
-        self.last_ok(id, generation).is_some()
-    }
-
-    pub fn contains(&self, id: &Address) -> bool {
-        self.lock().contains_key(id)
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Connections to push gossip over.
-    pub fn conns(&self) -> Vec<PeerConn> {
-        self.lock().values().map(|c| c.conn.clone()).collect()
-    }
-
-    /// The table as peer exchange shows it: addresses are the ones this node dials.
-    pub fn node_infos(&self) -> Vec<pb::NodeInfo> {
-        self.lock()
-            .values()
-            .map(|c| pb::NodeInfo {
-                node_id: c.conn.id.to_string(),
-                address: c.conn.addr.clone(),
-                role: c.info.role.clone(),
-                layers: c.info.layers.clone(),
-                public_key: Vec::new(),
-                http_port: c.info.http_port,
-                diloco_round: c.info.diloco_round,
-                round_hash: c.info.round_hash.clone(),
-                capacity: c.info.capacity,
-                train_step: c.info.train_step,
-            })
-            .collect()
-    }
-
-    /// Each connection with the peer's latest info (from the handshake or its last ping).
-    pub fn conns_with_info(&self) -> Vec<(PeerConn, pb::NodeInfo)> {
-        self.lock()
-            .values()
-            .map(|c| (c.conn.clone(), c.info.clone()))
-            .collect()
-    }
-
-    fn peer_infos(&self) -> Vec<PeerInfo> {
-        let mut out: Vec<PeerInfo> = self
-            .lock()
-            .values()
-            .map(|c| PeerInfo {
-                id: c.conn.id.to_string(),
-                address: c.conn.addr.clone(),
-                role: c.info.role.clone(),
-                layers: c.info.layers.clone(),
-                latency_ms: c.rtt_ms,
-                connected_since: c.since,
-            })
-            .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        out
-    }
-}
-
-/// Copies the table into the REST-visible [`PeerState`](crate::peer::PeerState).
-fn publish(net: &Network) {
-    let infos = net.peers.peer_infos();
-    net.state
-        .active_connections
-        .store(infos.len() as u64, Ordering::Relaxed);
-    if let Ok(mut g) = net.state.peers.write() {
-        *g = infos;
-    }
-}
-
 /// The port of a `host:port` string.
 pub fn port_of(addr: &str) -> Option<u16> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -223,8 +67,8 @@ pub fn join_host_port_str(host: &str, port: u16) -> String {
     }
 }
 
-fn known(net: &Network) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
-    net.known.lock().unwrap_or_else(|p| p.into_inner())
+fn known(net: &Network) -> MutexGuard<'_, HashMap<String, Known>> {
+    net.known.lock()
 }
 
 /// Adds the configured seed peers.
@@ -373,14 +217,8 @@ fn connected(net: &Arc<Network>, conn: PeerConn, shutdown: watch::Receiver<bool>
         return;
     };
     tracing::info!(peer = %conn.id, addr = %conn.addr, role = %conn.info.role, "peer connected");
-    publish(net);
-    tokio::spawn(heartbeat(
-        net.clone(),
-        conn.clone(),
-        generation,
-        shutdown.clone(),
-    ));
-    tokio::spawn(anti_entropy(net.clone(), conn, generation, shutdown));
+    tokio::spawn(heartbeat(net.clone(), conn.clone(), generation, shutdown));
+    net.announce(conn, generation);
 }
 
 /// Pings every [`PING_INTERVAL`], asks for peers every [`PEX_INTERVAL`], drops the peer when
@@ -414,7 +252,6 @@ async fn heartbeat(
         match conn.ping().await {
             Ok((rtt_ms, info)) => {
                 net.peers.answered(&conn.id, generation, rtt_ms, info);
-                publish(&net);
             }
             Err(e) if e.code() == tonic::Code::Unauthenticated => {
                 // The peer no longer knows our session (it restarted, or evicted it):
@@ -461,32 +298,6 @@ fn exchange(net: &Network, list: Vec<pb::NodeInfo>) {
 fn drop_peer(net: &Network, conn: &PeerConn, generation: u64, why: &str) {
     if net.peers.remove(&conn.id, generation) {
         tracing::warn!(peer = %conn.id, addr = %conn.addr, reason = why, "peer dropped");
-        publish(net);
-    }
-}
-
-/// Pulls the peer's ledger right after connecting and every [`SYNC_INTERVAL`].
-async fn anti_entropy(
-    net: Arc<Network>,
-    conn: PeerConn,
-    generation: u64,
-    shutdown: watch::Receiver<bool>,
-) {
-    let mut stop = shutdown;
-    let mut after = 0i64;
-    loop {
-        if *stop.borrow() || !net.peers.is_current(&conn.id, generation) {
-            return;
-        }
-        match gossip::pull(&net, &conn, &mut after).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(peer = %conn.id, new = n, "ledger pulled"),
-            Err(e) => tracing::debug!(peer = %conn.id, error = %e, "ledger pull failed"),
-        }
-        tokio::select! {
-            _ = stopped(&mut stop) => return,
-            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
-        }
     }
 }
 

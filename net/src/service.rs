@@ -19,8 +19,9 @@ use tonic::{Request, Response, Status};
 use super::auth::{self, Authed, Verified};
 use super::error::NetworkError;
 use super::score::node_key;
-use super::{MAX_CONCURRENT_PER_CONNECTION, Network, SERVER_TIMEOUT, manager, now_ms};
-use crate::network::MAX_MESSAGE_BYTES;
+use super::{
+    MAX_CONCURRENT_PER_CONNECTION, MAX_MESSAGE_BYTES, Network, SERVER_TIMEOUT, manager, now_ms,
+};
 
 /// Longest role name, address and layer list accepted in a peer's node info.
 const MAX_ROLE_CHARS: usize = 32;

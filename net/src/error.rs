@@ -59,8 +59,6 @@ pub enum NetworkError {
         count: usize,
         max: usize,
     },
-    #[error("ledger: {0}")]
-    Ledger(#[from] crate::ledger::LedgerError),
     #[error("{what} is not served by this node version")]
     NotServed { what: &'static str },
     /// A fault of this node (a task that failed), not of the peer.
@@ -86,8 +84,6 @@ impl NetworkError {
             | Self::TooMany { .. } => Code::InvalidArgument,
             Self::SelfConnection { .. } => Code::AlreadyExists,
             Self::Rpc { source, .. } => source.code(),
-            // The local database failed: not the caller's fault, and worth a retry.
-            Self::Ledger(_) => Code::Unavailable,
             Self::NotServed { .. } => Code::Unimplemented,
             Self::Internal(_) => Code::Internal,
         }

@@ -1,0 +1,21 @@
+//! The network's traffic counters, as the REST API and `/metrics` show them. The peers
+//! themselves are in the one peer table ([`crate::table::PeerTable`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+/// Live network counters, shared with the REST handlers.
+#[derive(Debug, Default)]
+pub struct PeerState {
+    /// The peer port is being served.
+    pub listening: AtomicBool,
+    /// Requests served plus requests made.
+    pub rpc_calls: AtomicU64,
+    /// Encoded message bytes received, as server and as client.
+    pub bytes_received: AtomicU64,
+    /// Encoded message bytes sent, as server and as client.
+    pub bytes_sent: AtomicU64,
+    /// Incoming requests refused (unauthenticated, malformed, oversized, banned, busy).
+    pub refused_requests: AtomicU64,
+    /// Gossiped ledger messages and DiLoCo deltas that failed verification.
+    pub rejected_messages: AtomicU64,
+}
