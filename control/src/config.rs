@@ -85,7 +85,7 @@ pub struct ApiConfig {
 
 impl ApiConfig {
     /// The connection limits of the REST port; `total_cap` is the remote-connection cap after
-    /// the descriptor limit (see [`crate::listen::total_cap`]).
+    /// the descriptor limit (see [`neuroshard_net::admission::total_cap`]).
     pub fn limits(&self, total_cap: usize) -> crate::listen::Limits {
         crate::listen::Limits {
             per_address: self.max_connections_per_address as usize,

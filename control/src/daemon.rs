@@ -144,7 +144,8 @@ pub async fn run(
         }
     };
     // The REST port and the peer port share what is left after the headroom.
-    let http_cap = crate::listen::total_cap(config.api.max_connections as usize, nofile, 2);
+    let http_cap =
+        neuroshard_net::admission::total_cap(config.api.max_connections as usize, nofile, 2);
     if http_cap < config.api.max_connections as usize {
         tracing::warn!(
             configured = config.api.max_connections,

@@ -5,6 +5,8 @@
 //! what it advertises ([`Advert`]); whoever wants to act on a new connection reads the
 //! [`PeerUp`] events.
 //!
+//! * [`admission`]: the per-address and total connection caps at accept, shared with the
+//!   daemon's REST and tracker servers.
 //! * [`auth`]: identities (wallet addresses), the mutual challenge-response handshake and the
 //!   signed, timestamped, replay-checked auth every later request carries.
 //! * [`score`]: misbehaviour lowers a peer's (or a connection's) score; at zero it is banned.
@@ -23,6 +25,7 @@
 //! Figures (heartbeat, drop time, limits) are the constants below; ARCHITECTURE.md ("Peer
 //! network") explains them.
 
+pub mod admission;
 pub mod auth;
 pub mod client;
 pub mod error;
