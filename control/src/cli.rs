@@ -77,7 +77,7 @@ pub struct TrackerArgs {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub ttl_secs: u64,
     /// Most connections one client address may hold open (more are refused at accept).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections_per_address: u64,
     /// Most connections open at once from other machines (lowered to fit the open-file limit).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -270,16 +270,7 @@ fn tracker(paths: &Paths, args: TrackerArgs) -> anyhow::Result<()> {
             format!("sqlite://{}/tracker.db?mode=rwc", paths.data_dir.display())
         }
     };
-    let nofile = match crate::listen::raise_nofile_limit() {
-        Ok((soft, hard)) => {
-            tracing::info!(soft, hard, "open-file limit");
-            soft
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read or raise the open-file limit");
-            1024
-        }
-    };
+    let nofile = daemon::open_file_limit();
     let header_timeout = Duration::from_secs(args.header_timeout_secs);
     let opts = crate::tracker::TrackerOptions {
         database_url,

@@ -105,7 +105,7 @@ impl Default for ApiConfig {
             rate_limit_per_token: 600,
             rate_limit_per_ip: 300,
             max_body_kb: 64,
-            max_connections_per_address: 64,
+            max_connections_per_address: 256,
             max_connections: 4096,
             header_timeout_secs: 10,
             body_timeout_secs: 30,

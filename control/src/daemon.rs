@@ -133,16 +133,7 @@ pub async fn run(
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     // Every client connection takes a descriptor: take all the system allows, and size the
     // REST port's connection cap so that the node's own files keep their room.
-    let nofile = match crate::listen::raise_nofile_limit() {
-        Ok((soft, hard)) => {
-            tracing::info!(soft, hard, "open-file limit");
-            soft
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read or raise the open-file limit");
-            1024
-        }
-    };
+    let nofile = open_file_limit();
     // The REST port and the peer port share what is left after the headroom.
     let total_cap = |key: &str, configured: u32| {
         let cap = neuroshard_net::admission::total_cap(configured as usize, nofile, 2);
@@ -415,6 +406,21 @@ pub async fn run(
     ledger.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one and logs both; the soft limit after, or
+/// 1024 (the usual default) when it cannot be read.
+pub fn open_file_limit() -> u64 {
+    match crate::listen::raise_nofile_limit() {
+        Ok((soft, hard)) => {
+            tracing::info!(soft, hard, "open-file limit");
+            soft
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open-file limit");
+            1024
+        }
+    }
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {
