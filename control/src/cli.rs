@@ -277,7 +277,7 @@ fn tracker(paths: &Paths, args: TrackerArgs) -> anyhow::Result<()> {
         ttl: Duration::from_secs(args.ttl_secs),
         limits: crate::listen::Limits {
             per_address: args.max_connections_per_address as usize,
-            total: crate::listen::total_cap(args.max_connections as usize, nofile, 1),
+            total: neuroshard_net::admission::total_cap(args.max_connections as usize, nofile, 1),
             header_timeout,
             // Announcements are a few hundred bytes.
             body_timeout: header_timeout,

@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 pub use crate::engine::EngineMode;
 
 mod live;
+mod peer;
 mod types;
 
 pub use live::{ConfigSender, LiveConfig};
+pub use peer::PeerConfig;
 use types::Refusal;
 pub use types::{Device, Host, ModelPreset};
 
@@ -59,6 +61,7 @@ pub struct Config {
     pub training: TrainingConfig,
     pub resources: ResourcesConfig,
     pub api: ApiConfig,
+    pub peer: PeerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -85,7 +88,7 @@ pub struct ApiConfig {
 
 impl ApiConfig {
     /// The connection limits of the REST port; `total_cap` is the remote-connection cap after
-    /// the descriptor limit (see [`crate::listen::total_cap`]).
+    /// the descriptor limit (see [`neuroshard_net::admission::total_cap`]).
     pub fn limits(&self, total_cap: usize) -> crate::listen::Limits {
         crate::listen::Limits {
             per_address: self.max_connections_per_address as usize,
@@ -196,6 +199,7 @@ impl Default for Config {
             training: TrainingConfig::default(),
             resources: ResourcesConfig::default(),
             api: ApiConfig::default(),
+            peer: PeerConfig::default(),
         }
     }
 }
@@ -449,6 +453,12 @@ impl Config {
             ("api.max_connections", a.max_connections, 1_000_000),
             ("api.header_timeout_secs", a.header_timeout_secs, 3600),
             ("api.body_timeout_secs", a.body_timeout_secs, 3600),
+            (
+                "peer.max_connections_per_address",
+                self.peer.max_connections_per_address,
+                1_000_000,
+            ),
+            ("peer.max_connections", self.peer.max_connections, 1_000_000),
         ] {
             if !(1..=max).contains(&v) {
                 return bad(key, format!("{v} is not in 1..={max}"));
@@ -541,6 +551,7 @@ pub fn needs_restart(key: &str) -> bool {
         || key == "api.max_connections"
         || key == "api.header_timeout_secs"
         || key == "api.body_timeout_secs"
+        || key.starts_with("peer.")
 }
 
 /// `database_url` without its password, for display.

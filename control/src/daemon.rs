@@ -135,15 +135,24 @@ pub async fn run(
     // REST port's connection cap so that the node's own files keep their room.
     let nofile = open_file_limit();
     // The REST port and the peer port share what is left after the headroom.
-    let http_cap = crate::listen::total_cap(config.api.max_connections as usize, nofile, 2);
-    if http_cap < config.api.max_connections as usize {
-        tracing::warn!(
-            configured = config.api.max_connections,
-            cap = http_cap,
-            nofile,
-            "api.max_connections lowered to fit the open-file limit"
-        );
-    }
+    let total_cap = |key: &str, configured: u32| {
+        let cap = neuroshard_net::admission::total_cap(configured as usize, nofile, 2);
+        if cap < configured as usize {
+            tracing::warn!(
+                key,
+                configured,
+                cap,
+                nofile,
+                "connection cap lowered to fit the open-file limit"
+            );
+        }
+        cap
+    };
+    let http_cap = total_cap("api.max_connections", config.api.max_connections);
+    let peer_caps = config.peer.caps(total_cap(
+        "peer.max_connections",
+        config.peer.max_connections,
+    ));
     let http_limits = config.api.limits(http_cap);
     let data_dir = &paths.data_dir;
     let _lock = lock_data_dir(data_dir)?;
@@ -358,6 +367,7 @@ pub async fn run(
         peer_net,
         peer_routes,
         peer,
+        peer_caps,
         seeds,
         stop_servers_rx,
     ));

@@ -6,7 +6,8 @@
 //!   holds `per_address` connections, or when `total` connections from other machines are
 //!   open. Loopback clients (the local CLI, the dashboard on the same machine) are not counted
 //!   against `total`: their own room is bounded only by the per-address cap, so a flood from
-//!   outside never locks the operator out.
+//!   outside never locks the operator out. The table is net's (`neuroshard_net::admission`),
+//!   which admits the peer port's connections the same way.
 //! * **HTTP/1**: hyper's header-read timer runs from the moment a connection waits for a
 //!   request head until the head is complete, so it bounds both a slowly sent request line
 //!   (slowloris) and an idle keep-alive connection: a connection that sends no complete head
@@ -18,12 +19,9 @@
 //!
 //! [`raise_nofile_limit`] lifts the soft descriptor limit to the hard one at start-up.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,6 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use neuroshard_net::admission::{self, Caps, ConnStats};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -59,86 +58,14 @@ pub struct Limits {
     pub body_timeout: Duration,
 }
 
-/// Connection figures of one listening socket (metrics).
-#[derive(Debug, Default)]
-pub struct ConnStats {
-    /// Connections accepted and served.
-    pub accepted: AtomicU64,
-    /// Connections refused at accept: their address held `per_address` already.
-    pub refused_per_address: AtomicU64,
-    /// Connections refused at accept: `total` connections from other machines were open.
-    pub refused_total: AtomicU64,
-    /// Connections open now.
-    pub open: AtomicU64,
-}
-
-impl ConnStats {
-    pub fn refused(&self) -> u64 {
-        self.refused_per_address.load(Ordering::Relaxed)
-            + self.refused_total.load(Ordering::Relaxed)
-    }
-}
-
-/// Open connections by client address; a [`Slot`] frees its place when dropped.
-#[derive(Default)]
-struct Table {
-    by_address: HashMap<IpAddr, usize>,
-    remote_total: usize,
-}
-
-struct Slot {
-    table: Arc<parking_lot::Mutex<Table>>,
-    stats: Arc<ConnStats>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut t = self.table.lock();
-        if let Some(n) = t.by_address.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                t.by_address.remove(&self.ip);
-            }
+impl Limits {
+    /// The caps admission applies at accept.
+    pub fn caps(&self) -> Caps {
+        Caps {
+            per_address: self.per_address,
+            total: self.total,
         }
-        if !self.ip.is_loopback() {
-            t.remote_total -= 1;
-        }
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Why a connection was refused at accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    PerAddress,
-    Total,
-}
-
-fn admit(
-    table: &Arc<parking_lot::Mutex<Table>>,
-    stats: &Arc<ConnStats>,
-    limits: &Limits,
-    ip: IpAddr,
-) -> Result<Slot, Refusal> {
-    let mut t = table.lock();
-    let held = t.by_address.get(&ip).copied().unwrap_or(0);
-    if held >= limits.per_address {
-        return Err(Refusal::PerAddress);
-    }
-    if !ip.is_loopback() {
-        if t.remote_total >= limits.total {
-            return Err(Refusal::Total);
-        }
-        t.remote_total += 1;
-    }
-    *t.by_address.entry(ip).or_insert(0) += 1;
-    stats.open.fetch_add(1, Ordering::Relaxed);
-    Ok(Slot {
-        table: table.clone(),
-        stats: stats.clone(),
-        ip,
-    })
 }
 
 /// Serves `app` on `listener` with `limits` until `shutdown` resolves; then stops accepting
@@ -161,7 +88,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.header_timeout))
         .keep_alive_timeout(limits.header_timeout);
-    let table = Arc::new(parking_lot::Mutex::new(Table::default()));
+    let table = Arc::new(parking_lot::Mutex::new(admission::Table::default()));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -178,19 +105,11 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let slot = match admit(&table, &stats, &limits, remote.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                let counter = match refusal {
-                    Refusal::PerAddress => &stats.refused_per_address,
-                    Refusal::Total => &stats.refused_total,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                drop(stream);
-                continue;
-            }
+        // Refused: closed at once (`admit` counted it).
+        let Ok(slot) = admission::admit(&table, &stats, limits.caps(), remote.ip()) else {
+            drop(stream);
+            continue;
         };
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let body_timeout = limits.body_timeout;
         let service = app
@@ -289,68 +208,9 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
-/// Descriptors kept free of client connections: the node's own files (database, logs,
-/// checkpoints), its engine socket and shared memory, its peers and loopback clients.
-pub const DESCRIPTOR_HEADROOM: u64 = 1024;
-
-/// The total cap of remote connections for one socket: the configured figure, lowered so that
-/// `sockets` such sockets together leave [`DESCRIPTOR_HEADROOM`] of `nofile` free.
-pub fn total_cap(configured: usize, nofile: u64, sockets: u64) -> usize {
-    let room = nofile.saturating_sub(DESCRIPTOR_HEADROOM) / sockets.max(1);
-    configured
-        .min(usize::try_from(room).unwrap_or(usize::MAX))
-        .max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn limits(per_address: usize, total: usize) -> Limits {
-        Limits {
-            per_address,
-            total,
-            header_timeout: Duration::from_secs(1),
-            body_timeout: Duration::from_secs(1),
-        }
-    }
-
-    #[test]
-    fn admits_up_to_the_caps_and_frees_on_drop() {
-        let table = Arc::new(parking_lot::Mutex::new(Table::default()));
-        let stats = Arc::new(ConnStats::default());
-        let l = limits(2, 3);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let local: IpAddr = "127.0.0.1".parse().unwrap();
-        let a1 = admit(&table, &stats, &l, a).unwrap();
-        let _a2 = admit(&table, &stats, &l, a).unwrap();
-        assert_eq!(
-            admit(&table, &stats, &l, a).err(),
-            Some(Refusal::PerAddress)
-        );
-        let _b1 = admit(&table, &stats, &l, b).unwrap();
-        assert_eq!(admit(&table, &stats, &l, b).err(), Some(Refusal::Total));
-        // Loopback does not count against the total, only against its own address cap.
-        let _l1 = admit(&table, &stats, &l, local).unwrap();
-        let _l2 = admit(&table, &stats, &l, local).unwrap();
-        assert_eq!(
-            admit(&table, &stats, &l, local).err(),
-            Some(Refusal::PerAddress)
-        );
-        assert_eq!(stats.open.load(Ordering::Relaxed), 5);
-        drop(a1);
-        assert_eq!(stats.open.load(Ordering::Relaxed), 4);
-        let _b2 = admit(&table, &stats, &l, b).unwrap();
-        assert!(table.lock().by_address.len() == 3);
-    }
-
-    #[test]
-    fn the_total_cap_keeps_headroom() {
-        assert_eq!(total_cap(4096, 1_048_576, 3), 4096);
-        assert_eq!(total_cap(4096, 4096, 2), 1536);
-        assert_eq!(total_cap(4096, 512, 2), 1);
-    }
 
     #[tokio::test]
     async fn a_body_that_never_ends_fails_at_its_deadline() {

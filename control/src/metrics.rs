@@ -197,7 +197,7 @@ pub struct Metrics {
     pub syncs_ok: AtomicU64,
     pub syncs_failed: AtomicU64,
     /// Connections to the REST port: accepted, refused at accept, open (`listen.rs`).
-    pub http: std::sync::Arc<crate::listen::ConnStats>,
+    pub http: std::sync::Arc<neuroshard_net::admission::ConnStats>,
 }
 
 impl Metrics {

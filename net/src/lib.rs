@@ -5,6 +5,10 @@
 //! what it advertises ([`Advert`]); whoever wants to act on a new connection reads the
 //! [`PeerUp`] events.
 //!
+//! * [`admission`]: the per-address and total connection caps at accept, shared with the
+//!   daemon's REST and tracker servers.
+//! * [`incoming`]: the peer port's accepted connections: admission, and the deadline on the
+//!   HTTP/2 preface.
 //! * [`auth`]: identities (wallet addresses), the mutual challenge-response handshake and the
 //!   signed, timestamped, replay-checked auth every later request carries.
 //! * [`score`]: misbehaviour lowers a peer's (or a connection's) score; at zero it is banned.
@@ -23,10 +27,12 @@
 //! Figures (heartbeat, drop time, limits) are the constants below; ARCHITECTURE.md ("Peer
 //! network") explains them.
 
+pub mod admission;
 pub mod auth;
 pub mod client;
 pub mod error;
 pub mod guard;
+pub mod incoming;
 pub mod manager;
 pub mod score;
 pub mod service;
@@ -70,6 +76,23 @@ pub const MAX_PEERS: usize = 32;
 pub const MAX_KNOWN_ADDRESSES: usize = 256;
 /// Requests served at once per TCP connection (more wait: back-pressure on the connection).
 pub const MAX_CONCURRENT_PER_CONNECTION: usize = 32;
+/// A connection to the peer port must send the HTTP/2 client preface and its first SETTINGS
+/// frame within this, or it is closed. A peer's client sends both at once on connecting;
+/// 5 s leaves room for a slow link and a loaded machine, and bounds how long a connection that
+/// never speaks holds a descriptor.
+pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The server pings an established peer connection that has been quiet this long
+/// (HTTP/2 keep-alive)...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// ...and drops it when the ping is not answered within this: a vanished peer's incoming
+/// connection is closed within 40 s of its last frame.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default cap on the peer-port connections from one address
+/// (`peer.max_connections_per_address`). A node keeps one connection to each peer, so a peer
+/// holds one of its connections; beyond that, a handshake or a re-check of a known address
+/// opens a transient one now and then. 64 leaves room for several nodes behind one address
+/// (NAT, one machine) and is far below what a flood needs to exhaust descriptors.
+pub const DEFAULT_CONNECTIONS_PER_ADDRESS: u32 = 64;
 
 /// What a node tells its peers of its DiLoCo round: (round, starting hash). The subsystem
 /// that knows it hands the network this narrow reader; the network names no subsystem.
@@ -203,18 +226,19 @@ impl Network {
 }
 
 /// Serves the peer port on `listener` (the `Peer` service and the subsystems' services in
-/// `routes`) and runs the peer manager until `shutdown` turns true. `seeds` are `host:port`
-/// of peer services.
+/// `routes`), admitting connections under `caps`, and runs the peer manager until `shutdown`
+/// turns true. `seeds` are `host:port` of peer services.
 pub async fn run(
     net: Arc<Network>,
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
+    caps: admission::Caps,
     seeds: Vec<String>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     manager::add_seeds(&net, &seeds);
     let manager = tokio::spawn(manager::run(net.clone(), shutdown.clone()));
-    let result = service::serve(net.clone(), routes, listener, wait_true(shutdown)).await;
+    let result = service::serve(net.clone(), routes, listener, caps, wait_true(shutdown)).await;
     let _ = manager.await;
     result
 }

@@ -12,15 +12,17 @@ use std::time::Instant;
 use neuroshard_proto::Message as _;
 use neuroshard_proto::peer as pb;
 use neuroshard_proto::peer::peer_server::{Peer, PeerServer};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
+use super::admission::Caps;
 use super::auth::{self, Authed, Verified};
 use super::error::NetworkError;
+use super::incoming::Incoming;
 use super::score::node_key;
 use super::{
-    MAX_CONCURRENT_PER_CONNECTION, MAX_MESSAGE_BYTES, Network, SERVER_TIMEOUT, manager, now_ms,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_PER_CONNECTION, MAX_MESSAGE_BYTES,
+    Network, PREFACE_TIMEOUT, SERVER_TIMEOUT, manager, now_ms,
 };
 
 /// Longest role name, address and layer list accepted in a peer's node info.
@@ -276,27 +278,25 @@ impl Peer for PeerService {
 }
 
 /// Serves `routes` (the `Peer` service and the subsystems' services) on `listener`, all
-/// behind the guard layer, until `shutdown` resolves.
+/// behind the guard layer, until `shutdown` resolves. Connections are admitted under `caps`
+/// and must send their HTTP/2 preface within [`PREFACE_TIMEOUT`] ([`crate::incoming`]); an
+/// established one that stops answering keep-alive pings is dropped.
 pub async fn serve(
     net: Arc<Network>,
     routes: Routes,
     listener: tokio::net::TcpListener,
+    caps: Caps,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let state = net.state.clone();
     state.listening.store(true, Ordering::Relaxed);
-    // The builder's tcp_nodelay only reaches sockets tonic accepts itself: set it on ours, or
-    // Nagle holds small replies back until the caller's delayed ACK (tens of ms per call).
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = Incoming::new(listener, caps, state.clone(), PREFACE_TIMEOUT);
     let result = tonic::transport::Server::builder()
         .timeout(SERVER_TIMEOUT)
         .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
         .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(super::guard::GuardLayer::new(net.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -1,7 +1,10 @@
 //! The network's traffic counters, as the REST API and `/metrics` show them. The peers
 //! themselves are in the one peer table ([`crate::table::PeerTable`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use crate::admission::ConnStats;
 
 /// Live network counters, shared with the REST handlers.
 #[derive(Debug, Default)]
@@ -18,4 +21,9 @@ pub struct PeerState {
     pub refused_requests: AtomicU64,
     /// Gossiped ledger messages and DiLoCo deltas that failed verification.
     pub rejected_messages: AtomicU64,
+    /// Connections to the peer port: admitted, refused at accept, open
+    /// ([`crate::incoming`]).
+    pub connections: Arc<ConnStats>,
+    /// Peer-port connections closed for not sending their HTTP/2 preface in time.
+    pub handshake_timeouts: AtomicU64,
 }

@@ -1,14 +1,19 @@
 //! Hostile clients at the socket level, against the real daemon and the real tracker: a flood
-//! of half-open connections from one address, idle keep-alive connections, a request body that
-//! never finishes, and a slow consumer of a streamed answer. Another client must be served
-//! throughout, the flood's connections beyond the per-address cap must be refused at once,
-//! and the held ones closed by the header timeout (`control/src/listen.rs`).
+//! of half-open connections from one address (on the REST port, the tracker and the peer
+//! port), idle keep-alive connections, a request body that never finishes, and a slow consumer
+//! of a streamed answer. Other clients must be served throughout, the flood's connections
+//! beyond the per-address cap must be refused at once, and the held ones closed by the header
+//! timeout (`control/src/listen.rs`) or, on the peer port, the preface timeout
+//! (`net/src/incoming.rs`).
+
+use crate::network_common::Observer;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use neuroshard_tests::{Node, NodeOptions, binary, free_port_pair, wait_for};
+use reqwest::Method;
 use serde_json::json;
 
 /// Connections the flood opens from one address (the issue's figure).
@@ -57,15 +62,18 @@ fn get_from(from: Ipv4Addr, port: u16, path: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("no status line in {answer:?}"))
 }
 
-/// Whether the server has closed `s` (EOF or reset), without waiting.
+/// Whether the server has closed `s` (EOF or reset), without waiting. What the server sent
+/// first (the peer port's SETTINGS frame) is read and dropped.
 fn closed(s: &mut TcpStream) -> bool {
     s.set_nonblocking(true).ok();
-    let mut buf = [0u8; 64];
-    let gone = match s.read(&mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
-        Err(_) => true,
+    let mut buf = [0u8; 256];
+    let gone = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
     };
     s.set_nonblocking(false).ok();
     gone
@@ -82,26 +90,41 @@ fn metric(node: &Node, name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Opens `count` connections from `from` that each send the first line of a request and
-/// then nothing, and keeps those the server keeps (an attacker's held connections). Every
-/// 1000 connections it sorts them: closed within a second of their connect (refused at
-/// accept), closed later (by the header timeout: their age is kept), still open. Another
-/// client at `other` asks for `path` at each sweep and must be answered 200 every time.
+/// The first line of an HTTP/1 request: what a REST flood sends before going silent.
+const REQUEST_LINE: &[u8] = b"GET / HTTP/1.1\r\n";
+/// The HTTP/2 client preface (24 bytes); a peer-port flood sends its first half.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The other client's check for [`flood`]: `GET path` from `from` answers 200.
+fn answers_200(from: Ipv4Addr, port: u16, path: &str) -> impl FnMut() -> Result<(), String> {
+    let path = path.to_string();
+    move || match get_from(from, port, &path) {
+        Ok(200) => Ok(()),
+        other => Err(format!("{path}: {other:?}")),
+    }
+}
+
+/// Opens `count` connections from `from` that each send `opening` and then nothing, and
+/// keeps those the server keeps (an attacker's held connections). Every 1000 connections it
+/// sorts them: closed within a second of their connect (refused at accept), closed later (by
+/// the server's `timeout`: their age is kept), still open. At each sweep the other clients'
+/// check (`other`) runs and must succeed every time.
 fn flood(
     from: Ipv4Addr,
-    other: Ipv4Addr,
     port: u16,
     count: usize,
     cap: usize,
-    path: &str,
+    opening: &[u8],
+    timeout: Duration,
+    mut other: impl FnMut() -> Result<(), String>,
 ) -> Flood {
-    let header_timeout = Duration::from_secs(HEADER_TIMEOUT);
     let mut f = Flood {
         held: Vec::new(),
         refused: 0,
         timed_out: Vec::new(),
         connect_errors: 0,
         most_open: 0,
+        timeout,
         other_answers: Vec::new(),
         other_latency: Vec::new(),
     };
@@ -109,15 +132,15 @@ fn flood(
     for i in 0..count {
         match connect_from(from, port) {
             Ok(mut s) => {
-                let _ = s.write_all(b"GET / HTTP/1.1\r\n");
+                let _ = s.write_all(opening);
                 pending.push((s, Instant::now()));
             }
             Err(_) => f.connect_errors += 1,
         }
         if (i + 1) % 1000 == 0 || i + 1 == count {
-            f.sweep(&mut pending, cap, header_timeout);
+            f.sweep(&mut pending, cap);
             let asked = Instant::now();
-            f.other_answers.push(get_from(other, port, path));
+            f.other_answers.push(other());
             f.other_latency.push(asked.elapsed());
         }
     }
@@ -134,7 +157,9 @@ struct Flood {
     connect_errors: usize,
     /// Most connections open at once, seen at a sweep.
     most_open: usize,
-    other_answers: Vec<Result<u16, String>>,
+    /// How long the server may hold a connection that does not finish its opening.
+    timeout: Duration,
+    other_answers: Vec<Result<(), String>>,
     /// How long each of the other client's requests took.
     other_latency: Vec<Duration>,
 }
@@ -142,12 +167,8 @@ struct Flood {
 impl Flood {
     /// Sorts the new connections (`pending`) and the held ones, as [`flood`] says. New ones
     /// get up to a second to be accepted and refused, while more than `cap` are open.
-    fn sweep(
-        &mut self,
-        pending: &mut Vec<(TcpStream, Instant)>,
-        cap: usize,
-        header_timeout: Duration,
-    ) {
+    fn sweep(&mut self, pending: &mut Vec<(TcpStream, Instant)>, cap: usize) {
+        let timeout = self.timeout;
         let settle = Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(50));
@@ -163,10 +184,10 @@ impl Flood {
             pending.retain_mut(|(s, opened)| {
                 let gone = closed(s);
                 if gone {
-                    // A batch of connects can take longer than the header timeout on a busy
-                    // machine: an old one closed was held, then timed out.
+                    // A batch of connects can take longer than the timeout on a busy machine:
+                    // an old one closed was held, then timed out.
                     let age = opened.elapsed();
-                    if age + Duration::from_millis(300) < header_timeout {
+                    if age + Duration::from_millis(300) < timeout {
                         self.refused += 1;
                     } else {
                         self.timed_out.push(age);
@@ -182,15 +203,11 @@ impl Flood {
         self.most_open = self.most_open.max(self.held.len());
     }
 
-    /// The flood was shed as promised: every other-client request answered, never more than
-    /// `cap` connections open from the flood's address, a held connection closed only by the
-    /// header timeout, most of the flood refused at once.
-    fn check(&self, count: usize, cap: usize, header_timeout: Duration) {
-        let failed: Vec<_> = self
-            .other_answers
-            .iter()
-            .filter(|a| **a != Ok(200))
-            .collect();
+    /// The flood was shed as promised: every other-client check passed, never more than `cap`
+    /// connections open from the flood's address, a held connection closed only by the
+    /// timeout, most of the flood refused at once.
+    fn check(&self, count: usize, cap: usize) {
+        let failed: Vec<_> = self.other_answers.iter().filter(|a| a.is_err()).collect();
         assert!(
             failed.is_empty(),
             "the other client was not served during the flood: {failed:?}"
@@ -208,11 +225,11 @@ impl Flood {
         let early: Vec<_> = self
             .timed_out
             .iter()
-            .filter(|age| **age + Duration::from_millis(300) < header_timeout)
+            .filter(|age| **age + Duration::from_millis(300) < self.timeout)
             .collect();
         assert!(
             early.is_empty(),
-            "held connections closed before the header timeout: {early:?}"
+            "held connections closed before the timeout: {early:?}"
         );
         assert!(
             self.refused >= count / 2,
@@ -262,14 +279,15 @@ fn rest_port_sheds_a_flood_of_half_open_connections() {
     let started = Instant::now();
     let mut f = flood(
         attacker,
-        other,
         node.port,
         FLOOD,
         PER_ADDRESS,
-        "/api/v1/health",
+        REQUEST_LINE,
+        Duration::from_secs(HEADER_TIMEOUT),
+        answers_200(other, node.port, "/api/v1/health"),
     );
     let flood_secs = started.elapsed().as_secs_f64();
-    f.check(FLOOD, PER_ADDRESS, Duration::from_secs(HEADER_TIMEOUT));
+    f.check(FLOOD, PER_ADDRESS);
     let held = f.held.len();
     let refused_metric = metric(&node, "http_connections_refused_total");
     assert!(
@@ -438,14 +456,140 @@ fn tracker_sheds_a_flood_of_half_open_connections() {
     let count = 5_000;
     let mut f = flood(
         Ipv4Addr::new(127, 0, 0, 10),
-        other,
         port,
         count,
         cap,
-        "/peers",
+        REQUEST_LINE,
+        Duration::from_secs(HEADER_TIMEOUT),
+        answers_200(other, port, "/peers"),
     );
-    f.check(count, cap, Duration::from_secs(HEADER_TIMEOUT));
+    f.check(count, cap);
     f.wait_closed(Duration::from_secs(HEADER_TIMEOUT * 4 + 5));
     let _ = tracker.kill();
     let _ = tracker.wait();
+}
+
+/// The identities (lowercase) in `node`'s peer table, as its REST API lists them.
+fn peer_ids(node: &Node) -> Vec<String> {
+    node.authed(Method::GET, "/api/v1/peers", None)
+        .map(|(_, b)| {
+            b["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["id"].as_str().map(str::to_ascii_lowercase))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn peer_port_sheds_a_flood_of_half_prefaces() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    // Not the default (64): the test shows the config key reaches the peer port.
+    let cap = 48;
+    let mut opts = NodeOptions::default();
+    opts.config
+        .push_str(&format!("[peer]\nmax_connections_per_address = {cap}\n"));
+    let a = Node::start(opts).unwrap();
+    a.wait_healthy(Duration::from_secs(60)).unwrap();
+    // A real peer, connected before the flood; it must stay connected through it.
+    let b = Node::start(NodeOptions::default().with_seed_peers(&[a.peer_addr()])).unwrap();
+    b.wait_healthy(Duration::from_secs(60)).unwrap();
+    let observer = Observer::new().unwrap();
+    let a_id = observer
+        .connect(&a)
+        .unwrap()
+        .id
+        .to_string()
+        .to_ascii_lowercase();
+    wait_for(
+        "the second node connected to the first",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || peer_ids(&b).contains(&a_id).then_some(()),
+    )
+    .unwrap();
+
+    let peer_port = a.port + 1000;
+    let attacker = Ipv4Addr::new(127, 0, 0, 12);
+    let other = Ipv4Addr::new(127, 0, 0, 13);
+    let timeout = neuroshard_net::PREFACE_TIMEOUT;
+    let count = 5_000;
+    let mut health = answers_200(other, a.port, "/api/v1/health");
+    let started = Instant::now();
+    // At each sweep: the node's health answers, the second node still lists it, and a new
+    // peer (the observer, from 127.0.0.1) completes a handshake with it.
+    let mut f = flood(
+        attacker,
+        peer_port,
+        count,
+        cap,
+        &H2_PREFACE[..12],
+        timeout,
+        || {
+            health()?;
+            if !peer_ids(&b).contains(&a_id) {
+                return Err("the second node lost its peer".into());
+            }
+            observer
+                .connect(&a)
+                .map(drop)
+                .map_err(|e| format!("a fresh handshake failed: {e:#}"))
+        },
+    );
+    let flood_secs = started.elapsed().as_secs_f64();
+    f.check(count, cap);
+    let refused_metric = metric(&a, "peer_connections_refused_total");
+    assert!(
+        refused_metric >= f.refused as f64,
+        "the node counted {refused_metric} refusals, the client saw {}",
+        f.refused
+    );
+    let held = f.held.len();
+    let shed = f.wait_closed(timeout * 4 + Duration::from_secs(5));
+    // Every connection the client saw closed was refused or timed out at the node (a refused
+    // one seen late counts as timed out on the client's side, so compare the sums); the ones
+    // held at the end were closed by the preface timeout.
+    let timeouts_metric = metric(&a, "peer_handshake_timeouts_total");
+    let refused_metric = metric(&a, "peer_connections_refused_total");
+    assert!(
+        timeouts_metric >= held as f64
+            && refused_metric + timeouts_metric >= (f.refused + f.timed_out.len() + held) as f64,
+        "the node counted {refused_metric} refusals and {timeouts_metric} preface timeouts, \
+         the client saw {} refused, {} timed out and {held} held",
+        f.refused,
+        f.timed_out.len()
+    );
+    // After the flood: the second node is still connected (its connection, older than the
+    // preface timeout, was never cut), and the attacker's address is admitted again (it gets
+    // the server's SETTINGS frame, not a close).
+    assert!(
+        peer_ids(&b).contains(&a_id),
+        "the second node lost its peer"
+    );
+    let mut s = connect_from(attacker, peer_port).unwrap();
+    s.write_all(H2_PREFACE).unwrap();
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut frame = [0u8; 9];
+    s.read_exact(&mut frame).unwrap();
+    assert_eq!(
+        frame[3], 4,
+        "the server's first frame is its SETTINGS: {frame:?}"
+    );
+    let (p50, slowest) = f.other_latency_ms();
+    println!(
+        "peer-port flood of {count} half prefaces from one address in {flood_secs:.1} s: at \
+         most {} open at once (cap {cap}), {} refused at once, {} closed by the preface \
+         timeout, {} connect errors; the {held} still held closed {:.1} s after the flood; \
+         health, the second node's peer list and a fresh handshake from another address \
+         during it: median {p50:.1} ms, slowest {slowest:.1} ms; the node counted \
+         {refused_metric} refusals and {timeouts_metric} preface timeouts",
+        f.most_open,
+        f.refused,
+        f.timed_out.len(),
+        f.connect_errors,
+        shed.as_secs_f64()
+    );
 }

@@ -339,14 +339,14 @@ pub async fn metrics(State(state): State<AppState>) -> Json<MetricsResponse> {
 
 /// `GET /metrics` outside `/api/v1`: the same figures in the Prometheus text format.
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
-    let text = exposition(&figures(&state).await, &state.metrics);
+    let text = exposition(&figures(&state).await, &state.metrics, &state.network);
     ([(header::CONTENT_TYPE, Exposition::CONTENT_TYPE)], text)
 }
 
 /// The `/metrics` text of one snapshot. Counters are named without `_total` here: the encoder
 /// appends it (`api_requests` is exposed as `neuroshard_api_requests_total`). The rewards
 /// earned since start are a gauge so that their name keeps its `_total_neuro` ending.
-fn exposition(f: &Figures, a: &Metrics) -> String {
+fn exposition(f: &Figures, a: &Metrics, net: &neuroshard_net::PeerState) -> String {
     let m = &f.metrics;
     let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
     let mut e = Exposition::default();
@@ -508,6 +508,26 @@ fn exposition(f: &Figures, a: &Metrics) -> String {
         "REST connections open",
         c(&a.http.open),
     );
+    e.counter(
+        "peer_connections_accepted",
+        "Peer-port connections accepted",
+        c(&net.connections.accepted),
+    );
+    e.counter(
+        "peer_connections_refused",
+        "Peer-port connections refused at accept (per-address or total cap)",
+        net.connections.refused(),
+    );
+    e.gauge(
+        "peer_connections_open",
+        "Peer-port connections open",
+        c(&net.connections.open),
+    );
+    e.counter(
+        "peer_handshake_timeouts",
+        "Peer-port connections closed for not sending the HTTP/2 preface in time",
+        c(&net.handshake_timeouts),
+    );
     e.encode()
 }
 
@@ -558,7 +578,7 @@ mod tests {
         };
         let a = Metrics::default();
         a.record_api(401, Duration::from_millis(3));
-        let text = exposition(&f, &a);
+        let text = exposition(&f, &a, &neuroshard_net::PeerState::default());
         let samples: Vec<(&str, &str)> = text
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -586,6 +606,9 @@ mod tests {
             "peer_rpc_calls_total",
             "http_connections_accepted_total",
             "http_connections_refused_total",
+            "peer_connections_accepted_total",
+            "peer_connections_refused_total",
+            "peer_handshake_timeouts_total",
         ];
         let gauges = [
             "uptime_seconds",
@@ -606,6 +629,7 @@ mod tests {
             "rewards_pending_neuro",
             "ledger_blocks",
             "http_connections_open",
+            "peer_connections_open",
         ];
         assert_eq!(types.len(), counters.len() + gauges.len(), "{text}");
         for (names, kind) in [(&counters[..], "counter"), (&gauges[..], "gauge")] {

@@ -206,7 +206,7 @@ pub async fn serve(
         })
     };
     let app = router(store, opts.ttl);
-    let stats = Arc::new(crate::listen::ConnStats::default());
+    let stats = Arc::new(neuroshard_net::admission::ConnStats::default());
     let result = crate::listen::serve(listener, app, opts.limits, stats, shutdown).await;
     expiry.abort();
     Ok(result?)

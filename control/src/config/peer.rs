@@ -1,0 +1,35 @@
+//! The `[peer]` section: the peer port's connection caps at accept (the REST port's are in
+//! `[api]`). Both take effect at the next start.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Most connections one address may hold open to the peer port at once (more are refused
+    /// at accept). A node keeps one connection per peer plus a few transient ones.
+    pub max_connections_per_address: u32,
+    /// Most peer-port connections open at once from other machines (loopback is not
+    /// counted); lowered at start when the descriptor limit leaves less room.
+    pub max_connections: u32,
+}
+
+impl PeerConfig {
+    /// The peer port's caps; `total_cap` is the remote-connection cap after the descriptor
+    /// limit (see [`neuroshard_net::admission::total_cap`]).
+    pub fn caps(&self, total_cap: usize) -> neuroshard_net::admission::Caps {
+        neuroshard_net::admission::Caps {
+            per_address: self.max_connections_per_address as usize,
+            total: total_cap,
+        }
+    }
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            max_connections_per_address: neuroshard_net::DEFAULT_CONNECTIONS_PER_ADDRESS,
+            max_connections: 4096,
+        }
+    }
+}
