@@ -24,7 +24,6 @@ use tonic::{Request, Response, Status};
 use crate::batcher::{BatchLimits, Batcher};
 use crate::runtime::{Runtime, RuntimeError, RuntimeHealth, fault_exits};
 
-
 #[derive(Clone)]
 pub struct EngineService {
     runtime: Arc<Mutex<Runtime>>,
