@@ -11,6 +11,7 @@ use super::block::{Op, SignedBlock};
 use super::keys::Hash32;
 use super::proof::{MAX_PROOFS_PER_HOUR, RejectReason};
 use super::rewards::{SECONDS_PER_DAY, UNSTAKE_COOLDOWN_DAYS, compute_reward};
+use super::rules::Rules;
 
 /// What the source of a receive block turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +91,8 @@ pub enum Effect {
         amount: u64,
         proof_id: Hash32,
         credited_uptime: u64,
+        /// When the amount leaves its challenge window and becomes available.
+        release_at: i64,
     },
 }
 
@@ -152,12 +155,31 @@ pub struct Account {
     pub last_reward_epoch: Option<u64>,
     pub last_uptime_ts: Option<i64>,
     pub reward_times: VecDeque<i64>,
+    /// Rewards still in their challenge window: (release time, amount), oldest first.
+    pub pending_rewards: VecDeque<(i64, u64)>,
     pub history: Vec<HistoryEntry>,
     pub proofs: Vec<ProofRecord>,
+    /// The network's rules this account is judged by.
+    pub rules: Rules,
+}
+
+/// An account's funds as of a moment: what has cooled down or left its challenge window is
+/// available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settled {
+    pub available: u64,
+    /// Unstaked funds still in their cooldown.
+    pub unbonding: u64,
+    /// Rewards still in their challenge window.
+    pub pending_rewards: u64,
+    /// When the oldest pending reward is released, if any.
+    pub next_release: Option<i64>,
+    /// When the newest pending reward is released, if any.
+    pub last_release: Option<i64>,
 }
 
 impl Account {
-    pub fn new(address: Address, fork_height: Option<u64>) -> Self {
+    pub fn new(address: Address, fork_height: Option<u64>, rules: Rules) -> Self {
         Account {
             address,
             fork_height,
@@ -177,18 +199,51 @@ impl Account {
             last_reward_epoch: None,
             last_uptime_ts: None,
             reward_times: VecDeque::new(),
+            pending_rewards: VecDeque::new(),
             history: Vec::new(),
             proofs: Vec::new(),
+            rules,
         }
     }
 
-    /// (available, unbonding) once cooled-down funds are released at time `t`.
-    pub fn settled(&self, t: i64) -> (u64, u64) {
+    /// The account's funds at time `t`: cooled-down unstakes and rewards whose challenge
+    /// window ended by `t` count as available.
+    pub fn settled(&self, t: i64) -> Settled {
+        let mut s = Settled {
+            available: self.available,
+            unbonding: self.unbonding,
+            ..Settled::default()
+        };
         if self.unbonding > 0 && t >= self.unbond_at {
-            (self.available + self.unbonding, 0)
-        } else {
-            (self.available, self.unbonding)
+            s.available += self.unbonding;
+            s.unbonding = 0;
         }
+        for (release, amount) in &self.pending_rewards {
+            if *release <= t {
+                s.available += amount;
+            } else {
+                s.pending_rewards += amount;
+                s.next_release.get_or_insert(*release);
+                s.last_release = Some(*release);
+            }
+        }
+        s
+    }
+
+    /// Moves what `settled(t)` counts as available into `available`.
+    pub fn release(&mut self, t: i64) {
+        let s = self.settled(t);
+        self.available = s.available;
+        self.unbonding = s.unbonding;
+        self.pending_rewards.retain(|(release, _)| *release > t);
+    }
+
+    /// Everything the account holds: available, staked, unbonding and pending rewards.
+    pub fn held(&self) -> u128 {
+        u128::from(self.available)
+            + u128::from(self.staked)
+            + u128::from(self.unbonding)
+            + self.pending_rewards.iter().map(|(_, a)| u128::from(*a)).sum::<u128>()
     }
 
     /// Whether the account may still add blocks (not frozen at or below its next height).
@@ -203,7 +258,7 @@ impl Account {
         if ts < self.last_ts {
             return Outcome::Void(VoidReason::TimestampRegression);
         }
-        let (available, _) = self.settled(ts);
+        let available = self.settled(ts).available;
         match &b.op {
             Op::Send {
                 to, amount, fee, ..
@@ -278,6 +333,7 @@ impl Account {
                     amount: computed,
                     proof_id: proof.id(),
                     credited_uptime,
+                    release_at: self.rules.release_at(ts),
                 }),
                 Err(r) => Outcome::Void(VoidReason::Proof(r)),
             },
@@ -308,6 +364,7 @@ impl Account {
         if self.proof_ids.contains(&proof.id()) {
             return Err(RejectReason::Replay);
         }
+        check_layers(p, &self.rules)?;
         if self.last_reward_epoch.is_some_and(|e| p.epoch_id <= e) {
             return Err(RejectReason::DuplicateEpoch);
         }
@@ -327,6 +384,29 @@ impl Account {
         let computed = compute_reward(&work, self.staked, self.stake_days).total;
         Ok((computed, work.uptime_seconds))
     }
+}
+
+/// The layers a proof claims must exist in the network's model, and its role bonuses must
+/// follow from them: the embedding comes with layer 0, the LM head with the last layer.
+pub fn check_layers(p: &super::proof::Proof, rules: &Rules) -> Result<(), RejectReason> {
+    let n = rules.model_layers;
+    if let Some(beyond) = p.layers_held.iter().find(|l| **l >= n) {
+        return Err(RejectReason::Implausible(format!(
+            "layer {beyond} claimed, the model has {n} layers"
+        )));
+    }
+    if p.holds_embedding && p.layers_held.first() != Some(&0) {
+        return Err(RejectReason::Implausible(
+            "embedding claimed without layer 0".into(),
+        ));
+    }
+    if p.holds_lm_head && p.layers_held.last() != Some(&(n - 1)) {
+        return Err(RejectReason::Implausible(format!(
+            "LM head claimed without the last layer ({})",
+            n - 1
+        )));
+    }
+    Ok(())
 }
 
 /// Role name for a proof's holdings, as the API shows it.
@@ -409,8 +489,12 @@ pub fn history_entry(block: &SignedBlock, hash: &Hash32, outcome: &Outcome) -> H
             ));
             e.details["proof_type"] = json!(proof.proof.proof_type.as_str());
             e.details["claimed"] = json!(amount);
-            if let Outcome::Applied(Effect::Rewarded { amount, .. }) = out {
+            if let Outcome::Applied(Effect::Rewarded {
+                amount, release_at, ..
+            }) = out
+            {
                 e.amount = i128::from(*amount);
+                e.details["release_at"] = json!(release_at);
             }
         }
     }
@@ -440,7 +524,7 @@ mod tests {
     #[test]
     fn send_needs_amount_plus_fee() {
         let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
+        let mut a = Account::new(w.address(), None, Rules::default());
         a.available = 1000;
         let to = Wallet::from_seed(2).address();
         let send = |amount| {
@@ -468,7 +552,7 @@ mod tests {
     #[test]
     fn unstake_respects_lock_and_cooldown_release() {
         let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
+        let mut a = Account::new(w.address(), None, Rules::default());
         a.staked = 500;
         a.unlock_at = 1000;
         let un = |ts| blk(&w, ts, Op::Unstake { amount: 100 });
@@ -482,8 +566,10 @@ mod tests {
         ));
         a.unbonding = 100;
         a.unbond_at = 5000;
-        assert_eq!(a.settled(4999), (0, 100));
-        assert_eq!(a.settled(5000), (100, 0));
+        let s = a.settled(4999);
+        assert_eq!((s.available, s.unbonding), (0, 100));
+        let s = a.settled(5000);
+        assert_eq!((s.available, s.unbonding), (100, 0));
     }
 
     #[test]
@@ -491,7 +577,7 @@ mod tests {
         use crate::proof::SignedProof;
         use crate::proof::tests::training_proof;
         let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
+        let mut a = Account::new(w.address(), None, Rules::default());
         let p = SignedProof::sign(training_proof(&w, 100_000), &w);
         let (amount, _) = a.expected_reward(&p).unwrap();
         assert!(a.reward_for(&p, amount + 1).is_err());
@@ -514,7 +600,7 @@ mod tests {
     #[test]
     fn receive_rules() {
         let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
+        let mut a = Account::new(w.address(), None, Rules::default());
         let src = Hash32([5; 32]);
         let rcv = blk(&w, 10, Op::Receive { source: src });
         let mine = SourceInfo::Send {
@@ -538,5 +624,76 @@ mod tests {
             a.evaluate(&rcv, Some(&other)),
             Outcome::Void(VoidReason::BadSource(_))
         ));
+    }
+
+    #[test]
+    fn layers_must_exist_and_roles_follow_them() {
+        use crate::proof::SignedProof;
+        use crate::proof::tests::training_proof;
+        let w = Wallet::from_seed(1);
+        let a = Account::new(w.address(), None, Rules::new(600, 4).unwrap());
+        let base = training_proof(&w, 100_000);
+        let code = |p: crate::proof::Proof| {
+            a.expected_reward(&SignedProof::sign(p, &w))
+                .err()
+                .map(|r| r.to_string())
+        };
+        assert_eq!(code(base.clone()), None);
+        // The inflated claim: 1024 layers of a 4-layer model.
+        let mut p = base.clone();
+        p.layers_held = (0..1024).collect();
+        assert_eq!(
+            code(p).as_deref(),
+            Some("implausible: layer 4 claimed, the model has 4 layers")
+        );
+        let mut p = base.clone();
+        p.layers_held = vec![2, 3];
+        assert_eq!(
+            code(p.clone()).as_deref(),
+            Some("implausible: embedding claimed without layer 0")
+        );
+        p.holds_embedding = false;
+        assert_eq!(code(p.clone()), None);
+        p.holds_lm_head = true;
+        assert_eq!(code(p.clone()), None);
+        p.layers_held = vec![1, 2];
+        assert_eq!(
+            code(p).as_deref(),
+            Some("implausible: LM head claimed without the last layer (3)")
+        );
+    }
+
+    #[test]
+    fn rewards_wait_out_their_window() {
+        let w = Wallet::from_seed(1);
+        let mut a = Account::new(w.address(), None, Rules::new(600, 4).unwrap());
+        a.available = 5;
+        a.pending_rewards = [(1600, 10), (1660, 20)].into();
+        let s = a.settled(1599);
+        assert_eq!((s.available, s.pending_rewards), (5, 30));
+        assert_eq!((s.next_release, s.last_release), (Some(1600), Some(1660)));
+        let s = a.settled(1600);
+        assert_eq!((s.available, s.pending_rewards), (15, 20));
+        assert_eq!(a.held(), 35);
+        // A send may spend only what was released by its own timestamp.
+        let send = |ts, amount| {
+            blk(
+                &w,
+                ts,
+                Op::Send {
+                    to: Wallet::from_seed(2).address(),
+                    amount,
+                    fee: 0,
+                    memo: String::new(),
+                },
+            )
+        };
+        assert!(matches!(
+            a.evaluate(&send(1599, 6), None),
+            Outcome::Void(VoidReason::InsufficientBalance { available: 5, .. })
+        ));
+        assert!(matches!(a.evaluate(&send(1600, 15), None), Outcome::Applied(_)));
+        a.release(1660);
+        assert_eq!((a.available, a.pending_rewards.len(), a.held()), (35, 0, 35));
     }
 }

@@ -13,6 +13,7 @@ use super::block::{Block, MAX_MEMO_BYTES, Message, Op, SignedBlock};
 use super::error::LedgerError;
 use super::keys::{Hash32, Wallet};
 use super::proof::{RejectReason, SignedProof, check_age};
+use super::rules::Rules;
 use super::rewards::{MAX_STAKE_DAYS, MIN_STAKE_DAYS, UNSTAKE_COOLDOWN_DAYS, stake_multiplier};
 use super::state::{Inserted, LedgerState};
 use super::store::{Rejection, Store, sqlite_url};
@@ -63,16 +64,17 @@ pub struct Ledger {
 
 impl Ledger {
     /// Opens `<data_dir>/ledger.db` (SQLite, WAL).
-    pub async fn open_data_dir(data_dir: &Path) -> Result<Ledger, LedgerError> {
-        Self::open(&sqlite_url(data_dir)).await
+    pub async fn open_data_dir(data_dir: &Path, rules: Rules) -> Result<Ledger, LedgerError> {
+        Self::open(&sqlite_url(data_dir), rules).await
     }
 
     /// Opens a database URL (`sqlite://...` or `postgres://...`), runs migrations and derives
     /// the state from every stored block (signatures were checked when they were stored).
-    pub async fn open(database_url: &str) -> Result<Ledger, LedgerError> {
+    /// `rules` are the network's (see [`Rules`]): every node of a network must use the same.
+    pub async fn open(database_url: &str, rules: Rules) -> Result<Ledger, LedgerError> {
         let store = Store::open(database_url).await?;
         let (max_seq, max_rej) = store.max_seqs().await?;
-        let mut state = LedgerState::new();
+        let mut state = LedgerState::with_rules(rules);
         let mut after = 0;
         loop {
             let page = store.blocks_since(after, LOAD_PAGE).await?;
@@ -475,7 +477,8 @@ impl Ledger {
                 .and_then(|_| check_age(proof.proof.timestamp, now.max(last_ts)))
                 .and_then(|_| match inner.state.account(&addr) {
                     Some(a) => a.expected_reward(&proof),
-                    None => super::account::Account::new(addr, None).expected_reward(&proof),
+                    None => super::account::Account::new(addr, None, *inner.state.rules())
+                        .expected_reward(&proof),
                 })
                 .and_then(|(amount, _)| {
                     if amount == 0 {
@@ -628,7 +631,7 @@ fn check_amount(amount: u64) -> Result<(), LedgerError> {
 fn spendable(state: &LedgerState, address: &Address, now: i64) -> u64 {
     state
         .account(address)
-        .map_or(0, |a| a.settled(now.max(a.last_ts)).0)
+        .map_or(0, |a| a.settled(now.max(a.last_ts)).available)
 }
 
 fn status_of(state: &LedgerState, hash: &Hash32, block: &SignedBlock) -> BlockStatus {
@@ -655,10 +658,13 @@ fn balance_of(state: &LedgerState, address: &Address, now: i64) -> Balance {
             total: incoming,
             staking: None,
             frozen_at_height: None,
+            pending_rewards: 0,
+            rewards_next_release_at: None,
+            rewards_released_at: None,
         };
     };
-    let (available, unbonding) = a.settled(now);
-    let pending = unbonding + incoming;
+    let s = a.settled(now);
+    let pending = s.unbonding + incoming + s.pending_rewards;
     let staking = (a.staked > 0).then(|| Staking {
         amount: a.staked,
         duration_days: a.stake_days,
@@ -668,11 +674,14 @@ fn balance_of(state: &LedgerState, address: &Address, now: i64) -> Balance {
     });
     Balance {
         address: *address,
-        available,
+        available: s.available,
         staked: a.staked,
         pending,
-        total: available + a.staked + pending,
+        total: s.available + a.staked + pending,
         staking,
         frozen_at_height: a.fork_height,
+        pending_rewards: s.pending_rewards,
+        rewards_next_release_at: s.next_release,
+        rewards_released_at: s.last_release,
     }
 }

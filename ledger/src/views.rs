@@ -14,12 +14,19 @@ pub struct Balance {
     pub address: Address,
     pub available: u64,
     pub staked: u64,
-    /// Unstaked funds in cooldown plus transfers to this address not yet claimed.
+    /// Unstaked funds in cooldown, transfers to this address not yet claimed and rewards in
+    /// their challenge window.
     pub pending: u64,
     pub total: u64,
     pub staking: Option<Staking>,
     /// Set when the account equivocated: its funds are burned and it can do nothing more.
     pub frozen_at_height: Option<u64>,
+    /// The part of `pending` that is rewards still in their challenge window.
+    pub pending_rewards: u64,
+    /// When the oldest pending reward becomes available.
+    pub rewards_next_release_at: Option<i64>,
+    /// When the newest pending reward becomes available (all of them by then).
+    pub rewards_released_at: Option<i64>,
 }
 
 /// The `staking` object (present when something is staked).

@@ -127,7 +127,7 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
         }
         let (prev, height, last_ts, avail, staked) =
             acct.as_ref().map_or((Hash32::ZERO, 0, 0, 0, 0), |a| {
-                (a.head, a.next_height, a.last_ts, a.settled(now).0, a.staked)
+                (a.head, a.next_height, a.last_ts, a.settled(now).available, a.staked)
             });
         let ts = now.max(last_ts);
         let mk = |op: Op| {
@@ -147,7 +147,7 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
                 let p = proof(w, ts, *layers);
                 let a = acct
                     .clone()
-                    .unwrap_or_else(|| neuroshard_ledger::account::Account::new(w.address(), None));
+                    .unwrap_or_else(|| neuroshard_ledger::account::Account::new(w.address(), None, Default::default()));
                 let Ok((amount, _)) = a.expected_reward(&p) else {
                     continue;
                 };
@@ -342,7 +342,7 @@ fn equivocation_is_frozen_and_slashed_whatever_the_order() {
             previous: Hash32::ZERO,
             timestamp: T0,
             op: Op::Reward {
-                amount: neuroshard_ledger::account::Account::new(a.address(), None)
+                amount: neuroshard_ledger::account::Account::new(a.address(), None, Default::default())
                     .expected_reward(&p)
                     .unwrap()
                     .0,

@@ -3,7 +3,12 @@
 #![allow(dead_code)]
 
 use neuroshard_ledger::proof::Proof;
-use neuroshard_ledger::{Ledger, ProofType, SignedProof, Wallet};
+use neuroshard_ledger::{Ledger, ProofType, Rules, SignedProof, Wallet};
+
+/// Rules without a challenge window, for tests about other things than the window.
+pub fn instant() -> Rules {
+    Rules::new(0, 1024).expect("valid rules")
+}
 
 pub const T0: i64 = 1_733_313_600; // 2024-12-04T12:00:00Z
 
@@ -15,8 +20,13 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Opens the ledger with no challenge window: rewards are spendable at once.
     pub async fn open(&self) -> Ledger {
-        Ledger::open(&self.url).await.expect("open ledger")
+        self.open_with(instant()).await
+    }
+
+    pub async fn open_with(&self, rules: Rules) -> Ledger {
+        Ledger::open(&self.url, rules).await.expect("open ledger")
     }
 
     pub async fn drop_db(self) {
