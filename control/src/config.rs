@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::engine::EngineMode;
 
+mod ledger;
 mod live;
 mod peer;
 mod types;
 
+pub use ledger::LedgerConfig;
 pub use live::{ConfigSender, LiveConfig};
 pub use peer::PeerConfig;
 use types::Refusal;
@@ -62,6 +64,7 @@ pub struct Config {
     pub resources: ResourcesConfig,
     pub api: ApiConfig,
     pub peer: PeerConfig,
+    pub ledger: LedgerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -200,6 +203,7 @@ impl Default for Config {
             resources: ResourcesConfig::default(),
             api: ApiConfig::default(),
             peer: PeerConfig::default(),
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -464,6 +468,7 @@ impl Config {
                 return bad(key, format!("{v} is not in 1..={max}"));
             }
         }
+        self.ledger.rules(self.training.model.config().layers)?;
         if !self.tracker_url.is_empty() && !self.tracker_url.starts_with("http://") {
             return bad(
                 "tracker_url",
@@ -552,6 +557,7 @@ pub fn needs_restart(key: &str) -> bool {
         || key == "api.header_timeout_secs"
         || key == "api.body_timeout_secs"
         || key.starts_with("peer.")
+        || key.starts_with("ledger.")
 }
 
 /// `database_url` without its password, for display.

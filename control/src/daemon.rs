@@ -167,10 +167,11 @@ pub async fn run(
         data_dir,
         passphrase.as_deref(),
     )?);
+    let rules = config.ledger.rules(config.training.model.config().layers)?;
     let ledger = Arc::new(if config.database_url.is_empty() {
-        Ledger::open_data_dir(data_dir).await?
+        Ledger::open_data_dir(data_dir, rules).await?
     } else {
-        Ledger::open(&config.database_url).await?
+        Ledger::open(&config.database_url, rules).await?
     });
     tracing::info!(address = %wallet.address(), "wallet loaded");
 

@@ -136,8 +136,10 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         },
         request_id: String::new(),
         model_hash: model_hash.clone(),
-        holds_embedding: !layers.is_empty(),
-        holds_lm_head: !layers.is_empty(),
+        // The embedding comes with layer 0 and the LM head with the last layer: the ledger
+        // refuses a proof that claims either bonus without that layer.
+        holds_embedding: layers.first() == Some(&0),
+        holds_lm_head: layers.last() == Some(&(cfg.training.model.config().layers - 1)),
         layers_held: layers,
         epoch_id: Proof::epoch_of(now),
         model_hash_start: if trained {

@@ -2,7 +2,7 @@
 //! state after the previous block and what the block's source (if any) turned out to be,
 //! every node computes the same outcome.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use serde_json::{Value, json};
 
@@ -11,6 +11,7 @@ use super::block::{Op, SignedBlock};
 use super::keys::Hash32;
 use super::proof::{MAX_PROOFS_PER_HOUR, RejectReason};
 use super::rewards::{SECONDS_PER_DAY, UNSTAKE_COOLDOWN_DAYS, compute_reward};
+use super::receipt::{ReceiptKey, ReceiptKind, attested};
 use super::rules::Rules;
 
 /// What the source of a receive block turned out to be.
@@ -155,6 +156,9 @@ pub struct Account {
     pub last_reward_epoch: Option<u64>,
     pub last_uptime_ts: Option<i64>,
     pub reward_times: VecDeque<i64>,
+    /// What the receipts of the rewards so far counted, per (attester, kind, epoch), for the
+    /// epochs a later proof's receipts may still name.
+    pub receipt_counts: BTreeMap<ReceiptKey, u64>,
     /// Rewards still in their challenge window: (release time, amount), oldest first.
     pub pending_rewards: VecDeque<(i64, u64)>,
     pub history: Vec<HistoryEntry>,
@@ -200,6 +204,7 @@ impl Account {
             last_uptime_ts: None,
             reward_times: VecDeque::new(),
             pending_rewards: VecDeque::new(),
+            receipt_counts: BTreeMap::new(),
             history: Vec::new(),
             proofs: Vec::new(),
             rules,
@@ -243,7 +248,11 @@ impl Account {
         u128::from(self.available)
             + u128::from(self.staked)
             + u128::from(self.unbonding)
-            + self.pending_rewards.iter().map(|(_, a)| u128::from(*a)).sum::<u128>()
+            + self
+                .pending_rewards
+                .iter()
+                .map(|(_, a)| u128::from(*a))
+                .sum::<u128>()
     }
 
     /// Whether the account may still add blocks (not frozen at or below its next height).
@@ -364,7 +373,6 @@ impl Account {
         if self.proof_ids.contains(&proof.id()) {
             return Err(RejectReason::Replay);
         }
-        check_layers(p, &self.rules)?;
         if self.last_reward_epoch.is_some_and(|e| p.epoch_id <= e) {
             return Err(RejectReason::DuplicateEpoch);
         }
@@ -375,6 +383,14 @@ impl Account {
             .count();
         if recent >= MAX_PROOFS_PER_HOUR {
             return Err(RejectReason::RateLimited);
+        }
+        check_layers(p, &self.rules)?;
+        let attested = attested(&p.receipts, &self.receipt_counts, self.last_reward_epoch);
+        if p.training_batches > attested.steps {
+            return Err(RejectReason::Unattested(format!(
+                "claims {} training batches, receipts from other nodes attest {}",
+                p.training_batches, attested.steps
+            )));
         }
         let max_uptime = match self.last_uptime_ts {
             Some(prev) => (p.timestamp - prev).max(0) as u64,
@@ -405,6 +421,19 @@ pub fn check_layers(p: &super::proof::Proof, rules: &Rules) -> Result<(), Reject
             "LM head claimed without the last layer ({})",
             n - 1
         )));
+    }
+    for r in &p.receipts {
+        let (kind, boundary) = (r.receipt.kind, r.receipt.boundary);
+        let inside = match kind {
+            ReceiptKind::Forward => boundary < n,
+            ReceiptKind::Backward => boundary > 0 && boundary < n,
+        };
+        if !inside {
+            return Err(RejectReason::Unattested(format!(
+                "{} receipt at layer boundary {boundary} of a {n}-layer model",
+                kind.as_str()
+            )));
+        }
     }
     Ok(())
 }
@@ -628,23 +657,34 @@ mod tests {
 
     #[test]
     fn layers_must_exist_and_roles_follow_them() {
-        use crate::proof::SignedProof;
+        use crate::proof::{Proof, SignedProof};
         use crate::proof::tests::training_proof;
+        use crate::receipt::attest_forward;
         let w = Wallet::from_seed(1);
-        let a = Account::new(w.address(), None, Rules::new(600, 4).unwrap());
-        let base = training_proof(&w, 100_000);
-        let code = |p: crate::proof::Proof| {
+        let next = Wallet::from_seed(99);
+        let a = Account::new(w.address(), None, Rules::new(600, 6).unwrap());
+        // Signs `p` with a forward receipt from the stage after its layers.
+        let code = |mut p: Proof| {
+            let end = p.layers_held.last().map_or(0, |l| l + 1);
+            p.receipts = vec![attest_forward(
+                &next,
+                w.address(),
+                p.epoch_id,
+                p.training_batches,
+                end,
+            )];
             a.expected_reward(&SignedProof::sign(p, &w))
                 .err()
                 .map(|r| r.to_string())
         };
+        let base = training_proof(&w, 100_000);
         assert_eq!(code(base.clone()), None);
-        // The inflated claim: 1024 layers of a 4-layer model.
+        // The inflated claim: 1024 layers of a 6-layer model.
         let mut p = base.clone();
         p.layers_held = (0..1024).collect();
         assert_eq!(
             code(p).as_deref(),
-            Some("implausible: layer 4 claimed, the model has 4 layers")
+            Some("implausible: layer 6 claimed, the model has 6 layers")
         );
         let mut p = base.clone();
         p.layers_held = vec![2, 3];
@@ -655,12 +695,51 @@ mod tests {
         p.holds_embedding = false;
         assert_eq!(code(p.clone()), None);
         p.holds_lm_head = true;
-        assert_eq!(code(p.clone()), None);
-        p.layers_held = vec![1, 2];
+        assert_eq!(
+            code(p.clone()).as_deref(),
+            Some("implausible: LM head claimed without the last layer (5)")
+        );
+        // Holding the last layer, there is no next stage to receive a forward output.
+        p.layers_held = vec![4, 5];
         assert_eq!(
             code(p).as_deref(),
-            Some("implausible: LM head claimed without the last layer (3)")
+            Some("unattested: forward receipt at layer boundary 6 of a 6-layer model")
         );
+    }
+
+    #[test]
+    fn claims_beyond_the_receipts_earn_nothing() {
+        use crate::proof::SignedProof;
+        use crate::proof::tests::training_proof;
+        use crate::receipt::attest_forward;
+        let w = Wallet::from_seed(1);
+        let next = Wallet::from_seed(99);
+        let mut a = Account::new(w.address(), None, Rules::default());
+        let mut p = training_proof(&w, 100_000);
+        // Ten batches attested, eleven claimed.
+        p.training_batches = 11;
+        let err = a.expected_reward(&SignedProof::sign(p.clone(), &w)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unattested: claims 11 training batches, receipts from other nodes attest 10"
+        );
+        // No receipt at all: the measured cheat (an engine that computes nothing, a claim
+        // only its author vouches for).
+        p.receipts.clear();
+        let err = a.expected_reward(&SignedProof::sign(p.clone(), &w)).unwrap_err();
+        assert_eq!(err.code(), "unattested");
+        // Steps already counted by the previous reward count nothing again.
+        p.training_batches = 10;
+        p.receipts = vec![attest_forward(&next, w.address(), p.epoch_id, 10, 4)];
+        a.receipt_counts = [((next.address(), ReceiptKind::Forward, p.epoch_id), 10)].into();
+        a.last_reward_epoch = Some(p.epoch_id - 1);
+        let err = a.expected_reward(&SignedProof::sign(p.clone(), &w)).unwrap_err();
+        assert!(err.to_string().contains("attest 0"), "{err}");
+        // Uptime alone needs no receipt.
+        p.training_batches = 0;
+        p.proof_type = crate::proof::ProofType::Uptime;
+        p.receipts.clear();
+        assert!(a.expected_reward(&SignedProof::sign(p, &w)).is_ok());
     }
 
     #[test]
@@ -692,8 +771,14 @@ mod tests {
             a.evaluate(&send(1599, 6), None),
             Outcome::Void(VoidReason::InsufficientBalance { available: 5, .. })
         ));
-        assert!(matches!(a.evaluate(&send(1600, 15), None), Outcome::Applied(_)));
+        assert!(matches!(
+            a.evaluate(&send(1600, 15), None),
+            Outcome::Applied(_)
+        ));
         a.release(1660);
-        assert_eq!((a.available, a.pending_rewards.len(), a.held()), (35, 0, 35));
+        assert_eq!(
+            (a.available, a.pending_rewards.len(), a.held()),
+            (35, 0, 35)
+        );
     }
 }

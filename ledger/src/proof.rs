@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::address::Address;
 use super::encode::Encoder;
 use super::keys::{Hash32, Sig65, Wallet, keccak, recover_signer};
+use super::receipt::{SignedReceipt, check_receipts};
 use super::rewards::Work;
 
 /// Length of an epoch: one proof per node per epoch.
@@ -71,6 +72,10 @@ pub struct Proof {
     pub model_hash_end: String,
     pub gradient_commitment: String,
     pub current_loss: f64,
+    /// Attestations of the training work by the nodes that received it (see
+    /// [`crate::receipt`]); `training_batches` may not exceed what they attest.
+    #[serde(default)]
+    pub receipts: Vec<SignedReceipt>,
 }
 
 /// A proof with its node's signature.
@@ -93,6 +98,8 @@ pub enum RejectReason {
     DuplicateEpoch,
     RateLimited,
     Implausible(String),
+    /// The claim is not backed by other nodes' receipts (or they are invalid).
+    Unattested(String),
     AmountMismatch { claimed: u64, computed: u64 },
 }
 
@@ -109,6 +116,7 @@ impl RejectReason {
             Self::DuplicateEpoch => "duplicate_epoch",
             Self::RateLimited => "rate_limited",
             Self::Implausible(_) => "implausible",
+            Self::Unattested(_) => "unattested",
             Self::AmountMismatch { .. } => "amount_mismatch",
         }
     }
@@ -128,6 +136,7 @@ impl std::fmt::Display for RejectReason {
             }
             Self::RateLimited => write!(f, "more than {MAX_PROOFS_PER_HOUR} proofs in an hour"),
             Self::Implausible(what) => write!(f, "implausible: {what}"),
+            Self::Unattested(what) => write!(f, "unattested: {what}"),
             Self::AmountMismatch { claimed, computed } => {
                 write!(f, "claimed reward {claimed} units, rules give {computed}")
             }
@@ -158,7 +167,11 @@ impl Proof {
             .str(&self.model_hash_start)
             .str(&self.model_hash_end)
             .str(&self.gradient_commitment)
-            .f64(self.current_loss);
+            .f64(self.current_loss)
+            .u32(self.receipts.len() as u32);
+        for r in &self.receipts {
+            e.bytes(&r.receipt.digest().0).bytes(&r.signature.0);
+        }
         keccak(b"", e.finish())
     }
 
@@ -220,6 +233,15 @@ impl Proof {
                 return bad("training needs layers held");
             }
         }
+        if self.data_samples > 0 || self.proof_type == ProofType::Data {
+            return Err(RejectReason::Unattested(
+                "data samples: no node attests data served yet".into(),
+            ));
+        }
+        if !self.receipts.is_empty() {
+            check_receipts(&self.receipts, &self.node_id, self.epoch_id, self.layer_range())
+                .map_err(|e| RejectReason::Unattested(e.to_string()))?;
+        }
         if self.proof_type == ProofType::Inference && self.tokens_processed == 0 {
             return bad("inference proof without tokens");
         }
@@ -227,6 +249,12 @@ impl Proof {
             return bad("data proof without samples");
         }
         Ok(())
+    }
+
+    /// `layers_held` as a range `[first, last + 1)` when it is one contiguous run.
+    pub fn layer_range(&self) -> Option<(u32, u32)> {
+        let (first, last) = (*self.layers_held.first()?, *self.layers_held.last()?);
+        (last - first + 1 == self.layers_held.len() as u32).then_some((first, last + 1))
     }
 
     /// The work this proof claims, with uptime credited up to `max_uptime` seconds.
@@ -292,7 +320,11 @@ impl SignedProof {
 pub(crate) mod tests {
     use super::*;
 
+    /// A training proof of layers 0..4 with a forward receipt of all its batches from the
+    /// stage after it (seed 99).
     pub(crate) fn training_proof(wallet: &Wallet, timestamp: i64) -> Proof {
+        let epoch_id = Proof::epoch_of(timestamp);
+        let next_stage = Wallet::from_seed(99);
         Proof {
             node_id: wallet.address(),
             proof_type: ProofType::Training,
@@ -301,17 +333,24 @@ pub(crate) mod tests {
             uptime_seconds: 60,
             tokens_processed: 4 * 512 * 10,
             training_batches: 10,
-            data_samples: 40,
+            data_samples: 0,
             request_id: String::new(),
             model_hash: "ab".repeat(32),
             layers_held: vec![0, 1, 2, 3],
             holds_embedding: true,
             holds_lm_head: false,
-            epoch_id: Proof::epoch_of(timestamp),
+            epoch_id,
             model_hash_start: "aa".repeat(32),
             model_hash_end: "bb".repeat(32),
             gradient_commitment: "cc".repeat(32),
             current_loss: 2.5,
+            receipts: vec![crate::receipt::attest_forward(
+                &next_stage,
+                wallet.address(),
+                epoch_id,
+                10,
+                4,
+            )],
         }
     }
 
@@ -370,6 +409,11 @@ pub(crate) mod tests {
             (Box::new(|p| p.uptime_seconds = 121), "implausible"),
             (Box::new(|p| p.epoch_id += 1), "epoch_mismatch"),
             (Box::new(|p| p.layers_held = vec![3, 1]), "implausible"),
+            (Box::new(|p| p.data_samples = 1), "unattested"),
+            // The receipt says the layers end at 4.
+            (Box::new(|p| p.layers_held = vec![0, 1, 2]), "unattested"),
+            (Box::new(|p| p.receipts[0].receipt.steps = 600), "unattested"),
+            (Box::new(|p| p.receipts[0].receipt.subject = Wallet::from_seed(5).address()), "unattested"),
         ];
         for (mutate, code) in cases {
             let mut p = base.clone();

@@ -13,8 +13,8 @@ use super::block::{Block, MAX_MEMO_BYTES, Message, Op, SignedBlock};
 use super::error::LedgerError;
 use super::keys::{Hash32, Wallet};
 use super::proof::{RejectReason, SignedProof, check_age};
-use super::rules::Rules;
 use super::rewards::{MAX_STAKE_DAYS, MIN_STAKE_DAYS, UNSTAKE_COOLDOWN_DAYS, stake_multiplier};
+use super::rules::Rules;
 use super::state::{Inserted, LedgerState};
 use super::store::{Rejection, Store, sqlite_url};
 use super::views::{

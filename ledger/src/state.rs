@@ -340,6 +340,12 @@ impl LedgerState {
                 account.proof_ids.insert(proof_id);
                 if let Op::Reward { proof, .. } = &block.block.op {
                     let p = &proof.proof;
+                    account.receipt_counts = super::receipt::attested(
+                        &p.receipts,
+                        &account.receipt_counts,
+                        account.last_reward_epoch,
+                    )
+                    .counted;
                     account.last_reward_epoch = Some(p.epoch_id);
                     account.reward_times.push_back(p.timestamp);
                     while account

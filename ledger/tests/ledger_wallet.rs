@@ -295,13 +295,16 @@ async fn rewards_stay_pending_through_the_challenge_window() {
     let ledger = db.open_with(rules).await;
     let w = Wallet::from_seed(41);
     let accepted = ledger
-        .submit_proof(&w, proof(&w, T0, 1024), T0)
+        .submit_proof(&w, proof(&w, T0, 1023), T0)
         .await
         .unwrap();
     let minted = accepted.reward;
     assert!(minted > 0);
     let b = ledger.balance(&w.address(), T0 + 599).await;
-    assert_eq!((b.available, b.pending_rewards, b.pending), (0, minted, minted));
+    assert_eq!(
+        (b.available, b.pending_rewards, b.pending),
+        (0, minted, minted)
+    );
     assert_eq!(b.total, minted);
     assert_eq!(b.rewards_next_release_at, Some(T0 + 600));
     assert_eq!(b.rewards_released_at, Some(T0 + 600));

@@ -141,6 +141,9 @@ pub fn children_named(pid: i32, name: &str) -> Vec<i32> {
     found
 }
 
+/// The `[ledger]` keys of a test node that sets none: no challenge window.
+pub const INSTANT_LEDGER: &str = "challenge_window_secs = 0\n";
+
 /// Options for a node under test.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -208,11 +211,16 @@ impl Node {
             Backend::Sqlite => None,
             Backend::Postgres => Some(PgDatabase::create()?),
         };
-        let config = match &database {
+        let mut config = match &database {
             // A top-level key, so before the tables of `config`.
             Some(db) => format!("database_url = {:?}\n{}", db.url, opts.config),
             None => opts.config.clone(),
         };
+        // Rewards spendable at once unless a scenario sets its own ledger rules: most
+        // scenarios fund a user from the node's first reward; the challenge window has its own.
+        if !config.contains("[ledger]") {
+            config.push_str(&format!("\n[ledger]\n{INSTANT_LEDGER}"));
+        }
         std::fs::write(dir.path().join("neuroshard.toml"), config)?;
         let mut node = Node {
             log: dir.path().join("daemon.log"),

@@ -35,6 +35,7 @@ mod openai_client;
 mod pipeline;
 mod pipeline_inference;
 mod pipeline_takeover;
+mod reward_window;
 mod storage;
 mod tracker;
 mod training;

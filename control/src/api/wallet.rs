@@ -52,6 +52,18 @@ pub struct BalanceResponse {
     /// Set when the account equivocated: its funds are burned and it is frozen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frozen_at_height: Option<u64>,
+    /// Rewards still in their challenge window (part of `balances.pending`).
+    pub pending_rewards: PendingRewardsView,
+}
+
+/// Rewards minted but not yet spendable: a fraud proof can still void them until released.
+#[derive(Serialize, ToSchema)]
+pub struct PendingRewardsView {
+    pub amount: f64,
+    /// When the oldest pending reward becomes available (ISO 8601, UTC); null when none.
+    pub next_release_at: Option<String>,
+    /// When all of them are available; null when none.
+    pub all_released_at: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -99,6 +111,11 @@ pub async fn balance(State(state): State<AppState>, caller: Caller) -> Json<Bala
         },
         staking: b.staking.as_ref().map(staking_view),
         frozen_at_height: b.frozen_at_height,
+        pending_rewards: PendingRewardsView {
+            amount: units_to_neuro(b.pending_rewards),
+            next_release_at: b.rewards_next_release_at.map(timestamp_string),
+            all_released_at: b.rewards_released_at.map(timestamp_string),
+        },
     })
 }
 

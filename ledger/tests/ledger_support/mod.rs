@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use neuroshard_ledger::proof::Proof;
+use neuroshard_ledger::receipt::attest_forward;
 use neuroshard_ledger::{Ledger, ProofType, Rules, SignedProof, Wallet};
 
 /// Rules without a challenge window, for tests about other things than the window.
@@ -118,6 +119,14 @@ pub fn proof(w: &Wallet, timestamp: i64, layers: u32) -> SignedProof {
             model_hash_end: format!("{:064x}", timestamp + 1),
             gradient_commitment: "cc".repeat(32),
             current_loss: 2.0,
+            // All its batches, attested by the stage after its layers.
+            receipts: vec![attest_forward(
+                &Wallet::from_seed(9_999),
+                w.address(),
+                Proof::epoch_of(timestamp),
+                600,
+                layers,
+            )],
         },
         w,
     )
@@ -133,7 +142,7 @@ pub async fn fund(ledger: &Ledger, w: &Wallet, neuro: u64, mut now: i64) -> i64 
             return now;
         }
         ledger
-            .submit_proof(w, proof(w, now, 1024), now)
+            .submit_proof(w, proof(w, now, 1023), now)
             .await
             .expect("funding proof accepted");
         now += 60;

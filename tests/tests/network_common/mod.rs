@@ -16,6 +16,14 @@ use neuroshard_net::client::PeerConn;
 use neuroshard_net::{LocalRole, Network, PeerState};
 use neuroshard_tests::Node;
 
+/// Layers of the `tiny` model the test nodes run.
+pub const TINY_LAYERS: u32 = 2;
+
+/// The ledger rules of the test nodes (`neuroshard_tests::INSTANT_LEDGER`, model `tiny`).
+pub fn tiny_rules() -> neuroshard_ledger::Rules {
+    neuroshard_ledger::Rules::new(0, TINY_LAYERS).expect("valid rules")
+}
+
 pub fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -40,7 +48,7 @@ impl Observer {
             .enable_all()
             .build()?;
         let dir = tempfile::tempdir()?;
-        let ledger = rt.block_on(Ledger::open_data_dir(dir.path()))?;
+        let ledger = rt.block_on(Ledger::open_data_dir(dir.path(), tiny_rules()))?;
         // Nobody pulls from the peers the observer connects to: the events are dropped.
         let (connected, _) = tokio::sync::mpsc::unbounded_channel();
         let net = Network::new(
@@ -125,7 +133,7 @@ impl Observer {
         let dir = tempfile::tempdir()?;
         let messages = self.messages(conn)?;
         self.rt.block_on(async {
-            let ledger = Ledger::open_data_dir(dir.path()).await?;
+            let ledger = Ledger::open_data_dir(dir.path(), tiny_rules()).await?;
             for m in &messages {
                 ledger.apply(m, now_s()).await?;
             }
@@ -138,8 +146,9 @@ impl Observer {
         })
     }
 
-    /// Mints the observer's wallet a training reward (one proof, about 300 NEURO), as any
-    /// node does for its work, in the observer's own ledger.
+    /// Mints the observer's wallet a training reward (one proof: 600 batches on both layers
+    /// of the `tiny` model, 0.9 NEURO), as a node that trains alone does for its work, in the
+    /// observer's own ledger.
     pub fn mint(&self, now: i64) -> anyhow::Result<()> {
         let w = self.wallet();
         let proof = SignedProof::sign(
@@ -154,9 +163,9 @@ impl Observer {
                 data_samples: 0,
                 request_id: String::new(),
                 model_hash: "ab".repeat(32),
-                layers_held: (0..1024).collect(),
-                holds_embedding: false,
-                holds_lm_head: false,
+                layers_held: (0..TINY_LAYERS).collect(),
+                holds_embedding: true,
+                holds_lm_head: true,
                 epoch_id: Proof::epoch_of(now),
                 model_hash_start: format!("{now:064x}"),
                 model_hash_end: format!("{:064x}", now + 1),

@@ -1,0 +1,100 @@
+//! Rewards wait out the network's challenge window (issue #19: a reward is `pending` while a
+//! fraud proof can still void it, then `available`). A real node trains with
+//! `ledger.challenge_window_secs = 60`: its first reward shows as pending with its release
+//! time, nothing of it can be spent before that time, and all of it can after.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use neuroshard_tests::{Node, NodeOptions, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const WINDOW_SECS: i64 = 60;
+
+fn balance(node: &Node) -> Option<Value> {
+    let (code, b) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
+    (code == 200).then_some(b)
+}
+
+fn release_time(b: &Value, key: &str) -> Option<DateTime<Utc>> {
+    b["pending_rewards"][key].as_str()?.parse().ok()
+}
+
+#[test]
+fn rewards_are_pending_until_their_window_ends() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let node = Node::start(NodeOptions {
+        config: format!(
+            "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 2\nseq_len = 32\n\n\
+             [ledger]\nchallenge_window_secs = {WINDOW_SECS}\n"
+        ),
+        ..NodeOptions::default()
+    })?;
+    node.wait_healthy(Duration::from_secs(60))?;
+
+    // The first reward arrives pending, with the time it is released.
+    let first = wait_for(
+        "a pending reward",
+        Duration::from_secs(240),
+        Duration::from_millis(500),
+        || {
+            let b = balance(&node)?;
+            (b["pending_rewards"]["amount"].as_f64()? > 0.0).then_some(b)
+        },
+    )?;
+    let seen_at = Utc::now();
+    let next = release_time(&first, "next_release_at").expect("a release time");
+    let all = release_time(&first, "all_released_at").expect("a last release time");
+    assert!(next <= all, "{first}");
+    let pending = first["pending_rewards"]["amount"].as_f64().unwrap();
+    assert!(
+        first["balances"]["pending"].as_f64().unwrap() >= pending,
+        "pending rewards are part of the pending balance: {first}"
+    );
+    assert_eq!(
+        first["balances"]["total"].as_f64().unwrap(),
+        first["balances"]["available"].as_f64().unwrap()
+            + first["balances"]["staked"].as_f64().unwrap()
+            + first["balances"]["pending"].as_f64().unwrap(),
+        "{first}"
+    );
+    // Read before the release time (the usual case: the poll saw the reward within a second
+    // of it), nothing is available and a send is refused for want of funds.
+    if seen_at < next {
+        assert_eq!(first["balances"]["available"], 0.0, "{first}");
+        let (code, body) = node
+            .authed(
+                Method::POST,
+                "/api/v1/wallet/send",
+                Some(json!({"to": format!("0x{}", "11".repeat(20)), "amount": 0.000001})),
+            )
+            .expect("an answer");
+        if Utc::now() < next {
+            assert_eq!(code, 400, "spent a pending reward: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("insufficient")),
+                "{body}"
+            );
+        }
+    }
+
+    // Once the window of that reward has passed, its amount is available.
+    let released = wait_for(
+        "the first reward released",
+        Duration::from_secs(WINDOW_SECS as u64 + 120),
+        Duration::from_millis(500),
+        || {
+            let b = balance(&node)?;
+            (b["balances"]["available"].as_f64()? >= pending).then_some(b)
+        },
+    )?;
+    assert!(Utc::now() >= next, "released before its time: {released}");
+    node.send_from_node(
+        &format!("0x{}", "22".repeat(20)),
+        (pending / 2.0 * 1e9).floor() / 1e9,
+    )?;
+    Ok(())
+}
