@@ -274,11 +274,13 @@ pub async fn run(
         (net, cfg.seed_peers.clone())
     };
     let gossip = crate::gossip::Gossip::new(peer_net.clone(), ledger.clone());
+    let attest = Arc::new(crate::attest::Attestations::new(wallet.clone()));
     let stage = Arc::new(crate::pipeline::Stage::new(
         engine.subscribe(),
         config.clone(),
         training.clone(),
         data_dir.clone(),
+        attest.clone(),
     ));
     // The peer port: the transport's own service, then each subsystem's, behind one guard.
     let edge = neuroshard_net::service::PeerEdge::new(peer_net.clone());
@@ -330,6 +332,7 @@ pub async fn run(
         engine: engine.clone(),
         wallet: wallet.clone(),
         ledger: ledger.clone(),
+        attest,
     };
     let work_task = tokio::spawn(crate::work::run(minter, stop_trainer_rx.clone()));
 

@@ -100,7 +100,10 @@ pub enum RejectReason {
     Implausible(String),
     /// The claim is not backed by other nodes' receipts (or they are invalid).
     Unattested(String),
-    AmountMismatch { claimed: u64, computed: u64 },
+    AmountMismatch {
+        claimed: u64,
+        computed: u64,
+    },
 }
 
 impl RejectReason {
@@ -239,8 +242,13 @@ impl Proof {
             ));
         }
         if !self.receipts.is_empty() {
-            check_receipts(&self.receipts, &self.node_id, self.epoch_id, self.layer_range())
-                .map_err(|e| RejectReason::Unattested(e.to_string()))?;
+            check_receipts(
+                &self.receipts,
+                &self.node_id,
+                self.epoch_id,
+                self.layer_range(),
+            )
+            .map_err(|e| RejectReason::Unattested(e.to_string()))?;
         }
         if self.proof_type == ProofType::Inference && self.tokens_processed == 0 {
             return bad("inference proof without tokens");
@@ -412,8 +420,14 @@ pub(crate) mod tests {
             (Box::new(|p| p.data_samples = 1), "unattested"),
             // The receipt says the layers end at 4.
             (Box::new(|p| p.layers_held = vec![0, 1, 2]), "unattested"),
-            (Box::new(|p| p.receipts[0].receipt.steps = 600), "unattested"),
-            (Box::new(|p| p.receipts[0].receipt.subject = Wallet::from_seed(5).address()), "unattested"),
+            (
+                Box::new(|p| p.receipts[0].receipt.steps = 600),
+                "unattested",
+            ),
+            (
+                Box::new(|p| p.receipts[0].receipt.subject = Wallet::from_seed(5).address()),
+                "unattested",
+            ),
         ];
         for (mutate, code) in cases {
             let mut p = base.clone();

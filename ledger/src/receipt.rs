@@ -292,10 +292,17 @@ mod tests {
 
     #[test]
     fn checks_refuse_forged_foreign_and_misplaced_receipts() {
-        let (me, b, c) = (Wallet::from_seed(1), Wallet::from_seed(2), Wallet::from_seed(3));
+        let (me, b, c) = (
+            Wallet::from_seed(1),
+            Wallet::from_seed(2),
+            Wallet::from_seed(3),
+        );
         let ok = receipt(&b, &me, ReceiptKind::Forward, 100, 5);
         let layers = Some((0, 2));
-        assert_eq!(check_receipts(&[ok.clone()], &me.address(), 100, layers), Ok(()));
+        assert_eq!(
+            check_receipts(&[ok.clone()], &me.address(), 100, layers),
+            Ok(())
+        );
         let mut forged = ok.clone();
         forged.receipt.steps = 500;
         assert_eq!(
@@ -344,7 +351,11 @@ mod tests {
 
     #[test]
     fn counts_are_cumulative_and_never_counted_twice() {
-        let (me, b, c) = (Wallet::from_seed(1), Wallet::from_seed(2), Wallet::from_seed(3));
+        let (me, b, c) = (
+            Wallet::from_seed(1),
+            Wallet::from_seed(2),
+            Wallet::from_seed(3),
+        );
         let first = [
             receipt(&b, &me, ReceiptKind::Forward, 100, 3),
             receipt(&c, &me, ReceiptKind::Forward, 100, 2),

@@ -19,6 +19,9 @@ pub struct Rules {
     /// Layers of the network's model: a proof's `layers_held` must lie in `0..model_layers`,
     /// `holds_embedding` means layer 0 is held and `holds_lm_head` the last layer.
     pub model_layers: u32,
+    /// Development networks only: training claims need no receipts from other nodes (a
+    /// lone node earns for its own training). Off in every open network.
+    pub accept_unattested_training: bool,
 }
 
 impl Default for Rules {
@@ -26,6 +29,7 @@ impl Default for Rules {
         Rules {
             challenge_window_secs: DEFAULT_CHALLENGE_WINDOW_SECONDS,
             model_layers: MAX_LAYERS as u32,
+            accept_unattested_training: false,
         }
     }
 }
@@ -50,7 +54,16 @@ impl Rules {
         Ok(Rules {
             challenge_window_secs,
             model_layers,
+            accept_unattested_training: false,
         })
+    }
+
+    /// The same rules, accepting training claims without receipts (development networks).
+    pub fn unattested(self) -> Rules {
+        Rules {
+            accept_unattested_training: true,
+            ..self
+        }
     }
 
     /// When a reward minted in a block dated `block_ts` becomes available.

@@ -100,6 +100,32 @@ impl Ledger {
         &self.store
     }
 
+    /// The network rules this ledger applies.
+    pub async fn rules(&self) -> Rules {
+        *self.inner.lock().await.state.rules()
+    }
+
+    /// How many training steps `receipts` attest for `address`'s next proof beyond what its
+    /// earlier rewards counted, and the epoch of its last reward (receipts of earlier epochs
+    /// count nothing).
+    pub async fn attested_steps(
+        &self,
+        address: &Address,
+        receipts: &[super::receipt::SignedReceipt],
+    ) -> (u64, Option<u64>) {
+        let inner = self.inner.lock().await;
+        match inner.state.account(address) {
+            Some(a) => (
+                super::receipt::attested(receipts, &a.receipt_counts, a.last_reward_epoch).steps,
+                a.last_reward_epoch,
+            ),
+            None => (
+                super::receipt::attested(receipts, &Default::default(), None).steps,
+                None,
+            ),
+        }
+    }
+
     /// Applies a gossiped message. Idempotent: a block already held is reported, not re-applied.
     /// Forged signatures and malformed blocks are errors and are not stored.
     pub async fn apply(&self, msg: &Message, now: i64) -> Result<Applied, LedgerError> {
@@ -593,6 +619,7 @@ impl Ledger {
                 verified: false,
                 reward: 0,
                 reason: Some(r.reason.clone()),
+                attested_by: Vec::new(),
             });
         }
         stats.total_submitted = all.len();

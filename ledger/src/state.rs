@@ -276,6 +276,17 @@ impl LedgerState {
                 reward,
                 reason,
                 reason_code,
+                attested_by: {
+                    let mut by: Vec<Address> = proof
+                        .proof
+                        .receipts
+                        .iter()
+                        .map(|r| r.receipt.attester)
+                        .collect();
+                    by.sort();
+                    by.dedup();
+                    by
+                },
             });
         }
         let Outcome::Applied(effect) = outcome else {
@@ -409,6 +420,7 @@ impl LedgerState {
         let mut e = Encoder::new(b"neuroshard-ledger-root-v2");
         e.i64(self.rules.challenge_window_secs)
             .u32(self.rules.model_layers)
+            .bool(self.rules.accept_unattested_training)
             .u64(self.accounts.len() as u64);
         for a in self.accounts.values() {
             e.bytes(&a.address.0)

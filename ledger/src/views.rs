@@ -91,6 +91,8 @@ pub struct ProofEntry {
     pub reward: u64,
     /// Why it earned nothing, when it did not.
     pub reason: Option<String>,
+    /// The nodes whose receipts back the proof.
+    pub attested_by: Vec<Address>,
 }
 
 impl From<&ProofRecord> for ProofEntry {
@@ -103,6 +105,7 @@ impl From<&ProofRecord> for ProofEntry {
             verified: p.verified,
             reward: p.reward,
             reason: p.reason.clone(),
+            attested_by: p.attested_by.clone(),
         }
     }
 }

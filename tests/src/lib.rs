@@ -141,8 +141,10 @@ pub fn children_named(pid: i32, name: &str) -> Vec<i32> {
     found
 }
 
-/// The `[ledger]` keys of a test node that sets none: no challenge window.
-pub const INSTANT_LEDGER: &str = "challenge_window_secs = 0\n";
+/// The `[ledger]` keys of a test node that sets none: a development network where rewards are
+/// spendable at once and a node training alone earns (most scenarios fund a user from the
+/// node's first reward); the window and the receipts have scenarios of their own.
+pub const INSTANT_LEDGER: &str = "challenge_window_secs = 0\naccept_unattested_training = true\n";
 
 /// Options for a node under test.
 #[derive(Debug, Clone)]
@@ -216,8 +218,7 @@ impl Node {
             Some(db) => format!("database_url = {:?}\n{}", db.url, opts.config),
             None => opts.config.clone(),
         };
-        // Rewards spendable at once unless a scenario sets its own ledger rules: most
-        // scenarios fund a user from the node's first reward; the challenge window has its own.
+        // A development network's ledger unless a scenario sets its own rules.
         if !config.contains("[ledger]") {
             config.push_str(&format!("\n[ledger]\n{INSTANT_LEDGER}"));
         }

@@ -27,7 +27,7 @@ fn rewards_are_pending_until_their_window_ends() -> anyhow::Result<()> {
     let node = Node::start(NodeOptions {
         config: format!(
             "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 2\nseq_len = 32\n\n\
-             [ledger]\nchallenge_window_secs = {WINDOW_SECS}\n"
+             [ledger]\nchallenge_window_secs = {WINDOW_SECS}\naccept_unattested_training = true\n"
         ),
         ..NodeOptions::default()
     })?;
@@ -96,5 +96,44 @@ fn rewards_are_pending_until_their_window_ends() -> anyhow::Result<()> {
         &format!("0x{}", "22".repeat(20)),
         (pending / 2.0 * 1e9).floor() / 1e9,
     )?;
+    Ok(())
+}
+
+/// A node training alone in an open network (issue #19): nobody receives its work, so nobody
+/// attests it, and its proofs claim no training -- it earns uptime only, and none of its
+/// proofs is refused (it does not claim what it cannot back).
+#[test]
+fn a_node_training_alone_earns_no_training_reward() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let node = Node::start(NodeOptions {
+        config: "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 2\nseq_len = 32\n\n\
+                 [ledger]\nchallenge_window_secs = 0\naccept_unattested_training = false\n"
+            .into(),
+        ..NodeOptions::default()
+    })?;
+    node.wait_healthy(Duration::from_secs(60))?;
+    let page = wait_for(
+        "two proofs while training",
+        Duration::from_secs(300),
+        Duration::from_millis(500),
+        || {
+            let (code, page) = node.authed(Method::GET, "/api/v1/proofs?limit=100", None)?;
+            (code == 200 && page["stats"]["total_submitted"].as_u64()? >= 2).then_some(page)
+        },
+    )?;
+    let status = node
+        .get("/api/v1/status")
+        .map(|(_, s)| s)
+        .unwrap_or_default();
+    assert!(
+        status["training"]["step"].as_u64().unwrap_or(0) > 0,
+        "the node did not train: {status}"
+    );
+    for p in page["proofs"].as_array().unwrap() {
+        assert_eq!(p["type"], "uptime", "{page}\n{status}");
+        assert_eq!(p["verified"], true, "{page}");
+        assert_eq!(p["attested_by"], json!([]), "{page}");
+    }
+    assert_eq!(page["stats"]["rejected_by_reason"], json!({}), "{page}");
     Ok(())
 }

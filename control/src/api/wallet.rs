@@ -420,6 +420,8 @@ pub struct ProofView {
     /// Why it earned nothing, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The nodes whose signed receipts of the work back the proof (issue #19).
+    pub attested_by: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -458,6 +460,7 @@ pub async fn proofs(
                 verified: e.verified,
                 reward: units_to_neuro(e.reward),
                 reason: e.reason,
+                attested_by: e.attested_by.iter().map(|a| a.to_checksum()).collect(),
             })
             .collect(),
         stats: ProofStatsView {

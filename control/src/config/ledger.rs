@@ -14,12 +14,16 @@ pub struct LedgerConfig {
     /// Seconds a reward stays pending (its challenge window, in which a fraud proof can still
     /// void it) before it can be spent; 0 makes rewards spendable at once.
     pub challenge_window_secs: i64,
+    /// Development networks only: training rewards without receipts from other nodes, so a
+    /// node training alone earns (every node of the network must agree; logged at start).
+    pub accept_unattested_training: bool,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             challenge_window_secs: DEFAULT_CHALLENGE_WINDOW_SECONDS,
+            accept_unattested_training: false,
         }
     }
 }
@@ -27,7 +31,7 @@ impl Default for LedgerConfig {
 impl LedgerConfig {
     /// The ledger rules for a network whose model has `model_layers` layers.
     pub fn rules(&self, model_layers: u32) -> Result<Rules, ConfigError> {
-        Rules::new(self.challenge_window_secs, model_layers).map_err(|e| {
+        let rules = Rules::new(self.challenge_window_secs, model_layers).map_err(|e| {
             let key = match e {
                 RulesError::Window(_) => "ledger.challenge_window_secs",
                 RulesError::Layers(_) => "training.model",
@@ -36,6 +40,11 @@ impl LedgerConfig {
                 key: key.into(),
                 message: e.to_string(),
             }
+        })?;
+        Ok(if self.accept_unattested_training {
+            rules.unattested()
+        } else {
+            rules
         })
     }
 }

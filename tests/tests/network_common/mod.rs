@@ -21,7 +21,9 @@ pub const TINY_LAYERS: u32 = 2;
 
 /// The ledger rules of the test nodes (`neuroshard_tests::INSTANT_LEDGER`, model `tiny`).
 pub fn tiny_rules() -> neuroshard_ledger::Rules {
-    neuroshard_ledger::Rules::new(0, TINY_LAYERS).expect("valid rules")
+    neuroshard_ledger::Rules::new(0, TINY_LAYERS)
+        .expect("valid rules")
+        .unattested()
 }
 
 pub fn now_s() -> i64 {
@@ -171,6 +173,8 @@ impl Observer {
                 model_hash_end: format!("{:064x}", now + 1),
                 gradient_commitment: "cc".repeat(32),
                 current_loss: 2.0,
+                // Nobody received this work: the test nodes' development ledger takes it.
+                receipts: Vec::new(),
             },
             w,
         );
