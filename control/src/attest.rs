@@ -32,6 +32,14 @@ struct Running {
     signed: Option<SignedReceipt>,
 }
 
+/// How a record adds to the count.
+enum Count {
+    /// One training step (its micro-batches count once).
+    Step(u64),
+    /// Inner steps behind a contribution.
+    Steps(u64),
+}
+
 /// Why a peer's receipt was not kept.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiptRefused {
@@ -79,45 +87,73 @@ impl Attestations {
         mb: u32,
         tensor: &[u8],
     ) -> SignedReceipt {
+        self.record(
+            subject,
+            kind,
+            boundary,
+            Count::Step(step),
+            (step, mb, tensor),
+        )
+    }
+
+    /// Records a contribution of `steps` inner steps from `subject` (DiLoCo round `round`,
+    /// identified by `id`) and signs the receipt of this epoch's contributions from it.
+    pub fn credit(&self, subject: Address, steps: u64, round: u64, id: &[u8]) -> SignedReceipt {
+        self.record(
+            subject,
+            ReceiptKind::Contribution,
+            0,
+            Count::Steps(steps),
+            (round, 0, id),
+        )
+    }
+
+    fn record(
+        &self,
+        subject: Address,
+        kind: ReceiptKind,
+        boundary: u32,
+        count: Count,
+        (step, mb, tensor): (u64, u32, &[u8]),
+    ) -> SignedReceipt {
         let epoch = epoch_now();
         let mut given = self.given.lock();
-        {
-            let r = given.entry((subject, kind)).or_insert(Running {
-                epoch,
-                steps: 0,
-                last_step: None,
-                commitment: Hash32::ZERO,
-                signed: None,
-            });
-            if r.epoch != epoch {
-                *r = Running {
-                    epoch,
-                    steps: 0,
-                    last_step: None,
-                    commitment: Hash32::ZERO,
-                    signed: None,
-                };
-            }
-            if r.last_step != Some(step) {
+        let fresh = Running {
+            epoch,
+            steps: 0,
+            last_step: None,
+            commitment: Hash32::ZERO,
+            signed: None,
+        };
+        let r = given
+            .entry((subject, kind))
+            .or_insert_with(|| fresh.clone());
+        if r.epoch != epoch {
+            *r = fresh;
+        }
+        match count {
+            Count::Step(step) if r.last_step != Some(step) => {
                 r.steps += 1;
                 r.last_step = Some(step);
             }
-            r.commitment = Receipt::chain(&r.commitment, step, mb, tensor);
-            let signed = SignedReceipt::sign(
-                Receipt {
-                    attester: self.wallet.address(),
-                    subject,
-                    kind,
-                    epoch_id: epoch,
-                    steps: r.steps,
-                    boundary,
-                    commitment: r.commitment,
-                },
-                &self.wallet,
-            );
-            r.signed = Some(signed.clone());
-            signed
+            Count::Step(_) => {}
+            Count::Steps(n) => r.steps = r.steps.saturating_add(n),
         }
+        r.commitment = Receipt::chain(&r.commitment, step, mb, tensor);
+        let signed = SignedReceipt::sign(
+            Receipt {
+                attester: self.wallet.address(),
+                subject,
+                kind,
+                epoch_id: epoch,
+                steps: r.steps,
+                boundary,
+                commitment: r.commitment,
+            },
+            &self.wallet,
+        );
+        r.signed = Some(signed.clone());
+        signed
     }
 
     /// Keeps a receipt `from` signed for this node's `kind` work, when it is one: signed by
@@ -251,6 +287,13 @@ mod tests {
             att_a.for_proof(None, r.receipt.epoch_id)[0].receipt.steps,
             2
         );
+        // Contributions add their steps.
+        let c = att_b.credit(ia, 40, 3, b"round 3");
+        assert_eq!(
+            (c.receipt.steps, c.receipt.kind),
+            (40, ReceiptKind::Contribution)
+        );
+        assert_eq!(att_b.credit(ia, 25, 4, b"round 4").receipt.steps, 65);
         // Not about the proof's period: nothing.
         assert!(
             att_a

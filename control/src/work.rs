@@ -48,7 +48,13 @@ struct Mark {
     steps: u64,
     tokens: u64,
     model_hash: String,
+    /// Steps trained but not yet claimed for want of receipts: a DiLoCo replica's steps are
+    /// attested a round later, when the others aggregated them.
+    unclaimed: u64,
 }
+
+/// Most unclaimed steps carried from one proof to the next (ten epochs' worth).
+const MAX_UNCLAIMED: u64 = 6_000;
 
 /// Runs until `stop` flips: one proof per epoch, submitted a second after the epoch turns.
 pub async fn run(state: Minter, mut stop: watch::Receiver<bool>) {
@@ -57,6 +63,7 @@ pub async fn run(state: Minter, mut stop: watch::Receiver<bool>) {
         steps: state.training().steps_this_run,
         tokens: state.metrics.tokens_generated.load(Ordering::Relaxed),
         model_hash: String::new(),
+        unclaimed: 0,
     };
     loop {
         let now = chrono::Utc::now().timestamp();
@@ -119,18 +126,30 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         layers.last().map_or(0, |l| l + 1),
     );
     let mut receipts = state.attest.for_proof(last_epoch, epoch_id);
+    let model_layers = cfg.training.model.config().layers;
     receipts.retain(|r| match r.receipt.kind {
         ReceiptKind::Forward => r.receipt.boundary == range.1,
         ReceiptKind::Backward => r.receipt.boundary == range.0,
+        ReceiptKind::Contribution => range == (0, model_layers),
     });
     let (attested, _) = state
         .ledger
         .attested_steps(&state.wallet.address(), &receipts)
         .await;
+    let total = if trained {
+        mark.unclaimed.saturating_add(batches)
+    } else {
+        mark.unclaimed
+    };
     let batches = match (trained, rules.accept_unattested_training) {
         (false, _) => 0,
         (true, true) => batches.min(600),
-        (true, false) => batches.min(attested).min(600),
+        (true, false) => total.min(attested).min(600),
+    };
+    let unclaimed = if rules.accept_unattested_training {
+        0
+    } else {
+        (total - batches).min(MAX_UNCLAIMED)
     };
     let trained = batches > 0;
     let inference_tokens = tokens.saturating_sub(mark.tokens);
@@ -208,5 +227,6 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         } else {
             model_hash
         },
+        unclaimed,
     }
 }

@@ -429,6 +429,8 @@ pub fn check_layers(p: &super::proof::Proof, rules: &Rules) -> Result<(), Reject
         let inside = match kind {
             ReceiptKind::Forward => boundary < n,
             ReceiptKind::Backward => boundary > 0 && boundary < n,
+            // A contribution is of the whole model.
+            ReceiptKind::Contribution => p.layer_range() == Some((0, n)),
         };
         if !inside {
             return Err(RejectReason::Unattested(format!(

@@ -39,6 +39,11 @@ pub enum ReceiptKind {
     /// The gradient with respect to the subject's input (it ran the backward pass of the
     /// layers from `boundary` on).
     Backward,
+    /// A DiLoCo pseudo-gradient of the whole model that the attester, a replica, aggregated
+    /// (checked and not outvoted); `steps` counts the inner steps behind it. Every replica
+    /// receives the same contribution, so per epoch the largest count of any attester counts,
+    /// not their sum.
+    Contribution,
 }
 
 impl ReceiptKind {
@@ -46,6 +51,7 @@ impl ReceiptKind {
         match self {
             Self::Forward => "forward",
             Self::Backward => "backward",
+            Self::Contribution => "contribution",
         }
     }
 }
@@ -206,6 +212,8 @@ pub fn check_receipts(
         let on_edge = match rc.kind {
             ReceiptKind::Forward => layers.is_some() && rc.boundary == end,
             ReceiptKind::Backward => layers.is_some() && rc.boundary == start,
+            // The whole model from layer 0; the ledger checks the end against the model.
+            ReceiptKind::Contribution => layers.is_some() && rc.boundary == 0 && start == 0,
         };
         if !on_edge {
             return Err(ReceiptError::Boundary {
@@ -223,8 +231,9 @@ pub fn check_receipts(
 /// What a proof's receipts attest beyond what the previous reward already counted.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Attested {
-    /// Training steps attested: per kind, the new steps summed over attesters and epochs;
-    /// the larger of the two kinds.
+    /// Training steps attested: per kind, the new steps summed over epochs (and over
+    /// attesters for pipeline receipts, the largest attester's for contributions); the
+    /// largest of the kinds.
     pub steps: u64,
     /// The counts this proof's receipts reach, to be remembered for the next proof.
     pub counted: BTreeMap<ReceiptKey, u64>,
@@ -239,6 +248,7 @@ pub fn attested(
     min_epoch: Option<u64>,
 ) -> Attested {
     let mut per_kind: BTreeMap<ReceiptKind, u64> = BTreeMap::new();
+    let mut contribution: BTreeMap<u64, u64> = BTreeMap::new();
     // What was counted of epochs a receipt may still name stays counted.
     let mut counted: BTreeMap<ReceiptKey, u64> = previous
         .iter()
@@ -253,9 +263,15 @@ pub fn attested(
         let key = (rc.attester, rc.kind, rc.epoch_id);
         let before = previous.get(&key).copied().unwrap_or(0);
         let new = rc.steps.saturating_sub(before);
-        *per_kind.entry(rc.kind).or_default() += new;
+        if rc.kind == ReceiptKind::Contribution {
+            let e = contribution.entry(rc.epoch_id).or_default();
+            *e = (*e).max(new);
+        } else {
+            *per_kind.entry(rc.kind).or_default() += new;
+        }
         counted.insert(key, rc.steps.max(before));
     }
+    per_kind.insert(ReceiptKind::Contribution, contribution.values().sum());
     Attested {
         steps: per_kind.values().copied().max().unwrap_or(0),
         counted,
@@ -282,7 +298,7 @@ mod tests {
                 steps,
                 boundary: match kind {
                     ReceiptKind::Forward => 2,
-                    ReceiptKind::Backward => 0,
+                    ReceiptKind::Backward | ReceiptKind::Contribution => 0,
                 },
                 commitment: Receipt::chain(&Hash32::ZERO, 1, 0, b"tensor"),
             },
@@ -377,6 +393,15 @@ mod tests {
         // Replaying the same receipts adds nothing, nor do the first proof's.
         assert_eq!(attested(&second, &a2.counted, Some(100)).steps, 0);
         assert_eq!(attested(&first, &a2.counted, Some(100)).steps, 0);
+        // Contributions: every replica received the same one; the largest count counts.
+        let c1 = |by: &Wallet, steps| receipt(by, &me, ReceiptKind::Contribution, 200, steps);
+        let both = [c1(&b, 40), c1(&c, 30)];
+        assert_eq!(attested(&both, &BTreeMap::new(), None).steps, 40);
+        assert_eq!(
+            check_receipts(&both, &me.address(), 200, Some((0, 4))),
+            Ok(())
+        );
+        assert!(check_receipts(&both, &me.address(), 200, Some((1, 4))).is_err());
         // Once a later reward moved the window on, the old epoch's counts are forgotten.
         assert!(
             attested(&[], &a2.counted, Some(101))

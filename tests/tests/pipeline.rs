@@ -38,39 +38,10 @@ fn three_stages(extra: &str) -> (Node, Node, Node) {
     pipeline_common::three_stages([options(2, extra), options(1, extra), options(1, extra)])
 }
 
-/// An open network's ledger (issue #19): no challenge window to wait out, but training earns
-/// only what the other stages' receipts attest.
-const ATTESTED_LEDGER: &str =
-    "\n[ledger]\nchallenge_window_secs = 0\naccept_unattested_training = false\n";
-
-/// The training proofs of `node` that earned, with the nodes that attested each.
-fn attested_training(node: &Node) -> Vec<(f64, Vec<String>)> {
-    let (_, page) = node
-        .authed(reqwest::Method::GET, "/api/v1/proofs?limit=100", None)
-        .unwrap_or_default();
-    page["proofs"]
-        .as_array()
-        .map(|ps| {
-            ps.iter()
-                .filter(|p| p["type"] == "training" && p["verified"] == true)
-                .map(|p| {
-                    let by = p["attested_by"].as_array().cloned().unwrap_or_default();
-                    (
-                        p["reward"].as_f64().unwrap_or(0.0),
-                        by.iter()
-                            .filter_map(|a| a.as_str().map(String::from))
-                            .collect(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn three_stages_train_and_the_loss_falls() {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    let (a, b, c) = three_stages(ATTESTED_LEDGER);
+    let (a, b, c) = three_stages(network_common::ATTESTED_LEDGER);
     let nodes = [&a, &b, &c];
     wait_for("a first pipeline step", START, POLL, || {
         step(&a).filter(|s| *s >= 1).and_then(|_| loss(&a))
@@ -130,37 +101,14 @@ fn three_stages_train_and_the_loss_falls() {
     // Every stage earned training rewards, each backed by receipts of its neighbours: the
     // driver's forward work by the worker, the worker's by the validator (forward) and the
     // driver (backward), the validator's by the worker (backward).
-    let address = |n: &Node| {
-        n.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
-            .unwrap()
-            .1["address"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let (ia, ib, ic) = (address(&a), address(&b), address(&c));
+    let [ia, ib, ic] = [&a, &b, &c].map(network_common::address);
     for (node, neighbours) in [
         (&a, vec![ib.clone()]),
         (&b, vec![ia.clone(), ic.clone()]),
         (&c, vec![ib.clone()]),
     ] {
-        let proofs = wait_for("an attested training reward", START, POLL, || {
-            let p = attested_training(node);
-            let both = p.iter().any(|(_, by)| by.len() == neighbours.len());
-            both.then_some(p)
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
-        for (reward, by) in &proofs {
-            assert!(*reward > 0.0, "{proofs:?}");
-            assert!(
-                !by.is_empty(),
-                "a training reward without receipts: {proofs:?}"
-            );
-            assert!(
-                by.iter().all(|x| neighbours.contains(x)),
-                "attested by a node that is not a neighbour: {by:?} (neighbours {neighbours:?})"
-            );
-        }
+        network_common::wait_attested_training(node, &neighbours, START)
+            .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
     }
 }
 

@@ -209,3 +209,69 @@ impl Observer {
         Ok(last)
     }
 }
+
+/// An open network's ledger (issue #19) for a scenario's config: no challenge window to wait
+/// out, but training earns only what other nodes' receipts attest.
+pub const ATTESTED_LEDGER: &str =
+    "\n[ledger]\nchallenge_window_secs = 0\naccept_unattested_training = false\n";
+
+/// The address of `node`'s own wallet.
+pub fn address(node: &Node) -> String {
+    node.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
+        .and_then(|(_, b)| b["address"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// The training proofs of `node` that earned: (reward, the nodes whose receipts back it).
+pub fn attested_training(node: &Node) -> Vec<(f64, Vec<String>)> {
+    let Some((_, page)) = node.authed(reqwest::Method::GET, "/api/v1/proofs?limit=100", None)
+    else {
+        return Vec::new();
+    };
+    let proofs = page["proofs"].as_array().cloned().unwrap_or_default();
+    proofs
+        .iter()
+        .filter(|p| p["type"] == "training" && p["verified"] == true)
+        .map(|p| {
+            let by = p["attested_by"].as_array().cloned().unwrap_or_default();
+            (
+                p["reward"].as_f64().unwrap_or(0.0),
+                by.iter()
+                    .filter_map(|a| a.as_str().map(String::from))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `node` earned a training reward backed by receipts of all of `attesters`, and
+/// checks that every training reward it earned has a receipt, and only from them.
+pub fn wait_attested_training(
+    node: &Node,
+    attesters: &[String],
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let proofs = neuroshard_tests::wait_for(
+        "a training reward attested by the expected nodes",
+        timeout,
+        std::time::Duration::from_millis(500),
+        || {
+            let p = attested_training(node);
+            p.iter()
+                .any(|(_, by)| by.len() == attesters.len())
+                .then_some(p)
+        },
+    )?;
+    for (reward, by) in &proofs {
+        anyhow::ensure!(*reward > 0.0, "a training proof without reward: {proofs:?}");
+        anyhow::ensure!(
+            !by.is_empty(),
+            "a training reward without receipts: {proofs:?}"
+        );
+        anyhow::ensure!(
+            by.iter().all(|x| attesters.contains(x)),
+            "attested by {by:?}, expected only {attesters:?}"
+        );
+    }
+    Ok(())
+}
