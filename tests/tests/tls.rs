@@ -99,6 +99,42 @@ fn curl_times(args: &[&str], url: &str) -> (f64, f64) {
     (median(&mut handshakes), median(&mut totals))
 }
 
+/// The CPU time `pid` has used (user + system), in ms (USER_HZ is 100 on Linux).
+fn cpu_ms(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are the 14th and 15th fields; the first two end at the ')'.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks * 10.0
+}
+
+/// The daemon's CPU per connection over `n` fresh connections in a row (one curl process,
+/// `Connection: close`), less what it used idle for as long: ms. `url` is best a route that
+/// does nothing (a 404), so that the connection's cost is what is measured.
+fn server_cpu_per_connection(node: &Node, args: &[&str], url: &str, n: usize) -> f64 {
+    let pid = node.pid().unwrap();
+    let before = cpu_ms(pid);
+    let started = std::time::Instant::now();
+    let out = Command::new("curl")
+        .args(["-sS", "--noproxy", "*", "-H", "Connection: close"])
+        .args(args)
+        .args(std::iter::repeat_n(url, n))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let busy = cpu_ms(pid) - before;
+    let idle_from = cpu_ms(pid);
+    std::thread::sleep(started.elapsed());
+    let idle = cpu_ms(pid) - idle_from;
+    (busy - idle).max(0.0) / n as f64
+}
+
 #[test]
 fn a_node_beyond_loopback_serves_https_to_clients_that_verify_it() -> anyhow::Result<()> {
     let _scenario = neuroshard_tests::scenario(module_path!());
@@ -185,7 +221,9 @@ fn a_node_beyond_loopback_serves_https_to_clients_that_verify_it() -> anyhow::Re
     assert!(ok && out.contains(&format!("TLS sha256     {fp}")), "{out}");
 
     // What a handshake costs a client: curl's connect-to-TLS-done time, 20 fresh connections.
-    let (handshake, total) = curl_times(&["--cacert", ca], &url("/api/v1/health"));
+    // Full handshakes: no session resumption (curl would resume the node's TLS 1.3 tickets).
+    let full_handshakes = ["--cacert", ca, "--no-sessionid"];
+    let (handshake, total) = curl_times(&full_handshakes, &url("/api/v1/health"));
     println!(
         "https health, 20 fresh connections: TLS handshake median {handshake:.2} ms, whole \
          request median {total:.2} ms"
@@ -222,12 +260,30 @@ fn insecure_http_serves_plain_http_beyond_loopback_with_a_warning() -> anyhow::R
         &["status", "--port", &node.port.to_string()],
     );
     assert!(ok && out.contains("api       http\n"), "{out}");
-    let (_, total) = curl_times(&[], &node.url("/api/v1/health"));
-    println!("plain http health, 20 fresh connections: whole request median {total:.2} ms");
     // Bound to loopback (the harness's default), nothing is said.
     let local = Node::start(NodeOptions::default())?;
     local.wait_healthy(START)?;
     assert!(!local.logs().contains("plain HTTP beyond loopback"));
+
+    // What TLS costs the daemon: its CPU per fresh connection, plain HTTP (this node) against
+    // full TLS handshakes (a node beyond loopback), both idle (no training).
+    let tls = Node::start(NodeOptions {
+        extra_args: vec!["--host".into(), "0.0.0.0".into()],
+        ..NodeOptions::default()
+    })?;
+    let cert = cert_of(tls.data_dir());
+    wait_https(&cert, tls.port, "/api/v1/health", || tls.logs());
+    let full = ["--cacert", cert.to_str().unwrap(), "--no-sessionid"];
+    let n = 1000;
+    let plain_cpu = server_cpu_per_connection(&node, &[], &node.url("/none"), n);
+    let tls_url = format!("https://127.0.0.1:{}/none", tls.port);
+    let tls_cpu = server_cpu_per_connection(&tls, &full, &tls_url, n);
+    let (_, plain_total) = curl_times(&[], &node.url("/api/v1/health"));
+    println!(
+        "the daemon's CPU per fresh connection ({n} in a row to a route that does nothing): \
+         plain http {plain_cpu:.3} ms, https with a full handshake {tls_cpu:.3} ms; plain http \
+         health, 20 fresh connections: whole request median {plain_total:.2} ms"
+    );
     Ok(())
 }
 
