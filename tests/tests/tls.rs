@@ -5,7 +5,8 @@
 //! the OpenAI Python client completes over https; the CLI's `status` pins the certificate the
 //! daemon serves. `--insecure-http` serves plain HTTP beyond loopback with a warning. A tracker
 //! bound to 0.0.0.0 serves https, and nodes pinning its fingerprint announce to it and find
-//! each other, while a node pinning another certificate is refused with both fingerprints.
+//! each other, while a node pinning another certificate is refused with both fingerprints and
+//! one with no pin is refused by the system's roots.
 //! `scripts/test.sh` installs curl; without it these tests fail, they do not skip.
 
 use std::path::{Path, PathBuf};
@@ -339,8 +340,10 @@ fn nodes_announce_to_a_tracker_over_https_pinning_its_certificate() -> anyhow::R
     let b = Node::start(pinned(&fp.to_ascii_lowercase().replace(':', "")))?;
     // A node pinning another certificate never gets through, and says why.
     let wrong = Node::start(pinned(&["AB"; 32].join(":")))?;
+    // Nor does one without a pin: the system's roots do not vouch for a self-signed tracker.
+    let unpinned = Node::start(pinned(""))?;
     // Not `wait_healthy`: a node with a tracker is unhealthy until it has a peer.
-    for n in [&a, &b, &wrong] {
+    for n in [&a, &b, &wrong, &unpinned] {
         wait_for("the node's API", START, POLL, || {
             n.get("/api/v1/status").filter(|(c, _)| *c == 200)
         })?;
@@ -385,6 +388,20 @@ fn nodes_announce_to_a_tracker_over_https_pinning_its_certificate() -> anyhow::R
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", wrong.logs()));
     assert!(wrong.logs().contains(&fp), "both fingerprints are named");
+    wait_for("the unverified tracker in the log", START, POLL, || {
+        let logs = unpinned.logs();
+        (logs.contains("tracker unreachable") && logs.contains("certificate")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", unpinned.logs()));
+    for n in [&wrong, &unpinned] {
+        let logs = n.logs();
+        let line = logs.lines().find(|l| l.contains("tracker unreachable"));
+        println!("{}", line.unwrap_or_default());
+    }
+    // Neither was listed.
+    let (_, body) = curl(&["--fail", "--cacert", ca], &format!("{url}/peers"));
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(v["peers"].as_array().map(Vec::len), Some(2), "{v}");
     let _ = tracker.kill();
     let _ = tracker.wait();
     Ok(())
