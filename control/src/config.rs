@@ -12,14 +12,18 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::engine::EngineMode;
 
+mod keys;
 mod ledger;
 mod live;
 mod peer;
+mod tls;
 mod types;
 
+pub use keys::{needs_restart, redact_url};
 pub use ledger::LedgerConfig;
 pub use live::{ConfigSender, LiveConfig};
 pub use peer::PeerConfig;
+pub use tls::{TlsConfig, parse_fingerprint};
 use types::Refusal;
 pub use types::{Device, Host, ModelPreset};
 
@@ -53,8 +57,11 @@ pub struct Config {
     /// Address the REST API binds. The peer service always binds all interfaces.
     #[schema(value_type = String)]
     pub host: Host,
-    /// Tracker URL for discovery; empty means none.
+    /// Tracker URL for discovery (http:// or https://); empty means none.
     pub tracker_url: String,
+    /// SHA-256 fingerprint of an https tracker's certificate: only it is accepted (empty:
+    /// the system's roots verify the tracker).
+    pub tracker_fingerprint: String,
     /// `host:port` peer addresses to start from.
     pub seed_peers: Vec<String>,
     /// Ledger database; empty means SQLite in the data directory.
@@ -65,6 +72,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub peer: PeerConfig,
     pub ledger: LedgerConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -87,6 +95,9 @@ pub struct ApiConfig {
     pub header_timeout_secs: u32,
     /// Seconds a request body may take to arrive.
     pub body_timeout_secs: u32,
+    /// New connections one client address may open per second (bursts of 4 s worth); more
+    /// are refused at accept. 127.0.0.1 and ::1 are exempt. Also the tracker's default.
+    pub connection_rate_per_address: u32,
 }
 
 impl ApiConfig {
@@ -98,6 +109,7 @@ impl ApiConfig {
             total: total_cap,
             header_timeout: std::time::Duration::from_secs(u64::from(self.header_timeout_secs)),
             body_timeout: std::time::Duration::from_secs(u64::from(self.body_timeout_secs)),
+            new_per_second: self.connection_rate_per_address,
         }
     }
 }
@@ -112,6 +124,7 @@ impl Default for ApiConfig {
             max_connections: 4096,
             header_timeout_secs: 10,
             body_timeout_secs: 30,
+            connection_rate_per_address: 32,
         }
     }
 }
@@ -196,6 +209,7 @@ impl Default for Config {
             port: 8000,
             host: Host::default(),
             tracker_url: String::new(),
+            tracker_fingerprint: String::new(),
             seed_peers: Vec::new(),
             database_url: String::new(),
             engine: EngineConfig::default(),
@@ -204,6 +218,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             peer: PeerConfig::default(),
             ledger: LedgerConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -458,27 +473,28 @@ impl Config {
             ("api.header_timeout_secs", a.header_timeout_secs, 3600),
             ("api.body_timeout_secs", a.body_timeout_secs, 3600),
             (
+                "api.connection_rate_per_address",
+                a.connection_rate_per_address,
+                1_000_000,
+            ),
+            (
                 "peer.max_connections_per_address",
                 self.peer.max_connections_per_address,
                 1_000_000,
             ),
             ("peer.max_connections", self.peer.max_connections, 1_000_000),
+            (
+                "peer.connection_rate_per_address",
+                self.peer.connection_rate_per_address,
+                1_000_000,
+            ),
         ] {
             if !(1..=max).contains(&v) {
                 return bad(key, format!("{v} is not in 1..={max}"));
             }
         }
         self.ledger.rules(self.training.model.config().layers)?;
-        if !self.tracker_url.is_empty() && !self.tracker_url.starts_with("http://") {
-            return bad(
-                "tracker_url",
-                format!(
-                    "{:?} is not an http:// URL (run `neuroshard tracker`; put TLS in front \
-                     of it with a reverse proxy and give its http:// address)",
-                    self.tracker_url
-                ),
-            );
-        }
+        tls::validate(self)?;
         for peer in &self.seed_peers {
             if peer
                 .rsplit_once(':')
@@ -537,40 +553,6 @@ impl Config {
         };
         cfg.validate()?;
         Ok(cfg)
-    }
-}
-
-/// Keys whose change only takes effect after a restart.
-pub fn needs_restart(key: &str) -> bool {
-    key == "port"
-        || key == "host"
-        || key == "database_url"
-        || key.starts_with("engine.")
-        || key == "resources.device"
-        || key == "resources.cpu_threads"
-        || key == "training.model"
-        || key == "training.seed"
-        || key == "training.data_path"
-        || key == "api.max_body_kb"
-        || key == "api.max_connections_per_address"
-        || key == "api.max_connections"
-        || key == "api.header_timeout_secs"
-        || key == "api.body_timeout_secs"
-        || key.starts_with("peer.")
-        || key.starts_with("ledger.")
-}
-
-/// `database_url` without its password, for display.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
     }
 }
 

@@ -38,6 +38,7 @@ mod pipeline_inference;
 mod pipeline_takeover;
 mod reward_window;
 mod storage;
+mod tls;
 mod tracker;
 mod training;
 
