@@ -272,7 +272,12 @@ pub async fn run(
         );
         (net, cfg.seed_peers.clone())
     };
-    let gossip = crate::gossip::Gossip::new(peer_net.clone(), ledger.clone());
+    let keyring = Arc::new(crate::wallets::Keyring::new(
+        data_dir,
+        wallet.clone(),
+        passphrase,
+    ));
+    let gossip = crate::gossip::Gossip::claiming(peer_net.clone(), ledger.clone(), keyring.clone());
     let stage = Arc::new(crate::pipeline::Stage::new(
         engine.subscribe(),
         config.clone(),
@@ -306,11 +311,7 @@ pub async fn run(
         network: network.clone(),
         ledger: ledger.clone(),
         wallet: wallet.clone(),
-        keyring: Arc::new(crate::wallets::Keyring::new(
-            data_dir,
-            wallet.clone(),
-            passphrase,
-        )),
+        keyring,
         auth,
         limits: Arc::new(crate::api::RateLimits::new(&api_config)),
         metrics: metrics.clone(),
