@@ -299,6 +299,16 @@ pub async fn run(
             edge,
             stage.clone(),
         ));
+    let samples = Arc::new(crate::samples::Samples::default());
+    tokio::spawn(crate::samples::run(
+        samples.clone(),
+        crate::samples::Sources {
+            training: training.clone(),
+            metrics: metrics.clone(),
+            net: peer_net.clone(),
+        },
+        stop_servers_rx.clone(),
+    ));
     let state = AppState {
         node_id: node_id.clone(),
         started: Instant::now(),
@@ -322,6 +332,7 @@ pub async fn run(
         net: peer_net.clone(),
         diloco: diloco.clone(),
         stage: stage.clone(),
+        samples: samples.clone(),
     };
     let minter = crate::work::Minter {
         config: config.clone(),
