@@ -18,7 +18,7 @@ fn balance(node: &Node) -> Option<Value> {
 }
 
 fn release_time(b: &Value, key: &str) -> Option<DateTime<Utc>> {
-    b["pending_rewards"][key].as_str()?.parse().ok()
+    b["pending"][key].as_str()?.parse().ok()
 }
 
 #[test]
@@ -40,14 +40,14 @@ fn rewards_are_pending_until_their_window_ends() -> anyhow::Result<()> {
         Duration::from_millis(500),
         || {
             let b = balance(&node)?;
-            (b["pending_rewards"]["amount"].as_f64()? > 0.0).then_some(b)
+            (b["pending"]["rewards"].as_f64()? > 0.0).then_some(b)
         },
     )?;
     let seen_at = Utc::now();
-    let next = release_time(&first, "next_release_at").expect("a release time");
-    let all = release_time(&first, "all_released_at").expect("a last release time");
+    let next = release_time(&first, "rewards_next_release_at").expect("a release time");
+    let all = release_time(&first, "rewards_released_at").expect("a last release time");
     assert!(next <= all, "{first}");
-    let pending = first["pending_rewards"]["amount"].as_f64().unwrap();
+    let pending = first["pending"]["rewards"].as_f64().unwrap();
     assert!(
         first["balances"]["pending"].as_f64().unwrap() >= pending,
         "pending rewards are part of the pending balance: {first}"
