@@ -71,13 +71,8 @@ fn rewards_are_pending_until_their_window_ends() -> anyhow::Result<()> {
             )
             .expect("an answer");
         if Utc::now() < next {
-            assert_eq!(code, 400, "spent a pending reward: {body}");
-            assert!(
-                body["error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("insufficient")),
-                "{body}"
-            );
+            assert_eq!(code, 402, "spent a pending reward: {body}");
+            assert_eq!(body["error"]["code"], "INSUFFICIENT_BALANCE", "{body}");
         }
     }
 
