@@ -239,10 +239,10 @@ fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
         })
         .unwrap();
     }
-    // The nodes pay each other in a ring through their REST APIs.
+    // The nodes pay each other in a ring through their REST APIs (hundredths of a NEURO).
     for (i, node) in nodes.iter().enumerate() {
         let to = ids[(i + 1) % 3].to_checksum();
-        let amount = 3.0 - i as f64;
+        let amount = (3.0 - i as f64) / 100.0;
         let (code, body) = node
             .authed(
                 Method::POST,

@@ -176,6 +176,11 @@ impl Stage {
                 .await?;
                 // The next stage's receipt is for this stage's work; the caller gets ours.
                 self.keep_receipt(&hop, ReceiptKind::Forward, &reply.receipt);
+                // The route's loss is this stage's training loss too (a middle stage computes
+                // none; without one its proofs could not claim its training).
+                if reply.loss.is_finite() && reply.loss > 0.0 {
+                    self.stats.lock().loss = Some(reply.loss);
+                }
                 Ok(pb::PipelineForwardReply {
                     loss: reply.loss,
                     receipt,
