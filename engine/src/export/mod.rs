@@ -1,6 +1,13 @@
-//! Export in the Hugging Face Llama layout: `config.json` (`LlamaForCausalLM`),
-//! `model.safetensors` with the Llama tensor names and `tokenizer.json`, so that
-//! `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads a NeuroShard model unchanged.
+//! The trained model out, in the formats people run:
+//!
+//! - the Hugging Face Llama layout: `config.json` (`LlamaForCausalLM`), `model.safetensors`
+//!   with the Llama tensor names and `tokenizer.json`, so that
+//!   `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads a NeuroShard model unchanged;
+//! - a GGUF file for llama.cpp ([`gguf`]).
+//!
+//! Both are written from [`FullWeights`]: every parameter of the model on the host, gathered
+//! from the engine's own stage and, on a node holding only some layers, from checkpoints of the
+//! other stages (fetched from their holders by the daemon and hash-checked before use).
 //!
 //! Layout conventions (why this is a plain copy and no permutation is needed):
 //! - Linear weights are [out, in] like `torch.nn.Linear.weight`; our matmul computes
@@ -23,20 +30,145 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use neuroshard_shared::model::ModelConfig;
-use neuroshard_shared::tokenizer::{BOS_ID, EOS_ID, PAD_ID, Tokenizer};
+use neuroshard_shared::tokenizer::{BOS_ID, EOS_ID, PAD_ID, Tokenizer, UNK_ID};
 
 use crate::backend::Backend;
-use crate::checkpoint::{self, CheckpointError};
-use crate::model::Model;
+use crate::checkpoint::{self, CheckpointError, TensorFile};
+use crate::model::params::ModelHasher;
+use crate::model::{Model, ModelError, StageSpec};
+
+pub mod gguf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("hf-llama export needs the full model on this node (this node holds a stage)")]
-    NotFull,
+    #[error(
+        "the export needs every layer: no source holds {missing} (this node holds a stage; \
+         the other stages' weights must come from their holders)"
+    )]
+    Missing { missing: String },
+    #[error("{path:?} holds tensor {name} with shape {got:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("cannot write {path:?}: {message}")]
     Write { path: PathBuf, message: String },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Every parameter of the full model on the host, in canonical order (that of
+/// [`checkpoint::stage_names`] for the full stage, which `Model::hash` walks).
+pub struct FullWeights {
+    pub cfg: ModelConfig,
+    /// (name, shape, values).
+    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// The optimizer step of the exporting stage.
+    pub step: u64,
+}
+
+impl FullWeights {
+    /// The model hash of the full model (what `ModelHash` answers on a node holding it all).
+    pub fn hash(&self) -> String {
+        let mut h = ModelHasher::default();
+        for (name, shape, values) in &self.tensors {
+            h.update(name, shape, values);
+        }
+        h.hex()
+    }
+
+    /// The values and shape of tensor `name` (every name of the full model is present).
+    pub fn get(&self, name: &str) -> (&[usize], &[f32]) {
+        let (_, shape, values) = self
+            .tensors
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .expect("a full model holds every parameter name");
+        (shape, values)
+    }
+
+    /// Bytes of all the values.
+    pub fn bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.2.len() as u64 * 4).sum()
+    }
+}
+
+/// The expected shape of every parameter of the full model, in canonical order.
+fn full_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    use crate::model::params::{EMBED, FINAL_NORM, LM_HEAD, layer_specs};
+    let (c, v) = (cfg.hidden as usize, cfg.vocab_size as usize);
+    let mut out = vec![(EMBED.to_string(), vec![v, c])];
+    for l in 0..cfg.layers {
+        out.extend(layer_specs(cfg, l).into_iter().map(|(n, s, _)| (n, s)));
+    }
+    out.push((FINAL_NORM.to_string(), vec![c]));
+    out.push((LM_HEAD.to_string(), vec![v, c]));
+    out
+}
+
+/// Gathers the full model: each parameter from `model` when it holds it, else from the first
+/// of `sources` (verified checkpoint files of other stages) that has it with the right shape.
+/// A parameter no one holds is an error naming the first few.
+pub fn gather<B: Backend>(
+    model: &Model<B>,
+    step: u64,
+    sources: &[(&TensorFile, &Path)],
+) -> Result<FullWeights, ExportError> {
+    let cfg = model.cfg.clone();
+    debug_assert_eq!(
+        checkpoint::stage_names(&cfg, &StageSpec::full(&cfg)),
+        full_shapes(&cfg)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+    );
+    let mut tensors = Vec::new();
+    let mut missing = Vec::new();
+    for (name, shape) in full_shapes(&cfg) {
+        if let Some(p) = model.params.iter().find(|p| p.name == name) {
+            let mut values = vec![0.0; p.numel()];
+            match model.be.host_view(&p.value) {
+                Some(v) => values.copy_from_slice(v),
+                None => model
+                    .be
+                    .download(&p.value, &mut values)
+                    .map_err(ModelError::from)?,
+            }
+            tensors.push((name, shape, values));
+            continue;
+        }
+        let Some((file, path)) = sources.iter().find(|(f, _)| f.tensors.contains_key(&name)) else {
+            missing.push(name);
+            continue;
+        };
+        let (got, values) = &file.tensors[&name];
+        if got != &shape {
+            return Err(ExportError::Shape {
+                path: path.to_path_buf(),
+                name,
+                got: got.clone(),
+                expected: shape,
+            });
+        }
+        tensors.push((name, shape, values.clone()));
+    }
+    if !missing.is_empty() {
+        let mut listed = missing
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if missing.len() > 3 {
+            listed.push_str(&format!(" and {} more", missing.len() - 3));
+        }
+        return Err(ExportError::Missing { missing: listed });
+    }
+    Ok(FullWeights { cfg, tensors, step })
 }
 
 /// The `config.json` of the Llama export.
@@ -67,26 +199,24 @@ pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
     })
 }
 
-/// Writes `dir/config.json`, `dir/model.safetensors` and (when given) `dir/tokenizer.json`;
-/// returns the bytes of the weights file.
-pub fn export_hf_llama<B: Backend>(
-    model: &Model<B>,
+/// Writes `dir/config.json`, `dir/model.safetensors` and (when given) `dir/tokenizer.json` and
+/// `dir/tokenizer_config.json` of the full model; returns the bytes of the weights file.
+pub fn write_hf_llama(
+    w: &FullWeights,
     dir: &Path,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<u64, ExportError> {
-    if !model.spec.is_full(&model.cfg) {
-        return Err(ExportError::NotFull);
-    }
-    let write_err = |path: &Path, message: String| ExportError::Write {
-        path: path.to_path_buf(),
-        message,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e.to_string()))?;
-    let config = serde_json::to_vec_pretty(&hf_config(&model.cfg)).expect("json value serializes");
+    std::fs::create_dir_all(dir).map_err(|e| ExportError::Write {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let config = serde_json::to_vec_pretty(&hf_config(&w.cfg)).expect("json value serializes");
     checkpoint::write_bytes_atomic(&dir.join("config.json"), &config)?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let bytes = checkpoint::save_weights(&dir.join("model.safetensors"), model, meta)?;
+    meta.insert("model_hash".to_string(), w.hash());
+    meta.insert("step".to_string(), w.step.to_string());
+    let bytes = checkpoint::save_tensors(&dir.join("model.safetensors"), &w.tensors, meta)?;
     if let Some(tok) = tokenizer {
         let path = dir.join("tokenizer.json");
         checkpoint::write_bytes_atomic(&path, tok.to_json().as_bytes())?;
@@ -96,13 +226,22 @@ pub fn export_hf_llama<B: Backend>(
             "bos_token": specials.get(BOS_ID as usize),
             "eos_token": specials.get(EOS_ID as usize),
             "pad_token": specials.get(PAD_ID as usize),
-            "unk_token": specials.get(3),
-            "model_max_length": model.cfg.max_seq,
+            "unk_token": specials.get(UNK_ID as usize),
+            "model_max_length": w.cfg.max_seq,
         });
         let bytes = serde_json::to_vec_pretty(&cfgjson).expect("json value serializes");
         checkpoint::write_bytes_atomic(&dir.join("tokenizer_config.json"), &bytes)?;
     }
     Ok(bytes)
+}
+
+/// The Hugging Face export of a model that holds every layer itself (`dev grad-dump`).
+pub fn export_hf_llama<B: Backend>(
+    model: &Model<B>,
+    dir: &Path,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<u64, ExportError> {
+    write_hf_llama(&gather(model, 0, &[])?, dir, tokenizer)
 }
 
 #[cfg(test)]
@@ -148,7 +287,7 @@ mod tests {
         let part = Model::new(CpuBackend::new(), cfg, spec, 3).unwrap();
         assert!(matches!(
             export_hf_llama(&part, dir.path(), None),
-            Err(ExportError::NotFull)
+            Err(ExportError::Missing { .. })
         ));
     }
 }
