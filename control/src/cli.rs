@@ -43,6 +43,9 @@ pub enum Command {
     },
     /// Peers of the running node.
     Peers(crate::ops::Conn),
+    /// The trained model: `model export --format hf|gguf --out DIR`.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// API tokens: create, list, revoke.
     #[command(subcommand)]
     Token(crate::ops::TokenCommand),
@@ -141,6 +144,14 @@ pub enum ConfigCommand {
     Set { key: String, value: String },
     /// Print the config file path.
     Path,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Export the network's current model from the running node: the Hugging Face Llama
+    /// layout (`hf`) or a GGUF file for llama.cpp (`gguf`). A node holding some layers fetches
+    /// the others from their holders first.
+    Export(crate::model_export::ExportArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -252,6 +263,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(conn) => crate::ops::status(&paths, &conn),
         Command::Wallet { conn, command } => crate::ops::wallet(&paths, &conn, command),
         Command::Peers(conn) => crate::ops::peers(&paths, &conn),
+        Command::Model(ModelCommand::Export(args)) => crate::model_export::export(&paths, &args),
         Command::Token(c) => crate::ops::token_command(&paths, c),
         Command::Stop => stop(&paths),
         Command::Config(c) => config_command(c, &paths),

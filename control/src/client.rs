@@ -94,6 +94,32 @@ pub fn call_ok(
     Ok(a.body)
 }
 
+/// `GET path` with a bearer token for a download: no limit on the whole transfer (a model
+/// can take minutes), 10 s to connect. Fails with the contract error's message on a non-2xx
+/// answer; otherwise the answer, its body unread.
+pub fn download(port: u16, path: &str, token: &str) -> anyhow::Result<reqwest::blocking::Response> {
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(None)
+        .build()?;
+    let answer = http
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .bearer_auth(token)
+        .send()
+        .map_err(|e| unreachable_node(e, port))?;
+    let status = answer.status().as_u16();
+    if !(200..300).contains(&status) {
+        let body = parse_body(&answer.bytes()?);
+        let e = &body["error"];
+        match (e["code"].as_str(), e["message"].as_str()) {
+            (Some(code), Some(msg)) => bail!("{code}: {msg} (HTTP {status})"),
+            _ => bail!("HTTP {status}: {body}"),
+        }
+    }
+    Ok(answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,7 +72,7 @@ pub enum TokenCommand {
     Revoke { id_or_name: String },
 }
 
-fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
+pub(crate) fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
     if let Some(t) = &conn.token {
         return Ok(t.clone());
     }
@@ -87,7 +87,7 @@ fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
         })
 }
 
-fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<u16> {
+pub(crate) fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<u16> {
     Ok(match conn.port {
         Some(p) => p,
         None => Config::load(&paths.config_path)?.port,
