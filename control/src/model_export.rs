@@ -171,13 +171,13 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// A minimal download progress display on stderr (a private stand-in until the shared
-/// progress module exists): on a terminal one line redrawn with `\r`; otherwise a line per
-/// 10 % (per 64 MiB when the size is unknown).
+/// progress module exists): on a terminal one line redrawn with `\r` per percent; otherwise
+/// a line per 10 % (per 64 MiB when the size is unknown).
 struct Progress {
     total: Option<u64>,
     done: u64,
     tty: bool,
-    /// The last step printed (tenths of the total, or 64 MiB units).
+    /// The last step shown (percent or tenths of the total; MiB or 64 MiB units).
     shown: u64,
     started: std::time::Instant,
 }
@@ -214,15 +214,21 @@ impl Progress {
 
     fn add(&mut self, n: u64) {
         self.done += n;
-        let step = match self.total {
-            Some(t) if t > 0 => self.done * 10 / t,
-            _ => self.done >> 26,
+        // A terminal line is redrawn per percent (per MiB when the size is unknown), other
+        // output gets a line per 10 % (per 64 MiB).
+        let step = match (self.total, self.tty) {
+            (Some(t), true) if t > 0 => self.done * 100 / t,
+            (Some(t), false) if t > 0 => self.done * 10 / t,
+            (_, true) => self.done >> 20,
+            (_, false) => self.done >> 26,
         };
-        if self.tty {
-            eprint!("\r{}", self.line());
-        } else if step > self.shown {
+        if step > self.shown {
             self.shown = step;
-            eprintln!("{}", self.line());
+            if self.tty {
+                eprint!("\r{}", self.line());
+            } else {
+                eprintln!("{}", self.line());
+            }
         }
     }
 
@@ -267,12 +273,17 @@ mod tests {
     }
 
     #[test]
-    fn progress_prints_a_line_per_tenth_off_a_terminal() {
+    fn progress_shows_tenths_off_a_terminal_and_percents_on_one() {
         let mut p = Progress::new(Some(100), false);
         p.add(5);
         assert_eq!(p.shown, 0);
         p.add(30);
         assert_eq!(p.shown, 3);
         assert!(p.line().contains("( 35%)"), "{}", p.line());
+        let mut t = Progress::new(Some(1000), true);
+        t.add(5);
+        assert_eq!(t.shown, 0);
+        t.add(20);
+        assert_eq!(t.shown, 2);
     }
 }

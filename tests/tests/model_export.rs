@@ -8,7 +8,8 @@
 //!   the data directory;
 //! - nodes holding only some layers (three stages of `default`) export the same file a node
 //!   holding every layer exports (same seed, training off: the same weights), the layers they
-//!   lack fetched from their holders and hash-checked.
+//!   lack fetched from their holders and hash-checked; a stage whose other layers no reachable
+//!   peer holds answers 503 (and the CLI fails with it), writing nothing.
 
 use crate::pipeline_common;
 
@@ -244,4 +245,27 @@ fn stages_export_the_model_a_node_holding_every_layer_exports() {
     assert!(ok, "{stdout}\n{stderr}\n{}", dump(&nodes));
     assert!(stdout.contains(&want_hash), "{stdout}");
     assert!(stdout.contains("3 layers fetched from peers"), "{stdout}");
+}
+
+#[test]
+fn a_stage_without_the_holders_of_the_other_layers_answers_503() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let node = Node::start(stage_options(Some(2))).unwrap();
+    pipeline_common::wait_role(&node, "driver", &[0, 1]);
+    node.wait_model_loaded(START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    let (code, _, body) = download(&node, "?format=hf", Some(&node.api_token().unwrap()));
+    assert_eq!(error_code(code, &body), (503, "SERVICE_UNAVAILABLE".into()));
+    let message = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        message.contains("layers [2, 3] are held by no reachable peer"),
+        "{message}"
+    );
+    assert!(exports_left(&node).is_empty(), "{:?}", exports_left(&node));
+    // The CLI says the same and fails.
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = cli_export(&node, "gguf", out.path());
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("SERVICE_UNAVAILABLE"), "{stderr}");
+    assert!(!out.path().join("neurollm.gguf").exists());
 }
