@@ -48,6 +48,8 @@ pub enum DaemonError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("TLS of the REST API: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("ledger: {0}")]
     Ledger(#[from] neuroshard_ledger::LedgerError),
 }
@@ -185,6 +187,14 @@ pub async fn run(
         tracing::warn!(segment = %segment_name, "reclaimed a shared-memory segment left by a crashed daemon");
     }
 
+    // Beyond loopback the REST API serves HTTPS (made before binding: a bad certificate
+    // fails the start before anything listens).
+    let http_tls = crate::tls::for_node(
+        data_dir,
+        config.host.ip(),
+        config.host.as_str(),
+        &config.tls,
+    )?;
     let http_addr = format!("{}:{}", config.host, config.port);
     let http = TcpListener::bind(&http_addr)
         .await
@@ -336,13 +346,18 @@ pub async fn run(
         http,
         state,
         http_limits,
+        http_tls,
         wait_true(stop_servers_rx.clone()),
     ));
-    let tracker_url = config.get().tracker_url.clone();
+    let (tracker_url, tracker_pin) = {
+        let c = config.get();
+        (c.tracker_url.clone(), c.tracker_fingerprint.clone())
+    };
     if !tracker_url.is_empty() {
         tokio::spawn(crate::tracker::client::run(
             peer_net.clone(),
             tracker_url,
+            tracker_pin,
             stop_servers_rx.clone(),
         ));
     }

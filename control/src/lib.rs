@@ -17,6 +17,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod resources;
 pub mod stats;
+pub mod tls;
 pub mod tracker;
 pub mod trainer;
 pub mod wallets;

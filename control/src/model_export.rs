@@ -38,7 +38,7 @@ pub struct ExportArgs {
 
 /// Runs the command.
 pub fn export(paths: &Paths, args: &ExportArgs) -> anyhow::Result<()> {
-    let port = crate::ops::port(paths, &args.conn)?;
+    let node = crate::ops::port(paths, &args.conn)?;
     let token = crate::ops::token(paths, &args.conn)?;
     let format = match args.format {
         Format::Hf => "hf",
@@ -47,11 +47,12 @@ pub fn export(paths: &Paths, args: &ExportArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     eprintln!(
-        "asking the node on 127.0.0.1:{port} for the model ({format}); a node holding some \
-         layers first fetches the others from their holders"
+        "asking the node on 127.0.0.1:{} for the model ({format}); a node holding some \
+         layers first fetches the others from their holders",
+        node.port
     );
     let answer = crate::client::download(
-        port,
+        &node,
         &format!("/api/v1/model/export?format={format}"),
         &token,
     )?;
