@@ -37,7 +37,7 @@ python3 -c 'import numpy, tokenizers, openai' 2>/dev/null || \
 # libraries: ~5 GB, ~3.5 min here). Figures in BENCHMARKS.md ("Model export check set-up").
 pip_quiet() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
 python3 -c 'import torch' 2>/dev/null || \
-    pip_quiet torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null || pip_quiet torch
+    pip_quiet --timeout 10 --retries 0 torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null || pip_quiet torch
 python3 -c 'import gguf, transformers, llama_cpp' 2>/dev/null || \
     pip_quiet gguf transformers llama-cpp-python
 # NVRTC, CUDA headers and ptxas from PyPI: every CUDA kernel is compiled in the tests.
