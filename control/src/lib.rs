@@ -13,6 +13,7 @@ pub mod engine;
 pub mod gossip;
 pub mod listen;
 pub mod metrics;
+pub mod model_export;
 pub mod ops;
 pub mod pipeline;
 pub mod progress;

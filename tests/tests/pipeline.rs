@@ -169,6 +169,7 @@ fn one_pipeline_step_equals_the_same_step_on_one_node() {
                         path.display().to_string(),
                     )),
                     format: "safetensors".into(),
+                    sources: Vec::new(),
                 })
                 .await
                 .unwrap();
@@ -205,6 +206,7 @@ fn one_pipeline_step_equals_the_same_step_on_one_node() {
                     path.display().to_string(),
                 )),
                 format: "safetensors".into(),
+                sources: Vec::new(),
             })
             .await
             .unwrap();
