@@ -12,11 +12,15 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::engine::EngineMode;
 
+mod keys;
+mod ledger;
 mod live;
 mod peer;
 mod tls;
 mod types;
 
+pub use keys::{needs_restart, redact_url};
+pub use ledger::LedgerConfig;
 pub use live::{ConfigSender, LiveConfig};
 pub use peer::PeerConfig;
 pub use tls::{TlsConfig, parse_fingerprint};
@@ -67,6 +71,7 @@ pub struct Config {
     pub resources: ResourcesConfig,
     pub api: ApiConfig,
     pub peer: PeerConfig,
+    pub ledger: LedgerConfig,
     pub tls: TlsConfig,
 }
 
@@ -212,6 +217,7 @@ impl Default for Config {
             resources: ResourcesConfig::default(),
             api: ApiConfig::default(),
             peer: PeerConfig::default(),
+            ledger: LedgerConfig::default(),
             tls: TlsConfig::default(),
         }
     }
@@ -487,6 +493,7 @@ impl Config {
                 return bad(key, format!("{v} is not in 1..={max}"));
             }
         }
+        self.ledger.rules(self.training.model.config().layers)?;
         tls::validate(self)?;
         for peer in &self.seed_peers {
             if peer
@@ -546,41 +553,6 @@ impl Config {
         };
         cfg.validate()?;
         Ok(cfg)
-    }
-}
-
-/// Keys whose change only takes effect after a restart.
-pub fn needs_restart(key: &str) -> bool {
-    key == "port"
-        || key == "host"
-        || key == "database_url"
-        || key.starts_with("engine.")
-        || key == "resources.device"
-        || key == "resources.cpu_threads"
-        || key == "training.model"
-        || key == "training.seed"
-        || key == "training.data_path"
-        || key == "api.max_body_kb"
-        || key == "api.max_connections_per_address"
-        || key == "api.max_connections"
-        || key == "api.header_timeout_secs"
-        || key == "api.body_timeout_secs"
-        || key == "api.connection_rate_per_address"
-        || key.starts_with("tls.")
-        || key.starts_with("peer.")
-}
-
-/// `database_url` without its password, for display.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
     }
 }
 

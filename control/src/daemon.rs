@@ -169,10 +169,11 @@ pub async fn run(
         data_dir,
         passphrase.as_deref(),
     )?);
+    let rules = config.ledger.rules(config.training.model.config().layers)?;
     let ledger = Arc::new(if config.database_url.is_empty() {
-        Ledger::open_data_dir(data_dir).await?
+        Ledger::open_data_dir(data_dir, rules).await?
     } else {
-        Ledger::open(&config.database_url).await?
+        Ledger::open(&config.database_url, rules).await?
     });
     tracing::info!(address = %wallet.address(), "wallet loaded");
 
@@ -288,11 +289,13 @@ pub async fn run(
         passphrase,
     ));
     let gossip = crate::gossip::Gossip::claiming(peer_net.clone(), ledger.clone(), keyring.clone());
+    let attest = Arc::new(crate::attest::Attestations::new(wallet.clone()));
     let stage = Arc::new(crate::pipeline::Stage::new(
         engine.subscribe(),
         config.clone(),
         training.clone(),
         data_dir.clone(),
+        attest.clone(),
     ));
     // The peer port: the transport's own service, then each subsystem's, behind one guard.
     let edge = neuroshard_net::service::PeerEdge::new(peer_net.clone());
@@ -351,6 +354,7 @@ pub async fn run(
         engine: engine.clone(),
         wallet: wallet.clone(),
         ledger: ledger.clone(),
+        attest,
     };
     let work_task = tokio::spawn(crate::work::run(minter, stop_trainer_rx.clone()));
 

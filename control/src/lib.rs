@@ -2,6 +2,7 @@
 //! peers. The binary (`main.rs`) only parses the command line and calls `cli::run`.
 
 pub mod api;
+pub mod attest;
 pub mod auth;
 pub mod cli;
 pub mod client;

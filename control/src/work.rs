@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use neuroshard_ledger::keys::keccak;
 use neuroshard_ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
+use neuroshard_ledger::receipt::ReceiptKind;
 use neuroshard_ledger::{Proof, ProofType, SignedProof};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub struct Minter {
     pub engine: Engine,
     pub wallet: Arc<Wallet>,
     pub ledger: Arc<Ledger>,
+    /// The receipts peers signed for this node's work.
+    pub attest: Arc<crate::attest::Attestations>,
 }
 
 impl Minter {
@@ -45,7 +48,13 @@ struct Mark {
     steps: u64,
     tokens: u64,
     model_hash: String,
+    /// Steps trained but not yet claimed for want of receipts: a DiLoCo replica's steps are
+    /// attested a round later, when the others aggregated them.
+    unclaimed: u64,
 }
+
+/// Most unclaimed steps carried from one proof to the next (ten epochs' worth).
+const MAX_UNCLAIMED: u64 = 6_000;
 
 /// Runs until `stop` flips: one proof per epoch, submitted a second after the epoch turns.
 pub async fn run(state: Minter, mut stop: watch::Receiver<bool>) {
@@ -54,6 +63,7 @@ pub async fn run(state: Minter, mut stop: watch::Receiver<bool>) {
         steps: state.training().steps_this_run,
         tokens: state.metrics.tokens_generated.load(Ordering::Relaxed),
         model_hash: String::new(),
+        unclaimed: 0,
     };
     loop {
         let now = chrono::Utc::now().timestamp();
@@ -101,7 +111,47 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         && mark.model_hash != model_hash
         && training.loss.is_some_and(|l| l > 0.0)
         && !layers.is_empty();
-    let batches = if trained { batches.min(600) } else { 0 };
+    // Only what other nodes' receipts attest counts (unless the network is a development one
+    // that accepts unattested training): claiming more would void the whole proof.
+    let epoch_id = Proof::epoch_of(now);
+    let rules = state.ledger.rules().await;
+    let (_, last_epoch) = state
+        .ledger
+        .attested_steps(&state.wallet.address(), &[])
+        .await;
+    // Receipts name the layer boundary their attester saw; after a change of layers the old
+    // ones no longer fit the claim (the ledger would void the whole proof).
+    let range = (
+        layers.first().copied().unwrap_or(0),
+        layers.last().map_or(0, |l| l + 1),
+    );
+    let mut receipts = state.attest.for_proof(last_epoch, epoch_id);
+    let model_layers = cfg.training.model.config().layers;
+    receipts.retain(|r| match r.receipt.kind {
+        ReceiptKind::Forward => r.receipt.boundary == range.1,
+        ReceiptKind::Backward => r.receipt.boundary == range.0,
+        ReceiptKind::Contribution => range == (0, model_layers),
+    });
+    let (attested, _) = state
+        .ledger
+        .attested_steps(&state.wallet.address(), &receipts)
+        .await;
+    let total = if trained {
+        mark.unclaimed.saturating_add(batches)
+    } else {
+        mark.unclaimed
+    };
+    let batches = match (trained, rules.accept_unattested_training) {
+        (false, _) => 0,
+        (true, true) => batches.min(600),
+        (true, false) => total.min(attested).min(600),
+    };
+    let unclaimed = if rules.accept_unattested_training {
+        0
+    } else {
+        (total - batches).min(MAX_UNCLAIMED)
+    };
+    let trained = batches > 0;
     let inference_tokens = tokens.saturating_sub(mark.tokens);
     let loss = training.loss.map(f64::from).unwrap_or(0.0);
     let proof_type = if trained {
@@ -129,17 +179,16 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         uptime_seconds: (now - mark.at).clamp(0, MAX_UPTIME_SECONDS as i64) as u64,
         tokens_processed: inference_tokens.min(33_333 * EPOCH_SECONDS as u64),
         training_batches: batches,
-        data_samples: if trained {
-            (batches * u64::from(cfg.training.batch_size)).min(60_000)
-        } else {
-            0
-        },
+        // Data samples earn only when served to others, and nothing attests that yet.
+        data_samples: 0,
         request_id: String::new(),
         model_hash: model_hash.clone(),
-        holds_embedding: !layers.is_empty(),
-        holds_lm_head: !layers.is_empty(),
+        // The embedding comes with layer 0 and the LM head with the last layer: the ledger
+        // refuses a proof that claims either bonus without that layer.
+        holds_embedding: layers.first() == Some(&0),
+        holds_lm_head: layers.last() == Some(&(cfg.training.model.config().layers - 1)),
         layers_held: layers,
-        epoch_id: Proof::epoch_of(now),
+        epoch_id,
         model_hash_start: if trained {
             mark.model_hash.clone()
         } else {
@@ -152,6 +201,7 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         },
         gradient_commitment: commitment,
         current_loss: if trained { loss } else { 0.0 },
+        receipts: if trained { receipts } else { Vec::new() },
     };
     // Transfers to the node wallet are claimed once an epoch (sends claim them too).
     if let Err(e) = state.ledger.claim_incoming(&state.wallet, now).await {
@@ -177,5 +227,6 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         } else {
             model_hash
         },
+        unclaimed,
     }
 }

@@ -2,7 +2,7 @@
 //! state after the previous block and what the block's source (if any) turned out to be,
 //! every node computes the same outcome.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use serde_json::{Value, json};
 
@@ -11,7 +11,9 @@ use super::block::{Op, SignedBlock};
 use super::dates::timestamp_string;
 use super::keys::Hash32;
 use super::proof::{MAX_PROOFS_PER_HOUR, RejectReason};
+use super::receipt::{ReceiptKey, ReceiptKind, attested};
 use super::rewards::{SECONDS_PER_DAY, UNSTAKE_COOLDOWN_DAYS, compute_reward};
+use super::rules::Rules;
 use super::units::format_neuro;
 
 /// What the source of a receive block turned out to be.
@@ -98,6 +100,8 @@ pub enum Effect {
         amount: u64,
         proof_id: Hash32,
         credited_uptime: u64,
+        /// When the amount leaves its challenge window and becomes available.
+        release_at: i64,
     },
 }
 
@@ -139,6 +143,8 @@ pub struct ProofRecord {
     pub reward: u64,
     pub reason: Option<String>,
     pub reason_code: Option<&'static str>,
+    /// The nodes whose receipts back the proof.
+    pub attested_by: Vec<Address>,
 }
 
 /// Derived state of one account chain.
@@ -163,12 +169,34 @@ pub struct Account {
     pub last_reward_epoch: Option<u64>,
     pub last_uptime_ts: Option<i64>,
     pub reward_times: VecDeque<i64>,
+    /// What the receipts of the rewards so far counted, per (attester, kind, epoch), for the
+    /// epochs a later proof's receipts may still name.
+    pub receipt_counts: BTreeMap<ReceiptKey, u64>,
+    /// Rewards still in their challenge window: (release time, amount), oldest first.
+    pub pending_rewards: VecDeque<(i64, u64)>,
     pub history: Vec<HistoryEntry>,
     pub proofs: Vec<ProofRecord>,
+    /// The network's rules this account is judged by.
+    pub rules: Rules,
+}
+
+/// An account's funds as of a moment: what has cooled down or left its challenge window is
+/// available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settled {
+    pub available: u64,
+    /// Unstaked funds still in their cooldown.
+    pub unbonding: u64,
+    /// Rewards still in their challenge window.
+    pub pending_rewards: u64,
+    /// When the oldest pending reward is released, if any.
+    pub next_release: Option<i64>,
+    /// When the newest pending reward is released, if any.
+    pub last_release: Option<i64>,
 }
 
 impl Account {
-    pub fn new(address: Address, fork_height: Option<u64>) -> Self {
+    pub fn new(address: Address, fork_height: Option<u64>, rules: Rules) -> Self {
         Account {
             address,
             fork_height,
@@ -188,18 +216,56 @@ impl Account {
             last_reward_epoch: None,
             last_uptime_ts: None,
             reward_times: VecDeque::new(),
+            pending_rewards: VecDeque::new(),
+            receipt_counts: BTreeMap::new(),
             history: Vec::new(),
             proofs: Vec::new(),
+            rules,
         }
     }
 
-    /// (available, unbonding) once cooled-down funds are released at time `t`.
-    pub fn settled(&self, t: i64) -> (u64, u64) {
+    /// The account's funds at time `t`: cooled-down unstakes and rewards whose challenge
+    /// window ended by `t` count as available.
+    pub fn settled(&self, t: i64) -> Settled {
+        let mut s = Settled {
+            available: self.available,
+            unbonding: self.unbonding,
+            ..Settled::default()
+        };
         if self.unbonding > 0 && t >= self.unbond_at {
-            (self.available + self.unbonding, 0)
-        } else {
-            (self.available, self.unbonding)
+            s.available += self.unbonding;
+            s.unbonding = 0;
         }
+        for (release, amount) in &self.pending_rewards {
+            if *release <= t {
+                s.available += amount;
+            } else {
+                s.pending_rewards += amount;
+                s.next_release.get_or_insert(*release);
+                s.last_release = Some(*release);
+            }
+        }
+        s
+    }
+
+    /// Moves what `settled(t)` counts as available into `available`.
+    pub fn release(&mut self, t: i64) {
+        let s = self.settled(t);
+        self.available = s.available;
+        self.unbonding = s.unbonding;
+        self.pending_rewards.retain(|(release, _)| *release > t);
+    }
+
+    /// Everything the account holds: available, staked, unbonding and pending rewards.
+    pub fn held(&self) -> u128 {
+        u128::from(self.available)
+            + u128::from(self.staked)
+            + u128::from(self.unbonding)
+            + self
+                .pending_rewards
+                .iter()
+                .map(|(_, a)| u128::from(*a))
+                .sum::<u128>()
     }
 
     /// Whether the account may still add blocks (not frozen at or below its next height).
@@ -214,7 +280,7 @@ impl Account {
         if ts < self.last_ts {
             return Outcome::Void(VoidReason::TimestampRegression);
         }
-        let (available, _) = self.settled(ts);
+        let available = self.settled(ts).available;
         match &b.op {
             Op::Send {
                 to, amount, fee, ..
@@ -289,6 +355,7 @@ impl Account {
                     amount: computed,
                     proof_id: proof.id(),
                     credited_uptime,
+                    release_at: self.rules.release_at(ts),
                 }),
                 Err(r) => Outcome::Void(VoidReason::Proof(r)),
             },
@@ -330,6 +397,14 @@ impl Account {
         if recent >= MAX_PROOFS_PER_HOUR {
             return Err(RejectReason::RateLimited);
         }
+        check_layers(p, &self.rules)?;
+        let attested = attested(&p.receipts, &self.receipt_counts, self.last_reward_epoch);
+        if p.training_batches > attested.steps && !self.rules.accept_unattested_training {
+            return Err(RejectReason::Unattested(format!(
+                "claims {} training batches, receipts from other nodes attest {}",
+                p.training_batches, attested.steps
+            )));
+        }
         let max_uptime = match self.last_uptime_ts {
             Some(prev) => (p.timestamp - prev).max(0) as u64,
             None => u64::MAX,
@@ -338,6 +413,44 @@ impl Account {
         let computed = compute_reward(&work, self.staked, self.stake_days).total;
         Ok((computed, work.uptime_seconds))
     }
+}
+
+/// The layers a proof claims must exist in the network's model, and its role bonuses must
+/// follow from them: the embedding comes with layer 0, the LM head with the last layer.
+pub fn check_layers(p: &super::proof::Proof, rules: &Rules) -> Result<(), RejectReason> {
+    let n = rules.model_layers;
+    if let Some(beyond) = p.layers_held.iter().find(|l| **l >= n) {
+        return Err(RejectReason::Implausible(format!(
+            "layer {beyond} claimed, the model has {n} layers"
+        )));
+    }
+    if p.holds_embedding && p.layers_held.first() != Some(&0) {
+        return Err(RejectReason::Implausible(
+            "embedding claimed without layer 0".into(),
+        ));
+    }
+    if p.holds_lm_head && p.layers_held.last() != Some(&(n - 1)) {
+        return Err(RejectReason::Implausible(format!(
+            "LM head claimed without the last layer ({})",
+            n - 1
+        )));
+    }
+    for r in &p.receipts {
+        let (kind, boundary) = (r.receipt.kind, r.receipt.boundary);
+        let inside = match kind {
+            ReceiptKind::Forward => boundary < n,
+            ReceiptKind::Backward => boundary > 0 && boundary < n,
+            // A contribution is of the whole model.
+            ReceiptKind::Contribution => p.layer_range() == Some((0, n)),
+        };
+        if !inside {
+            return Err(RejectReason::Unattested(format!(
+                "{} receipt at layer boundary {boundary} of a {n}-layer model",
+                kind.as_str()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Role name for a proof's holdings, as the API shows it.
@@ -421,8 +534,12 @@ pub fn history_entry(block: &SignedBlock, hash: &Hash32, outcome: &Outcome) -> H
             ));
             e.details["proof_type"] = json!(proof.proof.proof_type.as_str());
             e.details["claimed"] = json!(amount);
-            if let Outcome::Applied(Effect::Rewarded { amount, .. }) = out {
+            if let Outcome::Applied(Effect::Rewarded {
+                amount, release_at, ..
+            }) = out
+            {
                 e.amount = i128::from(*amount);
+                e.details["release_at"] = json!(release_at);
             }
         }
     }
@@ -430,152 +547,5 @@ pub fn history_entry(block: &SignedBlock, hash: &Hash32, outcome: &Outcome) -> H
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::amount::transfer_fee;
-    use crate::block::Block;
-    use crate::keys::Wallet;
-
-    fn blk(w: &Wallet, ts: i64, op: Op) -> SignedBlock {
-        SignedBlock::sign(
-            Block {
-                account: w.address(),
-                height: 1,
-                previous: Hash32([9; 32]),
-                timestamp: ts,
-                op,
-            },
-            w,
-        )
-    }
-
-    #[test]
-    fn send_needs_amount_plus_fee() {
-        let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
-        a.available = 1000;
-        let to = Wallet::from_seed(2).address();
-        let send = |amount| {
-            blk(
-                &w,
-                10,
-                Op::Send {
-                    to,
-                    amount,
-                    fee: transfer_fee(amount),
-                    memo: String::new(),
-                },
-            )
-        };
-        assert!(matches!(a.evaluate(&send(999), None), Outcome::Applied(_)));
-        assert_eq!(
-            a.evaluate(&send(1000), None),
-            Outcome::Void(VoidReason::InsufficientBalance {
-                required: 1001,
-                available: 1000
-            })
-        );
-    }
-
-    #[test]
-    fn unstake_respects_lock_and_cooldown_release() {
-        let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
-        a.staked = 500;
-        a.unlock_at = 1000;
-        let un = |ts| blk(&w, ts, Op::Unstake { amount: 100 });
-        assert_eq!(
-            a.evaluate(&un(999), None),
-            Outcome::Void(VoidReason::StakeLocked { unlock_at: 1000 })
-        );
-        assert!(matches!(
-            a.evaluate(&un(1000), None),
-            Outcome::Applied(Effect::Unstaking { .. })
-        ));
-        a.unbonding = 100;
-        a.unbond_at = 5000;
-        assert_eq!(a.settled(4999), (0, 100));
-        assert_eq!(a.settled(5000), (100, 0));
-    }
-
-    #[test]
-    fn hourly_rate_limit_and_replay() {
-        use crate::proof::SignedProof;
-        use crate::proof::tests::training_proof;
-        let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
-        let p = SignedProof::sign(training_proof(&w, 100_000), &w);
-        let (amount, _) = a.expected_reward(&p).unwrap();
-        assert!(a.reward_for(&p, amount + 1).is_err());
-        a.reward_times = (0..120).map(|i| 100_000 - 3599 + i).collect();
-        assert_eq!(
-            a.expected_reward(&p).unwrap_err(),
-            RejectReason::RateLimited
-        );
-        a.reward_times.clear();
-        a.proof_ids.insert(p.id());
-        assert_eq!(a.expected_reward(&p).unwrap_err(), RejectReason::Replay);
-        a.proof_ids.clear();
-        a.last_reward_epoch = Some(p.proof.epoch_id);
-        assert_eq!(
-            a.expected_reward(&p).unwrap_err(),
-            RejectReason::DuplicateEpoch
-        );
-    }
-
-    #[test]
-    fn receive_rules() {
-        let w = Wallet::from_seed(1);
-        let mut a = Account::new(w.address(), None);
-        let src = Hash32([5; 32]);
-        let rcv = blk(&w, 10, Op::Receive { source: src });
-        let mine = SourceInfo::Send {
-            from: Wallet::from_seed(2).address(),
-            to: w.address(),
-            amount: 7,
-        };
-        assert!(matches!(a.evaluate(&rcv, Some(&mine)), Outcome::Applied(_)));
-        a.claimed.insert(src);
-        assert_eq!(
-            a.evaluate(&rcv, Some(&mine)),
-            Outcome::Void(VoidReason::SourceAlreadyClaimed)
-        );
-        let other = SourceInfo::Send {
-            from: Wallet::from_seed(2).address(),
-            to: Wallet::from_seed(3).address(),
-            amount: 7,
-        };
-        a.claimed.clear();
-        assert!(matches!(
-            a.evaluate(&rcv, Some(&other)),
-            Outcome::Void(VoidReason::BadSource(_))
-        ));
-    }
-
-    #[test]
-    fn void_reasons_give_amounts_in_neuro() {
-        let balance = VoidReason::InsufficientBalance {
-            required: 1_500_000_000,
-            available: 0,
-        };
-        assert_eq!(
-            balance.to_string(),
-            "insufficient balance: required 1.5 NEURO, available 0 NEURO"
-        );
-        let stake = VoidReason::InsufficientStake {
-            requested: 1_000_000,
-            staked: 2 * crate::UNITS_PER_NEURO,
-        };
-        assert_eq!(
-            stake.to_string(),
-            "insufficient stake: requested 0.001 NEURO, staked 2 NEURO"
-        );
-        let locked = VoidReason::StakeLocked {
-            unlock_at: 1_733_313_600,
-        };
-        assert_eq!(
-            locked.to_string(),
-            "stake locked until 2024-12-04T12:00:00Z"
-        );
-    }
-}
+#[path = "account_tests.rs"]
+mod tests;

@@ -46,7 +46,9 @@ pub mod dates;
 pub mod db;
 pub mod error;
 pub mod proof;
+pub mod receipt;
 pub mod rewards;
+pub mod rules;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -65,6 +67,7 @@ pub use block::{Block, Evidence, Message, Op, SignedBlock};
 pub use error::LedgerError;
 pub use keys::{Hash32, Sig65, Wallet};
 pub use proof::{Proof, ProofType, RejectReason, SignedProof};
+pub use rules::Rules;
 pub use service::{Applied, BlockStatus, Ledger};
 pub use views::{
     Balance, ProofAccepted, ProofEntry, ProofPage, ProofStats, SendReceipt, StakeReceipt, Staking,

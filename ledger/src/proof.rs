@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::address::Address;
 use super::encode::Encoder;
 use super::keys::{Hash32, Sig65, Wallet, keccak, recover_signer};
+use super::receipt::{SignedReceipt, check_receipts};
 use super::rewards::Work;
 use super::units::format_neuro;
 
@@ -72,6 +73,10 @@ pub struct Proof {
     pub model_hash_end: String,
     pub gradient_commitment: String,
     pub current_loss: f64,
+    /// Attestations of the training work by the nodes that received it (see
+    /// [`crate::receipt`]); `training_batches` may not exceed what they attest.
+    #[serde(default)]
+    pub receipts: Vec<SignedReceipt>,
 }
 
 /// A proof with its node's signature.
@@ -94,7 +99,12 @@ pub enum RejectReason {
     DuplicateEpoch,
     RateLimited,
     Implausible(String),
-    AmountMismatch { claimed: u64, computed: u64 },
+    /// The claim is not backed by other nodes' receipts (or they are invalid).
+    Unattested(String),
+    AmountMismatch {
+        claimed: u64,
+        computed: u64,
+    },
 }
 
 impl RejectReason {
@@ -110,6 +120,7 @@ impl RejectReason {
             Self::DuplicateEpoch => "duplicate_epoch",
             Self::RateLimited => "rate_limited",
             Self::Implausible(_) => "implausible",
+            Self::Unattested(_) => "unattested",
             Self::AmountMismatch { .. } => "amount_mismatch",
         }
     }
@@ -129,6 +140,7 @@ impl std::fmt::Display for RejectReason {
             }
             Self::RateLimited => write!(f, "more than {MAX_PROOFS_PER_HOUR} proofs in an hour"),
             Self::Implausible(what) => write!(f, "implausible: {what}"),
+            Self::Unattested(what) => write!(f, "unattested: {what}"),
             Self::AmountMismatch { claimed, computed } => {
                 write!(
                     f,
@@ -164,7 +176,11 @@ impl Proof {
             .str(&self.model_hash_start)
             .str(&self.model_hash_end)
             .str(&self.gradient_commitment)
-            .f64(self.current_loss);
+            .f64(self.current_loss)
+            .u32(self.receipts.len() as u32);
+        for r in &self.receipts {
+            e.bytes(&r.receipt.digest().0).bytes(&r.signature.0);
+        }
         keccak(b"", e.finish())
     }
 
@@ -226,6 +242,20 @@ impl Proof {
                 return bad("training needs layers held");
             }
         }
+        if self.data_samples > 0 || self.proof_type == ProofType::Data {
+            return Err(RejectReason::Unattested(
+                "data samples: no node attests data served yet".into(),
+            ));
+        }
+        if !self.receipts.is_empty() {
+            check_receipts(
+                &self.receipts,
+                &self.node_id,
+                self.epoch_id,
+                self.layer_range(),
+            )
+            .map_err(|e| RejectReason::Unattested(e.to_string()))?;
+        }
         if self.proof_type == ProofType::Inference && self.tokens_processed == 0 {
             return bad("inference proof without tokens");
         }
@@ -233,6 +263,12 @@ impl Proof {
             return bad("data proof without samples");
         }
         Ok(())
+    }
+
+    /// `layers_held` as a range `[first, last + 1)` when it is one contiguous run.
+    pub fn layer_range(&self) -> Option<(u32, u32)> {
+        let (first, last) = (*self.layers_held.first()?, *self.layers_held.last()?);
+        (last - first + 1 == self.layers_held.len() as u32).then_some((first, last + 1))
     }
 
     /// The work this proof claims, with uptime credited up to `max_uptime` seconds.
@@ -298,7 +334,11 @@ impl SignedProof {
 pub(crate) mod tests {
     use super::*;
 
+    /// A training proof of layers 0..4 with a forward receipt of all its batches from the
+    /// stage after it (seed 99).
     pub(crate) fn training_proof(wallet: &Wallet, timestamp: i64) -> Proof {
+        let epoch_id = Proof::epoch_of(timestamp);
+        let next_stage = Wallet::from_seed(99);
         Proof {
             node_id: wallet.address(),
             proof_type: ProofType::Training,
@@ -307,17 +347,24 @@ pub(crate) mod tests {
             uptime_seconds: 60,
             tokens_processed: 4 * 512 * 10,
             training_batches: 10,
-            data_samples: 40,
+            data_samples: 0,
             request_id: String::new(),
             model_hash: "ab".repeat(32),
             layers_held: vec![0, 1, 2, 3],
             holds_embedding: true,
             holds_lm_head: false,
-            epoch_id: Proof::epoch_of(timestamp),
+            epoch_id,
             model_hash_start: "aa".repeat(32),
             model_hash_end: "bb".repeat(32),
             gradient_commitment: "cc".repeat(32),
             current_loss: 2.5,
+            receipts: vec![crate::receipt::attest_forward(
+                &next_stage,
+                wallet.address(),
+                epoch_id,
+                10,
+                4,
+            )],
         }
     }
 
@@ -376,6 +423,17 @@ pub(crate) mod tests {
             (Box::new(|p| p.uptime_seconds = 121), "implausible"),
             (Box::new(|p| p.epoch_id += 1), "epoch_mismatch"),
             (Box::new(|p| p.layers_held = vec![3, 1]), "implausible"),
+            (Box::new(|p| p.data_samples = 1), "unattested"),
+            // The receipt says the layers end at 4.
+            (Box::new(|p| p.layers_held = vec![0, 1, 2]), "unattested"),
+            (
+                Box::new(|p| p.receipts[0].receipt.steps = 600),
+                "unattested",
+            ),
+            (
+                Box::new(|p| p.receipts[0].receipt.subject = Wallet::from_seed(5).address()),
+                "unattested",
+            ),
         ];
         for (mutate, code) in cases {
             let mut p = base.clone();

@@ -14,6 +14,7 @@ use super::error::LedgerError;
 use super::keys::{Hash32, Wallet};
 use super::proof::{RejectReason, SignedProof, check_age};
 use super::rewards::{MAX_STAKE_DAYS, MIN_STAKE_DAYS, UNSTAKE_COOLDOWN_DAYS, stake_multiplier};
+use super::rules::Rules;
 use super::state::{InFlight, Inserted, LedgerState};
 use super::store::{Rejection, Store, sqlite_url};
 use super::views::{
@@ -63,16 +64,17 @@ pub struct Ledger {
 
 impl Ledger {
     /// Opens `<data_dir>/ledger.db` (SQLite, WAL).
-    pub async fn open_data_dir(data_dir: &Path) -> Result<Ledger, LedgerError> {
-        Self::open(&sqlite_url(data_dir)).await
+    pub async fn open_data_dir(data_dir: &Path, rules: Rules) -> Result<Ledger, LedgerError> {
+        Self::open(&sqlite_url(data_dir), rules).await
     }
 
     /// Opens a database URL (`sqlite://...` or `postgres://...`), runs migrations and derives
     /// the state from every stored block (signatures were checked when they were stored).
-    pub async fn open(database_url: &str) -> Result<Ledger, LedgerError> {
+    /// `rules` are the network's (see [`Rules`]): every node of a network must use the same.
+    pub async fn open(database_url: &str, rules: Rules) -> Result<Ledger, LedgerError> {
         let store = Store::open(database_url).await?;
         let (max_seq, max_rej) = store.max_seqs().await?;
-        let mut state = LedgerState::new();
+        let mut state = LedgerState::with_rules(rules);
         let mut after = 0;
         loop {
             let page = store.blocks_since(after, LOAD_PAGE).await?;
@@ -96,6 +98,32 @@ impl Ledger {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The network rules this ledger applies.
+    pub async fn rules(&self) -> Rules {
+        *self.inner.lock().await.state.rules()
+    }
+
+    /// How many training steps `receipts` attest for `address`'s next proof beyond what its
+    /// earlier rewards counted, and the epoch of its last reward (receipts of earlier epochs
+    /// count nothing).
+    pub async fn attested_steps(
+        &self,
+        address: &Address,
+        receipts: &[super::receipt::SignedReceipt],
+    ) -> (u64, Option<u64>) {
+        let inner = self.inner.lock().await;
+        match inner.state.account(address) {
+            Some(a) => (
+                super::receipt::attested(receipts, &a.receipt_counts, a.last_reward_epoch).steps,
+                a.last_reward_epoch,
+            ),
+            None => (
+                super::receipt::attested(receipts, &Default::default(), None).steps,
+                None,
+            ),
+        }
     }
 
     /// Applies a gossiped message. Idempotent: a block already held is reported, not re-applied.
@@ -483,7 +511,8 @@ impl Ledger {
                 .and_then(|_| check_age(proof.proof.timestamp, now.max(last_ts)))
                 .and_then(|_| match inner.state.account(&addr) {
                     Some(a) => a.expected_reward(&proof),
-                    None => super::account::Account::new(addr, None).expected_reward(&proof),
+                    None => super::account::Account::new(addr, None, *inner.state.rules())
+                        .expected_reward(&proof),
                 })
                 .and_then(|(amount, _)| {
                     if amount == 0 {
@@ -598,6 +627,7 @@ impl Ledger {
                 verified: false,
                 reward: 0,
                 reason: Some(r.reason.clone()),
+                attested_by: Vec::new(),
             });
         }
         stats.total_submitted = all.len();
@@ -661,7 +691,7 @@ fn check_amount(amount: u64) -> Result<(), LedgerError> {
 fn spendable(state: &LedgerState, address: &Address, now: i64) -> u64 {
     state
         .account(address)
-        .map_or(0, |a| a.settled(now.max(a.last_ts)).0)
+        .map_or(0, |a| a.settled(now.max(a.last_ts)).available)
 }
 
 fn status_of(state: &LedgerState, hash: &Hash32, block: &SignedBlock) -> BlockStatus {
@@ -691,10 +721,13 @@ fn balance_of(state: &LedgerState, address: &Address, now: i64) -> Balance {
             total: incoming,
             staking: None,
             frozen_at_height: None,
+            pending_rewards: 0,
+            rewards_next_release_at: None,
+            rewards_released_at: None,
         };
     };
-    let (available, unbonding) = a.settled(now);
-    let pending = unbonding + incoming;
+    let s = a.settled(now);
+    let pending = s.unbonding + incoming + s.pending_rewards;
     let staking = (a.staked > 0).then(|| Staking {
         amount: a.staked,
         duration_days: a.stake_days,
@@ -704,14 +737,17 @@ fn balance_of(state: &LedgerState, address: &Address, now: i64) -> Balance {
     });
     Balance {
         address: *address,
-        available,
+        available: s.available,
         staked: a.staked,
         pending,
-        cooling: unbonding,
-        cooling_until: (unbonding > 0).then_some(a.unbond_at),
+        cooling: s.unbonding,
+        cooling_until: (s.unbonding > 0).then_some(a.unbond_at),
         unclaimed: incoming,
-        total: available + a.staked + pending,
+        total: s.available + a.staked + pending,
         staking,
         frozen_at_height: a.fork_height,
+        pending_rewards: s.pending_rewards,
+        rewards_next_release_at: s.next_release,
+        rewards_released_at: s.last_release,
     }
 }

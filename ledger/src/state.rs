@@ -15,6 +15,7 @@ use super::address::Address;
 use super::block::{Op, SignedBlock};
 use super::encode::Encoder;
 use super::keys::{Hash32, keccak};
+use super::rules::Rules;
 
 /// A valid send not yet claimed by its recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +50,25 @@ pub struct LedgerState {
     minted: u128,
     burned: u128,
     rebuilds: u64,
+    rules: Rules,
 }
 
 impl LedgerState {
+    /// An empty ledger under the default rules.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty ledger under `rules`.
+    pub fn with_rules(rules: Rules) -> Self {
+        LedgerState {
+            rules,
+            ..Self::default()
+        }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     pub fn contains(&self, hash: &Hash32) -> bool {
@@ -127,7 +142,7 @@ impl LedgerState {
         let account = self
             .accounts
             .entry(addr)
-            .or_insert_with(|| Account::new(addr, None));
+            .or_insert_with(|| Account::new(addr, None, self.rules));
         let fork = conflict && account.fork_height.is_none_or(|f| height < f);
         if fork {
             account.fork_height = Some(height);
@@ -151,7 +166,7 @@ impl LedgerState {
         let addrs: Vec<Address> = self.accounts.keys().copied().collect();
         for a in &addrs {
             self.accounts
-                .insert(*a, Account::new(*a, forks.get(a).copied()));
+                .insert(*a, Account::new(*a, forks.get(a).copied(), self.rules));
         }
         self.outcomes.clear();
         self.inflight.clear();
@@ -236,7 +251,7 @@ impl LedgerState {
         account.head = hash;
         account.next_height += 1;
         if ts >= account.last_ts {
-            (account.available, account.unbonding) = account.settled(ts);
+            account.release(ts);
             account.last_ts = ts;
         }
         account.history.push(entry);
@@ -261,6 +276,17 @@ impl LedgerState {
                 reward,
                 reason,
                 reason_code,
+                attested_by: {
+                    let mut by: Vec<Address> = proof
+                        .proof
+                        .receipts
+                        .iter()
+                        .map(|r| r.receipt.attester)
+                        .collect();
+                    by.sort();
+                    by.dedup();
+                    by
+                },
             });
         }
         let Outcome::Applied(effect) = outcome else {
@@ -314,12 +340,23 @@ impl LedgerState {
                 amount,
                 proof_id,
                 credited_uptime,
+                release_at,
             } => {
-                account.available += amount;
+                if release_at > ts {
+                    account.pending_rewards.push_back((release_at, amount));
+                } else {
+                    account.available += amount;
+                }
                 self.minted += u128::from(amount);
                 account.proof_ids.insert(proof_id);
                 if let Op::Reward { proof, .. } = &block.block.op {
                     let p = &proof.proof;
+                    account.receipt_counts = super::receipt::attested(
+                        &p.receipts,
+                        &account.receipt_counts,
+                        account.last_reward_epoch,
+                    )
+                    .counted;
                     account.last_reward_epoch = Some(p.epoch_id);
                     account.reward_times.push_back(p.timestamp);
                     while account
@@ -343,16 +380,17 @@ impl LedgerState {
             .accounts
             .get_mut(&addr)
             .expect("slashed account exists");
-        let total = account.available + account.staked + account.unbonding;
-        self.burned += u128::from(total);
+        let total = account.held();
+        self.burned += total;
         account.available = 0;
         account.staked = 0;
         account.unbonding = 0;
+        account.pending_rewards.clear();
         account.slashed = true;
         account.history.push(super::account::HistoryEntry {
             id: format!("slash_{}", account.address.to_checksum().to_lowercase()),
             kind: "slash",
-            amount: -i128::from(total),
+            amount: -(total as i128),
             fee: 0,
             counterparty: None,
             memo: None,
@@ -363,13 +401,10 @@ impl LedgerState {
         });
     }
 
-    /// minted == sum(available + staked + unbonding) + unclaimed sends + burned.
+    /// minted == sum(available + staked + unbonding + pending rewards) + unclaimed sends +
+    /// burned.
     pub fn check_invariant(&self) -> Result<(), String> {
-        let held: u128 = self
-            .accounts
-            .values()
-            .map(|a| u128::from(a.available) + u128::from(a.staked) + u128::from(a.unbonding))
-            .sum();
+        let held: u128 = self.accounts.values().map(Account::held).sum();
         let flying: u128 = self.inflight.values().map(|f| u128::from(f.amount)).sum();
         if held + flying + self.burned != self.minted {
             return Err(format!(
@@ -383,8 +418,11 @@ impl LedgerState {
     /// A hash of the whole derived state: equal on two nodes iff they agree on every balance,
     /// stake, chain head, freeze and unclaimed transfer.
     pub fn root_hash(&self) -> Hash32 {
-        let mut e = Encoder::new(b"neuroshard-ledger-root-v1");
-        e.u64(self.accounts.len() as u64);
+        let mut e = Encoder::new(b"neuroshard-ledger-root-v2");
+        e.i64(self.rules.challenge_window_secs)
+            .u32(self.rules.model_layers)
+            .bool(self.rules.accept_unattested_training)
+            .u64(self.accounts.len() as u64);
         for a in self.accounts.values() {
             e.bytes(&a.address.0)
                 .bytes(&a.head.0)
@@ -398,7 +436,11 @@ impl LedgerState {
                 .u64(a.unbonding)
                 .i64(a.unbond_at)
                 .u64(a.fork_height.map_or(u64::MAX, |f| f))
-                .bool(a.slashed);
+                .bool(a.slashed)
+                .u64(a.pending_rewards.len() as u64);
+            for (release, amount) in &a.pending_rewards {
+                e.i64(*release).u64(*amount);
+            }
         }
         e.u64(self.inflight.len() as u64);
         for (h, f) in &self.inflight {
@@ -437,7 +479,7 @@ mod tests {
     fn receive_waits_for_its_source_then_credits_once() {
         let (a, b) = (Wallet::from_seed(1), Wallet::from_seed(2));
         let p = SignedProof::sign(training_proof(&a, 6000), &a);
-        let amount = Account::new(a.address(), None)
+        let amount = Account::new(a.address(), None, Rules::default())
             .expected_reward(&p)
             .unwrap()
             .0;
@@ -472,7 +514,8 @@ mod tests {
                 source: send.hash(),
             },
         );
-        let mut st = LedgerState::new();
+        // No challenge window: the reward is spent ten seconds after it was minted.
+        let mut st = LedgerState::with_rules(Rules::new(0, 1024).unwrap());
         // Arrival in reverse order: everything waits, then resolves.
         for blk in [&again, &recv, &send] {
             st.insert(blk.clone(), blk.hash());

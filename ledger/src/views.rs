@@ -14,7 +14,8 @@ pub struct Balance {
     pub address: Address,
     pub available: u64,
     pub staked: u64,
-    /// Unstaked funds in cooldown plus transfers to this address not yet claimed.
+    /// Unstaked funds in cooldown, transfers to this address not yet claimed and rewards in
+    /// their challenge window.
     pub pending: u64,
     /// The part of `pending` in its unstaking cooldown, and when the cooldown ends.
     pub cooling: u64,
@@ -26,6 +27,12 @@ pub struct Balance {
     pub staking: Option<Staking>,
     /// Set when the account equivocated: its funds are burned and it can do nothing more.
     pub frozen_at_height: Option<u64>,
+    /// The part of `pending` that is rewards still in their challenge window.
+    pub pending_rewards: u64,
+    /// When the oldest pending reward becomes available.
+    pub rewards_next_release_at: Option<i64>,
+    /// When the newest pending reward becomes available (all of them by then).
+    pub rewards_released_at: Option<i64>,
 }
 
 /// The `staking` object (present when something is staked).
@@ -90,6 +97,8 @@ pub struct ProofEntry {
     pub reward: u64,
     /// Why it earned nothing, when it did not.
     pub reason: Option<String>,
+    /// The nodes whose receipts back the proof.
+    pub attested_by: Vec<Address>,
 }
 
 impl From<&ProofRecord> for ProofEntry {
@@ -102,6 +111,7 @@ impl From<&ProofRecord> for ProofEntry {
             verified: p.verified,
             reward: p.reward,
             reason: p.reason.clone(),
+            attested_by: p.attested_by.clone(),
         }
     }
 }

@@ -6,6 +6,7 @@
 use neuroshard_ledger::account::Outcome;
 use neuroshard_ledger::amount::transfer_fee;
 use neuroshard_ledger::proof::Proof;
+use neuroshard_ledger::receipt::attest_forward;
 use neuroshard_ledger::state::LedgerState;
 use neuroshard_ledger::{Block, Hash32, Op, ProofType, SignedBlock, SignedProof, Wallet};
 use proptest::prelude::*;
@@ -74,17 +75,25 @@ fn proof(w: &Wallet, ts: i64, layers: u32) -> SignedProof {
             uptime_seconds: 60,
             tokens_processed: 1000,
             training_batches: 100,
-            data_samples: 5,
+            data_samples: 0,
             request_id: String::new(),
             model_hash: "ab".repeat(32),
             layers_held: (0..layers).collect(),
             holds_embedding: layers.is_multiple_of(2),
-            holds_lm_head: layers.is_multiple_of(3),
+            holds_lm_head: false,
             epoch_id: Proof::epoch_of(ts),
             model_hash_start: "01".repeat(32),
             model_hash_end: "02".repeat(32),
             gradient_commitment: "03".repeat(32),
             current_loss: 1.5,
+            // All its batches, attested by the stage after its layers.
+            receipts: vec![attest_forward(
+                &Wallet::from_seed(9_999),
+                w.address(),
+                Proof::epoch_of(ts),
+                100,
+                layers,
+            )],
         },
         w,
     )
@@ -127,7 +136,13 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
         }
         let (prev, height, last_ts, avail, staked) =
             acct.as_ref().map_or((Hash32::ZERO, 0, 0, 0, 0), |a| {
-                (a.head, a.next_height, a.last_ts, a.settled(now).0, a.staked)
+                (
+                    a.head,
+                    a.next_height,
+                    a.last_ts,
+                    a.settled(now).available,
+                    a.staked,
+                )
             });
         let ts = now.max(last_ts);
         let mk = |op: Op| {
@@ -145,9 +160,9 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
         let op = match s {
             Spec::Reward { layers, .. } => {
                 let p = proof(w, ts, *layers);
-                let a = acct
-                    .clone()
-                    .unwrap_or_else(|| neuroshard_ledger::account::Account::new(w.address(), None));
+                let a = acct.clone().unwrap_or_else(|| {
+                    neuroshard_ledger::account::Account::new(w.address(), None, Default::default())
+                });
                 let Ok((amount, _)) = a.expected_reward(&p) else {
                     continue;
                 };
@@ -342,10 +357,14 @@ fn equivocation_is_frozen_and_slashed_whatever_the_order() {
             previous: Hash32::ZERO,
             timestamp: T0,
             op: Op::Reward {
-                amount: neuroshard_ledger::account::Account::new(a.address(), None)
-                    .expected_reward(&p)
-                    .unwrap()
-                    .0,
+                amount: neuroshard_ledger::account::Account::new(
+                    a.address(),
+                    None,
+                    Default::default(),
+                )
+                .expected_reward(&p)
+                .unwrap()
+                .0,
                 proof: p,
             },
         },

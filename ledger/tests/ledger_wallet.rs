@@ -312,7 +312,7 @@ async fn concurrent_sends_all_land_once(db: TestDb) {
 async fn keystore_wallet_drives_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let w = Wallet::load_or_create(dir.path()).unwrap();
-    let ledger = neuroshard_ledger::Ledger::open_data_dir(dir.path())
+    let ledger = neuroshard_ledger::Ledger::open_data_dir(dir.path(), ledger_support::instant())
         .await
         .unwrap();
     fund(&ledger, &w, 1, T0).await;
@@ -320,4 +320,45 @@ async fn keystore_wallet_drives_the_ledger() {
     assert_eq!(again.address(), w.address());
     assert!(ledger.balance(&again.address(), T0 + 600).await.available >= N);
     assert!(dir.path().join("ledger.db").exists());
+}
+
+#[tokio::test]
+async fn rewards_stay_pending_through_the_challenge_window() {
+    let db = sqlite_db();
+    let rules = neuroshard_ledger::Rules::new(600, 1024).unwrap();
+    let ledger = db.open_with(rules).await;
+    let w = Wallet::from_seed(41);
+    let accepted = ledger
+        .submit_proof(&w, proof(&w, T0, 1023), T0)
+        .await
+        .unwrap();
+    let minted = accepted.reward;
+    assert!(minted > 0);
+    let b = ledger.balance(&w.address(), T0 + 599).await;
+    assert_eq!(
+        (b.available, b.pending_rewards, b.pending),
+        (0, minted, minted)
+    );
+    assert_eq!(b.total, minted);
+    assert_eq!(b.rewards_next_release_at, Some(T0 + 600));
+    assert_eq!(b.rewards_released_at, Some(T0 + 600));
+    // Nothing to spend inside the window ...
+    let to = Wallet::from_seed(42).address();
+    let err = ledger.send(&w, to, 1, "", T0 + 30).await;
+    assert!(err.is_err(), "spent a pending reward: {err:?}");
+    // ... everything after it.
+    let b = ledger.balance(&w.address(), T0 + 600).await;
+    assert_eq!((b.available, b.pending_rewards, b.pending), (minted, 0, 0));
+    ledger
+        .send(&w, to, UNITS_PER_NEURO, "", T0 + 600)
+        .await
+        .unwrap();
+    // The window is a rule of the state: reopened, the same figures.
+    ledger.close().await;
+    let reopened = db.open_with(rules).await;
+    let b = reopened.balance(&w.address(), T0 + 600).await;
+    assert!(b.available < minted && b.pending_rewards == 0);
+    reopened.check_invariant().await.unwrap();
+    reopened.close().await;
+    db.drop_db().await;
 }

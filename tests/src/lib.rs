@@ -141,6 +141,11 @@ pub fn children_named(pid: i32, name: &str) -> Vec<i32> {
     found
 }
 
+/// The `[ledger]` keys of a test node that sets none: a development network where rewards are
+/// spendable at once and a node training alone earns (most scenarios fund a user from the
+/// node's first reward); the window and the receipts have scenarios of their own.
+pub const INSTANT_LEDGER: &str = "challenge_window_secs = 0\naccept_unattested_training = true\n";
+
 /// Options for a node under test.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -208,11 +213,15 @@ impl Node {
             Backend::Sqlite => None,
             Backend::Postgres => Some(PgDatabase::create()?),
         };
-        let config = match &database {
+        let mut config = match &database {
             // A top-level key, so before the tables of `config`.
             Some(db) => format!("database_url = {:?}\n{}", db.url, opts.config),
             None => opts.config.clone(),
         };
+        // A development network's ledger unless a scenario sets its own rules.
+        if !config.contains("[ledger]") {
+            config.push_str(&format!("\n[ledger]\n{INSTANT_LEDGER}"));
+        }
         std::fs::write(dir.path().join("neuroshard.toml"), config)?;
         let mut node = Node {
             log: dir.path().join("daemon.log"),

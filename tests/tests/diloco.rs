@@ -5,6 +5,7 @@
 //! verified.
 
 use crate::diloco_common;
+use crate::network_common;
 
 use diloco_common::{
     POLL, ROUNDS, START, agreed_round, dump_logs, global, loss, losses, mean_of, options,
@@ -14,10 +15,13 @@ use neuroshard_tests::{Node, wait_for};
 #[test]
 fn three_replicas_agree_bit_for_bit_and_their_loss_falls() {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    let a = Node::start(options("")).unwrap();
+    // An open network's ledger: the replicas earn for training only what the others'
+    // receipts of aggregated contributions attest.
+    let ledger = network_common::ATTESTED_LEDGER;
+    let a = Node::start(options(ledger)).unwrap();
     a.wait_healthy(START).unwrap();
-    let b = Node::start(options("").with_seed_peers(&[a.peer_addr()])).unwrap();
-    let c = Node::start(options("").with_seed_peers(&[a.peer_addr()])).unwrap();
+    let b = Node::start(options(ledger).with_seed_peers(&[a.peer_addr()])).unwrap();
+    let c = Node::start(options(ledger).with_seed_peers(&[a.peer_addr()])).unwrap();
     b.wait_healthy(START).unwrap();
     c.wait_healthy(START).unwrap();
     let nodes = [&a, &b, &c];
@@ -107,5 +111,16 @@ fn three_replicas_agree_bit_for_bit_and_their_loss_falls() {
         } else {
             assert!(v["reason"].is_string() && v["action"].is_string(), "{v}");
         }
+    }
+
+    // Each replica earned training rewards backed by the two others' receipts of its
+    // aggregated contributions (issue #19).
+    let ids = nodes.map(network_common::address);
+    for (i, n) in nodes.iter().enumerate() {
+        let others: Vec<String> = (0..3).filter(|j| *j != i).map(|j| ids[j].clone()).collect();
+        network_common::wait_attested_training(n, &others, ROUNDS).unwrap_or_else(|e| {
+            dump_logs(&nodes);
+            panic!("{e}")
+        });
     }
 }

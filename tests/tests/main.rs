@@ -15,6 +15,7 @@ mod pipeline_common;
 
 mod api;
 mod architecture;
+mod checked_work;
 mod concurrent_inference;
 mod dashboard;
 mod deploy_units;
@@ -36,6 +37,7 @@ mod openai_client;
 mod pipeline;
 mod pipeline_inference;
 mod pipeline_takeover;
+mod reward_window;
 mod storage;
 mod tls;
 mod tracker;

@@ -41,7 +41,7 @@ fn three_stages(extra: &str) -> (Node, Node, Node) {
 #[test]
 fn three_stages_train_and_the_loss_falls() {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    let (a, b, c) = three_stages("");
+    let (a, b, c) = three_stages(network_common::ATTESTED_LEDGER);
     let nodes = [&a, &b, &c];
     wait_for("a first pipeline step", START, POLL, || {
         step(&a).filter(|s| *s >= 1).and_then(|_| loss(&a))
@@ -97,6 +97,19 @@ fn three_stages_train_and_the_loss_falls() {
         net["pipeline"]["tensor_bytes"].as_u64().unwrap() > 0,
         "{net}"
     );
+
+    // Every stage earned training rewards, each backed by receipts of its neighbours: the
+    // driver's forward work by the worker, the worker's by the validator (forward) and the
+    // driver (backward), the validator's by the worker (backward).
+    let [ia, ib, ic] = [&a, &b, &c].map(network_common::address);
+    for (node, neighbours) in [
+        (&a, vec![ib.clone()]),
+        (&b, vec![ia.clone(), ic.clone()]),
+        (&c, vec![ib.clone()]),
+    ] {
+        network_common::wait_attested_training(node, &neighbours, START)
+            .unwrap_or_else(|e| panic!("{e}\n{}", dump(&nodes)));
+    }
 }
 
 /// f32 tensors of a safetensors file by name.
@@ -306,6 +319,8 @@ fn pipeline_calls_from_a_peer_that_is_not_the_stage_before_are_refused() {
                 phase: "apply".into(),
                 global_norm: 1.0,
                 route: route.clone(),
+                // A malformed receipt is refused and counted, never trusted.
+                receipt: b"not a receipt".to_vec(),
             },
             deadline,
         ));

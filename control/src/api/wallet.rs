@@ -67,13 +67,21 @@ pub struct PendingView {
     pub cooling_until: Option<String>,
     /// Transfers to this account its node has not claimed yet (it claims them as they arrive).
     pub unclaimed: f64,
+    /// Rewards still in their challenge window (a fraud proof can still void them).
+    pub rewards: f64,
+    /// RFC 3339 (UTC) release of the oldest pending reward; null when none.
+    pub rewards_next_release_at: Option<String>,
+    /// RFC 3339 (UTC) release of the newest pending reward (all of them by then); null when
+    /// none.
+    pub rewards_released_at: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct Balances {
     pub available: f64,
     pub staked: f64,
-    /// Unstaked funds in their cooldown plus transfers not yet claimed.
+    /// Unstaked funds in their cooldown, transfers not yet claimed and rewards in their
+    /// challenge window (the parts: `pending`).
     pub pending: f64,
     pub total: f64,
 }
@@ -132,6 +140,9 @@ pub async fn balance(State(state): State<AppState>, caller: Caller) -> Json<Bala
             cooling: units_to_neuro(b.cooling),
             cooling_until: b.cooling_until.map(timestamp_string),
             unclaimed: units_to_neuro(b.unclaimed),
+            rewards: units_to_neuro(b.pending_rewards),
+            rewards_next_release_at: b.rewards_next_release_at.map(timestamp_string),
+            rewards_released_at: b.rewards_released_at.map(timestamp_string),
         },
         frozen_at_height: b.frozen_at_height,
     })
@@ -443,6 +454,8 @@ pub struct ProofView {
     /// Why it earned nothing, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The nodes whose signed receipts of the work back the proof (issue #19).
+    pub attested_by: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -481,6 +494,7 @@ pub async fn proofs(
                 verified: e.verified,
                 reward: units_to_neuro(e.reward),
                 reason: e.reason,
+                attested_by: e.attested_by.iter().map(|a| a.to_checksum()).collect(),
             })
             .collect(),
         stats: ProofStatsView {

@@ -123,6 +123,9 @@ pub struct Diloco {
     pub residuals: Mutex<Vec<Vec<f32>>>,
     /// Wakes a trainer waiting for contributions.
     pub arrived: tokio::sync::Notify,
+    /// Receipts of aggregated contributions waiting to answer their sender's next push, by
+    /// sender id (one per replica: a newer one replaces the older, it counts more steps).
+    pub receipts: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
 }
 
 impl Default for Diloco {
@@ -134,6 +137,7 @@ impl Default for Diloco {
             max_norm: Mutex::new(DEFAULT_MAX_NORM),
             residuals: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
+            receipts: Mutex::default(),
         }
     }
 }

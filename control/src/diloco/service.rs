@@ -27,6 +27,15 @@ impl DilocoService {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+
+    /// The receipt of `sender`'s aggregated contributions waiting for it, if any.
+    fn receipt_for(&self, sender: &str) -> Vec<u8> {
+        self.diloco
+            .receipts
+            .lock()
+            .remove(sender)
+            .unwrap_or_default()
+    }
 }
 
 #[tonic::async_trait]
@@ -73,6 +82,7 @@ impl DilocoRpc for DilocoService {
             Ok(()) => Ok(self.edge.sent(pb::DeltaAck {
                 accepted: true,
                 reason: String::new(),
+                receipt: self.receipt_for(&msg.sender),
             })),
             Err(reason) => {
                 self.edge
@@ -100,6 +110,7 @@ impl DilocoRpc for DilocoService {
                 Ok(self.edge.sent(pb::DeltaAck {
                     accepted: false,
                     reason: reason.name().into(),
+                    receipt: self.receipt_for(&msg.sender),
                 }))
             }
         }

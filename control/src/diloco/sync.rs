@@ -38,6 +38,9 @@ pub struct Round<'a> {
     pub diloco: &'a Diloco,
     pub net: &'a Arc<Network>,
     pub metrics: &'a Metrics,
+    /// Receipts: this node signs those of the contributions it aggregates, keeps those its
+    /// replicas sign of its own.
+    pub attest: &'a crate::attest::Attestations,
     pub settings: Settings,
     /// Folder for the weight files exchanged with the engine.
     pub dir: PathBuf,
@@ -129,6 +132,7 @@ impl<'a> Round<'a> {
         net: &'a Arc<Network>,
         diloco: &'a Diloco,
         metrics: &'a Metrics,
+        attest: &'a crate::attest::Attestations,
         settings: Settings,
         dir: PathBuf,
     ) -> Round<'a> {
@@ -136,6 +140,7 @@ impl<'a> Round<'a> {
             diloco,
             net,
             metrics,
+            attest,
             settings,
             dir,
         }
@@ -143,6 +148,35 @@ impl<'a> Round<'a> {
 }
 
 impl Round<'_> {
+    /// Signs, for each replica whose contribution this round aggregated (checked and not
+    /// outvoted), the receipt of its inner steps; it answers that replica's next push.
+    fn attest_contributions(
+        &self,
+        round: u64,
+        start_hash: &str,
+        senders: &[String],
+        batches: &[u64],
+        outvoted: &[usize],
+    ) {
+        let me = self.attest.address().to_string();
+        for (i, sender) in senders.iter().enumerate() {
+            if *sender == me || outvoted.contains(&i) {
+                continue;
+            }
+            let Ok(subject) = sender.parse::<neuroshard_ledger::Address>() else {
+                continue;
+            };
+            let id = format!("{round}:{start_hash}:{}", batches[i]);
+            let r = self
+                .attest
+                .credit(subject, batches[i], round, id.as_bytes());
+            self.diloco
+                .receipts
+                .lock()
+                .insert(sender.clone(), crate::attest::to_bytes(&r));
+        }
+    }
+
     fn replicas(&self) -> Vec<(PeerConn, pb::NodeInfo)> {
         replicas(self.net, self.diloco)
     }
@@ -296,10 +330,25 @@ impl Round<'_> {
         let mut sent_bytes = 0u64;
         for task in sends {
             match task.await {
-                Ok((_, Ok(ack))) if ack.accepted => sent_bytes += size,
                 Ok((peer, Ok(ack))) => {
                     sent_bytes += size;
-                    tracing::debug!(%peer, reason = %ack.reason, "peer refused our pseudo-gradient");
+                    if !ack.accepted {
+                        tracing::debug!(%peer, reason = %ack.reason, "peer refused our pseudo-gradient");
+                    }
+                    // The replica's receipt of our earlier contributions it aggregated.
+                    if !ack.receipt.is_empty()
+                        && let Err(e) = self.attest.keep(
+                            &peer,
+                            neuroshard_ledger::receipt::ReceiptKind::Contribution,
+                            &ack.receipt,
+                        )
+                    {
+                        self.net
+                            .state
+                            .rejected_messages
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, error = %e, "receipt refused");
+                    }
                 }
                 Ok((peer, Err(e))) => {
                     tracing::debug!(%peer, error = %e, "pseudo-gradient not delivered")
@@ -380,11 +429,12 @@ impl Round<'_> {
             );
         }
         // Aggregate in sender order, outer step from θ_start, import.
-        let (senders, flat, weights) = {
+        let (senders, flat, weights, batches) = {
             let inbox = self.diloco.inbox.lock();
             let mut senders = Vec::new();
             let mut flat = Vec::new();
             let mut weights = Vec::new();
+            let mut batches = Vec::new();
             for c in inbox.matching(round, &start_hash) {
                 if alone && c.sender != me {
                     continue;
@@ -392,8 +442,9 @@ impl Round<'_> {
                 senders.push(c.sender.clone());
                 flat.push(c.flat());
                 weights.push(c.batches as f32);
+                batches.push(c.batches);
             }
-            (senders, flat, weights)
+            (senders, flat, weights, batches)
         };
         let contributors = flat.len();
         let inputs: Vec<Input<'_>> = flat
@@ -417,6 +468,7 @@ impl Round<'_> {
         if !outvoted.is_empty() {
             tracing::info!(round, ?outvoted, "contributions outvoted by the aggregator");
         }
+        self.attest_contributions(round, &start_hash, &senders, &batches, &report.outvoted);
         let agg = report.values;
         // New weights and momentum are computed aside and committed together after the
         // import, so GetWeights never serves a half-updated state.

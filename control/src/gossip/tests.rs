@@ -18,7 +18,14 @@ async fn node(dir: &std::path::Path) -> Arc<Gossip> {
         neuroshard_net::no_advert(),
         connected,
     );
-    Gossip::new(net, Arc::new(Ledger::open_data_dir(dir).await.unwrap()))
+    Gossip::new(
+        net,
+        Arc::new(
+            Ledger::open_data_dir(dir, Default::default())
+                .await
+                .unwrap(),
+        ),
+    )
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use neuroshard_coordination::Millis;
 use neuroshard_coordination::schedule::{Action, Event, Schedule, Summary};
+use neuroshard_ledger::receipt::ReceiptKind;
 use neuroshard_proto::peer as pb;
 use neuroshard_shared::model::ModelConfig;
 
@@ -67,10 +68,12 @@ impl Hops {
     }
 
     /// Phase `phase` of the optimizer down the route.
+    /// `receipt`: this node's backward receipt for the first stage, as the wire carries it.
     async fn optimizer(
         &self,
         phase: Phase,
         global_norm: f32,
+        receipt: Vec<u8>,
     ) -> Result<pb::PipelineStepReply, PipeError> {
         let first = &self.first;
         within(self.secs, &first.conn.id.to_string(), async {
@@ -83,6 +86,7 @@ impl Hops {
                         phase: phase.as_str().into(),
                         global_norm,
                         route: self.rest.clone(),
+                        receipt,
                     },
                     self.timeout(),
                 )
@@ -247,6 +251,7 @@ impl Stage {
                 message: format!("loss {}", r.loss),
             });
         }
+        self.keep_receipt(first, ReceiptKind::Forward, &r.receipt);
         Ok(Event::Forwarded { mb, loss: r.loss })
     }
 
@@ -282,6 +287,16 @@ impl Stage {
         self.counters
             .tensor_bytes
             .fetch_add(grad.data.len() as u64, Ordering::Relaxed);
+        // The first stage's backward work, attested; it gets the receipt with the optimizer
+        // request.
+        self.attest.receive(
+            first.conn.id,
+            ReceiptKind::Backward,
+            first.layers.start,
+            hops.step,
+            mb,
+            &grad.data,
+        );
         self.backward(hops.step, mb, Some(&grad)).await?;
         Ok(Event::BackwardDone { mb })
     }
@@ -289,7 +304,8 @@ impl Stage {
     /// Phase `norm`: this stage's squared gradient norm, then the route's (checked).
     async fn gather_norm(&self, hops: &Hops) -> Result<Event, PipeError> {
         let local = self.sq_norm(hops.step).await?;
-        let remote = hops.optimizer(Phase::Norm, 0.0).await?.sq_norm;
+        let receipt = self.backward_receipt(&hops.first.conn.id);
+        let remote = hops.optimizer(Phase::Norm, 0.0, receipt).await?.sq_norm;
         if !(remote.is_finite() && remote >= 0.0) {
             return Err(PipeError::Peer {
                 stage: hops.first.conn.id.to_string(),
@@ -303,7 +319,7 @@ impl Stage {
     async fn apply_all(&self, hops: &Hops, global_norm: f32) -> Result<Event, PipeError> {
         let (optimizer_step, _) = tokio::try_join!(
             self.apply(hops.step, global_norm),
-            hops.optimizer(Phase::Apply, global_norm)
+            hops.optimizer(Phase::Apply, global_norm, Vec::new())
         )?;
         Ok(Event::Applied { optimizer_step })
     }

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use super::phase::Phase;
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
 use neuroshard_ledger::Address;
+use neuroshard_ledger::receipt::ReceiptKind;
 use neuroshard_net::MAX_MESSAGE_BYTES;
 use neuroshard_net::Network;
 use neuroshard_net::service::{PeerEdge, WeightsStream};
@@ -93,6 +94,7 @@ impl Stage {
     pub async fn serve_forward(
         &self,
         net: &Network,
+        caller: &Address,
         req: pb::PipelineForwardRequest,
     ) -> Result<pb::PipelineForwardReply, PipeError> {
         let a = self.ready()?;
@@ -134,10 +136,19 @@ impl Stage {
             .await
             .map_err(|e| self.refused(e))?;
         self.same_layers(&a)?;
+        // The caller's forward work, attested: these activations reached this stage.
+        let receipt = crate::attest::to_bytes(&self.attest.receive(
+            *caller,
+            ReceiptKind::Forward,
+            a.layers.start,
+            req.step,
+            req.micro_batch,
+            &acts.data,
+        ));
         match out {
             Out::Loss(loss) => {
                 self.stats.lock().loss = Some(loss);
-                Ok(pb::PipelineForwardReply { loss })
+                Ok(pb::PipelineForwardReply { loss, receipt })
             }
             Out::Acts(out) => {
                 let (hop, rest) = self
@@ -156,14 +167,43 @@ impl Stage {
                     layer_start: a.layers.end,
                     route: rest,
                 };
-                within(secs, &hop.conn.id.to_string(), async {
+                let reply = within(secs, &hop.conn.id.to_string(), async {
                     hop.conn
                         .pipeline_forward(next, Duration::from_secs(u64::from(secs)))
                         .await
                         .map_err(|e| peer_err(&hop, e))
                 })
-                .await
+                .await?;
+                // The next stage's receipt is for this stage's work; the caller gets ours.
+                self.keep_receipt(&hop, ReceiptKind::Forward, &reply.receipt);
+                // The route's loss is this stage's training loss too (a middle stage computes
+                // none; without one its proofs could not claim its training).
+                if reply.loss.is_finite() && reply.loss > 0.0 {
+                    self.stats.lock().loss = Some(reply.loss);
+                }
+                Ok(pb::PipelineForwardReply {
+                    loss: reply.loss,
+                    receipt,
+                })
             }
+        }
+    }
+
+    /// This node's latest backward receipt for `subject`, as the wire carries it (empty when
+    /// there is none this epoch).
+    pub(super) fn backward_receipt(&self, subject: &Address) -> Vec<u8> {
+        self.attest
+            .latest(subject, ReceiptKind::Backward)
+            .map(|r| crate::attest::to_bytes(&r))
+            .unwrap_or_default()
+    }
+
+    /// Keeps a receipt the stage `hop` signed for this node's work; a bad one is counted as a
+    /// refused peer message and changes nothing (the step itself went through).
+    pub(super) fn keep_receipt(&self, hop: &Hop, kind: ReceiptKind, bytes: &[u8]) {
+        if let Err(e) = self.attest.keep(&hop.conn.id, kind, bytes) {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(stage = %hop.conn.id, error = %e, "receipt refused");
         }
     }
 
@@ -208,6 +248,16 @@ impl Stage {
             .await?;
             let g = check_acts(r.grad_input.as_ref(), "grad_input", &m, None)
                 .map_err(|e| self.refused(e))?;
+            // The next stage's backward work, attested; it gets the receipt with the next
+            // optimizer request.
+            self.attest.receive(
+                hop.conn.id,
+                ReceiptKind::Backward,
+                a.layers.end,
+                req.step,
+                req.micro_batch,
+                &g.data,
+            );
             self.counters
                 .tensor_bytes
                 .fetch_add(g.data.len() as u64, Ordering::Relaxed);
@@ -232,9 +282,18 @@ impl Stage {
     pub async fn serve_step(
         &self,
         net: &Network,
+        caller: &Address,
         req: pb::PipelineStepRequest,
     ) -> Result<pb::PipelineStepReply, PipeError> {
         let a = self.ready()?;
+        if !req.receipt.is_empty()
+            && let Err(e) = self
+                .attest
+                .keep(caller, ReceiptKind::Backward, &req.receipt)
+        {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(stage = %caller, error = %e, "receipt refused");
+        }
         if a.has_embedding() {
             return Err(self.refused(PipeError::Refused(
                 "the first stage takes no optimizer step from a peer".into(),
@@ -257,6 +316,9 @@ impl Stage {
         let forward = |phase: Phase, norm: f32| {
             let next = next.clone();
             let step = req.step;
+            let receipt = next
+                .as_ref()
+                .map_or_else(Vec::new, |(hop, _)| self.backward_receipt(&hop.conn.id));
             async move {
                 match next {
                     None => Ok(pb::PipelineStepReply::default()),
@@ -270,6 +332,7 @@ impl Stage {
                                         phase: phase.as_str().into(),
                                         global_norm: norm,
                                         route: rest,
+                                        receipt,
                                     },
                                     Duration::from_secs(u64::from(secs)),
                                 )
@@ -361,7 +424,7 @@ impl PipelineRpc for PipelineService {
         let (body, v) = self.edge.verify(req)?;
         let stage = &self.stage;
         stage.check_upstream(&self.edge.net, &v.peer)?;
-        let reply = stage.serve_forward(&self.edge.net, body).await?;
+        let reply = stage.serve_forward(&self.edge.net, &v.peer, body).await?;
         Ok(self.edge.sent(reply))
     }
 
@@ -383,7 +446,7 @@ impl PipelineRpc for PipelineService {
         let (body, v) = self.edge.verify(req)?;
         let stage = &self.stage;
         stage.check_upstream(&self.edge.net, &v.peer)?;
-        let reply = stage.serve_step(&self.edge.net, body).await?;
+        let reply = stage.serve_step(&self.edge.net, &v.peer, body).await?;
         Ok(self.edge.sent(reply))
     }
 

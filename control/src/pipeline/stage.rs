@@ -63,6 +63,8 @@ pub struct Stage {
     /// schedule's requeue): the next step trains on it, so a failure never skips data (and
     /// the steps stay those of one node reading the same data).
     pub(super) retry_batch: Mutex<Option<Batch>>,
+    /// Receipts this stage signs for its peers' work and holds for its own (issue #19).
+    pub attest: Arc<crate::attest::Attestations>,
 }
 
 /// A driver's batch: token ids, labels, and the shard they came from.
@@ -85,6 +87,7 @@ impl Stage {
         config: LiveConfig,
         stats: Arc<Mutex<TrainingStats>>,
         data_dir: PathBuf,
+        attest: Arc<crate::attest::Attestations>,
     ) -> Stage {
         Stage {
             engine,
@@ -96,6 +99,7 @@ impl Stage {
             counters: Arc::new(Counters::default()),
             infer: infer::InferState::default(),
             retry_batch: Mutex::new(None),
+            attest,
         }
     }
 

@@ -91,6 +91,7 @@ impl Trainer {
             &self.net,
             &self.diloco,
             &self.metrics,
+            &self.stage.attest,
             *settings,
             self.data_dir.join("diloco"),
         )

@@ -3,7 +3,13 @@
 #![allow(dead_code)]
 
 use neuroshard_ledger::proof::Proof;
-use neuroshard_ledger::{Ledger, ProofType, SignedProof, Wallet};
+use neuroshard_ledger::receipt::attest_forward;
+use neuroshard_ledger::{Ledger, ProofType, Rules, SignedProof, Wallet};
+
+/// Rules without a challenge window, for tests about other things than the window.
+pub fn instant() -> Rules {
+    Rules::new(0, 1024).expect("valid rules")
+}
 
 pub const T0: i64 = 1_733_313_600; // 2024-12-04T12:00:00Z
 
@@ -15,8 +21,13 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Opens the ledger with no challenge window: rewards are spendable at once.
     pub async fn open(&self) -> Ledger {
-        Ledger::open(&self.url).await.expect("open ledger")
+        self.open_with(instant()).await
+    }
+
+    pub async fn open_with(&self, rules: Rules) -> Ledger {
+        Ledger::open(&self.url, rules).await.expect("open ledger")
     }
 
     pub async fn drop_db(self) {
@@ -108,6 +119,14 @@ pub fn proof(w: &Wallet, timestamp: i64, layers: u32) -> SignedProof {
             model_hash_end: format!("{:064x}", timestamp + 1),
             gradient_commitment: "cc".repeat(32),
             current_loss: 2.0,
+            // All its batches, attested by the stage after its layers.
+            receipts: vec![attest_forward(
+                &Wallet::from_seed(9_999),
+                w.address(),
+                Proof::epoch_of(timestamp),
+                600,
+                layers,
+            )],
         },
         w,
     )
@@ -123,7 +142,7 @@ pub async fn fund(ledger: &Ledger, w: &Wallet, neuro: u64, mut now: i64) -> i64 
             return now;
         }
         ledger
-            .submit_proof(w, proof(w, now, 1024), now)
+            .submit_proof(w, proof(w, now, 1023), now)
             .await
             .expect("funding proof accepted");
         now += 60;

@@ -16,6 +16,16 @@ use neuroshard_net::client::PeerConn;
 use neuroshard_net::{LocalRole, Network, PeerState};
 use neuroshard_tests::Node;
 
+/// Layers of the `tiny` model the test nodes run.
+pub const TINY_LAYERS: u32 = 2;
+
+/// The ledger rules of the test nodes (`neuroshard_tests::INSTANT_LEDGER`, model `tiny`).
+pub fn tiny_rules() -> neuroshard_ledger::Rules {
+    neuroshard_ledger::Rules::new(0, TINY_LAYERS)
+        .expect("valid rules")
+        .unattested()
+}
+
 pub fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -40,7 +50,7 @@ impl Observer {
             .enable_all()
             .build()?;
         let dir = tempfile::tempdir()?;
-        let ledger = rt.block_on(Ledger::open_data_dir(dir.path()))?;
+        let ledger = rt.block_on(Ledger::open_data_dir(dir.path(), tiny_rules()))?;
         // Nobody pulls from the peers the observer connects to: the events are dropped.
         let (connected, _) = tokio::sync::mpsc::unbounded_channel();
         let net = Network::new(
@@ -125,7 +135,7 @@ impl Observer {
         let dir = tempfile::tempdir()?;
         let messages = self.messages(conn)?;
         self.rt.block_on(async {
-            let ledger = Ledger::open_data_dir(dir.path()).await?;
+            let ledger = Ledger::open_data_dir(dir.path(), tiny_rules()).await?;
             for m in &messages {
                 ledger.apply(m, now_s()).await?;
             }
@@ -138,8 +148,9 @@ impl Observer {
         })
     }
 
-    /// Mints the observer's wallet a training reward (one proof, about 300 NEURO), as any
-    /// node does for its work, in the observer's own ledger.
+    /// Mints the observer's wallet a training reward (one proof: 600 batches on both layers
+    /// of the `tiny` model, 0.9 NEURO), as a node that trains alone does for its work, in the
+    /// observer's own ledger.
     pub fn mint(&self, now: i64) -> anyhow::Result<()> {
         let w = self.wallet();
         let proof = SignedProof::sign(
@@ -154,14 +165,16 @@ impl Observer {
                 data_samples: 0,
                 request_id: String::new(),
                 model_hash: "ab".repeat(32),
-                layers_held: (0..1024).collect(),
-                holds_embedding: false,
-                holds_lm_head: false,
+                layers_held: (0..TINY_LAYERS).collect(),
+                holds_embedding: true,
+                holds_lm_head: true,
                 epoch_id: Proof::epoch_of(now),
                 model_hash_start: format!("{now:064x}"),
                 model_hash_end: format!("{:064x}", now + 1),
                 gradient_commitment: "cc".repeat(32),
                 current_loss: 2.0,
+                // Nobody received this work: the test nodes' development ledger takes it.
+                receipts: Vec::new(),
             },
             w,
         );
@@ -195,4 +208,70 @@ impl Observer {
         );
         Ok(last)
     }
+}
+
+/// An open network's ledger (issue #19) for a scenario's config: no challenge window to wait
+/// out, but training earns only what other nodes' receipts attest.
+pub const ATTESTED_LEDGER: &str =
+    "\n[ledger]\nchallenge_window_secs = 0\naccept_unattested_training = false\n";
+
+/// The address of `node`'s own wallet.
+pub fn address(node: &Node) -> String {
+    node.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
+        .and_then(|(_, b)| b["address"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// The training proofs of `node` that earned: (reward, the nodes whose receipts back it).
+pub fn attested_training(node: &Node) -> Vec<(f64, Vec<String>)> {
+    let Some((_, page)) = node.authed(reqwest::Method::GET, "/api/v1/proofs?limit=100", None)
+    else {
+        return Vec::new();
+    };
+    let proofs = page["proofs"].as_array().cloned().unwrap_or_default();
+    proofs
+        .iter()
+        .filter(|p| p["type"] == "training" && p["verified"] == true)
+        .map(|p| {
+            let by = p["attested_by"].as_array().cloned().unwrap_or_default();
+            (
+                p["reward"].as_f64().unwrap_or(0.0),
+                by.iter()
+                    .filter_map(|a| a.as_str().map(String::from))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `node` earned a training reward backed by receipts of all of `attesters`, and
+/// checks that every training reward it earned has a receipt, and only from them.
+pub fn wait_attested_training(
+    node: &Node,
+    attesters: &[String],
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let proofs = neuroshard_tests::wait_for(
+        "a training reward attested by the expected nodes",
+        timeout,
+        std::time::Duration::from_millis(500),
+        || {
+            let p = attested_training(node);
+            p.iter()
+                .any(|(_, by)| by.len() == attesters.len())
+                .then_some(p)
+        },
+    )?;
+    for (reward, by) in &proofs {
+        anyhow::ensure!(*reward > 0.0, "a training proof without reward: {proofs:?}");
+        anyhow::ensure!(
+            !by.is_empty(),
+            "a training reward without receipts: {proofs:?}"
+        );
+        anyhow::ensure!(
+            by.iter().all(|x| attesters.contains(x)),
+            "attested by {by:?}, expected only {attesters:?}"
+        );
+    }
+    Ok(())
 }

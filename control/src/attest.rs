@@ -1,0 +1,304 @@
+//! Receipts of training work (issue #19): this node signs, for every peer whose work it
+//! receives, a cumulative receipt per epoch (`neuroshard_ledger::receipt`), and keeps the
+//! receipts peers signed for its own work so its next proof of work can cite them. The ledger
+//! counts a training claim only up to what such receipts attest.
+//!
+//! Pipeline training: the stage that receives a node's activations signs a forward receipt
+//! and answers it in the forward reply; the node that receives a stage's input gradient signs
+//! a backward receipt and sends it with its next optimizer request to that stage.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use neuroshard_ledger::keys::Hash32;
+use neuroshard_ledger::proof::Proof;
+use neuroshard_ledger::receipt::{
+    MAX_RECEIPT_AGE_EPOCHS, MAX_RECEIPTS_PER_PROOF, Receipt, ReceiptKey, ReceiptKind, SignedReceipt,
+};
+use neuroshard_ledger::{Address, Wallet};
+use parking_lot::Mutex;
+
+/// Most bytes a receipt may take on the wire (a signed receipt is about 400 bytes of JSON).
+pub const MAX_RECEIPT_BYTES: usize = 2048;
+
+/// What this node has received from one peer in the current epoch.
+#[derive(Debug, Clone)]
+struct Running {
+    epoch: u64,
+    steps: u64,
+    last_step: Option<u64>,
+    commitment: Hash32,
+    /// The receipt as last signed.
+    signed: Option<SignedReceipt>,
+}
+
+/// How a record adds to the count.
+enum Count {
+    /// One training step (its micro-batches count once).
+    Step(u64),
+    /// Inner steps behind a contribution.
+    Steps(u64),
+}
+
+/// Why a peer's receipt was not kept.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptRefused {
+    #[error("receipt is not JSON of a signed receipt: {0}")]
+    Malformed(String),
+    #[error("receipt longer than {MAX_RECEIPT_BYTES} bytes")]
+    TooLong,
+    #[error("receipt {0}")]
+    Invalid(&'static str),
+}
+
+/// The receipts this node gives and holds.
+pub struct Attestations {
+    wallet: Arc<Wallet>,
+    given: Mutex<BTreeMap<(Address, ReceiptKind), Running>>,
+    held: Mutex<BTreeMap<ReceiptKey, SignedReceipt>>,
+}
+
+fn epoch_now() -> u64 {
+    Proof::epoch_of(chrono::Utc::now().timestamp())
+}
+
+impl Attestations {
+    pub fn new(wallet: Arc<Wallet>) -> Attestations {
+        Attestations {
+            wallet,
+            given: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn address(&self) -> Address {
+        self.wallet.address()
+    }
+
+    /// Records `tensor`, micro-batch `mb` of training step `step`, received from `subject`,
+    /// and signs the receipt of everything received from it this epoch. A step counts once
+    /// however many micro-batches it has.
+    pub fn receive(
+        &self,
+        subject: Address,
+        kind: ReceiptKind,
+        boundary: u32,
+        step: u64,
+        mb: u32,
+        tensor: &[u8],
+    ) -> SignedReceipt {
+        self.record(
+            subject,
+            kind,
+            boundary,
+            Count::Step(step),
+            (step, mb, tensor),
+        )
+    }
+
+    /// Records a contribution of `steps` inner steps from `subject` (DiLoCo round `round`,
+    /// identified by `id`) and signs the receipt of this epoch's contributions from it.
+    pub fn credit(&self, subject: Address, steps: u64, round: u64, id: &[u8]) -> SignedReceipt {
+        self.record(
+            subject,
+            ReceiptKind::Contribution,
+            0,
+            Count::Steps(steps),
+            (round, 0, id),
+        )
+    }
+
+    fn record(
+        &self,
+        subject: Address,
+        kind: ReceiptKind,
+        boundary: u32,
+        count: Count,
+        (step, mb, tensor): (u64, u32, &[u8]),
+    ) -> SignedReceipt {
+        let epoch = epoch_now();
+        let mut given = self.given.lock();
+        let fresh = Running {
+            epoch,
+            steps: 0,
+            last_step: None,
+            commitment: Hash32::ZERO,
+            signed: None,
+        };
+        let r = given
+            .entry((subject, kind))
+            .or_insert_with(|| fresh.clone());
+        if r.epoch != epoch {
+            *r = fresh;
+        }
+        match count {
+            Count::Step(step) if r.last_step != Some(step) => {
+                r.steps += 1;
+                r.last_step = Some(step);
+            }
+            Count::Step(_) => {}
+            Count::Steps(n) => r.steps = r.steps.saturating_add(n),
+        }
+        r.commitment = Receipt::chain(&r.commitment, step, mb, tensor);
+        let signed = SignedReceipt::sign(
+            Receipt {
+                attester: self.wallet.address(),
+                subject,
+                kind,
+                epoch_id: epoch,
+                steps: r.steps,
+                boundary,
+                commitment: r.commitment,
+            },
+            &self.wallet,
+        );
+        r.signed = Some(signed.clone());
+        signed
+    }
+
+    /// Keeps a receipt `from` signed for this node's `kind` work, when it is one: signed by
+    /// `from`, about this node, of a recent epoch. A peer's receipt is its word about our
+    /// work; a bad one is refused (the caller counts it) and changes nothing.
+    pub fn keep(
+        &self,
+        from: &Address,
+        kind: ReceiptKind,
+        bytes: &[u8],
+    ) -> Result<(), ReceiptRefused> {
+        if bytes.len() > MAX_RECEIPT_BYTES {
+            return Err(ReceiptRefused::TooLong);
+        }
+        let r: SignedReceipt =
+            serde_json::from_slice(bytes).map_err(|e| ReceiptRefused::Malformed(e.to_string()))?;
+        let rc = &r.receipt;
+        if rc.attester != *from {
+            return Err(ReceiptRefused::Invalid(
+                "not signed by the peer that sent it",
+            ));
+        }
+        if rc.subject != self.wallet.address() {
+            return Err(ReceiptRefused::Invalid("about another node"));
+        }
+        if rc.kind != kind {
+            return Err(ReceiptRefused::Invalid("of the wrong kind"));
+        }
+        let now = epoch_now();
+        if rc.epoch_id > now + 1 || rc.epoch_id + MAX_RECEIPT_AGE_EPOCHS < now {
+            return Err(ReceiptRefused::Invalid("of another epoch"));
+        }
+        r.verify()
+            .map_err(|_| ReceiptRefused::Invalid("with a bad signature"))?;
+        let mut held = self.held.lock();
+        let key = (rc.attester, rc.kind, rc.epoch_id);
+        if held
+            .get(&key)
+            .is_none_or(|old| old.receipt.steps <= rc.steps)
+        {
+            held.insert(key, r);
+        }
+        held.retain(|(_, _, e), _| e + MAX_RECEIPT_AGE_EPOCHS >= now);
+        Ok(())
+    }
+
+    /// The receipts a proof of epoch `proof_epoch` may cite: those of epochs from `since`
+    /// (the last rewarded proof's epoch) on, the most steps first, at most what a proof
+    /// carries.
+    pub fn for_proof(&self, since: Option<u64>, proof_epoch: u64) -> Vec<SignedReceipt> {
+        let held = self.held.lock();
+        let mut out: Vec<SignedReceipt> = held
+            .iter()
+            .filter(|((_, _, e), _)| {
+                since.is_none_or(|s| *e >= s)
+                    && *e <= proof_epoch
+                    && e + MAX_RECEIPT_AGE_EPOCHS >= proof_epoch
+            })
+            .map(|(_, r)| r.clone())
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.receipt.steps));
+        out.truncate(MAX_RECEIPTS_PER_PROOF);
+        out
+    }
+
+    /// The receipt for `kind` work of `subject` this node signed last, while its epoch lasts
+    /// (to send it with a later request).
+    pub fn latest(&self, subject: &Address, kind: ReceiptKind) -> Option<SignedReceipt> {
+        let given = self.given.lock();
+        let r = given.get(&(*subject, kind))?;
+        (r.epoch == epoch_now()).then(|| r.signed.clone()).flatten()
+    }
+}
+
+/// A receipt as the wire carries it (JSON bytes).
+pub fn to_bytes(r: &SignedReceipt) -> Vec<u8> {
+    serde_json::to_vec(r).expect("a receipt serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_count_once_and_receipts_round_trip() {
+        let (a, b) = (Wallet::from_seed(1), Wallet::from_seed(2));
+        let att_a = Attestations::new(Arc::new(a));
+        let att_b = Attestations::new(Arc::new(b));
+        let (ia, ib) = (att_a.address(), att_b.address());
+        // B receives two micro-batches of step 7 and one of step 8 from A.
+        let first = att_b.receive(ia, ReceiptKind::Forward, 2, 7, 0, b"x");
+        assert_eq!(first.receipt.steps, 1);
+        att_b.receive(ia, ReceiptKind::Forward, 2, 7, 1, b"y");
+        let r = att_b.receive(ia, ReceiptKind::Forward, 2, 8, 0, b"z");
+        assert_eq!(r.receipt.steps, 2);
+        att_a
+            .keep(&ib, ReceiptKind::Forward, &to_bytes(&r))
+            .unwrap();
+        let proofs = att_a.for_proof(None, r.receipt.epoch_id);
+        assert_eq!(proofs, vec![r.clone()]);
+        // Refused: from someone else, the wrong kind, forged, garbage, too long.
+        assert!(
+            att_a
+                .keep(&ia, ReceiptKind::Forward, &to_bytes(&r))
+                .is_err()
+        );
+        assert!(
+            att_a
+                .keep(&ib, ReceiptKind::Backward, &to_bytes(&r))
+                .is_err()
+        );
+        let mut forged = r.clone();
+        forged.receipt.steps = 600;
+        assert!(
+            att_a
+                .keep(&ib, ReceiptKind::Forward, &to_bytes(&forged))
+                .is_err()
+        );
+        assert!(att_a.keep(&ib, ReceiptKind::Forward, b"{not json").is_err());
+        assert!(
+            att_a
+                .keep(&ib, ReceiptKind::Forward, &[b' '; 4096])
+                .is_err()
+        );
+        // A receipt of fewer steps never replaces one of more.
+        assert_eq!(att_b.latest(&ia, ReceiptKind::Forward), Some(r.clone()));
+        att_a
+            .keep(&ib, ReceiptKind::Forward, &to_bytes(&first))
+            .unwrap();
+        assert_eq!(
+            att_a.for_proof(None, r.receipt.epoch_id)[0].receipt.steps,
+            2
+        );
+        // Contributions add their steps.
+        let c = att_b.credit(ia, 40, 3, b"round 3");
+        assert_eq!(
+            (c.receipt.steps, c.receipt.kind),
+            (40, ReceiptKind::Contribution)
+        );
+        assert_eq!(att_b.credit(ia, 25, 4, b"round 4").receipt.steps, 65);
+        // Not about the proof's period: nothing.
+        assert!(
+            att_a
+                .for_proof(Some(r.receipt.epoch_id + 1), r.receipt.epoch_id + 1)
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! The network's parameters that every node must share to agree on balances: how long a
+//! reward stays pending (the challenge window in which it can still be voided) and how many
+//! layers the network's model has (a proof may only claim layers that exist). Nodes of one
+//! network run the same model, so `model_layers` is the model preset's layer count; both are
+//! part of the ledger root (`LedgerState::root_hash` encodes them), so two nodes with
+//! different rules see different roots instead of silently different balances.
+
+use super::proof::MAX_LAYERS;
+
+/// Default challenge window: a reward is pending for ten epochs before it can be spent.
+pub const DEFAULT_CHALLENGE_WINDOW_SECONDS: i64 = 600;
+/// Longest challenge window a network may choose (one day).
+pub const MAX_CHALLENGE_WINDOW_SECONDS: i64 = 86_400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Seconds from a reward block's timestamp until its amount is available. 0: at once.
+    pub challenge_window_secs: i64,
+    /// Layers of the network's model: a proof's `layers_held` must lie in `0..model_layers`,
+    /// `holds_embedding` means layer 0 is held and `holds_lm_head` the last layer.
+    pub model_layers: u32,
+    /// Development networks only: training claims need no receipts from other nodes (a
+    /// lone node earns for its own training). Off in every open network.
+    pub accept_unattested_training: bool,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            challenge_window_secs: DEFAULT_CHALLENGE_WINDOW_SECONDS,
+            model_layers: MAX_LAYERS as u32,
+            accept_unattested_training: false,
+        }
+    }
+}
+
+/// Why a set of rules cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RulesError {
+    #[error("challenge window must be between 0 and {MAX_CHALLENGE_WINDOW_SECONDS} s, got {0}")]
+    Window(i64),
+    #[error("model layers must be between 1 and {MAX_LAYERS}, got {0}")]
+    Layers(u32),
+}
+
+impl Rules {
+    pub fn new(challenge_window_secs: i64, model_layers: u32) -> Result<Rules, RulesError> {
+        if !(0..=MAX_CHALLENGE_WINDOW_SECONDS).contains(&challenge_window_secs) {
+            return Err(RulesError::Window(challenge_window_secs));
+        }
+        if model_layers == 0 || model_layers as usize > MAX_LAYERS {
+            return Err(RulesError::Layers(model_layers));
+        }
+        Ok(Rules {
+            challenge_window_secs,
+            model_layers,
+            accept_unattested_training: false,
+        })
+    }
+
+    /// The same rules, accepting training claims without receipts (development networks).
+    pub fn unattested(self) -> Rules {
+        Rules {
+            accept_unattested_training: true,
+            ..self
+        }
+    }
+
+    /// When a reward minted in a block dated `block_ts` becomes available.
+    pub fn release_at(&self, block_ts: i64) -> i64 {
+        block_ts.saturating_add(self.challenge_window_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds() {
+        assert!(Rules::new(0, 1).is_ok());
+        assert!(Rules::new(MAX_CHALLENGE_WINDOW_SECONDS, MAX_LAYERS as u32).is_ok());
+        assert_eq!(Rules::new(-1, 4), Err(RulesError::Window(-1)));
+        assert_eq!(Rules::new(86_401, 4), Err(RulesError::Window(86_401)));
+        assert_eq!(Rules::new(600, 0), Err(RulesError::Layers(0)));
+        assert_eq!(Rules::new(600, 1025), Err(RulesError::Layers(1025)));
+        assert_eq!(Rules::default().release_at(1000), 1600);
+    }
+}
