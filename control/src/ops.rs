@@ -14,7 +14,8 @@ use neuroshard_ledger::Address;
 
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// Port of the running node (default: from the config file).
+    /// Port of the running node (default: the node running on the data directory, else the
+    /// config file's).
     #[arg(long, env = "NEUROSHARD_PORT")]
     pub port: Option<u16>,
     /// API token (default: the running daemon's cookie, <data-dir>/api.cookie).
@@ -87,11 +88,16 @@ fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
         })
 }
 
+/// The port of the node to call: `--port`, else the one the node running on the data
+/// directory was started with (its `node.json`), else the config file's.
 fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<u16> {
-    Ok(match conn.port {
-        Some(p) => p,
-        None => Config::load(&paths.config_path)?.port,
-    })
+    if let Some(p) = conn.port {
+        return Ok(p);
+    }
+    if let Some(info) = crate::runfile::running(&paths.data_dir) {
+        return Ok(info.port);
+    }
+    Ok(Config::load(&paths.config_path)?.port)
 }
 
 fn print_json(v: &Value) {
@@ -298,6 +304,11 @@ pub fn token_command(paths: &Paths, cmd: TokenCommand) -> anyhow::Result<()> {
                     "this node does not hold the key of {a}; create one with --new-wallet"
                 );
                 a
+            } else if let Some(running) =
+                crate::runfile::running(dir).and_then(|info| Address::parse(&info.wallet).ok())
+            {
+                // The wallet the running node runs as (it may be another one, `--wallet`).
+                running
             } else {
                 node.address()
             };
