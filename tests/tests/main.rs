@@ -15,6 +15,7 @@ mod pipeline_common;
 
 mod api;
 mod architecture;
+mod cli;
 mod concurrent_inference;
 mod dashboard;
 mod deploy_units;
