@@ -145,11 +145,12 @@ fn commands_find_the_node_on_its_data_directory_and_restart_and_logs_follow_it()
     assert_eq!(balance["address"], direct["wallet_address"], "{balance}");
 
     // logs: the last lines of the node's own log file.
-    let all = ok(&dir, &["logs", "-n", "100000"]);
-    assert!(all.contains("node running"), "{all}");
     let last3 = ok(&dir, &["logs", "-n", "3"]);
     assert_eq!(last3.lines().count(), 3, "{last3}");
-    assert!(all.trim_end().ends_with(last3.trim_end()), "{last3}");
+    let all = ok(&dir, &["logs", "-n", "100000"]);
+    assert!(all.contains("node running"), "{all}");
+    // The node may have logged more in between: the three lines are there, in order.
+    assert!(all.contains(last3.trim_end()), "{last3}");
     let default = ok(&dir, &["logs"]);
     assert!(default.lines().count() <= 50, "{default}");
 
