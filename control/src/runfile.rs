@@ -50,11 +50,23 @@ impl Launch {
     /// This process's own launch (called by the `start` command).
     pub fn current() -> Launch {
         Launch {
-            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("neuroshard")),
+            exe: std::env::current_exe()
+                .map(|p| upgraded(&p))
+                .unwrap_or_else(|_| PathBuf::from("neuroshard")),
             args: std::env::args().skip(1).collect(),
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
             env: kept_env(std::env::vars()),
         }
+    }
+}
+
+/// The path of the running binary: after an upgrade replaced the file, Linux names it
+/// `PATH (deleted)`; a restart runs the new binary at `PATH`.
+fn upgraded(exe: &Path) -> PathBuf {
+    let text = exe.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe.to_path_buf(),
     }
 }
 
@@ -241,5 +253,14 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let kept: Vec<String> = kept_env(vars.into_iter()).into_keys().collect();
         assert_eq!(kept, ["NEUROSHARD_PORT", "RUST_LOG"]);
+        // A restart after an upgrade runs the new binary.
+        assert_eq!(
+            upgraded(Path::new("/usr/bin/neuroshard (deleted)")),
+            Path::new("/usr/bin/neuroshard")
+        );
+        assert_eq!(
+            upgraded(Path::new("/x/neuroshard")),
+            Path::new("/x/neuroshard")
+        );
     }
 }
