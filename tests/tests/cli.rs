@@ -178,10 +178,30 @@ fn commands_find_the_node_on_its_data_directory_and_restart_and_logs_follow_it()
     })
     .unwrap();
 
-    // stop finds the restarted node too, and its runtime file goes with it.
-    let said = ok(&dir, &["stop"]);
-    assert!(said.contains(&format!("stopped node {new}")), "{said}");
+    // restart --foreground: this process becomes the node, as `start` runs.
+    let mut fg = cli(&dir, &["restart", "--foreground"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fg_pid = fg.id() as i32;
+    wait_for(
+        "the foreground restart to run the node",
+        START,
+        POLL,
+        || {
+            let info = run_file(&dir)?;
+            (info["pid"].as_i64()? == i64::from(fg_pid)).then_some(())
+        },
+    )
+    .unwrap();
     assert!(!pid_alive(new));
+    node.wait_healthy(START).unwrap();
+
+    // stop finds it too, and its runtime file goes with it.
+    let said = ok(&dir, &["stop"]);
+    assert!(said.contains(&format!("stopped node {fg_pid}")), "{said}");
+    assert!(fg.wait().unwrap().success());
     assert!(run_file(&dir).is_none());
     let out = run(&dir, &["restart"]);
     assert!(!out.status.success());
