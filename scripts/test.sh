@@ -24,6 +24,8 @@ command -v systemd-analyze >/dev/null || apt_install systemd
 # with its clock days ahead (libfaketime) to unstake past the lock.
 command -v mkfs.ext4 >/dev/null && command -v e2fsck >/dev/null || apt_install e2fsprogs
 command -v faketime >/dev/null || apt_install faketime
+# The TLS tests drive curl against the node's HTTPS port.
+command -v curl >/dev/null || apt_install curl ca-certificates
 # The dashboard test drives a real headless browser.
 command -v chromium >/dev/null || apt_install chromium
 command -v python3 >/dev/null || apt_install python3 python3-pip

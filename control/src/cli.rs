@@ -93,6 +93,20 @@ pub struct TrackerArgs {
     /// Seconds a connection may take to send a request head (also the keep-alive idle time).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout_secs: u64,
+    /// New connections one address may open per second (bursts of 4 s worth; 127.0.0.1 and
+    /// ::1 are exempt).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub connection_rate_per_address: u32,
+    /// PEM certificate served beyond loopback (default: a self-signed `tls.crt` in the data
+    /// directory, made at the first start).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP beyond loopback (behind a TLS-terminating proxy); logged as a warning.
+    #[arg(long)]
+    pub insecure_http: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -133,6 +147,10 @@ pub struct StartArgs {
     /// Tracker URL.
     #[arg(long, env = "NEUROSHARD_TRACKER")]
     pub tracker: Option<String>,
+    /// Serve the REST API over plain HTTP even beyond loopback (tokens cross the network in
+    /// clear; for a TLS-terminating proxy in front). Logged as a warning.
+    #[arg(long, env = "NEUROSHARD_INSECURE_HTTP")]
+    pub insecure_http: bool,
     /// Comma-separated host:port peers to start from.
     #[arg(long, env = "NEUROSHARD_SEED_PEERS", value_delimiter = ',')]
     pub seed_peers: Option<Vec<String>>,
@@ -267,6 +285,9 @@ pub fn apply_flags(mut cfg: Config, a: &StartArgs) -> Result<Config, ConfigError
     if let Some(v) = &a.tracker {
         cfg.tracker_url = v.clone();
     }
+    if a.insecure_http {
+        cfg.tls.insecure_http = true;
+    }
     if let Some(v) = &a.seed_peers {
         cfg.seed_peers = v.clone();
     }
@@ -310,7 +331,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 "0.0.0.0" | "::" => "127.0.0.1",
                 host => host,
             };
-            let url = format!("http://{host}:{}/", cfg.port);
+            let scheme = if crate::tls::serves_tls(cfg.host.ip(), cfg.tls.insecure_http) {
+                "https"
+            } else {
+                "http"
+            };
+            let url = format!("{scheme}://{host}:{}/", cfg.port);
             println!("NeuroShard node starting; dashboard at {url}");
             if !args.no_browser {
                 open_browser(url);
@@ -337,6 +363,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn tracker(paths: &Paths, args: TrackerArgs) -> anyhow::Result<()> {
+    let tls = tracker_tls(paths, &args)?;
     let database_url = match args.database_url {
         Some(url) => url,
         None => {
@@ -356,7 +383,9 @@ fn tracker(paths: &Paths, args: TrackerArgs) -> anyhow::Result<()> {
             header_timeout,
             // Announcements are a few hundred bytes.
             body_timeout: header_timeout,
+            new_per_second: args.connection_rate_per_address,
         },
+        tls,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -367,9 +396,53 @@ fn tracker(paths: &Paths, args: TrackerArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the tracker to {addr}"))?;
         tracing::info!(%addr, ttl_secs = args.ttl_secs, "tracker running");
-        println!("NeuroShard tracker listening on http://{addr}");
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
+        println!("NeuroShard tracker listening on {scheme}://{addr}");
         crate::tracker::serve(listener, opts, daemon::shutdown_signal()).await
     })
+}
+
+/// The tracker's TLS: beyond loopback (a host that is not a loopback address or `localhost`),
+/// the given pair or the data directory's self-signed one, made if missing; its fingerprint is
+/// printed for nodes to pin (`tracker_fingerprint`).
+fn tracker_tls(
+    paths: &Paths,
+    args: &TrackerArgs,
+) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    let loopback = args.host == "localhost"
+        || args
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(None);
+    }
+    if args.insecure_http {
+        tracing::warn!(
+            host = %args.host,
+            "the tracker serves plain HTTP beyond loopback (--insecure-http)"
+        );
+        return Ok(None);
+    }
+    let pair = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::Pair {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => {
+            std::fs::create_dir_all(&paths.data_dir)
+                .with_context(|| format!("creating {}", paths.data_dir.display()))?;
+            crate::tls::ensure_self_signed(&paths.data_dir, &args.host)?;
+            crate::tls::Pair::self_signed(&paths.data_dir)
+        }
+    };
+    let certified = crate::tls::load(&pair)?;
+    println!(
+        "tracker certificate {} sha256 {}",
+        pair.cert.display(),
+        certified.fingerprint()
+    );
+    Ok(Some(crate::tls::acceptor(&certified)?))
 }
 
 fn config_command(c: ConfigCommand, paths: &Paths) -> anyhow::Result<()> {

@@ -1,6 +1,8 @@
-//! The CLI's calls to the local node: `reqwest`'s blocking client over loopback (no TLS, no
-//! proxy). The operator commands run before any runtime exists, so the blocking client (which
-//! drives its own) is simpler than building one for a single request.
+//! The CLI's calls to the local node: `reqwest`'s blocking client over loopback (no proxy).
+//! The operator commands run before any runtime exists, so the blocking client (which drives
+//! its own) is simpler than building one for a single request. A node that serves HTTPS
+//! (bound beyond loopback) is called over https, trusting only the certificate the daemon
+//! serves ([`Endpoint::local`]).
 
 use std::time::Duration;
 
@@ -17,20 +19,58 @@ pub struct Answer {
     pub body: Value,
 }
 
-/// Sends `method path` with an optional JSON body and bearer token to 127.0.0.1:`port`.
+/// Where the local node answers: its port on 127.0.0.1, over https pinned to one certificate
+/// (its SHA-256) when `pin` is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Endpoint {
+    pub port: u16,
+    pub pin: Option<[u8; 32]>,
+}
+
+impl Endpoint {
+    /// Plain HTTP on `port`.
+    pub fn plain(port: u16) -> Endpoint {
+        Endpoint { port, pin: None }
+    }
+
+    /// The node of `data_dir` on `port`: https pinned to the certificate its daemon serves
+    /// when it wrote one (`crate::tls::SERVED_FILE`), plain HTTP otherwise.
+    pub fn local(data_dir: &std::path::Path, port: u16) -> anyhow::Result<Endpoint> {
+        let served = data_dir.join(crate::tls::SERVED_FILE);
+        if !served.exists() {
+            return Ok(Endpoint::plain(port));
+        }
+        let chain = crate::tls::read_chain(&served)?;
+        Ok(Endpoint {
+            port,
+            pin: Some(crate::tls::sha256(&chain[0])),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        let scheme = if self.pin.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Sends `method path` with an optional JSON body and bearer token to the node at `node`.
 pub fn call(
-    port: u16,
+    node: &Endpoint,
     method: &str,
     path: &str,
     token: Option<&str>,
     body: Option<&Value>,
 ) -> anyhow::Result<Answer> {
-    let http = reqwest::blocking::Client::builder()
+    let port = node.port;
+    let mut builder = reqwest::blocking::Client::builder()
         .no_proxy()
-        .timeout(TIMEOUT)
-        .build()?;
+        .timeout(TIMEOUT);
+    if let Some(pin) = node.pin {
+        builder = builder.use_preconfigured_tls(crate::tls::pinned_client(pin)?);
+    }
+    let http = builder.build()?;
     let method = reqwest::Method::from_bytes(method.as_bytes())?;
-    let mut request = http.request(method, format!("http://127.0.0.1:{port}{path}"));
+    let mut request = http.request(method, node.url(path));
     if let Some(t) = token {
         request = request.bearer_auth(t);
     }
@@ -77,13 +117,13 @@ fn parse_body(raw: &[u8]) -> Value {
 
 /// As [`call`], failing with the contract error's message on a non-2xx answer.
 pub fn call_ok(
-    port: u16,
+    node: &Endpoint,
     method: &str,
     path: &str,
     token: Option<&str>,
     body: Option<&Value>,
 ) -> anyhow::Result<Value> {
-    let a = call(port, method, path, token, body)?;
+    let a = call(node, method, path, token, body)?;
     if !(200..300).contains(&a.status) {
         let e = &a.body["error"];
         match (e["code"].as_str(), e["message"].as_str()) {
@@ -112,7 +152,7 @@ mod tests {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap();
-        let err = call(port, "GET", "/api/v1/status", None, None)
+        let err = call(&Endpoint::plain(port), "GET", "/api/v1/status", None, None)
             .err()
             .unwrap();
         let refused = std::io::Error::from_raw_os_error(nix::libc::ECONNREFUSED);
@@ -168,7 +208,7 @@ mod tests {
         let (port, server) = serve_once(answer);
         let sent = serde_json::json!({"amount": 1.5});
         let err = call_ok(
-            port,
+            &Endpoint::plain(port),
             "POST",
             "/api/v1/x?limit=3",
             Some("nst_t"),
@@ -199,7 +239,9 @@ mod tests {
         let (port, server) = serve_once(
             "HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nbad\r\n4\r\n gw!\r\n0\r\n\r\n",
         );
-        let err = call_ok(port, "GET", "/", None, None).err().unwrap();
+        let err = call_ok(&Endpoint::plain(port), "GET", "/", None, None)
+            .err()
+            .unwrap();
         assert_eq!(err.to_string(), "HTTP 502: \"bad gw!\"");
         let request = server.join().unwrap();
         assert!(
@@ -208,7 +250,7 @@ mod tests {
         );
         let (port, server) = serve_once("HTTP/1.1 204 No Content\r\n\r\n");
         assert_eq!(
-            call_ok(port, "DELETE", "/", None, None).unwrap(),
+            call_ok(&Endpoint::plain(port), "DELETE", "/", None, None).unwrap(),
             Value::Null
         );
         server.join().unwrap();

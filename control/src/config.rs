@@ -15,12 +15,14 @@ pub use crate::engine::EngineMode;
 mod live;
 mod node;
 mod peer;
+mod tls;
 mod tree;
 mod types;
 
 pub use live::{ConfigSender, LiveConfig};
 pub use node::NodeConfig;
 pub use peer::PeerConfig;
+pub use tls::{TlsConfig, parse_fingerprint};
 use tree::{lookup_mut, merge, parse_like};
 use types::Refusal;
 pub use types::{Device, Host, ModelPreset};
@@ -55,8 +57,11 @@ pub struct Config {
     /// Address the REST API binds. The peer service always binds all interfaces.
     #[schema(value_type = String)]
     pub host: Host,
-    /// Tracker URL for discovery; empty means none.
+    /// Tracker URL for discovery (http:// or https://); empty means none.
     pub tracker_url: String,
+    /// SHA-256 fingerprint of an https tracker's certificate: only it is accepted (empty:
+    /// the system's roots verify the tracker).
+    pub tracker_fingerprint: String,
     /// `host:port` peer addresses to start from.
     pub seed_peers: Vec<String>,
     /// Ledger database; empty means SQLite in the data directory.
@@ -67,6 +72,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub peer: PeerConfig,
     pub node: NodeConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -89,6 +95,9 @@ pub struct ApiConfig {
     pub header_timeout_secs: u32,
     /// Seconds a request body may take to arrive.
     pub body_timeout_secs: u32,
+    /// New connections one client address may open per second (bursts of 4 s worth); more
+    /// are refused at accept. 127.0.0.1 and ::1 are exempt. Also the tracker's default.
+    pub connection_rate_per_address: u32,
 }
 
 impl ApiConfig {
@@ -100,6 +109,7 @@ impl ApiConfig {
             total: total_cap,
             header_timeout: std::time::Duration::from_secs(u64::from(self.header_timeout_secs)),
             body_timeout: std::time::Duration::from_secs(u64::from(self.body_timeout_secs)),
+            new_per_second: self.connection_rate_per_address,
         }
     }
 }
@@ -114,6 +124,7 @@ impl Default for ApiConfig {
             max_connections: 4096,
             header_timeout_secs: 10,
             body_timeout_secs: 30,
+            connection_rate_per_address: 32,
         }
     }
 }
@@ -201,6 +212,7 @@ impl Default for Config {
             port: 8000,
             host: Host::default(),
             tracker_url: String::new(),
+            tracker_fingerprint: String::new(),
             seed_peers: Vec::new(),
             database_url: String::new(),
             engine: EngineConfig::default(),
@@ -209,6 +221,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             peer: PeerConfig::default(),
             node: NodeConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -464,26 +477,27 @@ impl Config {
             ("api.header_timeout_secs", a.header_timeout_secs, 3600),
             ("api.body_timeout_secs", a.body_timeout_secs, 3600),
             (
+                "api.connection_rate_per_address",
+                a.connection_rate_per_address,
+                1_000_000,
+            ),
+            (
                 "peer.max_connections_per_address",
                 self.peer.max_connections_per_address,
                 1_000_000,
             ),
             ("peer.max_connections", self.peer.max_connections, 1_000_000),
+            (
+                "peer.connection_rate_per_address",
+                self.peer.connection_rate_per_address,
+                1_000_000,
+            ),
         ] {
             if !(1..=max).contains(&v) {
                 return bad(key, format!("{v} is not in 1..={max}"));
             }
         }
-        if !self.tracker_url.is_empty() && !self.tracker_url.starts_with("http://") {
-            return bad(
-                "tracker_url",
-                format!(
-                    "{:?} is not an http:// URL (run `neuroshard tracker`; put TLS in front \
-                     of it with a reverse proxy and give its http:// address)",
-                    self.tracker_url
-                ),
-            );
-        }
+        tls::validate(self)?;
         for peer in &self.seed_peers {
             if peer
                 .rsplit_once(':')
@@ -561,6 +575,8 @@ pub fn needs_restart(key: &str) -> bool {
         || key == "api.max_connections"
         || key == "api.header_timeout_secs"
         || key == "api.body_timeout_secs"
+        || key == "api.connection_rate_per_address"
+        || key.starts_with("tls.")
         || key.starts_with("peer.")
         || key.starts_with("node.")
 }

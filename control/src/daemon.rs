@@ -48,6 +48,8 @@ pub enum DaemonError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("TLS of the REST API: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("ledger: {0}")]
     Ledger(#[from] neuroshard_ledger::LedgerError),
     #[error("runtime file: {0}")]
@@ -194,6 +196,14 @@ pub async fn run(
         tracing::warn!(segment = %segment_name, "reclaimed a shared-memory segment left by a crashed daemon");
     }
 
+    // Beyond loopback the REST API serves HTTPS (made before binding: a bad certificate
+    // fails the start before anything listens).
+    let http_tls = crate::tls::for_node(
+        data_dir,
+        config.host.ip(),
+        config.host.as_str(),
+        &config.tls,
+    )?;
     let http_addr = format!("{}:{}", config.host, config.port);
     let http = TcpListener::bind(&http_addr)
         .await
@@ -219,7 +229,7 @@ pub async fn run(
             host: config.host.to_string(),
             port: http.local_addr().map_or(config.port, |a| a.port()),
             peer_port: peer.local_addr().map_or(config.grpc_port(), |a| a.port()),
-            scheme: "http".into(),
+            scheme: if http_tls.is_some() { "https" } else { "http" }.into(),
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             wallet: wallet.address().to_string(),
             launch: crate::runfile::Launch::current(),
@@ -370,13 +380,18 @@ pub async fn run(
         http,
         state,
         http_limits,
+        http_tls,
         wait_true(stop_servers_rx.clone()),
     ));
-    let tracker_url = config.get().tracker_url.clone();
+    let (tracker_url, tracker_pin) = {
+        let c = config.get();
+        (c.tracker_url.clone(), c.tracker_fingerprint.clone())
+    };
     if !tracker_url.is_empty() {
         tokio::spawn(crate::tracker::client::run(
             peer_net.clone(),
             tracker_url,
+            tracker_pin,
             stop_servers_rx.clone(),
         ));
     }

@@ -20,6 +20,7 @@ pub mod resources;
 pub mod runfile;
 pub mod stats;
 pub mod storage;
+pub mod tls;
 pub mod tracker;
 pub mod trainer;
 pub mod wallets;

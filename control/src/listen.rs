@@ -16,6 +16,9 @@
 //!   ([`DeadlineBody`]); later the request fails and the connection closes.
 //! * **HTTP/2**: a ping every `header_timeout`; a peer that does not answer is dropped.
 //! * Responses are never timed: a streamed answer (SSE) lasts as long as it has tokens.
+//! * **TLS** (beyond loopback, `crate::tls`): the handshake runs on the admitted connection,
+//!   inside its admission slot, and must finish within `header_timeout`, or the connection is
+//!   closed; a client that never finishes it holds its place no longer than a slow head.
 //!
 //! [`raise_nofile_limit`] lifts the soft descriptor limit to the hard one at start-up.
 
@@ -35,6 +38,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use neuroshard_net::admission::{self, Caps, ConnStats};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 /// Longest a graceful shutdown waits for open connections (a streaming answer would
@@ -56,6 +60,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Longest time a request body may take to arrive.
     pub body_timeout: Duration,
+    /// New connections one address may open per second (admission's rate; 0: unrated).
+    pub new_per_second: u32,
 }
 
 impl Limits {
@@ -64,18 +70,21 @@ impl Limits {
         Caps {
             per_address: self.per_address,
             total: self.total,
+            new_per_second: self.new_per_second,
         }
     }
 }
 
 /// Serves `app` on `listener` with `limits` until `shutdown` resolves; then stops accepting
 /// and gives open connections [`SHUTDOWN_GRACE`] to finish. Handlers see the client's
-/// address as `ConnectInfo<SocketAddr>`, as with axum's own server.
+/// address as `ConnectInfo<SocketAddr>`, as with axum's own server. With `tls`, every
+/// connection is HTTPS.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
     stats: Arc<ConnStats>,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -119,13 +128,38 @@ pub async fn serve(
                 parts.extensions.insert(ConnectInfo(remote));
                 hyper::Request::from_parts(parts, Body::new(DeadlineBody::new(body, body_timeout)))
             });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service = TowerToHyperService::new(service);
+        let Some(tls) = tls.clone() else {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _slot = slot;
+                if let Err(e) = conn.await {
+                    tracing::trace!(error = %e, peer = %remote, "connection ended");
+                }
+            });
+            continue;
+        };
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let handshake_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
+            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, peer = %remote, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::trace!(error = %e, peer = %remote, "connection ended");
             }
         });

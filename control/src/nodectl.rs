@@ -148,7 +148,8 @@ pub fn restart(paths: &Paths, args: &RestartArgs) -> anyhow::Result<()> {
         }
         if let Ok(Found::Running(info)) = runfile::read(&paths.data_dir)
             && info.pid == child.id()
-            && crate::client::call(info.port, "GET", "/api/v1/health", None, None)
+            && crate::client::Endpoint::local(&paths.data_dir, info.port)
+                .and_then(|node| crate::client::call(&node, "GET", "/api/v1/health", None, None))
                 .is_ok_and(|a| a.status == 200)
         {
             match old {

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::client::call_ok;
+use crate::client::{Endpoint, call_ok};
 use crate::config::Config;
 use crate::daemon::Paths;
 use neuroshard_ledger::Address;
@@ -88,16 +88,18 @@ fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
         })
 }
 
-/// The port of the node to call: `--port`, else the one the node running on the data
-/// directory was started with (its `node.json`), else the config file's.
-fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<u16> {
-    if let Some(p) = conn.port {
-        return Ok(p);
-    }
-    if let Some(info) = crate::runfile::running(&paths.data_dir) {
-        return Ok(info.port);
-    }
-    Ok(Config::load(&paths.config_path)?.port)
+/// The running node's endpoint: its port (`--port`, else the one the node running on the data
+/// directory was started with, its `node.json`, else the config's) on 127.0.0.1, over https
+/// when the daemon serves it.
+fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<Endpoint> {
+    let port = match conn.port {
+        Some(p) => p,
+        None => match crate::runfile::running(&paths.data_dir) {
+            Some(info) => info.port,
+            None => Config::load(&paths.config_path)?.port,
+        },
+    };
+    Endpoint::local(&paths.data_dir, port)
 }
 
 fn print_json(v: &Value) {
@@ -110,7 +112,8 @@ fn f(v: &Value) -> String {
 
 /// `neuroshard status`.
 pub fn status(paths: &Paths, conn: &Conn) -> anyhow::Result<()> {
-    let s = call_ok(port(paths, conn)?, "GET", "/api/v1/status", None, None)?;
+    let node = port(paths, conn)?;
+    let s = call_ok(&node, "GET", "/api/v1/status", None, None)?;
     if conn.json {
         print_json(&s);
         return Ok(());
@@ -145,13 +148,20 @@ pub fn status(paths: &Paths, conn: &Conn) -> anyhow::Result<()> {
         r["cpu_percent"],
         r["ram_used"].as_u64().unwrap_or(0) / (1 << 20)
     );
+    match node.pin {
+        Some(pin) => println!(
+            "api       https, certificate sha256 {}",
+            crate::tls::fingerprint_hex(&pin)
+        ),
+        None => println!("api       http"),
+    }
     Ok(())
 }
 
 /// `neuroshard peers`.
 pub fn peers(paths: &Paths, conn: &Conn) -> anyhow::Result<()> {
     let p = call_ok(
-        port(paths, conn)?,
+        &port(paths, conn)?,
         "GET",
         "/api/v1/peers",
         Some(&token(paths, conn)?),
@@ -180,7 +190,7 @@ pub fn peers(paths: &Paths, conn: &Conn) -> anyhow::Result<()> {
 pub fn wallet(paths: &Paths, conn: &Conn, cmd: WalletCommand) -> anyhow::Result<()> {
     let (port, token) = (port(paths, conn)?, token(paths, conn)?);
     let call = |method: &str, path: &str, body: Option<Value>| {
-        call_ok(port, method, path, Some(&token), body.as_ref())
+        call_ok(&port, method, path, Some(&token), body.as_ref())
     };
     let answer = match &cmd {
         WalletCommand::Balance => call("GET", "/api/v1/wallet/balance", None)?,
@@ -278,9 +288,19 @@ pub fn setup(paths: &Paths) -> anyhow::Result<()> {
     if !paths.config_path.exists() {
         Config::default().save(&paths.config_path)?;
     }
+    // The pair the REST API serves beyond loopback: the configured one, else the data
+    // directory's self-signed one, made now when missing.
+    let cfg = Config::load(&paths.config_path)?;
+    let pair = crate::tls::Pair::for_config(&paths.data_dir, &cfg.tls);
+    if cfg.tls.cert.is_empty() {
+        crate::tls::ensure_self_signed(&paths.data_dir, cfg.host.as_str())?;
+    }
+    let cert = crate::tls::load(&pair)?;
     println!("data directory {}", paths.data_dir.display());
     println!("config         {}", paths.config_path.display());
     println!("node wallet    {}", wallet.address());
+    println!("TLS cert       {}", pair.cert.display());
+    println!("TLS sha256     {}", cert.fingerprint());
     Ok(())
 }
 

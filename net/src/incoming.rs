@@ -305,6 +305,7 @@ mod tests {
         let caps = Caps {
             per_address: 1,
             total: 1,
+            new_per_second: 0,
         };
         admission::admit(&table, &state.connections, caps, [10, 0, 0, 1].into()).unwrap()
     }

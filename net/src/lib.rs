@@ -94,6 +94,10 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// (NAT, one machine) and is far below what a flood needs to exhaust descriptors.
 pub const DEFAULT_CONNECTIONS_PER_ADDRESS: u32 = 64;
 
+/// New connections one address may open to the peer port per second by default (a node
+/// dials a peer once and keeps the connection).
+pub const DEFAULT_NEW_CONNECTIONS_PER_SECOND: u32 = 10;
+
 /// What a node tells its peers of its DiLoCo round: (round, starting hash). The subsystem
 /// that knows it hands the network this narrow reader; the network names no subsystem.
 pub type Advert = Box<dyn Fn() -> (u64, String) + Send + Sync>;

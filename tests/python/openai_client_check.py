@@ -1,14 +1,23 @@
 """Drives a running node with the official OpenAI Python client, unchanged.
 
-Usage: openai_client_check.py BASE_URL TOKEN
+Usage: openai_client_check.py BASE_URL TOKEN [CA_FILE]
+With CA_FILE (an https BASE_URL), the client verifies the node's certificate against it, as a
+user of a node with a self-signed certificate would.
 Exits non-zero (with the reason) when anything a client relies on does not hold.
 """
+import ssl
 import sys
 
 import openai
 
 base_url, token = sys.argv[1], sys.argv[2]
-client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=60)
+http = {}
+if len(sys.argv) > 3:
+    # The client's own default HTTP client class (httpx or its successor), verifying with
+    # the given CA file only.
+    make = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient
+    http = {"http_client": make(verify=ssl.create_default_context(cafile=sys.argv[3]))}
+client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=60, **http)
 
 models = client.models.list()
 ids = [m.id for m in models.data]
@@ -52,7 +61,7 @@ for chunk in client.chat.completions.create(
         deltas.append(chunk.choices[0].delta.content)
 
 try:
-    openai.OpenAI(base_url=base_url, api_key="nst_wrong", max_retries=0).models.list()
+    openai.OpenAI(base_url=base_url, api_key="nst_wrong", max_retries=0, **http).models.list()
     raise SystemExit("a wrong key was accepted")
 except openai.AuthenticationError:
     pass

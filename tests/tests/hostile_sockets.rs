@@ -35,10 +35,14 @@ fn one_flood_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// Its header timeout (seconds).
 const HEADER_TIMEOUT: u64 = 3;
 
+/// Unrated new connections (the floods measure the caps and timeouts; the rate has its own
+/// test).
+const UNRATED: u32 = 1_000_000;
+
 fn options() -> NodeOptions {
     let mut opts = NodeOptions::default();
     opts.config.push_str(&format!(
-        "[api]\nmax_connections_per_address = {PER_ADDRESS}\nheader_timeout_secs = {HEADER_TIMEOUT}\nbody_timeout_secs = {HEADER_TIMEOUT}\n"
+        "[api]\nmax_connections_per_address = {PER_ADDRESS}\nheader_timeout_secs = {HEADER_TIMEOUT}\nbody_timeout_secs = {HEADER_TIMEOUT}\nconnection_rate_per_address = {UNRATED}\n"
     ));
     opts
 }
@@ -470,6 +474,7 @@ fn tracker_sheds_a_flood_of_half_open_connections() {
         ])
         .args(["--max-connections-per-address", &cap.to_string()])
         .args(["--header-timeout-secs", &HEADER_TIMEOUT.to_string()])
+        .args(["--connection-rate-per-address", &UNRATED.to_string()])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -519,8 +524,9 @@ fn peer_port_sheds_a_flood_of_half_prefaces() {
     // Not the default (64): the test shows the config key reaches the peer port.
     let cap = 48;
     let mut opts = NodeOptions::default();
-    opts.config
-        .push_str(&format!("[peer]\nmax_connections_per_address = {cap}\n"));
+    opts.config.push_str(&format!(
+        "[peer]\nmax_connections_per_address = {cap}\nconnection_rate_per_address = {UNRATED}\n"
+    ));
     let a = Node::start(opts).unwrap();
     a.wait_healthy(Duration::from_secs(60)).unwrap();
     // A real peer, connected before the flood; it must stay connected through it.
@@ -621,5 +627,68 @@ fn peer_port_sheds_a_flood_of_half_prefaces() {
         f.timed_out.len(),
         f.connect_errors,
         shed.as_secs_f64()
+    );
+}
+
+#[test]
+fn new_connections_beyond_the_rate_are_refused_while_another_address_is_served() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let _flood = one_flood_at_a_time();
+    // 20 new connections a second per address, in bursts of BURST_SECONDS worth.
+    let rate = 20u32;
+    let burst = (rate * neuroshard_net::admission::BURST_SECONDS) as usize;
+    let mut opts = NodeOptions::default();
+    opts.config
+        .push_str(&format!("[api]\nconnection_rate_per_address = {rate}\n"));
+    let node = Node::start(opts).unwrap();
+    node.wait_healthy(Duration::from_secs(60)).unwrap();
+    let attacker = Ipv4Addr::new(127, 0, 0, 20);
+    let other = Ipv4Addr::new(127, 0, 0, 21);
+    // One address opens connections in a tight loop, each a whole request; a refused one is
+    // closed at once without an answer. Every 50, another address asks for health.
+    let count = 600;
+    let (mut served, mut refused) = (0usize, 0usize);
+    let started = Instant::now();
+    for i in 0..count {
+        match get_from(attacker, node.port, "/api/v1/health") {
+            Ok(200) => served += 1,
+            Ok(code) => panic!("the attacker got {code}"),
+            Err(_) => refused += 1,
+        }
+        if i % 50 == 0 {
+            assert_eq!(get_from(other, node.port, "/api/v1/health"), Ok(200));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // At most the burst plus what the rate refilled meanwhile (and one for rounding).
+    let allowed = burst + (f64::from(rate) * secs).ceil() as usize + 1;
+    assert!(
+        served >= burst.min(count) && served <= allowed,
+        "{served} of {count} served in {secs:.2} s (burst {burst}, {rate}/s: at most {allowed})"
+    );
+    assert_eq!(served + refused, count);
+    let counted = metric(&node, "http_connections_refused_total");
+    assert!(
+        counted >= refused as f64,
+        "the node counted {counted} refusals, the client saw {refused}"
+    );
+    // The other address was served throughout; the attacker's bucket refills with time.
+    assert_eq!(get_from(other, node.port, "/api/v1/health"), Ok(200));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(get_from(attacker, node.port, "/api/v1/health"), Ok(200));
+    // This machine's own tools (127.0.0.1) are never rated.
+    let local_started = Instant::now();
+    for _ in 0..burst * 3 {
+        assert_eq!(
+            get_from(Ipv4Addr::LOCALHOST, node.port, "/api/v1/health"),
+            Ok(200)
+        );
+    }
+    println!(
+        "rate {rate}/s per address (burst {burst}): {count} connections from one address in a \
+         tight loop in {secs:.2} s: {served} served, {refused} refused at once; health from \
+         another address answered throughout; {} from 127.0.0.1 all served in {:.2} s",
+        burst * 3,
+        local_started.elapsed().as_secs_f64()
     );
 }

@@ -37,6 +37,7 @@ mod pipeline;
 mod pipeline_inference;
 mod pipeline_takeover;
 mod storage;
+mod tls;
 mod tracker;
 mod training;
 

@@ -22,13 +22,28 @@ fn official_openai_client_works_unchanged() -> anyhow::Result<()> {
     node.wait_healthy(Duration::from_secs(60))?;
     // Inference answers 503 until the model is loaded.
     node.wait_model_loaded(Duration::from_secs(60))?;
+    let output = run_check(&node, &node.url("/v1"), None)?;
+    assert!(output.contains("ok: neurollm-tiny"), "{output}");
+    println!("{}", output.trim());
+    Ok(())
+}
+
+/// Runs `tests/python/openai_client_check.py` against `node` at `base_url` (verifying its
+/// certificate with `ca` when given); fails with the script's output and the node's log
+/// unless it succeeds, else returns its output.
+pub(crate) fn run_check(
+    node: &Node,
+    base_url: &str,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client_check.py");
     let out_path = node.data_dir().join("openai-client.out");
     let out = std::fs::File::create(&out_path)?;
     let mut child = Command::new("python3")
         .arg(script)
-        .arg(node.url("/v1"))
+        .arg(base_url)
         .arg(node.api_token()?)
+        .args(ca)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out))
@@ -49,12 +64,10 @@ fn official_openai_client_works_unchanged() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let output = std::fs::read_to_string(&out_path)?;
-    assert!(
+    anyhow::ensure!(
         status.success(),
         "the OpenAI client check failed ({status}):\n{output}\n--- node log ---\n{}",
         node.logs()
     );
-    assert!(output.contains("ok: neurollm-tiny"), "{output}");
-    println!("{}", output.trim());
-    Ok(())
+    Ok(output)
 }

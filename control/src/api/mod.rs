@@ -138,13 +138,15 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, with `limits` on connections and
-/// their timing (`crate::listen`); the connection figures go to the node's metrics.
+/// their timing (`crate::listen`), over TLS with `tls`; the connection figures go to the
+/// node's metrics.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     limits: crate::listen::Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stats = state.metrics.http.clone();
-    crate::listen::serve(listener, app(state), limits, stats, shutdown).await
+    crate::listen::serve(listener, app(state), limits, stats, tls, shutdown).await
 }

@@ -12,6 +12,9 @@ pub struct PeerConfig {
     /// Most peer-port connections open at once from other machines (loopback is not
     /// counted); lowered at start when the descriptor limit leaves less room.
     pub max_connections: u32,
+    /// New connections one address may open to the peer port per second (bursts of 4 s
+    /// worth); more are refused at accept. 127.0.0.1 and ::1 are exempt.
+    pub connection_rate_per_address: u32,
 }
 
 impl PeerConfig {
@@ -21,6 +24,7 @@ impl PeerConfig {
         neuroshard_net::admission::Caps {
             per_address: self.max_connections_per_address as usize,
             total: total_cap,
+            new_per_second: self.connection_rate_per_address,
         }
     }
 }
@@ -30,6 +34,7 @@ impl Default for PeerConfig {
         PeerConfig {
             max_connections_per_address: neuroshard_net::DEFAULT_CONNECTIONS_PER_ADDRESS,
             max_connections: 4096,
+            connection_rate_per_address: neuroshard_net::DEFAULT_NEW_CONNECTIONS_PER_SECOND,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The node's side of a tracker: announce this node every [`ANNOUNCE_INTERVAL`], then hand
 //! every listed peer to the peer manager, which dials, handshakes and keeps it like a seed it
-//! learned. Failures are logged when the state changes (not every round) and retried.
+//! learned. Failures are logged when the state changes (not every round) and retried. An
+//! https tracker is verified with the system's roots, or, with `tracker_fingerprint`, only its
+//! pinned certificate is accepted (a mismatch fails the round with both fingerprints).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +17,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Delay before retrying a round that failed.
 const RETRY_AFTER: Duration = Duration::from_secs(3);
 
-/// Announces to `url` and learns its peers until `shutdown` turns true.
-pub async fn run(net: Arc<Network>, url: String, mut shutdown: watch::Receiver<bool>) {
+/// Announces to `url` and learns its peers until `shutdown` turns true; `pin` is the
+/// tracker certificate's SHA-256 fingerprint, or empty.
+pub async fn run(net: Arc<Network>, url: String, pin: String, mut shutdown: watch::Receiver<bool>) {
     let base = url.trim_end_matches('/').to_string();
-    let http = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
+    let http = match client(&pin) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "tracker client cannot start");
+            tracing::error!(error = format!("{e:#}"), "tracker client cannot start");
             return;
         }
     };
@@ -32,10 +35,10 @@ pub async fn run(net: Arc<Network>, url: String, mut shutdown: watch::Receiver<b
             (Ok(n), Some(true)) => tracing::debug!(tracker = %base, peers = n, "tracker round"),
             (Ok(n), _) => tracing::info!(tracker = %base, peers = n, "announced to the tracker"),
             (Err(e), Some(false)) => {
-                tracing::debug!(tracker = %base, error = %e, "tracker still unreachable")
+                tracing::debug!(tracker = %base, error = format!("{e:#}"), "tracker still unreachable")
             }
             (Err(e), _) => {
-                tracing::warn!(tracker = %base, error = %e, "tracker unreachable; retrying")
+                tracing::warn!(tracker = %base, error = format!("{e:#}"), "tracker unreachable; retrying")
             }
         }
         healthy = Some(result.is_ok());
@@ -44,6 +47,16 @@ pub async fn run(net: Arc<Network>, url: String, mut shutdown: watch::Receiver<b
             _ = stopped(&mut shutdown) => return,
         }
     }
+}
+
+/// The HTTP client of the tracker rounds: pinned to `pin` when it is a fingerprint.
+fn client(pin: &str) -> anyhow::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+    let builder = match crate::tls::parse_fingerprint(pin) {
+        Some(sha256) => builder.use_preconfigured_tls(crate::tls::pinned_client(sha256)?),
+        None => builder,
+    };
+    Ok(builder.build()?)
 }
 
 /// Delay before the next round: [`ANNOUNCE_INTERVAL`] less up to a fifth, at random, so that

@@ -48,7 +48,7 @@ pub const RATE_PER_IP: u32 = 120;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./tracker-migrations");
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TrackerOptions {
     /// `sqlite://...` or `postgres://...`.
     pub database_url: String,
@@ -56,6 +56,8 @@ pub struct TrackerOptions {
     pub ttl: Duration,
     /// Connection limits and timeouts of the tracker's port.
     pub limits: crate::listen::Limits,
+    /// HTTPS (a tracker bound beyond loopback, `crate::tls`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// The tracker's database of announcements.
@@ -207,7 +209,7 @@ pub async fn serve(
     };
     let app = router(store, opts.ttl);
     let stats = Arc::new(neuroshard_net::admission::ConnStats::default());
-    let result = crate::listen::serve(listener, app, opts.limits, stats, shutdown).await;
+    let result = crate::listen::serve(listener, app, opts.limits, stats, opts.tls, shutdown).await;
     expiry.abort();
     Ok(result?)
 }
