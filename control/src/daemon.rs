@@ -316,7 +316,12 @@ pub async fn run(
         );
         (net, cfg.seed_peers.clone())
     };
-    let gossip = crate::gossip::Gossip::new(peer_net.clone(), ledger.clone());
+    let keyring = Arc::new(crate::wallets::Keyring::new(
+        data_dir,
+        wallet.clone(),
+        passphrase,
+    ));
+    let gossip = crate::gossip::Gossip::claiming(peer_net.clone(), ledger.clone(), keyring.clone());
     let stage = Arc::new(crate::pipeline::Stage::new(
         engine.subscribe(),
         config.clone(),
@@ -338,6 +343,16 @@ pub async fn run(
             edge,
             stage.clone(),
         ));
+    let samples = Arc::new(crate::samples::Samples::default());
+    tokio::spawn(crate::samples::run(
+        samples.clone(),
+        crate::samples::Sources {
+            training: training.clone(),
+            metrics: metrics.clone(),
+            net: peer_net.clone(),
+        },
+        stop_servers_rx.clone(),
+    ));
     let state = AppState {
         node_id: node_id.clone(),
         started: Instant::now(),
@@ -350,11 +365,7 @@ pub async fn run(
         network: network.clone(),
         ledger: ledger.clone(),
         wallet: wallet.clone(),
-        keyring: Arc::new(crate::wallets::Keyring::new(
-            data_dir,
-            wallet.clone(),
-            passphrase,
-        )),
+        keyring,
         auth,
         limits: Arc::new(crate::api::RateLimits::new(&api_config)),
         metrics: metrics.clone(),
@@ -365,6 +376,7 @@ pub async fn run(
         net: peer_net.clone(),
         diloco: diloco.clone(),
         stage: stage.clone(),
+        samples: samples.clone(),
     };
     let minter = crate::work::Minter {
         config: config.clone(),

@@ -228,7 +228,11 @@ pub fn wallet(paths: &Paths, conn: &Conn, cmd: WalletCommand) -> anyhow::Result<
             println!("staked    {} NEURO", f(&b["staked"]));
             println!("pending   {} NEURO", f(&b["pending"]));
             println!("total     {} NEURO", f(&b["total"]));
-            if let Some(s) = a["staking"].as_object() {
+            // `staking` is always an object; its amount is 0 when nothing is staked.
+            if let Some(s) = a["staking"]
+                .as_object()
+                .filter(|s| s["amount"].as_f64().unwrap_or(0.0) > 0.0)
+            {
                 println!(
                     "stake     {} NEURO for {} days, unlocks {}, multiplier {}",
                     f(&s["amount"]),

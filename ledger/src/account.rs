@@ -8,9 +8,11 @@ use serde_json::{Value, json};
 
 use super::address::Address;
 use super::block::{Op, SignedBlock};
+use super::dates::timestamp_string;
 use super::keys::Hash32;
 use super::proof::{MAX_PROOFS_PER_HOUR, RejectReason};
 use super::rewards::{SECONDS_PER_DAY, UNSTAKE_COOLDOWN_DAYS, compute_reward};
+use super::units::format_neuro;
 
 /// What the source of a receive block turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,16 +49,22 @@ impl std::fmt::Display for VoidReason {
             } => {
                 write!(
                     f,
-                    "insufficient balance: required {required}, available {available}"
+                    "insufficient balance: required {} NEURO, available {} NEURO",
+                    format_neuro(*required),
+                    format_neuro(*available)
                 )
             }
             Self::InsufficientStake { requested, staked } => {
                 write!(
                     f,
-                    "insufficient stake: requested {requested}, staked {staked}"
+                    "insufficient stake: requested {} NEURO, staked {} NEURO",
+                    format_neuro(*requested),
+                    format_neuro(*staked)
                 )
             }
-            Self::StakeLocked { unlock_at } => write!(f, "stake locked until {unlock_at}"),
+            Self::StakeLocked { unlock_at } => {
+                write!(f, "stake locked until {}", timestamp_string(*unlock_at))
+            }
             Self::BadSource(why) => write!(f, "unusable source: {why}"),
             Self::SourceAlreadyClaimed => f.write_str("source already claimed"),
             Self::Proof(r) => write!(f, "proof rejected: {r}"),
@@ -114,6 +122,9 @@ pub struct HistoryEntry {
     pub timestamp: i64,
     /// None when confirmed; the reason when the block was void.
     pub rejected: Option<String>,
+    /// A transfer to the account that its owner has not claimed yet (no receive block yet):
+    /// the id and timestamp are the send's.
+    pub pending: bool,
     pub details: Value,
 }
 
@@ -356,6 +367,7 @@ pub fn history_entry(block: &SignedBlock, hash: &Hash32, outcome: &Outcome) -> H
         memo: None,
         timestamp: b.timestamp,
         rejected,
+        pending: false,
         details: json!({ "height": b.height }),
     };
     match (&b.op, outcome) {
@@ -538,5 +550,32 @@ mod tests {
             a.evaluate(&rcv, Some(&other)),
             Outcome::Void(VoidReason::BadSource(_))
         ));
+    }
+
+    #[test]
+    fn void_reasons_give_amounts_in_neuro() {
+        let balance = VoidReason::InsufficientBalance {
+            required: 1_500_000_000,
+            available: 0,
+        };
+        assert_eq!(
+            balance.to_string(),
+            "insufficient balance: required 1.5 NEURO, available 0 NEURO"
+        );
+        let stake = VoidReason::InsufficientStake {
+            requested: 1_000_000,
+            staked: 2 * crate::UNITS_PER_NEURO,
+        };
+        assert_eq!(
+            stake.to_string(),
+            "insufficient stake: requested 0.001 NEURO, staked 2 NEURO"
+        );
+        let locked = VoidReason::StakeLocked {
+            unlock_at: 1_733_313_600,
+        };
+        assert_eq!(
+            locked.to_string(),
+            "stake locked until 2024-12-04T12:00:00Z"
+        );
     }
 }

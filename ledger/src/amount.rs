@@ -1,7 +1,9 @@
 //! Amounts: integer base units everywhere (1 NEURO = 10^9 units); f64 only at the JSON edge.
 
 use super::error::LedgerError;
-pub use super::units::{DECIMALS, UNITS_PER_NEURO, signed_units_to_neuro, units_to_neuro};
+pub use super::units::{
+    DECIMALS, UNITS_PER_NEURO, format_neuro, signed_units_to_neuro, units_to_neuro,
+};
 
 /// Largest amount a single message may carry (fits an i64 with room for sums).
 pub const MAX_AMOUNT: u64 = i64::MAX as u64 / 4;

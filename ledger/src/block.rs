@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::address::Address;
-use super::amount::{MAX_AMOUNT, transfer_fee};
+use super::amount::{MAX_AMOUNT, format_neuro, transfer_fee};
 use super::encode::Encoder;
 use super::error::LedgerError;
 use super::keys::{Hash32, Sig65, Wallet, keccak, recover_signer};
@@ -177,8 +177,8 @@ impl SignedBlock {
                 }
                 if *fee != transfer_fee(*amount) {
                     return Err(invalid(format!(
-                        "fee must be {} units",
-                        transfer_fee(*amount)
+                        "fee must be {} NEURO",
+                        format_neuro(transfer_fee(*amount))
                     )));
                 }
                 if *to == b.account {
@@ -342,7 +342,11 @@ mod tests {
             *fee = 0;
         }
         let e = SignedBlock::sign(blk, &w).verify_stateless().unwrap_err();
-        assert!(e.to_string().contains("fee"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "invalid message: fee must be 0.000000001 NEURO",
+            "the fee in NEURO"
+        );
         let e = send(&w, w.address(), 5).verify_stateless().unwrap_err();
         assert!(e.to_string().contains("own account"), "{e}");
     }

@@ -4,18 +4,29 @@
 use neuroshard_identity::IdentityError;
 use serde_json::{Value, json};
 
-use super::units::units_to_neuro;
+use super::units::{format_neuro, units_to_neuro};
+
+/// An amount for a message: "0.001" (the caller writes " NEURO" after it).
+fn neuro(units: &u64) -> String {
+    format_neuro(*units)
+}
 
 /// Every way a ledger operation can fail. Messages are lowercase, without a trailing period.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error(
-        "not enough NEURO for this operation: required {required} units, available {available} units"
+        "not enough NEURO for this operation: required {} NEURO, available {} NEURO",
+        neuro(.required),
+        neuro(.available)
     )]
     InsufficientBalance { required: u64, available: u64 },
-    #[error("not enough staked NEURO: requested {requested} units, staked {staked} units")]
+    #[error(
+        "not enough staked NEURO: requested {} NEURO, staked {} NEURO",
+        neuro(.requested),
+        neuro(.staked)
+    )]
     InsufficientStake { requested: u64, staked: u64 },
-    #[error("stake is locked until {unlock_at} (unix seconds)")]
+    #[error("stake is locked until {}", super::dates::timestamp_string(*.unlock_at))]
     StakeLocked { unlock_at: i64 },
     #[error("invalid address {input:?}: {reason}")]
     InvalidAddress { input: String, reason: &'static str },
@@ -261,5 +272,32 @@ mod tests {
         };
         assert_eq!(e.http_status(), 500);
         assert_eq!(e.code(), "INTERNAL");
+    }
+
+    /// Every message with an amount writes it in NEURO (the example: an unstake of
+    /// 0.001 NEURO with nothing staked once read "requested 1000000 units, staked 0").
+    #[test]
+    fn messages_give_amounts_in_neuro() {
+        let e = LedgerError::InsufficientStake {
+            requested: 1_000_000,
+            staked: 0,
+        };
+        assert_eq!(
+            e.to_string(),
+            "not enough staked NEURO: requested 0.001 NEURO, staked 0 NEURO"
+        );
+        let e = LedgerError::InsufficientBalance {
+            required: 100_100_000_000,
+            available: 12_345_670_000_000,
+        };
+        assert_eq!(
+            e.to_string(),
+            "not enough NEURO for this operation: required 100.1 NEURO, available 12345.67 NEURO"
+        );
+        let e = LedgerError::StakeLocked {
+            unlock_at: 1_733_313_600,
+        };
+        assert_eq!(e.to_string(), "stake is locked until 2024-12-04T12:00:00Z");
+        assert_eq!(e.details()["unlock_date"], "2024-12-04");
     }
 }

@@ -7,6 +7,7 @@ use super::address::Address;
 use super::encode::Encoder;
 use super::keys::{Hash32, Sig65, Wallet, keccak, recover_signer};
 use super::rewards::Work;
+use super::units::format_neuro;
 
 /// Length of an epoch: one proof per node per epoch.
 pub const EPOCH_SECONDS: i64 = 60;
@@ -129,7 +130,12 @@ impl std::fmt::Display for RejectReason {
             Self::RateLimited => write!(f, "more than {MAX_PROOFS_PER_HOUR} proofs in an hour"),
             Self::Implausible(what) => write!(f, "implausible: {what}"),
             Self::AmountMismatch { claimed, computed } => {
-                write!(f, "claimed reward {claimed} units, rules give {computed}")
+                write!(
+                    f,
+                    "claimed reward {} NEURO, rules give {} NEURO",
+                    format_neuro(*claimed),
+                    format_neuro(*computed)
+                )
             }
         }
     }
@@ -377,5 +383,17 @@ pub(crate) mod tests {
             let signed = SignedProof::sign(p, &w);
             assert_eq!(signed.check_stateless().unwrap_err().code(), code);
         }
+    }
+
+    #[test]
+    fn amount_mismatch_gives_neuro() {
+        let r = RejectReason::AmountMismatch {
+            claimed: 20_000,
+            computed: 10_000,
+        };
+        assert_eq!(
+            r.to_string(),
+            "claimed reward 0.00002 NEURO, rules give 0.00001 NEURO"
+        );
     }
 }

@@ -6,15 +6,15 @@ use std::path::Path;
 
 use tokio::sync::Mutex;
 
-use super::account::{Effect, Outcome, VoidReason};
+use super::account::{Effect, HistoryEntry, Outcome, VoidReason};
 use super::address::Address;
-use super::amount::{MAX_AMOUNT, transfer_fee};
+use super::amount::{MAX_AMOUNT, format_neuro, transfer_fee};
 use super::block::{Block, MAX_MEMO_BYTES, Message, Op, SignedBlock};
 use super::error::LedgerError;
 use super::keys::{Hash32, Wallet};
 use super::proof::{RejectReason, SignedProof, check_age};
 use super::rewards::{MAX_STAKE_DAYS, MIN_STAKE_DAYS, UNSTAKE_COOLDOWN_DAYS, stake_multiplier};
-use super::state::{Inserted, LedgerState};
+use super::state::{InFlight, Inserted, LedgerState};
 use super::store::{Rejection, Store, sqlite_url};
 use super::views::{
     Balance, ProofAccepted, ProofEntry, ProofPage, ProofStats, SendReceipt, StakeReceipt, Staking,
@@ -428,7 +428,8 @@ impl Ledger {
         })
     }
 
-    /// History of `address`, newest first.
+    /// History of `address`, newest first: the transfers to it not claimed yet (pending,
+    /// newest first) above its chain's entries.
     pub async fn transactions(
         &self,
         address: &Address,
@@ -441,15 +442,22 @@ impl Ledger {
             .account(address)
             .map(|a| a.history.as_slice())
             .unwrap_or(&[]);
+        let mut pending: Vec<HistoryEntry> = inner
+            .state
+            .incoming(address)
+            .iter()
+            .filter_map(|(source, f)| pending_entry(&inner.state, source, f))
+            .collect();
+        pending.sort_by(|a, b| b.timestamp.cmp(&a.timestamp).then_with(|| a.id.cmp(&b.id)));
+        let total = pending.len() + history.len();
         TransactionPage {
-            transactions: history
-                .iter()
-                .rev()
+            transactions: pending
+                .into_iter()
+                .chain(history.iter().rev().cloned())
                 .skip(offset)
                 .take(limit)
-                .cloned()
                 .collect(),
-            total: history.len(),
+            total,
             limit,
             offset,
         }
@@ -606,6 +614,27 @@ impl Ledger {
     }
 }
 
+/// The history line of a transfer to its recipient before the recipient claims it.
+fn pending_entry(state: &LedgerState, source: &Hash32, f: &InFlight) -> Option<HistoryEntry> {
+    let send = state.block(source)?;
+    let memo = match &send.block.op {
+        Op::Send { memo, .. } => Some(memo.clone()),
+        _ => None,
+    };
+    Some(HistoryEntry {
+        id: format!("tx_{}", source.to_hex()),
+        kind: "receive",
+        amount: i128::from(f.amount),
+        fee: 0,
+        counterparty: Some(f.from),
+        memo,
+        timestamp: send.block.timestamp,
+        rejected: None,
+        pending: true,
+        details: serde_json::json!({ "source": format!("tx_{}", source.to_hex()) }),
+    })
+}
+
 fn ensure_active(state: &LedgerState, address: &Address) -> Result<(), LedgerError> {
     match state.account(address).and_then(|a| a.fork_height) {
         Some(fork_height) => Err(LedgerError::AccountFrozen {
@@ -619,7 +648,11 @@ fn ensure_active(state: &LedgerState, address: &Address) -> Result<(), LedgerErr
 fn check_amount(amount: u64) -> Result<(), LedgerError> {
     if amount == 0 || amount > MAX_AMOUNT {
         return Err(LedgerError::InvalidAmount {
-            reason: format!("amount must be between 1 and {MAX_AMOUNT} units"),
+            reason: format!(
+                "amount must be between {} and {} NEURO",
+                format_neuro(1),
+                format_neuro(MAX_AMOUNT)
+            ),
         });
     }
     Ok(())
@@ -652,6 +685,9 @@ fn balance_of(state: &LedgerState, address: &Address, now: i64) -> Balance {
             available: 0,
             staked: 0,
             pending: incoming,
+            cooling: 0,
+            cooling_until: None,
+            unclaimed: incoming,
             total: incoming,
             staking: None,
             frozen_at_height: None,
@@ -671,6 +707,9 @@ fn balance_of(state: &LedgerState, address: &Address, now: i64) -> Balance {
         available,
         staked: a.staked,
         pending,
+        cooling: unbonding,
+        cooling_until: (unbonding > 0).then_some(a.unbond_at),
+        unclaimed: incoming,
         total: available + a.staked + pending,
         staking,
         frozen_at_height: a.fork_height,

@@ -358,6 +358,7 @@ impl LedgerState {
             memo: None,
             timestamp: account.last_ts,
             rejected: None,
+            pending: false,
             details: serde_json::json!({ "fork_height": account.fork_height }),
         });
     }

@@ -16,6 +16,12 @@ pub struct Balance {
     pub staked: u64,
     /// Unstaked funds in cooldown plus transfers to this address not yet claimed.
     pub pending: u64,
+    /// The part of `pending` in its unstaking cooldown, and when the cooldown ends.
+    pub cooling: u64,
+    pub cooling_until: Option<i64>,
+    /// The part of `pending` sent to this address and not claimed yet (the recipient's node
+    /// claims it as soon as it holds the send).
+    pub unclaimed: u64,
     pub total: u64,
     pub staking: Option<Staking>,
     /// Set when the account equivocated: its funds are burned and it can do nothing more.

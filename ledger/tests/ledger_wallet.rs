@@ -49,6 +49,16 @@ async fn send_fee_and_history(db: TestDb) {
         (pending.available, pending.pending, pending.total),
         (0, 100 * N, 100 * N)
     );
+    assert_eq!((pending.unclaimed, pending.cooling), (100 * N, 0));
+    // ... and B's history shows it as pending, under the send's id, until B claims it.
+    let waiting = ledger.transactions(&b.address(), 10, 0).await;
+    assert_eq!(waiting.total, 1);
+    let line = &waiting.transactions[0];
+    assert_eq!((line.kind, line.pending), ("receive", true));
+    assert_eq!(line.id, receipt.transaction_id);
+    assert_eq!(line.amount, i128::from(100 * N));
+    assert_eq!(line.counterparty, Some(a.address()));
+    assert_eq!(line.memo.as_deref(), Some("Payment for services"));
     let claimed = ledger.claim_incoming(&b, now + 1).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let got = ledger.balance(&b.address(), now + 1).await;
@@ -80,6 +90,7 @@ async fn send_fee_and_history(db: TestDb) {
     assert_eq!(theirs.transactions[0].kind, "receive");
     assert_eq!(theirs.transactions[0].amount, i128::from(100 * N));
     assert_eq!(theirs.transactions[0].counterparty, Some(a.address()));
+    assert!(!theirs.transactions[0].pending);
     ledger.check_invariant().await.unwrap();
     let (minted, burned) = ledger.totals().await;
     assert_eq!(burned, u128::from(N / 10));
@@ -119,8 +130,26 @@ async fn errors_carry_codes_and_details(db: TestDb) {
     assert_eq!(e.code(), "INVALID_DURATION");
     let e = ledger.stake(&a, have + 1, 30, now).await.unwrap_err();
     assert_eq!(e.code(), "INSUFFICIENT_BALANCE");
-    let e = ledger.unstake(&a, N, now).await.unwrap_err();
+    let e = ledger.unstake(&a, N / 1000, now).await.unwrap_err();
     assert_eq!((e.code(), e.http_status()), ("INSUFFICIENT_STAKE", 402));
+    // Amounts in messages are NEURO, never base units.
+    assert_eq!(
+        e.to_string(),
+        "not enough staked NEURO: requested 0.001 NEURO, staked 0 NEURO"
+    );
+    let e = ledger
+        .send(
+            &a,
+            b.address(),
+            neuroshard_ledger::amount::MAX_AMOUNT + 1,
+            "",
+            now,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "INVALID_AMOUNT");
+    assert!(e.to_string().ends_with(" NEURO"), "{e}");
+    assert!(!e.to_string().contains("units"), "{e}");
     // Nothing of that reached the ledger.
     assert_eq!(ledger.balance(&a.address(), now).await.available, have);
     ledger.check_invariant().await.unwrap();
@@ -174,6 +203,11 @@ async fn stake_lock_cooldown_and_multiplier(db: TestDb) {
         .await;
     assert_eq!(mid.staked, 5_000 * N);
     assert_eq!(mid.pending, 5_000 * N);
+    // All of it cooling, released when the cooldown ends.
+    assert_eq!(
+        (mid.cooling, mid.cooling_until, mid.unclaimed),
+        (5_000 * N, Some(day30 + 7 * SECONDS_PER_DAY), 0)
+    );
     assert_eq!(mid.total, mid.available + mid.staked + mid.pending);
     // Cooling funds cannot be spent before the cooldown ends.
     let spend = mid.available + 1_000 * N;

@@ -401,6 +401,27 @@ fn every_endpoint_answers_as_documented() {
     assert_eq!(alice_balance.status, 200);
     let alice_addr = alice_balance.body["address"].as_str().unwrap().to_string();
     assert_ne!(alice_addr, own);
+    // Nothing staked: `staking` is still the contract's object, zero with null dates.
+    conforms(&doc, "GET", "/api/v1/wallet/balance", &alice_balance);
+    assert_eq!(
+        alice_balance.body["staking"],
+        json!({"amount": 0.0, "duration_days": 0, "start_date": null,
+               "unlock_date": null, "multiplier": 1.0}),
+        "{}",
+        alice_balance.body
+    );
+    // Messages give amounts in NEURO, never base units.
+    let unstake = api.call(
+        "POST",
+        "/api/v1/wallet/unstake",
+        Some(&alice),
+        Some(json!({"amount": 0.001})),
+    );
+    assert_error(&unstake, 402, "INSUFFICIENT_STAKE");
+    assert_eq!(
+        unstake.body["error"]["message"],
+        "not enough staked NEURO: requested 0.001 NEURO, staked 0 NEURO"
+    );
 
     // Funds come from the node's proofs of work (one per 60 s epoch).
     let funded = wait_for(
@@ -418,12 +439,30 @@ fn every_endpoint_answers_as_documented() {
     assert_eq!(sent.status, 200, "{}", sent.body);
     conforms(&doc, "POST", "/api/v1/wallet/send", &sent);
     assert_eq!(sent.body["status"], "confirmed");
+    // Both wallets are this node's: Alice's is claimed at once (pending until then).
     let b = api
         .call("GET", "/api/v1/wallet/balance", Some(&alice), None)
         .body;
+    let held =
+        b["balances"]["available"].as_f64().unwrap() + b["balances"]["pending"].as_f64().unwrap();
+    assert!((held - amount).abs() < 1e-9, "{b}");
+    wait_for(
+        "Alice's node to claim her transfer",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || {
+            let a = api.call("GET", "/api/v1/wallet/transactions", Some(&alice), None);
+            let line = &a.body["transactions"][0];
+            (line["type"] == "receive" && line["status"] == "confirmed").then_some(())
+        },
+    )
+    .unwrap();
+    let b = api.call("GET", "/api/v1/wallet/balance", Some(&alice), None);
+    conforms(&doc, "GET", "/api/v1/wallet/balance", &b);
     assert!(
-        (b["balances"]["pending"].as_f64().unwrap() - amount).abs() < 1e-9,
-        "{b}"
+        (b.body["balances"]["available"].as_f64().unwrap() - amount).abs() < 1e-9,
+        "{}",
+        b.body
     );
     let history = api.call(
         "GET",

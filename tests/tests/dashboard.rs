@@ -54,6 +54,15 @@ fn text_of(dom: &str, id: &str) -> String {
     dom[open..close].trim().to_string()
 }
 
+/// The markup of the chart with this id in a dumped DOM.
+fn chart_of<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id}"));
+    let end = start + dom[start..].find("</svg>").unwrap();
+    &dom[start..end]
+}
+
 #[test]
 fn dashboard_shows_live_figures_in_a_real_browser() {
     let _scenario = neuroshard_tests::scenario(module_path!());
@@ -99,7 +108,10 @@ fn dashboard_shows_live_figures_in_a_real_browser() {
     let step1: u64 = text_of(&first, "step").parse().expect("a step number");
     assert!(step1 > 5, "{step1}");
     assert!(text_of(&first, "loss").parse::<f64>().is_ok());
-    assert!(first.contains("<polyline"), "no loss curve drawn");
+    assert!(
+        chart_of(&first, "loss-chart").contains("<polyline"),
+        "no loss curve drawn"
+    );
     assert_eq!(
         text_of(&first, "address"),
         status["wallet_address"].as_str().unwrap()
@@ -122,6 +134,35 @@ fn dashboard_shows_live_figures_in_a_real_browser() {
         step2 > step1,
         "figures did not change: step {step1} then {step2}"
     );
+
+    // Throughput and peer samples (one every 2 s): a few, with the replica counted.
+    wait_for(
+        "throughput and peer samples",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let (_, h) = node.get("/api/v1/training/history")?;
+            let tps = h["tokens_per_second"].as_array()?;
+            let peers = h["peers"].as_array()?;
+            let trained = tps.iter().any(|p| p[1].as_f64().is_some_and(|v| v > 0.0));
+            (tps.len() >= 3 && trained && peers.last()?[1] == 1).then_some(())
+        },
+    )
+    .unwrap();
+    let plots = browser(&["--dump-dom"], &url);
+    // Tokens per second and peers over time, next to the loss.
+    for chart in ["tps-chart", "peers-chart"] {
+        let svg = chart_of(&plots, chart);
+        assert!(svg.contains("<polyline"), "no {chart} drawn: {svg}");
+        assert!(
+            svg.matches(',').count() >= 3,
+            "{chart} has fewer than 3 points: {svg}"
+        );
+    }
+    assert_eq!(text_of(&plots, "peer-now"), "1");
+    assert!(text_of(&plots, "tps").parse::<f64>().is_ok());
+    // Pending funds and when they are released: nothing pending on a fresh node.
+    assert_eq!(text_of(&plots, "pending-release"), "nothing pending");
 
     // Without a token the page shows the public figures and asks for one.
     let public = browser(&["--dump-dom"], &node.url("/"));

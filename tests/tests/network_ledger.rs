@@ -24,6 +24,9 @@ const SETTLE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(200);
 /// Nodes claim incoming transfers with their proof of work, once per 60 s epoch.
 const EPOCH_WAIT: Duration = Duration::from_secs(150);
+/// A transfer is the recipient's as soon as its node holds the send: within a gossip push
+/// (250 ms) and a claim; generous for a loaded machine, and well under an epoch.
+const ARRIVAL: Duration = Duration::from_secs(15);
 
 /// `ledger` of `GET /api/v1/network` on every node, when they all agree.
 fn one_root(nodes: &[&Node]) -> Option<Value> {
@@ -168,9 +171,14 @@ fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
             .block_on(rebuilt.ledger().apply(&m, now_s()))
             .unwrap();
     }
+    // Pending, or already claimed: each node claims a transfer to it as it arrives.
     for (i, id) in ids.iter().enumerate() {
         let bal = rebuilt.rt.block_on(rebuilt.ledger().balance(id, now_s()));
-        assert_eq!(bal.pending, (10 + i as u64) * n, "transfer to node {i}");
+        assert_eq!(
+            bal.pending + bal.available,
+            (10 + i as u64) * n,
+            "transfer to node {i}"
+        );
     }
 
     // C goes offline; A and B drop it within the documented bound.
@@ -222,7 +230,7 @@ fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
         let said = status["wallet_address"].as_str().unwrap_or_default();
         assert_eq!(Address::parse(said).unwrap(), id, "{status}");
     }
-    // Each node claims what the observer sent it with its next proof of work.
+    // Each node claims what the observer sent it (on arrival, or with a proof of work).
     for node in nodes {
         wait_for("the observer's transfer claimed", EPOCH_WAIT, POLL, || {
             let (code, body) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
@@ -272,4 +280,86 @@ fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
     for node in nodes {
         node.assert_database_settings();
     }
+}
+
+/// The recipient of a transfer sees it within seconds of the sender's `confirmed` (as
+/// pending until its node claims it, which it does as soon as the block arrives), not at
+/// its node's next epoch turn a minute later.
+#[test]
+fn a_transfer_reaches_the_recipient_within_seconds() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let a = Node::start(NodeOptions::default()).unwrap();
+    a.wait_healthy(START).unwrap();
+    let b = Node::start(seeded(&a)).unwrap();
+    b.wait_healthy(START).unwrap();
+    let obs = Observer::new().unwrap();
+    let (ca, cb) = (obs.connect(&a).unwrap(), obs.connect(&b).unwrap());
+    let n = UNITS_PER_NEURO;
+    // Funds for A from a wallet that is no node's: A claims them as they arrive.
+    let now = now_s();
+    obs.mint(now).unwrap();
+    obs.send(ca.id, 10 * n, now).unwrap();
+    obs.push_to(&ca, 0).unwrap();
+    let available = |node: &Node| -> Option<f64> {
+        let (code, body) = node.authed(Method::GET, "/api/v1/wallet/balance", None)?;
+        (code == 200).then(|| body["balances"]["available"].as_f64())?
+    };
+    wait_for("A to claim the observer's transfer", ARRIVAL, POLL, || {
+        (available(&a)? >= 10.0).then_some(())
+    })
+    .unwrap();
+
+    let (code, sent) = a
+        .authed(
+            Method::POST,
+            "/api/v1/wallet/send",
+            Some(json!({"to": cb.id.to_checksum(), "amount": 2.5, "memo": "at once"})),
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{sent}");
+    assert_eq!(sent["status"], "confirmed", "{sent}");
+    let send_id = sent["transaction_id"].as_str().unwrap().to_string();
+    // B's balance and history show it (pending or claimed) within seconds...
+    let line = wait_for("the transfer at B", ARRIVAL, POLL, || {
+        let (_, bal) = b.authed(Method::GET, "/api/v1/wallet/balance", None)?;
+        let held = bal["balances"]["available"].as_f64()? + bal["balances"]["pending"].as_f64()?;
+        let (_, hist) = b.authed(Method::GET, "/api/v1/wallet/transactions?limit=50", None)?;
+        let line = hist["transactions"]
+            .as_array()?
+            .iter()
+            .find(|t| t["type"] == "receive" && t["details"]["source"] == send_id.as_str())?
+            .clone();
+        ((held - 2.5).abs() < 1e-9).then_some(line)
+    })
+    .unwrap();
+    assert_eq!(line["amount"], 2.5, "{line}");
+    assert_eq!(line["from"], ca.id.to_checksum(), "{line}");
+    assert!(
+        ["pending", "confirmed"].contains(&line["status"].as_str().unwrap()),
+        "{line}"
+    );
+    if line["status"] == "pending" {
+        assert_eq!(
+            line["id"],
+            send_id.as_str(),
+            "a pending line is the send's: {line}"
+        );
+    }
+    // ... and B's node claims it as soon as it holds the send: available, a confirmed
+    // receive in the history, and the receive block gossiped back to A.
+    wait_for("B to claim the transfer", ARRIVAL, POLL, || {
+        let (_, hist) = b.authed(Method::GET, "/api/v1/wallet/transactions?limit=50", None)?;
+        let claimed = hist["transactions"].as_array()?.iter().any(|t| {
+            t["type"] == "receive"
+                && t["details"]["source"] == send_id.as_str()
+                && t["status"] == "confirmed"
+        });
+        (claimed && available(&b)? >= 2.5).then_some(())
+    })
+    .unwrap();
+    wait_for("A to hold B's receive block", ARRIVAL, POLL, || {
+        let bal = obs.balances_held_by(&ca, &[cb.id], now_s()).ok()?;
+        (bal[0].unclaimed == 0 && bal[0].available >= 5 * n / 2).then_some(())
+    })
+    .unwrap();
 }

@@ -46,6 +46,8 @@ pub struct AppState {
     pub diloco: Arc<crate::diloco::round::Diloco>,
     /// This node's pipeline stage: its figures, and distributed inference from here.
     pub stage: Arc<crate::pipeline::Stage>,
+    /// Throughput and peer count over the last hour (the dashboard's plots).
+    pub samples: Arc<crate::samples::Samples>,
 }
 
 impl AppState {

@@ -47,11 +47,26 @@ fn wallet_of(
 pub struct BalanceResponse {
     pub address: String,
     pub balances: Balances,
-    /// Present while something is staked.
-    pub staking: Option<StakingView>,
+    /// Always present: amount 0, duration 0, null dates and multiplier 1 when nothing is
+    /// staked.
+    pub staking: StakingView,
+    /// What `pending` is made of and when it is released.
+    pub pending: PendingView,
     /// Set when the account equivocated: its funds are burned and it is frozen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frozen_at_height: Option<u64>,
+}
+
+/// The parts of `balances.pending`.
+#[derive(Serialize, ToSchema)]
+pub struct PendingView {
+    /// Unstaked NEURO in its cooldown.
+    pub cooling: f64,
+    /// RFC 3339 (UTC) end of the cooldown, when `cooling` becomes available; null when
+    /// nothing is cooling.
+    pub cooling_until: Option<String>,
+    /// Transfers to this account its node has not claimed yet (it claims them as they arrive).
+    pub unclaimed: f64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -65,11 +80,15 @@ pub struct Balances {
 
 #[derive(Serialize, ToSchema)]
 pub struct StakingView {
+    /// 0 when nothing is staked.
     pub amount: f64,
+    /// 0 when nothing is staked.
     pub duration_days: u32,
-    /// YYYY-MM-DD (UTC).
-    pub start_date: String,
-    pub unlock_date: String,
+    /// YYYY-MM-DD (UTC); null when nothing is staked.
+    pub start_date: Option<String>,
+    /// YYYY-MM-DD (UTC); null when nothing is staked.
+    pub unlock_date: Option<String>,
+    /// 1.00 when nothing is staked.
     pub multiplier: f64,
 }
 
@@ -77,9 +96,20 @@ fn staking_view(s: &neuroshard_ledger::Staking) -> StakingView {
     StakingView {
         amount: units_to_neuro(s.amount),
         duration_days: s.duration_days,
-        start_date: date_string(s.start_at),
-        unlock_date: date_string(s.unlock_at),
+        start_date: Some(date_string(s.start_at)),
+        unlock_date: Some(date_string(s.unlock_at)),
         multiplier: (s.multiplier * 100.0).round() / 100.0,
+    }
+}
+
+/// The `staking` object of an account that stakes nothing.
+fn no_stake() -> StakingView {
+    StakingView {
+        amount: 0.0,
+        duration_days: 0,
+        start_date: None,
+        unlock_date: None,
+        multiplier: 1.0,
     }
 }
 
@@ -97,7 +127,12 @@ pub async fn balance(State(state): State<AppState>, caller: Caller) -> Json<Bala
             pending: units_to_neuro(b.pending),
             total: units_to_neuro(b.total),
         },
-        staking: b.staking.as_ref().map(staking_view),
+        staking: b.staking.as_ref().map_or_else(no_stake, staking_view),
+        pending: PendingView {
+            cooling: units_to_neuro(b.cooling),
+            cooling_until: b.cooling_until.map(timestamp_string),
+            unclaimed: units_to_neuro(b.unclaimed),
+        },
         frozen_at_height: b.frozen_at_height,
     })
 }
@@ -147,6 +182,8 @@ pub async fn send(
     let ledger = state.ledger.clone();
     let r = ledger_write(async move { ledger.send(&wallet, to, amount, &req.memo, now()).await })
         .await?;
+    // A transfer between two wallets of this node is the recipient's at once too.
+    crate::wallets::claim_now(&state.keyring, &state.ledger, vec![to]);
     Ok(Json(SendResponse {
         transaction_id: r.transaction_id,
         from: r.from.to_checksum(),
@@ -204,7 +241,8 @@ pub struct TransactionView {
     pub fee: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memo: Option<String>,
-    /// confirmed, or rejected (with `reason`) when the block took no effect.
+    /// confirmed; pending for a transfer to this account not claimed yet (its id is the
+    /// send's); rejected (with `reason`) when the block took no effect.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -246,6 +284,8 @@ fn transaction_view(e: &HistoryEntry) -> TransactionView {
         memo: e.memo.clone(),
         status: if e.rejected.is_some() {
             "rejected"
+        } else if e.pending {
+            "pending"
         } else {
             "confirmed"
         }
@@ -456,4 +496,71 @@ pub async fn proofs(
                 .into(),
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(name: &str) -> Value {
+        let doc = serde_json::to_value(crate::api::openapi::document()).unwrap();
+        doc["components"]["schemas"][name].clone()
+    }
+
+    /// `staking` is an object in every balance, as the contract shows it: zero and null dates
+    /// when nothing is staked, and the OpenAPI document says so.
+    #[test]
+    fn staking_is_always_an_object() {
+        let view = serde_json::to_value(no_stake()).unwrap();
+        assert_eq!(
+            view,
+            json!({"amount": 0.0, "duration_days": 0, "start_date": null,
+                   "unlock_date": null, "multiplier": 1.0})
+        );
+        let balance = schema("BalanceResponse");
+        let required: Vec<&str> = balance["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(required.contains(&"staking"), "{balance}");
+        assert_eq!(
+            balance["properties"]["staking"]["$ref"], "#/components/schemas/StakingView",
+            "{balance}"
+        );
+        let staking = schema("StakingView");
+        for date in ["start_date", "unlock_date"] {
+            assert_eq!(
+                staking["properties"][date]["type"],
+                json!(["string", "null"]),
+                "{staking}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unclaimed_transfer_reads_pending() {
+        let entry = HistoryEntry {
+            id: "tx_ab".into(),
+            kind: "receive",
+            amount: 1_500_000_000,
+            fee: 0,
+            counterparty: Some(Address([7; 20])),
+            memo: Some("hi".into()),
+            timestamp: 1_733_313_600,
+            rejected: None,
+            pending: true,
+            details: json!({"source": "tx_ab"}),
+        };
+        let v = serde_json::to_value(transaction_view(&entry)).unwrap();
+        assert_eq!(v["status"], "pending", "{v}");
+        assert_eq!(v["amount"], 1.5, "{v}");
+        assert_eq!(v["from"], Address([7; 20]).to_checksum(), "{v}");
+        let confirmed = HistoryEntry {
+            pending: false,
+            ..entry
+        };
+        assert_eq!(transaction_view(&confirmed).status, "confirmed");
+    }
 }

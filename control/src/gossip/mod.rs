@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use neuroshard_identity::{Address, Hash32};
-use neuroshard_ledger::{Ledger, LedgerError, Message};
+use neuroshard_ledger::{Ledger, LedgerError, Message, Op};
 use neuroshard_net::score::{Offence, node_key};
 use neuroshard_net::{Network, NetworkError, PeerUp, stopped};
 use parking_lot::Mutex;
@@ -26,6 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 pub use service::{LedgerService, gossip_ledger, sync_ledger};
+
+use crate::wallets::Keyring;
 
 /// Anti-entropy: each peer's ledger is pulled this often (and right after connecting).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
@@ -93,14 +95,27 @@ pub struct Gossip {
     pub net: Arc<Network>,
     pub ledger: Arc<Ledger>,
     origins: Origins,
+    /// The keys this node holds: a transfer to one of them is claimed as soon as it arrives.
+    /// None: nothing is claimed here (the node's proofs of work still claim).
+    keys: Option<Arc<Keyring>>,
 }
 
 impl Gossip {
     pub fn new(net: Arc<Network>, ledger: Arc<Ledger>) -> Arc<Gossip> {
+        Self::build(net, ledger, None)
+    }
+
+    /// Gossip that claims the transfers to the accounts of `keys` as they arrive.
+    pub fn claiming(net: Arc<Network>, ledger: Arc<Ledger>, keys: Arc<Keyring>) -> Arc<Gossip> {
+        Self::build(net, ledger, Some(keys))
+    }
+
+    fn build(net: Arc<Network>, ledger: Arc<Ledger>, keys: Option<Arc<Keyring>>) -> Arc<Gossip> {
         Arc::new(Gossip {
             net,
             ledger,
             origins: Origins::default(),
+            keys,
         })
     }
 }
@@ -127,6 +142,8 @@ pub async fn receive(
 ) -> Result<Tally, GossipError> {
     let mut tally = Tally::default();
     let now = chrono::Utc::now().timestamp();
+    // Accounts that new sends pay: claimed below when this node holds their key.
+    let mut paid: Vec<Address> = Vec::new();
     for (i, bytes) in messages.iter().enumerate() {
         let msg = match Message::from_bytes(bytes) {
             Ok(m) => m,
@@ -140,6 +157,14 @@ pub async fn receive(
         // and a drop between the database commit and the in-memory update would leave a
         // block stored but unknown to the state (the same cut the API's writes avoid).
         let ledger = gossip.ledger.clone();
+        let sends: Vec<Address> = msg
+            .blocks()
+            .iter()
+            .filter_map(|b| match &b.block.op {
+                Op::Send { to, .. } => Some(*to),
+                _ => None,
+            })
+            .collect();
         let result = match tokio::spawn(async move { ledger.apply(&msg, now).await }).await {
             Ok(r) => r,
             Err(e) => {
@@ -154,6 +179,9 @@ pub async fn receive(
                         new = true;
                         gossip.origins.record(*hash, from);
                     }
+                }
+                if new {
+                    paid.extend(sends);
                 }
                 if new {
                     tally.accepted += 1;
@@ -171,6 +199,15 @@ pub async fn receive(
                 tally.rejected += 1;
             }
         }
+    }
+    if let Some(keys) = &gossip.keys
+        && tally.accepted > 0
+    {
+        // The node wallet too: a transfer to it may have waited for a block that just came.
+        paid.push(keys.node().address());
+        paid.sort();
+        paid.dedup();
+        crate::wallets::claim_now(keys, &gossip.ledger, paid);
     }
     if tally.rejected > 0 {
         let net = &gossip.net;

@@ -33,6 +33,12 @@ impl Trainer {
         let dir = self.data_dir.join("checkpoints");
         let _ = std::fs::create_dir_all(&dir);
         let mut out = Vec::new();
+        let wanted = left.len() as u64;
+        let any_holder = peers
+            .iter()
+            .any(|p| p.1.layers.iter().any(|l| left.contains(l)));
+        let progress = any_holder
+            .then(|| crate::progress::Progress::steps("fetching layer weights from peers", wanted));
         for (conn, info) in peers {
             let mut want: Vec<u32> = info
                 .layers
@@ -70,10 +76,18 @@ impl Trainer {
             for l in &want {
                 left.remove(l);
             }
+            if let Some(p) = &progress {
+                p.inc(want.len() as u64);
+            }
             out.push((path, hash, want));
             if left.is_empty() {
                 break;
             }
+        }
+        if let Some(p) = &progress
+            && left.is_empty()
+        {
+            p.finish();
         }
         out
     }
@@ -266,6 +280,10 @@ impl Trainer {
         }
         let existing = ckpt.exists().then_some(ckpt.as_path());
         let spec = load_spec(&cfg, &self.node_id, existing, a);
+        // A first start builds the model from the seed: the longest wait of a new node.
+        let progress = existing.is_none().then(|| {
+            crate::progress::Progress::steps("first start: building the model from the seed", 1)
+        });
         let reply = match client.load_model(&spec).await {
             Ok(r) => r,
             // Only the engine's verdict on the file (invalid argument) condemns a checkpoint; a
@@ -283,6 +301,10 @@ impl Trainer {
             }
             Err(e) => return Err(e.message()),
         };
+        if let Some(p) = progress {
+            p.inc(1);
+            p.finish();
+        }
         tracing::info!(step = reply.step, params = reply.parameters, hash = %reply.model_hash, restored = existing.is_some(), "model loaded");
         self.update(|s| {
             s.model_loaded = true;
