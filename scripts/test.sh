@@ -31,6 +31,15 @@ command -v chromium >/dev/null || apt_install chromium
 command -v python3 >/dev/null || apt_install python3 python3-pip
 python3 -c 'import numpy, tokenizers, openai' 2>/dev/null || \
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore numpy tokenizers openai
+# The model export's check (tests/tests/model_export.rs, engine/tests/export_check.py): the
+# `gguf` reader, transformers on PyTorch, and llama.cpp (llama-cpp-python compiles it from
+# source). PyTorch's CPU-only wheel when its index answers, else PyPI's (with its CUDA
+# libraries: ~5 GB, ~3.5 min here). Figures in BENCHMARKS.md ("Model export check set-up").
+pip_quiet() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+python3 -c 'import torch' 2>/dev/null || \
+    pip_quiet --timeout 10 --retries 0 torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null || pip_quiet torch
+python3 -c 'import gguf, transformers, llama_cpp' 2>/dev/null || \
+    pip_quiet gguf transformers llama-cpp-python
 # NVRTC, CUDA headers and ptxas from PyPI: every CUDA kernel is compiled in the tests.
 . scripts/cuda-env.sh
 . scripts/postgres-test-server.sh

@@ -45,6 +45,9 @@ pub enum Command {
     },
     /// Peers of the running node.
     Peers(crate::ops::Conn),
+    /// The trained model: `model export --format hf|gguf --out DIR`.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// API tokens: create, list, revoke.
     #[command(subcommand)]
     Token(crate::ops::TokenCommand),
@@ -205,6 +208,14 @@ pub enum ConfigCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Export the network's current model from the running node: the Hugging Face Llama
+    /// layout (`hf`) or a GGUF file for llama.cpp (`gguf`). A node holding some layers fetches
+    /// the others from their holders first.
+    Export(crate::model_export::ExportArgs),
+}
+
+#[derive(Subcommand, Debug)]
 pub enum DevCommand {
     /// Dump a model, a batch, the loss and every gradient for an independent check.
     GradDump {
@@ -351,6 +362,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(conn) => crate::ops::status(&paths, &conn),
         Command::Wallet { conn, command } => crate::ops::wallet(&paths, &conn, command),
         Command::Peers(conn) => crate::ops::peers(&paths, &conn),
+        Command::Model(ModelCommand::Export(args)) => crate::model_export::export(&paths, &args),
         Command::Token(c) => crate::ops::token_command(&paths, c),
         Command::Stop => crate::nodectl::stop(&paths),
         Command::Restart(args) => crate::nodectl::restart(&paths, &args),

@@ -134,6 +134,39 @@ pub fn call_ok(
     Ok(a.body)
 }
 
+/// `GET path` with a bearer token for a download: no limit on the whole transfer (a model
+/// can take minutes), 10 s to connect. Fails with the contract error's message on a non-2xx
+/// answer; otherwise the answer, its body unread.
+pub fn download(
+    node: &Endpoint,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<reqwest::blocking::Response> {
+    let mut builder = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(None);
+    if let Some(pin) = node.pin {
+        builder = builder.use_preconfigured_tls(crate::tls::pinned_client(pin)?);
+    }
+    let answer = builder
+        .build()?
+        .get(node.url(path))
+        .bearer_auth(token)
+        .send()
+        .map_err(|e| unreachable_node(e, node.port))?;
+    let status = answer.status().as_u16();
+    if !(200..300).contains(&status) {
+        let body = parse_body(&answer.bytes()?);
+        let e = &body["error"];
+        match (e["code"].as_str(), e["message"].as_str()) {
+            (Some(code), Some(msg)) => bail!("{code}: {msg} (HTTP {status})"),
+            _ => bail!("HTTP {status}: {body}"),
+        }
+    }
+    Ok(answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

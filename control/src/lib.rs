@@ -13,6 +13,7 @@ pub mod gossip;
 pub mod listen;
 pub mod logfile;
 pub mod metrics;
+pub mod model_export;
 pub mod nodectl;
 pub mod ops;
 pub mod pipeline;

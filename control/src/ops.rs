@@ -73,7 +73,7 @@ pub enum TokenCommand {
     Revoke { id_or_name: String },
 }
 
-fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
+pub(crate) fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
     if let Some(t) = &conn.token {
         return Ok(t.clone());
     }
@@ -91,7 +91,7 @@ fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
 /// The running node's endpoint: its port (`--port`, else the one the node running on the data
 /// directory was started with, its `node.json`, else the config's) on 127.0.0.1, over https
 /// when the daemon serves it.
-fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<Endpoint> {
+pub(crate) fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<Endpoint> {
     let port = match conn.port {
         Some(p) => p,
         None => match crate::runfile::running(&paths.data_dir) {

@@ -184,6 +184,28 @@ pub fn save_weights<B: Backend>(
     Ok(bytes.len() as u64)
 }
 
+/// Saves host f32 tensors (name, shape, values) with `extra` metadata and their content
+/// sha256 to `path` atomically; returns the file size.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    extra: HashMap<String, String>,
+) -> Result<u64> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            (
+                name.clone(),
+                F32View {
+                    shape: shape.clone(),
+                    data: Cow::Borrowed(values.as_slice()),
+                },
+            )
+        })
+        .collect();
+    write_atomic(path, views, extra)
+}
+
 /// The parameters as an in-memory safetensors file (for a shm slot).
 pub fn weights_bytes<B: Backend>(
     model: &Model<B>,

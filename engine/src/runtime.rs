@@ -18,7 +18,7 @@ mod state;
 mod train;
 mod weights;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use neuroshard_proto::engine as pb;
 use neuroshard_shared::model::ModelConfig;
@@ -27,7 +27,7 @@ use neuroshard_shared::shm::{Segment, ShmError};
 use crate::backend::BackendError;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, DeviceRequest, open_device};
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint::{CheckpointError, CheckpointMeta, TensorFile};
 use crate::data::DataError;
 use crate::export::ExportError;
 use crate::model::{ModelError, StageSpec};
@@ -90,6 +90,7 @@ impl From<ExportError> for RuntimeError {
     fn from(e: ExportError) -> RuntimeError {
         match e {
             ExportError::Checkpoint(c) => c.into(),
+            ExportError::Model(m) => m.into(),
             other => RuntimeError::Export(other),
         }
     }
@@ -115,6 +116,7 @@ impl From<RuntimeError> for tonic::Status {
             RuntimeError::Checkpoint(CheckpointError::Io { .. }) => tonic::Status::unavailable(msg),
             RuntimeError::Checkpoint(_) => tonic::Status::invalid_argument(msg),
             RuntimeError::Data(_) => tonic::Status::failed_precondition(msg),
+            RuntimeError::Export(ExportError::Write { .. }) => tonic::Status::unavailable(msg),
             RuntimeError::Export(_) => tonic::Status::invalid_argument(msg),
             RuntimeError::Busy(_) => tonic::Status::unavailable(msg),
             RuntimeError::SessionGone(_) => tonic::Status::failed_precondition(msg),
@@ -201,6 +203,38 @@ pub fn model_config(spec: Option<&pb::ModelSpec>) -> Result<ModelConfig, Runtime
 }
 
 /// The stage a LoadModel request asks for (`layer_end == 0` and no embedding/head: all).
+/// Reads and checks checkpoints of other stages (LoadModel's and ExportWeights' `sources`):
+/// each must be a verified checkpoint of the model `cfg`, whose weights hash to the expected
+/// `model_hash` when one is given.
+pub fn read_sources(
+    sources: &[pb::WeightSource],
+    cfg: &ModelConfig,
+) -> Result<Vec<(TensorFile, PathBuf, CheckpointMeta)>, RuntimeError> {
+    let mut files = Vec::with_capacity(sources.len());
+    for src in sources {
+        let path = Path::new(&src.path);
+        let file = crate::checkpoint::read_tensor_file(path)?;
+        let meta = crate::checkpoint::checkpoint_meta(&file, path)?;
+        if &meta.config != cfg {
+            return Err(RuntimeError::Invalid(format!(
+                "source {path:?} holds another model ({:?})",
+                meta.config
+            )));
+        }
+        if !src.model_hash.is_empty() {
+            let got = crate::checkpoint::file_model_hash(&file, path)?;
+            if got != src.model_hash {
+                return Err(RuntimeError::Invalid(format!(
+                    "source {path:?}: its weights hash to {got}, not the expected {}",
+                    src.model_hash
+                )));
+            }
+        }
+        files.push((file, path.to_path_buf(), meta));
+    }
+    Ok(files)
+}
+
 pub fn stage_spec(req: &pb::LoadModelRequest, cfg: &ModelConfig) -> StageSpec {
     if req.layer_end == 0 && req.layer_start == 0 && !req.has_embedding && !req.has_head {
         return StageSpec::full(cfg);
@@ -316,29 +350,8 @@ impl Runtime {
         // The old model goes first so two never coexist in memory.
         let mut seeded_layers = Vec::new();
         if req.checkpoint_path.is_empty() && !req.sources.is_empty() {
-            let mut files = Vec::with_capacity(req.sources.len());
-            for src in &req.sources {
-                let path = Path::new(&src.path);
-                let file = crate::checkpoint::read_tensor_file(path)?;
-                let meta = crate::checkpoint::checkpoint_meta(&file, path)?;
-                if meta.config != cfg {
-                    return Err(RuntimeError::Invalid(format!(
-                        "source {path:?} holds another model ({:?})",
-                        meta.config
-                    )));
-                }
-                if !src.model_hash.is_empty() {
-                    let got = crate::checkpoint::file_model_hash(&file, path)?;
-                    if got != src.model_hash {
-                        return Err(RuntimeError::Invalid(format!(
-                            "source {path:?}: its weights hash to {got}, not the expected {}",
-                            src.model_hash
-                        )));
-                    }
-                }
-                files.push((file, path, meta));
-            }
-            let refs: Vec<_> = files.iter().map(|(f, p, m)| (f, *p, m)).collect();
+            let files = read_sources(&req.sources, &cfg)?;
+            let refs: Vec<_> = files.iter().map(|(f, p, m)| (f, p.as_path(), m)).collect();
             let (c2, t2) = (cfg.clone(), train.clone());
             let mut seeded = None;
             let mut seeded2 = None;

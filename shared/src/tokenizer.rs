@@ -232,6 +232,18 @@ impl Tokenizer {
         hf_json::to_json(self)
     }
 
+    /// The string of every id as `tokenizer.json` (and a GGUF file's `tokenizer.ggml.tokens`)
+    /// spells it: specials as text, byte sequences through GPT-2's byte-to-unicode mapping.
+    pub fn token_strings(&self) -> Vec<String> {
+        hf_json::token_strings(self)
+    }
+
+    /// The learned merges in priority order, each as `"left right"` token strings (the form of
+    /// `tokenizer.json`'s `merges` and of a GGUF file's `tokenizer.ggml.merges`).
+    pub fn merge_strings(&self) -> Vec<String> {
+        hf_json::merge_strings(self)
+    }
+
     /// Parses `tokenizer.json` text; `origin` names it in errors.
     pub fn from_json(json: &str, origin: &str) -> Result<Tokenizer, TokenizerError> {
         hf_json::from_json(json, std::path::Path::new(origin))

@@ -28,6 +28,7 @@ mod faults;
 mod hostile;
 mod hostile_sockets;
 mod ledger_crash;
+mod model_export;
 mod network_ledger;
 mod network_peer_auth;
 mod network_stall;

@@ -156,6 +156,7 @@ fn one_pipeline_step_equals_the_same_step_on_one_node() {
                         path.display().to_string(),
                     )),
                     format: "safetensors".into(),
+                    sources: Vec::new(),
                 })
                 .await
                 .unwrap();
@@ -192,6 +193,7 @@ fn one_pipeline_step_equals_the_same_step_on_one_node() {
                     path.display().to_string(),
                 )),
                 format: "safetensors".into(),
+                sources: Vec::new(),
             })
             .await
             .unwrap();

@@ -11,6 +11,7 @@ mod dashboard;
 pub mod error;
 pub mod inference;
 mod limits;
+mod model;
 mod network;
 mod node;
 pub mod openai;

@@ -23,7 +23,9 @@ use utoipa::openapi::path::{HttpMethod, PathItem};
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::{PathItemExt, routes};
 
-use super::{dashboard, inference, network, node, openai, openapi, settings, training, wallet};
+use super::{
+    dashboard, inference, model, network, node, openai, openapi, settings, training, wallet,
+};
 use crate::api::AppState;
 
 /// One endpoint and whether it needs a token (a row of [`ROUTES`]).
@@ -65,6 +67,7 @@ fn register(r: Registry) -> Registry {
         .documented(routes!(inference::inference))
         .documented(routes!(training::training_global))
         .documented(routes!(training::training_verify))
+        .documented(routes!(model::export))
         .undocumented(Get, "/api/v1/openapi.json", Auth::Public, openapi::serve)
         .undocumented(Get, "/v1/models", Auth::Token, openai::models)
         .undocumented(Post, "/v1/completions", Auth::Token, openai::completions)

@@ -186,10 +186,41 @@ impl EngineHandle {
                     path.display().to_string(),
                 )),
                 format: "safetensors".into(),
+                sources: Vec::new(),
             })
             .await?
             .into_inner()
             .model_hash)
+    }
+
+    /// Writes the full model in `format` ("hf-llama": a folder, "gguf": a file) to `path`, the
+    /// parameters this engine does not hold taken from `sources` (checkpoints of other stages,
+    /// each with the hash its holder claimed, which the engine checks); returns the full
+    /// model's hash and the bytes of the weights written.
+    pub async fn export_model(
+        &self,
+        format: &str,
+        path: &Path,
+        sources: &[(std::path::PathBuf, String)],
+    ) -> Result<(String, u64), EngineError> {
+        let reply = self
+            .rpc()
+            .export_weights(pb::ExportWeightsRequest {
+                dest: Some(pb::export_weights_request::Dest::Path(
+                    path.display().to_string(),
+                )),
+                format: format.into(),
+                sources: sources
+                    .iter()
+                    .map(|(p, h)| pb::WeightSource {
+                        path: p.display().to_string(),
+                        model_hash: h.clone(),
+                    })
+                    .collect(),
+            })
+            .await?
+            .into_inner();
+        Ok((reply.model_hash, reply.bytes))
     }
 
     /// Replaces the held parameters by those in the safetensors file `path`; the new hash.

@@ -26,6 +26,7 @@
 pub mod assign;
 mod driver;
 mod error;
+pub mod export;
 pub mod infer;
 mod phase;
 mod route;

@@ -9,87 +9,39 @@ use super::*;
 
 impl Trainer {
     /// Fetches from connected peers whose layers are at step `min_step` or later a checkpoint
-    /// of each stage that holds some of `needed` (GetWeights with layers; its hash is checked
-    /// by the engine when loading). Returns the files written, with the stage hash each peer
-    /// claimed and the needed layers each covers.
+    /// of each stage that holds some of `needed` (`pipeline::export::fetch_layers`).
     pub(super) async fn fetch_layers(
         &self,
         needed: std::ops::Range<u32>,
         min_step: u64,
     ) -> Vec<(PathBuf, String, Vec<u32>)> {
-        let net = &self.net;
         let cfg = self.config();
         let model = cfg.training.model.config();
-        // Weights and two moments in f32, plus the header.
-        let max_bytes = usize::try_from(model.total_params())
-            .unwrap_or(usize::MAX / 16)
-            .saturating_mul(12)
-            .saturating_add(16 << 20);
-        let mut left: std::collections::BTreeSet<u32> = needed.collect();
-        let mut peers = net.peers.conns_with_info();
-        // The holders that trained furthest first (a stale replica is the last resort).
-        peers.retain(|p| p.1.train_step >= min_step);
-        peers.sort_by_key(|p| (std::cmp::Reverse(p.1.train_step), p.0.id.to_string()));
         let dir = self.data_dir.join("checkpoints");
-        let _ = std::fs::create_dir_all(&dir);
-        let mut out = Vec::new();
-        let wanted = left.len() as u64;
-        let any_holder = peers
-            .iter()
-            .any(|p| p.1.layers.iter().any(|l| left.contains(l)));
-        let progress = any_holder
-            .then(|| crate::progress::Progress::steps("fetching layer weights from peers", wanted));
-        for (conn, info) in peers {
-            let mut want: Vec<u32> = info
-                .layers
-                .iter()
-                .copied()
-                .filter(|l| left.contains(l))
-                .collect();
-            want.sort_unstable();
-            want.dedup();
-            if want.is_empty() {
-                continue;
-            }
-            let got = tokio::time::timeout(
-                FETCH_TIMEOUT,
-                conn.get_stage_weights(want.clone(), max_bytes),
-            )
-            .await;
-            let (hash, bytes) = match got {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => {
-                    tracing::warn!(peer = %conn.id, error = %e, "could not fetch layer weights");
-                    continue;
+        // A progress bar on a terminal (plain lines otherwise) once a transfer is under way.
+        let mut progress: Option<crate::progress::Progress> = None;
+        let mut shown = 0;
+        crate::pipeline::export::fetch_layers(
+            &self.net,
+            &dir,
+            model,
+            needed.collect(),
+            min_step,
+            |done, wanted| {
+                let p = progress.get_or_insert_with(|| {
+                    crate::progress::Progress::steps(
+                        "fetching layer weights from peers",
+                        wanted as u64,
+                    )
+                });
+                p.inc(done.saturating_sub(shown) as u64);
+                shown = done;
+                if done >= wanted {
+                    p.finish();
                 }
-                Err(_) => {
-                    tracing::warn!(peer = %conn.id, "layer weights transfer timed out");
-                    continue;
-                }
-            };
-            let path = dir.join(format!("from-{}.ckpt", conn.id));
-            if let Err(e) = std::fs::write(&path, &bytes) {
-                tracing::warn!(error = %e, path = %path.display(), "could not keep fetched weights");
-                continue;
-            }
-            tracing::info!(peer = %conn.id, layers = ?want, hash = %hash, bytes = bytes.len(), "fetched layer weights");
-            for l in &want {
-                left.remove(l);
-            }
-            if let Some(p) = &progress {
-                p.inc(want.len() as u64);
-            }
-            out.push((path, hash, want));
-            if left.is_empty() {
-                break;
-            }
-        }
-        if let Some(p) = &progress
-            && left.is_empty()
-        {
-            p.finish();
-        }
-        out
+            },
+        )
+        .await
     }
 
     /// LoadModel for `a` from checkpoints of stages (`sources`: path, expected hash).

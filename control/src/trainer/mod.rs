@@ -38,9 +38,6 @@ const ASSIGN_WAIT: Duration = Duration::from_secs(10);
 /// them at least this many steps further (when: `neuroshard_coordination::upkeep`).
 const RESYNC_LAG: u64 = 10;
 
-/// Longest a stage snapshot transfer from a peer may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Loss samples kept for the status endpoints (and later the training-verification figures).
 const HISTORY: usize = 1000;
 

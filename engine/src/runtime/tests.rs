@@ -204,6 +204,7 @@ fn pipeline_through_shm_equals_the_full_model() {
                     p.display().to_string(),
                 )),
                 format: "safetensors".into(),
+                sources: Vec::new(),
             },
             None,
         )
@@ -391,6 +392,7 @@ fn weights_travel_through_a_slot_and_hf_export_needs_the_full_model() {
             &pb::ExportWeightsRequest {
                 dest: Some(pb::export_weights_request::Dest::Slot(6)),
                 format: String::new(),
+                sources: Vec::new(),
             },
             Some(&seg),
         )
@@ -412,6 +414,7 @@ fn weights_travel_through_a_slot_and_hf_export_needs_the_full_model() {
             p.display().to_string(),
         )),
         format: "hf-llama".into(),
+        sources: Vec::new(),
     };
     a.export_weights(&hf(&dir.path().join("hf")), None).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
@@ -616,4 +619,64 @@ fn stage_sessions_generate_what_the_full_model_generates() {
         assert!(rt.stage_end(&end).unwrap().ended);
         assert!(!rt.stage_end(&end).unwrap().ended);
     }
+}
+
+#[test]
+fn a_stage_exports_the_full_model_with_the_other_stages_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let export =
+        |rt: &mut Runtime, format: &str, name: &str, sources: &[(&std::path::Path, &str)]| {
+            rt.export_weights(
+                &pb::ExportWeightsRequest {
+                    dest: Some(pb::export_weights_request::Dest::Path(
+                        dir.path().join(name).display().to_string(),
+                    )),
+                    format: format.into(),
+                    sources: sources
+                        .iter()
+                        .map(|(p, h)| pb::WeightSource {
+                            path: p.display().to_string(),
+                            model_hash: h.to_string(),
+                        })
+                        .collect(),
+                },
+                None,
+            )
+        };
+    let full_ck = dir.path().join("full.ckpt");
+    let mut f = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load(&mut f, 0, 0, false, false, 1e-3);
+    for _ in 0..2 {
+        f.train_step(&pb::TrainStepRequest {}).unwrap();
+    }
+    f.checkpoint(&pb::CheckpointRequest {
+        path: full_ck.display().to_string(),
+    })
+    .unwrap();
+    let hash = f.model_hash().unwrap().model_hash;
+    let whole = export(&mut f, "gguf", "whole.gguf", &[]).unwrap();
+    assert_eq!(whole.model_hash, hash);
+    export(&mut f, "hf-llama", "whole-hf", &[]).unwrap();
+
+    // A node holding layer 0 and the embedding (trained, from the same checkpoint) exports
+    // the same file with the rest taken from the checkpoint.
+    let mut s = Runtime::new(DeviceChoice::Cpu).unwrap();
+    load_sources(&mut s, 0, 1, true, false, &[(&full_ck, &hash)]).unwrap();
+    let e = export(&mut s, "gguf", "part.gguf", &[]).unwrap_err();
+    assert!(e.to_string().contains("needs every layer"), "{e}");
+    let part = export(&mut s, "gguf", "part.gguf", &[(&full_ck, &hash)]).unwrap();
+    assert_eq!(part.model_hash, hash);
+    let gguf = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+    assert!(gguf("whole.gguf") == gguf("part.gguf"));
+    export(&mut s, "hf-llama", "part-hf", &[(&full_ck, &hash)]).unwrap();
+    let st = |d: &str| {
+        crate::checkpoint::read_tensor_file(&dir.path().join(d).join("model.safetensors")).unwrap()
+    };
+    let (w, p) = (st("whole-hf"), st("part-hf"));
+    assert!(w.tensors == p.tensors && w.metadata == p.metadata);
+    assert_eq!(w.metadata["model_hash"], hash);
+    // A source whose weights are not the ones its holder claimed is refused.
+    let e = export(&mut s, "gguf", "bad.gguf", &[(&full_ck, "00ff")]).unwrap_err();
+    assert!(e.to_string().contains("not the expected 00ff"), "{e}");
+    assert!(!dir.path().join("bad.gguf").exists());
 }

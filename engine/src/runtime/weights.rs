@@ -1,5 +1,6 @@
-//! Weights and checkpoints: ExportWeights (safetensors to a file or a slot, or a Hugging Face
-//! Llama folder), ImportWeights (from a file or a slot) and Checkpoint.
+//! Weights and checkpoints: ExportWeights (safetensors to a file or a slot, or the full model
+//! as a Hugging Face Llama folder or a GGUF file, the layers not held here taken from
+//! checkpoints of other stages), ImportWeights (from a file or a slot) and Checkpoint.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,18 +26,26 @@ impl<B: Backend> State<B> {
         extra.insert("model_hash".to_string(), hash.clone());
         extra.insert("step".to_string(), self.adam.step.to_string());
         match (req.format.as_str(), &req.dest) {
-            ("hf-llama", Some(Dest::Path(p))) => {
+            (format @ ("hf-llama" | "gguf"), Some(Dest::Path(p))) => {
+                let files = super::read_sources(&req.sources, &self.model.cfg)?;
+                let refs: Vec<_> = files.iter().map(|(f, p, _)| (f, p.as_path())).collect();
+                let full = crate::export::gather(&self.model, self.adam.step, &refs)?;
+                drop(files);
                 let tok = self.tokenizer()?.clone();
-                let bytes = crate::export::export_hf_llama(&self.model, Path::new(p), Some(&tok))?;
+                let bytes = if format == "gguf" {
+                    crate::export::gguf::write_llama(&full, Path::new(p), &tok)?
+                } else {
+                    crate::export::write_hf_llama(&full, Path::new(p), Some(&tok))?
+                };
                 Ok(pb::ExportWeightsReply {
                     path: p.clone(),
                     tensor: None,
-                    model_hash: hash,
+                    model_hash: full.hash(),
                     bytes,
                 })
             }
-            ("hf-llama", _) => Err(RuntimeError::Invalid(
-                "hf-llama export needs a folder path".into(),
+            ("hf-llama" | "gguf", _) => Err(RuntimeError::Invalid(
+                "hf-llama and gguf exports need a path".into(),
             )),
             ("" | "safetensors", Some(Dest::Path(p))) => {
                 let bytes = checkpoint::save_weights(Path::new(p), &self.model, extra)?;
@@ -62,7 +71,7 @@ impl<B: Backend> State<B> {
                 "ExportWeights needs a path or a slot".into(),
             )),
             (other, _) => Err(RuntimeError::Invalid(format!(
-                "unknown export format {other:?} (safetensors, hf-llama)"
+                "unknown export format {other:?} (safetensors, hf-llama, gguf)"
             ))),
         }
     }

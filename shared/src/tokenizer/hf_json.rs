@@ -25,7 +25,7 @@ impl Serialize for OrderedVocab<'_> {
 }
 
 /// The token string of every id as it appears in the file.
-fn token_strings(tok: &Tokenizer) -> Vec<String> {
+pub(super) fn token_strings(tok: &Tokenizer) -> Vec<String> {
     let mut tokens: Vec<String> = tok.specials.clone();
     tokens.extend(
         tok.pieces[NUM_SPECIAL as usize..]
@@ -33,6 +33,19 @@ fn token_strings(tok: &Tokenizer) -> Vec<String> {
             .map(|p| bytes_to_string(p)),
     );
     tokens
+}
+
+pub(super) fn merge_strings(tok: &Tokenizer) -> Vec<String> {
+    merges_of(tok, &token_strings(tok))
+}
+
+fn merges_of(tok: &Tokenizer, tokens: &[String]) -> Vec<String> {
+    // Token strings never contain a space (GPT-2's mapping moves it to 'Ġ'), so the classic
+    // "left right" form is unambiguous and read by every version of the library.
+    tok.merges
+        .iter()
+        .map(|m| format!("{} {}", tokens[m.left as usize], tokens[m.right as usize]))
+        .collect()
 }
 
 pub(super) fn to_json(tok: &Tokenizer) -> String {
@@ -46,13 +59,7 @@ pub(super) fn to_json(tok: &Tokenizer) -> String {
                    "rstrip": false, "normalized": false, "special": true})
         })
         .collect();
-    // Token strings never contain a space (GPT-2's mapping moves it to 'Ġ'), so the classic
-    // "left right" form is unambiguous and read by every version of the library.
-    let merges: Vec<String> = tok
-        .merges
-        .iter()
-        .map(|m| format!("{} {}", tokens[m.left as usize], tokens[m.right as usize]))
-        .collect();
+    let merges = merges_of(tok, &tokens);
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let vocab = serde_json::to_value(OrderedVocab(&tokens))
         .expect("a map of strings to numbers serializes");
