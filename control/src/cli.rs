@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{CONFIG_FILE, Config, ConfigError, EngineMode};
-use crate::daemon::{self, PID_FILE, Paths};
+use crate::daemon::{self, Paths};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +26,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `start`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node in the foreground (REST API, peer service, engine supervision).
@@ -51,6 +53,12 @@ pub enum Command {
     Token(crate::ops::TokenCommand),
     /// Stop the running node (SIGTERM, waits for a clean exit).
     Stop,
+    /// Stop the running node and start it again with the arguments it was started with (in
+    /// the background; `--foreground` to run it in this terminal).
+    Restart(crate::nodectl::RestartArgs),
+    /// Print the running node's log (<data-dir>/logs/neuroshard.log): the last lines, `-f` to
+    /// follow.
+    Logs(crate::nodectl::LogsArgs),
     /// Show or change the configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -152,6 +160,35 @@ pub struct StartArgs {
     /// Ledger database URL (default: SQLite in the data directory).
     #[arg(long, env = "NEUROSHARD_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Memory the node offers, in MB: sets how many layers it takes
+    /// (`resources.max_memory_gb`).
+    #[arg(long, value_name = "MB", env = "NEUROSHARD_MEMORY",
+          value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub memory: Option<u64>,
+    /// Most MB of checkpoints kept in the data directory; the oldest are removed first,
+    /// never the latest (`resources.max_storage_mb`; 0: no bound).
+    #[arg(long, value_name = "MB", env = "NEUROSHARD_MAX_STORAGE")]
+    pub max_storage: Option<u64>,
+    /// IP or host name peers and the tracker are told to dial (default: the address a
+    /// connection comes from).
+    #[arg(long, value_name = "IP", env = "NEUROSHARD_ANNOUNCE_IP")]
+    pub announce_ip: Option<String>,
+    /// Peer port peers and the tracker are told to dial (default: the peer port, port + 1000),
+    /// e.g. the outside port of a NAT's forward.
+    #[arg(long, value_name = "PORT", env = "NEUROSHARD_ANNOUNCE_PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub announce_port: Option<u16>,
+    /// Follow the network and the ledger and serve the API, holding no layers and training
+    /// nothing.
+    #[arg(long)]
+    pub observer: bool,
+    /// Run as an existing wallet: its keystore file (as `setup` writes it in
+    /// <data-dir>/wallet.json; its passphrase from NEUROSHARD_WALLET_PASSPHRASE).
+    #[arg(long, value_name = "FILE", env = "NEUROSHARD_WALLET")]
+    pub wallet: Option<PathBuf>,
+    /// Not taken: the original's wallet secret on the command line (see --wallet).
+    #[arg(long, hide = true, value_name = "TOKEN")]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,6 +199,12 @@ pub enum ConfigCommand {
     Set { key: String, value: String },
     /// Print the config file path.
     Path,
+    /// Write the defaults over the config file (atomically; the old file kept as <file>.bak).
+    Reset {
+        /// Confirm: without it nothing is changed.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -191,6 +234,12 @@ pub enum BenchCommand {
 }
 
 impl Cli {
+    /// The data directory whose log file the daemon writes, for `start`; `None` for the
+    /// other commands (they log to stderr only).
+    pub fn daemon_data_dir(&self) -> Option<PathBuf> {
+        matches!(self.command, Command::Start(_)).then(|| self.paths().data_dir)
+    }
+
     pub fn paths(&self) -> Paths {
         let data_dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
         let config_path = self
@@ -256,6 +305,25 @@ pub fn apply_flags(mut cfg: Config, a: &StartArgs) -> Result<Config, ConfigError
     if let Some(v) = &a.database_url {
         cfg.database_url = v.clone();
     }
+    if let Some(mb) = a.memory {
+        cfg.resources.max_memory_gb = mb as f64 / 1024.0;
+    }
+    if let Some(mb) = a.max_storage {
+        cfg.resources.max_storage_mb = mb;
+    }
+    if let Some(v) = &a.announce_ip {
+        cfg.node.announce_ip = v.clone();
+    }
+    if let Some(v) = a.announce_port {
+        cfg.node.announce_port = v;
+    }
+    if a.observer {
+        cfg.node.observer = true;
+        cfg.training.enabled = false;
+    }
+    if let Some(v) = &a.wallet {
+        cfg.node.wallet_file = v.display().to_string();
+    }
     Ok(cfg)
 }
 
@@ -263,6 +331,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = cli.paths();
     match cli.command {
         Command::Start(args) => {
+            if args.token.is_some() {
+                bail!(
+                    "--token is not taken: a wallet secret on the command line is visible to every user through `ps`. Run as an existing wallet with --wallet FILE (an encrypted keystore; its passphrase in NEUROSHARD_WALLET_PASSPHRASE)"
+                );
+            }
             let cfg = apply_flags(Config::load(&paths.config_path)?, &args)?;
             cfg.validate()?;
             let host = match cfg.host.as_str() {
@@ -291,7 +364,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peers(conn) => crate::ops::peers(&paths, &conn),
         Command::Model(ModelCommand::Export(args)) => crate::model_export::export(&paths, &args),
         Command::Token(c) => crate::ops::token_command(&paths, c),
-        Command::Stop => stop(&paths),
+        Command::Stop => crate::nodectl::stop(&paths),
+        Command::Restart(args) => crate::nodectl::restart(&paths, &args),
+        Command::Logs(args) => crate::nodectl::logs(&paths, &args),
         Command::Config(c) => config_command(c, &paths),
         Command::Dev(DevCommand::GradDump { args }) => exec_engine("grad-dump", &args),
         Command::Bench(BenchCommand::Train { args }) => exec_engine("bench-train", &args),
@@ -385,6 +460,7 @@ fn tracker_tls(
 fn config_command(c: ConfigCommand, paths: &Paths) -> anyhow::Result<()> {
     match c {
         ConfigCommand::Path => println!("{}", paths.config_path.display()),
+        ConfigCommand::Reset { yes } => crate::nodectl::config_reset(&paths.config_path, yes)?,
         ConfigCommand::Show => {
             let cfg = Config::load(&paths.config_path)?;
             print!("{}", toml::to_string_pretty(&cfg)?);
@@ -428,47 +504,6 @@ fn open_browser(url: String) {
             tracing::debug!(error = %e, "could not open a browser");
         }
     });
-}
-
-/// Sends SIGTERM to the daemon named by the pid file and waits up to 30 s for it to exit.
-fn stop(paths: &Paths) -> anyhow::Result<()> {
-    let pid_path = paths.data_dir.join(PID_FILE);
-    let pid: i32 = match std::fs::read_to_string(&pid_path) {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .with_context(|| format!("{} is not a pid", pid_path.display()))?,
-        Err(_) => bail!(
-            "no node is running with data directory {}",
-            paths.data_dir.display()
-        ),
-    };
-    let pid = nix::unistd::Pid::from_raw(pid);
-    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
-        bail!("no node is running (stale pid file {})", pid_path.display());
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while running(pid) {
-        if std::time::Instant::now() > deadline {
-            bail!("node {pid} did not stop within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!("stopped node {pid}");
-    Ok(())
-}
-
-/// Whether `pid` is a live process (an exited one waiting to be reaped, a zombie, is not).
-fn running(pid: nix::unistd::Pid) -> bool {
-    if nix::sys::signal::kill(pid, None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
 }
 
 /// Replaces this process with the engine binary running `subcommand args...`.

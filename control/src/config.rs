@@ -15,15 +15,19 @@ pub use crate::engine::EngineMode;
 mod keys;
 mod ledger;
 mod live;
+mod node;
 mod peer;
 mod tls;
+mod tree;
 mod types;
 
 pub use keys::{needs_restart, redact_url};
 pub use ledger::LedgerConfig;
 pub use live::{ConfigSender, LiveConfig};
+pub use node::NodeConfig;
 pub use peer::PeerConfig;
 pub use tls::{TlsConfig, parse_fingerprint};
+use tree::{lookup_mut, merge, parse_like};
 use types::Refusal;
 pub use types::{Device, Host, ModelPreset};
 
@@ -72,6 +76,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub peer: PeerConfig,
     pub ledger: LedgerConfig,
+    pub node: NodeConfig,
     pub tls: TlsConfig,
 }
 
@@ -201,6 +206,9 @@ pub struct ResourcesConfig {
     /// Transformer layers this node may hold (dynamic layer pool); 0: as many as
     /// `max_memory_gb` allows. Covering the whole model makes the node a full replica.
     pub max_layers: u32,
+    /// Most MB the checkpoints folder may take: older checkpoints are removed first, never
+    /// the latest; 0: no bound.
+    pub max_storage_mb: u64,
 }
 
 impl Default for Config {
@@ -218,6 +226,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             peer: PeerConfig::default(),
             ledger: LedgerConfig::default(),
+            node: NodeConfig::default(),
             tls: TlsConfig::default(),
         }
     }
@@ -272,6 +281,7 @@ impl Default for ResourcesConfig {
             cpu_threads: 0,
             min_free_disk_mb: 100,
             max_layers: 0,
+            max_storage_mb: 0,
         }
     }
 }
@@ -504,7 +514,7 @@ impl Config {
                 return bad("seed_peers", format!("{peer:?} is not host:port"));
             }
         }
-        Ok(())
+        self.node.validate()
     }
 
     /// The config as a JSON tree (for `config show` and the REST API).
@@ -553,103 +563,6 @@ impl Config {
         };
         cfg.validate()?;
         Ok(cfg)
-    }
-}
-
-fn lookup_mut<'a>(tree: &'a mut serde_json::Value, key: &str) -> Option<&'a mut serde_json::Value> {
-    key.split('.')
-        .try_fold(tree, |node, part| node.as_object_mut()?.get_mut(part))
-}
-
-fn parse_like(current: &serde_json::Value, raw: &str) -> Result<serde_json::Value, String> {
-    use serde_json::Value;
-    Ok(match current {
-        Value::Bool(_) => Value::Bool(
-            raw.parse()
-                .map_err(|_| format!("{raw:?} is not true or false"))?,
-        ),
-        Value::Number(n) if n.is_f64() => {
-            let v: f64 = raw
-                .parse()
-                .map_err(|_| format!("{raw:?} is not a number"))?;
-            serde_json::Number::from_f64(v)
-                .map(Value::Number)
-                .ok_or("not a finite number")?
-        }
-        Value::Number(_) => Value::Number(
-            raw.parse::<u64>()
-                .map_err(|_| format!("{raw:?} is not a non-negative integer"))?
-                .into(),
-        ),
-        Value::Array(_) => Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| Value::String(s.into()))
-                .collect(),
-        ),
-        Value::Object(_) => return Err("is a section, set one of its keys".into()),
-        _ => Value::String(raw.into()),
-    })
-}
-
-fn merge(
-    tree: &mut serde_json::Value,
-    patch: &serde_json::Value,
-    prefix: &str,
-    changed: &mut Vec<String>,
-) -> Result<(), ConfigError> {
-    let patch = patch.as_object().ok_or_else(|| ConfigError::Invalid {
-        key: if prefix.is_empty() {
-            "<body>".into()
-        } else {
-            prefix.into()
-        },
-        message: "must be a JSON object".into(),
-    })?;
-    for (k, v) in patch {
-        let key = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        let slot = tree
-            .as_object_mut()
-            .and_then(|o| o.get_mut(k))
-            .ok_or_else(|| ConfigError::UnknownKey(key.clone()))?;
-        if slot.is_object() {
-            merge(slot, v, &key, changed)?;
-        } else {
-            let same_kind = matches!(
-                (&*slot, v),
-                (serde_json::Value::Bool(_), serde_json::Value::Bool(_))
-                    | (serde_json::Value::Number(_), serde_json::Value::Number(_))
-                    | (serde_json::Value::String(_), serde_json::Value::String(_))
-                    | (serde_json::Value::Array(_), serde_json::Value::Array(_))
-            );
-            if !same_kind {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: format!("expected {}, got {}", kind(slot), kind(v)),
-                });
-            }
-            if slot != v {
-                *slot = v.clone();
-                changed.push(key);
-            }
-        }
-    }
-    Ok(())
-}
-
-fn kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 

@@ -52,6 +52,8 @@ pub enum DaemonError {
     Tls(#[from] crate::tls::TlsError),
     #[error("ledger: {0}")]
     Ledger(#[from] neuroshard_ledger::LedgerError),
+    #[error("runtime file: {0}")]
+    RunFile(#[from] crate::runfile::RunFileError),
 }
 
 /// The node's keystore fails as it did inside the ledger: `ledger: keystore …`.
@@ -163,12 +165,19 @@ pub async fn run(
         source,
     })?;
 
+    crate::storage::prune_and_log(data_dir, config.resources.max_storage_mb);
+
     // The node's wallet key and the ledger come before anything that could earn or spend.
     let passphrase = std::env::var("NEUROSHARD_WALLET_PASSPHRASE").ok();
-    let wallet = Arc::new(neuroshard_ledger::keystore::load_or_create(
-        data_dir,
-        passphrase.as_deref(),
-    )?);
+    // `--wallet FILE` runs the node as an existing wallet; else the data directory's own.
+    let wallet = Arc::new(if config.node.wallet_file.is_empty() {
+        neuroshard_ledger::keystore::load_or_create(data_dir, passphrase.as_deref())?
+    } else {
+        neuroshard_ledger::keystore::load(
+            Path::new(&config.node.wallet_file),
+            passphrase.as_deref(),
+        )?
+    });
     let rules = config.ledger.rules(config.training.model.config().layers)?;
     let ledger = Arc::new(if config.database_url.is_empty() {
         Ledger::open_data_dir(data_dir, rules).await?
@@ -212,6 +221,21 @@ pub async fn run(
             addr: peer_addr.to_string(),
             source,
         })?;
+
+    // Both ports are bound: the CLI finds this node by its runtime file from now on.
+    let _run_file = crate::runfile::write(
+        data_dir,
+        &crate::runfile::RunInfo {
+            pid: std::process::id(),
+            host: config.host.to_string(),
+            port: http.local_addr().map_or(config.port, |a| a.port()),
+            peer_port: peer.local_addr().map_or(config.grpc_port(), |a| a.port()),
+            scheme: if http_tls.is_some() { "https" } else { "http" }.into(),
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            wallet: wallet.address().to_string(),
+            launch: crate::runfile::Launch::current(),
+        },
+    )?;
 
     let socket = if config.engine.socket.is_empty() {
         data_dir.join("engine.sock")
@@ -258,7 +282,13 @@ pub async fn run(
         // trainer has chosen them (after meeting its peers).
         let all = crate::stats::held_layers(&cfg);
         let fits = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config()) >= all.end;
-        let local = if fits {
+        let local = if cfg.node.observer {
+            // An observer holds nothing: the layer pool never counts it.
+            neuroshard_net::LocalRole {
+                role: "observer".into(),
+                layers: Vec::new(),
+            }
+        } else if fits {
             neuroshard_net::LocalRole {
                 role: "full".into(),
                 layers: all.collect(),
@@ -280,6 +310,10 @@ pub async fn run(
                 Box::new(move || diloco.advertised())
             },
             connected_tx,
+        );
+        net.set_announced(
+            cfg.node.announce_host(),
+            (cfg.node.announce_port != 0).then_some(cfg.node.announce_port),
         );
         (net, cfg.seed_peers.clone())
     };
@@ -388,7 +422,13 @@ pub async fn run(
         diloco,
         stage,
     };
-    let trainer_task = tokio::spawn(trainer.run(stop_trainer_rx));
+    let observer = config.get().node.observer;
+    let trainer_task = tokio::spawn(async move {
+        // An observer loads no layers and trains nothing.
+        if !observer {
+            trainer.run(stop_trainer_rx).await;
+        }
+    });
     let gossip_task = tokio::spawn(crate::gossip::run(
         gossip,
         connected_rx,

@@ -14,7 +14,8 @@ use neuroshard_ledger::Address;
 
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// Port of the running node (default: from the config file).
+    /// Port of the running node (default: the node running on the data directory, else the
+    /// config file's).
     #[arg(long, env = "NEUROSHARD_PORT")]
     pub port: Option<u16>,
     /// API token (default: the running daemon's cookie, <data-dir>/api.cookie).
@@ -87,12 +88,16 @@ pub(crate) fn token(paths: &Paths, conn: &Conn) -> anyhow::Result<String> {
         })
 }
 
-/// The running node's endpoint: its port (`--port` or the config's) on 127.0.0.1, over https
+/// The running node's endpoint: its port (`--port`, else the one the node running on the data
+/// directory was started with, its `node.json`, else the config's) on 127.0.0.1, over https
 /// when the daemon serves it.
 pub(crate) fn port(paths: &Paths, conn: &Conn) -> anyhow::Result<Endpoint> {
     let port = match conn.port {
         Some(p) => p,
-        None => Config::load(&paths.config_path)?.port,
+        None => match crate::runfile::running(&paths.data_dir) {
+            Some(info) => info.port,
+            None => Config::load(&paths.config_path)?.port,
+        },
     };
     Endpoint::local(&paths.data_dir, port)
 }
@@ -323,6 +328,11 @@ pub fn token_command(paths: &Paths, cmd: TokenCommand) -> anyhow::Result<()> {
                     "this node does not hold the key of {a}; create one with --new-wallet"
                 );
                 a
+            } else if let Some(running) =
+                crate::runfile::running(dir).and_then(|info| Address::parse(&info.wallet).ok())
+            {
+                // The wallet the running node runs as (it may be another one, `--wallet`).
+                running
             } else {
                 node.address()
             };

@@ -36,8 +36,12 @@ pub fn held_layers(cfg: &Config) -> std::ops::Range<u32> {
     0..cfg.training.model.config().layers
 }
 
-/// The layers held now: the live assignment once decided, else every layer.
+/// The layers held now: none for an observer, the live assignment once decided, else every
+/// layer.
 pub fn live_layers(cfg: &Config, stats: &TrainingStats) -> std::ops::Range<u32> {
+    if cfg.node.observer {
+        return 0..0;
+    }
     match &stats.assignment {
         Some(a) => a.layers.clone(),
         None => held_layers(cfg),

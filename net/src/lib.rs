@@ -149,6 +149,9 @@ pub struct Network {
     advert: Advert,
     /// Told of every new connection (a closed receiver is ignored).
     connected: mpsc::UnboundedSender<PeerUp>,
+    /// The address peers and the tracker are told to dial (`--announce-ip`/`--announce-port`):
+    /// a host (None: the address connections come from) and a port (the peer port when unset).
+    announced: RwLock<(Option<String>, u16)>,
 }
 
 impl Network {
@@ -175,6 +178,7 @@ impl Network {
             peers: table::PeerTable::default(),
             known: Mutex::new(HashMap::new()),
             connected,
+            announced: RwLock::new((None, grpc_port)),
         })
     }
 
@@ -187,6 +191,17 @@ impl Network {
     /// (REST API port, peer service port).
     pub fn ports(&self) -> (u16, u16) {
         (self.http_port, self.grpc_port)
+    }
+
+    /// Sets the address peers and the tracker are told to dial: `host` (None: the address
+    /// the connections come from) and `port` (None: the peer port).
+    pub fn set_announced(&self, host: Option<String>, port: Option<u16>) {
+        *self.announced.write() = (host, port.unwrap_or(self.grpc_port));
+    }
+
+    /// The address peers and the tracker are told to dial: (host if set, peer port).
+    pub fn announced(&self) -> (Option<String>, u16) {
+        self.announced.read().clone()
     }
 
     /// This node's identity.
@@ -209,14 +224,16 @@ impl Network {
         self.capacity.store(layers, Ordering::Relaxed);
     }
 
-    /// This node as its peers see it. The address carries only the port: a receiver pairs it
-    /// with the IP the connection came from.
+    /// This node as its peers see it. A receiver pairs the address's port with the IP the
+    /// connection came from (what a peer says of its own host is not trusted); the host is
+    /// the announced one when set, for display.
     pub fn local_info(&self) -> pb::NodeInfo {
         let local = self.local.read().clone();
         let (diloco_round, round_hash) = (self.advert)();
+        let (host, port) = self.announced();
         pb::NodeInfo {
             node_id: self.id().to_string(),
-            address: format!("0.0.0.0:{}", self.grpc_port),
+            address: manager::join_host_port_str(host.as_deref().unwrap_or("0.0.0.0"), port),
             role: local.role,
             layers: local.layers,
             public_key: Vec::new(),

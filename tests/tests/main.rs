@@ -16,6 +16,7 @@ mod pipeline_common;
 mod api;
 mod architecture;
 mod checked_work;
+mod cli;
 mod concurrent_inference;
 mod dashboard;
 mod deploy_units;

@@ -292,3 +292,81 @@ fn nodes_find_each_other_through_a_tracker() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// `start --observer --announce-ip --announce-port`: the tracker lists the observer at the
+/// address it announced, with no layers; a full node that connects to it sees an observer
+/// holding nothing (so the layer pool never counts it), and the observer trains nothing.
+#[test]
+fn an_observer_announces_its_address_and_holds_no_layers() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let dir = tempfile::tempdir()?;
+    let port = free_port_pair();
+    let tracker = Tracker::start(dir.path(), port)?;
+    let config = format!(
+        "tracker_url = \"http://127.0.0.1:{port}\"\n{}",
+        NodeOptions::default().config
+    );
+    let observer = Node::start(NodeOptions {
+        config: config.clone(),
+        extra_args: [
+            "--observer",
+            "--announce-ip",
+            "203.0.113.7",
+            "--announce-port",
+            "40123",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..NodeOptions::default()
+    })?;
+    // Healthy only once it has a peer (it expects some, having a tracker).
+    wait_for("the observer's API", START, POLL, || {
+        observer.get("/api/v1/status").filter(|(c, _)| *c == 200)
+    })?;
+    let id = node_id(&observer);
+    // The announced address is not where it listens (a NAT's outside address, say): the full
+    // node is given the real one as a seed.
+    let full = Node::start(
+        NodeOptions {
+            config,
+            ..NodeOptions::default()
+        }
+        .with_seed_peers(&[observer.peer_addr()]),
+    )?;
+
+    let entry = wait_for(
+        "the tracker to list the observer",
+        START,
+        TRACKER_POLL,
+        || {
+            let (_, body) = tracker.get("/peers")?;
+            body["peers"]
+                .as_array()?
+                .iter()
+                .find(|p| p["node_id"].as_str().map(str::to_ascii_lowercase) == Some(id.clone()))
+                .cloned()
+        },
+    )?;
+    assert_eq!(entry["address"], json!("203.0.113.7:40123"), "{entry}");
+    assert_eq!(entry["role"], json!("observer"), "{entry}");
+    assert_eq!(entry["layers"], json!([]), "{entry}");
+
+    // The full node sees the observer as one holding no layers.
+    let seen = wait_for("the full node to meet the observer", START, POLL, || {
+        let (_, b) = full.authed(Method::GET, "/api/v1/peers", None)?;
+        b["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["id"].as_str().map(str::to_ascii_lowercase) == Some(id.clone()))
+            .cloned()
+    })?;
+    assert_eq!(seen["role"], json!("observer"), "{seen}");
+    assert_eq!(seen["layers"], json!([]), "{seen}");
+
+    let (_, status) = observer.get("/api/v1/status").expect("status answers");
+    assert_eq!(status["role"], json!("observer"), "{status}");
+    assert_eq!(status["layers"], json!([]), "{status}");
+    assert_eq!(status["training"]["enabled"], json!(false), "{status}");
+    assert_eq!(status["training"]["step"], json!(0), "{status}");
+    Ok(())
+}

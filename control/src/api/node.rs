@@ -136,6 +136,9 @@ pub struct StatusResources {
 
 /// The node's role from what it holds (the notes' roles).
 pub fn role(state: &AppState) -> &'static str {
+    if state.config().node.observer {
+        return "observer";
+    }
     let training = state.training();
     if let Some(a) = training.assignment.as_ref().filter(|a| !a.is_full()) {
         a.role().as_str()

@@ -20,6 +20,7 @@ pub fn needs_restart(key: &str) -> bool {
         || key == "api.connection_rate_per_address"
         || key.starts_with("tls.")
         || key.starts_with("peer.")
+        || key.starts_with("node.")
         || key.starts_with("ledger.")
 }
 

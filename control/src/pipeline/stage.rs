@@ -257,6 +257,7 @@ impl Stage {
             match engine.checkpoint(&path).await {
                 Ok(s) => {
                     self.stats.lock().last_checkpoint_step = Some(s);
+                    crate::storage::prune_and_log(&self.data_dir, cfg.resources.max_storage_mb);
                 }
                 Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
             }

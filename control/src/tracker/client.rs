@@ -70,13 +70,15 @@ fn next_round(ok: bool) -> Duration {
 /// One announce + list; returns how many peers the tracker listed.
 async fn round(net: &Network, http: &reqwest::Client, base: &str) -> anyhow::Result<usize> {
     let info = net.local_info();
-    let (api_port, peer_port) = net.ports();
+    let (api_port, _) = net.ports();
+    // The announced address (`--announce-ip`/`--announce-port`); without a host the tracker
+    // lists the address the request came from.
+    let (host, peer_port) = net.announced();
     let a = Announce::signed(
         &net.wallet,
         peer_port,
         api_port,
-        // The tracker lists the address the request came from.
-        None,
+        host,
         &info.role,
         info.layers,
         now_ms(),

@@ -275,6 +275,10 @@ impl Trainer {
             Ok(step) => {
                 tracing::debug!(step, "checkpoint written");
                 self.update(|s| s.last_checkpoint_step = Some(step));
+                crate::storage::prune_and_log(
+                    &self.data_dir,
+                    self.config().resources.max_storage_mb,
+                );
             }
             Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
         }
