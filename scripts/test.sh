@@ -46,8 +46,11 @@ python3 -c 'import gguf, transformers, llama_cpp' 2>/dev/null || \
 trap 'eval "${NS_PG_STOP:-true}" >/dev/null 2>&1 || true' EXIT
 
 echo "== build"
-# The integration tests start the real binaries: build them first (same profile as the tests).
-cargo build --workspace --bins
+# The integration tests start the real binaries: build them first (same profile as the tests),
+# with the `adversary` feature: the checked-work scenarios start a node that cheats on purpose
+# (a release build never has it, and refuses a configured cheat).
+features=(--features neuroshard/adversary)
+cargo build --workspace --bins "${features[@]}"
 
 echo "== test"
 # Hugging Face's tokenizers must read our tokenizer.json and produce the same ids.
@@ -58,7 +61,10 @@ scope=(--workspace)
 for arg in "$@"; do
     case $arg in -p | -p?* | --package | --package=*) scope=() ;; esac
 done
-cargo test "${scope[@]}" "$@" 2>&1 | tee "$log"
+# The same features as the build, so the binaries are not rebuilt (a picked package that is
+# not the daemon is built without them).
+[ ${#scope[@]} -gt 0 ] || features=()
+cargo test "${scope[@]}" "${features[@]}" "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo's last line is the last crate's doc-tests).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"

@@ -389,6 +389,7 @@ pub async fn run(
         wallet: wallet.clone(),
         ledger: ledger.clone(),
         attest,
+        verifier: diloco.verifier.clone(),
     };
     let work_task = tokio::spawn(crate::work::run(minter, stop_trainer_rx.clone()));
 

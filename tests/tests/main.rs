@@ -38,6 +38,7 @@ mod openai_client;
 mod pipeline;
 mod pipeline_inference;
 mod pipeline_takeover;
+mod replay;
 mod reward_window;
 mod storage;
 mod tls;

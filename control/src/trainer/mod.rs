@@ -225,7 +225,7 @@ impl Trainer {
                     self.pipeline_step(last_step_id, &mut stop).await;
                     continue;
                 }
-                match client.train_step().await {
+                match self.inner_step(&client, &cfg).await {
                     Ok(r) => {
                         self.update(|s| {
                             s.step = r.step;
