@@ -178,7 +178,7 @@ fn long_lab_many_nodes_with_churn_when_neuroshard_lab_long_is_set() -> anyhow::R
             lab.heal()?;
         }
         lab.churn(nodes / 2)?;
-        row = lab.sample(k >= 5 && k < 8).0;
+        row = lab.sample((5..8).contains(&k)).0;
         eprintln!("{row:?}");
     }
     let running = row.nodes_running;

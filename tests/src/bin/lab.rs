@@ -3,7 +3,7 @@
 //!
 //!   lab run --nodes 8 --duration-secs 300 --churn-every-secs 30 --partition-at-secs 120
 //!   lab scale --counts 1,2,4,8,16 --window-secs 60 --out target/lab-scale
-//!   lab plot target/lab-scale/scale.csv docs/lab-throughput.png
+//!   lab plot docs/lab-throughput.png target/lab-scale/scale.csv="full replicas"
 //!
 //! Needs root, `ip`, `tc`, `nft` and the built binaries (`cargo build --workspace --bins`);
 //! tears everything down on exit, on an error and on ^C. Everything it writes goes to --out.
@@ -30,8 +30,12 @@ enum Cmd {
     Run(RunArgs),
     /// Network training throughput for growing node counts; writes scale.csv and the plot.
     Scale(ScaleArgs),
-    /// Plots a scale.csv into a PNG (python3 with matplotlib).
-    Plot { csv: PathBuf, png: PathBuf },
+    /// Plots scale.csv files (`FILE` or `FILE=LABEL`) into one PNG (python3, matplotlib).
+    Plot {
+        png: PathBuf,
+        #[arg(required = true)]
+        csv: Vec<String>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -348,7 +352,8 @@ fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         }
         std::fs::write(out.join("scale.csv"), csv)?;
     }
-    plot(&out.join("scale.csv"), &out.join("scale.png"))
+    let csv = out.join("scale.csv").to_string_lossy().to_string();
+    plot(&out.join("scale.png"), &[csv])
 }
 
 /// Starts `n` nodes, waits for the first training step, and measures the network's tokens
@@ -381,13 +386,13 @@ fn measure(lab: &mut Lab, n: usize, window_secs: u64) -> anyhow::Result<ScalePoi
     })
 }
 
-/// `scripts/lab-plot.py csv png`.
-fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
+/// `scripts/lab-plot.py png csv...`.
+fn plot(png: &Path, csv: &[String]) -> anyhow::Result<()> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lab-plot.py");
     let status = std::process::Command::new("python3")
         .arg(script)
-        .arg(csv)
         .arg(png)
+        .args(csv)
         .status()
         .context("running python3 scripts/lab-plot.py")?;
     if !status.success() {
@@ -419,6 +424,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run(a) => run(a),
         Cmd::Scale(a) => scale(a),
-        Cmd::Plot { csv, png } => plot(&csv, &png),
+        Cmd::Plot { png, csv } => plot(&png, &csv),
     }
 }

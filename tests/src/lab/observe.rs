@@ -86,7 +86,8 @@ pub struct Row {
     /// holding layer 0 times the tokens of a step.
     pub tokens_per_s: f64,
     pub steps_total: u64,
-    /// Share of answering nodes that see every layer held (coverage 0 uncovered).
+    /// Share of answering nodes that see every layer held (coverage 0 uncovered; a node
+    /// whose `/network` did not answer counts as not seeing it).
     pub coverage_ok: f64,
     pub max_uncovered: u64,
     /// Distinct layer sets (stages) among the answering nodes.
@@ -164,8 +165,13 @@ pub fn summarize(
             .1
         })
         .fold(1.0, f64::min);
-    let (ledger_roots, ledger_agreement) =
-        modal_share(answering.iter().map(|r| r.ledger_root.clone()));
+    // A node whose `/network` did not answer in time says nothing about its ledger.
+    let (ledger_roots, ledger_agreement) = modal_share(
+        answering
+            .iter()
+            .filter(|r| !r.ledger_root.is_empty())
+            .map(|r| r.ledger_root.clone()),
+    );
     let n = answering.len().max(1) as f64;
     let mean = |f: &dyn Fn(&Reading) -> f64| answering.iter().map(|r| f(r)).sum::<f64>() / n;
     let running: Vec<&Reading> = now.iter().filter(|r| r.memory.rss_kib > 0).collect();
@@ -187,7 +193,7 @@ pub fn summarize(
         coverage_ok: mean(&|r| f64::from(u8::from(r.uncovered == Some(0)))),
         max_uncovered: answering
             .iter()
-            .map(|r| r.uncovered.unwrap_or(u64::MAX))
+            .filter_map(|r| r.uncovered)
             .max()
             .unwrap_or(0),
         stages: stages.len(),
@@ -259,11 +265,19 @@ mod tests {
     #[test]
     fn a_restart_does_not_count_as_steps_and_silence_is_not_coverage() {
         let prev = [reading(0, &[0], 50, "r", "a")];
-        let mut now = [reading(0, &[0], 3, "r", "a"), Reading::default()];
+        let mut now = [
+            reading(0, &[0], 3, "r", "a"),
+            Reading::default(),
+            reading(2, &[0], 3, "", "a"),
+        ];
         now[0].generation = 1;
+        now[2].uncovered = None;
         let row = summarize(1.0, &prev, &now, 1.0, 100, true);
         assert_eq!(row.tokens_per_s, 0.0);
-        assert_eq!((row.nodes_running, row.nodes_answering), (2, 1));
+        // Node 2's `/network` did not answer: no ledger root, no coverage.
+        assert_eq!((row.ledger_roots, row.coverage_ok), (1, 0.5));
+        assert_eq!(row.max_uncovered, 0);
+        assert_eq!((row.nodes_running, row.nodes_answering), (3, 2));
         assert!(row.partitioned);
     }
 }
