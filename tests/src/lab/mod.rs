@@ -320,12 +320,18 @@ impl Lab {
 
     /// Reads every node and makes the timeline's next row.
     pub fn sample(&mut self, partitioned: bool) -> (Row, Vec<Reading>) {
-        let readings: Vec<Reading> = self
-            .nodes
-            .iter()
-            .filter(|n| n.running())
-            .map(|n| Reading::of(n, self.generations[n.index]))
-            .collect();
+        // One thread per node: a starved node's slow answers must not delay the others'
+        // (the threads start in this thread's namespace, the public one).
+        let generations = &self.generations;
+        let readings: Vec<Reading> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .nodes
+                .iter()
+                .filter(|n| n.running())
+                .map(|n| s.spawn(move || Reading::of(n, generations[n.index])))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
         let now = Instant::now();
         let dt = self.prev_at.map_or(0.0, |p| (now - p).as_secs_f64());
         let row = observe::summarize(
