@@ -28,6 +28,7 @@ mod external_engine;
 mod faults;
 mod hostile;
 mod hostile_sockets;
+mod lab;
 mod ledger_crash;
 mod model_export;
 mod network_ledger;
