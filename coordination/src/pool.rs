@@ -2,10 +2,12 @@
 //!
 //! Rule (the original's, made deterministic): a node whose capacity covers the whole model is
 //! a full replica. Otherwise it takes `capacity` contiguous layers starting at the first layer
-//! nobody holds; when every layer is held it adds redundancy where it is thinnest (the first
-//! window of `capacity` layers with the fewest holders, the last such window on a tie so a
-//! redundant node does not become a second driver). Role from what is held: embedding
-//! (layer 0) → driver, LM head (last layer) → validator, both → full, else worker.
+//! no training node holds; when every layer is held it adds a replica where the network's
+//! training throughput is lowest ([`crate::balance`]: fewest holders per unit of compute,
+//! layer 0 included, since every holder of the embedding drives its own pipeline). Serve-only
+//! nodes hold layers for inference and count neither here nor in the takeover rule. Role from
+//! what is held: embedding (layer 0) → driver, LM head (last layer) → validator, both → full,
+//! else worker.
 //!
 //! Takeover ([`takeover`]): while running, when some layers are held by nobody (their last
 //! holder left the peer table), one node — the same one in every node's view — extends or
@@ -108,33 +110,23 @@ pub fn capacity(max_layers: u32, max_memory_gb: f64, m: &ModelConfig) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX).max(1)
 }
 
-/// The layers a node with `capacity` takes, given the layers each known peer holds.
-pub fn choose(total: u32, capacity: u32, peers: &[Vec<u32>]) -> Assignment {
+/// The layers a node with `capacity` takes, given the known peers: the first layers no
+/// training peer holds; when every layer has a training holder, the window where the network's
+/// training throughput is lowest ([`crate::balance`]). Serve-only peers do not count.
+pub fn choose(total: u32, capacity: u32, peers: &[Holder]) -> Assignment {
     if total == 0 || capacity >= total {
         return Assignment::full(total);
     }
-    let mut holders = vec![0u32; total as usize];
-    for layers in peers {
-        for &l in layers {
-            if let Some(h) = holders.get_mut(l as usize) {
-                *h += 1;
-            }
-        }
-    }
-    let start = match holders.iter().position(|&h| h == 0) {
+    let thr = crate::balance::layer_throughput(total, peers.iter());
+    let start = match thr.iter().position(|&t| t <= 0.0) {
         Some(first_free) => first_free as u32,
         None => {
-            // Every layer is held: the window of `capacity` layers with the fewest holders (the
-            // last one on a tie, away from the embedding: one driver is enough).
-            (0..=total - capacity)
-                .rev()
-                .min_by_key(|&s| {
-                    holders[s as usize..(s + capacity) as usize]
-                        .iter()
-                        .map(|&h| u64::from(h))
-                        .sum::<u64>()
-                })
-                .unwrap_or(0)
+            let held: Vec<Range<u32>> = peers
+                .iter()
+                .filter(|h| h.trains())
+                .filter_map(|h| h.range(total))
+                .collect();
+            crate::balance::best_window(&thr, capacity, &held)
         }
     };
     let end = (start + capacity).min(total);
@@ -144,17 +136,27 @@ pub fn choose(total: u32, capacity: u32, peers: &[Vec<u32>]) -> Assignment {
     }
 }
 
-/// A node as the takeover rule sees it: its id, the layers it advertises, its capacity.
-#[derive(Debug, Clone)]
+/// A node as the layer pool sees it: its id, the layers it advertises, its capacity, its
+/// measured training throughput, and whether it only serves inference.
+#[derive(Debug, Clone, Default)]
 pub struct Holder {
     pub id: String,
     pub layers: Vec<u32>,
     pub capacity: u32,
+    /// Measured training tokens per second (0: not measured yet).
+    pub tokens_per_sec: f64,
+    /// Serve-only (`--no-training`): its layers are not training coverage.
+    pub serve_only: bool,
 }
 
 impl Holder {
+    /// Whether its layers count as training coverage.
+    pub fn trains(&self) -> bool {
+        !self.serve_only
+    }
+
     /// Its layers as a range, when they are contiguous and not empty.
-    fn range(&self, total: u32) -> Option<Range<u32>> {
+    pub fn range(&self, total: u32) -> Option<Range<u32>> {
         let first = *self.layers.iter().min()?;
         let last = *self.layers.iter().max()?;
         let mut sorted = self.layers.clone();
@@ -169,10 +171,10 @@ impl Holder {
     }
 }
 
-/// The first run of layers nobody among `nodes` holds.
+/// The first run of layers no training node among `nodes` holds.
 pub fn first_gap<'a>(total: u32, nodes: impl Iterator<Item = &'a Holder>) -> Option<Range<u32>> {
     let mut held = vec![false; total as usize];
-    for n in nodes {
+    for n in nodes.filter(|n| n.trains()) {
         for &l in &n.layers {
             if let Some(h) = held.get_mut(l as usize) {
                 *h = true;
@@ -187,8 +189,12 @@ pub fn first_gap<'a>(total: u32, nodes: impl Iterator<Item = &'a Holder>) -> Opt
 /// The range `me` should hold instead of its current one so that the first uncovered gap is
 /// covered (see the module doc), or None when nothing is uncovered or another node takes it.
 /// Every node applies the same rule to the same table, so exactly one node acts on a gap.
+/// Serve-only nodes neither count as holders nor take a gap.
 pub fn takeover(total: u32, me: &Holder, peers: &[Holder]) -> Option<Range<u32>> {
-    let all: Vec<&Holder> = std::iter::once(me).chain(peers).collect();
+    let all: Vec<&Holder> = std::iter::once(me)
+        .chain(peers)
+        .filter(|h| h.trains())
+        .collect();
     let gap = first_gap(total, all.iter().copied())?;
     let lowest = |side: &dyn Fn(&Range<u32>) -> bool| {
         all.iter()
@@ -226,9 +232,22 @@ pub fn takeover(total: u32, me: &Holder, peers: &[Holder]) -> Option<Range<u32>>
 mod tests {
     use super::*;
 
+    fn held(layers: &[&[u32]]) -> Vec<Holder> {
+        layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Holder {
+                id: format!("p{i}"),
+                layers: l.to_vec(),
+                capacity: l.len() as u32,
+                ..Holder::default()
+            })
+            .collect()
+    }
+
     #[test]
     fn a_node_that_fits_the_model_is_a_full_replica() {
-        let a = choose(4, 4, &[vec![0, 1]]);
+        let a = choose(4, 4, &held(&[&[0, 1]]));
         assert_eq!(a.layers, 0..4);
         assert_eq!(a.role(), Role::Full);
         assert_eq!(choose(4, 9, &[]).role(), Role::Full);
@@ -238,15 +257,15 @@ mod tests {
     fn nodes_take_the_first_free_layers_then_add_redundancy() {
         let a = choose(4, 2, &[]);
         assert_eq!((a.layers.clone(), a.role()), (0..2, Role::Driver));
-        let b = choose(4, 1, &[vec![0, 1]]);
+        let b = choose(4, 1, &held(&[&[0, 1]]));
         assert_eq!((b.layers.clone(), b.role()), (2..3, Role::Worker));
-        let c = choose(4, 1, &[vec![0, 1], vec![2]]);
+        let c = choose(4, 1, &held(&[&[0, 1], &[2]]));
         assert_eq!((c.layers.clone(), c.role()), (3..4, Role::Validator));
         // Everything held: the thinnest window.
-        let d = choose(4, 2, &[vec![0, 1], vec![2], vec![3], vec![0, 1]]);
+        let d = choose(4, 2, &held(&[&[0, 1], &[2], &[3], &[0, 1]]));
         assert_eq!(d.layers, 2..4);
         // A free layer in the middle is taken first, clamped at the end.
-        let e = choose(4, 3, &[vec![0, 1, 2]]);
+        let e = choose(4, 3, &held(&[&[0, 1, 2]]));
         assert_eq!(e.layers, 3..4);
     }
 
@@ -255,6 +274,7 @@ mod tests {
             id: id.into(),
             layers: layers.collect(),
             capacity,
+            ..Holder::default()
         }
     }
 
