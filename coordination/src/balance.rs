@@ -3,9 +3,12 @@
 //!
 //! A pipeline trains no faster than its slowest layer, so the pool looks at the training
 //! throughput of each layer: the sum, over the nodes that hold it and train (serve-only nodes
-//! hold layers for inference and do not count), of each node's measured training tokens per
-//! second (`NodeInfo.train_tokens_per_sec`; a node not measured yet counts as the mean of the
-//! measured ones, or 1 when none is: equal nodes come down to counting holders).
+//! hold layers for inference and do not count), of each node's measured training compute
+//! (`NodeInfo.train_compute`: parameter-tokens per second, the same whatever stage the node
+//! holds). Measurements are noisy (a shared CPU, the stage's load), so a node's compute is
+//! rounded to a power of two times the mean of the measured nodes: nodes within ±41% of each
+//! other weigh the same, and equal nodes come down to counting holders; a node not measured
+//! yet weighs the mean (1 when none is measured).
 //!
 //! * **Joining** ([`best_window`]): the window of `capacity` layers whose slowest layer has the
 //!   least throughput, then the one that uses all its room, then the least mean throughput, then
@@ -43,8 +46,8 @@ pub fn layer_throughput<'a>(
     let mean = {
         let measured: Vec<f64> = nodes
             .clone()
-            .filter(|h| h.trains() && h.tokens_per_sec > 0.0)
-            .map(|h| h.tokens_per_sec)
+            .filter(|h| h.trains() && h.compute > 0.0)
+            .map(|h| h.compute)
             .collect();
         if measured.is_empty() {
             1.0
@@ -54,8 +57,8 @@ pub fn layer_throughput<'a>(
     };
     let mut thr = vec![0.0; total as usize];
     for h in nodes.filter(|h| h.trains()) {
-        let w = if h.tokens_per_sec > 0.0 {
-            h.tokens_per_sec
+        let w = if h.compute > 0.0 {
+            mean * (h.compute / mean).log2().round().exp2()
         } else {
             mean
         };
@@ -177,7 +180,7 @@ mod tests {
             id: id.into(),
             layers: layers.collect(),
             capacity,
-            tokens_per_sec: tps,
+            compute: tps,
             serve_only: false,
         }
     }
@@ -216,6 +219,12 @@ mod tests {
             h("c", 2..4, 2, 0.0),
         ];
         assert_eq!(choose(4, 2, &nodes).layers, 0..2);
+        // Measurements within ±41% of each other weigh the same (noise moves nobody): equal
+        // holders, the later window on the tie.
+        let nodes = [h("a", 0..2, 2, 125.0), h("b", 2..4, 2, 90.0)];
+        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
+        let nodes = [h("a", 0..2, 2, 90.0), h("b", 2..4, 2, 125.0)];
+        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
         // A node not measured yet counts as the mean of the measured ones.
         let nodes = [
             h("a", 0..2, 2, 0.0),

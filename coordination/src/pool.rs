@@ -96,6 +96,21 @@ pub fn layer_bytes(m: &ModelConfig) -> u64 {
     (4 * h * h + 3 * h * u64::from(m.ffn) + 2 * h) * 16
 }
 
+/// Parameters one token passes through on a stage holding `layers` of `total` (the transformer
+/// layers, and the LM head when the stage holds the last layer; the embedding is a lookup):
+/// tokens per second times this is a node's compute whatever stage it holds.
+pub fn params_per_token(m: &ModelConfig, layers: &Range<u32>, total: u32) -> u64 {
+    let h = u64::from(m.hidden);
+    let per_layer = 4 * h * h + 3 * h * u64::from(m.ffn) + 2 * h;
+    let n = u64::from(layers.end.saturating_sub(layers.start));
+    let head = if layers.end >= total && n > 0 {
+        u64::from(m.vocab_size) * h
+    } else {
+        0
+    };
+    n * per_layer + head
+}
+
 /// How many layers a node may hold: `max_layers` when set (above 0), else what
 /// `max_memory_gb` leaves after the embedding and head (2·vocab·h·16 bytes) with 20% kept for
 /// activations; at least one.
@@ -143,8 +158,8 @@ pub struct Holder {
     pub id: String,
     pub layers: Vec<u32>,
     pub capacity: u32,
-    /// Measured training tokens per second (0: not measured yet).
-    pub tokens_per_sec: f64,
+    /// Measured training compute, parameter-tokens per second (0: not measured yet).
+    pub compute: f64,
     /// Serve-only (`--no-training`): its layers are not training coverage.
     pub serve_only: bool,
 }

@@ -142,8 +142,8 @@ pub struct Network {
     capacity: AtomicU32,
     /// The optimizer step of this node's layers, as peers see it (pipeline resync).
     train_step: AtomicU64,
-    /// Measured training tokens per second (f64 bits), as peers see it (layer balance).
-    train_tps: AtomicU64,
+    /// Measured training compute (parameter-tokens/s, f64 bits), as peers see it (balance).
+    train_compute: AtomicU64,
     /// Pipeline steps this stage runs or has callers waiting for, as peers see it.
     pipeline_load: AtomicU32,
     pub auth: auth::Authenticator,
@@ -179,7 +179,7 @@ impl Network {
             local: RwLock::new(local),
             capacity: AtomicU32::new(0),
             train_step: AtomicU64::new(0),
-            train_tps: AtomicU64::new(0),
+            train_compute: AtomicU64::new(0),
             pipeline_load: AtomicU32::new(0),
             auth: auth::Authenticator::default(),
             scores: score::Scores::default(),
@@ -227,14 +227,15 @@ impl Network {
         self.train_step.store(step, Ordering::Relaxed);
     }
 
-    /// The measured training tokens per second, as peers see it (0: not measured).
-    pub fn set_train_tokens_per_sec(&self, tps: f64) {
-        let tps = if tps.is_finite() && tps > 0.0 {
-            tps
+    /// The measured training compute (parameter-tokens per second), as peers see it (0: not
+    /// measured).
+    pub fn set_train_compute(&self, rate: f64) {
+        let rate = if rate.is_finite() && rate > 0.0 {
+            rate
         } else {
             0.0
         };
-        self.train_tps.store(tps.to_bits(), Ordering::Relaxed);
+        self.train_compute.store(rate.to_bits(), Ordering::Relaxed);
     }
 
     /// The pipeline steps this stage runs or holds callers waiting for, as peers see it.
@@ -266,7 +267,7 @@ impl Network {
             capacity: self.capacity.load(Ordering::Relaxed),
             train_step: self.train_step.load(Ordering::Relaxed),
             serve_only: local.serve_only,
-            train_tokens_per_sec: f64::from_bits(self.train_tps.load(Ordering::Relaxed)),
+            train_compute: f64::from_bits(self.train_compute.load(Ordering::Relaxed)),
             pipeline_load: self.pipeline_load.load(Ordering::Relaxed),
         }
     }

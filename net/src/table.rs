@@ -148,7 +148,7 @@ impl PeerTable {
                 capacity: c.info.capacity,
                 train_step: c.info.train_step,
                 serve_only: c.info.serve_only,
-                train_tokens_per_sec: c.info.train_tokens_per_sec,
+                train_compute: c.info.train_compute,
                 pipeline_load: c.info.pipeline_load,
             })
             .collect()

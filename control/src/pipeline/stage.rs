@@ -101,8 +101,8 @@ pub struct Stage {
     pub(super) freed: tokio::sync::Notify,
     /// Callers (steps of other drivers) waiting for the stage now.
     pub(super) waiting: AtomicU64,
-    /// Tokens and seconds of this stage's engine forwards and backwards (its measured
-    /// training throughput, advertised for the layer balance).
+    /// Parameter-tokens and seconds of this stage's engine forwards and backwards (its
+    /// measured training compute, advertised for the layer balance).
     pub(super) compute: Mutex<Meter>,
     pub counters: Arc<Counters>,
     /// Distributed inference on this stage (`infer.rs`).
@@ -295,14 +295,24 @@ impl Stage {
         running + waiting
     }
 
-    /// Counts `tokens` trained in `secs` of engine time (a full replica's TrainStep).
+    /// Counts `tokens` trained through this node's layers in `secs` of engine time (a
+    /// stage's forward, a full replica's TrainStep), weighed by the parameters a token passes
+    /// through here, so that the rate is the node's, not its stage's.
     pub fn record_compute(&self, tokens: u64, secs: f64) {
-        self.compute.lock().add(tokens, secs);
+        let per_token = match (self.assignment(), self.model()) {
+            (Some(a), Ok(m)) => {
+                neuroshard_coordination::pool::params_per_token(&m, &a.layers, a.total)
+            }
+            _ => 0,
+        };
+        self.compute
+            .lock()
+            .add(tokens.saturating_mul(per_token), secs);
     }
 
-    /// This stage's measured training throughput: tokens per second of its engine forwards
-    /// and backwards (0 until measured).
-    pub fn tokens_per_sec(&self) -> f64 {
+    /// This node's measured training compute: parameter-tokens per second of its engine's
+    /// training work (0 until measured).
+    pub fn compute_rate(&self) -> f64 {
         self.compute.lock().rate()
     }
 
@@ -334,7 +344,7 @@ impl Stage {
             .await
             .map_err(engine_err)?;
         let tokens = input.shape.iter().take(2).product::<u64>();
-        self.compute.lock().add(tokens, t0.elapsed().as_secs_f64());
+        self.record_compute(tokens, t0.elapsed().as_secs_f64());
         match r {
             Forwarded::Loss(l) => Ok(Out::Loss(l)),
             Forwarded::Output(t) => Ok(Out::Acts(t.into())),

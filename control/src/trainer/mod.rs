@@ -180,8 +180,7 @@ impl Trainer {
                         let outcome = match action {
                             Action::PublishStep(step) => {
                                 self.net.set_train_step(step);
-                                self.net
-                                    .set_train_tokens_per_sec(self.stage.tokens_per_sec());
+                                self.net.set_train_compute(self.stage.compute_rate());
                                 self.net.set_pipeline_load(self.stage.load());
                                 None
                             }
@@ -260,8 +259,7 @@ impl Trainer {
                         // weighs holders by it).
                         self.stage
                             .record_compute(r.tokens, t0.elapsed().as_secs_f64());
-                        self.net
-                            .set_train_tokens_per_sec(self.stage.tokens_per_sec());
+                        self.net.set_train_compute(self.stage.compute_rate());
                         self.update(|s| {
                             s.step = r.step;
                             s.loss = Some(r.loss);

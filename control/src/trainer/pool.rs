@@ -54,7 +54,7 @@ impl Trainer {
                 id: i.node_id,
                 layers: i.layers,
                 capacity: i.capacity,
-                tokens_per_sec: i.train_tokens_per_sec,
+                compute: i.train_compute,
                 serve_only: i.serve_only,
             })
             .collect()
@@ -66,7 +66,7 @@ impl Trainer {
             id: self.net.id().to_string(),
             layers: a.layers.clone().collect(),
             capacity: self.capacity().1,
-            tokens_per_sec: self.stage.tokens_per_sec(),
+            compute: self.stage.compute_rate(),
             serve_only: !self.config().training.enabled,
         }
     }
