@@ -39,6 +39,7 @@ mod pipeline;
 mod pipeline_inference;
 mod pipeline_takeover;
 mod reward_window;
+mod stages;
 mod storage;
 mod tls;
 mod tracker;
