@@ -33,7 +33,40 @@
 
 use std::ops::Range;
 
-use crate::pool::Holder;
+/// A node as the layer pool sees it: its id, the layers it advertises, its capacity, its
+/// measured training throughput, and whether it only serves inference.
+#[derive(Debug, Clone, Default)]
+pub struct Holder {
+    pub id: String,
+    pub layers: Vec<u32>,
+    pub capacity: u32,
+    /// Measured training compute, parameter-tokens per second (0: not measured yet).
+    pub compute: f64,
+    /// Serve-only (`--no-training`): its layers are not training coverage.
+    pub serve_only: bool,
+}
+
+impl Holder {
+    /// Whether its layers count as training coverage.
+    pub fn trains(&self) -> bool {
+        !self.serve_only
+    }
+
+    /// Its layers as a range, when they are contiguous and not empty.
+    pub fn range(&self, total: u32) -> Option<Range<u32>> {
+        let first = *self.layers.iter().min()?;
+        let last = *self.layers.iter().max()?;
+        let mut sorted = self.layers.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        (sorted.len() as u32 == last - first + 1 && last < total).then_some(first..last + 1)
+    }
+
+    pub(crate) fn room(&self, total: u32) -> u32 {
+        self.range(total)
+            .map_or(0, |r| self.capacity.saturating_sub(r.end - r.start))
+    }
+}
 
 /// The least relative gain in the network's throughput for which a node moves: 25%.
 pub const REBALANCE_GAIN: f64 = 0.25;
@@ -173,7 +206,6 @@ pub fn rebalance(total: u32, me: &Holder, peers: &[Holder]) -> Option<Range<u32>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::choose;
 
     fn h(id: &str, layers: Range<u32>, capacity: u32, tps: f64) -> Holder {
         Holder {
@@ -183,75 +215,6 @@ mod tests {
             compute: tps,
             serve_only: false,
         }
-    }
-
-    #[test]
-    fn six_equal_nodes_joining_one_by_one_end_with_three_holders_per_window() {
-        let mut nodes: Vec<Holder> = Vec::new();
-        for i in 0..6 {
-            let a = choose(4, 2, &nodes);
-            nodes.push(h(&format!("n{i}"), a.layers, 2, 0.0));
-        }
-        let ranges: Vec<Range<u32>> = nodes.iter().map(|n| n.layers[0]..n.layers[1] + 1).collect();
-        assert_eq!(ranges, [0..2, 2..4, 2..4, 0..2, 2..4, 0..2]);
-        assert_eq!(layer_throughput(4, nodes.iter()), vec![3.0, 3.0, 3.0, 3.0]);
-        // Balanced: nobody moves.
-        for (i, n) in nodes.iter().enumerate() {
-            let mut peers = nodes.clone();
-            peers.remove(i);
-            assert_eq!(rebalance(4, n, &peers), None, "{}", n.id);
-        }
-    }
-
-    #[test]
-    fn a_joiner_takes_the_window_with_the_least_compute_not_the_fewest_holders() {
-        // 0..2 has one fast node (300 tokens/s), 2..4 two slow ones (100 each): 2..4 is slower.
-        let nodes = [
-            h("a", 0..2, 2, 300.0),
-            h("b", 2..4, 2, 100.0),
-            h("c", 2..4, 2, 100.0),
-        ];
-        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
-        // Equal compute: the fewest holders, layer 0 included (several drivers are wanted).
-        let nodes = [
-            h("a", 0..2, 2, 0.0),
-            h("b", 2..4, 2, 0.0),
-            h("c", 2..4, 2, 0.0),
-        ];
-        assert_eq!(choose(4, 2, &nodes).layers, 0..2);
-        // Measurements within ±41% of each other weigh the same (noise moves nobody): equal
-        // holders, the later window on the tie.
-        let nodes = [h("a", 0..2, 2, 125.0), h("b", 2..4, 2, 90.0)];
-        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
-        let nodes = [h("a", 0..2, 2, 90.0), h("b", 2..4, 2, 125.0)];
-        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
-        // A node not measured yet counts as the mean of the measured ones.
-        let nodes = [
-            h("a", 0..2, 2, 0.0),
-            h("b", 2..4, 2, 50.0),
-            h("c", 2..4, 2, 50.0),
-        ];
-        assert_eq!(choose(4, 2, &nodes).layers, 0..2);
-    }
-
-    #[test]
-    fn serve_only_nodes_do_not_count_as_training_coverage() {
-        let mut serve = h("s", 0..4, 4, 0.0);
-        serve.serve_only = true;
-        // A serve-only full node first: the next two nodes still cover the model between them.
-        let a = choose(4, 2, std::slice::from_ref(&serve));
-        assert_eq!(a.layers, 0..2);
-        let b = choose(4, 2, &[serve.clone(), h("a", 0..2, 2, 0.0)]);
-        assert_eq!(b.layers, 2..4);
-        assert_eq!(layer_throughput(4, [serve.clone()].iter()), vec![0.0; 4]);
-        // Nor as holders for the takeover rule: layers only it holds are a gap.
-        let c = h("c", 2..4, 4, 0.0);
-        assert_eq!(
-            crate::pool::takeover(4, &c, std::slice::from_ref(&serve)),
-            Some(0..4)
-        );
-        // And it never moves.
-        assert_eq!(rebalance(4, &serve, &[c]), None);
     }
 
     #[test]
