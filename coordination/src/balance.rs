@@ -5,10 +5,12 @@
 //! throughput of each layer: the sum, over the nodes that hold it and train (serve-only nodes
 //! hold layers for inference and do not count), of each node's measured training compute
 //! (`NodeInfo.train_compute`: parameter-tokens per second, the same whatever stage the node
-//! holds). Measurements are noisy (a shared CPU, the stage's load), so a node's compute is
-//! rounded to a power of two times the mean of the measured nodes: nodes within ±41% of each
-//! other weigh the same, and equal nodes come down to counting holders; a node not measured
-//! yet weighs the mean (1 when none is measured).
+//! holds). Measurements are noisy (a shared CPU, the stage's load) and the parameter count is
+//! only an estimate of a stage's cost per token (the head's softmax, the embedding's scatter),
+//! so a node's compute is rounded to a power of four times the mean of the measured nodes:
+//! nodes within a factor of 2 of the mean weigh the same, and equal nodes come down to counting
+//! holders (with steps of 2, six equal nodes once split 2/4: a stage's bias crossed a step); a
+//! node not measured yet weighs the mean (1 when none is measured).
 //!
 //! * **Joining** ([`best_window`]): the window of `capacity` layers whose slowest layer has the
 //!   least throughput, then the one that uses all its room, then the least mean throughput, then
@@ -91,7 +93,8 @@ pub fn layer_throughput<'a>(
     let mut thr = vec![0.0; total as usize];
     for h in nodes.filter(|h| h.trains()) {
         let w = if h.compute > 0.0 {
-            mean * (h.compute / mean).log2().round().exp2()
+            // Steps of 4x: log4 rounded.
+            mean * 4f64.powf(((h.compute / mean).log2() / 2.0).round())
         } else {
             mean
         };
