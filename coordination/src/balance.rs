@@ -4,13 +4,14 @@
 //! A pipeline trains no faster than its slowest layer, so the pool looks at the training
 //! throughput of each layer: the sum, over the nodes that hold it and train (serve-only nodes
 //! hold layers for inference and do not count), of each node's measured training compute
-//! (`NodeInfo.train_compute`: parameter-tokens per second, the same whatever stage the node
-//! holds). Measurements are noisy (a shared CPU, the stage's load) and the parameter count is
-//! only an estimate of a stage's cost per token (the head's softmax, the embedding's scatter),
-//! so a node's compute is rounded to a power of four times the mean of the measured nodes:
-//! nodes within a factor of 2 of the mean weigh the same, and equal nodes come down to counting
-//! holders (with steps of 2, six equal nodes once split 2/4: a stage's bias crossed a step); a
-//! node not measured yet weighs the mean (1 when none is measured).
+//! (`NodeInfo.train_compute`: parameter-tokens per second of its stage's work). The parameter
+//! count is only an estimate of a stage's cost per token (the head's softmax and the
+//! embedding's scatter cost more than their parameters say: on the `default` model six equal
+//! nodes split 2/4 when rates were compared across stages), so a node is weighed against the
+//! other holders of its own range only: its compute over their mean, rounded to a power of four
+//! (nodes within a factor of 2 weigh 1, as does a node not measured yet or alone on its
+//! stage). Equal nodes come down to counting holders; a stage of one fast and one slow node
+//! weighs less than one of two equal nodes.
 //!
 //! * **Joining** ([`best_window`]): the window of `capacity` layers whose slowest layer has the
 //!   least throughput, then the one that uses all its room, then the least mean throughput, then
@@ -78,25 +79,26 @@ pub fn layer_throughput<'a>(
     total: u32,
     nodes: impl Iterator<Item = &'a Holder> + Clone,
 ) -> Vec<f64> {
-    let mean = {
-        let measured: Vec<f64> = nodes
-            .clone()
-            .filter(|h| h.trains() && h.compute > 0.0)
-            .map(|h| h.compute)
-            .collect();
-        if measured.is_empty() {
-            1.0
-        } else {
-            measured.iter().sum::<f64>() / measured.len() as f64
+    // The mean measured compute of the holders of each range: a node is compared only with
+    // the others on its stage (same cost per token).
+    let mut means: std::collections::HashMap<Range<u32>, (f64, u32)> = Default::default();
+    for h in nodes.clone().filter(|h| h.trains() && h.compute > 0.0) {
+        if let Some(r) = h.range(total) {
+            let e = means.entry(r).or_default();
+            *e = (e.0 + h.compute, e.1 + 1);
         }
-    };
+    }
     let mut thr = vec![0.0; total as usize];
     for h in nodes.filter(|h| h.trains()) {
-        let w = if h.compute > 0.0 {
+        let mean = h
+            .range(total)
+            .and_then(|r| means.get(&r))
+            .map_or(0.0, |&(sum, n)| sum / f64::from(n));
+        let w = if h.compute > 0.0 && mean > 0.0 {
             // Steps of 4x: log4 rounded.
-            mean * 4f64.powf(((h.compute / mean).log2() / 2.0).round())
+            4f64.powf(((h.compute / mean).log2() / 2.0).round())
         } else {
-            mean
+            1.0
         };
         for l in h.range(total).into_iter().flatten() {
             thr[l as usize] += w;

@@ -349,12 +349,18 @@ mod tests {
 
     #[test]
     fn a_joiner_takes_the_window_with_the_least_compute_not_the_fewest_holders() {
-        // 0..2 has one fast node (500), 2..4 two slow ones (100 each): 2..4 is slower.
+        // 2..4 has a fast and a slow node (400, 50: weights 1 and 1/4 against their mean),
+        // 0..2 two equal ones: 2..4 trains slower.
         let nodes = [
-            node("a", 0..2, 2, 500.0),
-            node("b", 2..4, 2, 100.0),
-            node("c", 2..4, 2, 100.0),
+            node("a", 0..2, 2, 100.0),
+            node("d", 0..2, 2, 100.0),
+            node("b", 2..4, 2, 400.0),
+            node("c", 2..4, 2, 50.0),
         ];
+        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
+        // Rates are compared within a stage only (a stage's cost per token is an estimate):
+        // one holder per stage, whatever their rates, is a tie.
+        let nodes = [node("a", 0..2, 2, 500.0), node("b", 2..4, 2, 100.0)];
         assert_eq!(choose(4, 2, &nodes).layers, 2..4);
         // Equal compute: the fewest holders, layer 0 included (several drivers are wanted).
         let nodes = [
