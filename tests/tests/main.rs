@@ -41,6 +41,7 @@ mod pipeline_inference;
 mod pipeline_takeover;
 mod replay;
 mod reward_window;
+mod stages;
 mod storage;
 mod tls;
 mod tracker;

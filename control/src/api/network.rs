@@ -175,6 +175,8 @@ pub struct PipelineSummary {
     pub tensor_bytes: u64,
     /// Times this node took over layers nobody held any more.
     pub takeovers: u64,
+    /// Times this node moved to another stage to even out the stages' training throughput.
+    pub rebalances: u64,
     /// Times this node, a replica left off the training route, refreshed its layers from a
     /// holder that had trained them further.
     pub resyncs: u64,
@@ -382,6 +384,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         refused: counter(|c| &c.refused),
         tensor_bytes: counter(|c| &c.tensor_bytes),
         takeovers: counter(|c| &c.takeovers),
+        rebalances: counter(|c| &c.rebalances),
         resyncs: counter(|c| &c.resyncs),
         inference_failovers: counter(|c| &c.failovers),
         layers_from_peer: counter(|c| &c.layers_from_peer),
