@@ -16,11 +16,11 @@ use neuroshard_kernels::cuda::cudarc::driver::CudaSlice;
 use neuroshard_kernels::cuda::ops::attention as katt;
 use neuroshard_kernels::cuda::ops::optim::{AdamWParams, NORM_PARTIALS_PER_TENSOR};
 use neuroshard_kernels::cuda::{
-    CudaError, CudaKernels, DeviceProbe, ModuleSource, nvrtc_available, probe,
+    Bf16, CudaError, CudaKernels, DeviceProbe, ModuleSource, nvrtc_available, probe,
 };
 use parking_lot::Mutex;
 
-use super::{AdamW, AttnShape, Backend, BackendError, CachedAttnShape, Result, check_len};
+use super::{AdamW, AttnShape, Backend, BackendError, CachedAttnShape, Dtype, Result, check_len};
 
 /// Token ids on the device, with their maximum kept on the host so ops can reject an
 /// out-of-range id (as the CPU backend does) without reading the device.
@@ -34,6 +34,11 @@ pub struct CudaBackend {
     k: CudaKernels,
     /// Reused scratch buffers (per-row losses, attention delta, norm partials), by name.
     scratch: Mutex<HashMap<&'static str, CudaSlice<f32>>>,
+    /// bf16 input gradients of the bf16 GEMM backward, by length, before they are added to
+    /// the f32 gradient.
+    scratch_half: Mutex<HashMap<usize, CudaSlice<Bf16>>>,
+    /// The dtype of the training GEMMs.
+    dtype: Dtype,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -77,7 +82,15 @@ impl CudaBackend {
         Ok(CudaBackend {
             k,
             scratch: Mutex::new(HashMap::new()),
+            scratch_half: Mutex::new(HashMap::new()),
+            dtype: Dtype::F32,
         })
+    }
+
+    /// Sets the dtype of the training GEMMs: bf16 runs them on the tensor cores (mma.sync,
+    /// sm_80 and later, which `new` requires).
+    pub fn set_dtype(&mut self, dtype: Dtype) {
+        self.dtype = dtype;
     }
 
     /// The loaded kernels (for benchmarks and tests).
@@ -176,6 +189,7 @@ fn attn(s: AttnShape) -> katt::AttnShape {
 impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
     type Ids = CudaIds;
+    type Half = CudaSlice<Bf16>;
 
     fn kind(&self) -> &'static str {
         "cuda"
@@ -190,6 +204,64 @@ impl Backend for CudaBackend {
             Ok((free, total)) => ((total - free) as u64, total as u64),
             Err(_) => (0, 0),
         }
+    }
+
+    fn compute_dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn zeros_half(&self, n: usize) -> Result<CudaSlice<Bf16>> {
+        self.k.zeros(n).map_err(dev)
+    }
+
+    fn half_len(&self, h: &CudaSlice<Bf16>) -> usize {
+        h.len()
+    }
+
+    fn to_half(&self, dst: &mut CudaSlice<Bf16>, src: &CudaSlice<f32>) -> Result<()> {
+        self.k.cast_f32_to_bf16(dst, src).map_err(dev)
+    }
+
+    fn matmul_forward_bf16(
+        &self,
+        out: &mut CudaSlice<f32>,
+        inp: &CudaSlice<Bf16>,
+        weight: &CudaSlice<Bf16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.k
+            .matmul_forward_f32out(out, inp, weight, m, k, n)
+            .map_err(dev)
+    }
+
+    /// The tensor-core kernels write dinp in bf16: into a zeroed scratch, then added to the
+    /// f32 dinp; dweight accumulates in f32 directly.
+    fn matmul_backward_bf16(
+        &self,
+        dinp: &mut CudaSlice<f32>,
+        dweight: &mut CudaSlice<f32>,
+        dout: &CudaSlice<Bf16>,
+        inp: &CudaSlice<Bf16>,
+        weight: &CudaSlice<Bf16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_len("matmul_backward_bf16", "dinp", dinp.len(), m * k)?;
+        let mut pool = self.scratch_half.lock();
+        let tmp = match pool.entry(m * k) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.k.zeros::<Bf16>(m * k).map_err(dev)?)
+            }
+        };
+        self.k.fill(tmp, 0.0).map_err(dev)?;
+        self.k
+            .matmul_backward(tmp, dweight, dout, inp, weight, m, k, n)
+            .map_err(dev)?;
+        self.k.accumulate_bf16_into_f32(dinp, tmp).map_err(dev)
     }
 
     fn synchronize(&self) -> Result<()> {
