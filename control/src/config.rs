@@ -31,7 +31,7 @@ pub use peer::PeerConfig;
 pub use tls::{TlsConfig, parse_fingerprint};
 use tree::{lookup_mut, merge, parse_like};
 use types::Refusal;
-pub use types::{Device, Host, ModelPreset};
+pub use types::{Device, Host, ModelPreset, TrainDtype};
 
 pub const CONFIG_FILE: &str = "neuroshard.toml";
 
@@ -194,6 +194,9 @@ pub struct TrainingConfig {
     pub max_steps: u64,
     /// Pipeline training: seconds a stage may take to answer before the step fails.
     pub pipeline_timeout_secs: u32,
+    /// Compute dtype: auto (bf16 where the device has native bf16 arithmetic), f32, bf16.
+    #[schema(value_type = String)]
+    pub dtype: TrainDtype,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -274,6 +277,7 @@ impl Default for TrainingConfig {
             micro_batches: 4,
             max_steps: 0,
             pipeline_timeout_secs: 30,
+            dtype: TrainDtype::Auto,
         }
     }
 }

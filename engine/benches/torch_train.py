@@ -6,7 +6,11 @@ AdamW (lr 1e-4, betas 0.9/0.95, eps 1e-8, wd 0.01) with global-norm clipping 1.0
 same way (median of N steps after a warm-up; cpu_step_s = process CPU time per step / threads).
 Prints one JSON line with the same fields.
 
-Usage: python3 engine/benches/torch_train.py --model bench --steps 5 --threads 2
+`--dtype bf16` runs forward and loss under `torch.autocast("cpu", dtype=torch.bfloat16)`
+(bf16 GEMMs through oneDNN, f32 weights and optimizer), the baseline of `bench-train --dtype
+bf16`.
+
+Usage: python3 engine/benches/torch_train.py --model bench --steps 5 --threads 2 [--dtype bf16]
 """
 
 import argparse
@@ -105,6 +109,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
@@ -116,7 +121,11 @@ def main():
     ids, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
     def step():
-        loss = model(ids, labels)
+        if a.dtype == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(ids, labels)
+        else:
+            loss = model(ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,7 +149,7 @@ def main():
     flops = 6 * matmul * tokens + 12 * L * tokens * seq * c
     params = sum(x.numel() for x in model.parameters())
     print(json.dumps(dict(
-        model=a.model, device="cpu-torch-" + torch.__version__, threads=a.threads, batch=a.batch, seq=seq,
+        model=a.model, device="cpu-torch-" + torch.__version__, dtype=a.dtype, threads=a.threads, batch=a.batch, seq=seq,
         steps=a.steps, tokens_per_s=tokens / med, step_s=med, gflops=flops / med / 1e9, params=params,
         cpu_step_s=cmed, cpu_gflops=flops / cmed / 1e9, loss_first=losses[0], loss_last=losses[-1],
     )))

@@ -38,6 +38,9 @@ pub struct BenchTrainArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Training dtype: auto (bf16 where the CPU has AVX512-BF16), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// Print one JSON line (otherwise a readable summary).
     #[arg(long)]
     pub json: bool,
@@ -59,6 +62,7 @@ pub fn step_flops(cfg: &ModelConfig, tokens: u64, seq: u64) -> f64 {
 pub struct BenchResult {
     pub model: String,
     pub device: String,
+    pub dtype: String,
     pub threads: usize,
     pub batch: usize,
     pub seq: usize,
@@ -109,7 +113,10 @@ pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<BenchResult> {
         "steps, batch and seq must be positive"
     );
     let b = args.batch;
-    let mut model = Model::new(CpuBackend::new(), cfg.clone(), StageSpec::full(&cfg), 1)?;
+    let dtype = crate::backend::resolve_dtype(&args.dtype, CpuBackend::native_bf16(), "cpu")
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let be = CpuBackend::with_dtype(dtype);
+    let mut model = Model::new(be, cfg.clone(), StageSpec::full(&cfg), 1)?;
     let mut adam = AdamState::new(&model)?;
     let oc = OptimConfig::default();
     let mut rng = SplitMix64(7);
@@ -158,6 +165,7 @@ pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<BenchResult> {
     Ok(BenchResult {
         model: args.model.clone(),
         device: "cpu".into(),
+        dtype: dtype.as_str().into(),
         threads,
         batch: b,
         seq,
@@ -180,8 +188,9 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} on {} threads: batch {} x seq {}, {:.1} tokens/s, {:.3} s/step (median of {}), {:.2} GFLOP/s, {} params",
+            "{} in {} on {} threads: batch {} x seq {}, {:.1} tokens/s, {:.3} s/step (median of {}), {:.2} GFLOP/s, {} params, loss {:.4} -> {:.4}",
             r.model,
+            r.dtype,
             r.threads,
             r.batch,
             r.seq,
@@ -189,7 +198,9 @@ pub fn run(args: &BenchTrainArgs) -> anyhow::Result<()> {
             r.step_s,
             r.steps,
             r.gflops,
-            r.params
+            r.params,
+            r.loss_first,
+            r.loss_last
         );
     }
     Ok(())
@@ -221,6 +232,7 @@ mod tests {
             batch: 2,
             seq: Some(16),
             warmup: 1,
+            dtype: "auto".into(),
             json: true,
         };
         let r = bench_train(&args).unwrap();

@@ -351,6 +351,7 @@ pub fn load_params<B: Backend>(
         let (_, values) = &file.tensors[&p.name];
         be.write(&mut p.value, values).map_err(ModelError::from)?;
     }
+    model.refresh_half()?;
     Ok(())
 }
 
@@ -426,6 +427,7 @@ pub fn overlay_sources<B: Backend>(
             }
         }
     }
+    model.refresh_half()?;
     let spec = model.spec;
     let seeded = (spec.layer_start..spec.layer_end)
         .filter(|&l| {

@@ -178,6 +178,7 @@ impl<B: Backend> AdamState<B> {
         }
         // The update zeroed the gradients.
         model.accumulated = 0;
+        model.refresh_half()?;
         Ok(norm)
     }
 }

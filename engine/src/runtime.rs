@@ -174,6 +174,9 @@ pub struct Runtime {
     /// Bumps whenever the loaded model is replaced or dropped: generation state (KV caches)
     /// belongs to one model and ends with it.
     epoch: u64,
+    /// The training dtype of the last LoadModel (a Restore keeps it); before one, the
+    /// device's default (bf16 where it has native bf16 arithmetic).
+    dtype: crate::backend::Dtype,
 }
 
 /// The model config a LoadModel request asks for: the preset with non-zero fields overriding.
@@ -260,12 +263,18 @@ impl Runtime {
             BackendError::Device { op, message } => RuntimeError::DeviceFault { op, message },
             other => RuntimeError::Invalid(other.to_string()),
         })?;
+        let dtype = if cuda.is_some() || CpuBackend::native_bf16() {
+            crate::backend::Dtype::Bf16
+        } else {
+            crate::backend::Dtype::F32
+        };
         Ok(Runtime {
             device,
             use_cuda: cuda.is_some(),
             idle_cuda: cuda,
             loaded: None,
             epoch: 0,
+            dtype,
         })
     }
 
@@ -298,10 +307,11 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         self.unload();
         let loaded = if self.use_cuda {
-            let be = self.cuda_backend()?;
+            let mut be = self.cuda_backend()?;
+            be.set_dtype(self.dtype);
             Loaded::Cuda(Box::new(build_cuda(be)?))
         } else {
-            Loaded::Cpu(Box::new(build_cpu(CpuBackend::new())?))
+            Loaded::Cpu(Box::new(build_cpu(CpuBackend::with_dtype(self.dtype))?))
         };
         self.loaded = Some(loaded);
         Ok(())
@@ -332,20 +342,15 @@ impl Runtime {
         let cfg = model_config(req.model.as_ref())?;
         let spec = stage_spec(req, &cfg);
         spec.validate(&cfg)?;
-        match req.dtype.as_str() {
-            "" | "f32" => {}
-            "bf16" => {
-                return Err(RuntimeError::Unavailable {
-                    op: "bf16",
-                    why: "bf16 needs the CUDA backend",
-                });
-            }
-            other => {
-                return Err(RuntimeError::Invalid(format!(
-                    "unknown dtype {other:?} (f32, bf16)"
-                )));
-            }
-        }
+        let native = if self.use_cuda {
+            // CudaBackend::new refuses devices below sm_80: every one it opens has bf16 mma.
+            true
+        } else {
+            CpuBackend::native_bf16()
+        };
+        let device = if self.use_cuda { "cuda" } else { "cpu" };
+        self.dtype = crate::backend::resolve_dtype(&req.dtype, native, device)
+            .map_err(RuntimeError::Invalid)?;
         let train = TrainSettings::from_spec(req.train.as_ref(), &cfg, &req.node_id);
         // The old model goes first so two never coexist in memory.
         let mut seeded_layers = Vec::new();
@@ -395,6 +400,7 @@ impl Runtime {
             embedding = spec.has_embedding,
             head = spec.has_head,
             step = reply.step,
+            dtype = self.dtype.as_str(),
             "model loaded"
         );
         Ok(reply)

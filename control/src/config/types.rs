@@ -89,6 +89,50 @@ impl FromStr for Host {
 
 serde_as_text!(Host);
 
+/// `training.dtype`: the compute dtype of training (LoadModel's `dtype`). bf16 is mixed
+/// precision: bf16 GEMMs with f32 accumulation, f32 master weights and optimizer state, so
+/// checkpoints, exports, DiLoCo and model hashes are the same f32 tensors in every dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrainDtype {
+    /// bf16 where the engine's device has native bf16 arithmetic (AVX512-BF16, CUDA sm_80+),
+    /// else f32 (the engine logs which).
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl TrainDtype {
+    pub const KEY: &str = "training.dtype";
+
+    /// The name in the config and in LoadModel.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TrainDtype::Auto => "auto",
+            TrainDtype::F32 => "f32",
+            TrainDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl FromStr for TrainDtype {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<TrainDtype, ConfigError> {
+        match s {
+            "auto" => Ok(TrainDtype::Auto),
+            "f32" => Ok(TrainDtype::F32),
+            "bf16" => Ok(TrainDtype::Bf16),
+            _ => Err(invalid(
+                TrainDtype::KEY,
+                format!("{s:?} is not one of auto, f32, bf16"),
+            )),
+        }
+    }
+}
+
+serde_as_text!(TrainDtype);
+
 /// `resources.device`: the compute device the engine is started with (`--device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {

@@ -59,6 +59,8 @@ pub struct TrainSettings {
     pub batch_size: u32,
     pub seq_len: u32,
     pub data_path: String,
+    /// Compute dtype: "auto", "f32" or "bf16" (`training.dtype`).
+    pub dtype: String,
 }
 
 /// What LoadModel builds: a preset's layer range, from the seed, a checkpoint or the
@@ -105,7 +107,7 @@ impl From<&LoadSpec> for pb::LoadModelRequest {
                 data_path: s.train.data_path.clone(),
             }),
             node_id: s.node_id.clone(),
-            dtype: "f32".into(),
+            dtype: s.train.dtype.clone(),
             sources: s
                 .sources
                 .iter()

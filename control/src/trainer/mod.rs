@@ -71,6 +71,7 @@ fn train_settings(cfg: &Config) -> TrainSettings {
         batch_size: t.batch_size,
         seq_len: t.seq_len,
         data_path: t.data_path.clone(),
+        dtype: t.dtype.as_str().into(),
     }
 }
 

@@ -5,17 +5,42 @@
 use neuroshard_kernels::cpu::fast as k;
 use rayon::prelude::*;
 
-use super::{AdamW, AttnShape, Backend, BackendError, CachedAttnShape, Result, check_len};
+use half::bf16;
+
+use super::{AdamW, AttnShape, Backend, BackendError, CachedAttnShape, Dtype, Result, check_len};
 
 /// Elementwise loops split into chunks of this many floats across the pool.
 const PAR_CHUNK: usize = 1 << 14;
 
-#[derive(Debug, Default, Clone)]
-pub struct CpuBackend;
+/// The CPU backend, with the dtype its training GEMMs run in.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    dtype: Dtype,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new()
+    }
+}
 
 impl CpuBackend {
+    /// An f32 backend.
     pub fn new() -> CpuBackend {
-        CpuBackend
+        CpuBackend { dtype: Dtype::F32 }
+    }
+
+    /// A backend whose training GEMMs run in `dtype`. bf16 on a CPU without AVX512-BF16 is
+    /// correct but slow (operands widened to f32): callers pick it through
+    /// [`CpuBackend::native_bf16`].
+    pub fn with_dtype(dtype: Dtype) -> CpuBackend {
+        CpuBackend { dtype }
+    }
+
+    /// Whether this CPU has native bf16 arithmetic (AVX512-BF16 `vdpbf16ps`), checked at run
+    /// time.
+    pub fn native_bf16() -> bool {
+        k::native_bf16()
     }
 }
 
@@ -38,9 +63,14 @@ fn cpu_name() -> String {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
+    type Half = Vec<bf16>;
 
     fn kind(&self) -> &'static str {
         "cpu"
+    }
+
+    fn compute_dtype(&self) -> Dtype {
+        self.dtype
     }
 
     fn device_name(&self) -> String {
@@ -153,6 +183,20 @@ impl Backend for CpuBackend {
                     *o = a + b;
                 }
             });
+        Ok(())
+    }
+
+    fn zeros_half(&self, n: usize) -> Result<Vec<bf16>> {
+        Ok(vec![bf16::ZERO; n])
+    }
+
+    fn half_len(&self, h: &Vec<bf16>) -> usize {
+        h.len()
+    }
+
+    fn to_half(&self, dst: &mut Vec<bf16>, src: &Vec<f32>) -> Result<()> {
+        check_len("to_half", "src", src.len(), dst.len())?;
+        k::to_bf16(dst, src);
         Ok(())
     }
 
@@ -290,6 +334,44 @@ impl Backend for CpuBackend {
         check_len(OP, "weight", weight.len(), n * kk)?;
         check_len(OP, "dweight", dweight.len(), n * kk)?;
         k::matmul_backward(dinp, dweight, dout, inp, weight, m, kk, n);
+        Ok(())
+    }
+
+    fn matmul_forward_bf16(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<bf16>,
+        weight: &Vec<bf16>,
+        m: usize,
+        kk: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul_forward_bf16";
+        check_len(OP, "out", out.len(), m * n)?;
+        check_len(OP, "inp", inp.len(), m * kk)?;
+        check_len(OP, "weight", weight.len(), n * kk)?;
+        k::matmul_bf16_forward(out, inp, weight, m, kk, n);
+        Ok(())
+    }
+
+    fn matmul_backward_bf16(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dout: &Vec<bf16>,
+        inp: &Vec<bf16>,
+        weight: &Vec<bf16>,
+        m: usize,
+        kk: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul_backward_bf16";
+        check_len(OP, "dout", dout.len(), m * n)?;
+        check_len(OP, "inp", inp.len(), m * kk)?;
+        check_len(OP, "dinp", dinp.len(), m * kk)?;
+        check_len(OP, "weight", weight.len(), n * kk)?;
+        check_len(OP, "dweight", dweight.len(), n * kk)?;
+        k::matmul_bf16_backward(dinp, dweight, dout, inp, weight, m, kk, n);
         Ok(())
     }
 

@@ -72,10 +72,61 @@ pub struct CachedAttnShape {
     pub d: usize,
 }
 
+/// The dtype a backend's training GEMMs compute in (mixed precision: see [`Backend::Half`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    /// bf16 operands, f32 accumulation and f32 results.
+    Bf16,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The training dtype asked for (`training.dtype` in the daemon's config, LoadModel's `dtype`,
+/// bench-train's `--dtype`) on a device with or without native bf16 arithmetic (`native`:
+/// AVX512-BF16 on the CPU, tensor cores on CUDA). "" or "auto" is bf16 where native, f32
+/// elsewhere; "bf16" where not native falls back to f32. Either fallback logs one line.
+pub fn resolve_dtype(
+    requested: &str,
+    native: bool,
+    device: &str,
+) -> std::result::Result<Dtype, String> {
+    match (requested, native) {
+        ("f32", _) => Ok(Dtype::F32),
+        ("" | "auto" | "bf16", true) => Ok(Dtype::Bf16),
+        ("" | "auto", false) => {
+            tracing::info!(
+                device,
+                "no native bf16 arithmetic (AVX512-BF16 on a CPU): training in f32"
+            );
+            Ok(Dtype::F32)
+        }
+        ("bf16", false) => {
+            tracing::warn!(
+                device,
+                "bf16 asked for, but this device has no native bf16 arithmetic (AVX512-BF16 on a CPU): training in f32"
+            );
+            Ok(Dtype::F32)
+        }
+        (other, _) => Err(format!("unknown dtype {other:?} (auto, f32, bf16)")),
+    }
+}
+
 /// A compute device. See the module docs for conventions.
 pub trait Backend: Send + 'static {
     /// f32 values in device memory.
     type Buf: Send + 'static;
+    /// bf16 values in device memory: the low-precision copies of mixed precision (a weight's
+    /// copy refreshed after each optimizer step, a GEMM's rounded input or output gradient),
+    /// never a master copy: weights, gradients and optimizer state stay in [`Backend::Buf`].
+    type Half: Send + 'static;
     /// u32 ids in device memory.
     type Ids: Send + 'static;
 
@@ -85,6 +136,8 @@ pub trait Backend: Send + 'static {
     fn device_name(&self) -> String;
     /// (bytes in use by this backend's buffers, total device bytes); zeros when unknown.
     fn memory(&self) -> (u64, u64);
+    /// The dtype the model's training GEMMs run in on this backend (chosen when it was made).
+    fn compute_dtype(&self) -> Dtype;
     /// Waits for queued work (a no-op on the CPU); surfaces asynchronous device faults.
     fn synchronize(&self) -> Result<()>;
 
@@ -116,6 +169,11 @@ pub trait Backend: Send + 'static {
     ) -> Result<()>;
     /// `out = a + b` (the residual connection).
     fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// A bf16 buffer of `n` zeros.
+    fn zeros_half(&self, n: usize) -> Result<Self::Half>;
+    fn half_len(&self, h: &Self::Half) -> usize;
+    /// `dst = bf16(src)`, round to nearest even (same length).
+    fn to_half(&self, dst: &mut Self::Half, src: &Self::Buf) -> Result<()>;
     /// `y += x`.
     fn accumulate(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
     /// `x *= s`.
@@ -182,6 +240,31 @@ pub trait Backend: Send + 'static {
         dout: &Self::Buf,
         inp: &Self::Buf,
         weight: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// [`Backend::matmul_forward`] on bf16 operands with f32 accumulation: out [M,N] (f32) =
+    /// inp [M,K] @ weight [N,K]^T.
+    fn matmul_forward_bf16(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Half,
+        weight: &Self::Half,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// [`Backend::matmul_backward`] on bf16 operands: dinp [M,K] += dout @ weight and
+    /// dweight [N,K] += dout^T @ inp, accumulated in f32 into the f32 gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_bf16(
+        &self,
+        dinp: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dout: &Self::Half,
+        inp: &Self::Half,
+        weight: &Self::Half,
         m: usize,
         k: usize,
         n: usize,

@@ -9,8 +9,13 @@
 //! Shapes: x, n1, q, att, x2, n2 [Bt,C]; k, v [Bt,KV] (KV = KVH*D); gate, up, h [Bt,F].
 //! Saved for backward (per micro-batch): everything above except the pre-rope q/k and the
 //! projection outputs, which live in the shared [`Scratch`].
+//!
+//! Mixed precision: when the backend computes in bf16 ([`Backend::compute_dtype`]) every GEMM
+//! reads bf16 operands (the weights' bf16 copies, the rounded inputs n1, att, n2, h saved for
+//! backward, the rounded output gradients) and accumulates in f32 into f32 outputs and f32
+//! weight gradients; norms, RoPE, attention, SwiGLU and the residual stream stay f32.
 
-use crate::backend::{AttnShape, Backend, Result};
+use crate::backend::{AttnShape, Backend, Dtype, Result};
 
 use super::params::Param;
 
@@ -73,12 +78,44 @@ pub struct LayerActs<B: Backend> {
     gate: B::Buf,
     up: B::Buf,
     h: B::Buf,
+    /// bf16 copies of the GEMM inputs (bf16 compute only).
+    half: Option<HalfActs<B>>,
+}
+
+/// The rounded GEMM inputs a bf16 layer saves: n1, att, n2 [Bt,C], h [Bt,F].
+struct HalfActs<B: Backend> {
+    n1: B::Half,
+    att: B::Half,
+    n2: B::Half,
+    h: B::Half,
+}
+
+/// The rounded output gradients of a bf16 layer's GEMMs: dres, dq [Bt,C], dk, dv [Bt,KV],
+/// dgate, dup [Bt,F].
+struct HalfGrads<B: Backend> {
+    dres: B::Half,
+    dq: B::Half,
+    dk: B::Half,
+    dv: B::Half,
+    dgate: B::Half,
+    dup: B::Half,
 }
 
 impl<B: Backend> LayerActs<B> {
     pub fn new(be: &B, d: &Dims) -> Result<Self> {
         let (bt, c, kv, f) = (d.bt(), d.c, d.kv(), d.f);
+        let half = if be.compute_dtype() == Dtype::Bf16 {
+            Some(HalfActs {
+                n1: be.zeros_half(bt * c)?,
+                att: be.zeros_half(bt * c)?,
+                n2: be.zeros_half(bt * c)?,
+                h: be.zeros_half(bt * f)?,
+            })
+        } else {
+            None
+        };
         Ok(LayerActs {
+            half,
             n1: be.zeros(bt * c)?,
             rstd1: be.zeros(bt)?,
             q: be.zeros(bt * c)?,
@@ -118,12 +155,26 @@ pub struct Scratch<B: Backend> {
     dh: B::Buf,
     dgate: B::Buf,
     dup: B::Buf,
+    half: Option<HalfGrads<B>>,
 }
 
 impl<B: Backend> Scratch<B> {
     pub fn new(be: &B, d: &Dims) -> Result<Self> {
         let (bt, c, kv, f) = (d.bt(), d.c, d.kv(), d.f);
+        let half = if be.compute_dtype() == Dtype::Bf16 {
+            Some(HalfGrads {
+                dres: be.zeros_half(bt * c)?,
+                dq: be.zeros_half(bt * c)?,
+                dk: be.zeros_half(bt * kv)?,
+                dv: be.zeros_half(bt * kv)?,
+                dgate: be.zeros_half(bt * f)?,
+                dup: be.zeros_half(bt * f)?,
+            })
+        } else {
+            None
+        };
         Ok(Scratch {
+            half,
             q_pre: be.zeros(bt * c)?,
             k_pre: be.zeros(bt * kv)?,
             proj: be.zeros(bt * c)?,
@@ -161,13 +212,15 @@ pub fn layer_forward<B: Backend>(
         c,
         d.eps,
     )?;
-    be.matmul_forward(&mut s.q_pre, &a.n1, &w[WQ].value, bt, c, c)?;
+    let n1h = round(be, a.half.as_mut().map(|h| &mut h.n1), &a.n1)?;
+    linear_forward(be, &mut s.q_pre, &a.n1, n1h, &w[WQ], bt, c, c)?;
     be.rope_forward(&mut a.q, &s.q_pre, b, t, d.h, d.d, 0, d.theta)?;
-    be.matmul_forward(&mut s.k_pre, &a.n1, &w[WK].value, bt, c, kv)?;
+    linear_forward(be, &mut s.k_pre, &a.n1, n1h, &w[WK], bt, c, kv)?;
     be.rope_forward(&mut a.k, &s.k_pre, b, t, d.kvh, d.d, 0, d.theta)?;
-    be.matmul_forward(&mut a.v, &a.n1, &w[WV].value, bt, c, kv)?;
+    linear_forward(be, &mut a.v, &a.n1, n1h, &w[WV], bt, c, kv)?;
     be.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, d.attn())?;
-    be.matmul_forward(&mut s.proj, &a.att, &w[WO].value, bt, c, c)?;
+    let atth = round(be, a.half.as_mut().map(|h| &mut h.att), &a.att)?;
+    linear_forward(be, &mut s.proj, &a.att, atth, &w[WO], bt, c, c)?;
     be.add(&mut a.x2, x, &s.proj)?;
     be.rmsnorm_forward(
         &mut a.n2,
@@ -178,10 +231,12 @@ pub fn layer_forward<B: Backend>(
         c,
         d.eps,
     )?;
-    be.matmul_forward(&mut a.gate, &a.n2, &w[WG].value, bt, c, f)?;
-    be.matmul_forward(&mut a.up, &a.n2, &w[WU].value, bt, c, f)?;
+    let n2h = round(be, a.half.as_mut().map(|h| &mut h.n2), &a.n2)?;
+    linear_forward(be, &mut a.gate, &a.n2, n2h, &w[WG], bt, c, f)?;
+    linear_forward(be, &mut a.up, &a.n2, n2h, &w[WU], bt, c, f)?;
     be.swiglu_forward(&mut a.h, &a.gate, &a.up)?;
-    be.matmul_forward(&mut s.proj, &a.h, &w[WD].value, bt, f, c)?;
+    let hh = round(be, a.half.as_mut().map(|h| &mut h.h), &a.h)?;
+    linear_forward(be, &mut s.proj, &a.h, hh, &w[WD], bt, f, c)?;
     be.add(out, &a.x2, &s.proj)
 }
 
@@ -197,24 +252,45 @@ pub fn layer_backward<B: Backend>(
     d: &Dims,
 ) -> Result<()> {
     let (b, t, bt, c, kv, f) = (d.b, d.t, d.bt(), d.c, d.kv(), d.f);
+    let ah = a.half.as_ref();
+    let mut gh = s.half.take();
     // MLP: out = x2 + h Wd^T.
     be.fill(&mut s.dh, 0.0)?;
-    let p = &mut w[WD];
-    be.matmul_backward(&mut s.dh, &mut p.grad, dres, &a.h, &p.value, bt, f, c)?;
+    let dresh = round(be, gh.as_mut().map(|g| &mut g.dres), dres)?;
+    let io = (&*dres, dresh, &a.h, ah.map(|h| &h.h));
+    linear_backward(be, &mut s.dh, &mut w[WD], io, bt, f, c)?;
     be.fill(&mut s.dgate, 0.0)?;
     be.fill(&mut s.dup, 0.0)?;
     be.swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up)?;
     be.fill(&mut s.dn, 0.0)?;
-    let p = &mut w[WG];
-    be.matmul_backward(&mut s.dn, &mut p.grad, &s.dgate, &a.n2, &p.value, bt, c, f)?;
-    let p = &mut w[WU];
-    be.matmul_backward(&mut s.dn, &mut p.grad, &s.dup, &a.n2, &p.value, bt, c, f)?;
+    let n2h = ah.map(|h| &h.n2);
+    let dgh = round(be, gh.as_mut().map(|g| &mut g.dgate), &s.dgate)?;
+    linear_backward(
+        be,
+        &mut s.dn,
+        &mut w[WG],
+        (&s.dgate, dgh, &a.n2, n2h),
+        bt,
+        c,
+        f,
+    )?;
+    let duh = round(be, gh.as_mut().map(|g| &mut g.dup), &s.dup)?;
+    linear_backward(
+        be,
+        &mut s.dn,
+        &mut w[WU],
+        (&s.dup, duh, &a.n2, n2h),
+        bt,
+        c,
+        f,
+    )?;
     let p = &mut w[MLP_NORM];
     be.rmsnorm_backward(dres, &mut p.grad, &s.dn, &a.x2, &p.value, &a.rstd2, bt, c)?;
     // Attention: x2 = x + att Wo^T.
     be.fill(&mut s.datt, 0.0)?;
-    let p = &mut w[WO];
-    be.matmul_backward(&mut s.datt, &mut p.grad, dres, &a.att, &p.value, bt, c, c)?;
+    let dresh = round(be, gh.as_mut().map(|g| &mut g.dres), dres)?;
+    let io = (&*dres, dresh, &a.att, ah.map(|h| &h.att));
+    linear_backward(be, &mut s.datt, &mut w[WO], io, bt, c, c)?;
     be.fill(&mut s.dq, 0.0)?;
     be.fill(&mut s.dk, 0.0)?;
     be.fill(&mut s.dv, 0.0)?;
@@ -235,21 +311,99 @@ pub fn layer_backward<B: Backend>(
     be.rope_backward(&mut s.dq_pre, &s.dq, b, t, d.h, d.d, 0, d.theta)?;
     be.rope_backward(&mut s.dk_pre, &s.dk, b, t, d.kvh, d.d, 0, d.theta)?;
     be.fill(&mut s.dn, 0.0)?;
-    let p = &mut w[WQ];
-    be.matmul_backward(&mut s.dn, &mut p.grad, &s.dq_pre, &a.n1, &p.value, bt, c, c)?;
-    let p = &mut w[WK];
-    be.matmul_backward(
+    let n1h = ah.map(|h| &h.n1);
+    let dqh = round(be, gh.as_mut().map(|g| &mut g.dq), &s.dq_pre)?;
+    linear_backward(
+        be,
         &mut s.dn,
-        &mut p.grad,
-        &s.dk_pre,
-        &a.n1,
-        &p.value,
+        &mut w[WQ],
+        (&s.dq_pre, dqh, &a.n1, n1h),
+        bt,
+        c,
+        c,
+    )?;
+    let dkh = round(be, gh.as_mut().map(|g| &mut g.dk), &s.dk_pre)?;
+    linear_backward(
+        be,
+        &mut s.dn,
+        &mut w[WK],
+        (&s.dk_pre, dkh, &a.n1, n1h),
         bt,
         c,
         kv,
     )?;
-    let p = &mut w[WV];
-    be.matmul_backward(&mut s.dn, &mut p.grad, &s.dv, &a.n1, &p.value, bt, c, kv)?;
+    let dvh = round(be, gh.as_mut().map(|g| &mut g.dv), &s.dv)?;
+    linear_backward(
+        be,
+        &mut s.dn,
+        &mut w[WV],
+        (&s.dv, dvh, &a.n1, n1h),
+        bt,
+        c,
+        kv,
+    )?;
+    s.half = gh;
     let p = &mut w[ATTN_NORM];
     be.rmsnorm_backward(dres, &mut p.grad, &s.dn, x, &p.value, &a.rstd1, bt, c)
+}
+
+/// `dst = bf16(src)` when the layer runs in bf16 (`dst` given); the rounded copy, or `None`.
+pub(crate) fn round<'a, B: Backend>(
+    be: &B,
+    dst: Option<&'a mut B::Half>,
+    src: &B::Buf,
+) -> Result<Option<&'a B::Half>> {
+    match dst {
+        Some(h) => {
+            be.to_half(h, src)?;
+            Ok(Some(h))
+        }
+        None => Ok(None),
+    }
+}
+
+/// out [M,N] = x [M,K] @ p^T: from the bf16 copies when both exist, else in f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_forward<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    x: &B::Buf,
+    xh: Option<&B::Half>,
+    p: &Param<B>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    match (xh, &p.half) {
+        (Some(xh), Some(wh)) => be.matmul_forward_bf16(out, xh, wh, m, k, n),
+        _ => be.matmul_forward(out, x, &p.value, m, k, n),
+    }
+}
+
+/// The output gradient and the input of a linear layer, each in f32 and (bf16 compute) in
+/// bf16: (dout, dout_bf16, x, x_bf16).
+pub(crate) type LinearIo<'a, B> = (
+    &'a <B as Backend>::Buf,
+    Option<&'a <B as Backend>::Half>,
+    &'a <B as Backend>::Buf,
+    Option<&'a <B as Backend>::Half>,
+);
+
+/// dinp [M,K] += dout @ p; p.grad [N,K] += dout^T @ x: from the bf16 copies when all exist,
+/// else in f32. The weight gradient accumulates in f32 either way.
+pub(crate) fn linear_backward<B: Backend>(
+    be: &B,
+    dinp: &mut B::Buf,
+    p: &mut Param<B>,
+    (dout, douth, x, xh): LinearIo<'_, B>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    match (douth, xh, &p.half) {
+        (Some(dh), Some(xh), Some(wh)) => {
+            be.matmul_backward_bf16(dinp, &mut p.grad, dh, xh, wh, m, k, n)
+        }
+        _ => be.matmul_backward(dinp, &mut p.grad, dout, x, &p.value, m, k, n),
+    }
 }

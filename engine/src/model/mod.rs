@@ -120,6 +120,8 @@ struct HeadActs<B: Backend> {
     nf: B::Buf,
     rstdf: B::Buf,
     logits: B::Buf,
+    /// bf16 copy of nf, the LM head's GEMM input (bf16 compute only).
+    nf_half: Option<B::Half>,
 }
 
 /// Per-shape shared buffers: (B, T, layer scratch, residual gradient dres [Bt,C], dlogits
@@ -146,6 +148,8 @@ pub struct Model<B: Backend> {
     /// Micro-batches whose backward accumulated into the gradients since the last zeroing.
     pub accumulated: u32,
     scratch: Option<ShapeScratch<B>>,
+    /// bf16 copy of the logits gradient [Bt,V] (bf16 compute on a head stage).
+    dlogits_half: Option<B::Half>,
     pool: Vec<Acts<B>>,
     outstanding: HashMap<u64, Acts<B>>,
 }
@@ -182,9 +186,23 @@ impl<B: Backend> Model<B> {
             max_outstanding: DEFAULT_MAX_OUTSTANDING,
             accumulated: 0,
             scratch: None,
+            dlogits_half: None,
             pool: Vec::new(),
             outstanding: HashMap::new(),
         })
+    }
+
+    /// Rewrites the bf16 copies of the GEMM weights from the f32 master weights (bf16
+    /// compute; nothing in f32). Called after every change of the weights: an optimizer step,
+    /// a checkpoint or weight-source load.
+    pub fn refresh_half(&mut self) -> Result<()> {
+        let be = &self.be;
+        for p in &mut self.params {
+            if let Some(h) = &mut p.half {
+                be.to_half(h, &p.value)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn num_layers(&self) -> usize {
@@ -293,6 +311,10 @@ impl<B: Backend> Model<B> {
                 nf: be.zeros(b * t * d.c)?,
                 rstdf: be.zeros(b * t)?,
                 logits: be.zeros(b * t * self.cfg.vocab_size as usize)?,
+                nf_half: match be.compute_dtype() {
+                    crate::backend::Dtype::Bf16 => Some(be.zeros_half(b * t * d.c)?),
+                    crate::backend::Dtype::F32 => None,
+                },
             })
         } else {
             None
@@ -443,7 +465,8 @@ impl<B: Backend> Model<B> {
             let (norm, lm) = (&self.params[n - 2], &self.params[n - 1]);
             let x = a.xs.last().expect("xs has L+1 entries");
             be.rmsnorm_forward(&mut head.nf, &mut head.rstdf, x, &norm.value, bt, c, d.eps)?;
-            be.matmul_forward(&mut head.logits, &head.nf, &lm.value, bt, c, vocab)?;
+            let nfh = layer::round(be, head.nf_half.as_mut(), &head.nf)?;
+            layer::linear_forward(be, &mut head.logits, &head.nf, nfh, lm, bt, c, vocab)?;
             if let Some(l) = labels {
                 let targets = be.upload_ids(l)?;
                 let loss = be.cross_entropy_forward(&head.logits, &targets, bt, vocab, v_live)?;
@@ -552,16 +575,18 @@ impl<B: Backend> Model<B> {
                     (&mut lo[n - 2], &mut hi[0])
                 };
                 be.fill(&mut s.dn, 0.0)?;
-                be.matmul_backward(
-                    &mut s.dn,
-                    &mut lm.grad,
-                    dlogits,
-                    &head.nf,
-                    &lm.value,
-                    bt,
-                    c,
-                    vocab,
-                )?;
+                if head.nf_half.is_some()
+                    && self.dlogits_half.as_ref().map(|h| be.half_len(h)) != Some(bt * vocab)
+                {
+                    self.dlogits_half = None; // free the old shape first
+                    self.dlogits_half = Some(be.zeros_half(bt * vocab)?);
+                }
+                let dh = match head.nf_half {
+                    Some(_) => layer::round(be, self.dlogits_half.as_mut(), dlogits)?,
+                    None => None,
+                };
+                let io = (&*dlogits, dh, &head.nf, head.nf_half.as_ref());
+                layer::linear_backward(be, &mut s.dn, lm, io, bt, c, vocab)?;
                 be.fill(dres, 0.0)?;
                 let x = a.xs.last().expect("xs has L+1 entries");
                 be.rmsnorm_backward(
@@ -623,5 +648,9 @@ impl<B: Backend> Model<B> {
     }
 }
 
+// Mixed-precision tests (a `tests.rs`, so the module-cycle rule reads it as test code).
+#[cfg(test)]
+#[path = "bf16/tests.rs"]
+mod bf16_tests;
 #[cfg(test)]
 mod tests;

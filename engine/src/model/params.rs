@@ -12,7 +12,7 @@
 use neuroshard_shared::model::ModelConfig;
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, Result};
+use crate::backend::{Backend, Dtype, Result};
 
 /// Standard deviation of the N(0, std) initialization of matrices and embeddings.
 pub const INIT_STD: f32 = 0.02;
@@ -23,6 +23,10 @@ pub struct Param<B: Backend> {
     pub shape: Vec<usize>,
     pub value: B::Buf,
     pub grad: B::Buf,
+    /// The bf16 copy of `value` that the GEMMs read when the backend computes in bf16 (the
+    /// matrices a linear layer multiplies by: not the embedding, not the norms); rewritten
+    /// from `value` after every change of it ([`crate::model::Model::refresh_half`]).
+    pub half: Option<B::Half>,
 }
 
 impl<B: Backend> Param<B> {
@@ -126,9 +130,18 @@ pub fn make_param<B: Backend>(
 ) -> Result<Param<B>> {
     let numel: usize = shape.iter().product();
     let values = init_values(seed, &name, numel, init);
+    let value = be.upload(&values)?;
+    let half = if be.compute_dtype() == Dtype::Bf16 && shape.len() == 2 && name != EMBED {
+        let mut h = be.zeros_half(numel)?;
+        be.to_half(&mut h, &value)?;
+        Some(h)
+    } else {
+        None
+    };
     Ok(Param {
-        value: be.upload(&values)?,
+        value,
         grad: be.zeros(numel)?,
+        half,
         name,
         shape,
     })
