@@ -8,19 +8,27 @@
 mod adamw;
 mod attention;
 mod attention_cached;
+mod attention_decode;
 mod cross_entropy;
 mod matmul;
+mod matmul_int8;
+mod matmul_rows;
 mod rmsnorm;
 mod rope;
 pub(crate) mod simd;
 mod swiglu;
 
+pub use super::attention_decode::DecodeSeq;
 pub use super::embedding::{embedding_backward, embedding_forward};
+pub use super::matmul_int8::quantize_rows_int8;
 pub use adamw::{adamw_step, adamw_step_zeroing, clip_scale, global_norm, scale_in_place};
 pub use attention::{attention_backward, attention_forward};
 pub use attention_cached::attention_cached_forward;
+pub use attention_decode::attention_decode_forward;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 pub use matmul::{matmul_backward, matmul_forward};
+pub use matmul_int8::{has_vnni, matmul_int8_forward};
+pub use matmul_rows::matmul_rows_forward;
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
