@@ -205,15 +205,7 @@ impl<B: Backend> Model<B> {
             c,
             self.cfg.norm_eps,
         )?;
-        be.matmul_forward(
-            &mut st.logits,
-            &st.nlast,
-            &self.params[n - 1].value,
-            1,
-            c,
-            self.cfg.vocab_size as usize,
-        )?;
-        Ok(())
+        self.lm_head(&mut st.logits, &st.nlast, 1)
     }
 
     /// Runs the held transformer layers over the `tq` rows in `st.x` (in place) at positions
@@ -241,7 +233,17 @@ impl<B: Backend> Model<B> {
         let kv = kvh * d;
         let (eps, theta) = (cfg.norm_eps, cfg.rope_theta);
         for l in 0..self.num_layers() {
-            let w = &self.params[first + l * PARAMS_PER_LAYER..first + (l + 1) * PARAMS_PER_LAYER];
+            let at = first + l * PARAMS_PER_LAYER;
+            let w = &self.params[at..at + PARAMS_PER_LAYER];
+            // One row (a decode step): the decode matmul, as in a batched step, so a sequence
+            // gets the same bits alone and batched; more rows (a prefill): the GEMM.
+            let mm = |out: &mut B::Buf, inp: &B::Buf, which: usize, k: usize, n: usize| {
+                if tq == 1 {
+                    self.linear(at + which, out, inp, 1)
+                } else {
+                    Ok(be.matmul_forward(out, inp, &w[which].value, tq, k, n)?)
+                }
+            };
             be.rmsnorm_forward(
                 &mut st.n,
                 &mut st.rstd,
@@ -251,11 +253,11 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            be.matmul_forward(&mut st.q_pre, &st.n, &w[WQ].value, tq, c, c)?;
+            mm(&mut st.q_pre, &st.n, WQ, c, c)?;
             be.rope_forward(&mut st.q, &st.q_pre, 1, tq, h, d, past, theta)?;
-            be.matmul_forward(&mut st.k_pre, &st.n, &w[WK].value, tq, c, kv)?;
+            mm(&mut st.k_pre, &st.n, WK, c, kv)?;
             be.rope_forward(&mut st.k, &st.k_pre, 1, tq, kvh, d, past, theta)?;
-            be.matmul_forward(&mut st.v, &st.n, &w[WV].value, tq, c, kv)?;
+            mm(&mut st.v, &st.n, WV, c, kv)?;
             be.copy_range(&mut kc[l], past * kv, &st.k, 0, tq * kv)?;
             be.copy_range(&mut vc[l], past * kv, &st.v, 0, tq * kv)?;
             let shape = CachedAttnShape {
@@ -268,7 +270,7 @@ impl<B: Backend> Model<B> {
                 d,
             };
             be.attention_cached(&mut st.att, &st.q, &kc[l], &vc[l], shape)?;
-            be.matmul_forward(&mut st.proj, &st.att, &w[WO].value, tq, c, c)?;
+            mm(&mut st.proj, &st.att, WO, c, c)?;
             be.add(&mut st.x2, &st.x, &st.proj)?;
             be.rmsnorm_forward(
                 &mut st.n,
@@ -279,10 +281,10 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            be.matmul_forward(&mut st.gate, &st.n, &w[WG].value, tq, c, f)?;
-            be.matmul_forward(&mut st.up, &st.n, &w[WU].value, tq, c, f)?;
+            mm(&mut st.gate, &st.n, WG, c, f)?;
+            mm(&mut st.up, &st.n, WU, c, f)?;
             be.swiglu_forward(&mut st.h, &st.gate, &st.up)?;
-            be.matmul_forward(&mut st.proj, &st.h, &w[WD].value, tq, f, c)?;
+            mm(&mut st.proj, &st.h, WD, f, c)?;
             be.add(&mut st.x, &st.x2, &st.proj)?;
         }
         Ok(())
