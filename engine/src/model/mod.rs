@@ -12,6 +12,7 @@ pub mod batch;
 pub mod generate;
 pub mod layer;
 pub mod params;
+pub mod serve;
 pub mod stage_gen;
 
 use std::collections::HashMap;
@@ -145,6 +146,8 @@ pub struct Model<B: Backend> {
     pub max_outstanding: usize,
     /// Micro-batches whose backward accumulated into the gradients since the last zeroing.
     pub accumulated: u32,
+    /// f32 or int8 decode weights (`serve.rs`).
+    pub serving: serve::Serving<B>,
     scratch: Option<ShapeScratch<B>>,
     pool: Vec<Acts<B>>,
     outstanding: HashMap<u64, Acts<B>>,
@@ -181,6 +184,7 @@ impl<B: Backend> Model<B> {
             params,
             max_outstanding: DEFAULT_MAX_OUTSTANDING,
             accumulated: 0,
+            serving: serve::Serving::default(),
             scratch: None,
             pool: Vec::new(),
             outstanding: HashMap::new(),
