@@ -86,7 +86,7 @@ pub struct Config {
 pub struct InferenceConfig {
     /// Decode weights of generation: `f32` as trained, or `int8` (a copy quantized per
     /// output channel, decoded with int8 dot products; CPU only; re-quantized after the
-    /// weights change). Prefill and training always use f32.
+    /// weights change). Training always uses f32.
     pub weights: String,
 }
 

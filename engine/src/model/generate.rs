@@ -224,7 +224,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let be = &self.be;
         let cfg = &self.cfg;
-        let (c, f) = (cfg.hidden as usize, cfg.ffn as usize);
+        let c = cfg.hidden as usize;
         let (h, kvh, d) = (
             cfg.heads as usize,
             cfg.kv_heads as usize,
@@ -235,14 +235,12 @@ impl<B: Backend> Model<B> {
         for l in 0..self.num_layers() {
             let at = first + l * PARAMS_PER_LAYER;
             let w = &self.params[at..at + PARAMS_PER_LAYER];
-            // One row (a decode step): the decode matmul, as in a batched step, so a sequence
-            // gets the same bits alone and batched; more rows (a prefill): the GEMM.
-            let mm = |out: &mut B::Buf, inp: &B::Buf, which: usize, k: usize, n: usize| {
-                if tq == 1 {
-                    self.linear(at + which, out, inp, 1)
-                } else {
-                    Ok(be.matmul_forward(out, inp, &w[which].value, tq, k, n)?)
-                }
+            // The decode matmul for every row count, prefill included: for the few to few
+            // hundred rows of generation it reads each weight row once for all rows and beats
+            // the packing GEMM (BENCHMARKS.md), and a sequence's rows get the same bits alone
+            // and batched.
+            let mm = |out: &mut B::Buf, inp: &B::Buf, which: usize| {
+                self.linear(at + which, out, inp, tq)
             };
             be.rmsnorm_forward(
                 &mut st.n,
@@ -253,11 +251,11 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            mm(&mut st.q_pre, &st.n, WQ, c, c)?;
+            mm(&mut st.q_pre, &st.n, WQ)?;
             be.rope_forward(&mut st.q, &st.q_pre, 1, tq, h, d, past, theta)?;
-            mm(&mut st.k_pre, &st.n, WK, c, kv)?;
+            mm(&mut st.k_pre, &st.n, WK)?;
             be.rope_forward(&mut st.k, &st.k_pre, 1, tq, kvh, d, past, theta)?;
-            mm(&mut st.v, &st.n, WV, c, kv)?;
+            mm(&mut st.v, &st.n, WV)?;
             be.copy_range(&mut kc[l], past * kv, &st.k, 0, tq * kv)?;
             be.copy_range(&mut vc[l], past * kv, &st.v, 0, tq * kv)?;
             let shape = CachedAttnShape {
@@ -270,7 +268,7 @@ impl<B: Backend> Model<B> {
                 d,
             };
             be.attention_cached(&mut st.att, &st.q, &kc[l], &vc[l], shape)?;
-            mm(&mut st.proj, &st.att, WO, c, c)?;
+            mm(&mut st.proj, &st.att, WO)?;
             be.add(&mut st.x2, &st.x, &st.proj)?;
             be.rmsnorm_forward(
                 &mut st.n,
@@ -281,10 +279,10 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            mm(&mut st.gate, &st.n, WG, c, f)?;
-            mm(&mut st.up, &st.n, WU, c, f)?;
+            mm(&mut st.gate, &st.n, WG)?;
+            mm(&mut st.up, &st.n, WU)?;
             be.swiglu_forward(&mut st.h, &st.gate, &st.up)?;
-            mm(&mut st.proj, &st.h, WD, f, c)?;
+            mm(&mut st.proj, &st.h, WD)?;
             be.add(&mut st.x, &st.x2, &st.proj)?;
         }
         Ok(())
