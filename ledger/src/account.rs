@@ -33,12 +33,24 @@ pub enum SourceInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VoidReason {
     TimestampRegression,
-    InsufficientBalance { required: u64, available: u64 },
-    InsufficientStake { requested: u64, staked: u64 },
-    StakeLocked { unlock_at: i64 },
+    InsufficientBalance {
+        required: u64,
+        available: u64,
+    },
+    InsufficientStake {
+        requested: u64,
+        staked: u64,
+    },
+    StakeLocked {
+        unlock_at: i64,
+    },
     BadSource(&'static str),
     SourceAlreadyClaimed,
     Proof(RejectReason),
+    /// A verdict from an account with nothing staked.
+    Unstaked,
+    /// A second verdict of the same voter on the same reward.
+    AlreadyVoted,
 }
 
 impl std::fmt::Display for VoidReason {
@@ -70,6 +82,8 @@ impl std::fmt::Display for VoidReason {
             Self::BadSource(why) => write!(f, "unusable source: {why}"),
             Self::SourceAlreadyClaimed => f.write_str("source already claimed"),
             Self::Proof(r) => write!(f, "proof rejected: {r}"),
+            Self::Unstaked => f.write_str("a verdict needs stake"),
+            Self::AlreadyVoted => f.write_str("this account already judged that reward"),
         }
     }
 }
@@ -102,6 +116,13 @@ pub enum Effect {
         credited_uptime: u64,
         /// When the amount leaves its challenge window and becomes available.
         release_at: i64,
+    },
+    /// A verdict counted with the voter's stake at that block as its weight.
+    Voted {
+        target: Hash32,
+        accused: Address,
+        guilty: bool,
+        weight: u64,
     },
 }
 
@@ -145,6 +166,8 @@ pub struct ProofRecord {
     pub reason_code: Option<&'static str>,
     /// The nodes whose receipts back the proof.
     pub attested_by: Vec<Address>,
+    /// Staked verifiers' verdicts on it that count: (voter, guilty, verdict timestamp).
+    pub judged_by: Vec<(Address, bool, i64)>,
 }
 
 /// Derived state of one account chain.
@@ -174,6 +197,8 @@ pub struct Account {
     pub receipt_counts: BTreeMap<ReceiptKey, u64>,
     /// Rewards still in their challenge window: (release time, amount), oldest first.
     pub pending_rewards: VecDeque<(i64, u64)>,
+    /// Reward blocks this account has judged (one verdict each).
+    pub judged: HashSet<Hash32>,
     pub history: Vec<HistoryEntry>,
     pub proofs: Vec<ProofRecord>,
     /// The network's rules this account is judged by.
@@ -218,6 +243,7 @@ impl Account {
             reward_times: VecDeque::new(),
             pending_rewards: VecDeque::new(),
             receipt_counts: BTreeMap::new(),
+            judged: HashSet::new(),
             history: Vec::new(),
             proofs: Vec::new(),
             rules,
@@ -359,6 +385,25 @@ impl Account {
                 }),
                 Err(r) => Outcome::Void(VoidReason::Proof(r)),
             },
+            Op::Verdict {
+                target,
+                accused,
+                guilty,
+                ..
+            } => {
+                if self.staked == 0 {
+                    return Outcome::Void(VoidReason::Unstaked);
+                }
+                if self.judged.contains(target) {
+                    return Outcome::Void(VoidReason::AlreadyVoted);
+                }
+                Outcome::Applied(Effect::Voted {
+                    target: *target,
+                    accused: *accused,
+                    guilty: *guilty,
+                    weight: self.staked,
+                })
+            }
         }
     }
 
@@ -541,6 +586,20 @@ pub fn history_entry(block: &SignedBlock, hash: &Hash32, outcome: &Outcome) -> H
                 e.amount = i128::from(*amount);
                 e.details["release_at"] = json!(release_at);
             }
+        }
+        (
+            Op::Verdict {
+                target,
+                accused,
+                guilty,
+                evidence,
+            },
+            _,
+        ) => {
+            e.counterparty = Some(*accused);
+            e.details["target"] = json!(format!("tx_{}", target.to_hex()));
+            e.details["evidence"] = json!(evidence.to_hex());
+            e.details["guilty"] = json!(guilty);
         }
     }
     e

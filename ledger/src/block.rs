@@ -36,6 +36,16 @@ pub enum Op {
     Unstake { amount: u64 },
     /// Mint `amount` for an accepted proof signed by this account.
     Reward { proof: SignedProof, amount: u64 },
+    /// A staked verifier's verdict on another account's reward block `target`: `guilty` when
+    /// recomputing the work it claims did not reproduce `evidence` (the hash of what was
+    /// compared: the claimant's signed commitment and the recomputed result). Weighted by the
+    /// voter's stake; see `fraud.rs` for how verdicts convict, slash and acquit.
+    Verdict {
+        target: Hash32,
+        accused: Address,
+        evidence: Hash32,
+        guilty: bool,
+    },
 }
 
 impl Op {
@@ -46,6 +56,7 @@ impl Op {
             Op::Stake { .. } => "stake",
             Op::Unstake { .. } => "unstake",
             Op::Reward { .. } => "reward",
+            Op::Verdict { .. } => "verdict",
         }
     }
 }
@@ -123,6 +134,17 @@ impl Block {
                 e.bytes(&proof.id().0)
                     .bytes(&proof.signature.0)
                     .u64(*amount);
+            }
+            Op::Verdict {
+                target,
+                accused,
+                evidence,
+                guilty,
+            } => {
+                e.bytes(&target.0)
+                    .bytes(&accused.0)
+                    .bytes(&evidence.0)
+                    .bool(*guilty);
             }
         }
         keccak(b"", e.finish())
@@ -221,6 +243,16 @@ impl SignedBlock {
                 check_age(proof.proof.timestamp, b.timestamp).map_err(|r| reject(r.to_string()))?;
                 if *amount == 0 || *amount > MAX_AMOUNT {
                     return Err(reject("reward amount out of range".into()));
+                }
+            }
+            Op::Verdict {
+                target, accused, ..
+            } => {
+                if *accused == b.account {
+                    return Err(invalid("a verdict on the voter's own reward"));
+                }
+                if *target == Hash32::ZERO {
+                    return Err(invalid("a verdict on the zero hash"));
                 }
             }
         }

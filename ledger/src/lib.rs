@@ -45,6 +45,7 @@ pub mod block;
 pub mod dates;
 pub mod db;
 pub mod error;
+pub mod fraud;
 pub mod proof;
 pub mod receipt;
 pub mod rewards;

@@ -11,6 +11,14 @@ use super::proof::MAX_LAYERS;
 pub const DEFAULT_CHALLENGE_WINDOW_SECONDS: i64 = 600;
 /// Longest challenge window a network may choose (one day).
 pub const MAX_CHALLENGE_WINDOW_SECONDS: i64 = 86_400;
+/// Staked weight that decides a fraud verdict: 100 NEURO.
+pub const DEFAULT_FRAUD_QUORUM: u64 = 100 * super::amount::UNITS_PER_NEURO;
+/// Half of a convicted account's stake is slashed.
+pub const DEFAULT_SLASH_BPS: u32 = 5_000;
+/// A fifth of a slash goes to the voters who found the fraud.
+pub const DEFAULT_REPORTER_BPS: u32 = 2_000;
+/// An acquitted accusation costs the accuser a tenth of its stake.
+pub const DEFAULT_FALSE_ACCUSATION_BPS: u32 = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
@@ -22,6 +30,18 @@ pub struct Rules {
     /// Development networks only: training claims need no receipts from other nodes (a
     /// lone node earns for its own training). Off in every open network.
     pub accept_unattested_training: bool,
+    /// Fraud verdicts (see `fraud.rs`): the staked weight of guilty votes that convicts a
+    /// reward (with at least twice the innocent weight), or of innocent votes that acquits it.
+    pub fraud_quorum: u64,
+    /// Share of a convicted account's stake (staked and cooling down) that is slashed, in basis
+    /// points.
+    pub slash_bps: u32,
+    /// Share of a slash paid to the voters who found the fraud (pro rata to their weight), in
+    /// basis points; the rest is burned.
+    pub reporter_bps: u32,
+    /// Share of its stake an accuser loses to the accused when the accusation is acquitted, in
+    /// basis points.
+    pub false_accusation_bps: u32,
 }
 
 impl Default for Rules {
@@ -30,6 +50,10 @@ impl Default for Rules {
             challenge_window_secs: DEFAULT_CHALLENGE_WINDOW_SECONDS,
             model_layers: MAX_LAYERS as u32,
             accept_unattested_training: false,
+            fraud_quorum: DEFAULT_FRAUD_QUORUM,
+            slash_bps: DEFAULT_SLASH_BPS,
+            reporter_bps: DEFAULT_REPORTER_BPS,
+            false_accusation_bps: DEFAULT_FALSE_ACCUSATION_BPS,
         }
     }
 }
@@ -41,6 +65,10 @@ pub enum RulesError {
     Window(i64),
     #[error("model layers must be between 1 and {MAX_LAYERS}, got {0}")]
     Layers(u32),
+    #[error("a share must be at most 10000 basis points, got {0}")]
+    Share(u32),
+    #[error("the fraud quorum must be above zero")]
+    Quorum,
 }
 
 impl Rules {
@@ -54,7 +82,7 @@ impl Rules {
         Ok(Rules {
             challenge_window_secs,
             model_layers,
-            accept_unattested_training: false,
+            ..Rules::default()
         })
     }
 
@@ -64,6 +92,31 @@ impl Rules {
             accept_unattested_training: true,
             ..self
         }
+    }
+
+    /// The same rules with other fraud parameters (all shares at most 10 000 basis points).
+    pub fn with_fraud(
+        self,
+        fraud_quorum: u64,
+        slash_bps: u32,
+        reporter_bps: u32,
+        false_accusation_bps: u32,
+    ) -> Result<Rules, RulesError> {
+        for bps in [slash_bps, reporter_bps, false_accusation_bps] {
+            if bps > 10_000 {
+                return Err(RulesError::Share(bps));
+            }
+        }
+        if fraud_quorum == 0 {
+            return Err(RulesError::Quorum);
+        }
+        Ok(Rules {
+            fraud_quorum,
+            slash_bps,
+            reporter_bps,
+            false_accusation_bps,
+            ..self
+        })
     }
 
     /// When a reward minted in a block dated `block_ts` becomes available.

@@ -114,7 +114,7 @@ impl Ledger {
         receipts: &[super::receipt::SignedReceipt],
     ) -> (u64, Option<u64>) {
         let inner = self.inner.lock().await;
-        match inner.state.account(address) {
+        match inner.state.chain_account(address) {
             Some(a) => (
                 super::receipt::attested(receipts, &a.receipt_counts, a.last_reward_epoch).steps,
                 a.last_reward_epoch,
@@ -284,7 +284,7 @@ impl Ledger {
         }
         let (mut previous, mut height, last_ts) = inner
             .state
-            .account(&addr)
+            .chain_account(&addr)
             .map_or((Hash32::ZERO, 0, 0), |a| (a.head, a.next_height, a.last_ts));
         let timestamp = now.max(last_ts);
         let mut signed = Vec::new();
@@ -509,7 +509,7 @@ impl Ledger {
             proof
                 .check_live(now)
                 .and_then(|_| check_age(proof.proof.timestamp, now.max(last_ts)))
-                .and_then(|_| match inner.state.account(&addr) {
+                .and_then(|_| match inner.state.chain_account(&addr) {
                     Some(a) => a.expected_reward(&proof),
                     None => super::account::Account::new(addr, None, *inner.state.rules())
                         .expected_reward(&proof),
@@ -628,6 +628,7 @@ impl Ledger {
                 reward: 0,
                 reason: Some(r.reason.clone()),
                 attested_by: Vec::new(),
+                judged_by: Vec::new(),
             });
         }
         stats.total_submitted = all.len();

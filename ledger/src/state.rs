@@ -14,6 +14,7 @@ use super::account::{Account, Effect, Outcome, ProofRecord, SourceInfo, history_
 use super::address::Address;
 use super::block::{Op, SignedBlock};
 use super::encode::Encoder;
+use super::fraud::{Decision, Settlement, VerdictRecord, settle};
 use super::keys::{Hash32, keccak};
 use super::rules::Rules;
 
@@ -51,6 +52,10 @@ pub struct LedgerState {
     burned: u128,
     rebuilds: u64,
     rules: Rules,
+    /// Counted verdicts per judged reward block (first pass).
+    verdicts: BTreeMap<Hash32, Vec<VerdictRecord>>,
+    /// The second pass: the accounts the verdicts' decisions changed, and what they burned.
+    settlement: Settlement,
 }
 
 impl LedgerState {
@@ -83,12 +88,36 @@ impl LedgerState {
         self.outcomes.get(hash)
     }
 
+    /// An account as the fraud decisions leave it (what it holds and may spend).
     pub fn account(&self, address: &Address) -> Option<&Account> {
+        self.settlement
+            .accounts
+            .get(address)
+            .or_else(|| self.accounts.get(address))
+    }
+
+    /// An account as its own chain left it, before fraud decisions: what its next block is
+    /// evaluated against (a reward's amount depends on this stake).
+    pub fn chain_account(&self, address: &Address) -> Option<&Account> {
         self.accounts.get(address)
     }
 
     pub fn accounts(&self) -> impl Iterator<Item = &Account> {
-        self.accounts.values()
+        let settled = &self.settlement.accounts;
+        let base = self
+            .accounts
+            .iter()
+            .map(move |(a, acc)| settled.get(a).unwrap_or(acc));
+        let extra = settled
+            .iter()
+            .filter(|(a, _)| !self.accounts.contains_key(a))
+            .map(|(_, acc)| acc);
+        base.chain(extra)
+    }
+
+    /// Every decided fraud verdict (convictions and acquittals), in the judged blocks' order.
+    pub fn decisions(&self) -> &[Decision] {
+        &self.settlement.decisions
     }
 
     pub fn block_count(&self) -> usize {
@@ -100,7 +129,7 @@ impl LedgerState {
     }
 
     pub fn burned(&self) -> u128 {
-        self.burned
+        self.burned + self.settlement.burned
     }
 
     /// How many full re-evaluations equivocations have caused.
@@ -149,6 +178,7 @@ impl LedgerState {
             self.rebuild();
         } else {
             self.advance(vec![addr]);
+            self.settle();
         }
         Inserted::New { fork }
     }
@@ -174,7 +204,24 @@ impl LedgerState {
         self.waiting.clear();
         self.minted = 0;
         self.burned = 0;
+        self.verdicts.clear();
         self.advance(addrs.into_iter().rev().collect());
+        self.settle();
+    }
+
+    /// Recomputes the fraud decisions from the first pass (cheap: nothing to do without
+    /// verdicts).
+    fn settle(&mut self) {
+        if self.verdicts.is_empty() && self.settlement.decisions.is_empty() {
+            return;
+        }
+        self.settlement = settle(
+            &self.rules,
+            &self.blocks,
+            &self.outcomes,
+            &self.accounts,
+            &self.verdicts,
+        );
     }
 
     fn source_info(&self, source: &Hash32) -> Option<SourceInfo> {
@@ -287,6 +334,7 @@ impl LedgerState {
                     by.dedup();
                     by
                 },
+                judged_by: Vec::new(),
             });
         }
         let Outcome::Applied(effect) = outcome else {
@@ -371,6 +419,25 @@ impl LedgerState {
                     }
                 }
             }
+            Effect::Voted {
+                target,
+                accused,
+                guilty,
+                weight,
+            } => {
+                account.judged.insert(target);
+                self.verdicts
+                    .entry(target)
+                    .or_default()
+                    .push(VerdictRecord {
+                        voter: addr,
+                        accused,
+                        guilty,
+                        weight,
+                        timestamp: ts,
+                        block: hash,
+                    });
+            }
         }
     }
 
@@ -404,12 +471,13 @@ impl LedgerState {
     /// minted == sum(available + staked + unbonding + pending rewards) + unclaimed sends +
     /// burned.
     pub fn check_invariant(&self) -> Result<(), String> {
-        let held: u128 = self.accounts.values().map(Account::held).sum();
+        let held: u128 = self.accounts().map(Account::held).sum();
         let flying: u128 = self.inflight.values().map(|f| u128::from(f.amount)).sum();
-        if held + flying + self.burned != self.minted {
+        let burned = self.burned();
+        if held + flying + burned != self.minted {
             return Err(format!(
-                "held {held} + in flight {flying} + burned {} != minted {}",
-                self.burned, self.minted
+                "held {held} + in flight {flying} + burned {burned} != minted {}",
+                self.minted
             ));
         }
         Ok(())
@@ -418,12 +486,17 @@ impl LedgerState {
     /// A hash of the whole derived state: equal on two nodes iff they agree on every balance,
     /// stake, chain head, freeze and unclaimed transfer.
     pub fn root_hash(&self) -> Hash32 {
-        let mut e = Encoder::new(b"neuroshard-ledger-root-v2");
-        e.i64(self.rules.challenge_window_secs)
-            .u32(self.rules.model_layers)
-            .bool(self.rules.accept_unattested_training)
-            .u64(self.accounts.len() as u64);
-        for a in self.accounts.values() {
+        let r = &self.rules;
+        let mut e = Encoder::new(b"neuroshard-ledger-root-v3");
+        e.i64(r.challenge_window_secs)
+            .u32(r.model_layers)
+            .bool(r.accept_unattested_training)
+            .u64(r.fraud_quorum)
+            .u32(r.slash_bps)
+            .u32(r.reporter_bps)
+            .u32(r.false_accusation_bps)
+            .u64(self.accounts().count() as u64);
+        for a in self.accounts() {
             e.bytes(&a.address.0)
                 .bytes(&a.head.0)
                 .u64(a.next_height)
@@ -447,7 +520,7 @@ impl LedgerState {
             e.bytes(&h.0).bytes(&f.to.0).u64(f.amount);
         }
         e.bytes(&self.minted.to_be_bytes())
-            .bytes(&self.burned.to_be_bytes());
+            .bytes(&self.burned().to_be_bytes());
         keccak(b"", e.finish())
     }
 }

@@ -99,6 +99,8 @@ pub struct ProofEntry {
     pub reason: Option<String>,
     /// The nodes whose receipts back the proof.
     pub attested_by: Vec<Address>,
+    /// Staked verifiers' counted verdicts: (voter, guilty, when).
+    pub judged_by: Vec<(Address, bool, i64)>,
 }
 
 impl From<&ProofRecord> for ProofEntry {
@@ -112,6 +114,7 @@ impl From<&ProofRecord> for ProofEntry {
             reward: p.reward,
             reason: p.reason.clone(),
             attested_by: p.attested_by.clone(),
+            judged_by: p.judged_by.clone(),
         }
     }
 }

@@ -48,6 +48,19 @@ enum Spec {
     Tick {
         secs: i64,
     },
+    /// A verdict by `who` on the latest reward of `on`.
+    Verdict {
+        who: usize,
+        on: usize,
+        guilty: bool,
+    },
+}
+
+/// Default rules with a fraud quorum of one unit, so any staked verdict decides.
+fn rules() -> neuroshard_ledger::Rules {
+    neuroshard_ledger::Rules::default()
+        .with_fraud(1, 5_000, 2_000, 1_000)
+        .unwrap()
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
@@ -56,12 +69,13 @@ fn spec() -> impl Strategy<Value = Spec> {
         4 => (who.clone(), 1u32..64).prop_map(|(who, layers)| Spec::Reward { who, layers }),
         4 => (who.clone(), 0usize..4, 1u32..1300).prop_map(|(from, to, permille)| Spec::Send { from, to, permille }),
         3 => who.clone().prop_map(|who| Spec::Claim { who }),
-        1 => (who.clone(), 1u32..1000, 1u32..3).prop_map(|(who, permille, days)| Spec::Stake { who, permille, days }),
+        3 => (who.clone(), 1u32..1000, 1u32..3).prop_map(|(who, permille, days)| Spec::Stake { who, permille, days }),
         1 => (who.clone(), 1u32..1200).prop_map(|(who, permille)| Spec::Unstake { who, permille }),
         1 => who.clone().prop_map(|who| Spec::Equivocate { who }),
         1 => who.clone().prop_map(|who| Spec::ReplayProof { who }),
         1 => who.clone().prop_map(|who| Spec::InflateReward { who }),
         2 => (60i64..200_000).prop_map(|secs| Spec::Tick { secs }),
+        4 => (who.clone(), 0usize..4, any::<bool>()).prop_map(|(who, on, guilty)| Spec::Verdict { who, on, guilty }),
     ]
 }
 
@@ -102,7 +116,7 @@ fn proof(w: &Wallet, ts: i64, layers: u32) -> SignedProof {
 /// Plays the specs as (mostly honest, partly hostile) authors, returning every signed block.
 fn author(specs: &[Spec]) -> Vec<SignedBlock> {
     let wallets: Vec<Wallet> = (0..4).map(|i| Wallet::from_seed(100 + i)).collect();
-    let mut st = LedgerState::new();
+    let mut st = LedgerState::with_rules(rules());
     let mut out = Vec::new();
     let mut now = T0;
     let mut last_proof: Vec<Option<SignedProof>> = vec![None; 4];
@@ -113,7 +127,16 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
         st.insert(b.clone(), h);
         out.push(b);
     };
-    for s in specs {
+    // Every author first earns and stakes half of it, so verdicts carry weight.
+    let mut all: Vec<Spec> = (0..4).map(|who| Spec::Reward { who, layers: 4 }).collect();
+    all.push(Spec::Tick { secs: 700 });
+    all.extend((0..4).map(|who| Spec::Stake {
+        who,
+        permille: 500,
+        days: 1,
+    }));
+    all.extend(specs.iter().cloned());
+    for s in &all {
         now += 61;
         let who = match s {
             Spec::Reward { who, .. }
@@ -122,7 +145,8 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
             | Spec::Unstake { who, .. }
             | Spec::Equivocate { who }
             | Spec::ReplayProof { who }
-            | Spec::InflateReward { who } => *who,
+            | Spec::InflateReward { who }
+            | Spec::Verdict { who, .. } => *who,
             Spec::Send { from, .. } => *from,
             Spec::Tick { secs } => {
                 now += secs;
@@ -130,7 +154,7 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
             }
         };
         let w = &wallets[who];
-        let acct = st.account(&w.address()).cloned();
+        let acct = st.chain_account(&w.address()).cloned();
         if acct.as_ref().is_some_and(|a| a.is_frozen()) || st.next_slot_taken(&w.address()) {
             continue;
         }
@@ -161,7 +185,7 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
             Spec::Reward { layers, .. } => {
                 let p = proof(w, ts, *layers);
                 let a = acct.clone().unwrap_or_else(|| {
-                    neuroshard_ledger::account::Account::new(w.address(), None, Default::default())
+                    neuroshard_ledger::account::Account::new(w.address(), None, rules())
                 });
                 let Ok((amount, _)) = a.expected_reward(&p) else {
                     continue;
@@ -252,6 +276,25 @@ fn author(specs: &[Spec]) -> Vec<SignedBlock> {
                 push(&mut st, &mut out, conflicting);
                 continue;
             }
+            Spec::Verdict { on, guilty, .. } => {
+                let on = if *on == who { (who + 1) % 4 } else { *on };
+                let accused = wallets[on].address();
+                let Some(target) = st.chain_account(&accused).and_then(|a| {
+                    a.history
+                        .iter()
+                        .rev()
+                        .find(|e| e.kind == "reward")
+                        .and_then(|e| Hash32::from_hex(&e.id[3..]).ok())
+                }) else {
+                    continue;
+                };
+                Op::Verdict {
+                    target,
+                    accused,
+                    evidence: Hash32([3; 32]),
+                    guilty: *guilty,
+                }
+            }
             Spec::Tick { .. } => unreachable!(),
         };
         push(&mut st, &mut out, mk(op));
@@ -269,7 +312,7 @@ fn shuffle<T>(v: &mut [T], mut seed: u64) {
 }
 
 fn deliver(blocks: &[SignedBlock]) -> LedgerState {
-    let mut st = LedgerState::new();
+    let mut st = LedgerState::with_rules(rules());
     for b in blocks {
         st.insert(b.clone(), b.hash());
         st.check_invariant()
@@ -349,7 +392,7 @@ fn equivocation_is_frozen_and_slashed_whatever_the_order() {
     let a = Wallet::from_seed(1);
     let (b, c) = (Wallet::from_seed(2), Wallet::from_seed(3));
     let p = proof(&a, T0, 8);
-    let mut st = LedgerState::new();
+    let mut st = LedgerState::with_rules(rules());
     let reward = SignedBlock::sign(
         Block {
             account: a.address(),

@@ -238,6 +238,70 @@ pub struct LedgerSummary {
     pub burned: f64,
     /// minted == available + staked + pending + burned over every account.
     pub invariant_ok: bool,
+    /// Fraud verdicts decided on the ledger: convictions (rewards voided, stake slashed) and
+    /// acquittals (the accusers paid the accused).
+    pub fraud: FraudSummary,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct FraudSummary {
+    pub convictions: usize,
+    pub acquittals: usize,
+    /// NEURO slashed from convicted nodes' stake.
+    pub slashed: f64,
+    /// Rewards voided by convictions, in NEURO.
+    pub voided: f64,
+    /// The latest 50 decisions, newest last.
+    pub slashes: Vec<SlashView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SlashView {
+    /// The judged reward block (`tx_<hash>`).
+    pub target: String,
+    pub accused: String,
+    /// true: convicted; false: acquitted.
+    pub convicted: bool,
+    pub guilty_stake: f64,
+    pub innocent_stake: f64,
+    /// Verifiers on the winning side.
+    pub verifiers: Vec<String>,
+    pub voided: f64,
+    /// Stake slashed from the accused (convicted) or taken from its accusers (acquitted).
+    pub slashed: f64,
+    /// Paid to the verifiers (convicted) or to the accused (acquitted).
+    pub paid: f64,
+    pub decided_at: String,
+}
+
+/// The ledger's fraud decisions as `/network` shows them.
+pub fn fraud_summary(decisions: &[neuroshard_ledger::fraud::Decision]) -> FraudSummary {
+    use neuroshard_ledger::units_to_neuro;
+    let convicted = decisions.iter().filter(|d| d.convicted);
+    FraudSummary {
+        convictions: convicted.clone().count(),
+        acquittals: decisions.len() - convicted.clone().count(),
+        slashed: units_to_neuro(convicted.clone().map(|d| d.slashed).sum()),
+        voided: units_to_neuro(convicted.map(|d| d.voided).sum()),
+        slashes: decisions
+            .iter()
+            .rev()
+            .take(50)
+            .rev()
+            .map(|d| SlashView {
+                target: format!("tx_{}", d.target.to_hex()),
+                accused: d.accused.to_checksum(),
+                convicted: d.convicted,
+                guilty_stake: units_to_neuro(d.guilty_weight),
+                innocent_stake: units_to_neuro(d.innocent_weight),
+                verifiers: d.voters.iter().map(|v| v.to_checksum()).collect(),
+                voided: units_to_neuro(d.voided),
+                slashed: units_to_neuro(d.slashed),
+                paid: units_to_neuro(d.paid),
+                decided_at: neuroshard_ledger::views::timestamp_string(d.decided_at),
+            })
+            .collect(),
+    }
 }
 
 fn human(n: u64) -> String {
@@ -310,6 +374,10 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
     let params = model.total_params();
     let root = state.ledger.root_hash().await.to_hex();
     let blocks = state.ledger.with_state(|s| s.block_count()).await;
+    let fraud = state
+        .ledger
+        .with_state(|s| fraud_summary(s.decisions()))
+        .await;
     let (minted, burned) = state.ledger.totals().await;
     let invariant_ok = match state.ledger.check_invariant().await {
         Ok(()) => true,
@@ -353,6 +421,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
             minted: minted as f64 / neuroshard_ledger::UNITS_PER_NEURO as f64,
             burned: burned as f64 / neuroshard_ledger::UNITS_PER_NEURO as f64,
             invariant_ok,
+            fraud,
         },
         pipeline,
     })

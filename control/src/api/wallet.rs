@@ -456,6 +456,17 @@ pub struct ProofView {
     pub reason: Option<String>,
     /// The nodes whose signed receipts of the work back the proof (issue #19).
     pub attested_by: Vec<String>,
+    /// Staked verifiers that recomputed a sampled part of the work, with their verdict and
+    /// when; the proof is `verified` by others when one of them found it innocent.
+    pub verified_by: Vec<VerdictView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct VerdictView {
+    pub verifier: String,
+    /// true: the recomputation did not reproduce the claimed work.
+    pub guilty: bool,
+    pub timestamp: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -495,6 +506,15 @@ pub async fn proofs(
                 reward: units_to_neuro(e.reward),
                 reason: e.reason,
                 attested_by: e.attested_by.iter().map(|a| a.to_checksum()).collect(),
+                verified_by: e
+                    .judged_by
+                    .iter()
+                    .map(|(v, guilty, t)| VerdictView {
+                        verifier: v.to_checksum(),
+                        guilty: *guilty,
+                        timestamp: timestamp_string(*t),
+                    })
+                    .collect(),
             })
             .collect(),
         stats: ProofStatsView {

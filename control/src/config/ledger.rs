@@ -4,7 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use neuroshard_ledger::rules::{DEFAULT_CHALLENGE_WINDOW_SECONDS, Rules, RulesError};
+use neuroshard_ledger::parse_neuro_f64;
+use neuroshard_ledger::rules::{
+    DEFAULT_CHALLENGE_WINDOW_SECONDS, DEFAULT_FALSE_ACCUSATION_BPS, DEFAULT_FRAUD_QUORUM,
+    DEFAULT_REPORTER_BPS, DEFAULT_SLASH_BPS, Rules, RulesError,
+};
+use neuroshard_ledger::units_to_neuro;
 
 use super::ConfigError;
 
@@ -17,6 +22,15 @@ pub struct LedgerConfig {
     /// Development networks only: training rewards without receipts from other nodes, so a
     /// node training alone earns (every node of the network must agree; logged at start).
     pub accept_unattested_training: bool,
+    /// Staked NEURO of guilty fraud verdicts that convicts a reward (with twice the innocent
+    /// stake), or of innocent verdicts that acquits it.
+    pub fraud_quorum_neuro: f64,
+    /// Share of a convicted node's stake slashed, in basis points (5000 = half).
+    pub slash_bps: u32,
+    /// Share of a slash paid to the verifiers who found the fraud, in basis points.
+    pub reporter_bps: u32,
+    /// Share of its stake an accuser pays the accused when acquitted, in basis points.
+    pub false_accusation_bps: u32,
 }
 
 impl Default for LedgerConfig {
@@ -24,6 +38,10 @@ impl Default for LedgerConfig {
         LedgerConfig {
             challenge_window_secs: DEFAULT_CHALLENGE_WINDOW_SECONDS,
             accept_unattested_training: false,
+            fraud_quorum_neuro: units_to_neuro(DEFAULT_FRAUD_QUORUM),
+            slash_bps: DEFAULT_SLASH_BPS,
+            reporter_bps: DEFAULT_REPORTER_BPS,
+            false_accusation_bps: DEFAULT_FALSE_ACCUSATION_BPS,
         }
     }
 }
@@ -31,16 +49,33 @@ impl Default for LedgerConfig {
 impl LedgerConfig {
     /// The ledger rules for a network whose model has `model_layers` layers.
     pub fn rules(&self, model_layers: u32) -> Result<Rules, ConfigError> {
-        let rules = Rules::new(self.challenge_window_secs, model_layers).map_err(|e| {
+        let invalid = |e: RulesError| {
             let key = match e {
                 RulesError::Window(_) => "ledger.challenge_window_secs",
                 RulesError::Layers(_) => "training.model",
+                RulesError::Share(_) => "ledger.slash_bps/reporter_bps/false_accusation_bps",
+                RulesError::Quorum => "ledger.fraud_quorum_neuro",
             };
             ConfigError::Invalid {
                 key: key.into(),
                 message: e.to_string(),
             }
-        })?;
+        };
+        let quorum =
+            parse_neuro_f64(self.fraud_quorum_neuro).map_err(|e| ConfigError::Invalid {
+                key: "ledger.fraud_quorum_neuro".into(),
+                message: e.to_string(),
+            })?;
+        let rules = Rules::new(self.challenge_window_secs, model_layers)
+            .and_then(|r| {
+                r.with_fraud(
+                    quorum,
+                    self.slash_bps,
+                    self.reporter_bps,
+                    self.false_accusation_bps,
+                )
+            })
+            .map_err(invalid)?;
         Ok(if self.accept_unattested_training {
             rules.unattested()
         } else {
