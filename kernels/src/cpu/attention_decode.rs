@@ -15,6 +15,7 @@ pub struct DecodeSeq<'a> {
 }
 
 /// Checks the shapes shared by the reference and the fast path.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_decode_shapes(
     out: usize,
     q: usize,

@@ -35,10 +35,10 @@ pub fn matmul_int8_forward(
     // Quantized inputs: i8 for the portable path, u8 (xq + 128) for VNNI.
     let mut xq = vec![0u8; m * k];
     let mut sx = vec![0.0f32; m];
-    for i in 0..m {
+    for (i, sxi) in sx.iter_mut().enumerate() {
         let row = &inp[i * k..(i + 1) * k];
         let s = row_scale(row);
-        sx[i] = s;
+        *sxi = s;
         for (q, &x) in xq[i * k..(i + 1) * k].iter_mut().zip(row) {
             let v = quantize(x, s);
             *q = if vnni {
@@ -69,7 +69,7 @@ pub fn matmul_int8_forward(
             unsafe { vnni::columns(o, &ops, m, j0, j1) };
             return;
         }
-        for i in 0..m {
+        for (i, &sxi) in sx.iter().enumerate() {
             let x = &ops.xq[i * k..(i + 1) * k];
             for j in j0..j1 {
                 let w = &wq[j * k..(j + 1) * k];
@@ -79,7 +79,7 @@ pub fn matmul_int8_forward(
                     .map(|(&a, &b)| a as i8 as i32 * b as i32)
                     .sum();
                 // SAFETY: (i, j) is inside out and in this task's columns.
-                unsafe { *o.at(i * n + j) = sx[i] * scales[j] * acc as f32 };
+                unsafe { *o.at(i * n + j) = sxi * scales[j] * acc as f32 };
             }
         }
     });
@@ -183,7 +183,7 @@ mod vnni {
                 let mask: __mmask64 = (1u64 << (k - p)) - 1;
                 let mut wv = [_mm512_setzero_si512(); NR];
                 for (c, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_maskz_loadu_epi8(mask, w.add((j + c) * k + p) as *const i8);
+                    *v = _mm512_maskz_loadu_epi8(mask, w.add((j + c) * k + p));
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let xv = _mm512_maskz_loadu_epi8(mask, x.add((i + r) * k + p) as *const i8);
