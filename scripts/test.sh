@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need (Python
 # packages, the CUDA compiler wheels for the kernel compile check, systemd-analyze, a
-# PostgreSQL server for the ledger tests, e2fsprogs and libfaketime), builds the binaries,
-# runs every test.
+# PostgreSQL server for the ledger tests, e2fsprogs, libfaketime, iproute2 and nftables),
+# builds the binaries, runs every test.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh -p neuroshard-kernels   # extra args go to `cargo test`
@@ -26,11 +26,17 @@ command -v mkfs.ext4 >/dev/null && command -v e2fsck >/dev/null || apt_install e
 command -v faketime >/dev/null || apt_install faketime
 # The TLS tests drive curl against the node's HTTPS port.
 command -v curl >/dev/null || apt_install curl ca-certificates
+# The network lab (tests/tests/lab.rs) makes namespaces, shapes links and cuts partitions.
+command -v ip >/dev/null && command -v tc >/dev/null || apt_install iproute2
+command -v nft >/dev/null || apt_install nftables
 # The dashboard test drives a real headless browser.
 command -v chromium >/dev/null || apt_install chromium
 command -v python3 >/dev/null || apt_install python3 python3-pip
 python3 -c 'import numpy, tokenizers, openai' 2>/dev/null || \
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore numpy tokenizers openai
+# The lab's throughput plot (scripts/lab-plot.py).
+python3 -c 'import matplotlib' 2>/dev/null || \
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore matplotlib
 # The model export's check (tests/tests/model_export.rs, engine/tests/export_check.py): the
 # `gguf` reader, transformers on PyTorch, and llama.cpp (llama-cpp-python compiles it from
 # source). PyTorch's CPU-only wheel when its index answers, else PyPI's (with its CUDA
@@ -46,8 +52,11 @@ python3 -c 'import gguf, transformers, llama_cpp' 2>/dev/null || \
 trap 'eval "${NS_PG_STOP:-true}" >/dev/null 2>&1 || true' EXIT
 
 echo "== build"
-# The integration tests start the real binaries: build them first (same profile as the tests).
-cargo build --workspace --bins
+# The integration tests start the real binaries: build them first (same profile as the tests),
+# with the `adversary` feature: the checked-work scenarios start a node that cheats on purpose
+# (a release build never has it, and refuses a configured cheat).
+features=(--features neuroshard/adversary)
+cargo build --workspace --bins "${features[@]}"
 
 echo "== test"
 # Hugging Face's tokenizers must read our tokenizer.json and produce the same ids.
@@ -58,7 +67,10 @@ scope=(--workspace)
 for arg in "$@"; do
     case $arg in -p | -p?* | --package | --package=*) scope=() ;; esac
 done
-cargo test "${scope[@]}" "$@" 2>&1 | tee "$log"
+# The same features as the build, so the binaries are not rebuilt (a picked package that is
+# not the daemon is built without them).
+[ ${#scope[@]} -gt 0 ] || features=()
+cargo test "${scope[@]}" "${features[@]}" "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo's last line is the last crate's doc-tests).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"

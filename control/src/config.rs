@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::engine::EngineMode;
 
+mod adversary;
 mod keys;
 mod ledger;
 mod live;
@@ -21,6 +22,7 @@ mod tls;
 mod tree;
 mod types;
 
+pub use adversary::{AdversaryConfig, Cheat};
 pub use keys::{needs_restart, redact_url};
 pub use ledger::LedgerConfig;
 pub use live::{ConfigSender, LiveConfig};
@@ -79,6 +81,8 @@ pub struct Config {
     pub node: NodeConfig,
     pub tls: TlsConfig,
     pub inference: InferenceConfig,
+    /// Tests of checked work only (`adversary` feature).
+    pub adversary: AdversaryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -247,6 +251,7 @@ impl Default for Config {
             node: NodeConfig::default(),
             tls: TlsConfig::default(),
             inference: InferenceConfig::default(),
+            adversary: AdversaryConfig::default(),
         }
     }
 }
@@ -387,6 +392,7 @@ impl Config {
             })
         };
         self.check_port()?;
+        self.adversary.validate()?;
         let t = &self.training;
         if !(1..=1024).contains(&t.batch_size) {
             return bad(
@@ -624,6 +630,11 @@ impl Config {
             outer: crate::diloco::outer::OuterOpt {
                 lr: t.outer_lr as f32,
                 momentum: t.outer_momentum as f32,
+            },
+            delta_scale: if cfg!(feature = "adversary") {
+                self.adversary.delta_scale()
+            } else {
+                1.0
             },
         }
     }

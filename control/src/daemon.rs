@@ -283,21 +283,25 @@ pub async fn run(
         // trainer has chosen them (after meeting its peers).
         let all = crate::stats::held_layers(&cfg);
         let fits = crate::pipeline::assign::capacity(&cfg, cfg.training.model.config()) >= all.end;
+        let serve_only = !cfg.training.enabled;
         let local = if cfg.node.observer {
             // An observer holds nothing: the layer pool never counts it.
             neuroshard_net::LocalRole {
                 role: "observer".into(),
                 layers: Vec::new(),
+                serve_only,
             }
         } else if fits {
             neuroshard_net::LocalRole {
                 role: "full".into(),
                 layers: all.collect(),
+                serve_only,
             }
         } else {
             neuroshard_net::LocalRole {
                 role: "worker".into(),
                 layers: Vec::new(),
+                serve_only,
             }
         };
         let net = neuroshard_net::Network::new(
@@ -390,6 +394,7 @@ pub async fn run(
         wallet: wallet.clone(),
         ledger: ledger.clone(),
         attest,
+        verifier: diloco.verifier.clone(),
     };
     let work_task = tokio::spawn(crate::work::run(minter, stop_trainer_rx.clone()));
 

@@ -33,6 +33,8 @@ pub struct Minter {
     pub ledger: Arc<Ledger>,
     /// The receipts peers signed for this node's work.
     pub attest: Arc<crate::attest::Attestations>,
+    /// Replays of other replicas' work waiting for their verdicts.
+    pub verifier: Arc<crate::diloco::verify::Verifier>,
 }
 
 impl Minter {
@@ -76,7 +78,70 @@ pub async fn run(state: Minter, mut stop: watch::Receiver<bool>) {
             return;
         }
         mark = prove(&state, mark).await;
+        judge(&state).await;
     }
+}
+
+/// Writes the verdicts of finished replays on the claims that cite them: a finding waits
+/// until the claimant's reward citing this node's receipt of that round is on the ledger, and
+/// is dropped once that reward's challenge window is over (a verdict would no longer count).
+async fn judge(state: &Minter) {
+    let now = chrono::Utc::now().timestamp();
+    let window = state.ledger.rules().await.challenge_window_secs;
+    let mut findings: Vec<_> = std::mem::take(&mut *state.verifier.findings.lock());
+    // One verdict per claim: several rounds' replays cite the same reward (a receipt counts
+    // an epoch's rounds); guilty if any of them is.
+    findings.sort_by_key(|f| (f.claimant, f.epoch, !f.guilty));
+    findings.dedup_by_key(|f| (f.claimant, f.epoch));
+    let me = state.wallet.address();
+    let mut keep = Vec::new();
+    for f in findings {
+        let target = state
+            .ledger
+            .claim_of(
+                &f.claimant,
+                &state.wallet.address(),
+                ReceiptKind::Contribution,
+                f.epoch,
+            )
+            .await;
+        let Some(target) = target else {
+            if now - f.found_at <= window + 2 * EPOCH_SECONDS {
+                keep.push(f);
+            }
+            continue;
+        };
+        // A verdict weighs this node's stake: without any it would be void, so the finding
+        // waits (within the window) for the node to stake.
+        let (judged, staked) = state
+            .ledger
+            .with_state(|s| {
+                s.chain_account(&me)
+                    .map_or((false, 0), |a| (a.judged.contains(&target), a.staked))
+            })
+            .await;
+        if judged {
+            continue;
+        }
+        if staked == 0 {
+            if now - f.found_at <= window + 2 * EPOCH_SECONDS {
+                keep.push(f);
+            }
+            continue;
+        }
+        match state
+            .ledger
+            .judge(&state.wallet, target, f.claimant, f.evidence, f.guilty, now)
+            .await
+        {
+            Ok(_) => {
+                state.verifier.figures.lock().verdicts_written += 1;
+                tracing::info!(claimant = %f.claimant, round = f.round, guilty = f.guilty, distance = f.distance, reason = %f.reason, "verdict written");
+            }
+            Err(e) => tracing::warn!(claimant = %f.claimant, error = %e, "verdict not written"),
+        }
+    }
+    state.verifier.findings.lock().extend(keep);
 }
 
 async fn current_model_hash(state: &Minter) -> Option<String> {

@@ -6,6 +6,8 @@
 //!
 //! * [`pool`]: the dynamic layer pool: a node's capacity, the layers it takes, its role, and
 //!   the takeover rule for layers nobody holds.
+//! * [`balance`]: where a joining node adds the most training throughput, and when a node
+//!   moves to even the stages out (with its threshold).
 //! * [`route`]: the chain of stages a pipeline step or a generation goes through.
 //! * [`catch_up`]: which DiLoCo state a replica adopts from the replicas it sees.
 //! * [`upkeep`]: when a pipeline stage checks the layer coverage, takes a gap over and
@@ -31,6 +33,7 @@
 //! **Invariant:** no tokio, no tonic, no clock, no randomness (checked by the architecture
 //! test over `cargo metadata`).
 
+pub mod balance;
 pub mod catch_up;
 pub mod pool;
 pub mod round;

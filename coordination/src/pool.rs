@@ -2,10 +2,12 @@
 //!
 //! Rule (the original's, made deterministic): a node whose capacity covers the whole model is
 //! a full replica. Otherwise it takes `capacity` contiguous layers starting at the first layer
-//! nobody holds; when every layer is held it adds redundancy where it is thinnest (the first
-//! window of `capacity` layers with the fewest holders, the last such window on a tie so a
-//! redundant node does not become a second driver). Role from what is held: embedding
-//! (layer 0) → driver, LM head (last layer) → validator, both → full, else worker.
+//! no training node holds; when every layer is held it adds a replica where the network's
+//! training throughput is lowest ([`crate::balance`]: fewest holders per unit of compute,
+//! layer 0 included, since every holder of the embedding drives its own pipeline). Serve-only
+//! nodes hold layers for inference and count neither here nor in the takeover rule. Role from
+//! what is held: embedding (layer 0) → driver, LM head (last layer) → validator, both → full,
+//! else worker.
 //!
 //! Takeover ([`takeover`]): while running, when some layers are held by nobody (their last
 //! holder left the peer table), one node — the same one in every node's view — extends or
@@ -16,6 +18,8 @@
 use std::ops::Range;
 
 use neuroshard_shared::model::ModelConfig;
+
+pub use crate::balance::Holder;
 
 /// What a node is in the pipeline, from the layers it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,6 +98,21 @@ pub fn layer_bytes(m: &ModelConfig) -> u64 {
     (4 * h * h + 3 * h * u64::from(m.ffn) + 2 * h) * 16
 }
 
+/// Parameters one token passes through on a stage holding `layers` of `total` (the transformer
+/// layers, and the LM head when the stage holds the last layer; the embedding is a lookup):
+/// tokens per second times this is a node's compute whatever stage it holds.
+pub fn params_per_token(m: &ModelConfig, layers: &Range<u32>, total: u32) -> u64 {
+    let h = u64::from(m.hidden);
+    let per_layer = 4 * h * h + 3 * h * u64::from(m.ffn) + 2 * h;
+    let n = u64::from(layers.end.saturating_sub(layers.start));
+    let head = if layers.end >= total && n > 0 {
+        u64::from(m.vocab_size) * h
+    } else {
+        0
+    };
+    n * per_layer + head
+}
+
 /// How many layers a node may hold: `max_layers` when set (above 0), else what
 /// `max_memory_gb` leaves after the embedding and head (2·vocab·h·16 bytes) with 20% kept for
 /// activations; at least one.
@@ -108,33 +127,23 @@ pub fn capacity(max_layers: u32, max_memory_gb: f64, m: &ModelConfig) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX).max(1)
 }
 
-/// The layers a node with `capacity` takes, given the layers each known peer holds.
-pub fn choose(total: u32, capacity: u32, peers: &[Vec<u32>]) -> Assignment {
+/// The layers a node with `capacity` takes, given the known peers: the first layers no
+/// training peer holds; when every layer has a training holder, the window where the network's
+/// training throughput is lowest ([`crate::balance`]). Serve-only peers do not count.
+pub fn choose(total: u32, capacity: u32, peers: &[Holder]) -> Assignment {
     if total == 0 || capacity >= total {
         return Assignment::full(total);
     }
-    let mut holders = vec![0u32; total as usize];
-    for layers in peers {
-        for &l in layers {
-            if let Some(h) = holders.get_mut(l as usize) {
-                *h += 1;
-            }
-        }
-    }
-    let start = match holders.iter().position(|&h| h == 0) {
+    let thr = crate::balance::layer_throughput(total, peers.iter());
+    let start = match thr.iter().position(|&t| t <= 0.0) {
         Some(first_free) => first_free as u32,
         None => {
-            // Every layer is held: the window of `capacity` layers with the fewest holders (the
-            // last one on a tie, away from the embedding: one driver is enough).
-            (0..=total - capacity)
-                .rev()
-                .min_by_key(|&s| {
-                    holders[s as usize..(s + capacity) as usize]
-                        .iter()
-                        .map(|&h| u64::from(h))
-                        .sum::<u64>()
-                })
-                .unwrap_or(0)
+            let held: Vec<Range<u32>> = peers
+                .iter()
+                .filter(|h| h.trains())
+                .filter_map(|h| h.range(total))
+                .collect();
+            crate::balance::best_window(&thr, capacity, &held)
         }
     };
     let end = (start + capacity).min(total);
@@ -144,35 +153,10 @@ pub fn choose(total: u32, capacity: u32, peers: &[Vec<u32>]) -> Assignment {
     }
 }
 
-/// A node as the takeover rule sees it: its id, the layers it advertises, its capacity.
-#[derive(Debug, Clone)]
-pub struct Holder {
-    pub id: String,
-    pub layers: Vec<u32>,
-    pub capacity: u32,
-}
-
-impl Holder {
-    /// Its layers as a range, when they are contiguous and not empty.
-    fn range(&self, total: u32) -> Option<Range<u32>> {
-        let first = *self.layers.iter().min()?;
-        let last = *self.layers.iter().max()?;
-        let mut sorted = self.layers.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        (sorted.len() as u32 == last - first + 1 && last < total).then_some(first..last + 1)
-    }
-
-    fn room(&self, total: u32) -> u32 {
-        self.range(total)
-            .map_or(0, |r| self.capacity.saturating_sub(r.end - r.start))
-    }
-}
-
-/// The first run of layers nobody among `nodes` holds.
+/// The first run of layers no training node among `nodes` holds.
 pub fn first_gap<'a>(total: u32, nodes: impl Iterator<Item = &'a Holder>) -> Option<Range<u32>> {
     let mut held = vec![false; total as usize];
-    for n in nodes {
+    for n in nodes.filter(|n| n.trains()) {
         for &l in &n.layers {
             if let Some(h) = held.get_mut(l as usize) {
                 *h = true;
@@ -187,8 +171,12 @@ pub fn first_gap<'a>(total: u32, nodes: impl Iterator<Item = &'a Holder>) -> Opt
 /// The range `me` should hold instead of its current one so that the first uncovered gap is
 /// covered (see the module doc), or None when nothing is uncovered or another node takes it.
 /// Every node applies the same rule to the same table, so exactly one node acts on a gap.
+/// Serve-only nodes neither count as holders nor take a gap.
 pub fn takeover(total: u32, me: &Holder, peers: &[Holder]) -> Option<Range<u32>> {
-    let all: Vec<&Holder> = std::iter::once(me).chain(peers).collect();
+    let all: Vec<&Holder> = std::iter::once(me)
+        .chain(peers)
+        .filter(|h| h.trains())
+        .collect();
     let gap = first_gap(total, all.iter().copied())?;
     let lowest = |side: &dyn Fn(&Range<u32>) -> bool| {
         all.iter()
@@ -226,9 +214,22 @@ pub fn takeover(total: u32, me: &Holder, peers: &[Holder]) -> Option<Range<u32>>
 mod tests {
     use super::*;
 
+    fn held(layers: &[&[u32]]) -> Vec<Holder> {
+        layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Holder {
+                id: format!("p{i}"),
+                layers: l.to_vec(),
+                capacity: l.len() as u32,
+                ..Holder::default()
+            })
+            .collect()
+    }
+
     #[test]
     fn a_node_that_fits_the_model_is_a_full_replica() {
-        let a = choose(4, 4, &[vec![0, 1]]);
+        let a = choose(4, 4, &held(&[&[0, 1]]));
         assert_eq!(a.layers, 0..4);
         assert_eq!(a.role(), Role::Full);
         assert_eq!(choose(4, 9, &[]).role(), Role::Full);
@@ -238,15 +239,15 @@ mod tests {
     fn nodes_take_the_first_free_layers_then_add_redundancy() {
         let a = choose(4, 2, &[]);
         assert_eq!((a.layers.clone(), a.role()), (0..2, Role::Driver));
-        let b = choose(4, 1, &[vec![0, 1]]);
+        let b = choose(4, 1, &held(&[&[0, 1]]));
         assert_eq!((b.layers.clone(), b.role()), (2..3, Role::Worker));
-        let c = choose(4, 1, &[vec![0, 1], vec![2]]);
+        let c = choose(4, 1, &held(&[&[0, 1], &[2]]));
         assert_eq!((c.layers.clone(), c.role()), (3..4, Role::Validator));
         // Everything held: the thinnest window.
-        let d = choose(4, 2, &[vec![0, 1], vec![2], vec![3], vec![0, 1]]);
+        let d = choose(4, 2, &held(&[&[0, 1], &[2], &[3], &[0, 1]]));
         assert_eq!(d.layers, 2..4);
         // A free layer in the middle is taken first, clamped at the end.
-        let e = choose(4, 3, &[vec![0, 1, 2]]);
+        let e = choose(4, 3, &held(&[&[0, 1, 2]]));
         assert_eq!(e.layers, 3..4);
     }
 
@@ -255,6 +256,7 @@ mod tests {
             id: id.into(),
             layers: layers.collect(),
             capacity,
+            ..Holder::default()
         }
     }
 
@@ -312,5 +314,93 @@ mod tests {
             .map(|r| r.as_str())
             .collect();
         assert_eq!(names, ["full", "driver", "worker", "validator"]);
+    }
+
+    fn node(id: &str, layers: Range<u32>, capacity: u32, compute: f64) -> Holder {
+        Holder {
+            id: id.into(),
+            layers: layers.collect(),
+            capacity,
+            compute,
+            serve_only: false,
+        }
+    }
+
+    #[test]
+    fn six_equal_nodes_joining_one_by_one_end_with_three_holders_per_window() {
+        let mut nodes: Vec<Holder> = Vec::new();
+        for i in 0..6 {
+            let a = choose(4, 2, &nodes);
+            nodes.push(node(&format!("n{i}"), a.layers, 2, 0.0));
+        }
+        let ranges: Vec<Range<u32>> = nodes.iter().map(|n| n.layers[0]..n.layers[1] + 1).collect();
+        assert_eq!(ranges, [0..2, 2..4, 2..4, 0..2, 2..4, 0..2]);
+        assert_eq!(
+            crate::balance::layer_throughput(4, nodes.iter()),
+            vec![3.0, 3.0, 3.0, 3.0]
+        );
+        // Balanced: nobody moves.
+        for (i, n) in nodes.iter().enumerate() {
+            let mut peers = nodes.clone();
+            peers.remove(i);
+            assert_eq!(crate::balance::rebalance(4, n, &peers), None, "{}", n.id);
+        }
+    }
+
+    #[test]
+    fn a_joiner_takes_the_window_with_the_least_compute_not_the_fewest_holders() {
+        // 2..4 has a fast and a slow node (400, 50: weights 1 and 1/4 against their mean),
+        // 0..2 two equal ones: 2..4 trains slower.
+        let nodes = [
+            node("a", 0..2, 2, 100.0),
+            node("d", 0..2, 2, 100.0),
+            node("b", 2..4, 2, 400.0),
+            node("c", 2..4, 2, 50.0),
+        ];
+        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
+        // Rates are compared within a stage only (a stage's cost per token is an estimate):
+        // one holder per stage, whatever their rates, is a tie.
+        let nodes = [node("a", 0..2, 2, 500.0), node("b", 2..4, 2, 100.0)];
+        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
+        // Equal compute: the fewest holders, layer 0 included (several drivers are wanted).
+        let nodes = [
+            node("a", 0..2, 2, 0.0),
+            node("b", 2..4, 2, 0.0),
+            node("c", 2..4, 2, 0.0),
+        ];
+        assert_eq!(choose(4, 2, &nodes).layers, 0..2);
+        // Measurements within a factor of 2 of the mean weigh the same (noise and a stage's
+        // bias move nobody): equal holders, the later window on the tie.
+        let nodes = [node("a", 0..2, 2, 160.0), node("b", 2..4, 2, 90.0)];
+        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
+        let nodes = [node("a", 0..2, 2, 90.0), node("b", 2..4, 2, 160.0)];
+        assert_eq!(choose(4, 2, &nodes).layers, 2..4);
+        // A node not measured yet counts as the mean of the measured ones.
+        let nodes = [
+            node("a", 0..2, 2, 0.0),
+            node("b", 2..4, 2, 50.0),
+            node("c", 2..4, 2, 50.0),
+        ];
+        assert_eq!(choose(4, 2, &nodes).layers, 0..2);
+    }
+
+    #[test]
+    fn serve_only_nodes_do_not_count_as_training_coverage() {
+        let mut serve = node("s", 0..4, 4, 0.0);
+        serve.serve_only = true;
+        // A serve-only full node first: the next two nodes still cover the model between them.
+        let a = choose(4, 2, std::slice::from_ref(&serve));
+        assert_eq!(a.layers, 0..2);
+        let b = choose(4, 2, &[serve.clone(), node("a", 0..2, 2, 0.0)]);
+        assert_eq!(b.layers, 2..4);
+        assert_eq!(
+            crate::balance::layer_throughput(4, [serve.clone()].iter()),
+            vec![0.0; 4]
+        );
+        // Nor as holders for the takeover rule: layers only it holds are a gap.
+        let c = node("c", 2..4, 4, 0.0);
+        assert_eq!(takeover(4, &c, std::slice::from_ref(&serve)), Some(0..4));
+        // And it never moves.
+        assert_eq!(crate::balance::rebalance(4, &serve, &[c]), None);
     }
 }

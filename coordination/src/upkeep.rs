@@ -11,6 +11,9 @@
 //!                                                and the takeover rule picks this node)
 //!                     └─► [Resync]              (else, once the step has not moved for the
 //!                                                resync wait)
+//! Balance{mine} ──► [Rebalance(range)]          (no gap; the same move proposed on two checks
+//!                                                in a row, REBALANCE_COOLDOWN after this
+//!                                                node's last change of layers)
 //! TookOver ──► []        TakeoverFailed ──► [Resync] when due
 //! Resynced{tried, step} ──► []   (a try doubles the wait up to MAX_RESYNC_WAIT)
 //! ```
@@ -26,6 +29,10 @@ pub const RESYNC_WAIT: Millis = 10_000;
 /// The wait doubles after each resync up to this (a standby replica of a large stage should
 /// not pull it every few seconds); it is back to [`RESYNC_WAIT`] once the stage trains again.
 pub const MAX_RESYNC_WAIT: Millis = 300_000;
+/// A node moves for balance ([`crate::balance`]) at most once per this long, counted from its
+/// start and from its last change of layers: the peers' advertisements (layers, measured
+/// throughput) catch up with a move before the next one is weighed.
+pub const REBALANCE_COOLDOWN: Millis = 20_000;
 
 /// What happened, as the executor reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,9 +46,13 @@ pub enum Event {
         gap: Option<Range<u32>>,
         mine: Option<Range<u32>>,
     },
-    /// [`Action::TakeOver`] succeeded: the stage holds the new range.
+    /// Sent after [`Event::Coverage`] when no layer is uncovered: the range the balance rule
+    /// ([`crate::balance::rebalance`]) moves this node to (`None`: no move passes the
+    /// threshold, or another node moves first).
+    Balance { mine: Option<Range<u32>> },
+    /// [`Action::TakeOver`] or [`Action::Rebalance`] succeeded: the stage holds the new range.
     TookOver,
-    /// [`Action::TakeOver`] failed; the old range is back.
+    /// [`Action::TakeOver`] or [`Action::Rebalance`] failed; the old range is back.
     TakeoverFailed,
     /// [`Action::Resync`] ran: `tried` when a holder ahead was found and the reload was
     /// attempted; `step` is the stage's step after it.
@@ -53,11 +64,15 @@ pub enum Event {
 pub enum Action {
     /// Tell peers this stage's optimizer step.
     PublishStep(u64),
-    /// Look at the peers' layers and answer with [`Event::Coverage`].
+    /// Look at the peers' layers and answer with [`Event::Coverage`] (then, when nothing is
+    /// uncovered, with [`Event::Balance`]).
     CheckCoverage,
     /// Reload the engine with this range (covering the gap), answer with [`Event::TookOver`]
     /// or [`Event::TakeoverFailed`].
     TakeOver(Range<u32>),
+    /// Reload the engine with this range (moving for balance); answer as for
+    /// [`Action::TakeOver`].
+    Rebalance(Range<u32>),
     /// Refresh the stage's layers from a holder at least `RESYNC_LAG` steps ahead, if there is
     /// one; answer with [`Event::Resynced`].
     Resync,
@@ -72,6 +87,10 @@ pub struct Upkeep {
     resync_wait: Millis,
     /// The gap seen on the previous check.
     seen_gap: Option<Range<u32>>,
+    /// The balance move proposed on the previous check.
+    seen_move: Option<Range<u32>>,
+    /// When this node last changed its layers (or started).
+    last_move: Millis,
 }
 
 impl Upkeep {
@@ -82,6 +101,8 @@ impl Upkeep {
             unchanged: (0, now),
             resync_wait: RESYNC_WAIT,
             seen_gap: None,
+            seen_move: None,
+            last_move: now,
         }
     }
 
@@ -117,8 +138,19 @@ impl Upkeep {
                     _ => self.resync_if_due(now),
                 }
             }
+            Event::Balance { mine } => {
+                let confirmed = mine.is_some() && self.seen_move == mine;
+                self.seen_move = mine.clone();
+                let cooled = now.saturating_sub(self.last_move) >= REBALANCE_COOLDOWN;
+                match mine {
+                    Some(range) if confirmed && cooled => vec![Action::Rebalance(range)],
+                    _ => Vec::new(),
+                }
+            }
             Event::TookOver => {
                 self.seen_gap = None;
+                self.seen_move = None;
+                self.last_move = now;
                 Vec::new()
             }
             Event::TakeoverFailed => self.resync_if_due(now),
@@ -252,6 +284,35 @@ mod tests {
             );
         }
         assert_eq!(u.resync_wait(), MAX_RESYNC_WAIT);
+    }
+
+    #[test]
+    fn a_balance_move_needs_two_checks_in_a_row_and_the_cooldown() {
+        let mut u = Upkeep::new(0);
+        let balance =
+            |u: &mut Upkeep, mine: Option<Range<u32>>, t| u.on(Event::Balance { mine }, t);
+        // Proposed twice in a row, but within the cooldown after the start: nothing.
+        assert_eq!(balance(&mut u, Some(0..2), 1_000), vec![]);
+        assert_eq!(balance(&mut u, Some(0..2), 2_000), vec![]);
+        // After it, twice in a row: the move.
+        assert_eq!(
+            balance(&mut u, Some(0..2), REBALANCE_COOLDOWN),
+            vec![Action::Rebalance(0..2)]
+        );
+        assert_eq!(u.on(Event::TookOver, REBALANCE_COOLDOWN), vec![]);
+        // A proposal that changes or disappears between checks is not confirmed.
+        let t = 3 * REBALANCE_COOLDOWN;
+        assert_eq!(balance(&mut u, Some(2..4), t), vec![]);
+        assert_eq!(balance(&mut u, None, t + 1_000), vec![]);
+        assert_eq!(balance(&mut u, Some(2..4), t + 2_000), vec![]);
+        assert_eq!(
+            balance(&mut u, Some(2..4), t + 3_000),
+            vec![Action::Rebalance(2..4)]
+        );
+        // The next move waits for the cooldown again.
+        u.on(Event::TookOver, t + 3_000);
+        assert_eq!(balance(&mut u, Some(0..2), t + 4_000), vec![]);
+        assert_eq!(balance(&mut u, Some(0..2), t + 5_000), vec![]);
     }
 
     #[test]

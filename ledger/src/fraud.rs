@@ -11,9 +11,10 @@
 //! its window has passed.
 //!
 //! **Decision** (stake-weighted, so Sybils without stake decide nothing): guilty weight at
-//! least `rules.fraud_quorum` and at least twice the innocent weight convicts; innocent weight
-//! at least the quorum and at least twice the guilty weight acquits; anything else changes
-//! nothing (yet).
+//! least `rules.fraud_quorum` and at least twice the innocent weight convicts; when someone
+//! accused, innocent weight at least the quorum and at least twice the guilty weight acquits;
+//! anything else changes nothing (yet). Innocent verdicts on an unaccused reward only show who
+//! verified it.
 //!
 //! **Determinism.** Verdicts never change the outcome of any block: chains are evaluated as
 //! before, and the decisions are a second, pure pass over that result (`settle`), taken in
@@ -130,7 +131,9 @@ pub fn settle(
             out.accounts.insert(accused, a);
         }
         let convicted = guilty >= rules.fraud_quorum && guilty >= innocent.saturating_mul(2);
-        let acquitted = innocent >= rules.fraud_quorum && innocent >= guilty.saturating_mul(2);
+        // An acquittal answers an accusation: innocent verdicts alone only verify.
+        let acquitted =
+            guilty > 0 && innocent >= rules.fraud_quorum && innocent >= guilty.saturating_mul(2);
         if !convicted && !acquitted {
             continue;
         }

@@ -50,8 +50,8 @@ pub struct Applied {
     pub equivocation: Option<(Address, u64)>,
 }
 
-struct Inner {
-    state: LedgerState,
+pub(crate) struct Inner {
+    pub(crate) state: LedgerState,
     next_seq: i64,
     next_rejection: i64,
 }
@@ -59,7 +59,7 @@ struct Inner {
 /// The node's view of the network ledger.
 pub struct Ledger {
     store: Store,
-    inner: Mutex<Inner>,
+    pub(crate) inner: Mutex<Inner>,
 }
 
 impl Ledger {
@@ -260,7 +260,7 @@ impl Ledger {
     }
 
     /// Signs and commits a run of blocks on the wallet's chain, in one transaction.
-    async fn commit_local(
+    pub(crate) async fn commit_local(
         &self,
         inner: &mut Inner,
         wallet: &Wallet,

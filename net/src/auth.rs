@@ -65,6 +65,7 @@ authed!(pb::GetPeersRequest, "GetPeers");
 authed!(pb::GossipRequest, "Gossip");
 authed!(pb::SyncRequest, "SyncLedger");
 authed!(pb::GetWeightsRequest, "GetWeights");
+authed!(pb::GetRoundCheckpointRequest, "GetRoundCheckpoint");
 authed!(pb::GetStageWeightsRequest, "GetStageWeights");
 authed!(pb::PipelineForwardRequest, "PipelineForward");
 authed!(pb::PipelineBackwardRequest, "PipelineBackward");

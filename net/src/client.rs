@@ -233,6 +233,28 @@ impl PeerConn {
         self.collect_weights("GetWeights", stream, max_bytes).await
     }
 
+    /// The checkpoint the peer started DiLoCo round `round` from (what a verifier replays),
+    /// and its sha256 as the peer states it; at most `max_bytes`.
+    pub async fn get_round_checkpoint(
+        &self,
+        round: u64,
+        max_bytes: usize,
+    ) -> Result<(String, Vec<u8>), NetworkError> {
+        let body = auth::sign_request(
+            &self.net.wallet,
+            pb::GetRoundCheckpointRequest { auth: None, round },
+            now_ms(),
+        );
+        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+        let stream = service_client!(DilocoClient, self.channel.clone())
+            .get_round_checkpoint(with_deadline(body, WEIGHTS_TIMEOUT))
+            .await;
+        let (_, sha, bytes) = self
+            .collect_weights("GetRoundCheckpoint", stream, max_bytes)
+            .await?;
+        Ok((sha, bytes))
+    }
+
     /// A checkpoint of the peer's pipeline stage, which holds every one of `layers`, and the
     /// hash of that stage's parameters; at most `max_bytes`.
     pub async fn get_stage_weights(

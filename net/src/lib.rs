@@ -115,6 +115,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct LocalRole {
     pub role: String,
     pub layers: Vec<u32>,
+    /// Serve-only (`--no-training`): the layers are for inference, not training coverage.
+    pub serve_only: bool,
 }
 
 /// A peer that just connected: its connection and the generation that tells this
@@ -140,6 +142,10 @@ pub struct Network {
     capacity: AtomicU32,
     /// The optimizer step of this node's layers, as peers see it (pipeline resync).
     train_step: AtomicU64,
+    /// Measured training compute (parameter-tokens/s, f64 bits), as peers see it (balance).
+    train_compute: AtomicU64,
+    /// Pipeline steps this stage runs or has callers waiting for, as peers see it.
+    pipeline_load: AtomicU32,
     pub auth: auth::Authenticator,
     pub scores: score::Scores,
     /// The connected peers: the one peer table.
@@ -173,6 +179,8 @@ impl Network {
             local: RwLock::new(local),
             capacity: AtomicU32::new(0),
             train_step: AtomicU64::new(0),
+            train_compute: AtomicU64::new(0),
+            pipeline_load: AtomicU32::new(0),
             auth: auth::Authenticator::default(),
             scores: score::Scores::default(),
             peers: table::PeerTable::default(),
@@ -219,6 +227,22 @@ impl Network {
         self.train_step.store(step, Ordering::Relaxed);
     }
 
+    /// The measured training compute (parameter-tokens per second), as peers see it (0: not
+    /// measured).
+    pub fn set_train_compute(&self, rate: f64) {
+        let rate = if rate.is_finite() && rate > 0.0 {
+            rate
+        } else {
+            0.0
+        };
+        self.train_compute.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The pipeline steps this stage runs or holds callers waiting for, as peers see it.
+    pub fn set_pipeline_load(&self, load: u32) {
+        self.pipeline_load.store(load, Ordering::Relaxed);
+    }
+
     /// The most layers this node may hold, as peers see it.
     pub fn set_capacity(&self, layers: u32) {
         self.capacity.store(layers, Ordering::Relaxed);
@@ -242,6 +266,9 @@ impl Network {
             round_hash,
             capacity: self.capacity.load(Ordering::Relaxed),
             train_step: self.train_step.load(Ordering::Relaxed),
+            serve_only: local.serve_only,
+            train_compute: f64::from_bits(self.train_compute.load(Ordering::Relaxed)),
+            pipeline_load: self.pipeline_load.load(Ordering::Relaxed),
         }
     }
 }

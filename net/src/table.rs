@@ -147,6 +147,9 @@ impl PeerTable {
                 round_hash: c.info.round_hash.clone(),
                 capacity: c.info.capacity,
                 train_step: c.info.train_step,
+                serve_only: c.info.serve_only,
+                train_compute: c.info.train_compute,
+                pipeline_load: c.info.pipeline_load,
             })
             .collect()
     }

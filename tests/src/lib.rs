@@ -6,6 +6,7 @@
 //! files one file after another.
 
 mod database;
+pub mod lab;
 mod scenario;
 
 pub use database::{Backend, POSTGRES_URL_VAR, PgDatabase};

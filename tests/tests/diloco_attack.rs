@@ -56,6 +56,10 @@ fn message(
                 data: compress::encode(Encoding::Bf16, v, &mut Vec::new()),
             })
             .collect(),
+        // The attacker commits to no round checkpoint: a verifier that samples it finds
+        // nothing to replay.
+        start_checkpoint: String::new(),
+        data_id: String::new(),
     }
 }
 

@@ -301,6 +301,7 @@ fn pipeline_calls_from_a_peer_that_is_not_the_stage_before_are_refused() {
             }),
             layer_start,
             route,
+            driver: "0x0000000000000000000000000000000000000001".into(),
         };
     let c_id = status(&c).unwrap()["node_id"].as_str().unwrap().to_string();
     let refused_before = [refused_count(&b).unwrap(), refused_count(&c).unwrap()];
@@ -321,6 +322,7 @@ fn pipeline_calls_from_a_peer_that_is_not_the_stage_before_are_refused() {
                 route: route.clone(),
                 // A malformed receipt is refused and counted, never trusted.
                 receipt: b"not a receipt".to_vec(),
+                driver: "0x0000000000000000000000000000000000000001".into(),
             },
             deadline,
         ));

@@ -175,6 +175,8 @@ pub struct PipelineSummary {
     pub tensor_bytes: u64,
     /// Times this node took over layers nobody held any more.
     pub takeovers: u64,
+    /// Times this node moved to another stage to even out the stages' training throughput.
+    pub rebalances: u64,
     /// Times this node, a replica left off the training route, refreshed its layers from a
     /// holder that had trained them further.
     pub resyncs: u64,
@@ -253,6 +255,38 @@ pub struct FraudSummary {
     pub voided: f64,
     /// The latest 50 decisions, newest last.
     pub slashes: Vec<SlashView>,
+    /// This node's own replays of other replicas' rounds (`diloco::verify`).
+    pub replays: ReplayFigures,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReplayFigures {
+    pub sampled: u64,
+    pub replayed: u64,
+    pub guilty: u64,
+    pub innocent: u64,
+    /// Sampled, but the checkpoint was not served or the scratch engine failed.
+    pub unverifiable: u64,
+    pub verdicts_written: u64,
+    /// Wall time spent replaying, in seconds.
+    pub replay_seconds: f64,
+    /// Largest relative distance among the innocent replays (the honest noise).
+    pub max_innocent_distance: f64,
+}
+
+impl From<&crate::diloco::verify::Figures> for ReplayFigures {
+    fn from(f: &crate::diloco::verify::Figures) -> Self {
+        ReplayFigures {
+            sampled: f.sampled,
+            replayed: f.replayed,
+            guilty: f.guilty,
+            innocent: f.innocent,
+            unverifiable: f.unverifiable,
+            verdicts_written: f.verdicts_written,
+            replay_seconds: f.replay_ms as f64 / 1000.0,
+            max_innocent_distance: f.distances.iter().copied().fold(0.0, f64::max),
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -275,7 +309,10 @@ pub struct SlashView {
 }
 
 /// The ledger's fraud decisions as `/network` shows them.
-pub fn fraud_summary(decisions: &[neuroshard_ledger::fraud::Decision]) -> FraudSummary {
+pub fn fraud_summary(
+    decisions: &[neuroshard_ledger::fraud::Decision],
+    replays: ReplayFigures,
+) -> FraudSummary {
     use neuroshard_ledger::units_to_neuro;
     let convicted = decisions.iter().filter(|d| d.convicted);
     FraudSummary {
@@ -283,6 +320,7 @@ pub fn fraud_summary(decisions: &[neuroshard_ledger::fraud::Decision]) -> FraudS
         acquittals: decisions.len() - convicted.clone().count(),
         slashed: units_to_neuro(convicted.clone().map(|d| d.slashed).sum()),
         voided: units_to_neuro(convicted.map(|d| d.voided).sum()),
+        replays,
         slashes: decisions
             .iter()
             .rev()
@@ -346,6 +384,7 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
         refused: counter(|c| &c.refused),
         tensor_bytes: counter(|c| &c.tensor_bytes),
         takeovers: counter(|c| &c.takeovers),
+        rebalances: counter(|c| &c.rebalances),
         resyncs: counter(|c| &c.resyncs),
         inference_failovers: counter(|c| &c.failovers),
         layers_from_peer: counter(|c| &c.layers_from_peer),
@@ -376,7 +415,12 @@ pub async fn network(State(state): State<AppState>) -> Json<NetworkResponse> {
     let blocks = state.ledger.with_state(|s| s.block_count()).await;
     let fraud = state
         .ledger
-        .with_state(|s| fraud_summary(s.decisions()))
+        .with_state(|s| {
+            fraud_summary(
+                s.decisions(),
+                ReplayFigures::from(&*state.diloco.verifier.figures.lock()),
+            )
+        })
         .await;
     let (minted, burned) = state.ledger.totals().await;
     let invariant_ok = match state.ledger.check_invariant().await {

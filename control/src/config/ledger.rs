@@ -31,6 +31,12 @@ pub struct LedgerConfig {
     pub reporter_bps: u32,
     /// Share of its stake an accuser pays the accused when acquitted, in basis points.
     pub false_accusation_bps: u32,
+    /// This node's own choice (not a network rule): the probability with which it replays
+    /// each other DiLoCo replica's contribution after aggregating a round (0 = never).
+    pub verify_probability: f64,
+    /// Largest relative distance between a replayed and a sent pseudo-gradient that counts
+    /// as reproduced.
+    pub verify_tolerance: f64,
 }
 
 impl Default for LedgerConfig {
@@ -42,9 +48,17 @@ impl Default for LedgerConfig {
             slash_bps: DEFAULT_SLASH_BPS,
             reporter_bps: DEFAULT_REPORTER_BPS,
             false_accusation_bps: DEFAULT_FALSE_ACCUSATION_BPS,
+            verify_probability: DEFAULT_VERIFY_PROBABILITY,
+            verify_tolerance: DEFAULT_VERIFY_TOLERANCE,
         }
     }
 }
+
+/// Each other replica's contribution is replayed with this probability: with three replicas
+/// a node replays 5% of the rounds it aggregates (its compute budget for checking others).
+pub const DEFAULT_VERIFY_PROBABILITY: f64 = 0.025;
+/// Relative distance a replay may differ by (bf16 on the wire costs ~0.4%).
+pub const DEFAULT_VERIFY_TOLERANCE: f64 = 0.05;
 
 impl LedgerConfig {
     /// The ledger rules for a network whose model has `model_layers` layers.
@@ -61,6 +75,17 @@ impl LedgerConfig {
                 message: e.to_string(),
             }
         };
+        for (key, v, max) in [
+            ("ledger.verify_probability", self.verify_probability, 1.0),
+            ("ledger.verify_tolerance", self.verify_tolerance, 10.0),
+        ] {
+            if !(0.0..=max).contains(&v) {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!("must be between 0 and {max}, got {v}"),
+                });
+            }
+        }
         let quorum =
             parse_neuro_f64(self.fraud_quorum_neuro).map_err(|e| ConfigError::Invalid {
                 key: "ledger.fraud_quorum_neuro".into(),

@@ -17,3 +17,4 @@ pub mod round;
 pub mod service;
 pub mod sync;
 pub mod validate;
+pub mod verify;

@@ -25,6 +25,8 @@ pub struct Settings {
     /// How long a replica waits for the others once its own delta is sent.
     pub timeout: Duration,
     pub outer: OuterOpt,
+    /// 1 for an honest node; an adversary build's cheat may scale the sent pseudo-gradient.
+    pub delta_scale: f32,
 }
 
 /// Largest accepted norm of one pseudo-gradient until the trainer sets the configured one
@@ -126,6 +128,8 @@ pub struct Diloco {
     /// Receipts of aggregated contributions waiting to answer their sender's next push, by
     /// sender id (one per replica: a newer one replaces the older, it counts more steps).
     pub receipts: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+    /// Sampled recomputation of the replicas' contributions (issue #19).
+    pub verifier: std::sync::Arc<super::verify::Verifier>,
 }
 
 impl Default for Diloco {
@@ -138,6 +142,7 @@ impl Default for Diloco {
             residuals: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
             receipts: Mutex::default(),
+            verifier: std::sync::Arc::default(),
         }
     }
 }

@@ -41,6 +41,24 @@ impl DilocoService {
 #[tonic::async_trait]
 impl DilocoRpc for DilocoService {
     type GetWeightsStream = WeightsStream;
+    type GetRoundCheckpointStream = WeightsStream;
+
+    async fn get_round_checkpoint(
+        &self,
+        req: Request<pb::GetRoundCheckpointRequest>,
+    ) -> Result<Response<Self::GetRoundCheckpointStream>, Status> {
+        let (body, _) = self.edge.verify(req)?;
+        // A recent round's starting checkpoint, for a verifier replaying our contribution.
+        let Some((sha, bytes)) = self.diloco.verifier.start_file(body.round) else {
+            return Err(Status::not_found(format!(
+                "no checkpoint kept for round {}",
+                body.round
+            )));
+        };
+        Ok(Response::new(
+            self.edge.weights_stream(body.round, sha, bytes),
+        ))
+    }
 
     async fn get_weights(
         &self,
@@ -60,6 +78,10 @@ impl DilocoRpc for DilocoService {
         req: Request<pb::DeltaMessage>,
     ) -> Result<Response<pb::DeltaAck>, Status> {
         let (body, v) = self.edge.verify(req)?;
+        let commitment = super::verify::Commitment {
+            start_checkpoint: body.start_checkpoint.clone(),
+            data_id: body.data_id.clone(),
+        };
         let msg = super::validate::WireDelta {
             sender: v.peer.to_string(),
             round: body.round,
@@ -79,11 +101,16 @@ impl DilocoRpc for DilocoService {
         };
         use super::validate::Reject;
         match self.diloco.receive(&msg) {
-            Ok(()) => Ok(self.edge.sent(pb::DeltaAck {
-                accepted: true,
-                reason: String::new(),
-                receipt: self.receipt_for(&msg.sender),
-            })),
+            Ok(()) => {
+                self.diloco
+                    .verifier
+                    .committed(&msg.sender, msg.round, commitment);
+                Ok(self.edge.sent(pb::DeltaAck {
+                    accepted: true,
+                    reason: String::new(),
+                    receipt: self.receipt_for(&msg.sender),
+                }))
+            }
             Err(reason) => {
                 self.edge
                     .net

@@ -157,8 +157,9 @@ impl Round<'_> {
         senders: &[String],
         batches: &[u64],
         outvoted: &[usize],
-    ) {
+    ) -> Vec<(String, u64)> {
         let me = self.attest.address().to_string();
+        let mut epochs = Vec::new();
         for (i, sender) in senders.iter().enumerate() {
             if *sender == me || outvoted.contains(&i) {
                 continue;
@@ -170,10 +171,68 @@ impl Round<'_> {
             let r = self
                 .attest
                 .credit(subject, batches[i], round, id.as_bytes());
+            epochs.push((sender.clone(), r.receipt.epoch_id));
             self.diloco
                 .receipts
                 .lock()
                 .insert(sender.clone(), crate::attest::to_bytes(&r));
+        }
+        epochs
+    }
+
+    /// Draws, for each attested contribution, whether to replay it (`verify.rs`).
+    fn sample(&self, round: u64, start_hash: &str, attested: &[(String, u64)]) {
+        let verifier = &self.diloco.verifier;
+        for (sender, epoch) in attested {
+            if !verifier.draw() {
+                continue;
+            }
+            let Ok(claimant) = sender.parse::<neuroshard_ledger::Address>() else {
+                continue;
+            };
+            let Some(commitment) = verifier
+                .commitments
+                .lock()
+                .get(&(sender.clone(), round))
+                .cloned()
+            else {
+                continue;
+            };
+            let Some(conn) = self
+                .replicas()
+                .into_iter()
+                .find(|(_, i)| i.node_id == *sender)
+                .map(|(c, _)| c)
+            else {
+                continue;
+            };
+            let (layout, theta_start) = {
+                let s = self.diloco.state.lock();
+                (s.layout.clone(), s.theta_start.clone())
+            };
+            let Some((sent, batches)) = self
+                .diloco
+                .inbox
+                .lock()
+                .matching(round, start_hash)
+                .into_iter()
+                .find(|c| c.sender == *sender)
+                .map(|c| (c.flat(), c.batches))
+            else {
+                continue;
+            };
+            let job = super::verify::Job {
+                claimant,
+                round,
+                epoch: *epoch,
+                start_hash: start_hash.to_string(),
+                batches,
+                commitment,
+                layout,
+                theta_start,
+                sent,
+            };
+            verifier.spawn(job, conn, self.dir.clone());
         }
     }
 
@@ -284,10 +343,11 @@ impl Round<'_> {
             let mut residuals = self.diloco.residuals.lock();
             residuals.resize(layout.tensors.len(), Vec::new());
             for (i, ((name, shape), local)) in layout.tensors.iter().zip(&theta_local).enumerate() {
+                let scale = self.settings.delta_scale;
                 let delta: Vec<f32> = s.theta_start[i]
                     .iter()
                     .zip(local)
-                    .map(|(a, b)| a - b)
+                    .map(|(a, b)| (a - b) * scale)
                     .collect();
                 let data = compress::encode(encoding, &delta, &mut residuals[i]);
                 own.push(
@@ -308,6 +368,7 @@ impl Round<'_> {
             batches,
             tensors: own,
         });
+        let commitment = self.diloco.verifier.own_commitment(round);
         let msg = pb::DeltaMessage {
             auth: None,
             round,
@@ -316,6 +377,8 @@ impl Round<'_> {
             batches,
             encoding: encoding.name().into(),
             tensors: wire,
+            start_checkpoint: commitment.start_checkpoint,
+            data_id: commitment.data_id,
         };
         let size = msg.encoded_len() as u64;
         let replicas = self.replicas();
@@ -468,7 +531,9 @@ impl Round<'_> {
         if !outvoted.is_empty() {
             tracing::info!(round, ?outvoted, "contributions outvoted by the aggregator");
         }
-        self.attest_contributions(round, &start_hash, &senders, &batches, &report.outvoted);
+        let attested =
+            self.attest_contributions(round, &start_hash, &senders, &batches, &report.outvoted);
+        self.sample(round, &start_hash, &attested);
         let agg = report.values;
         // New weights and momentum are computed aside and committed together after the
         // import, so GetWeights never serves a half-updated state.

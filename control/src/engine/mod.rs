@@ -8,6 +8,7 @@
 
 mod error;
 mod handle;
+pub mod scratch;
 pub mod slots;
 pub mod supervisor;
 mod types;

@@ -14,6 +14,7 @@ async fn node(dir: &std::path::Path) -> Arc<Gossip> {
         LocalRole {
             role: "full".into(),
             layers: Vec::new(),
+            serve_only: false,
         },
         neuroshard_net::no_advert(),
         connected,

@@ -14,7 +14,7 @@ use neuroshard_shared::model::ModelConfig;
 
 use super::phase::Phase;
 use super::route::Hop;
-use super::stage::Batch;
+use super::stage::{Batch, StepKey};
 use super::{Out, PipeError, Stage, Wire, check_acts, peer_err, plan_route, within};
 use neuroshard_net::Network;
 
@@ -55,7 +55,8 @@ pub fn new_step_id(last: u64) -> u64 {
 
 /// What every hop of one driven step shares.
 struct Hops {
-    step: u64,
+    /// This driver's id and the step id.
+    key: StepKey,
     /// The first stage after the driver, and the ids of the stages after it.
     first: Hop,
     rest: Vec<String>,
@@ -82,11 +83,12 @@ impl Hops {
                 .pipeline_step(
                     pb::PipelineStepRequest {
                         auth: None,
-                        step: self.step,
+                        step: self.key.step,
                         phase: phase.as_str().into(),
                         global_norm,
                         route: self.rest.clone(),
                         receipt,
+                        driver: self.key.driver.clone(),
                     },
                     self.timeout(),
                 )
@@ -140,12 +142,13 @@ impl Stage {
         }
         let cfg = self.config();
         let route = plan_route(net, a.layers.end, a.total)?;
+        let key = StepKey::new(net.id().to_string(), step);
         let first = route
             .first()
             .cloned()
             .ok_or_else(|| PipeError::NoRoute("no stage after the driver".into()))?;
         let hops = Hops {
-            step,
+            key: key.clone(),
             first,
             rest: route[1..].iter().map(|h| h.conn.id.to_string()).collect(),
             secs: cfg.training.pipeline_timeout_secs,
@@ -153,7 +156,7 @@ impl Stage {
         let pending = self.retry_batch.lock().take();
         let (ids, labels, shard) = match pending {
             Some(batch) => batch,
-            None => self.next_batch(step).await?,
+            None => self.next_batch(&key).await?,
         };
         let (b, t) = (ids.shape[0], ids.shape[1]);
         let (ids, labels, _) = &*batch.insert((ids, labels, shard));
@@ -218,18 +221,19 @@ impl Stage {
         ids: Wire,
         labels: Wire,
     ) -> Result<Event, PipeError> {
-        let acts = match self.forward(hops.step, mb, &ids, None).await? {
+        let acts = match self.forward(&hops.key, mb, &ids, None).await? {
             Out::Acts(w) => w,
             Out::Loss(_) => return Err(PipeError::Engine("driver computed a loss".into())),
         };
         let req = pb::PipelineForwardRequest {
             auth: None,
-            step: hops.step,
+            step: hops.key.step,
             micro_batch: mb,
             activations: Some(acts.to_pb()),
             labels: Some(labels.to_pb()),
             layer_start: hops.first.layers.start,
             route: hops.rest.clone(),
+            driver: hops.key.driver.clone(),
         };
         self.counters.tensor_bytes.fetch_add(
             (acts.data.len() + labels.data.len()) as u64,
@@ -266,9 +270,10 @@ impl Stage {
     ) -> Result<Event, PipeError> {
         let req = pb::PipelineBackwardRequest {
             auth: None,
-            step: hops.step,
+            step: hops.key.step,
             micro_batch: mb,
             route: hops.rest.clone(),
+            driver: hops.key.driver.clone(),
         };
         let first = &hops.first;
         let stage = first.conn.id.to_string();
@@ -293,17 +298,17 @@ impl Stage {
             first.conn.id,
             ReceiptKind::Backward,
             first.layers.start,
-            hops.step,
+            hops.key.step,
             mb,
             &grad.data,
         );
-        self.backward(hops.step, mb, Some(&grad)).await?;
+        self.backward(&hops.key, mb, Some(&grad)).await?;
         Ok(Event::BackwardDone { mb })
     }
 
     /// Phase `norm`: this stage's squared gradient norm, then the route's (checked).
     async fn gather_norm(&self, hops: &Hops) -> Result<Event, PipeError> {
-        let local = self.sq_norm(hops.step).await?;
+        let local = self.sq_norm(&hops.key).await?;
         let receipt = self.backward_receipt(&hops.first.conn.id);
         let remote = hops.optimizer(Phase::Norm, 0.0, receipt).await?.sq_norm;
         if !(remote.is_finite() && remote >= 0.0) {
@@ -318,7 +323,7 @@ impl Stage {
     /// Phase `apply`: this stage and the route step their optimizers at the same time.
     async fn apply_all(&self, hops: &Hops, global_norm: f32) -> Result<Event, PipeError> {
         let (optimizer_step, _) = tokio::try_join!(
-            self.apply(hops.step, global_norm),
+            self.apply(&hops.key, global_norm),
             hops.optimizer(Phase::Apply, global_norm, Vec::new())
         )?;
         Ok(Event::Applied { optimizer_step })

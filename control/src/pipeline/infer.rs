@@ -56,7 +56,7 @@ struct Generated {
 /// The shared-memory slots an inference command may use, held while it runs.
 struct SlotGuard<'a> {
     _infer: tokio::sync::MutexGuard<'a, ()>,
-    _train: Option<tokio::sync::MutexGuard<'a, u64>>,
+    _train: Option<tokio::sync::MutexGuard<'a, super::stage::InFlight>>,
     slots: Slots,
 }
 

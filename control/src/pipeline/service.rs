@@ -11,6 +11,7 @@ use neuroshard_proto::peer::pipeline_server::{Pipeline as PipelineRpc, PipelineS
 use tonic::{Request, Response, Status};
 
 use super::phase::Phase;
+use super::stage::StepKey;
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
 use neuroshard_ledger::Address;
 use neuroshard_ledger::receipt::ReceiptKind;
@@ -126,9 +127,10 @@ impl Stage {
             Ordering::Relaxed,
         );
         let secs = self.config().training.pipeline_timeout_secs;
+        let key = StepKey::new(req.driver.clone(), req.step);
         let out = self
             .forward(
-                req.step,
+                &key,
                 req.micro_batch,
                 &acts,
                 a.has_head().then_some(&labels),
@@ -166,6 +168,7 @@ impl Stage {
                     labels: Some(labels.to_pb()),
                     layer_start: a.layers.end,
                     route: rest,
+                    driver: req.driver.clone(),
                 };
                 let reply = within(secs, &hop.conn.id.to_string(), async {
                     hop.conn
@@ -238,6 +241,7 @@ impl Stage {
                 step: req.step,
                 micro_batch: req.micro_batch,
                 route: rest,
+                driver: req.driver.clone(),
             };
             let r = within(secs, &hop.conn.id.to_string(), async {
                 hop.conn
@@ -264,7 +268,11 @@ impl Stage {
             Some(g)
         };
         let gi = self
-            .backward(req.step, req.micro_batch, grad.as_ref())
+            .backward(
+                &StepKey::new(req.driver.clone(), req.step),
+                req.micro_batch,
+                grad.as_ref(),
+            )
             .await
             .map_err(|e| self.refused(e))?
             .ok_or_else(|| PipeError::Engine("no input gradient from the engine".into()))?;
@@ -313,9 +321,11 @@ impl Stage {
                     .map_err(|e| self.refused(e))?,
             )
         };
+        let key = StepKey::new(req.driver.clone(), req.step);
         let forward = |phase: Phase, norm: f32| {
             let next = next.clone();
             let step = req.step;
+            let driver = req.driver.clone();
             let receipt = next
                 .as_ref()
                 .map_or_else(Vec::new, |(hop, _)| self.backward_receipt(&hop.conn.id));
@@ -333,6 +343,7 @@ impl Stage {
                                         global_norm: norm,
                                         route: rest,
                                         receipt,
+                                        driver,
                                     },
                                     Duration::from_secs(u64::from(secs)),
                                 )
@@ -352,7 +363,7 @@ impl Stage {
         };
         match phase {
             Phase::Norm => {
-                let local = self.sq_norm(req.step).await.map_err(|e| self.refused(e))?;
+                let local = self.sq_norm(&key).await.map_err(|e| self.refused(e))?;
                 let rest = forward(Phase::Norm, 0.0).await?.sq_norm;
                 if !(rest.is_finite() && rest >= 0.0) {
                     return Err(PipeError::Peer {
@@ -368,7 +379,7 @@ impl Stage {
             Phase::Apply => {
                 let (local, _) = tokio::try_join!(
                     async {
-                        self.apply(req.step, req.global_norm)
+                        self.apply(&key, req.global_norm)
                             .await
                             .map_err(|e| self.refused(e))
                     },

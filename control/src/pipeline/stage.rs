@@ -20,6 +20,45 @@ use crate::stats::TrainingStats;
 /// How far ahead of the local clock a step id may be (clock skew between stages).
 const MAX_STEP_AHEAD_MS: u64 = 60_000;
 
+/// One pipeline step as a stage knows it: the driver (first stage) whose step it is and the
+/// driver's step id. Several drivers' pipelines may pass through one stage; the step-id rule
+/// ("a newer step drops what an older one left, an older one is refused") holds per driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepKey {
+    pub driver: String,
+    pub step: u64,
+}
+
+impl StepKey {
+    pub fn new(driver: impl Into<String>, step: u64) -> StepKey {
+        StepKey {
+            driver: driver.into(),
+            step,
+        }
+    }
+}
+
+/// The step that holds this stage's gradients (and saved activations) now.
+///
+/// Two pipelines through one stage are serialized, not summed: between ResetGrads and the
+/// optimizer step the engine accumulates exactly one step's micro-batches. Each pipeline's
+/// `apply` then steps the stage on its own gradients, clipped by its own global norm (gathered
+/// over its own route), so every pipeline step equals one node's TrainStep on its batch, as
+/// with a single pipeline. Summing several pipelines' gradients would need one global norm
+/// and one apply agreed between drivers that do not know of each other (and stages of
+/// different routes would step on different sums). Another driver's step waits until the
+/// step holding the stage is applied, replaced by its driver's next step, or idle for the
+/// pipeline timeout (its driver gone); past [`Stage::busy_wait`] it is refused as busy, and
+/// its driver tries another route.
+#[derive(Debug)]
+pub struct InFlight {
+    pub key: StepKey,
+    /// The step was applied: the stage is free for any driver.
+    pub done: bool,
+    /// When the step last ran a command here.
+    pub last: std::time::Instant,
+}
+
 /// Figures of this node's pipeline work.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -33,6 +72,8 @@ pub struct Counters {
     pub tensor_bytes: AtomicU64,
     /// Times this node changed its layers to cover layers nobody held (takeover).
     pub takeovers: AtomicU64,
+    /// Times this node moved to another stage to even out the stages' training throughput.
+    pub rebalances: AtomicU64,
     /// Times this node, a replica left off the training route, refreshed its layers from a
     /// holder that had trained them further.
     pub resyncs: AtomicU64,
@@ -54,8 +95,15 @@ pub struct Stage {
     pub(super) stats: Arc<Mutex<TrainingStats>>,
     pub(super) data_dir: PathBuf,
     pub(super) assignment: RwLock<Option<Assignment>>,
-    /// The step id being worked on; the lock serializes engine commands and slot use.
-    pub(super) current: tokio::sync::Mutex<u64>,
+    /// The step being worked on; the lock serializes engine commands and slot use.
+    pub(super) current: tokio::sync::Mutex<InFlight>,
+    /// Wakes steps of other drivers waiting for the stage (a step applied).
+    pub(super) freed: tokio::sync::Notify,
+    /// Callers (steps of other drivers) waiting for the stage now.
+    pub(super) waiting: AtomicU64,
+    /// Parameter-tokens and seconds of this stage's engine forwards and backwards (its
+    /// measured training compute, advertised for the layer balance).
+    pub(super) compute: Mutex<Meter>,
     pub counters: Arc<Counters>,
     /// Distributed inference on this stage (`infer.rs`).
     pub(super) infer: infer::InferState,
@@ -95,7 +143,14 @@ impl Stage {
             stats,
             data_dir,
             assignment: RwLock::new(None),
-            current: tokio::sync::Mutex::new(0),
+            current: tokio::sync::Mutex::new(InFlight {
+                key: StepKey::default(),
+                done: true,
+                last: std::time::Instant::now(),
+            }),
+            freed: tokio::sync::Notify::new(),
+            waiting: AtomicU64::new(0),
+            compute: Mutex::new(Meter::default()),
             counters: Arc::new(Counters::default()),
             infer: infer::InferState::default(),
             retry_batch: Mutex::new(None),
@@ -138,15 +193,17 @@ impl Stage {
             .ok_or_else(|| PipeError::NotReady("engine not running".into()))
     }
 
-    /// Takes the stage lock for `step`: a newer step drops what an older one left (saved
-    /// activations, accumulated gradients); an older step is refused.
+    /// Takes the stage lock for `key`'s step: a newer step of the same driver drops what an
+    /// older one left (saved activations, accumulated gradients), an older one is refused;
+    /// another driver's step waits until the stage is free (see [`InFlight`]).
     pub(super) async fn enter(
         &self,
-        step: u64,
+        key: &StepKey,
         engine: &EngineHandle,
-    ) -> Result<tokio::sync::MutexGuard<'_, u64>, PipeError> {
+    ) -> Result<tokio::sync::MutexGuard<'_, InFlight>, PipeError> {
         // Step ids are the driver's clock in milliseconds: one far ahead of ours would make
         // every real step look old until then.
+        let step = key.step;
         let ahead = step.saturating_sub(neuroshard_net::now_ms().max(0) as u64);
         if ahead > MAX_STEP_AHEAD_MS {
             return Err(PipeError::Refused(format!(
@@ -154,24 +211,115 @@ impl Stage {
                 ahead / 1000
             )));
         }
-        let mut cur = self.current.lock().await;
-        if step < *cur {
+        let stale = std::time::Duration::from_secs(u64::from(
+            self.config().training.pipeline_timeout_secs.max(1),
+        ));
+        let deadline = tokio::time::Instant::now() + self.busy_wait();
+        loop {
+            let freed = self.freed.notified();
+            let mut cur = self.current.lock().await;
+            let free = cur.done || cur.last.elapsed() >= stale;
+            if cur.key.driver == key.driver {
+                if step < cur.key.step {
+                    return Err(PipeError::Refused(format!(
+                        "step {step} is older than the current step {}",
+                        cur.key.step
+                    )));
+                }
+                if step > cur.key.step {
+                    engine.reset_grads().await.map_err(engine_err)?;
+                    cur.key.step = step;
+                    cur.done = false;
+                }
+            } else if free {
+                engine.reset_grads().await.map_err(engine_err)?;
+                cur.key = key.clone();
+                cur.done = false;
+            } else {
+                drop(cur);
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(PipeError::NotReady(
+                        "this stage is busy with another pipeline's step".into(),
+                    ));
+                }
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let _ = tokio::time::timeout_at(
+                    deadline
+                        .min(tokio::time::Instant::now() + std::time::Duration::from_millis(500)),
+                    freed,
+                )
+                .await;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            cur.last = std::time::Instant::now();
+            return Ok(cur);
+        }
+    }
+
+    /// Longest a step of another driver waits for this stage: half the pipeline timeout, so
+    /// its driver hears "busy" before its own deadline and tries another route.
+    pub(super) fn busy_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            u64::from(self.config().training.pipeline_timeout_secs) * 500,
+        )
+    }
+
+    /// The stage lock for a command of `key`'s step after its forwards (backward, norm,
+    /// apply): refused unless that step holds the stage.
+    async fn holding(
+        &self,
+        key: &StepKey,
+        what: &str,
+    ) -> Result<tokio::sync::MutexGuard<'_, InFlight>, PipeError> {
+        let mut g = self.current.lock().await;
+        if g.key != *key || g.done {
             return Err(PipeError::Refused(format!(
-                "step {step} is older than the current step {}",
-                *cur
+                "{what} for step {} of {}, but the stage is at step {} of {}",
+                key.step, key.driver, g.key.step, g.key.driver
             )));
         }
-        if step > *cur {
-            engine.reset_grads().await.map_err(engine_err)?;
-            *cur = step;
-        }
-        Ok(cur)
+        g.last = std::time::Instant::now();
+        Ok(g)
+    }
+
+    /// Pipeline steps running here or waiting for this stage (0: idle), as peers see it.
+    pub fn load(&self) -> u32 {
+        let waiting = self.waiting.load(Ordering::Relaxed) as u32;
+        let running = self.current.try_lock().map_or(1, |c| {
+            let stale = std::time::Duration::from_secs(u64::from(
+                self.config().training.pipeline_timeout_secs.max(1),
+            ));
+            u32::from(!c.done && c.last.elapsed() < stale)
+        });
+        running + waiting
+    }
+
+    /// Counts `tokens` trained through this node's layers in `secs` of engine time (a
+    /// stage's forward, a full replica's TrainStep), weighed by the parameters a token passes
+    /// through here, so that the rate is the node's, not its stage's.
+    pub fn record_compute(&self, tokens: u64, secs: f64) {
+        let per_token = match (self.assignment(), self.model()) {
+            (Some(a), Ok(m)) => {
+                neuroshard_coordination::pool::params_per_token(&m, &a.layers, a.total)
+            }
+            _ => 0,
+        };
+        self.compute
+            .lock()
+            .add(tokens.saturating_mul(per_token), secs);
+    }
+
+    /// This node's measured training compute: parameter-tokens per second of its engine's
+    /// training work (0 until measured).
+    pub fn compute_rate(&self) -> f64 {
+        self.compute.lock().rate()
     }
 
     /// The driver's next batch (token ids, labels) from its engine's data loader.
-    pub async fn next_batch(&self, step: u64) -> Result<(Wire, Wire, u32), PipeError> {
+    pub async fn next_batch(&self, key: &StepKey) -> Result<(Wire, Wire, u32), PipeError> {
         let engine = self.handle()?;
-        let _g = self.enter(step, &engine).await?;
+        let _g = self.enter(key, &engine).await?;
         let (ids, labels, shard) = engine.next_batch().await.map_err(engine_err)?;
         Ok((ids.into(), labels.into(), shard))
     }
@@ -179,17 +327,24 @@ impl Stage {
     /// This stage's forward of one micro-batch: ids (driver) or activations in.
     pub async fn forward(
         &self,
-        step: u64,
+        key: &StepKey,
         mb: u32,
         input: &Wire,
         labels: Option<&Wire>,
     ) -> Result<Out, PipeError> {
         let engine = self.handle()?;
-        let _g = self.enter(step, &engine).await?;
+        let _g = self.enter(key, &engine).await?;
+        let t0 = std::time::Instant::now();
         let r = engine
-            .forward(input.view(), labels.map(Wire::view), engine_mb(step, mb))
+            .forward(
+                input.view(),
+                labels.map(Wire::view),
+                engine_mb(key.step, mb),
+            )
             .await
             .map_err(engine_err)?;
+        let tokens = input.shape.iter().take(2).product::<u64>();
+        self.record_compute(tokens, t0.elapsed().as_secs_f64());
         match r {
             Forwarded::Loss(l) => Ok(Out::Loss(l)),
             Forwarded::Output(t) => Ok(Out::Acts(t.into())),
@@ -200,48 +355,32 @@ impl Stage {
     /// driver).
     pub async fn backward(
         &self,
-        step: u64,
+        key: &StepKey,
         mb: u32,
         grad: Option<&Wire>,
     ) -> Result<Option<Wire>, PipeError> {
         let engine = self.handle()?;
-        let g = self.current.lock().await;
-        if *g != step {
-            return Err(PipeError::Refused(format!(
-                "backward for step {step}, but the stage is at {}",
-                *g
-            )));
-        }
+        let _g = self.holding(key, "backward").await?;
+        let t0 = std::time::Instant::now();
         let r = engine
-            .backward(grad.map(Wire::view), engine_mb(step, mb))
+            .backward(grad.map(Wire::view), engine_mb(key.step, mb))
             .await
             .map_err(engine_err)?;
+        self.compute.lock().add(0, t0.elapsed().as_secs_f64());
         Ok(r.map(Wire::from))
     }
 
     /// Squared norm of this stage's gradients for `step`.
-    pub async fn sq_norm(&self, step: u64) -> Result<f64, PipeError> {
+    pub async fn sq_norm(&self, key: &StepKey) -> Result<f64, PipeError> {
         let engine = self.handle()?;
-        let g = self.current.lock().await;
-        if *g != step {
-            return Err(PipeError::Refused(format!(
-                "norm for step {step}, but the stage is at {}",
-                *g
-            )));
-        }
+        let _g = self.holding(key, "norm").await?;
         engine.grad_sq_norm().await.map_err(engine_err)
     }
 
     /// Steps this stage's optimizer clipped by `global_norm`; checkpoints on schedule.
-    pub async fn apply(&self, step: u64, global_norm: f32) -> Result<u64, PipeError> {
+    pub async fn apply(&self, key: &StepKey, global_norm: f32) -> Result<u64, PipeError> {
         let engine = self.handle()?;
-        let g = self.current.lock().await;
-        if *g != step {
-            return Err(PipeError::Refused(format!(
-                "apply for step {step}, but the stage is at {}",
-                *g
-            )));
-        }
+        let mut g = self.holding(key, "apply").await?;
         if !global_norm.is_finite() || global_norm < 0.0 {
             return Err(PipeError::Refused(format!(
                 "global norm {global_norm} is not a norm"
@@ -262,7 +401,10 @@ impl Stage {
                 Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
             }
         }
+        // Applied: the stage is free for the next step of any pipeline.
+        g.done = true;
         drop(g);
+        self.freed.notify_waiters();
         {
             let mut s = self.stats.lock();
             s.step = new_step;
@@ -277,7 +419,7 @@ impl Stage {
 impl Stage {
     /// Holds the stage lock: no pipeline command runs on the engine until it is dropped (a
     /// layer range being reloaded).
-    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, u64> {
+    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, InFlight> {
         self.current.lock().await
     }
 
@@ -314,3 +456,47 @@ impl Stage {
 
 /// Numbers the snapshot files a node writes for its peers.
 static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
+
+/// Tokens and engine seconds of a stage's training commands, as an exponential moving sum
+/// (each new sample weighs in; old ones fade with factor 0.98 per command), so the rate
+/// follows a change of layers or load within some tens of steps.
+#[derive(Debug, Default)]
+pub struct Meter {
+    tokens: f64,
+    secs: f64,
+}
+
+impl Meter {
+    pub fn add(&mut self, tokens: u64, secs: f64) {
+        if !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        self.tokens = self.tokens * 0.98 + tokens as f64;
+        self.secs = self.secs * 0.98 + secs;
+    }
+
+    /// Tokens per second (0 before any measurement).
+    pub fn rate(&self) -> f64 {
+        if self.secs > 0.0 && self.tokens > 0.0 {
+            self.tokens / self.secs
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Meter;
+
+    #[test]
+    fn the_meter_counts_forward_tokens_over_forward_and_backward_time() {
+        let mut m = Meter::default();
+        assert_eq!(m.rate(), 0.0);
+        m.add(100, 0.5);
+        m.add(0, 0.5);
+        assert!((m.rate() - 98.0 / (0.5 * 0.98 + 0.5)).abs() < 1e-9);
+        m.add(5, f64::NAN);
+        assert!(m.rate().is_finite());
+    }
+}

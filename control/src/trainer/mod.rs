@@ -180,9 +180,36 @@ impl Trainer {
                         let outcome = match action {
                             Action::PublishStep(step) => {
                                 self.net.set_train_step(step);
+                                self.net.set_train_compute(self.stage.compute_rate());
+                                self.net.set_pipeline_load(self.stage.load());
                                 None
                             }
-                            Action::CheckCoverage => Some(self.coverage(&assignment)),
+                            Action::CheckCoverage => {
+                                let coverage = self.coverage(&assignment);
+                                // No gap: the balance rule's turn (the upkeep machine takes
+                                // its proposal after the coverage).
+                                if matches!(coverage, Event::Coverage { gap: None, .. }) {
+                                    todo.extend(upkeep.on(coverage, now_ms()));
+                                    Some(self.balance(&assignment))
+                                } else {
+                                    Some(coverage)
+                                }
+                            }
+                            Action::Rebalance(layers) => {
+                                let new = crate::pipeline::Assignment {
+                                    layers,
+                                    total: assignment.total,
+                                };
+                                Some(
+                                    match self.move_for_balance(&client, &assignment, &new).await {
+                                        true => {
+                                            assignment = new;
+                                            Event::TookOver
+                                        }
+                                        false => Event::TakeoverFailed,
+                                    },
+                                )
+                            }
                             Action::TakeOver(layers) => {
                                 let new = crate::pipeline::Assignment {
                                     layers,
@@ -225,8 +252,14 @@ impl Trainer {
                     self.pipeline_step(last_step_id, &mut stop).await;
                     continue;
                 }
-                match client.train_step().await {
+                let t0 = Instant::now();
+                match self.inner_step(&client, &cfg).await {
                     Ok(r) => {
+                        // A full replica's measured training throughput (the layer balance
+                        // weighs holders by it).
+                        self.stage
+                            .record_compute(r.tokens, t0.elapsed().as_secs_f64());
+                        self.net.set_train_compute(self.stage.compute_rate());
                         self.update(|s| {
                             s.step = r.step;
                             s.loss = Some(r.loss);

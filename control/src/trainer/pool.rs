@@ -33,13 +33,7 @@ impl Trainer {
                     return None;
                 }
             }
-            let held: Vec<Vec<u32>> = net
-                .peers
-                .node_infos()
-                .into_iter()
-                .map(|i| i.layers)
-                .collect();
-            crate::pipeline::assign::choose(total, capacity, &held)
+            crate::pipeline::assign::choose(total, capacity, &self.holders())
         } else {
             crate::pipeline::Assignment::full(total)
         };
@@ -49,11 +43,40 @@ impl Trainer {
         Some(a)
     }
 
+    /// The connected peers as the layer pool sees them (layers, capacity, measured training
+    /// throughput, serve-only).
+    fn holders(&self) -> Vec<crate::pipeline::assign::Holder> {
+        self.net
+            .peers
+            .node_infos()
+            .into_iter()
+            .map(|i| crate::pipeline::assign::Holder {
+                id: i.node_id,
+                layers: i.layers,
+                capacity: i.capacity,
+                compute: i.train_compute,
+                serve_only: i.serve_only,
+            })
+            .collect()
+    }
+
+    /// This node as the layer pool sees it.
+    fn me(&self, a: &crate::pipeline::Assignment) -> crate::pipeline::assign::Holder {
+        crate::pipeline::assign::Holder {
+            id: self.net.id().to_string(),
+            layers: a.layers.clone().collect(),
+            capacity: self.capacity().1,
+            compute: self.stage.compute_rate(),
+            serve_only: !self.config().training.enabled,
+        }
+    }
+
     /// Tells peers, the pipeline stage and the API which layers this node holds.
     pub(super) fn publish(&self, a: &crate::pipeline::Assignment) {
         self.net.set_local_role(neuroshard_net::LocalRole {
             role: a.role().as_str().into(),
             layers: a.layers.clone().collect(),
+            serve_only: !self.config().training.enabled,
         });
         self.stage.set_assignment(a.clone());
         self.update(|s| s.assignment = Some(a.clone()));
@@ -71,34 +94,57 @@ impl Trainer {
     /// and the range the rule gives this node for it (when that changes this node's range).
     /// Nothing while the model is not loaded.
     pub(super) fn coverage(&self, a: &crate::pipeline::Assignment) -> Event {
-        use crate::pipeline::assign::{Holder, first_gap, takeover};
+        use crate::pipeline::assign::{first_gap, takeover};
         let nothing = Event::Coverage {
             gap: None,
             mine: None,
         };
-        let net = &self.net;
         if !self.stats.lock().model_loaded {
             return nothing;
         }
-        let (total, capacity) = self.capacity();
-        let me = Holder {
-            id: net.id().to_string(),
-            layers: a.layers.clone().collect(),
-            capacity,
-        };
-        let peers: Vec<Holder> = net
-            .peers
-            .node_infos()
-            .into_iter()
-            .map(|i| Holder {
-                id: i.node_id,
-                layers: i.layers,
-                capacity: i.capacity,
-            })
-            .collect();
+        let total = self.capacity().0;
+        let me = self.me(a);
+        let peers = self.holders();
         Event::Coverage {
             gap: first_gap(total, std::iter::once(&me).chain(&peers)),
             mine: takeover(total, &me, &peers).filter(|r| *r != a.layers),
+        }
+    }
+
+    /// The balance rule's move for this node now (`neuroshard_coordination::balance`), as
+    /// the event the upkeep machine takes after a coverage check with no gap.
+    pub(super) fn balance(&self, a: &crate::pipeline::Assignment) -> Event {
+        let mine = if self.stats.lock().model_loaded {
+            let total = self.capacity().0;
+            neuroshard_coordination::balance::rebalance(total, &self.me(a), &self.holders())
+                .filter(|r| *r != a.layers)
+        } else {
+            None
+        };
+        Event::Balance { mine }
+    }
+
+    /// Moves this node to `new` to even the stages' training throughput out; as a takeover.
+    pub(super) async fn move_for_balance(
+        &self,
+        client: &EngineHandle,
+        a: &crate::pipeline::Assignment,
+        new: &crate::pipeline::Assignment,
+    ) -> bool {
+        tracing::info!(from = ?a.layers, to = ?new.layers, "moving to the stage with the least training throughput");
+        match self.reload(client, a, new, None).await {
+            Ok(()) => {
+                self.stage
+                    .counters
+                    .rebalances
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "move for balance failed");
+                self.update(|s| s.last_error = Some(e));
+                false
+            }
         }
     }
 

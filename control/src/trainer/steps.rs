@@ -15,8 +15,42 @@ impl Trainer {
     pub(super) async fn diloco_init(&self, client: &EngineHandle) {
         let dir = self.data_dir.join("diloco");
         *self.diloco.max_norm.lock() = self.config().diloco_settings().max_norm;
+        *self.diloco.verifier.spec.lock() = Some(self.replay_spec());
         if let Err(e) = crate::diloco::sync::init(&self.diloco, client, &dir).await {
             tracing::warn!(error = %e, "DiLoCo: could not read the model's weights");
+        }
+        self.keep_round_start(client).await;
+    }
+
+    /// How this node replays other replicas' rounds (`diloco::verify`).
+    fn replay_spec(&self) -> crate::diloco::verify::ReplaySpec {
+        let cfg = self.config();
+        let n = cfg.training.model.config().layers;
+        let whole = crate::pipeline::Assignment::full(n);
+        crate::diloco::verify::ReplaySpec {
+            binary: if cfg.engine.binary.is_empty() {
+                crate::engine::supervisor::default_engine_binary()
+            } else {
+                cfg.engine.binary.clone().into()
+            },
+            threads: cfg.resources.cpu_threads,
+            load: load_spec(&cfg, "", None, &whole),
+            probability: cfg.ledger.verify_probability,
+            tolerance: cfg.ledger.verify_tolerance,
+            data_id: self.node_id.clone(),
+        }
+    }
+
+    /// Checkpoints the start of the round this replica is now in, for verifiers.
+    async fn keep_round_start(&self, client: &EngineHandle) {
+        let dir = self.data_dir.join("diloco");
+        if let Err(e) = self
+            .diloco
+            .verifier
+            .keep_start(&self.diloco, client, &dir)
+            .await
+        {
+            tracing::warn!(error = %e, "DiLoCo: could not keep the round's starting checkpoint");
         }
     }
 
@@ -52,6 +86,7 @@ impl Trainer {
                             boundary.on(RoundEvent::CaughtUp);
                             let h = self.diloco.state.lock().start_hash.clone();
                             self.update(|s| s.model_hash = h);
+                            self.keep_round_start(client).await;
                         }
                         Ok(None) => {}
                         Err(e) => tracing::debug!(error = %e, "DiLoCo catch-up failed; retrying"),
@@ -71,6 +106,7 @@ impl Trainer {
                                 | crate::diloco::sync::Outcome::CaughtUp { hash, .. } => hash,
                             };
                             self.update(|s| s.model_hash = hash);
+                            self.keep_round_start(client).await;
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "DiLoCo round failed");
@@ -83,6 +119,30 @@ impl Trainer {
                 }
             }
         }
+    }
+
+    /// One local training step; an adversary build configured to cheat may skip the engine
+    /// and report a step it never computed.
+    pub(super) async fn inner_step(
+        &self,
+        client: &EngineHandle,
+        cfg: &Config,
+    ) -> Result<crate::engine::TrainStepped, crate::engine::EngineError> {
+        let n = self.stats.lock().steps_this_run;
+        if cfg!(feature = "adversary") && !cfg.adversary.computes(n) {
+            let (step, loss) = {
+                let s = self.stats.lock();
+                (s.step + 1, s.loss.unwrap_or(5.0))
+            };
+            return Ok(crate::engine::TrainStepped {
+                loss,
+                step,
+                tokens: u64::from(cfg.training.batch_size) * u64::from(cfg.training.seq_len),
+                grad_norm: 1.0,
+                shard: 0,
+            });
+        }
+        client.train_step().await
     }
 
     /// The round with the replicas connected to this node.

@@ -61,6 +61,7 @@ impl Observer {
             LocalRole {
                 role: "observer".into(),
                 layers: Vec::new(),
+                serve_only: false,
             },
             neuroshard_net::no_advert(),
             connected,

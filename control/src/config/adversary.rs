@@ -1,0 +1,59 @@
+//! The `[adversary]` section: a node that cheats on purpose, for the tests of checked work
+//! (issue #19). Honoured only by a build with the `adversary` cargo feature (never in release
+//! builds); any other build refuses to start with a cheat configured.
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// How the node cheats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Cheat {
+    /// Honest.
+    #[default]
+    None,
+    /// A DiLoCo replica that reports its inner steps without computing any (the engine is
+    /// never asked): its pseudo-gradient is zero.
+    SkipInnerSteps,
+    /// A DiLoCo replica that computes one inner step in four and sends its pseudo-gradient
+    /// times four, so it looks like a whole round's.
+    FewerStepsScaled,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdversaryConfig {
+    pub cheat: Cheat,
+}
+
+impl AdversaryConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.cheat != Cheat::None && !cfg!(feature = "adversary") {
+            return Err(ConfigError::Invalid {
+                key: "adversary.cheat".into(),
+                message: "cheating needs a build with the `adversary` cargo feature (tests \
+                          only, never a release build)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this inner step is computed (`n`: the steps done so far this run).
+    pub fn computes(&self, n: u64) -> bool {
+        match self.cheat {
+            Cheat::None => true,
+            Cheat::SkipInnerSteps => false,
+            Cheat::FewerStepsScaled => n.is_multiple_of(4),
+        }
+    }
+
+    /// What the sent pseudo-gradient is multiplied by.
+    pub fn delta_scale(&self) -> f32 {
+        match self.cheat {
+            Cheat::FewerStepsScaled => 4.0,
+            _ => 1.0,
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The verifier's side of fraud verdicts (`fraud.rs`): finding the reward a recomputed piece
+//! of work was claimed in, and writing this node's verdict on it.
+
+use super::account::{Effect, Outcome};
+use super::address::Address;
+use super::block::Op;
+use super::error::LedgerError;
+use super::keys::{Hash32, Wallet};
+use super::receipt::ReceiptKind;
+use super::service::Ledger;
+
+impl Ledger {
+    /// The first rewarded block of `accused` whose proof carries a receipt of `kind` signed by
+    /// `attester` for `epoch`: the claim of the work that receipt attested.
+    pub async fn claim_of(
+        &self,
+        accused: &Address,
+        attester: &Address,
+        kind: ReceiptKind,
+        epoch: u64,
+    ) -> Option<Hash32> {
+        let inner = self.inner.lock().await;
+        let st = &inner.state;
+        let account = st.chain_account(accused)?;
+        account
+            .history
+            .iter()
+            .filter(|e| e.kind == "reward")
+            .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
+            .find(|h| {
+                let rewarded = matches!(
+                    st.outcome(h),
+                    Some(Outcome::Applied(Effect::Rewarded { .. }))
+                );
+                let Some(Op::Reward { proof, .. }) = st.block(h).map(|b| &b.block.op) else {
+                    return false;
+                };
+                rewarded
+                    && proof.proof.receipts.iter().any(|r| {
+                        r.receipt.attester == *attester
+                            && r.receipt.kind == kind
+                            && r.receipt.epoch_id == epoch
+                    })
+            })
+    }
+
+    /// Writes this node's verdict on the reward block `target` of `accused`; `evidence` is the
+    /// hash of what was compared. The block is gossiped like any other.
+    pub async fn judge(
+        &self,
+        wallet: &Wallet,
+        target: Hash32,
+        accused: Address,
+        evidence: Hash32,
+        guilty: bool,
+        now: i64,
+    ) -> Result<Hash32, LedgerError> {
+        let mut inner = self.inner.lock().await;
+        let op = Op::Verdict {
+            target,
+            accused,
+            evidence,
+            guilty,
+        };
+        let hashes = self.commit_local(&mut inner, wallet, vec![op], now).await?;
+        hashes
+            .into_iter()
+            .next()
+            .ok_or_else(|| LedgerError::InvalidMessage {
+                reason: "verdict not committed".into(),
+            })
+    }
+}

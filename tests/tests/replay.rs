@@ -1,0 +1,146 @@
+//! Sampled recomputation of DiLoCo rounds (issue #19): replicas replay each other's rounds from
+//! the committed round-start checkpoints in a scratch engine; an honest replica reproduces, and
+//! a replica built with the `adversary` feature that cheats is found guilty by the others, whose
+//! staked verdicts convict it on every node: its pending rewards voided, half its stake
+//! slashed, the same ledger root everywhere.
+
+use std::time::Duration;
+
+use neuroshard_tests::{Node, wait_for};
+use serde_json::{Value, json};
+
+use crate::diloco_common::{POLL, START, dump_logs, options};
+use crate::network_common::address;
+
+/// An open network with a short challenge window (rewards pending 45 s), a quorum any staked
+/// verifier reaches, every contribution replayed.
+fn config(cheat: &str) -> String {
+    format!(
+        "\n[ledger]\nchallenge_window_secs = 45\naccept_unattested_training = false\n\
+         fraud_quorum_neuro = 0.000000001\nverify_probability = 1.0\n\
+         [adversary]\ncheat = \"{cheat}\"\n"
+    )
+}
+
+fn fraud(node: &Node) -> Option<Value> {
+    node.get("/api/v1/network")
+        .map(|(_, b)| b["ledger"]["fraud"].clone())
+}
+
+fn root(node: &Node) -> Option<String> {
+    node.get("/api/v1/network")
+        .and_then(|(_, b)| b["ledger"]["root_hash"].as_str().map(String::from))
+}
+
+fn balance(node: &Node) -> Option<Value> {
+    node.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
+        .map(|(_, b)| b)
+}
+
+/// Stakes what `node` can spend, once it can spend something.
+fn stake_available(node: &Node, timeout: Duration) -> f64 {
+    let amount = wait_for("spendable rewards", timeout, POLL, || {
+        let a = balance(node)?["balances"]["available"].as_f64()?;
+        (a > 0.0).then_some(a)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", balance(node)));
+    let amount = (amount * 1e9).floor() / 1e9;
+    let (status, body) = node
+        .authed(
+            reqwest::Method::POST,
+            "/api/v1/wallet/stake",
+            Some(json!({"amount": amount, "duration_days": 1})),
+        )
+        .expect("stake answered");
+    assert_eq!(status, 200, "{body}");
+    amount
+}
+
+#[test]
+fn a_replica_that_fakes_its_inner_steps_is_convicted_and_slashed_on_every_node() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let honest = config("none");
+    let a = Node::start(options(&honest)).unwrap();
+    a.wait_healthy(START).unwrap();
+    let b = Node::start(options(&honest).with_seed_peers(&[a.peer_addr()])).unwrap();
+    let cheater =
+        Node::start(options(&config("fewer_steps_scaled")).with_seed_peers(&[a.peer_addr()]))
+            .unwrap();
+    b.wait_healthy(START).unwrap();
+    cheater.wait_healthy(START).unwrap();
+    let nodes = [&a, &b, &cheater];
+    let cheat_addr = address(&cheater);
+
+    // Everyone earns from the first attested rounds and stakes it: verdicts weigh stake, and
+    // a conviction slashes it.
+    let window = Duration::from_secs(400);
+    let staked: Vec<f64> = nodes.iter().map(|n| stake_available(n, window)).collect();
+    eprintln!("staked {staked:?}");
+
+    // The honest replicas replay the cheater's rounds, find them guilty, write verdicts on
+    // the rewards that cite their receipts, and every node convicts.
+    let decided = wait_for("the cheater convicted on every node", window, POLL, || {
+        let mut all = Vec::new();
+        for n in nodes {
+            let f = fraud(n)?;
+            let hit = f["slashes"]
+                .as_array()?
+                .iter()
+                .find(|s| s["accused"] == cheat_addr.as_str() && s["convicted"] == true)?
+                .clone();
+            all.push(hit);
+        }
+        Some(all)
+    })
+    .unwrap_or_else(|e| {
+        dump_logs(&nodes);
+        panic!("{e}: {:?}", nodes.map(fraud))
+    });
+    for s in &decided {
+        assert!(s["slashed"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    // The honest ones found the cheat, reproduced each other's rounds (the honest noise,
+    // CPU against CPU, is printed for BENCHMARKS.md), and nobody accused an honest replica.
+    for n in [&a, &b] {
+        let f = wait_for(
+            "an honest round reproduced",
+            Duration::from_secs(120),
+            POLL,
+            || {
+                let f = fraud(n)?;
+                (f["replays"]["innocent"].as_u64()? >= 1).then_some(f)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {:?}", fraud(n)));
+        assert!(f["replays"]["guilty"].as_u64().unwrap() >= 1, "{f}");
+        let d = f["replays"]["max_innocent_distance"].as_f64().unwrap();
+        eprintln!(
+            "honest replay distance (CPU against CPU): {d:e}; {}",
+            f["replays"]
+        );
+        assert!(d < 0.05, "{f}");
+        // Nobody accused an honest replica (an acquittal would be listed too).
+        for s in f["slashes"].as_array().unwrap() {
+            assert_eq!(s["accused"], cheat_addr.as_str(), "{s}");
+        }
+    }
+    // The cheater's stake is slashed as seen by every node, and the ledgers agree.
+    let cheater_staked = balance(&cheater).unwrap()["balances"]["staked"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        cheater_staked < staked[2],
+        "{cheater_staked} vs {}",
+        staked[2]
+    );
+    wait_for(
+        "the same ledger root everywhere",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let r: Vec<String> = nodes.iter().filter_map(|n| root(n)).collect();
+            (r.len() == 3 && r.iter().all(|x| *x == r[0])).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", nodes.map(root)));
+}

@@ -1,0 +1,168 @@
+//! Every node trains (issue #20): many pipelines at once over balanced stages, real processes
+//! on loopback, `default` preset (4 layers), `resources.max_layers = 2`. Six nodes joining one
+//! after another end as three holders of layers 0-1 (three drivers, three pipelines) and three
+//! of layers 2-3, each joiner taking the stage with the least training throughput; every
+//! driver steps, every holder of the upper stage trains; a holder killed mid-training does not
+//! stop the pipelines (their next routes go through the other holders); a serve-only node
+//! (`training.enabled = false`) started first does not count as training coverage.
+
+use std::time::Duration;
+
+use crate::pipeline_common;
+
+use neuroshard_tests::{Node, NodeOptions, wait_for};
+use nix::sys::signal::Signal;
+use pipeline_common::{POLL, START, dump, network, step, wait_role};
+
+const TRAIN: Duration = Duration::from_secs(600);
+
+fn options(extra: &str) -> NodeOptions {
+    NodeOptions {
+        config: format!(
+            "[training]\nenabled = true\nmodel = \"default\"\nbatch_size = 4\nseq_len = 32\n\
+             learning_rate = 0.003\nmicro_batches = 2\npipeline_timeout_secs = 10\n{extra}\n\
+             [resources]\nmax_layers = 2\n"
+        ),
+        ..NodeOptions::default()
+    }
+}
+
+/// Starts `roles.len()` nodes one after another, each seeded with all before it, and waits
+/// for each to take the expected stage.
+fn join(nodes: &mut Vec<Node>, roles: &[(&str, &[u64])]) {
+    for (role, layers) in roles {
+        let seeds: Vec<String> = nodes.iter().map(Node::peer_addr).collect();
+        let n = Node::start(options("").with_seed_peers(&seeds)).unwrap();
+        wait_role(&n, role, layers);
+        nodes.push(n);
+    }
+}
+
+#[test]
+fn six_nodes_train_as_three_pipelines_and_a_killed_holder_stops_none() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let (low, high): (&[u64], &[u64]) = (&[0, 1], &[2, 3]);
+    let mut nodes = Vec::new();
+    // Layers nobody holds first, then (equal nodes, no throughput measured yet) the stage
+    // with fewer holders, the later one on a tie: late joiners take the stage that needs them.
+    join(
+        &mut nodes,
+        &[
+            ("driver", low),
+            ("validator", high),
+            ("validator", high),
+            ("driver", low),
+            ("validator", high),
+            ("driver", low),
+        ],
+    );
+    let all: Vec<&Node> = nodes.iter().collect();
+    let drivers = [0, 3, 5];
+    let holders = [1, 2, 4];
+
+    // Three holders of every layer in the first node's view.
+    wait_for("three holders of every layer", START, POLL, || {
+        network(&nodes[0]).filter(|n| {
+            (0..4).all(|l| n["coverage"]["layers"][l]["holders"] == 3) && n["nodes"]["drivers"] == 3
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&all)));
+
+    // Three pipelines: every driver steps its own stage; every holder of layers 2-3 trains.
+    wait_for("five steps on every driver", TRAIN, POLL, || {
+        drivers
+            .iter()
+            .all(|&i| step(&nodes[i]).is_some_and(|s| s >= 5))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&all)));
+    wait_for("every upper holder trains", TRAIN, POLL, || {
+        holders
+            .iter()
+            .all(|&i| step(&nodes[i]).is_some_and(|s| s >= 1))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&all)));
+    // Over the next steps, the upper stage's steps are the drivers' steps, each applied once
+    // on one holder: pipelines through one stage never cancel each other's step. (Counted as
+    // differences: a joiner starts from its stage's holder's step.)
+    let steps =
+        |is: &[usize]| -> Vec<u64> { is.iter().map(|&i| step(&nodes[i]).unwrap()).collect() };
+    let (d0, u0) = (steps(&drivers), steps(&holders));
+    wait_for("ten more steps on every driver", TRAIN, POLL, || {
+        drivers
+            .iter()
+            .zip(&d0)
+            .all(|(&i, &s)| step(&nodes[i]).is_some_and(|now| now >= s + 10))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&all)));
+    let (d1, u1) = (steps(&drivers), steps(&holders));
+    let diff = |a: &[u64], b: &[u64]| -> Vec<u64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
+    let (dd, du) = (diff(&d1, &d0), diff(&u1, &u0));
+    let failed: Vec<u64> = drivers
+        .iter()
+        .map(|&i| {
+            network(&nodes[i]).unwrap()["pipeline"]["failed_steps"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    eprintln!("driver steps {dd:?}, upper-stage steps {du:?}, failed driver steps {failed:?}");
+    let (sd, su) = (dd.iter().sum::<u64>() as i64, du.iter().sum::<u64>() as i64);
+    // Steps in flight at either reading: at most one per driver each time.
+    assert!((sd - su).abs() <= 6, "drivers {dd:?}, upper stage {du:?}");
+    // Every holder of the upper stage took part (the drivers spread over its holders).
+    assert!(
+        du.iter().all(|&d| d > 0),
+        "upper stage {du:?}\n{}",
+        dump(&all)
+    );
+
+    // A holder of the upper stage killed mid-training: the drivers go on through the others.
+    nodes[holders[0]].signal(Signal::SIGKILL).unwrap();
+    nodes[holders[0]]
+        .wait_exit(Duration::from_secs(10))
+        .unwrap();
+    let at_kill: Vec<u64> = drivers.iter().map(|&i| step(&nodes[i]).unwrap()).collect();
+    let alive: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != holders[0])
+        .map(|(_, n)| n)
+        .collect();
+    wait_for("five more steps on every driver", TRAIN, POLL, || {
+        drivers
+            .iter()
+            .zip(&at_kill)
+            .all(|(&i, &s)| step(&nodes[i]).is_some_and(|now| now >= s + 5))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&alive)));
+}
+
+#[test]
+fn a_serve_only_node_does_not_block_training_coverage() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    // A serve-only node holding the whole model, started first.
+    let serve = Node::start(NodeOptions {
+        config: "[training]\nenabled = false\nmodel = \"default\"\nbatch_size = 4\n\
+                 seq_len = 32\n"
+            .into(),
+        ..NodeOptions::default()
+    })
+    .unwrap();
+    serve.wait_model_loaded(START).unwrap();
+    // Two nodes with room for half the model each still cover it between them and train.
+    let a = Node::start(options("").with_seed_peers(&[serve.peer_addr()])).unwrap();
+    wait_role(&a, "driver", &[0, 1]);
+    let b = Node::start(options("").with_seed_peers(&[serve.peer_addr(), a.peer_addr()])).unwrap();
+    wait_role(&b, "validator", &[2, 3]);
+    let all = [&serve, &a, &b];
+    wait_for("training steps through the two nodes", TRAIN, POLL, || {
+        (step(&a).is_some_and(|s| s >= 3) && step(&b).is_some_and(|s| s >= 3)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&all)));
+    // The serve-only node trained nothing (no route went through it).
+    assert_eq!(step(&serve), Some(0), "{}", serve.logs());
+}
