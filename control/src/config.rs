@@ -80,8 +80,26 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub node: NodeConfig,
     pub tls: TlsConfig,
+    pub inference: InferenceConfig,
     /// Tests of checked work only (`adversary` feature).
     pub adversary: AdversaryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// Decode weights of generation: `f32` as trained, or `int8` (a copy quantized per
+    /// output channel, decoded with int8 dot products; CPU only; re-quantized after the
+    /// weights change). Training always uses f32.
+    pub weights: String,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            weights: "f32".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -235,6 +253,7 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
             node: NodeConfig::default(),
             tls: TlsConfig::default(),
+            inference: InferenceConfig::default(),
             adversary: AdversaryConfig::default(),
         }
     }
@@ -450,6 +469,18 @@ impl Config {
         }
         if !(self.resources.max_memory_gb > 0.0 && self.resources.max_memory_gb.is_finite()) {
             return bad("resources.max_memory_gb", "must be positive".into());
+        }
+        if !matches!(self.inference.weights.as_str(), "f32" | "int8") {
+            return bad(
+                "inference.weights",
+                format!("{:?} is not f32 or int8", self.inference.weights),
+            );
+        }
+        if self.inference.weights == "int8" && self.resources.device == Device::Cuda {
+            return bad(
+                "inference.weights",
+                "int8 decode has CPU kernels only; use f32 with device cuda".into(),
+            );
         }
         if self.resources.cpu_threads > 1024 {
             return bad(

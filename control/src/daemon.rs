@@ -255,6 +255,7 @@ pub async fn run(
     );
     sup_cfg.device = config.resources.device.to_string();
     sup_cfg.cpu_threads = config.resources.cpu_threads;
+    sup_cfg.serve_weights = config.inference.weights.clone();
 
     let (stop_engine_tx, stop_engine_rx) = watch::channel(false);
     let (stop_trainer_tx, stop_trainer_rx) = watch::channel(false);

@@ -67,20 +67,31 @@ pub async fn run(state: Minter, mut stop: watch::Receiver<bool>) {
         model_hash: String::new(),
         unclaimed: 0,
     };
+    let next_proof = |now: i64| (now / EPOCH_SECONDS + 1) * EPOCH_SECONDS + 1;
+    let mut next = next_proof(chrono::Utc::now().timestamp());
     loop {
+        // Verdicts are written within seconds of the claim they judge appearing (they count
+        // only inside its challenge window); proofs once an epoch.
         let now = chrono::Utc::now().timestamp();
-        let next = (now / EPOCH_SECONDS + 1) * EPOCH_SECONDS + 1;
+        let wait = (next - now).clamp(1, JUDGE_EVERY_SECONDS);
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs((next - now).max(1) as u64)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
             _ = stop.changed() => return,
         }
         if *stop.borrow() {
             return;
         }
-        mark = prove(&state, mark).await;
+        let now = chrono::Utc::now().timestamp();
+        if now >= next {
+            mark = prove(&state, mark).await;
+            next = next_proof(now);
+        }
         judge(&state).await;
     }
 }
+
+/// How often finished replays are turned into verdicts.
+const JUDGE_EVERY_SECONDS: i64 = 5;
 
 /// Writes the verdicts of finished replays on the claims that cite them: a finding waits
 /// until the claimant's reward citing this node's receipt of that round is on the ledger, and

@@ -14,6 +14,7 @@ use crate::bench::process_cpu_seconds;
 use crate::model::batch::{BatchScratch, Sequence};
 use crate::model::generate::Sampling;
 use crate::model::params::SplitMix64;
+use crate::model::serve::ServeWeights;
 use crate::model::{Model, StageSpec};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -33,6 +34,17 @@ pub struct BenchGenerateArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Decode weights: f32 or int8 (per-channel copy, VNNI where the CPU has it).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub weights: ServeWeights,
+    /// Greedy decoding (as HF and llama.cpp in `scripts/serve-bench.py`) instead of sampling
+    /// at temperature 1.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Instead of timing: write the same seeded model to DIR/hf (Hugging Face Llama) and
+    /// DIR/model-f32.gguf, for `scripts/serve-bench.py` to time HF and llama.cpp on it.
+    #[arg(long)]
+    pub export: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,6 +54,7 @@ pub struct GenerateBench {
     pub batch: usize,
     pub prompt: usize,
     pub steps: usize,
+    pub weights: ServeWeights,
     pub ttft_ms: f64,
     pub cpu_ttft_ms: f64,
     pub decode_tokens_per_s: f64,
@@ -65,9 +78,18 @@ pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
         "prompt + steps must stay below max_seq {}",
         cfg.max_seq
     );
-    let model = Model::new(CpuBackend::new(), cfg.clone(), StageSpec::full(&cfg), 1)?;
+    let mut model = Model::new(CpuBackend::new(), cfg.clone(), StageSpec::full(&cfg), 1)?;
+    if let Some(dir) = &args.export {
+        let w = crate::export::gather(&model, 0, &[])?;
+        let tok = crate::data::builtin_tokenizer(cfg.vocab_size)?;
+        crate::export::write_hf_llama(&w, &dir.join("hf"), Some(&tok))?;
+        crate::export::gguf::write_llama(&w, &dir.join("model-f32.gguf"), &tok)?;
+        println!("{}", serde_json::json!({"exported": dir}));
+        return Ok(());
+    }
+    model.set_serve_weights(args.weights)?;
     // Warm-up: one short request (page-in, gemm packing buffers).
-    let warm = sampling(0);
+    let warm = sampling(0, args.greedy);
     model.start_sequence(&prompt(&cfg, 0, args.prompt), 2, warm)?;
     for &b in &args.batch {
         let r = bench_batch(&model, &cfg, args, b)?;
@@ -76,9 +98,9 @@ pub fn run(args: &BenchGenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sampling(seed: u64) -> Sampling {
+fn sampling(seed: u64, greedy: bool) -> Sampling {
     Sampling {
-        temperature: 1.0,
+        temperature: if greedy { 0.0 } else { 1.0 },
         top_p: 1.0,
         top_k: 0,
         seed,
@@ -106,7 +128,7 @@ fn bench_batch(
     for i in 0..b {
         let p = prompt(cfg, 100 + i as u64, args.prompt);
         let (t0, c0) = (Instant::now(), process_cpu_seconds().unwrap_or(0.0));
-        let (seq, _) = model.start_sequence(&p, max_tokens, sampling(i as u64))?;
+        let (seq, _) = model.start_sequence(&p, max_tokens, sampling(i as u64, args.greedy))?;
         ttft.push(t0.elapsed().as_secs_f64());
         cpu_ttft.push((process_cpu_seconds().unwrap_or(0.0) - c0) / threads as f64);
         seqs.push(seq);
@@ -134,6 +156,7 @@ fn bench_batch(
         batch: b,
         prompt: args.prompt,
         steps: args.steps,
+        weights: args.weights,
         ttft_ms: median(ttft) * 1e3,
         cpu_ttft_ms: median(cpu_ttft) * 1e3,
         decode_tokens_per_s: produced as f64 / wall,

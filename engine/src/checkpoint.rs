@@ -346,6 +346,7 @@ pub fn load_params<B: Backend>(
             return Err(mismatch(format!("tensor {extra} is not held by this node")));
         }
     }
+    model.weights_changed();
     let be = &model.be;
     for p in &mut model.params {
         let (_, values) = &file.tensors[&p.name];
@@ -398,6 +399,7 @@ pub fn overlay_sources<B: Backend>(
     adam: &mut AdamState<B>,
     sources: &[(&TensorFile, &Path)],
 ) -> Result<Vec<u32>> {
+    model.weights_changed();
     for (i, p) in model.params.iter_mut().enumerate() {
         let Some((file, path)) = sources
             .iter()

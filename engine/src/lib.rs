@@ -8,6 +8,7 @@ pub mod backend;
 pub mod batcher;
 pub mod bench;
 pub mod bench_generate;
+pub mod bench_ppl;
 pub mod checkpoint;
 pub mod data;
 pub mod dev;

@@ -31,6 +31,9 @@ enum Command {
     /// Time generation with continuous batching: time to first token and decode tokens/s per
     /// batch size.
     BenchGenerate(neuroshard_engine::bench_generate::BenchGenerateArgs),
+    /// Perplexity of held-out text decoded with f32 and with int8 weights (a model trained
+    /// on the rest of the built-in corpus).
+    BenchPpl(neuroshard_engine::bench_ppl::BenchPplArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -57,6 +60,15 @@ struct ServeArgs {
     /// (RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 64, env = "NEUROSHARD_MAX_WAITING")]
     max_waiting: usize,
+    /// Decode weights: f32 as trained, or an int8 copy per output channel (CPU only; the
+    /// copy is re-quantized after the weights change).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "f32",
+        env = "NEUROSHARD_SERVE_WEIGHTS"
+    )]
+    weights: neuroshard_engine::model::serve::ServeWeights,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::BenchTrain(args) => neuroshard_engine::bench::run(&args),
         Command::BenchGenerate(args) => neuroshard_engine::bench_generate::run(&args),
+        Command::BenchPpl(args) => neuroshard_engine::bench_ppl::run(&args),
     }
 }
 
@@ -88,7 +101,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads.filter(|&t| t > 0) {
         rayon_threads(threads);
     }
-    let runtime = Runtime::new(args.device)?;
+    let runtime = Runtime::new(args.device)?.with_serve_weights(args.weights)?;
+    if args.weights != neuroshard_engine::model::serve::ServeWeights::F32 {
+        tracing::info!(weights = ?args.weights, "decode weights");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -165,6 +165,7 @@ impl<B: Backend> AdamState<B> {
             weight_decay: cfg.weight_decay,
         };
         self.step += 1;
+        model.serving.mark_stale();
         for (i, p) in model.params.iter_mut().enumerate() {
             be.adamw_step_zeroing(
                 &mut p.value,

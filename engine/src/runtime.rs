@@ -30,6 +30,7 @@ use crate::backend::cuda::{CudaBackend, DeviceRequest, open_device};
 use crate::checkpoint::{CheckpointError, CheckpointMeta, TensorFile};
 use crate::data::DataError;
 use crate::export::ExportError;
+use crate::model::serve::ServeWeights;
 use crate::model::{ModelError, StageSpec};
 use crate::optim::TrainSettings;
 pub use generate::Prepared;
@@ -177,6 +178,8 @@ pub struct Runtime {
     /// The training dtype of the last LoadModel (a Restore keeps it); before one, the
     /// device's default (bf16 where it has native bf16 arithmetic).
     dtype: crate::backend::Dtype,
+    /// Decode weights of every model this runtime loads (`--weights`).
+    serve_weights: ServeWeights,
 }
 
 /// The model config a LoadModel request asks for: the preset with non-zero fields overriding.
@@ -275,7 +278,20 @@ impl Runtime {
             loaded: None,
             epoch: 0,
             dtype,
+            serve_weights: ServeWeights::F32,
         })
+    }
+
+    /// Serves every model loaded from now on with `weights` (quantized at its first
+    /// generation). int8 has CPU kernels only: refused on CUDA.
+    pub fn with_serve_weights(mut self, weights: ServeWeights) -> Result<Runtime, RuntimeError> {
+        if weights == ServeWeights::Int8 && self.use_cuda {
+            return Err(RuntimeError::Invalid(
+                "int8 decode weights have CPU kernels only; serve f32 on CUDA".into(),
+            ));
+        }
+        self.serve_weights = weights;
+        Ok(self)
     }
 
     fn loaded(&mut self) -> Result<&mut Loaded, RuntimeError> {
@@ -313,6 +329,8 @@ impl Runtime {
         } else {
             Loaded::Cpu(Box::new(build_cpu(CpuBackend::with_dtype(self.dtype))?))
         };
+        let mut loaded = loaded;
+        with_state!(&mut loaded, |s| s.model.serving.mode = self.serve_weights);
         self.loaded = Some(loaded);
         Ok(())
     }

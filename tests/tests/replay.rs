@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 use crate::diloco_common::{POLL, START, dump_logs, options};
 use crate::network_common::address;
 
-/// An open network with a short challenge window (rewards pending 45 s), a quorum any staked
+/// An open network with a short challenge window (rewards pending 90 s), a quorum any staked
 /// verifier reaches, every contribution replayed.
 fn config(cheat: &str) -> String {
     format!(
-        "\n[ledger]\nchallenge_window_secs = 45\naccept_unattested_training = false\n\
+        "\n[ledger]\nchallenge_window_secs = 90\naccept_unattested_training = false\n\
          fraud_quorum_neuro = 0.000000001\nverify_probability = 1.0\n\
          [adversary]\ncheat = \"{cheat}\"\n"
     )

@@ -9,6 +9,7 @@ pub fn needs_restart(key: &str) -> bool {
         || key.starts_with("engine.")
         || key == "resources.device"
         || key == "resources.cpu_threads"
+        || key == "inference.weights"
         || key == "training.model"
         || key == "training.seed"
         || key == "training.data_path"

@@ -71,6 +71,8 @@ pub struct SupervisorConfig {
     pub segment_name: String,
     pub device: String,
     pub cpu_threads: u32,
+    /// `--weights` of the engine: f32 or int8 decode weights.
+    pub serve_weights: String,
     /// First restart delay; doubles per consecutive failure up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
@@ -88,6 +90,7 @@ impl SupervisorConfig {
             segment_name,
             device: "auto".into(),
             cpu_threads: 0,
+            serve_weights: "f32".into(),
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
             probe_every: Duration::from_millis(500),
@@ -319,6 +322,9 @@ fn spawn_engine(cfg: &SupervisorConfig) -> std::io::Result<tokio::process::Child
         .kill_on_drop(true);
     if cfg.cpu_threads > 0 {
         cmd.arg("--threads").arg(cfg.cpu_threads.to_string());
+    }
+    if cfg.serve_weights != "f32" {
+        cmd.arg("--weights").arg(&cfg.serve_weights);
     }
     let child = cmd.spawn()?;
     tracing::info!(pid = ?child.id(), binary = %cfg.binary.display(), "engine spawned");

@@ -7,7 +7,10 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::{AdamW, AttnShape, Backend, BackendError, CachedAttnShape, Dtype, Result, check_len};
+use super::{
+    AdamW, AttnShape, Backend, BackendError, CachedAttnShape, DecodeAttnShape, DecodeCache, Dtype,
+    Int8Weight, Result, check_len,
+};
 
 /// Elementwise loops split into chunks of this many floats across the pool.
 const PAR_CHUNK: usize = 1 << 14;
@@ -616,6 +619,55 @@ impl Backend for CpuBackend {
     fn global_norm(&self, grads: &[&Vec<f32>]) -> Result<f32> {
         let slices: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
         Ok(k::global_norm(&slices))
+    }
+
+    fn matmul_decode(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        m: usize,
+        kk: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul_decode";
+        check_len(OP, "out", out.len(), m * n)?;
+        check_len(OP, "inp", inp.len(), m * kk)?;
+        check_len(OP, "weight", weight.len(), n * kk)?;
+        k::matmul_rows_forward(out, inp, weight, m, kk, n);
+        Ok(())
+    }
+
+    fn attention_decode(
+        &self,
+        out: &mut Vec<f32>,
+        q_pre: &Vec<f32>,
+        k_pre: &Vec<f32>,
+        v: &Vec<f32>,
+        seqs: &mut [DecodeCache<'_, Vec<f32>>],
+        s: DecodeAttnShape,
+    ) -> Result<()> {
+        super::cpu_serve::attention_decode(out, q_pre, k_pre, v, seqs, s)
+    }
+
+    fn quantize_int8(
+        &self,
+        weight: &Vec<f32>,
+        n: usize,
+        kk: usize,
+    ) -> Result<Int8Weight<Vec<f32>>> {
+        check_len("quantize_int8", "weight", weight.len(), n * kk)?;
+        Ok(super::cpu_serve::quantize_int8(weight, n, kk))
+    }
+
+    fn matmul_int8(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        w: &Int8Weight<Vec<f32>>,
+        m: usize,
+    ) -> Result<()> {
+        super::cpu_serve::matmul_int8(out, inp, w, m)
     }
 }
 

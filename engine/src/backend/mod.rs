@@ -17,7 +17,11 @@
 //! runtime serializes commands); a CUDA backend keeps its scratch behind interior mutability.
 
 pub mod cpu;
+mod cpu_serve;
 pub mod cuda;
+pub mod serve;
+
+pub use serve::{DecodeAttnShape, DecodeCache, Int8Weight};
 
 /// Error from a backend operation.
 #[derive(Debug, thiserror::Error)]
@@ -395,6 +399,57 @@ pub trait Backend: Send + 'static {
     }
     /// sqrt(sum of squares) over all the buffers.
     fn global_norm(&self, grads: &[&Self::Buf]) -> Result<f32>;
+
+    // ---- serving (decode; see `serve.rs`) ----
+    /// out [M,N] = inp [M,K] @ weight [N,K]^T for the few rows of a decode step. A row's
+    /// result must not depend on the other rows, so a sequence decoded in a batch gets the
+    /// bits it gets alone. Default: `matmul_forward`.
+    fn matmul_decode(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.matmul_forward(out, inp, weight, m, k, n)
+    }
+    /// One decode step of attention for N sequences of ragged lengths: q_pre, out [N,H,D],
+    /// k_pre, v [N,KVH,D]; sequence i's rows are rotated at its position, its key and value
+    /// appended to its caches, and its output attends over its cache rows `0..=pos`. Default:
+    /// the single-sequence ops in a loop.
+    fn attention_decode(
+        &self,
+        out: &mut Self::Buf,
+        q_pre: &Self::Buf,
+        k_pre: &Self::Buf,
+        v: &Self::Buf,
+        seqs: &mut [DecodeCache<'_, Self::Buf>],
+        s: DecodeAttnShape,
+    ) -> Result<()> {
+        serve::attention_decode_each(self, out, q_pre, k_pre, v, seqs, s)
+    }
+    /// `weight` [N,K] quantized to int8 per output channel. Default: not available.
+    fn quantize_int8(
+        &self,
+        _weight: &Self::Buf,
+        _n: usize,
+        _k: usize,
+    ) -> Result<Int8Weight<Self::Buf>> {
+        Err(serve::no_int8("quantize_int8", self.kind()))
+    }
+    /// out [M,N] = inp [M,K] @ dequant(w)^T with the inputs quantized per row (int8 decode).
+    /// Default: not available.
+    fn matmul_int8(
+        &self,
+        _out: &mut Self::Buf,
+        _inp: &Self::Buf,
+        _w: &Int8Weight<Self::Buf>,
+        _m: usize,
+    ) -> Result<()> {
+        Err(serve::no_int8("matmul_int8", self.kind()))
+    }
 }
 
 /// Checks a buffer length against the length an op expects.

@@ -1,15 +1,16 @@
 //! Continuous-batching generation: each request is a [`Sequence`] with its own KV cache,
 //! prefilled alone when it is admitted; then every decode step runs the next token of all
-//! active sequences through the model together. The projections and the MLP are one matmul
-//! over the batch rows [N,C]; RoPE, the cache append and attention run per sequence, since
-//! each has its own position and cache. Composed from the existing backend ops, so every
-//! backend (CPU, CUDA) runs it unchanged.
+//! active sequences through the model together. The projections, the MLP and the LM head are
+//! one decode matmul each over the batch rows [N,C] (`Backend::matmul_decode`: every weight
+//! read once per step for all rows); RoPE, the cache append and attention are one
+//! `Backend::attention_decode` call per layer for all sequences, each at its own position
+//! over its own cache (ragged lengths).
 //!
 //! Each row of a batched matmul is computed exactly as the same row alone, so a sequence gets
 //! the tokens it would get decoded by itself ([`Model::generate`]), whatever else shares the
 //! batch (checked in `model/tests.rs`).
 
-use crate::backend::{Backend, CachedAttnShape};
+use crate::backend::{Backend, DecodeAttnShape, DecodeCache};
 
 use super::generate::{BOS_ID, EOS_ID, Finish, Sampling, sample};
 use super::layer::{ATTN_NORM, MLP_NORM, PARAMS_PER_LAYER, WD, WG, WK, WO, WQ, WU, WV};
@@ -83,17 +84,11 @@ pub struct BatchScratch<B: Backend> {
     up: B::Buf,
     h: B::Buf,
     logits: B::Buf,
-    /// One row of q / k before and after RoPE, and one row of attention output.
-    q1_pre: B::Buf,
-    q1: B::Buf,
-    k1_pre: B::Buf,
-    k1: B::Buf,
-    att1: B::Buf,
     host_logits: Vec<f32>,
 }
 
 impl<B: Backend> Model<B> {
-    fn check_generation(&self, prompt: &[u32]) -> Result<()> {
+    pub(super) fn check_generation(&self, prompt: &[u32]) -> Result<()> {
         if !self.spec.is_full(&self.cfg) {
             return Err(ModelError::Stage(
                 "generation needs the full model on this node".into(),
@@ -184,11 +179,6 @@ impl<B: Backend> Model<B> {
             up: be.zeros(n * f)?,
             h: be.zeros(n * f)?,
             logits: be.zeros(n * v)?,
-            q1_pre: be.zeros(c)?,
-            q1: be.zeros(c)?,
-            k1_pre: be.zeros(kv)?,
-            k1: be.zeros(kv)?,
-            att1: be.zeros(c)?,
             host_logits: vec![0.0; n * v],
         })
     }
@@ -217,18 +207,14 @@ impl<B: Backend> Model<B> {
         let st = scratch.as_mut().expect("just set");
         let be = &self.be;
         let cfg = &self.cfg;
-        let (c, f, vocab) = (
-            cfg.hidden as usize,
-            cfg.ffn as usize,
-            cfg.vocab_size as usize,
-        );
+        let (c, vocab) = (cfg.hidden as usize, cfg.vocab_size as usize);
         let (h, kvh, d) = (
             cfg.heads as usize,
             cfg.kv_heads as usize,
             cfg.head_dim() as usize,
         );
-        let kv = kvh * d;
         let (eps, theta) = (cfg.norm_eps, cfg.rope_theta);
+        let shape = DecodeAttnShape { h, kvh, d, theta };
         let tokens: Vec<u32> = seqs.iter().map(|s| s.next).collect();
         let ids = be.upload_ids(&tokens)?;
         be.embedding_forward(&mut st.x, &ids, &self.params[0].value, c)?;
@@ -243,30 +229,23 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            be.matmul_forward(&mut st.q_pre, &st.nrm, &w[WQ].value, n, c, c)?;
-            be.matmul_forward(&mut st.k_pre, &st.nrm, &w[WK].value, n, c, kv)?;
-            be.matmul_forward(&mut st.v, &st.nrm, &w[WV].value, n, c, kv)?;
-            for (i, s) in seqs.iter_mut().enumerate() {
-                let past = s.pos;
-                be.copy_range(&mut st.q1_pre, 0, &st.q_pre, i * c, c)?;
-                be.rope_forward(&mut st.q1, &st.q1_pre, 1, 1, h, d, past, theta)?;
-                be.copy_range(&mut st.k1_pre, 0, &st.k_pre, i * kv, kv)?;
-                be.rope_forward(&mut st.k1, &st.k1_pre, 1, 1, kvh, d, past, theta)?;
-                be.copy_range(&mut s.kc[l], past * kv, &st.k1, 0, kv)?;
-                be.copy_range(&mut s.vc[l], past * kv, &st.v, i * kv, kv)?;
-                let shape = CachedAttnShape {
-                    b: 1,
-                    tq: 1,
-                    past,
-                    tmax: s.rows,
-                    h,
-                    kvh,
-                    d,
-                };
-                be.attention_cached(&mut st.att1, &st.q1, &s.kc[l], &s.vc[l], shape)?;
-                be.copy_range(&mut st.att, i * c, &st.att1, 0, c)?;
-            }
-            be.matmul_forward(&mut st.proj, &st.att, &w[WO].value, n, c, c)?;
+            self.layer_linear(l, WQ, &mut st.q_pre, &st.nrm, n)?;
+            self.layer_linear(l, WK, &mut st.k_pre, &st.nrm, n)?;
+            self.layer_linear(l, WV, &mut st.v, &st.nrm, n)?;
+            let mut caches: Vec<DecodeCache<'_, B::Buf>> = seqs
+                .iter_mut()
+                .map(|s| {
+                    let s = &mut **s;
+                    DecodeCache {
+                        k: &mut s.kc[l],
+                        v: &mut s.vc[l],
+                        pos: s.pos,
+                        rows: s.rows,
+                    }
+                })
+                .collect();
+            be.attention_decode(&mut st.att, &st.q_pre, &st.k_pre, &st.v, &mut caches, shape)?;
+            self.layer_linear(l, WO, &mut st.proj, &st.att, n)?;
             be.add(&mut st.x2, &st.x, &st.proj)?;
             be.rmsnorm_forward(
                 &mut st.nrm,
@@ -277,10 +256,10 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            be.matmul_forward(&mut st.gate, &st.nrm, &w[WG].value, n, c, f)?;
-            be.matmul_forward(&mut st.up, &st.nrm, &w[WU].value, n, c, f)?;
+            self.layer_linear(l, WG, &mut st.gate, &st.nrm, n)?;
+            self.layer_linear(l, WU, &mut st.up, &st.nrm, n)?;
             be.swiglu_forward(&mut st.h, &st.gate, &st.up)?;
-            be.matmul_forward(&mut st.proj, &st.h, &w[WD].value, n, f, c)?;
+            self.layer_linear(l, WD, &mut st.proj, &st.h, n)?;
             be.add(&mut st.x, &st.x2, &st.proj)?;
         }
         let np = self.params.len();
@@ -293,14 +272,7 @@ impl<B: Backend> Model<B> {
             c,
             eps,
         )?;
-        be.matmul_forward(
-            &mut st.logits,
-            &st.nrm,
-            &self.params[np - 1].value,
-            n,
-            c,
-            vocab,
-        )?;
+        self.lm_head(&mut st.logits, &st.nrm, n)?;
         be.download(&st.logits, &mut st.host_logits)?;
         let max_seq = cfg.max_seq as usize;
         let mut out = Vec::with_capacity(n);

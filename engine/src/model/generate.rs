@@ -205,15 +205,7 @@ impl<B: Backend> Model<B> {
             c,
             self.cfg.norm_eps,
         )?;
-        be.matmul_forward(
-            &mut st.logits,
-            &st.nlast,
-            &self.params[n - 1].value,
-            1,
-            c,
-            self.cfg.vocab_size as usize,
-        )?;
-        Ok(())
+        self.lm_head(&mut st.logits, &st.nlast, 1)
     }
 
     /// Runs the held transformer layers over the `tq` rows in `st.x` (in place) at positions
@@ -232,7 +224,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let be = &self.be;
         let cfg = &self.cfg;
-        let (c, f) = (cfg.hidden as usize, cfg.ffn as usize);
+        let c = cfg.hidden as usize;
         let (h, kvh, d) = (
             cfg.heads as usize,
             cfg.kv_heads as usize,
@@ -241,7 +233,15 @@ impl<B: Backend> Model<B> {
         let kv = kvh * d;
         let (eps, theta) = (cfg.norm_eps, cfg.rope_theta);
         for l in 0..self.num_layers() {
-            let w = &self.params[first + l * PARAMS_PER_LAYER..first + (l + 1) * PARAMS_PER_LAYER];
+            let at = first + l * PARAMS_PER_LAYER;
+            let w = &self.params[at..at + PARAMS_PER_LAYER];
+            // The decode matmul for every row count, prefill included: for the few to few
+            // hundred rows of generation it reads each weight row once for all rows and beats
+            // the packing GEMM (BENCHMARKS.md), and a sequence's rows get the same bits alone
+            // and batched.
+            let mm = |out: &mut B::Buf, inp: &B::Buf, which: usize| {
+                self.linear(at + which, out, inp, tq)
+            };
             be.rmsnorm_forward(
                 &mut st.n,
                 &mut st.rstd,
@@ -251,11 +251,11 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            be.matmul_forward(&mut st.q_pre, &st.n, &w[WQ].value, tq, c, c)?;
+            mm(&mut st.q_pre, &st.n, WQ)?;
             be.rope_forward(&mut st.q, &st.q_pre, 1, tq, h, d, past, theta)?;
-            be.matmul_forward(&mut st.k_pre, &st.n, &w[WK].value, tq, c, kv)?;
+            mm(&mut st.k_pre, &st.n, WK)?;
             be.rope_forward(&mut st.k, &st.k_pre, 1, tq, kvh, d, past, theta)?;
-            be.matmul_forward(&mut st.v, &st.n, &w[WV].value, tq, c, kv)?;
+            mm(&mut st.v, &st.n, WV)?;
             be.copy_range(&mut kc[l], past * kv, &st.k, 0, tq * kv)?;
             be.copy_range(&mut vc[l], past * kv, &st.v, 0, tq * kv)?;
             let shape = CachedAttnShape {
@@ -268,7 +268,7 @@ impl<B: Backend> Model<B> {
                 d,
             };
             be.attention_cached(&mut st.att, &st.q, &kc[l], &vc[l], shape)?;
-            be.matmul_forward(&mut st.proj, &st.att, &w[WO].value, tq, c, c)?;
+            mm(&mut st.proj, &st.att, WO)?;
             be.add(&mut st.x2, &st.x, &st.proj)?;
             be.rmsnorm_forward(
                 &mut st.n,
@@ -279,10 +279,10 @@ impl<B: Backend> Model<B> {
                 c,
                 eps,
             )?;
-            be.matmul_forward(&mut st.gate, &st.n, &w[WG].value, tq, c, f)?;
-            be.matmul_forward(&mut st.up, &st.n, &w[WU].value, tq, c, f)?;
+            mm(&mut st.gate, &st.n, WG)?;
+            mm(&mut st.up, &st.n, WU)?;
             be.swiglu_forward(&mut st.h, &st.gate, &st.up)?;
-            be.matmul_forward(&mut st.proj, &st.h, &w[WD].value, tq, f, c)?;
+            mm(&mut st.proj, &st.h, WD)?;
             be.add(&mut st.x, &st.x2, &st.proj)?;
         }
         Ok(())

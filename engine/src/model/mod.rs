@@ -12,6 +12,7 @@ pub mod batch;
 pub mod generate;
 pub mod layer;
 pub mod params;
+pub mod serve;
 pub mod stage_gen;
 
 use std::collections::HashMap;
@@ -147,6 +148,8 @@ pub struct Model<B: Backend> {
     pub max_outstanding: usize,
     /// Micro-batches whose backward accumulated into the gradients since the last zeroing.
     pub accumulated: u32,
+    /// f32 or int8 decode weights (`serve.rs`).
+    pub serving: serve::Serving<B>,
     scratch: Option<ShapeScratch<B>>,
     /// bf16 copy of the logits gradient [Bt,V] (bf16 compute on a head stage).
     dlogits_half: Option<B::Half>,
@@ -185,6 +188,7 @@ impl<B: Backend> Model<B> {
             params,
             max_outstanding: DEFAULT_MAX_OUTSTANDING,
             accumulated: 0,
+            serving: serve::Serving::default(),
             scratch: None,
             dlogits_half: None,
             pool: Vec::new(),

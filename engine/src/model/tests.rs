@@ -357,3 +357,60 @@ fn sequences_refuse_bad_input_and_reserve_their_length() {
     let part = stage(&cfg, 0, 1, true, false);
     assert!(part.start_sequence(&[5], 4, s).is_err());
 }
+
+/// Ragged batch wider than the decode kernels' blocks: 11 sequences with prompts of 1 to 37
+/// tokens (caches of different lengths), a model whose widths are not multiples of the
+/// vector width (hidden 72, head dim 18, ffn 100), all admitted before one shared decode
+/// loop: each gets exactly the tokens it gets alone.
+#[test]
+fn ragged_batch_matches_each_request_alone() {
+    use super::batch::{BatchScratch, Sequence};
+    let cfg = ModelConfig {
+        hidden: 72,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 100,
+        ..tiny()
+    };
+    cfg.validate().unwrap();
+    let m = Model::new(CpuBackend::new(), cfg.clone(), StageSpec::full(&cfg), 7).unwrap();
+    let requests: Vec<(Vec<u32>, u32, Sampling)> = (0..11u32)
+        .map(|i| {
+            let len = [1, 37, 5, 12, 2, 30, 8, 19, 3, 25, 14][i as usize];
+            let prompt = (0..len).map(|j| 3 + (i * 31 + j * 7) % 500).collect();
+            let s = Sampling {
+                temperature: if i % 3 == 0 { 0.0 } else { 0.8 },
+                top_p: 0.9,
+                top_k: 0,
+                seed: 100 + i as u64,
+            };
+            (prompt, 6 + i % 5 * 3, s)
+        })
+        .collect();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
+    let mut active: Vec<(usize, Sequence<CpuBackend>)> = Vec::new();
+    for (i, (prompt, max_tokens, s)) in requests.iter().enumerate() {
+        let (seq, first) = m.start_sequence(prompt, *max_tokens, *s).unwrap();
+        got[i].push(first.token);
+        if first.finish.is_none() {
+            active.push((i, seq));
+        }
+    }
+    assert!(
+        active.len() >= 9,
+        "only {} sequences in the batch",
+        active.len()
+    );
+    let mut scratch: Option<BatchScratch<CpuBackend>> = None;
+    while !active.is_empty() {
+        let mut refs: Vec<&mut Sequence<CpuBackend>> = active.iter_mut().map(|(_, s)| s).collect();
+        let out = m.decode_batch(&mut refs, &mut scratch).unwrap();
+        for ((i, _), e) in active.iter().zip(&out) {
+            got[*i].push(e.token);
+        }
+        active.retain(|(_, s)| !s.finished());
+    }
+    for (i, (prompt, max_tokens, s)) in requests.iter().enumerate() {
+        assert_eq!(got[i], alone(&m, prompt, *max_tokens, *s), "request {i}");
+    }
+}

@@ -35,6 +35,7 @@ impl<B: Backend> State<B> {
         emit: &mut dyn FnMut(pb::GenerateReply) -> bool,
     ) -> Result<(), RuntimeError> {
         let p = self.gen_prepare(req)?;
+        self.model.refresh_serving()?;
         let tokenizer = self.tokenizer.as_ref().expect("loaded by gen_prepare");
         let prompt_tokens = p.prompt_ids.len() as u32;
         let mut decode = tokenizer.decode_stream();
@@ -80,6 +81,7 @@ impl<B: Backend> State<B> {
         id: u64,
         p: &Prepared,
     ) -> Result<pb::GenerateReply, RuntimeError> {
+        self.model.refresh_serving()?;
         let (seq, first) = self
             .model
             .start_sequence(&p.prompt_ids, p.max_tokens, p.sampling)?;
@@ -100,6 +102,10 @@ impl<B: Backend> State<B> {
     /// One decode step of every sequence in the batch: a reply per sequence; finished ones
     /// leave. On an error the batch is emptied.
     pub(super) fn gen_step(&mut self) -> Result<Vec<(u64, pb::GenerateReply)>, RuntimeError> {
+        if let Err(e) = self.model.refresh_serving() {
+            self.active.clear();
+            return Err(e.into());
+        }
         let mut refs: Vec<&mut Sequence<B>> = self.active.iter_mut().map(|a| &mut a.seq).collect();
         let emitted = match self.model.decode_batch(&mut refs, &mut self.batch_scratch) {
             Ok(e) => e,

@@ -57,14 +57,14 @@ pub fn attention_cached_forward(
 }
 
 #[derive(Clone, Copy)]
-struct Shape {
-    tmax: usize,
-    kvh: usize,
-    d: usize,
+pub(crate) struct Shape {
+    pub(crate) tmax: usize,
+    pub(crate) kvh: usize,
+    pub(crate) d: usize,
 }
 
 multiversion! {
-    fn cached_row(
+    pub(crate) fn cached_row(
         o: &mut [f32],
         qv: &[f32],
         caches: [&[f32]; 2],

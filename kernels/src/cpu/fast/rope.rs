@@ -83,7 +83,7 @@ fn run(
 multiversion! {
     /// Rotates each head of one [H, D] row: forward writes `out = R x`, backward
     /// accumulates `out += R^T x`.
-    fn rotate(out: &mut [f32], x: &[f32], cs: &[f32], backward: bool) {
+    pub(crate) fn rotate(out: &mut [f32], x: &[f32], cs: &[f32], backward: bool) {
         let half = cs.len() / 2;
         let (cos, sin) = cs.split_at(half);
         for (o, x) in out.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
