@@ -212,7 +212,10 @@ impl LedgerState {
     /// Recomputes the fraud decisions from the first pass (cheap: nothing to do without
     /// verdicts).
     fn settle(&mut self) {
-        if self.verdicts.is_empty() && self.settlement.decisions.is_empty() {
+        if self.verdicts.is_empty() {
+            // Nothing to decide or annotate (a verdict cut off by its voter's equivocation
+            // leaves no copy behind either).
+            self.settlement = Settlement::default();
             return;
         }
         self.settlement = settle(
