@@ -45,7 +45,12 @@ impl Trainer {
 
     /// The connected peers as the layer pool sees them (layers, capacity, measured training
     /// throughput, serve-only).
+    ///
+    /// A serve-only node covers layers for inference: it counts every peer's layers (serve-only
+    /// ones too) when it chooses or takes over layers, so serve-only nodes together cover the
+    /// model; a training node ignores serve-only peers (they are not training coverage).
     fn holders(&self) -> Vec<crate::pipeline::assign::Holder> {
+        let serving = !self.config().training.enabled;
         self.net
             .peers
             .node_infos()
@@ -55,7 +60,7 @@ impl Trainer {
                 layers: i.layers,
                 capacity: i.capacity,
                 compute: i.train_compute,
-                serve_only: i.serve_only,
+                serve_only: i.serve_only && !serving,
             })
             .collect()
     }
@@ -67,7 +72,9 @@ impl Trainer {
             layers: a.layers.clone().collect(),
             capacity: self.capacity().1,
             compute: self.stage.compute_rate(),
-            serve_only: !self.config().training.enabled,
+            // As its own pool sees it (see `holders`): a serve-only node's rules are the
+            // inference coverage's, in which it counts.
+            serve_only: false,
         }
     }
 
@@ -114,7 +121,9 @@ impl Trainer {
     /// The balance rule's move for this node now (`neuroshard_coordination::balance`), as
     /// the event the upkeep machine takes after a coverage check with no gap.
     pub(super) fn balance(&self, a: &crate::pipeline::Assignment) -> Event {
-        let mine = if self.stats.lock().model_loaded {
+        // Serve-only nodes do not move for training throughput.
+        let training = self.config().training.enabled;
+        let mine = if training && self.stats.lock().model_loaded {
             let total = self.capacity().0;
             neuroshard_coordination::balance::rebalance(total, &self.me(a), &self.holders())
                 .filter(|r| *r != a.layers)
