@@ -97,9 +97,14 @@ const JUDGE_EVERY_SECONDS: i64 = 5;
 /// until the claimant's reward citing this node's receipt of that round is on the ledger, and
 /// is dropped once that reward's challenge window is over (a verdict would no longer count).
 async fn judge(state: &Minter) {
+    let mut findings: Vec<_> = std::mem::take(&mut *state.verifier.findings.lock());
+    if findings.is_empty() {
+        return;
+    }
     let now = chrono::Utc::now().timestamp();
     let window = state.ledger.rules().await.challenge_window_secs;
-    let mut findings: Vec<_> = std::mem::take(&mut *state.verifier.findings.lock());
+    // A finding waits at most until a verdict on its claim could no longer count.
+    let live = |f: &crate::diloco::verify::Finding| now - f.found_at <= window + 2 * EPOCH_SECONDS;
     // One verdict per claim: several rounds' replays cite the same reward (a receipt counts
     // an epoch's rounds); guilty if any of them is.
     findings.sort_by_key(|f| (f.claimant, f.epoch, !f.guilty));
@@ -117,7 +122,7 @@ async fn judge(state: &Minter) {
             )
             .await;
         let Some(target) = target else {
-            if now - f.found_at <= window + 2 * EPOCH_SECONDS {
+            if live(&f) {
                 keep.push(f);
             }
             continue;
@@ -135,7 +140,7 @@ async fn judge(state: &Minter) {
             continue;
         }
         if staked == 0 {
-            if now - f.found_at <= window + 2 * EPOCH_SECONDS {
+            if live(&f) {
                 keep.push(f);
             }
             continue;

@@ -11,6 +11,7 @@ use neuroshard_shared::shm::{Segment, segment_name_for};
 
 use super::error::EngineError;
 use super::handle::{EngineHandle, connect};
+use super::supervisor::{EngineMode, SupervisorConfig, spawn_engine};
 
 /// How long a scratch engine may take to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,19 +36,17 @@ impl Scratch {
             .tempdir_in(parent)
             .map_err(|e| failed("temporary directory", &e))?;
         let socket: PathBuf = dir.path().join("engine.sock");
-        let mut cmd = tokio::process::Command::new(binary);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--parent-pid")
-            .arg(std::process::id().to_string())
-            .arg("--device")
-            .arg("cpu")
-            .kill_on_drop(true);
-        if threads > 0 {
-            cmd.arg("--threads").arg(threads.to_string());
-        }
-        let child = cmd.spawn().map_err(|e| failed("spawn", &e))?;
+        let name = segment_name_for(dir.path());
+        // Started as the supervisor starts the node's engine, on the CPU.
+        let mut cfg = SupervisorConfig::new(
+            EngineMode::Spawn,
+            socket.clone(),
+            binary.into(),
+            name.clone(),
+        );
+        cfg.device = "cpu".into();
+        cfg.cpu_threads = threads;
+        let child = spawn_engine(&cfg).map_err(|e| failed("spawn", &e))?;
         let started = Instant::now();
         let client = loop {
             match connect(socket.clone()).await {
@@ -56,7 +55,6 @@ impl Scratch {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        let name = segment_name_for(dir.path());
         let (segment, _) = Segment::create(&name, 1, 4096).map_err(|e| failed("segment", &e))?;
         let engine = EngineHandle::new(client, Arc::new(segment));
         engine.attach(&name).await?;

@@ -309,7 +309,7 @@ async fn wait_child(child: &mut Option<tokio::process::Child>) -> String {
     }
 }
 
-fn spawn_engine(cfg: &SupervisorConfig) -> std::io::Result<tokio::process::Child> {
+pub(super) fn spawn_engine(cfg: &SupervisorConfig) -> std::io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&cfg.binary);
     cmd.arg("serve")
         .arg("--socket")
