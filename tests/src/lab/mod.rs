@@ -9,6 +9,7 @@
 //! and by the `lab::` scenario. Needs root, `ip`, `tc` and `nft`.
 
 pub mod cgroup;
+pub mod nat;
 pub mod net;
 pub mod node;
 pub mod observe;
