@@ -13,6 +13,7 @@ pub mod nat;
 pub mod net;
 pub mod node;
 pub mod observe;
+pub mod p2p;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
