@@ -113,6 +113,21 @@ impl P2pRun {
             .with_context(|| format!("the {:?} relay: {}", self.stack, self.log("relay")))
     }
 
+    /// The relay process's CPU seconds so far (user + system, from `/proc`).
+    pub fn relay_cpu_seconds(&self, lab: &mut NatLab) -> Option<f64> {
+        let pid = lab.child(self.relay?).id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): utime and stime are the
+        // 12th and 13th.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+        Some(ticks / hz.max(1) as f64)
+    }
+
     /// Kills the relay.
     pub fn stop_relay(&mut self, lab: &mut NatLab) {
         if let Some(c) = self.relay.take() {
@@ -173,6 +188,7 @@ impl P2pRun {
         }
         let log_name = format!("client-{name}");
         let log = self.dir.path().join(format!("{log_name}.log"));
+        let relay_cpu0 = self.relay_cpu_seconds(lab);
         let child = lab.spawn(host, &self.program, &args, &log)?;
         let deadline = Instant::now() + within;
         let status = loop {
@@ -195,7 +211,7 @@ impl P2pRun {
             s.read_to_string(&mut out)?;
         }
         let line = out.lines().last().unwrap_or_default();
-        let report: Value = serde_json::from_str(line).with_context(|| {
+        let mut report: Value = serde_json::from_str(line).with_context(|| {
             format!(
                 "the client ({status}) printed no report: {out:?}\n{}",
                 self.log(&log_name)
@@ -210,6 +226,10 @@ impl P2pRun {
         }
         if !status.success() {
             bail!("the client exited with {status}: {line}");
+        }
+        // What relaying cost the relay (its whole process, the client's connection included).
+        if let (Some(a), Some(b)) = (relay_cpu0, self.relay_cpu_seconds(lab)) {
+            report["relay_cpu_s"] = serde_json::json!(b - a);
         }
         Ok(report)
     }

@@ -126,6 +126,12 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A secp256k1 identity, the wallet's key type: a node's peer id can be its wallet key, so
+/// the transport's handshake proves the wallet address (docs/p2p.md).
+fn identity() -> libp2p::identity::Keypair {
+    libp2p::identity::Keypair::generate_secp256k1()
+}
+
 fn identify_config(key: &libp2p::identity::Keypair) -> identify::Config {
     identify::Config::new("/neuroshard-bench/1".into(), key.public())
 }
@@ -139,7 +145,7 @@ fn autonat_config() -> autonat::Config {
 }
 
 async fn run_relay(ip: IpAddr, dir: &Path) -> anyhow::Result<()> {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity())
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -197,7 +203,7 @@ async fn peer(dir: &Path, hole_punch: bool) -> anyhow::Result<(Swarm<Peer>, Mult
         .context("reading relay.addr")?
         .trim()
         .parse()?;
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity())
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -315,6 +321,8 @@ async fn server(dir: &Path, name: &str) -> anyhow::Result<()> {
 struct Seen {
     connected_at: Option<Duration>,
     direct_at: Option<Duration>,
+    /// The transport of the first direct connection ("quic" or "tcp").
+    direct_transport: Option<&'static str>,
     /// Open connections to the server: relayed or not.
     open: HashMap<ConnectionId, bool>,
     dial_error: Option<String>,
@@ -361,6 +369,12 @@ async fn client(
                     s.connected_at.get_or_insert(start.elapsed());
                     if !relayed {
                         s.direct_at.get_or_insert(start.elapsed());
+                        let quic = endpoint
+                            .get_remote_address()
+                            .iter()
+                            .any(|p| p == Protocol::QuicV1);
+                        s.direct_transport
+                            .get_or_insert(if quic { "quic" } else { "tcp" });
                     }
                     s.open.insert(connection_id, relayed);
                     if s.open.values().any(|r| !r) {
@@ -406,7 +420,7 @@ async fn client(
         if Instant::now() > deadline {
             bail!("no connection within {connect_timeout:?}");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     };
     let open = || {
         let mut control = control.clone();
@@ -434,13 +448,17 @@ async fn client(
     }
     let t = common::measure(open, bytes).await?;
     let path = if direct_now(&seen) { "direct" } else { "relay" };
-    let direct_at = seen.lock().expect("the lock").direct_at;
+    let (direct_at, direct_transport) = {
+        let s = seen.lock().expect("the lock");
+        (s.direct_at, s.direct_transport)
+    };
     let mut out = serde_json::json!({
         "stack": "libp2p",
         "connect_ms": common::ms(connected),
         "first_rtt_ms": common::ms(first_rtt),
         "direct_ms": direct_at.map(common::ms),
         "path": path,
+        "direct_transport": direct_transport,
         "relay_only": relay_only,
     });
     out["transfer"] = t.json();
