@@ -9,9 +9,11 @@
 //! and by the `lab::` scenario. Needs root, `ip`, `tc` and `nft`.
 
 pub mod cgroup;
+pub mod nat;
 pub mod net;
 pub mod node;
 pub mod observe;
+pub mod p2p;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
