@@ -393,10 +393,9 @@ fn hostile_verdicts_change_nothing_and_forged_ones_are_refused() {
     let ours: Vec<String> = blocks.iter().map(|b| b.hash().to_hex()).collect();
     let d = Rules::new(WINDOW, TINY_LAYERS).unwrap();
     let rules = d
-        .clone()
         .with_fraud(1, d.slash_bps, d.reporter_bps, d.false_accusation_bps)
         .unwrap();
-    let honest = Account::new(worker.address(), None, rules.clone())
+    let honest = Account::new(worker.address(), None, rules)
         .expected_reward(&SignedProof::clone(match &reward.block.op {
             Op::Reward { proof, .. } => proof,
             _ => unreachable!(),
@@ -417,9 +416,7 @@ fn hostile_verdicts_change_nothing_and_forged_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let messages = obs.messages(conn).unwrap();
         let (balance, root) = obs.rt.block_on(async {
-            let ledger = Ledger::open_data_dir(dir.path(), rules.clone())
-                .await
-                .unwrap();
+            let ledger = Ledger::open_data_dir(dir.path(), rules).await.unwrap();
             for m in &messages {
                 ledger.apply(m, now_s()).await.unwrap();
             }
