@@ -95,11 +95,7 @@ fn reward_block(
 
 /// The node's ledger root, when it equals a rebuild of what the node holds under `rules`
 /// (read twice around the rebuild: the node mints its own blocks meanwhile).
-fn root_matches_rebuild(
-    obs: &Observer,
-    node: &Node,
-    conn: &neuroshard_net::client::PeerConn,
-) -> Option<String> {
+fn root_matches_rebuild(obs: &Observer, node: &Node, conn: &PeerConn) -> Option<String> {
     let root = || {
         node.get("/api/v1/network")
             .and_then(|(_, n)| n["ledger"]["root_hash"].as_str().map(String::from))
@@ -121,11 +117,13 @@ fn root_matches_rebuild(
     (rebuilt == before).then_some(before)
 }
 
-#[test]
-fn cheating_claims_earn_nothing_on_every_node() {
-    let _scenario = neuroshard_tests::scenario(module_path!());
+type PeerConn = neuroshard_net::client::PeerConn;
+
+/// Two serve-only `tiny` nodes with these `[ledger]` settings, peered, and the test's observer
+/// connected to both.
+fn two_nodes(ledger: &str) -> (Node, Node, Observer, PeerConn, PeerConn) {
     let options = || NodeOptions {
-        config: format!("[training]\nenabled = false\nmodel = \"tiny\"\n{ATTESTED_LEDGER}"),
+        config: format!("[training]\nenabled = false\nmodel = \"tiny\"\n{ledger}"),
         ..NodeOptions::default()
     };
     let a = Node::start(options()).unwrap();
@@ -138,6 +136,13 @@ fn cheating_claims_earn_nothing_on_every_node() {
         obs.peer_ids(&ca)?.contains(&cb.id).then_some(())
     })
     .unwrap();
+    (a, b, obs, ca, cb)
+}
+
+#[test]
+fn cheating_claims_earn_nothing_on_every_node() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let (a, b, obs, ca, cb) = two_nodes(ATTESTED_LEDGER);
 
     // The cheater and the node that really received 10 of its steps (its next stage).
     let cheater = Wallet::from_seed(7_001);
@@ -311,20 +316,7 @@ fn hostile_verdicts_change_nothing_and_forged_ones_are_refused() {
     const WINDOW: i64 = 3600;
     let ledger = "\n[ledger]\nchallenge_window_secs = 3600\naccept_unattested_training = false\n\
                   fraud_quorum_neuro = 0.000000001\n";
-    let options = || NodeOptions {
-        config: format!("[training]\nenabled = false\nmodel = \"tiny\"\n{ledger}"),
-        ..NodeOptions::default()
-    };
-    let a = Node::start(options()).unwrap();
-    a.wait_healthy(START).unwrap();
-    let b = Node::start(options().with_seed_peers(&[a.peer_addr()])).unwrap();
-    b.wait_healthy(START).unwrap();
-    let obs = Observer::new().unwrap();
-    let (ca, cb) = (obs.connect(&a).unwrap(), obs.connect(&b).unwrap());
-    wait_for("the nodes to peer", START, POLL, || {
-        obs.peer_ids(&ca)?.contains(&cb.id).then_some(())
-    })
-    .unwrap();
+    let (a, b, obs, ca, cb) = two_nodes(ledger);
 
     // An honest worker's attested reward, and accusers with nothing staked (a Sybil's fresh
     // accounts), one of them the worker itself.
