@@ -5,7 +5,8 @@
 //!
 //! * [`aggregate`]: mean, weighted mean, median, trimmed mean, Krum, Multi-Krum, geometric
 //!   median.
-//! * [`compress`]: bf16 / int8 (with error feedback) encoding of pseudo-gradients.
+//! * [`compress`]: bf16 / int8 / topk (the last two with error feedback) encoding of
+//!   pseudo-gradients; [`sparse`]: the chunked top-k, low-bit codec behind `topk`.
 //! * [`validate`]: checks on a peer's contribution, counted refusals, the per-round inbox.
 //! * [`outer`]: the outer Nesterov step.
 //! * [`service`]: the `Diloco` peer service (PushDelta, GetWeights).
@@ -15,6 +16,7 @@ pub mod compress;
 pub mod outer;
 pub mod round;
 pub mod service;
+pub mod sparse;
 pub mod sync;
 pub mod validate;
 pub mod verify;
