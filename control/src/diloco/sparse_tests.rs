@@ -354,6 +354,18 @@ fn robust_aggregators_on_sparse_contributions_are_sane() {
             report.outvoted
         );
     }
+    // The attack of the DiLoCo scenarios: the honest update's sign flipped and scaled up
+    // (dense where any honest replica sent): outvoted, no honest one with it.
+    let flipped: Vec<f32> = honest_mean.iter().map(|v| v * -20.0).collect();
+    let mut with_flip: Vec<Input<'_>> = inputs[..5].to_vec();
+    with_flip.push(Input {
+        values: &flipped,
+        weight: 1.0,
+    });
+    for kind in [AggregatorKind::Median, AggregatorKind::TrimmedMean] {
+        let report = Aggregator::new(kind).aggregate_report(&with_flip).unwrap();
+        assert_eq!(report.outvoted, vec![5], "{}", kind.name());
+    }
     // Without the attacker, three honest sparse replicas: none is outvoted although two of
     // three are "trimmed" in every coordinate where all send zero.
     let three: Vec<Input<'_>> = inputs[..3].to_vec();
