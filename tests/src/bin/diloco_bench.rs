@@ -5,7 +5,8 @@
 //! * DiLoCo: `--replicas` models, each with its own AdamW state and data order (its own node
 //!   id), take `--h` inner steps; then every replica's pseudo-gradient θ_start − θ_local is
 //!   encoded as on the wire (`--encoding`), decoded, aggregated (`--aggregator`) and the outer
-//!   step (lr 0.7, Nesterov 0.9) is applied from θ_start and written back into every replica.
+//!   step (lr 0.7, Nesterov 0.9; `--outer-lr`, `--outer-momentum`) is applied from θ_start
+//!   and written back into every replica.
 //! * Synchronous: one model; every step runs forward and backward on one batch of each
 //!   replica's data order and takes one AdamW step on the averaged gradient (exactly what a
 //!   per-step all-reduce of the replicas' gradients gives).
@@ -65,6 +66,11 @@ struct Args {
     eval_batches: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Outer Nesterov step (DiLoCo's 0.7 and 0.9 by default, as `training.outer_lr`).
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f32,
     /// Skip the synchronous run (its loss does not depend on the encoding); its bytes are
     /// still counted.
     #[arg(long)]
@@ -201,7 +207,10 @@ fn main() -> anyhow::Result<()> {
     let params: usize = sizes.iter().sum();
     let mut momentum: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
     let mut residuals: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); sizes.len()]; n];
-    let outer = OuterOpt::default();
+    let outer = OuterOpt {
+        lr: args.outer_lr,
+        momentum: args.outer_momentum,
+    };
     let mut diloco_bytes = 0u64;
     let mut micro = 0u64;
     for _round in 0..args.rounds {
@@ -296,6 +305,8 @@ fn main() -> anyhow::Result<()> {
         "topk_ratio": matches!(encoding, Encoding::Topk(_)).then_some(args.topk_ratio),
         "topk_bits": matches!(encoding, Encoding::Topk(_)).then_some(args.topk_bits),
         "aggregator": kind.name(),
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
         "tokens": tokens,
         "initial_eval_loss": initial_loss,
         "diloco_eval_loss": diloco_loss,
