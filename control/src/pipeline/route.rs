@@ -44,44 +44,42 @@ pub(crate) fn candidate_hops(net: &Network, total: u32) -> Vec<Hop> {
     hops.into_iter().map(|(h, _)| h).collect()
 }
 
-/// Latencies within this many milliseconds count as equal when a driver picks a stage's holder.
-const SAME_LATENCY_MS: f64 = 5.0;
+/// Latencies below this many milliseconds count as this much when a driver weighs a stage's
+/// holders: on one machine or one LAN, scheduling noise decides the measured latency.
+const LATENCY_FLOOR_MS: f64 = 20.0;
 
 /// The candidate stages of a training route: connected peers that train (a serve-only node's
-/// layers are for inference), the least loaded first (`NodeInfo.pipeline_load`: steps running
-/// there or waiting for it), then the lowest latency (in steps of [`SAME_LATENCY_MS`]), then
-/// an order of its own for each driver (a hash of the driver's and the holder's ids), so that
-/// drivers that see the same loads and latencies spread over a stage's holders instead of
-/// all queueing at one (SWARM parallelism's choice of the next hop, made per step).
+/// layers are for inference), in a random order drawn afresh for every step, each holder
+/// weighted by `1 / ((1 + load) * latency)` (`NodeInfo.pipeline_load`: steps running there or
+/// waiting for it; latency no lower than [`LATENCY_FLOOR_MS`]). This is SWARM parallelism's
+/// stochastic wiring: a driver prefers idle and near holders, yet drivers that see the same
+/// (gossiped, so slightly stale) loads and latencies spread over a stage's holders instead of
+/// all queueing at the one that looked best a moment ago.
 fn training_hops(net: &Network, total: u32) -> Vec<Hop> {
-    let me = net.id().to_string();
     let infos: std::collections::HashMap<String, (u32, f64, bool)> = net
         .peers
         .conns_with_rtt()
         .into_iter()
         .map(|(c, i, rtt)| (c.id.to_string(), (i.pipeline_load, rtt, i.serve_only)))
         .collect();
-    let mut hops: Vec<(Hop, (u32, u64, u64))> = candidate_hops(net, total)
+    let mut rng = rand::rng();
+    let mut hops: Vec<(Hop, f64)> = candidate_hops(net, total)
         .into_iter()
         .filter_map(|h| {
-            let id = h.conn.id.to_string();
-            let &(load, rtt, serve_only) = infos.get(&id)?;
-            let bucket = (rtt.max(0.0) / SAME_LATENCY_MS) as u64;
-            (!serve_only).then(|| (h, (load, bucket, spread(&me, &id))))
+            let &(load, rtt, serve_only) = infos.get(&h.conn.id.to_string())?;
+            let weight = 1.0 / ((1.0 + f64::from(load)) * rtt.max(LATENCY_FLOOR_MS));
+            (!serve_only).then(|| (h, draw_key(weight, rand::Rng::random::<f64>(&mut rng))))
         })
         .collect();
-    hops.sort_by_key(|(_, k)| *k);
+    hops.sort_by(|a, b| a.1.total_cmp(&b.1));
     hops.into_iter().map(|(h, _)| h).collect()
 }
 
-/// A stable number for the pair (driver, holder): FNV-1a over both ids.
-fn spread(driver: &str, holder: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in driver.bytes().chain([0]).chain(holder.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+/// The sort key of an item of weight `weight` in a weighted random order (Efraimidis and
+/// Spirakis: the item with the smallest `-ln(u) / weight` comes first, so each item is first
+/// with probability proportional to its weight), `u` uniform in `[0, 1)`.
+fn draw_key(weight: f64, u: f64) -> f64 {
+    -(1.0 - u).ln() / weight.max(f64::MIN_POSITIVE)
 }
 
 /// The stages after `from` to the end of the model over the connected peers that train (see
@@ -99,24 +97,26 @@ pub fn plan_route(net: &Network, from: u32, total: u32) -> Result<Vec<Hop>, Pipe
 
 #[cfg(test)]
 mod tests {
-    use super::spread;
+    use super::draw_key;
 
+    /// Holders are first in proportion to their weights: two equal holders about half the
+    /// time each, a holder four times as loaded about a fifth as often as an idle one.
     #[test]
-    fn drivers_order_the_same_holders_differently() {
-        let holders = ["0xaa", "0xbb", "0xcc"];
-        let first = |driver: &str| {
-            *holders
-                .iter()
-                .min_by_key(|h| spread(driver, h))
-                .expect("holders")
+    fn holders_come_first_in_proportion_to_their_weights() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let share = |w: [f64; 2], rng: &mut rand::rngs::StdRng| {
+            let n = 20_000;
+            let first = (0..n)
+                .filter(|_| draw_key(w[0], rng.random()) < draw_key(w[1], rng.random()))
+                .count();
+            first as f64 / n as f64
         };
-        // Stable for one driver; not the same holder for every driver.
-        assert_eq!(first("0x01"), first("0x01"));
-        let picks: std::collections::HashSet<&str> =
-            ["0x01", "0x02", "0x03", "0x04", "0x05", "0x06"]
-                .iter()
-                .map(|d| first(d))
-                .collect();
-        assert!(picks.len() > 1, "{picks:?}");
+        let equal = share([1.0, 1.0], &mut rng);
+        assert!((equal - 0.5).abs() < 0.02, "{equal}");
+        let loaded = share([1.0, 0.25], &mut rng);
+        assert!((loaded - 0.8).abs() < 0.02, "{loaded}");
+        // A zero weight never wins against a positive one, and never yields NaN.
+        assert!(draw_key(0.0, 0.5).is_finite() && draw_key(0.0, 0.5) > draw_key(1.0, 0.999));
     }
 }
