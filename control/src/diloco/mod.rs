@@ -9,6 +9,7 @@
 //!   pseudo-gradients; [`sparse`]: the chunked top-k, low-bit codec behind `topk`.
 //! * [`validate`]: checks on a peer's contribution, counted refusals, the per-round inbox.
 //! * [`outer`]: the outer Nesterov step.
+//! * [`stage`]: rounds within a pipeline stage (clock-aligned, steps go on meanwhile).
 //! * [`service`]: the `Diloco` peer service (PushDelta, GetWeights).
 
 pub mod aggregate;
@@ -17,6 +18,7 @@ pub mod outer;
 pub mod round;
 pub mod service;
 pub mod sparse;
+pub mod stage;
 pub mod sync;
 pub mod validate;
 pub mod verify;
