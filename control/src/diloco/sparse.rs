@@ -177,7 +177,16 @@ struct BitReader<'a> {
     n: usize,
 }
 
-impl BitReader<'_> {
+impl<'a> BitReader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        BitReader {
+            bytes,
+            pos: 0,
+            acc: 0,
+            n: 0,
+        }
+    }
+
     fn get(&mut self, width: usize) -> u32 {
         while self.n < width {
             self.acc |= u64::from(self.bytes.get(self.pos).copied().unwrap_or(0)) << self.n;
@@ -285,20 +294,10 @@ pub fn decode(bytes: &[u8], values: usize) -> Result<Vec<f32>, SparseError> {
         }
         pos += 4;
         let off_len = (k * OFFSET_BITS).div_ceil(8);
-        let mut offsets = BitReader {
-            bytes: &bytes[pos..pos + off_len],
-            pos: 0,
-            acc: 0,
-            n: 0,
-        };
+        let mut offsets = BitReader::new(&bytes[pos..pos + off_len]);
         pos += off_len;
         let code_len = (k * usize::from(p.bits)).div_ceil(8);
-        let mut codes = BitReader {
-            bytes: &bytes[pos..pos + code_len],
-            pos: 0,
-            acc: 0,
-            n: 0,
-        };
+        let mut codes = BitReader::new(&bytes[pos..pos + code_len]);
         pos += code_len;
         let mut previous = -1i64;
         for _ in 0..k {
