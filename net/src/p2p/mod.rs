@@ -144,10 +144,11 @@ impl Transport {
     /// The peer id at `addr` (`host:port`): the one already known there, or the one a new
     /// connection (TCP, then QUIC) reports.
     pub async fn resolve(&self, addr: &str) -> Result<PeerId, NetworkError> {
-        if let Some(peer) = self.book.by_addr.read().get(addr) {
-            if self.is_connected(peer) {
-                return Ok(*peer);
-            }
+        let known = self.book.by_addr.read().get(addr).copied();
+        if let Some(peer) = known
+            && self.is_connected(&peer)
+        {
+            return Ok(peer);
         }
         let target = tokio::net::lookup_host(addr)
             .await
