@@ -31,7 +31,7 @@ pub use peer::PeerConfig;
 pub use tls::{TlsConfig, parse_fingerprint};
 use tree::{lookup_mut, merge, parse_like};
 use types::Refusal;
-pub use types::{Device, Host, ModelPreset, TrainDtype};
+pub use types::{Device, Host, ModelPreset, PipeWire, TrainDtype};
 
 pub const CONFIG_FILE: &str = "neuroshard.toml";
 
@@ -190,8 +190,13 @@ pub struct TrainingConfig {
     pub aggregator_trim: f64,
     /// Byzantine replicas Krum and Multi-Krum tolerate.
     pub aggregator_byzantine: u32,
-    /// Wire encoding of pseudo-gradients: bf16, int8 (with error feedback) or f32.
+    /// Wire encoding of pseudo-gradients: bf16, int8 or topk (both with error feedback), f32.
+    #[schema(value_type = String)]
     pub diloco_encoding: crate::diloco::compress::Encoding,
+    /// topk: share of each chunk's values sent (the largest in magnitude), in (0, 1].
+    pub diloco_topk_ratio: f64,
+    /// topk: bits per sent value (sign and magnitude level), 2 to 8.
+    pub diloco_topk_bits: u32,
     /// Pseudo-gradients with a larger total norm are refused.
     pub diloco_max_norm: f64,
     /// Seconds a replica waits for the others' pseudo-gradients once its own is sent.
@@ -215,6 +220,9 @@ pub struct TrainingConfig {
     pub max_steps: u64,
     /// Pipeline training: seconds a stage may take to answer before the step fails.
     pub pipeline_timeout_secs: u32,
+    /// Pipeline training: activations and gradients between stages in bf16 or f32.
+    #[schema(value_type = String)]
+    pub pipeline_wire: PipeWire,
     /// Compute dtype: auto (bf16 where the device has native bf16 arithmetic), f32, bf16.
     #[schema(value_type = String)]
     pub dtype: TrainDtype,
@@ -289,6 +297,8 @@ impl Default for TrainingConfig {
             aggregator_trim: 0.1,
             aggregator_byzantine: 1,
             diloco_encoding: Default::default(),
+            diloco_topk_ratio: 0.01,
+            diloco_topk_bits: 2,
             diloco_max_norm: f64::from(crate::diloco::round::DEFAULT_MAX_NORM),
             diloco_round_timeout_secs: 60,
             stage_round_secs: 600,
@@ -300,6 +310,7 @@ impl Default for TrainingConfig {
             micro_batches: 4,
             max_steps: 0,
             pipeline_timeout_secs: 30,
+            pipeline_wire: PipeWire::default(),
             dtype: TrainDtype::Auto,
         }
     }
@@ -440,6 +451,13 @@ impl Config {
                 "training.aggregator_trim",
                 format!("{} is not in [0, 0.5)", t.aggregator_trim),
             );
+        }
+        if let Err(e) = crate::diloco::sparse::TopK::new(t.diloco_topk_ratio, t.diloco_topk_bits) {
+            let key = match e {
+                crate::diloco::sparse::TopKError::Ratio(_) => "training.diloco_topk_ratio",
+                crate::diloco::sparse::TopKError::Bits(_) => "training.diloco_topk_bits",
+            };
+            return bad(key, e.to_string());
         }
         if !(t.diloco_max_norm > 0.0 && t.diloco_max_norm.is_finite()) {
             return bad("training.diloco_max_norm", "must be positive".into());
@@ -635,7 +653,10 @@ impl Config {
         crate::diloco::round::Settings {
             steps: t.diloco_steps,
             aggregator,
-            encoding: t.diloco_encoding,
+            encoding: t.diloco_encoding.with_topk(
+                crate::diloco::sparse::TopK::new(t.diloco_topk_ratio, t.diloco_topk_bits)
+                    .unwrap_or_default(),
+            ),
             max_norm: t.diloco_max_norm as f32,
             timeout: std::time::Duration::from_secs(u64::from(t.diloco_round_timeout_secs)),
             outer: crate::diloco::outer::OuterOpt {

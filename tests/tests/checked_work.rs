@@ -5,7 +5,9 @@
 //! nobody attests, of more batches than attested, and of steps already rewarded once are held
 //! by both nodes as void; forged and self-signed receipts are refused at the door (counted,
 //! not stored). The cheater keeps exactly the one reward its receipts back, on both nodes,
-//! and both ledgers have the root a rebuild under the same rules has.
+//! and both ledgers have the root a rebuild under the same rules has. Verdicts from accounts
+//! with nothing staked (a Sybil's fresh accounts) and verdicts on blocks that do not exist
+//! change nothing; a claimant judging itself and forged verdict blocks are refused at the door.
 
 use crate::network_common;
 
@@ -93,11 +95,7 @@ fn reward_block(
 
 /// The node's ledger root, when it equals a rebuild of what the node holds under `rules`
 /// (read twice around the rebuild: the node mints its own blocks meanwhile).
-fn root_matches_rebuild(
-    obs: &Observer,
-    node: &Node,
-    conn: &neuroshard_net::client::PeerConn,
-) -> Option<String> {
+fn root_matches_rebuild(obs: &Observer, node: &Node, conn: &PeerConn) -> Option<String> {
     let root = || {
         node.get("/api/v1/network")
             .and_then(|(_, n)| n["ledger"]["root_hash"].as_str().map(String::from))
@@ -119,11 +117,13 @@ fn root_matches_rebuild(
     (rebuilt == before).then_some(before)
 }
 
-#[test]
-fn cheating_claims_earn_nothing_on_every_node() {
-    let _scenario = neuroshard_tests::scenario(module_path!());
+type PeerConn = neuroshard_net::client::PeerConn;
+
+/// Two serve-only `tiny` nodes with these `[ledger]` settings, peered, and the test's observer
+/// connected to both.
+fn two_nodes(ledger: &str) -> (Node, Node, Observer, PeerConn, PeerConn) {
     let options = || NodeOptions {
-        config: format!("[training]\nenabled = false\nmodel = \"tiny\"\n{ATTESTED_LEDGER}"),
+        config: format!("[training]\nenabled = false\nmodel = \"tiny\"\n{ledger}"),
         ..NodeOptions::default()
     };
     let a = Node::start(options()).unwrap();
@@ -136,6 +136,13 @@ fn cheating_claims_earn_nothing_on_every_node() {
         obs.peer_ids(&ca)?.contains(&cb.id).then_some(())
     })
     .unwrap();
+    (a, b, obs, ca, cb)
+}
+
+#[test]
+fn cheating_claims_earn_nothing_on_every_node() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let (a, b, obs, ca, cb) = two_nodes(ATTESTED_LEDGER);
 
     // The cheater and the node that really received 10 of its steps (its next stage).
     let cheater = Wallet::from_seed(7_001);
@@ -272,5 +279,152 @@ fn cheating_claims_earn_nothing_on_every_node() {
             root_matches_rebuild(&obs, node, conn)
         })
         .unwrap();
+    }
+}
+
+/// A verdict block of `voter` on `target` (a reward block of `accused`).
+fn verdict_block(
+    voter: &Wallet,
+    height: u64,
+    previous: Hash32,
+    ts: i64,
+    (target, accused): (Hash32, neuroshard_ledger::Address),
+    guilty: bool,
+) -> SignedBlock {
+    SignedBlock::sign(
+        Block {
+            account: voter.address(),
+            height,
+            previous,
+            timestamp: ts,
+            op: Op::Verdict {
+                target,
+                accused,
+                evidence: Hash32([0xee; 32]),
+                guilty,
+            },
+        },
+        voter,
+    )
+}
+
+#[test]
+fn hostile_verdicts_change_nothing_and_forged_ones_are_refused() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    // Rewards pending for an hour and a quorum of one unit (1e-9 NEURO): verdicts dated inside
+    // that window would convict if the smallest stake stood behind them.
+    const WINDOW: i64 = 3600;
+    let ledger = "\n[ledger]\nchallenge_window_secs = 3600\naccept_unattested_training = false\n\
+                  fraud_quorum_neuro = 0.000000001\n";
+    let (a, b, obs, ca, cb) = two_nodes(ledger);
+
+    // An honest worker's attested reward, and accusers with nothing staked (a Sybil's fresh
+    // accounts), one of them the worker itself.
+    let worker = Wallet::from_seed(7_101);
+    let next_stage = Wallet::from_seed(7_102);
+    let t0 = (now_s() / 60 - 3) * 60 + 5;
+    let receipt = attest_forward(&next_stage, worker.address(), Proof::epoch_of(t0), 10, 1);
+    let reward = reward_block(
+        &worker,
+        0,
+        Hash32::ZERO,
+        claim(&worker, t0, vec![0], 10, vec![receipt]),
+    );
+    let target = (reward.hash(), worker.address());
+    let sybils: Vec<Wallet> = (0..3).map(|i| Wallet::from_seed(7_110 + i)).collect();
+    let mut blocks = vec![reward.clone()];
+    for (i, s) in sybils.iter().enumerate() {
+        blocks.push(verdict_block(
+            s,
+            0,
+            Hash32::ZERO,
+            t0 + 30 + i as i64,
+            target,
+            true,
+        ));
+    }
+    // A verdict naming a block that does not exist.
+    let nowhere = (Hash32([0x42; 32]), next_stage.address());
+    let first = blocks[1].hash();
+    blocks.push(verdict_block(&sybils[0], 1, first, t0 + 50, nowhere, true));
+    let bytes: Vec<Vec<u8>> = blocks
+        .iter()
+        .map(|b| Message::Block(b.clone()).to_bytes())
+        .collect();
+    let reply = obs
+        .rt
+        .block_on(neuroshard::gossip::gossip_ledger(&ca, bytes))
+        .unwrap();
+    assert_eq!((reply.accepted, reply.rejected), (5, 0), "{reply:?}");
+
+    // Refused at the door: the worker judging its own reward; a verdict signed by another key than its account's, one whose signed
+    // content was changed after signing (acquitted -> guilty), and bytes that are no message.
+    let mut stolen = verdict_block(&sybils[1], 1, blocks[2].hash(), t0 + 60, target, true);
+    stolen.block.account = next_stage.address();
+    let mut flipped = verdict_block(&sybils[2], 1, blocks[3].hash(), t0 + 60, target, false);
+    if let Op::Verdict { guilty, .. } = &mut flipped.block.op {
+        *guilty = true;
+    }
+    let own = verdict_block(&worker, 1, reward.hash(), t0 + 40, target, true);
+    let bad = vec![
+        Message::Block(own).to_bytes(),
+        Message::Block(stolen).to_bytes(),
+        Message::Block(flipped).to_bytes(),
+        b"{\"block\": \"verdict\", \"guilty\": true}".to_vec(),
+        vec![0xff; 300],
+    ];
+    let reply = obs
+        .rt
+        .block_on(neuroshard::gossip::gossip_ledger(&ca, bad))
+        .unwrap();
+    assert_eq!((reply.accepted, reply.rejected), (0, 5), "{reply:?}");
+
+    // Both nodes hold the five blocks and decide nothing: the worker keeps its whole reward
+    // (pending through its window), nobody is convicted, acquitted or slashed, and each
+    // node's root is a rebuild's under the same rules.
+    let ours: Vec<String> = blocks.iter().map(|b| b.hash().to_hex()).collect();
+    let d = Rules::new(WINDOW, TINY_LAYERS).unwrap();
+    let rules = d
+        .with_fraud(1, d.slash_bps, d.reporter_bps, d.false_accusation_bps)
+        .unwrap();
+    let honest = Account::new(worker.address(), None, rules)
+        .expected_reward(&SignedProof::clone(match &reward.block.op {
+            Op::Reward { proof, .. } => proof,
+            _ => unreachable!(),
+        }))
+        .unwrap()
+        .0;
+    for (node, conn) in [(&a, &ca), (&b, &cb)] {
+        wait_for("the blocks everywhere", START, POLL, || {
+            let held = obs.block_hashes(conn)?;
+            ours.iter().all(|h| held.contains(h)).then_some(())
+        })
+        .unwrap();
+        let (_, net) = node.get("/api/v1/network").unwrap();
+        let fraud = &net["ledger"]["fraud"];
+        assert_eq!(fraud["convictions"], 0, "{fraud}");
+        assert_eq!(fraud["acquittals"], 0, "{fraud}");
+        assert_eq!(fraud["slashed"].as_f64(), Some(0.0), "{fraud}");
+        let dir = tempfile::tempdir().unwrap();
+        let messages = obs.messages(conn).unwrap();
+        let (balance, root) = obs.rt.block_on(async {
+            let ledger = Ledger::open_data_dir(dir.path(), rules).await.unwrap();
+            for m in &messages {
+                ledger.apply(m, now_s()).await.unwrap();
+            }
+            let balance = ledger.balance(&worker.address(), now_s()).await;
+            let root = ledger.root_hash().await.to_hex();
+            ledger.close().await;
+            (balance, root)
+        });
+        assert_eq!(balance.total, honest, "{balance:?}");
+        assert_eq!(balance.pending, honest, "{balance:?}");
+        wait_for("the node's root to match a rebuild", START, POLL, || {
+            let now = node
+                .get("/api/v1/network")
+                .and_then(|(_, n)| n["ledger"]["root_hash"].as_str().map(String::from))?;
+            (now == root).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: rebuild {root}"));
     }
 }

@@ -143,7 +143,9 @@ async fn engine_client(socket: &Path) -> neuroshard::engine::raw::Client {
 #[test]
 fn one_pipeline_step_equals_the_same_step_on_one_node() {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    let (a, b, c) = three_stages("max_steps = 1");
+    // f32 between stages: the step must equal the single node's to fp32 summation order
+    // (bf16 on the wire, the default, rounds every activation and gradient).
+    let (a, b, c) = three_stages("max_steps = 1\npipeline_wire = \"f32\"");
     let nodes = [&a, &b, &c];
     wait_for("the one pipeline step on every stage", START, POLL, || {
         nodes.iter().all(|n| step(n) == Some(1)).then_some(())

@@ -133,6 +133,46 @@ impl FromStr for TrainDtype {
 
 serde_as_text!(TrainDtype);
 
+/// `training.pipeline_wire`: the element type of the activations and their gradients sent
+/// between pipeline stages. A receiver takes either (the dtype is named in each tensor) and
+/// widens bf16 to f32 for its engine; ids and labels stay u32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PipeWire {
+    /// Half the bytes of f32 (rounded to nearest even).
+    #[default]
+    Bf16,
+    F32,
+}
+
+impl PipeWire {
+    pub const KEY: &str = "training.pipeline_wire";
+
+    /// The name in the config and in a pipeline tensor's dtype.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PipeWire::Bf16 => "bf16",
+            PipeWire::F32 => "f32",
+        }
+    }
+}
+
+impl FromStr for PipeWire {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<PipeWire, ConfigError> {
+        match s {
+            "bf16" => Ok(PipeWire::Bf16),
+            "f32" => Ok(PipeWire::F32),
+            _ => Err(invalid(
+                PipeWire::KEY,
+                format!("{s:?} is not one of bf16, f32"),
+            )),
+        }
+    }
+}
+
+serde_as_text!(PipeWire);
+
 /// `resources.device`: the compute device the engine is started with (`--device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
@@ -291,6 +331,49 @@ mod tests {
         assert_eq!(Host::default().as_str(), "127.0.0.1");
         assert_eq!(Device::default(), Device::Auto);
         assert_eq!(ModelPreset::default().as_str(), "default");
+    }
+
+    #[test]
+    fn pipeline_wire_and_topk_settings_load_and_are_checked() {
+        use crate::diloco::compress::Encoding;
+        use crate::diloco::sparse::TopK;
+        for w in [PipeWire::Bf16, PipeWire::F32] {
+            assert_eq!(w.as_str().parse::<PipeWire>().unwrap(), w);
+        }
+        assert!("f16".parse::<PipeWire>().is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(super::super::CONFIG_FILE);
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            crate::config::Config::load(&path)
+        };
+        let cfg = load(
+            "[training]\ndiloco_encoding = \"topk\"\ndiloco_topk_ratio = 0.03\n\
+             diloco_topk_bits = 4\npipeline_wire = \"f32\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.training.pipeline_wire, PipeWire::F32);
+        assert_eq!(
+            cfg.diloco_settings().encoding,
+            Encoding::Topk(TopK::new(0.03, 4).unwrap())
+        );
+        // The other encodings ignore the topk keys.
+        let cfg = load("[training]\ndiloco_encoding = \"int8\"\n").unwrap();
+        assert_eq!(cfg.diloco_settings().encoding, Encoding::Int8);
+        let key = |text: &str| match load(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            key("[training]\ndiloco_topk_ratio = 0.0\n"),
+            "training.diloco_topk_ratio"
+        );
+        assert_eq!(
+            key("[training]\ndiloco_topk_bits = 1\n"),
+            "training.diloco_topk_bits"
+        );
+        assert!(load("[training]\ndiloco_encoding = \"zip\"\n").is_err());
+        assert!(load("[training]\npipeline_wire = \"f16\"\n").is_err());
     }
 
     #[test]

@@ -100,8 +100,9 @@ pub struct Input<'a> {
 pub struct Aggregated {
     pub values: Vec<f32>,
     /// Indices (into the inputs) of the contributions the rule set aside: not chosen by
-    /// Krum / Multi-Krum, or trimmed away in at least 90% of the coordinates by the
-    /// median / trimmed mean. The mean and the geometric median set none aside.
+    /// Krum / Multi-Krum, or trimmed away (outside the kept values) by the median / trimmed
+    /// mean in at least 90% of the coordinates where it and another contribution are not
+    /// zero. The mean and the geometric median set none aside.
     pub outvoted: Vec<usize>,
 }
 
@@ -149,13 +150,10 @@ impl Aggregator {
         let all_but = |kept: &[usize]| -> Vec<usize> {
             (0..rows.len()).filter(|i| !kept.contains(i)).collect()
         };
-        let from_trim = |(values, counts): (Vec<f32>, Vec<usize>)| Aggregated {
+        let from_trim = |(values, dropped, spoke): (Vec<f32>, Vec<usize>, Vec<usize>)| Aggregated {
             values,
-            outvoted: counts
-                .iter()
-                .enumerate()
-                .filter(|&(_, &c)| len > 0 && c * 10 >= len * OUTVOTED_TENTHS)
-                .map(|(i, _)| i)
+            outvoted: (0..dropped.len())
+                .filter(|&i| spoke[i] > 0 && dropped[i] * 10 >= spoke[i] * OUTVOTED_TENTHS)
                 .collect(),
         };
         Ok(match self.kind {
@@ -245,26 +243,42 @@ pub fn weighted_mean(rows: &[&[f32]], weights: &[f32]) -> Vec<f32> {
 /// `k = (n-1)/2` this is the median (the mean of the two middle values for even n). Also
 /// counts, per row, the coordinates where its value was dropped (equal values: the later
 /// row is dropped from the top, the earlier from the bottom).
-fn trimmed(rows: &[&[f32]], k: impl Fn(usize) -> usize) -> (Vec<f32>, Vec<usize>) {
+fn trimmed(rows: &[&[f32]], k: impl Fn(usize) -> usize) -> (Vec<f32>, Vec<usize>, Vec<usize>) {
     let n = rows.len();
     let len = rows.first().map_or(0, |r| r.len());
     let k = if n >= 3 { k(n) } else { 0 };
     let mut col: Vec<(f32, usize)> = vec![(0.0, 0); n];
     let mut out = vec![0.0f32; len];
     let mut dropped = vec![0usize; n];
+    let mut spoke = vec![0usize; n];
     for (j, o) in out.iter_mut().enumerate() {
         for (i, (c, row)) in col.iter_mut().zip(rows).enumerate() {
             *c = (row[j], i);
         }
         col.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        for &(_, i) in col[..k].iter().chain(&col[n - k..]) {
-            dropped[i] += 1;
-        }
         let kept = &col[k..n - k];
+        // A sender's value counts where it is not zero and another sender's is not either
+        // ("spoke"), and against it ("dropped") only where it lies outside the kept values:
+        // sparse (topk) contributions are zero in most coordinates, and which of equal
+        // values the sort trims, or a value no one else sent, says nothing about a sender.
+        let nonzero = col.iter().filter(|c| c.0 != 0.0).count();
+        if nonzero >= 2 {
+            let (lo, hi) = (kept[0].0, kept[kept.len() - 1].0);
+            for (pos, &(v, i)) in col.iter().enumerate() {
+                if v == 0.0 {
+                    continue;
+                }
+                spoke[i] += 1;
+                let trimmed = pos < k || pos >= n - k;
+                if trimmed && (v.total_cmp(&lo).is_lt() || v.total_cmp(&hi).is_gt()) {
+                    dropped[i] += 1;
+                }
+            }
+        }
         let sum: f64 = kept.iter().map(|&(v, _)| v as f64).sum();
         *o = (sum / kept.len() as f64) as f32;
     }
-    (out, dropped)
+    (out, dropped, spoke)
 }
 
 fn sq_dist(a: &[f32], b: &[f32]) -> f64 {

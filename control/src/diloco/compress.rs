@@ -6,38 +6,59 @@
 //! * `int8`: one f32 scale per tensor (max |x| / 127) and one signed byte per value, with
 //!   **error feedback**: what rounding lost is kept by the sender and added to the next
 //!   round's pseudo-gradient, so nothing is lost for good.
+//! * `topk`: per chunk of 4096 values only the largest 1-3% travel, at 2 to 4 bits each
+//!   with error feedback ([`super::sparse`], SparseLoCo style).
 //! * `f32`: raw little-endian, for tests and debugging.
 //!
 //! The sender aggregates the *decoded* form of its own contribution, like everyone else,
 //! so all replicas see the same bits.
 
 use half::bf16;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, Default)]
-#[serde(rename_all = "snake_case")]
+use super::sparse::{self, SparseError, TopK};
+
+/// A pseudo-gradient encoding. In the config and on the wire it is a name (`"topk"`); the
+/// `topk` parameters come from their own keys (`Config::diloco_settings`), and a receiver
+/// reads them from the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Encoding {
     F32,
     #[default]
     Bf16,
     Int8,
+    Topk(TopK),
 }
 
 impl Encoding {
+    /// Every name, for messages.
+    pub const NAMES: &'static str = "f32, bf16, int8, topk";
+
     pub fn name(self) -> &'static str {
         match self {
             Encoding::F32 => "f32",
             Encoding::Bf16 => "bf16",
             Encoding::Int8 => "int8",
+            Encoding::Topk(_) => "topk",
         }
     }
 
+    /// The encoding a name stands for (`topk` with the default parameters).
     pub fn parse(s: &str) -> Option<Encoding> {
         match s {
             "f32" => Some(Encoding::F32),
             "bf16" => Some(Encoding::Bf16),
             "int8" => Some(Encoding::Int8),
+            "topk" => Some(Encoding::Topk(TopK::default())),
             _ => None,
+        }
+    }
+
+    /// This encoding, with `p` as its parameters when it is `topk`.
+    pub fn with_topk(self, p: TopK) -> Encoding {
+        match self {
+            Encoding::Topk(_) => Encoding::Topk(p),
+            other => other,
         }
     }
 
@@ -47,7 +68,26 @@ impl Encoding {
             Encoding::F32 => 4 * n,
             Encoding::Bf16 => 2 * n,
             Encoding::Int8 => 4 + n,
+            Encoding::Topk(p) => p.encoded_len(n),
         }
+    }
+}
+
+impl Serialize for Encoding {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Encoding {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Encoding, D::Error> {
+        let name = String::deserialize(d)?;
+        Encoding::parse(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown encoding {name:?}, expected one of {}",
+                Encoding::NAMES
+            ))
+        })
     }
 }
 
@@ -62,10 +102,12 @@ pub enum DecodeError {
     },
     #[error("int8 scale {0} is not a finite non-negative number")]
     Scale(f32),
+    #[error(transparent)]
+    Sparse(#[from] SparseError),
 }
 
-/// Encodes `values`. For `int8`, `residual` (same length, or empty to start) carries the
-/// error feedback: it is added before quantizing and replaced by what was lost.
+/// Encodes `values`. For `int8` and `topk`, `residual` (same length, or empty to start)
+/// carries the error feedback: it is added before quantizing and replaced by what was lost.
 pub fn encode(encoding: Encoding, values: &[f32], residual: &mut Vec<f32>) -> Vec<u8> {
     match encoding {
         Encoding::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -101,40 +143,42 @@ pub fn encode(encoding: Encoding, values: &[f32], residual: &mut Vec<f32>) -> Ve
             }
             out
         }
+        Encoding::Topk(p) => sparse::encode(p, values, residual),
     }
 }
 
-/// Decodes `values` values; the length must match exactly.
+/// Decodes `values` values; the length must match exactly. A `topk` tensor carries its own
+/// parameters (the ones in `encoding` are not used).
 pub fn decode(encoding: Encoding, bytes: &[u8], values: usize) -> Result<Vec<f32>, DecodeError> {
     let expected = encoding.encoded_len(values);
-    if bytes.len() != expected {
-        return Err(DecodeError::Length {
-            encoding: encoding.name(),
-            values,
-            expected,
-            got: bytes.len(),
-        });
-    }
-    Ok(match encoding {
-        Encoding::F32 => bytes
+    let length = || DecodeError::Length {
+        encoding: encoding.name(),
+        values,
+        expected,
+        got: bytes.len(),
+    };
+    match encoding {
+        Encoding::Topk(_) => Ok(sparse::decode(bytes, values)?),
+        _ if bytes.len() != expected => Err(length()),
+        Encoding::F32 => Ok(bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Encoding::Bf16 => bytes
+            .collect()),
+        Encoding::Bf16 => Ok(bytes
             .chunks_exact(2)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+            .collect()),
         Encoding::Int8 => {
             let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             if !(scale.is_finite() && scale >= 0.0) {
                 return Err(DecodeError::Scale(scale));
             }
-            bytes[4..]
+            Ok(bytes[4..]
                 .iter()
                 .map(|&b| f32::from(b as i8) * scale)
-                .collect()
+                .collect())
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //!
 //! * [`aggregate`]: mean, weighted mean, median, trimmed mean, Krum, Multi-Krum, geometric
 //!   median.
-//! * [`compress`]: bf16 / int8 (with error feedback) encoding of pseudo-gradients.
+//! * [`compress`]: bf16 / int8 / topk (the last two with error feedback) encoding of
+//!   pseudo-gradients; [`sparse`]: the chunked top-k, low-bit codec behind `topk`.
 //! * [`validate`]: checks on a peer's contribution, counted refusals, the per-round inbox.
 //! * [`outer`]: the outer Nesterov step.
 //! * [`stage`]: rounds within a pipeline stage (clock-aligned, steps go on meanwhile).
@@ -16,6 +17,7 @@ pub mod compress;
 pub mod outer;
 pub mod round;
 pub mod service;
+pub mod sparse;
 pub mod stage;
 pub mod sync;
 pub mod validate;

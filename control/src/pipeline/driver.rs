@@ -15,7 +15,7 @@ use neuroshard_shared::model::ModelConfig;
 use super::phase::Phase;
 use super::route::Hop;
 use super::stage::{Batch, StepKey};
-use super::{Out, PipeError, Stage, Wire, check_acts, peer_err, plan_route, within};
+use super::{Out, PipeError, Stage, Wire, check_acts, peer_err, plan_route, wire_len, within};
 use neuroshard_net::Network;
 
 /// The outcome of one driver step.
@@ -225,18 +225,19 @@ impl Stage {
             Out::Acts(w) => w,
             Out::Loss(_) => return Err(PipeError::Engine("driver computed a loss".into())),
         };
+        let pipe_wire = self.config().training.pipeline_wire;
         let req = pb::PipelineForwardRequest {
             auth: None,
             step: hops.key.step,
             micro_batch: mb,
-            activations: Some(acts.to_pb()),
+            activations: Some(acts.to_pb_as(pipe_wire)),
             labels: Some(labels.to_pb()),
             layer_start: hops.first.layers.start,
             route: hops.rest.clone(),
             driver: hops.key.driver.clone(),
         };
         self.counters.tensor_bytes.fetch_add(
-            (acts.data.len() + labels.data.len()) as u64,
+            wire_len(req.activations.as_ref()) + wire_len(req.labels.as_ref()),
             Ordering::Relaxed,
         );
         let first = &hops.first;
@@ -291,7 +292,7 @@ impl Stage {
             })?;
         self.counters
             .tensor_bytes
-            .fetch_add(grad.data.len() as u64, Ordering::Relaxed);
+            .fetch_add(wire_len(r.grad_input.as_ref()), Ordering::Relaxed);
         // The first stage's backward work, attested; it gets the receipt with the optimizer
         // request.
         self.attest.receive(

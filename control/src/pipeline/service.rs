@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::phase::Phase;
 use super::stage::StepKey;
-use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, within};
+use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, wire_len, within};
 use neuroshard_ledger::Address;
 use neuroshard_ledger::receipt::ReceiptKind;
 use neuroshard_net::MAX_MESSAGE_BYTES;
@@ -123,7 +123,7 @@ impl Stage {
         })();
         let (acts, labels) = checked.map_err(|e| self.refused(e))?;
         self.counters.tensor_bytes.fetch_add(
-            (acts.data.len() + labels.data.len()) as u64,
+            wire_len(req.activations.as_ref()) + wire_len(req.labels.as_ref()),
             Ordering::Relaxed,
         );
         let secs = self.config().training.pipeline_timeout_secs;
@@ -156,20 +156,20 @@ impl Stage {
                 let (hop, rest) = self
                     .next_hop(net, &req.route)
                     .map_err(|e| self.refused(e))?;
-                self.counters.tensor_bytes.fetch_add(
-                    (out.data.len() + labels.data.len()) as u64,
-                    Ordering::Relaxed,
-                );
                 let next = pb::PipelineForwardRequest {
                     auth: None,
                     step: req.step,
                     micro_batch: req.micro_batch,
-                    activations: Some(out.to_pb()),
+                    activations: Some(out.to_pb_as(self.config().training.pipeline_wire)),
                     labels: Some(labels.to_pb()),
                     layer_start: a.layers.end,
                     route: rest,
                     driver: req.driver.clone(),
                 };
+                self.counters.tensor_bytes.fetch_add(
+                    wire_len(next.activations.as_ref()) + wire_len(next.labels.as_ref()),
+                    Ordering::Relaxed,
+                );
                 let reply = within(secs, &hop.conn.id.to_string(), async {
                     hop.conn
                         .pipeline_forward(next, Duration::from_secs(u64::from(secs)))
@@ -264,7 +264,7 @@ impl Stage {
             );
             self.counters
                 .tensor_bytes
-                .fetch_add(g.data.len() as u64, Ordering::Relaxed);
+                .fetch_add(wire_len(r.grad_input.as_ref()), Ordering::Relaxed);
             Some(g)
         };
         let gi = self
@@ -277,11 +277,12 @@ impl Stage {
             .map_err(|e| self.refused(e))?
             .ok_or_else(|| PipeError::Engine("no input gradient from the engine".into()))?;
         self.same_layers(&a)?;
+        let grad_input = gi.to_pb_as(self.config().training.pipeline_wire);
         self.counters
             .tensor_bytes
-            .fetch_add(gi.data.len() as u64, Ordering::Relaxed);
+            .fetch_add(wire_len(Some(&grad_input)), Ordering::Relaxed);
         Ok(pb::PipelineBackwardReply {
-            grad_input: Some(gi.to_pb()),
+            grad_input: Some(grad_input),
         })
     }
 

@@ -124,22 +124,8 @@ impl Trainer {
                         r = round.finish(client, loss, batches) => r,
                         _ = stop.changed() => return,
                     };
-                    match result {
-                        Ok(outcome) => {
-                            let hash = match outcome {
-                                crate::diloco::sync::Outcome::Stepped { hash, .. }
-                                | crate::diloco::sync::Outcome::CaughtUp { hash, .. } => hash,
-                            };
-                            self.update(|s| s.model_hash = hash);
-                            self.keep_round_start(client).await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "DiLoCo round failed");
-                            self.metrics
-                                .syncs_failed
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            self.update(|s| s.last_error = Some(e));
-                        }
+                    if self.round_done(result) {
+                        self.keep_round_start(client).await;
                     }
                 }
             }
@@ -243,6 +229,12 @@ impl Trainer {
         };
         // Steps applied while the round waited count in the next one (their drift was kept).
         rounds.start_step = step;
+        self.round_done(result);
+    }
+
+    /// Records a finished round boundary: the new start hash, or the failure (logged and
+    /// counted). True when the round stepped or caught up.
+    fn round_done(&self, result: Result<crate::diloco::sync::Outcome, String>) -> bool {
         match result {
             Ok(outcome) => {
                 let hash = match outcome {
@@ -250,13 +242,15 @@ impl Trainer {
                     | crate::diloco::sync::Outcome::CaughtUp { hash, .. } => hash,
                 };
                 self.update(|s| s.model_hash = hash);
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "stage DiLoCo round failed");
+                tracing::warn!(error = %e, "DiLoCo round failed");
                 self.metrics
                     .syncs_failed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.update(|s| s.last_error = Some(e));
+                false
             }
         }
     }

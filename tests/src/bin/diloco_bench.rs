@@ -5,7 +5,8 @@
 //! * DiLoCo: `--replicas` models, each with its own AdamW state and data order (its own node
 //!   id), take `--h` inner steps; then every replica's pseudo-gradient θ_start − θ_local is
 //!   encoded as on the wire (`--encoding`), decoded, aggregated (`--aggregator`) and the outer
-//!   step (lr 0.7, Nesterov 0.9) is applied from θ_start and written back into every replica.
+//!   step (lr 0.7, Nesterov 0.9; `--outer-lr`, `--outer-momentum`) is applied from θ_start
+//!   and written back into every replica.
 //! * Synchronous: one model; every step runs forward and backward on one batch of each
 //!   replica's data order and takes one AdamW step on the averaged gradient (exactly what a
 //!   per-step all-reduce of the replicas' gradients gives).
@@ -23,6 +24,7 @@ use clap::Parser;
 use neuroshard::diloco::aggregate::{Aggregator, AggregatorKind, Input};
 use neuroshard::diloco::compress::{self, Encoding};
 use neuroshard::diloco::outer::OuterOpt;
+use neuroshard::diloco::sparse::TopK;
 use neuroshard_engine::backend::Backend;
 use neuroshard_engine::backend::cpu::CpuBackend;
 use neuroshard_engine::data::{DataLoader, DataSource, LoaderConfig, builtin_tokenizer};
@@ -49,14 +51,30 @@ struct Args {
     /// Inner (DiLoCo) and only (synchronous) AdamW learning rate.
     #[arg(long, default_value_t = 0.003)]
     lr: f32,
+    /// f32, bf16, int8 or topk.
     #[arg(long, default_value = "bf16")]
     encoding: String,
+    /// topk: share of each chunk's values sent.
+    #[arg(long, default_value_t = 0.01)]
+    topk_ratio: f64,
+    /// topk: bits per sent value.
+    #[arg(long, default_value_t = 2)]
+    topk_bits: u32,
     #[arg(long, default_value = "trimmed_mean")]
     aggregator: String,
     #[arg(long, default_value_t = 8)]
     eval_batches: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Outer Nesterov step (DiLoCo's 0.7 and 0.9 by default, as `training.outer_lr`).
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f32,
+    /// Skip the synchronous run (its loss does not depend on the encoding); its bytes are
+    /// still counted.
+    #[arg(long)]
+    skip_sync: bool,
 }
 
 struct Replica {
@@ -146,12 +164,11 @@ fn write(model: &mut Model<CpuBackend>, theta: &[Vec<f32>]) -> anyhow::Result<()
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = ModelConfig::preset(&args.model)?;
-    let encoding = match args.encoding.as_str() {
-        "f32" => Encoding::F32,
-        "bf16" => Encoding::Bf16,
-        "int8" => Encoding::Int8,
-        other => anyhow::bail!("unknown encoding {other:?} (f32, bf16, int8)"),
-    };
+    let encoding = Encoding::parse(&args.encoding)
+        .ok_or_else(|| {
+            anyhow::anyhow!("unknown encoding {:?} ({})", args.encoding, Encoding::NAMES)
+        })?
+        .with_topk(TopK::new(args.topk_ratio, args.topk_bits)?);
     let kind = AggregatorKind::ALL
         .into_iter()
         .find(|k| k.name() == args.aggregator)
@@ -190,7 +207,10 @@ fn main() -> anyhow::Result<()> {
     let params: usize = sizes.iter().sum();
     let mut momentum: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
     let mut residuals: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); sizes.len()]; n];
-    let outer = OuterOpt::default();
+    let outer = OuterOpt {
+        lr: args.outer_lr,
+        momentum: args.outer_momentum,
+    };
     let mut diloco_bytes = 0u64;
     let mut micro = 0u64;
     for _round in 0..args.rounds {
@@ -244,20 +264,31 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|id| loader(&args, &cfg, id))
         .collect::<Result<_, _>>()?;
+    // Gradients all-reduced in this encoding, bf16 for topk (a per-step all-reduce of
+    // top-k gradients is not the baseline).
+    let sync_encoding = match encoding {
+        Encoding::Topk(_) => Encoding::Bf16,
+        e => e,
+    };
     let grad_bytes = sizes
         .iter()
-        .map(|&s| encoding.encoded_len(s) as u64)
+        .map(|&s| sync_encoding.encoded_len(s) as u64)
         .sum::<u64>();
+    let sync_steps = if args.skip_sync { 0 } else { steps };
     let mut sync_bytes = 0u64;
-    for _ in 0..steps {
+    for _ in 0..sync_steps {
         for d in &mut data {
             micro += 1;
             accumulate(&mut model, d, micro)?;
         }
         adam.step(&mut model, &opt, opt.lr)?;
-        sync_bytes += grad_bytes * n as u64 * (n as u64 - 1);
     }
-    let sync_loss = evaluate(&mut model, &eval)?;
+    sync_bytes += grad_bytes * n as u64 * (n as u64 - 1) * steps as u64;
+    let sync_loss = if args.skip_sync {
+        f64::NAN
+    } else {
+        evaluate(&mut model, &eval)?
+    };
     let sync_s = t0.elapsed().as_secs_f64();
 
     let tokens = steps as u64 * n as u64 * tokens_per_step;
@@ -271,7 +302,11 @@ fn main() -> anyhow::Result<()> {
         "seq": args.seq,
         "lr": args.lr,
         "encoding": encoding.name(),
+        "topk_ratio": matches!(encoding, Encoding::Topk(_)).then_some(args.topk_ratio),
+        "topk_bits": matches!(encoding, Encoding::Topk(_)).then_some(args.topk_bits),
         "aggregator": kind.name(),
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
         "tokens": tokens,
         "initial_eval_loss": initial_loss,
         "diloco_eval_loss": diloco_loss,

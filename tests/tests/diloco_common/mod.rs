@@ -13,11 +13,17 @@ pub const ROUNDS: Duration = Duration::from_secs(600);
 pub const POLL: Duration = Duration::from_millis(200);
 
 /// A replica of the `tiny` model, 20 inner steps per round; `extra` goes into `[training]`.
+/// `DILOCO_TEST_ENCODING` (e.g. `topk`) sets `training.diloco_encoding` for every scenario
+/// that starts its replicas here (the default encoding otherwise).
 pub fn options(extra: &str) -> NodeOptions {
+    let encoding = std::env::var("DILOCO_TEST_ENCODING")
+        .map(|e| format!("diloco_encoding = \"{e}\"\n"))
+        .unwrap_or_default();
     NodeOptions {
         config: format!(
             "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 64\n\
-             learning_rate = 0.003\ndiloco_steps = 20\ndiloco_round_timeout_secs = 30\n{extra}"
+             learning_rate = 0.003\ndiloco_steps = 20\ndiloco_round_timeout_secs = 30\n\
+             {encoding}{extra}"
         ),
         ..NodeOptions::default()
     }
