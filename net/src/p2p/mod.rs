@@ -101,6 +101,8 @@ pub(crate) enum Command {
         addrs: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<PeerId, DialFailure>>,
     },
+    /// Close every connection to a peer.
+    Disconnect(PeerId),
 }
 
 /// Why a dial found no peer.
@@ -172,6 +174,17 @@ impl Transport {
             })?;
         self.learn(addr, peer);
         Ok(peer)
+    }
+
+    /// Closes the connections to the node at `addr` (`host:port`), if it is known: the next
+    /// call dials it again, on a new connection.
+    pub fn disconnect(&self, addr: &str) {
+        let Some(peer) = self.book.by_addr.write().remove(addr) else {
+            return;
+        };
+        self.book.remote.write().remove(&peer);
+        // A stopped swarm has no connection left to close.
+        let _ = self.commands.send(Command::Disconnect(peer));
     }
 
     /// Records that `peer` answers at `addr` (`host:port`).

@@ -154,6 +154,9 @@ async fn run(
                 Some(Command::Dial { addrs, reply }) => {
                     dial(&mut swarm, &mut dials, Dial { rest: addrs, reply });
                 }
+                Some(Command::Disconnect(peer)) => {
+                    let _ = swarm.disconnect_peer_id(peer);
+                }
                 // Every handle is gone: nobody can use the swarm any more.
                 None => return,
             },

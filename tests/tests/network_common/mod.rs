@@ -96,6 +96,14 @@ impl Observer {
             .with_context(|| format!("handshake with {addr}"))
     }
 
+    /// Closes the observer's connection to `node`: its next call opens a new one (a new
+    /// connection, with a score of its own).
+    pub fn disconnect(&self, node: &Node) {
+        if let Ok(t) = self.net.transport() {
+            t.disconnect(&node.peer_addr());
+        }
+    }
+
     /// The identities in `conn`'s node's peer table (this observer is never in it).
     pub fn peer_ids(&self, conn: &PeerConn) -> Option<BTreeSet<Address>> {
         let peers = self.rt.block_on(conn.get_peers()).ok()?;
