@@ -42,6 +42,11 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("peer port {port}: {source}")]
+    PeerPort {
+        port: u16,
+        source: neuroshard_net::NetworkError,
+    },
     #[error(transparent)]
     Shm(#[from] neuroshard_shared::shm::ShmError),
     #[error(transparent)]
@@ -213,14 +218,25 @@ pub async fn run(
             addr: http_addr.clone(),
             source,
         })?;
+    // The peer port: the peer-to-peer transport, TCP and QUIC (UDP) on the same number,
+    // keyed by the wallet; it stops when the servers do.
     let peer_addr = neuroshard_net::bind_address(config.grpc_port());
-    let peer = TcpListener::bind(peer_addr)
-        .await
-        .map_err(|source| DaemonError::Bind {
-            what: "peer service",
-            addr: peer_addr.to_string(),
-            source,
-        })?;
+    let network = Arc::new(neuroshard_net::PeerState::default());
+    let (stop_servers_tx, stop_servers_rx) = watch::channel(false);
+    let peer = neuroshard_net::p2p::swarm::start(
+        &wallet,
+        Some(config.grpc_port()),
+        neuroshard_net::p2p::swarm::Admission {
+            caps: peer_caps,
+            state: network.clone(),
+        },
+        stop_servers_rx.clone(),
+    )
+    .await
+    .map_err(|source| DaemonError::PeerPort {
+        port: config.grpc_port(),
+        source,
+    })?;
 
     // Both ports are bound: the CLI finds this node by its runtime file from now on.
     let _run_file = crate::runfile::write(
@@ -229,7 +245,7 @@ pub async fn run(
             pid: std::process::id(),
             host: config.host.to_string(),
             port: http.local_addr().map_or(config.port, |a| a.port()),
-            peer_port: peer.local_addr().map_or(config.grpc_port(), |a| a.port()),
+            peer_port: config.grpc_port(),
             scheme: if http_tls.is_some() { "https" } else { "http" }.into(),
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             wallet: wallet.address().to_string(),
@@ -259,12 +275,10 @@ pub async fn run(
 
     let (stop_engine_tx, stop_engine_rx) = watch::channel(false);
     let (stop_trainer_tx, stop_trainer_rx) = watch::channel(false);
-    let (stop_servers_tx, stop_servers_rx) = watch::channel(false);
     let (engine, supervisor_task) = supervisor::start(sup_cfg, segment.clone(), stop_engine_rx);
 
     // The live configuration: the API's PATCH handler is its one writer, the rest read it.
     let (config_tx, config) = LiveConfig::channel(config);
-    let network = Arc::new(neuroshard_net::PeerState::default());
     let training = Arc::new(Mutex::new(TrainingStats::default()));
     let auth = Arc::new(crate::auth::Authenticator::start(
         data_dir,
@@ -444,7 +458,6 @@ pub async fn run(
         peer_net,
         peer_routes,
         peer,
-        peer_caps,
         seeds,
         stop_servers_rx,
     ));

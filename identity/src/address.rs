@@ -24,6 +24,18 @@ impl Address {
         Address(out)
     }
 
+    /// The address of a public key in SEC1 form (33 bytes compressed or 65 uncompressed),
+    /// as the peer-to-peer transport carries it: a libp2p secp256k1 peer id holds the
+    /// compressed key, so a peer id and a wallet address are two views of one key.
+    pub fn from_sec1_public_key(bytes: &[u8]) -> Result<Self, IdentityError> {
+        let key =
+            VerifyingKey::from_sec1_bytes(bytes).map_err(|_| IdentityError::InvalidAddress {
+                input: hex::encode(bytes),
+                reason: "not a secp256k1 public key",
+            })?;
+        Ok(Address::from_verifying_key(&key))
+    }
+
     /// Parses `0x` + 40 hex digits. All-lowercase and all-uppercase digits are accepted as
     /// they are; mixed case must be a correct EIP-55 checksum.
     pub fn parse(input: &str) -> Result<Self, IdentityError> {
@@ -103,6 +115,29 @@ impl<'de> Deserialize<'de> for Address {
 mod tests {
     use super::*;
     use k256::ecdsa::SigningKey;
+
+    #[test]
+    fn sec1_public_keys_give_the_wallet_address() {
+        let wallet = crate::Wallet::from_seed(7);
+        let compressed = wallet.public_key_sec1();
+        assert_eq!(
+            Address::from_sec1_public_key(&compressed).unwrap(),
+            wallet.address()
+        );
+        let key = SigningKey::from_slice(&wallet.secret_bytes()).unwrap();
+        let uncompressed = key.verifying_key().to_encoded_point(false);
+        assert_eq!(
+            Address::from_sec1_public_key(uncompressed.as_bytes()).unwrap(),
+            wallet.address()
+        );
+        assert_ne!(
+            Address::from_sec1_public_key(&crate::Wallet::from_seed(8).public_key_sec1()).unwrap(),
+            wallet.address()
+        );
+        for bad in [&[][..], &[5u8; 33][..], &compressed[..32]] {
+            assert!(Address::from_sec1_public_key(bad).is_err());
+        }
+    }
 
     #[test]
     fn eip55_vectors() {

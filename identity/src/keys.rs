@@ -158,8 +158,18 @@ impl Wallet {
         self.address
     }
 
-    pub(crate) fn secret_bytes(&self) -> [u8; 32] {
+    /// The 32 secret bytes: the keystore saves them and the peer-to-peer transport is keyed
+    /// with them (its peer id is this wallet's key). Never logged, never sent.
+    pub fn secret_bytes(&self) -> [u8; 32] {
         self.key.to_bytes().into()
+    }
+
+    /// The public key in compressed SEC1 form (33 bytes).
+    pub fn public_key_sec1(&self) -> [u8; 33] {
+        let point = self.key.verifying_key().to_encoded_point(true);
+        let mut out = [0u8; 33];
+        out.copy_from_slice(point.as_bytes());
+        out
     }
 
     /// Signs a 32-byte digest (low-S, RFC 6979 deterministic nonce).

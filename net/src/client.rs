@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use libp2p::PeerId;
 use neuroshard_identity::Address;
 use neuroshard_proto::Message as _;
 use neuroshard_proto::peer as pb;
@@ -14,11 +15,11 @@ use neuroshard_proto::peer::diloco_client::DilocoClient;
 use neuroshard_proto::peer::peer_client::PeerClient;
 use neuroshard_proto::peer::pipeline_client::PipelineClient;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::auth::{self, Authed};
 use super::error::NetworkError;
-use super::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, Network, PING_TIMEOUT, RPC_TIMEOUT, now_ms};
+use super::{MAX_MESSAGE_BYTES, Network, PING_TIMEOUT, RPC_TIMEOUT, now_ms};
 
 /// A handshaken connection. Cheap to clone (one HTTP/2 connection underneath).
 #[derive(Clone)]
@@ -48,29 +49,22 @@ impl std::fmt::Debug for PeerConn {
     }
 }
 
-/// Opens a channel to `addr` (`host:port`) without handshaking. The channel has no timeout
-/// of its own: each call carries its deadline (tonic would cut a call at the shorter of the
-/// two, so a channel timeout silently capped longer deadlines).
-pub async fn dial(addr: &str) -> Result<Channel, NetworkError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| NetworkError::Connect {
-            addr: addr.into(),
-            source,
-        })?;
-    Ok(channel)
+/// Opens a channel to the node at `addr` (`host:port`) without handshaking: the peer id
+/// there (known, or learned by dialing it), and a channel of streams to that peer id. The
+/// channel has no timeout of its own: each call carries its deadline (tonic would cut a call
+/// at the shorter of the two, so a channel timeout silently capped longer deadlines).
+pub async fn dial(net: &Network, addr: &str) -> Result<(Channel, PeerId), NetworkError> {
+    let transport = net.transport()?;
+    let peer = transport.resolve(addr).await?;
+    let channel = crate::p2p::io::channel(transport, peer, addr).await?;
+    Ok((channel, peer))
 }
 
 impl PeerConn {
     /// Dials `addr` and runs the handshake: the peer proves it holds the key of the address
     /// it claims by signing our fresh challenge, and we prove ours by signing its challenge.
     pub async fn connect(net: Arc<Network>, addr: &str) -> Result<PeerConn, NetworkError> {
-        let channel = dial(addr).await?;
+        let (channel, peer) = dial(&net, addr).await?;
         let mut client = service_client!(PeerClient, channel.clone());
         let rpc = |method: &'static str| {
             move |source: tonic::Status| {
@@ -132,6 +126,13 @@ impl PeerConn {
         .map_err(|e| bad(e.to_string()))?;
         if id == net.id() {
             return Err(NetworkError::SelfConnection { addr: addr.into() });
+        }
+        // The address must be the one the transport's handshake proved for this connection.
+        let proven = crate::p2p::address_of(&peer).map_err(|e| bad(e.to_string()))?;
+        if proven != id {
+            return Err(bad(format!(
+                "{id} is not the address of the connection's peer id ({proven})"
+            )));
         }
         Ok(PeerConn {
             addr: addr.into(),

@@ -13,6 +13,9 @@ pub enum NetworkError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The peer-to-peer transport could not start, dial or open a stream.
+    #[error("peer-to-peer transport: {0}")]
+    Transport(String),
     #[error("{method} to peer {addr}: {source}")]
     Rpc {
         addr: String,
@@ -77,7 +80,7 @@ impl NetworkError {
             | Self::Replay { .. }
             | Self::Handshake { .. } => Code::Unauthenticated,
             Self::Banned { .. } => Code::PermissionDenied,
-            Self::Busy { .. } | Self::Connect { .. } => Code::Unavailable,
+            Self::Busy { .. } | Self::Connect { .. } | Self::Transport(_) => Code::Unavailable,
             Self::BadAddress { .. }
             | Self::Malformed { .. }
             | Self::TooLarge { .. }

@@ -14,6 +14,8 @@ use tonic::Code;
 use tonic::codegen::http;
 use tonic::transport::server::TcpConnectInfo;
 
+use crate::p2p::io::PeerConnectInfo;
+
 use super::Network;
 use super::error::NetworkError;
 use super::score::{Offence, conn_key};
@@ -76,7 +78,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // A stream's peer and address (crate::p2p::io) as handlers read them.
+        if let Some(tcp) = req.extensions().get::<PeerConnectInfo>().map(|i| i.tcp()) {
+            req.extensions_mut().insert(tcp);
+        }
         let remote = req
             .extensions()
             .get::<TcpConnectInfo>()

@@ -7,8 +7,8 @@
 //!
 //! * [`admission`]: the per-address and total connection caps at accept, shared with the
 //!   daemon's REST and tracker servers.
-//! * [`incoming`]: the peer port's accepted connections: admission, and the deadline on the
-//!   HTTP/2 preface.
+//! * [`p2p`]: the peer-to-peer transport (rust-libp2p): one swarm task, the wallet key as
+//!   the peer id, `peer.proto` over its streams, admission of incoming connections.
 //! * [`auth`]: identities (wallet addresses), the mutual challenge-response handshake and the
 //!   signed, timestamped, replay-checked auth every later request carries.
 //! * [`score`]: misbehaviour lowers a peer's (or a connection's) score; at zero it is banned.
@@ -32,8 +32,8 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod guard;
-pub mod incoming;
 pub mod manager;
+pub mod p2p;
 pub mod score;
 pub mod service;
 pub mod state;
@@ -66,7 +66,7 @@ pub const DROP_BOUND: Duration = Duration::from_secs(15);
 pub const PEX_INTERVAL: Duration = Duration::from_secs(5);
 /// Deadline of an outgoing request (pings use [`PING_TIMEOUT`]).
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline of a TCP connect to a peer.
+/// Deadline of a connection to a peer (dial and transport handshake) and of opening a stream.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline the server puts on every incoming request.
 pub const SERVER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,12 +74,13 @@ pub const SERVER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_PEERS: usize = 32;
 /// Most addresses remembered for dialing.
 pub const MAX_KNOWN_ADDRESSES: usize = 256;
-/// Requests served at once per TCP connection (more wait: back-pressure on the connection).
+/// Requests served at once per HTTP/2 connection, one per libp2p stream (more wait:
+/// back-pressure on the stream).
 pub const MAX_CONCURRENT_PER_CONNECTION: usize = 32;
-/// A connection to the peer port must send the HTTP/2 client preface and its first SETTINGS
-/// frame within this, or it is closed. A peer's client sends both at once on connecting;
-/// 5 s leaves room for a slow link and a loaded machine, and bounds how long a connection that
-/// never speaks holds a descriptor.
+/// A connection to the peer port must finish its transport handshake (multistream, noise
+/// and yamux over TCP; TLS over QUIC) within this, or it is closed and counted. A peer does
+/// it in a few round trips; 5 s leaves room for a slow link and a loaded machine, and bounds
+/// how long a connection that never speaks holds a descriptor.
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The server pings an established peer connection that has been quiet this long
 /// (HTTP/2 keep-alive)...
@@ -158,6 +159,8 @@ pub struct Network {
     /// The address peers and the tracker are told to dial (`--announce-ip`/`--announce-port`):
     /// a host (None: the address connections come from) and a port (the peer port when unset).
     announced: RwLock<(Option<String>, u16)>,
+    /// The peer-to-peer transport every peer call runs over ([`Network::attach`]).
+    transport: std::sync::OnceLock<p2p::Transport>,
 }
 
 impl Network {
@@ -187,7 +190,37 @@ impl Network {
             known: Mutex::new(HashMap::new()),
             connected,
             announced: RwLock::new((None, grpc_port)),
+            transport: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the network its transport (once; a second one is ignored).
+    pub fn attach(&self, transport: p2p::Transport) {
+        let _ = self.transport.set(transport);
+    }
+
+    /// Starts a transport keyed by this node's wallet that only dials (a client such as a
+    /// test's observer) and attaches it. Runs until `shutdown` turns true.
+    pub async fn start_client(&self, shutdown: watch::Receiver<bool>) -> Result<(), NetworkError> {
+        // It listens nowhere: nothing arrives to admit.
+        let admission = p2p::swarm::Admission {
+            caps: admission::Caps {
+                per_address: 0,
+                total: 0,
+                new_per_second: 0,
+            },
+            state: self.state.clone(),
+        };
+        let transport = p2p::swarm::start(&self.wallet, None, admission, shutdown).await?;
+        self.attach(transport);
+        Ok(())
+    }
+
+    /// The transport peer calls run over.
+    pub fn transport(&self) -> Result<&p2p::Transport, NetworkError> {
+        self.transport
+            .get()
+            .ok_or_else(|| NetworkError::Transport("not started".into()))
     }
 
     /// Tells whoever listens that `conn` just connected.
@@ -278,20 +311,20 @@ impl Network {
     }
 }
 
-/// Serves the peer port on `listener` (the `Peer` service and the subsystems' services in
-/// `routes`), admitting connections under `caps`, and runs the peer manager until `shutdown`
-/// turns true. `seeds` are `host:port` of peer services.
+/// Serves the peer port over `transport` (the `Peer` service and the subsystems' services
+/// in `routes`, on the streams peers open) and runs the peer manager until `shutdown` turns
+/// true. `seeds` are `host:port` of peer services.
 pub async fn run(
     net: Arc<Network>,
     routes: tonic::service::Routes,
-    listener: tokio::net::TcpListener,
-    caps: admission::Caps,
+    transport: p2p::Transport,
     seeds: Vec<String>,
     shutdown: watch::Receiver<bool>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), NetworkError> {
+    net.attach(transport.clone());
     manager::add_seeds(&net, &seeds);
     let manager = tokio::spawn(manager::run(net.clone(), shutdown.clone()));
-    let result = service::serve(net.clone(), routes, listener, caps, wait_true(shutdown)).await;
+    let result = service::serve(net.clone(), routes, &transport, wait_true(shutdown)).await;
     let _ = manager.await;
     result
 }

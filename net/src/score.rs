@@ -1,8 +1,8 @@
 //! Peer scores: misbehaviour lowers a score; at zero the peer (or, before it proved an
 //! identity, the connection) is banned for [`BAN_DURATION`]; good requests slowly restore it.
 //!
-//! Keys are strings: `node 0x...` for a node that authenticated, `conn ip:port` for a TCP
-//! connection (one HTTP/2 connection per client channel). A forged signature is charged to the
+//! Keys are strings: `node 0x...` for a node that authenticated, `conn ip:port` for a libp2p
+//! connection (every stream and channel on it shares the score). A forged signature is charged to the
 //! connection, not to the node it claims to be, so nobody can get another node banned.
 
 use std::collections::HashMap;
@@ -137,7 +137,7 @@ pub fn node_key(id: &Address) -> String {
     format!("node {id}")
 }
 
-/// Score key of a TCP connection.
+/// Score key of a connection (its remote address: every stream on it shares the score).
 pub fn conn_key(addr: Option<std::net::SocketAddr>) -> String {
     match addr {
         Some(a) => format!("conn {a}"),

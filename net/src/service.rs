@@ -15,14 +15,14 @@ use neuroshard_proto::peer::peer_server::{Peer, PeerServer};
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use super::admission::Caps;
 use super::auth::{self, Authed, Verified};
 use super::error::NetworkError;
-use super::incoming::Incoming;
+use super::p2p::Transport;
+use super::p2p::io::PeerConnectInfo;
 use super::score::node_key;
 use super::{
     KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_PER_CONNECTION, MAX_MESSAGE_BYTES,
-    Network, PREFACE_TIMEOUT, SERVER_TIMEOUT, manager, now_ms,
+    Network, SERVER_TIMEOUT, manager, now_ms,
 };
 
 /// Longest role name, address and layer list accepted in a peer's node info.
@@ -194,6 +194,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         self.received(&req);
         let remote = req.remote_addr();
+        let transport_peer = req.extensions().get::<PeerConnectInfo>().map(|i| i.peer);
         let body = req.into_inner();
         let node = body.node.ok_or(NetworkError::Malformed {
             what: "handshake",
@@ -217,6 +218,16 @@ impl Peer for PeerService {
         }
         let digest = auth::client_handshake_digest(&body.server_challenge, &body.challenge, &node);
         let peer = auth::verify_signer(&digest, &body.signature, &node.node_id)?;
+        // The address must be the one the connection's transport handshake proved (noise or
+        // TLS with the peer id's key): a node cannot speak for another's wallet.
+        let proven = transport_peer.map(|p| crate::p2p::address_of(&p));
+        if !matches!(proven, Some(Ok(a)) if a == peer) {
+            return Err(NetworkError::Handshake {
+                addr: remote.map(|a| a.to_string()).unwrap_or_default(),
+                reason: format!("{peer} is not the address of this connection's peer id"),
+            }
+            .into());
+        }
         if peer == self.net.id() {
             return Err(NetworkError::SelfConnection {
                 addr: remote.map(|a| a.to_string()).unwrap_or_default(),
@@ -231,8 +242,14 @@ impl Peer for PeerService {
             .into());
         }
         // The peer's service address: the IP its connection came from, the port it announced.
+        // Calls to that address go over the connection the peer opened (a NAT'd peer is
+        // reachable on no other).
         if let (Some(remote), Some(port)) = (remote, manager::port_of(&node.address)) {
-            manager::learn_address(&self.net, &manager::join_host_port(remote.ip(), port));
+            let addr = manager::join_host_port(remote.ip(), port);
+            if let (Ok(t), Some(p)) = (self.net.transport(), transport_peer) {
+                t.learn(&addr, p);
+            }
+            manager::learn_address(&self.net, &addr);
         }
         self.net
             .auth
@@ -277,24 +294,23 @@ impl Peer for PeerService {
     }
 }
 
-/// Serves `routes` (the `Peer` service and the subsystems' services) on `listener`, all
-/// behind the guard layer, until `shutdown` resolves. Connections are admitted under `caps`
-/// and must send their HTTP/2 preface within [`PREFACE_TIMEOUT`] ([`crate::incoming`]); an
-/// established one that stops answering keep-alive pings is dropped.
+/// Serves `routes` (the `Peer` service and the subsystems' services) on the
+/// `/neuroshard/peer/1` streams peers open over `transport`, all behind the guard layer, until
+/// `shutdown` resolves. Connections were admitted by the swarm task
+/// ([`crate::p2p::swarm::Admission`]); an HTTP/2 connection that stops answering keep-alive
+/// pings is dropped.
 pub async fn serve(
     net: Arc<Network>,
     routes: Routes,
-    listener: tokio::net::TcpListener,
-    caps: Caps,
+    transport: &Transport,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), NetworkError> {
     let state = net.state.clone();
+    let incoming = crate::p2p::io::incoming(transport)?;
     state.listening.store(true, Ordering::Relaxed);
-    let incoming = Incoming::new(listener, caps, state.clone(), PREFACE_TIMEOUT);
     let result = tonic::transport::Server::builder()
         .timeout(SERVER_TIMEOUT)
         .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(super::guard::GuardLayer::new(net.clone()))
@@ -302,5 +318,5 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     state.listening.store(false, Ordering::Relaxed);
-    result
+    result.map_err(|e| NetworkError::Transport(format!("peer service: {e}")))
 }

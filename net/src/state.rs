@@ -21,9 +21,10 @@ pub struct PeerState {
     pub refused_requests: AtomicU64,
     /// Gossiped ledger messages and DiLoCo deltas that failed verification.
     pub rejected_messages: AtomicU64,
-    /// Connections to the peer port: admitted, refused at accept, open
-    /// ([`crate::incoming`]).
+    /// Connections to the peer port: admitted, refused once up, open
+    /// ([`crate::p2p::swarm::Admission`]).
     pub connections: Arc<ConnStats>,
-    /// Peer-port connections closed for not sending their HTTP/2 preface in time.
+    /// Peer-port connections that failed their transport handshake (multistream, noise or
+    /// TLS: garbage, a wrong key, or not finished in time).
     pub handshake_timeouts: AtomicU64,
 }

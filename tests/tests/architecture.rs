@@ -116,7 +116,9 @@ const NEVER: &[Never] = &[
                 "utoipa",
             ],
         ],
-        directly: &[REST, HYPER],
+        // hyper-util only for `TokioIo`: tonic's connector takes hyper's I/O traits, and the
+        // peer channels' connector hands it libp2p streams (net/src/p2p/io.rs).
+        directly: &[REST, &["hyper", "h2"]],
     },
     Never {
         krate: "neuroshard-ledger",

@@ -108,8 +108,10 @@ fn metric(node: &Node, name: &str) -> f64 {
 
 /// The first line of an HTTP/1 request: what a REST flood sends before going silent.
 const REQUEST_LINE: &[u8] = b"GET / HTTP/1.1\r\n";
-/// The HTTP/2 client preface (24 bytes); a peer-port flood sends its first half.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The first message of a libp2p connection over TCP: multistream-select's header (a varint
+/// length, then the protocol line); a peer-port flood sends its first half. The peer port
+/// answers the whole header with its own.
+const MULTISTREAM_HEADER: &[u8] = b"\x13/multistream/1.0.0\n";
 
 /// The other client's check for [`flood`]: `GET path` from `from` answers 200.
 fn answers_200(from: Ipv4Addr, port: u16, path: &str) -> impl FnMut() -> Result<(), String> {
@@ -518,7 +520,7 @@ fn peer_ids(node: &Node) -> Vec<String> {
 }
 
 #[test]
-fn peer_port_sheds_a_flood_of_half_prefaces() {
+fn peer_port_sheds_a_flood_of_half_handshakes() {
     let _scenario = neuroshard_tests::scenario(module_path!());
     let _flood = one_flood_at_a_time();
     // Not the default (64): the test shows the config key reaches the peer port.
@@ -561,7 +563,7 @@ fn peer_port_sheds_a_flood_of_half_prefaces() {
         peer_port,
         count,
         cap,
-        &H2_PREFACE[..12],
+        &MULTISTREAM_HEADER[..10],
         timeout,
         || {
             health()?;
@@ -605,18 +607,18 @@ fn peer_port_sheds_a_flood_of_half_prefaces() {
         "the second node lost its peer"
     );
     let mut s = connect_from(attacker, peer_port).unwrap();
-    s.write_all(H2_PREFACE).unwrap();
-    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    s.write_all(MULTISTREAM_HEADER).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut frame = [0u8; 9];
-    s.read_exact(&mut frame).unwrap();
+    let mut header = [0u8; 20];
+    s.read_exact(&mut header).unwrap();
     assert_eq!(
-        frame[3], 4,
-        "the server's first frame is its SETTINGS: {frame:?}"
+        &header[..],
+        MULTISTREAM_HEADER,
+        "the peer port answers with multistream-select's header"
     );
     let (p50, slowest) = f.other_latency_ms();
     println!(
-        "peer-port flood of {count} half prefaces from one address in {flood_secs:.1} s: at \
+        "peer-port flood of {count} half transport handshakes from one address in {flood_secs:.1} s: at \
          most {} open at once (cap {cap}), {} refused at once, {} closed by the preface \
          timeout, {} connect errors; the {held} still held closed {:.1} s after the flood; \
          health, the second node's peer list and a fresh handshake from another address \

@@ -17,14 +17,18 @@ use neuroshard_proto::peer::ledger_client::LedgerClient;
 use neuroshard_proto::peer::peer_client::PeerClient;
 use neuroshard_tests::{Node, NodeOptions};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const START: Duration = Duration::from_secs(60);
 const GOSSIP: &str = "/neuroshard.peer.v1.Ledger/Gossip";
 
+/// A channel to `node`'s peer service over the observer's libp2p connection to it.
 fn channel(obs: &Observer, node: &Node) -> Channel {
-    let ep = Endpoint::from_shared(format!("http://{}", node.peer_addr())).unwrap();
-    obs.rt.block_on(ep.connect()).unwrap()
+    let addr = node.peer_addr();
+    obs.rt
+        .block_on(neuroshard_net::client::dial(&obs.net, &addr))
+        .unwrap()
+        .0
 }
 
 /// Clients of the node's peer services over one connection.
@@ -74,6 +78,18 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("banned"), "{}", e.message());
+    // The ban holds for the connection: every stream on it, a new channel's too.
+    let e = obs
+        .rt
+        .block_on(neuroshard_proto::raw::unary(
+            channel(&obs, &node),
+            GOSSIP,
+            vec![1, 2, 3],
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // The rest comes from a new peer (a new connection).
+    let obs = Observer::new().unwrap();
 
     // A body above the 64 MiB message limit is refused before it is decoded.
     let e = obs
@@ -100,8 +116,10 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("handshake"), "{}", e.message());
 
-    // After a handshake: a tampered body, a replay, a stale timestamp.
-    let conn = obs.connect(&node).unwrap();
+    // After a handshake: a tampered body, a replay, a stale timestamp. From a new peer: the
+    // refusals above have spent most of this connection's score.
+    let obs = Observer::new().unwrap();
+    let _conn = obs.connect(&node).unwrap();
     let mut c = client(&obs, &node);
     let mut forged = sign_request(obs.wallet(), gossip(vec![]), now_s() * 1000);
     forged.messages.push(b"added after signing".to_vec());
@@ -133,7 +151,10 @@ fn hostile_requests_are_refused_and_the_node_keeps_working() {
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("window"), "{}", e.message());
 
-    // An oversized ledger message inside a well-signed request.
+    // An oversized ledger message inside a well-signed request. From a new peer again: four
+    // refusals have spent this connection's score.
+    let obs = Observer::new().unwrap();
+    let conn = obs.connect(&node).unwrap();
     let big = vec![b'x'; MAX_LEDGER_MESSAGE_BYTES + 1];
     let e = obs
         .rt

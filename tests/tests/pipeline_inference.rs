@@ -479,6 +479,8 @@ fn malformed_inference_requests_from_a_peer_are_refused() {
         },
     ];
     for chunk in bad.chunks(3) {
+        // A new libp2p connection: bans are per connection, every stream on it shares one.
+        obs.disconnect(&a);
         let conn = obs.connect(&a).unwrap();
         for req in chunk {
             let code = code_of(obs.rt.block_on(conn.infer_forward(req.clone(), deadline)));
@@ -486,6 +488,7 @@ fn malformed_inference_requests_from_a_peer_are_refused() {
         }
     }
     // The session survived the refusals: the next position goes on; End frees it once.
+    obs.disconnect(&a);
     let conn = obs.connect(&a).unwrap();
     // A session this stage does not hold (ended, expired, engine restarted) is not the
     // caller's fault: UNAVAILABLE, not INVALID_ARGUMENT.

@@ -528,7 +528,7 @@ fn exposition(f: &Figures, a: &Metrics, net: &neuroshard_net::PeerState) -> Stri
     );
     e.counter(
         "peer_handshake_timeouts",
-        "Peer-port connections closed for not sending the HTTP/2 preface in time",
+        "Peer-port connections that failed their transport handshake (garbage, a bad key, or too slow)",
         c(&net.handshake_timeouts),
     );
     e.encode()

@@ -39,6 +39,8 @@ pub struct Observer {
     /// The observer's own ledger: what it signs, and where it checks what nodes hold.
     ledger: Ledger,
     _dir: tempfile::TempDir,
+    /// Stops the observer's transport when dropped.
+    _stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Observer {
@@ -66,11 +68,15 @@ impl Observer {
             neuroshard_net::no_advert(),
             connected,
         );
+        // Its own libp2p transport, dialing only.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        rt.block_on(net.start_client(stopped))?;
         Ok(Observer {
             rt,
             net,
             ledger,
             _dir: dir,
+            _stop: stop,
         })
     }
 
@@ -88,6 +94,14 @@ impl Observer {
         self.rt
             .block_on(PeerConn::connect(self.net.clone(), &addr))
             .with_context(|| format!("handshake with {addr}"))
+    }
+
+    /// Closes the observer's connection to `node`: its next call opens a new one (a new
+    /// connection, with a score of its own).
+    pub fn disconnect(&self, node: &Node) {
+        if let Ok(t) = self.net.transport() {
+            t.disconnect(&node.peer_addr());
+        }
     }
 
     /// The identities in `conn`'s node's peer table (this observer is never in it).

@@ -1,0 +1,149 @@
+//! `peer.proto` over the swarm's streams, tonic unchanged: one HTTP/2 connection per
+//! `/neuroshard/peer/1` stream. The client side is a tonic [`Channel`] whose connector opens
+//! a stream to one peer id ([`channel`]); the server side is the stream of accepted streams
+//! ([`incoming`]) that `serve_with_incoming` takes. A stream runs on whichever connection to
+//! the peer is open, so a call to a node behind a NAT reuses the connection it opened to us.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::StreamExt;
+use hyper_util::rt::TokioIo;
+use libp2p::PeerId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::Transport;
+use crate::{CONNECT_TIMEOUT, NetworkError};
+
+/// Who is at the other end of an accepted stream: the peer id its connection's transport
+/// handshake proved, and the address the connection comes from (None when relayed). The
+/// guard layer copies the address into the request as a [`TcpConnectInfo`], so handlers read
+/// it with `remote_addr()`; the handshake reads the peer id.
+#[derive(Debug, Clone)]
+pub struct PeerConnectInfo {
+    pub peer: PeerId,
+    pub remote: Option<SocketAddr>,
+}
+
+impl PeerConnectInfo {
+    /// The address as tonic's handlers read it.
+    pub fn tcp(&self) -> TcpConnectInfo {
+        TcpConnectInfo {
+            local_addr: None,
+            remote_addr: self.remote,
+        }
+    }
+}
+
+/// An accepted stream as tonic's server sees it.
+pub struct PeerStream {
+    io: Compat<libp2p::Stream>,
+    info: PeerConnectInfo,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerConnectInfo;
+
+    fn connect_info(&self) -> PeerConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The `/neuroshard/peer/1` streams peers open to this node, for `serve_with_incoming`.
+pub fn incoming(
+    transport: &Transport,
+) -> Result<impl futures::Stream<Item = Result<PeerStream, Infallible>> + use<>, NetworkError> {
+    let streams = transport.accept()?;
+    let transport = transport.clone();
+    Ok(streams.map(move |(peer, stream)| {
+        Ok(PeerStream {
+            io: stream.compat(),
+            info: PeerConnectInfo {
+                peer,
+                remote: transport.remote_of(&peer),
+            },
+        })
+    }))
+}
+
+/// Opens streams to one peer for a tonic channel.
+#[derive(Clone)]
+struct Connector {
+    transport: Transport,
+    peer: PeerId,
+}
+
+type Connecting =
+    Pin<Box<dyn Future<Output = Result<TokioIo<Compat<libp2p::Stream>>, NetworkError>> + Send>>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<Compat<libp2p::Stream>>;
+    type Error = NetworkError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), NetworkError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Connecting {
+        let (transport, peer) = (self.transport.clone(), self.peer);
+        Box::pin(async move { Ok(TokioIo::new(transport.open_stream(peer).await?.compat())) })
+    }
+}
+
+/// A tonic channel to `peer` (dialed as `addr`, named in errors): its HTTP/2 connection runs
+/// on a `/neuroshard/peer/1` stream, reopened on the peer's open connection when it breaks.
+pub async fn channel(
+    transport: &Transport,
+    peer: PeerId,
+    addr: &str,
+) -> Result<Channel, NetworkError> {
+    let endpoint = Endpoint::from_shared(format!("http://{peer}"))
+        .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
+        .connect_timeout(CONNECT_TIMEOUT);
+    endpoint
+        .connect_with_connector(Connector {
+            transport: transport.clone(),
+            peer,
+        })
+        .await
+        .map_err(|source| NetworkError::Connect {
+            addr: addr.into(),
+            source,
+        })
+}

@@ -1,0 +1,255 @@
+//! The peer-to-peer transport (issue 21, docs/p2p.md): one rust-libp2p swarm, driven by one
+//! task ([`swarm`]), carries every connection to a peer. TCP and QUIC on the peer port, noise
+//! (TCP) and libp2p-tls (QUIC) for encryption and the peer's key, yamux streams, identify,
+//! and libp2p-stream for the raw `/neuroshard/peer/1` streams `peer.proto` runs over.
+//!
+//! The swarm is keyed by the wallet's secp256k1 key, so a peer id and a wallet address are
+//! two views of one key ([`address_of`]): the transport's handshake proves the address.
+//!
+//! [`Transport`] is the handle the rest of the crate uses: dial a `host:port` (the peer id is
+//! learned from the connection), open a stream to a peer id (on the connection that exists,
+//! whichever side opened it), and the remote address of a peer's connection.
+
+pub mod admit;
+pub mod io;
+pub mod swarm;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use neuroshard_identity::{Address, Wallet};
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot};
+
+use super::NetworkError;
+
+/// The protocol `peer.proto` (HTTP/2, tonic) runs over: one HTTP/2 connection per stream.
+pub const PEER_PROTOCOL: StreamProtocol = StreamProtocol::new("/neuroshard/peer/1");
+
+/// What identify tells peers this node runs.
+pub const AGENT_PROTOCOL: &str = "/neuroshard/1";
+
+/// The libp2p key of `wallet`: its secp256k1 secret, so the peer id is the wallet's key.
+pub fn keypair(wallet: &Wallet) -> Result<libp2p::identity::Keypair, NetworkError> {
+    let mut secret = wallet.secret_bytes();
+    let key = libp2p::identity::secp256k1::SecretKey::try_from_bytes(&mut secret)
+        .map_err(|e| NetworkError::Transport(format!("wallet key: {e}")))?;
+    Ok(libp2p::identity::secp256k1::Keypair::from(key).into())
+}
+
+/// The wallet address of a peer id: defined for secp256k1 peer ids only (what every node
+/// uses); any other key type is refused.
+pub fn address_of(peer: &PeerId) -> Result<Address, NetworkError> {
+    let bad = |reason: String| NetworkError::Malformed {
+        what: "peer id",
+        reason,
+    };
+    // A secp256k1 key is short enough to be inlined in the peer id (identity multihash).
+    let hash: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if hash.code() != 0 {
+        return Err(bad(format!("{peer} does not carry its public key")));
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(hash.digest())
+        .map_err(|e| bad(format!("{peer}: {e}")))?;
+    let key = key
+        .try_into_secp256k1()
+        .map_err(|_| bad(format!("{peer} is not a secp256k1 key")))?;
+    Address::from_sec1_public_key(&key.to_bytes()).map_err(|e| bad(e.to_string()))
+}
+
+/// The IP and port of a TCP or QUIC multiaddr (None for a relayed or DNS one).
+pub fn socket_addr(addr: &Multiaddr) -> Option<SocketAddr> {
+    if addr.iter().any(|p| p == Protocol::P2pCircuit) {
+        return None;
+    }
+    let mut ip = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+            Protocol::Tcp(port) | Protocol::Udp(port) => {
+                return ip.map(|ip| SocketAddr::new(ip, port));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The multiaddrs to dial for `addr` (`ip:port`): TCP first (a closed port answers at once,
+/// where a QUIC dial to nothing waits out its handshake timeout), then QUIC.
+pub fn multiaddrs(addr: SocketAddr) -> Vec<Multiaddr> {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) => Protocol::Ip4(ip),
+        IpAddr::V6(ip) => Protocol::Ip6(ip),
+    };
+    let base = Multiaddr::empty().with(ip);
+    vec![
+        base.clone().with(Protocol::Tcp(addr.port())),
+        base.with(Protocol::Udp(addr.port())).with(Protocol::QuicV1),
+    ]
+}
+
+/// A request to the swarm task.
+pub(crate) enum Command {
+    /// Dial `addrs` (one peer, its peer id unknown) in turn; the reply is the peer id of the
+    /// first connection that comes up.
+    Dial {
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<PeerId, DialFailure>>,
+    },
+    /// Close every connection to a peer.
+    Disconnect(PeerId),
+}
+
+/// Why a dial found no peer.
+#[derive(Debug)]
+pub(crate) enum DialFailure {
+    /// The address is this node's own.
+    Itself,
+    Failed(String),
+}
+
+/// What the swarm task shares with the handles: the peers it is connected to.
+#[derive(Default)]
+pub(crate) struct Book {
+    /// Remote address of the latest open connection of each connected peer.
+    pub(crate) remote: RwLock<HashMap<PeerId, Multiaddr>>,
+    /// `host:port` dialed or announced -> the peer id that answered there.
+    pub(crate) by_addr: RwLock<HashMap<String, PeerId>>,
+}
+
+/// A handle to the swarm task. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    peer_id: PeerId,
+    control: libp2p_stream::Control,
+    commands: mpsc::UnboundedSender<Command>,
+    book: Arc<Book>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Transport({})", self.peer_id)
+    }
+}
+
+impl Transport {
+    /// This node's peer id (its wallet key).
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The peer id at `addr` (`host:port`): the one already known there, or the one a new
+    /// connection (TCP, then QUIC) reports.
+    pub async fn resolve(&self, addr: &str) -> Result<PeerId, NetworkError> {
+        let known = self.book.by_addr.read().get(addr).copied();
+        if let Some(peer) = known
+            && self.is_connected(&peer)
+        {
+            return Ok(peer);
+        }
+        let target = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
+            .next()
+            .ok_or_else(|| NetworkError::BadAddress { addr: addr.into() })?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Dial {
+                addrs: multiaddrs(target),
+                reply,
+            })
+            .map_err(|_| NetworkError::Transport("the swarm task has stopped".into()))?;
+        let peer = tokio::time::timeout(super::CONNECT_TIMEOUT, answer)
+            .await
+            .map_err(|_| NetworkError::Transport(format!("dialing {addr}: timed out")))?
+            .map_err(|_| NetworkError::Transport("the swarm task has stopped".into()))?
+            .map_err(|e| match e {
+                DialFailure::Itself => NetworkError::SelfConnection { addr: addr.into() },
+                DialFailure::Failed(e) => NetworkError::Transport(format!("dialing {addr}: {e}")),
+            })?;
+        self.learn(addr, peer);
+        Ok(peer)
+    }
+
+    /// Closes the connections to the node at `addr` (`host:port`), if it is known: the next
+    /// call dials it again, on a new connection.
+    pub fn disconnect(&self, addr: &str) {
+        let Some(peer) = self.book.by_addr.write().remove(addr) else {
+            return;
+        };
+        self.book.remote.write().remove(&peer);
+        // A stopped swarm has no connection left to close.
+        let _ = self.commands.send(Command::Disconnect(peer));
+    }
+
+    /// Records that `peer` answers at `addr` (`host:port`).
+    pub fn learn(&self, addr: &str, peer: PeerId) {
+        self.book.by_addr.write().insert(addr.to_string(), peer);
+    }
+
+    /// Whether a connection to `peer` is open.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.book.remote.read().contains_key(peer)
+    }
+
+    /// The IP and port `peer`'s open connection comes from (None when it is relayed or
+    /// there is none).
+    pub fn remote_of(&self, peer: &PeerId) -> Option<SocketAddr> {
+        self.book.remote.read().get(peer).and_then(socket_addr)
+    }
+
+    /// Opens a `/neuroshard/peer/1` stream to `peer`, on its open connection (dialing it
+    /// when there is none and its address is known to the swarm).
+    pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetworkError> {
+        self.control
+            .clone()
+            .open_stream(peer, PEER_PROTOCOL)
+            .await
+            .map_err(|e| NetworkError::Transport(format!("opening a stream to {peer}: {e}")))
+    }
+
+    /// The streams peers open to this node.
+    pub fn accept(&self) -> Result<libp2p_stream::IncomingStreams, NetworkError> {
+        self.control
+            .clone()
+            .accept(PEER_PROTOCOL)
+            .map_err(|e| NetworkError::Transport(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_id_is_the_wallet_address() {
+        let wallet = Wallet::from_seed(3);
+        let peer = keypair(&wallet).unwrap().public().to_peer_id();
+        assert_eq!(address_of(&peer).unwrap(), wallet.address());
+        let other = keypair(&Wallet::from_seed(4))
+            .unwrap()
+            .public()
+            .to_peer_id();
+        assert_ne!(address_of(&other).unwrap(), wallet.address());
+        // An ed25519 peer id names no wallet.
+        let ed = libp2p::identity::Keypair::generate_ed25519();
+        assert!(address_of(&ed.public().to_peer_id()).is_err());
+        // Random bytes are no key.
+        assert!(address_of(&PeerId::random()).is_err());
+    }
+
+    #[test]
+    fn socket_addresses_of_multiaddrs() {
+        let addr: SocketAddr = "10.0.0.1:9000".parse().unwrap();
+        for m in multiaddrs(addr) {
+            assert_eq!(socket_addr(&m), Some(addr));
+        }
+        let relayed: Multiaddr = "/ip4/10.0.0.1/tcp/4001/p2p-circuit".parse().unwrap();
+        assert_eq!(socket_addr(&relayed), None);
+    }
+}
