@@ -316,16 +316,23 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
     if let Err(e) = state.ledger.claim_incoming(&state.wallet, now).await {
         tracing::warn!(error = %e, "claiming incoming transfers failed");
     }
-    let signed = SignedProof::sign(proof, &state.wallet);
-    match state.ledger.submit_proof(&state.wallet, signed, now).await {
-        Ok(accepted) => tracing::info!(
-            proof = %accepted.proof_id,
-            kind = proof_type.as_str(),
-            batches,
-            reward = neuroshard_ledger::units_to_neuro(accepted.reward),
-            "proof of work rewarded"
-        ),
-        Err(e) => tracing::warn!(error = %e, "proof of work not rewarded"),
+    // Nothing attested to claim (no peer heard this node, it neither trained nor served): a
+    // proof would earn nothing and be refused, so none is made.
+    let claims_nothing = proof.uptime_seconds == 0 && !trained && inference_tokens == 0;
+    if claims_nothing {
+        tracing::debug!("no proof of work this epoch: nothing attested to claim");
+    } else {
+        let signed = SignedProof::sign(proof, &state.wallet);
+        match state.ledger.submit_proof(&state.wallet, signed, now).await {
+            Ok(accepted) => tracing::info!(
+                proof = %accepted.proof_id,
+                kind = proof_type.as_str(),
+                batches,
+                reward = neuroshard_ledger::units_to_neuro(accepted.reward),
+                "proof of work rewarded"
+            ),
+            Err(e) => tracing::warn!(error = %e, "proof of work not rewarded"),
+        }
     }
     Mark {
         at: now,

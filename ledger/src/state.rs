@@ -306,6 +306,12 @@ impl LedgerState {
         }
         account.history.push(entry);
         if let Op::Reward { proof, .. } = &block.block.op {
+            let uptime_seconds = match &outcome {
+                Outcome::Applied(Effect::Rewarded {
+                    credited_uptime, ..
+                }) => *credited_uptime,
+                _ => 0,
+            };
             let (verified, reward, reason, reason_code) = match &outcome {
                 Outcome::Applied(Effect::Rewarded { amount, .. }) => (true, *amount, None, None),
                 Outcome::Void(r) => {
@@ -337,6 +343,7 @@ impl LedgerState {
                     by.dedup();
                     by
                 },
+                uptime_seconds,
                 judged_by: Vec::new(),
             });
         }
