@@ -38,8 +38,9 @@ pub const MAX_RECEIPT_AGE_EPOCHS: u64 = 5;
 /// Length of a heartbeat slot: a heartbeat receipt counts the slots of an epoch in which the
 /// subject was heard (pings go every 2 s both ways, so an online peer is heard in every one).
 pub const HEARTBEAT_SECONDS: i64 = 10;
-/// Heartbeat slots in an epoch: the most a heartbeat receipt may count.
-pub const HEARTBEATS_PER_EPOCH: u64 = (super::proof::EPOCH_SECONDS / HEARTBEAT_SECONDS) as u64;
+/// Heartbeat slots in a 60 s epoch (`proof::EPOCH_SECONDS`, checked there): the most a
+/// heartbeat receipt may count.
+pub const HEARTBEATS_PER_EPOCH: u64 = 6;
 
 /// What the attester received from the subject.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
