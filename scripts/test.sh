@@ -57,6 +57,9 @@ echo "== build"
 # (a release build never has it, and refuses a configured cheat).
 features=(--features neuroshard/adversary)
 cargo build --workspace --bins "${features[@]}"
+# The chosen peer-to-peer stack's bench binary (rust-libp2p), for the nat:: scenario: its own
+# workspace and target dir (bench/p2p), so the main build never compiles the stacks.
+cargo build --release --manifest-path bench/p2p/Cargo.toml -p libp2p-bench
 
 echo "== test"
 # Hugging Face's tokenizers must read our tokenizer.json and produce the same ids.

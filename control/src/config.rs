@@ -196,6 +196,9 @@ pub struct TrainingConfig {
     pub diloco_max_norm: f64,
     /// Seconds a replica waits for the others' pseudo-gradients once its own is sent.
     pub diloco_round_timeout_secs: u32,
+    /// Length of a DiLoCo round among the holders of a pipeline stage, in seconds of the
+    /// clock (every stage's rounds start together: `diloco/stage.rs`).
+    pub stage_round_secs: u32,
     /// Outer Nesterov step (DiLoCo: lr 0.7, momentum 0.9).
     pub outer_lr: f64,
     pub outer_momentum: f64,
@@ -288,6 +291,7 @@ impl Default for TrainingConfig {
             diloco_encoding: Default::default(),
             diloco_max_norm: f64::from(crate::diloco::round::DEFAULT_MAX_NORM),
             diloco_round_timeout_secs: 60,
+            stage_round_secs: 600,
             outer_lr: 0.7,
             outer_momentum: 0.9,
             data_path: String::new(),
@@ -445,6 +449,9 @@ impl Config {
                 "training.diloco_round_timeout_secs",
                 "must be at least 1".into(),
             );
+        }
+        if t.stage_round_secs < 2 {
+            return bad("training.stage_round_secs", "must be at least 2".into());
         }
         if !(t.outer_lr > 0.0 && t.outer_lr <= 10.0) {
             return bad(

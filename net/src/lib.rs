@@ -250,6 +250,11 @@ impl Network {
         *self.local.write() = role;
     }
 
+    /// The role and layers peers see now.
+    pub fn local_role(&self) -> LocalRole {
+        self.local.read().clone()
+    }
+
     /// The optimizer step of this node's layers, as peers see it.
     pub fn set_train_step(&self, step: u64) {
         self.train_step.store(step, Ordering::Relaxed);

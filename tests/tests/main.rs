@@ -31,6 +31,7 @@ mod hostile_sockets;
 mod lab;
 mod ledger_crash;
 mod model_export;
+mod nat;
 mod network_ledger;
 mod network_peer_auth;
 mod network_stall;

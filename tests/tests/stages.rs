@@ -2,9 +2,11 @@
 //! on loopback, `default` preset (4 layers), `resources.max_layers = 2`. Six nodes joining one
 //! after another end as three holders of layers 0-1 (three drivers, three pipelines) and three
 //! of layers 2-3, each joiner taking the stage with the least training throughput; every
-//! driver steps, every holder of the upper stage trains; a holder killed mid-training does not
-//! stop the pipelines (their next routes go through the other holders); a serve-only node
-//! (`training.enabled = false`) started first does not count as training coverage.
+//! driver steps, every holder of the upper stage trains; the holders of each stage agree on one
+//! hash per DiLoCo round (rounds of 5 s of the clock, the same for both stages); a holder
+//! killed mid-training does not stop the pipelines (their next routes go through the other
+//! holders) nor the other holders' rounds; a serve-only node (`training.enabled = false`)
+//! started first does not count as training coverage.
 
 use std::time::Duration;
 
@@ -15,12 +17,51 @@ use nix::sys::signal::Signal;
 use pipeline_common::{POLL, START, dump, network, step, wait_role};
 
 const TRAIN: Duration = Duration::from_secs(600);
+/// A stage's DiLoCo round, in seconds of the clock.
+const ROUND_SECS: u64 = 5;
+
+/// The DiLoCo state `/api/training/global` shows: (round, round hash, layers, replicas
+/// compared, contributors averaged in the last round).
+fn diloco(node: &Node) -> Option<(u64, String, Vec<u64>, usize, u64)> {
+    let (_, g) = node.get("/api/training/global")?;
+    let d = &g["diloco"];
+    let layers = d["layers"]
+        .as_array()?
+        .iter()
+        .filter_map(|l| l.as_u64())
+        .collect();
+    Some((
+        d["round"].as_u64()?,
+        d["round_hash"].as_str()?.to_string(),
+        layers,
+        g["peers"].as_array()?.len(),
+        d["last_round_contributors"].as_u64()?,
+    ))
+}
+
+/// When every node of `stage` shows the same round (at least `min_round`) and hash, with
+/// `layers`, `replicas` others compared, and the last round averaged over at least
+/// `contributors`: that round.
+fn agreed(
+    stage: &[&Node],
+    layers: &[u64],
+    (replicas, contributors): (usize, u64),
+    min_round: u64,
+) -> Option<u64> {
+    let states: Vec<_> = stage.iter().map(|n| diloco(n)).collect::<Option<_>>()?;
+    let (round, hash) = (states[0].0, &states[0].1);
+    let all = states.iter().all(|(r, h, l, peers, n)| {
+        *r == round && h == hash && l == layers && *peers == replicas && *n >= contributors
+    });
+    (all && round >= min_round && !hash.is_empty()).then_some(round)
+}
 
 fn options(extra: &str) -> NodeOptions {
     NodeOptions {
         config: format!(
             "[training]\nenabled = true\nmodel = \"default\"\nbatch_size = 4\nseq_len = 32\n\
-             learning_rate = 0.003\nmicro_batches = 2\npipeline_timeout_secs = 10\n{extra}\n\
+             learning_rate = 0.003\nmicro_batches = 2\npipeline_timeout_secs = 10\n\
+             stage_round_secs = {ROUND_SECS}\ndiloco_round_timeout_secs = 20\n{extra}\n\
              [resources]\nmax_layers = 2\n"
         ),
         ..NodeOptions::default()
@@ -121,6 +162,24 @@ fn six_nodes_train_as_three_pipelines_and_a_killed_holder_stops_none() {
         dump(&all)
     );
 
+    // One model per stage: each stage's holders agree on one hash per round, in rounds that
+    // advance together in both stages.
+    let members = |is: &[usize]| -> Vec<&Node> { is.iter().map(|&i| &nodes[i]).collect() };
+    let (low_nodes, high_nodes) = (members(&drivers), members(&holders));
+    let first = wait_for("every stage's holders agree", TRAIN, POLL, || {
+        let l = agreed(&low_nodes, low, (2, 3), 0)?;
+        let h = agreed(&high_nodes, high, (2, 3), 0)?;
+        (l == h).then_some(l)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&all)));
+    let later = wait_for("two rounds later, agreed again", TRAIN, POLL, || {
+        let l = agreed(&low_nodes, low, (2, 3), first + 2)?;
+        let h = agreed(&high_nodes, high, (2, 3), first + 2)?;
+        (l == h).then_some(l)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&all)));
+    eprintln!("stage rounds agreed at {first} and {later}");
+
     // A holder of the upper stage killed mid-training: the drivers go on through the others.
     nodes[holders[0]].signal(Signal::SIGKILL).unwrap();
     nodes[holders[0]]
@@ -140,6 +199,18 @@ fn six_nodes_train_as_three_pipelines_and_a_killed_holder_stops_none() {
             .all(|(&i, &s)| step(&nodes[i]).is_some_and(|now| now >= s + 5))
             .then_some(())
     })
+    .unwrap_or_else(|e| panic!("{e}\n{}", dump(&alive)));
+    // ... and the other two holders of its stage go on agreeing, round after round, once the
+    // dead one is dropped (two cannot outvote each other: each steps alone and the pair adopts
+    // one state, `diloco::sync`).
+    let survivors = [&nodes[holders[1]], &nodes[holders[2]]];
+    let killed_round = diloco(survivors[0]).unwrap().0;
+    wait_for(
+        "the surviving holders agree two rounds on",
+        TRAIN,
+        POLL,
+        || agreed(&survivors, high, (1, 1), killed_round + 2),
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", dump(&alive)));
 }
 

@@ -94,6 +94,10 @@ pub struct DilocoProgress {
     /// agree show the same pair.
     pub round: u64,
     pub round_hash: String,
+    /// The layers this node agrees on with its replicas (`peers`): every layer for a full
+    /// replica, its stage's range for a pipeline stage (whose rounds are clock periods of
+    /// `training.stage_round_secs`, the same for every stage).
+    pub layers: Vec<u32>,
     /// Replicas averaged in the last round (this node included).
     pub last_round_contributors: usize,
     pub bytes_sent_last_round: u64,
@@ -284,6 +288,7 @@ pub fn global(state: &AppState) -> GlobalTraining {
             outer_step_count: figures.outer_steps,
             round,
             round_hash,
+            layers: state.net.local_role().layers,
             last_round_contributors: figures.last_contributors,
             bytes_sent_last_round: figures.bytes_sent_last_round,
             catch_ups: figures.catch_ups,
@@ -511,6 +516,7 @@ mod tests {
                 outer_step_count: 6,
                 round: 6,
                 round_hash: "h".into(),
+                layers: vec![0, 1],
                 last_round_contributors: 3,
                 bytes_sent_last_round: 1,
                 catch_ups: 0,

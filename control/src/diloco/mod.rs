@@ -8,6 +8,7 @@
 //! * [`compress`]: bf16 / int8 (with error feedback) encoding of pseudo-gradients.
 //! * [`validate`]: checks on a peer's contribution, counted refusals, the per-round inbox.
 //! * [`outer`]: the outer Nesterov step.
+//! * [`stage`]: rounds within a pipeline stage (clock-aligned, steps go on meanwhile).
 //! * [`service`]: the `Diloco` peer service (PushDelta, GetWeights).
 
 pub mod aggregate;
@@ -15,6 +16,7 @@ pub mod compress;
 pub mod outer;
 pub mod round;
 pub mod service;
+pub mod stage;
 pub mod sync;
 pub mod validate;
 pub mod verify;

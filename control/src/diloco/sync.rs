@@ -22,8 +22,8 @@ use crate::metrics::Metrics;
 use neuroshard_net::Network;
 use neuroshard_net::client::PeerConn;
 
-/// The role of a node that holds the same layers as this one (all of them, for now).
-const REPLICA_ROLE: &str = "full";
+/// The role of a node that holds every layer and trains alone (no pipeline).
+const FULL_ROLE: &str = "full";
 
 /// What a round boundary did.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,16 +44,25 @@ pub struct Round<'a> {
     pub settings: Settings,
     /// Folder for the weight files exchanged with the engine.
     pub dir: PathBuf,
+    /// The pipeline stage whose holders this round agrees (`stage.rs`); None for full
+    /// replicas.
+    pub stage: Option<&'a dyn super::stage::StageLock>,
 }
 
-/// Connected peers of `net` holding the same layers, in id order, each with its info; the
-/// (round, hash) there is the fresher of its last ping and its last contribution.
+/// Connected peers of `net` that train the same layers as this node (full replicas among
+/// full replicas, the holders of the same layer range among pipeline stages; serve-only
+/// nodes never), in id order, each with its info; the (round, hash) there is the fresher of
+/// its last ping and its last contribution.
 pub fn replicas(net: &Network, diloco: &Diloco) -> Vec<(PeerConn, pb::NodeInfo)> {
+    let me = net.local_role();
+    let full = me.role == FULL_ROLE;
     let mut r: Vec<_> = net
         .peers
         .conns_with_info()
         .into_iter()
-        .filter(|(_, i)| i.role == REPLICA_ROLE)
+        .filter(|(_, i)| {
+            !i.serve_only && (i.role == FULL_ROLE) == full && (full || i.layers == me.layers)
+        })
         .collect();
     {
         let inbox = diloco.inbox.lock();
@@ -71,7 +80,7 @@ pub fn replicas(net: &Network, diloco: &Diloco) -> Vec<(PeerConn, pb::NodeInfo)>
 }
 
 /// Reads the engine's weights: layout (sorted by name), values, model hash.
-async fn export(
+pub(super) async fn export(
     engine: &EngineHandle,
     dir: &Path,
 ) -> Result<(Layout, Vec<Vec<f32>>, String), String> {
@@ -135,6 +144,7 @@ impl<'a> Round<'a> {
         attest: &'a crate::attest::Attestations,
         settings: Settings,
         dir: PathBuf,
+        stage: Option<&'a dyn super::stage::StageLock>,
     ) -> Round<'a> {
         Round {
             diloco,
@@ -143,6 +153,7 @@ impl<'a> Round<'a> {
             attest,
             settings,
             dir,
+            stage,
         }
     }
 }
@@ -291,10 +302,28 @@ impl Round<'_> {
                     continue;
                 }
             };
-            let got = import(engine, &self.dir, &layout, &theta).await?;
-            if got != h {
-                tracing::warn!(peer = %conn.id, claimed = %h, got = %got, "fetched weights do not match the peer's hash");
-            }
+            let got = match self.stage {
+                None => {
+                    let got = import(engine, &self.dir, &layout, &theta).await?;
+                    if got != h {
+                        tracing::warn!(peer = %conn.id, claimed = %h, got = %got, "fetched weights do not match the peer's hash");
+                    }
+                    got
+                }
+                // A stage's agreed hash is of the weights themselves: a peer whose bytes do
+                // not hash to its claim is not followed.
+                Some(stage) => {
+                    let got = super::stage::content_hash(&layout, &theta)?;
+                    if got != h {
+                        last_err =
+                            format!("{}: weights hash to {got}, the peer claimed {h}", conn.id);
+                        continue;
+                    }
+                    let _g = stage.quiesced().await;
+                    import(engine, &self.dir, &layout, &theta).await?;
+                    got
+                }
+            };
             {
                 let mut s = self.diloco.state.lock();
                 s.round = r;
@@ -326,7 +355,15 @@ impl Round<'_> {
         if let Some(o) = self.catch_up(engine).await? {
             return Ok(o);
         }
-        let (layout, theta_local, _) = export(engine, &self.dir).await?;
+        let exported = match self.stage {
+            // The stage lock serializes engine commands with the pipeline's.
+            Some(stage) => {
+                let _g = stage.exclusive().await;
+                export(engine, &self.dir).await?
+            }
+            None => export(engine, &self.dir).await?,
+        };
+        let (layout, theta_local, _) = exported;
         let (round, start_hash, me): (u64, String, String) = {
             let s = self.diloco.state.lock();
             if s.layout != layout {
@@ -439,7 +476,9 @@ impl Round<'_> {
             // send a delta from our start, and catch up ourselves if we are the minority.
             let short = !now.is_empty()
                 && self.diloco.inbox.lock().matching(round, &start_hash).len() < needed;
-            if (missing == 0 && !short) || Instant::now() >= deadline {
+            // With fewer replicas than the aggregator needs, no wait can make up the count.
+            let never = now.len() + 1 < needed;
+            if (missing == 0 && (!short || never)) || Instant::now() >= deadline {
                 break;
             }
             if short && missing == 0 {
@@ -533,7 +572,9 @@ impl Round<'_> {
         }
         let attested =
             self.attest_contributions(round, &start_hash, &senders, &batches, &report.outvoted);
-        self.sample(round, &start_hash, &attested);
+        if self.stage.is_none() {
+            self.sample(round, &start_hash, &attested);
+        }
         let agg = report.values;
         // New weights and momentum are computed aside and committed together after the
         // import, so GetWeights never serves a half-updated state.
@@ -549,7 +590,21 @@ impl Round<'_> {
             }
             (out, momentum)
         };
-        let hash = import(engine, &self.dir, &layout, &theta_new).await?;
+        let hash = match self.stage {
+            None => import(engine, &self.dir, &layout, &theta_new).await?,
+            // The stage served pipeline steps while the round waited: keep them
+            // (`stage::with_drift`), with no step between its forwards and its apply.
+            Some(stage) => {
+                let _g = stage.quiesced().await;
+                let (now_layout, theta_now, _) = export(engine, &self.dir).await?;
+                if now_layout != layout {
+                    return Err("the engine's tensors changed during the round".into());
+                }
+                let engine_theta = super::stage::with_drift(&theta_new, &theta_now, &theta_local);
+                import(engine, &self.dir, &layout, &engine_theta).await?;
+                super::stage::content_hash(&layout, &theta_new)?
+            }
+        };
         {
             let mut s = self.diloco.state.lock();
             s.round = round + 1;

@@ -259,7 +259,7 @@ impl Stage {
 
     /// Longest a step of another driver waits for this stage: half the pipeline timeout, so
     /// its driver hears "busy" before its own deadline and tries another route.
-    pub(super) fn busy_wait(&self) -> std::time::Duration {
+    pub fn busy_wait(&self) -> std::time::Duration {
         std::time::Duration::from_millis(
             u64::from(self.config().training.pipeline_timeout_secs) * 500,
         )
@@ -421,6 +421,32 @@ impl Stage {
     /// layer range being reloaded).
     pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, InFlight> {
         self.current.lock().await
+    }
+
+    /// Holds the stage lock once no pipeline step is between its first forward and its apply
+    /// (or the step holding the stage went stale, or `wait` passed): weights replaced now
+    /// (a DiLoCo outer step) lose no applied step and mix no step's gradients.
+    pub async fn quiesced(
+        &self,
+        wait: std::time::Duration,
+    ) -> tokio::sync::MutexGuard<'_, InFlight> {
+        let stale = std::time::Duration::from_secs(u64::from(
+            self.config().training.pipeline_timeout_secs.max(1),
+        ));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.freed.notified();
+            let g = self.current.lock().await;
+            if g.done || g.last.elapsed() >= stale || tokio::time::Instant::now() >= deadline {
+                return g;
+            }
+            drop(g);
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + std::time::Duration::from_millis(500)),
+                freed,
+            )
+            .await;
+        }
     }
 
     /// A checkpoint of this whole stage (weights, AdamW moments, step) and the hash of its

@@ -114,6 +114,8 @@ impl Trainer {
         let clock = Instant::now();
         let now_ms = || clock.elapsed().as_millis() as u64;
         let mut upkeep = Upkeep::new(now_ms());
+        // A pipeline stage's DiLoCo rounds with the other holders of its layers.
+        let mut stage_rounds: steps::StageRounds;
         loop {
             // Wait for a live engine.
             let (generation, client) = loop {
@@ -145,6 +147,8 @@ impl Trainer {
             if !pipelined {
                 self.diloco_init(&client).await;
             }
+            // Weights (re)loaded: the stage's round state is read again from them.
+            stage_rounds = steps::StageRounds::default();
             // The inner steps of the current DiLoCo round (coordination decides the boundary).
             let mut boundary = neuroshard_coordination::round::Boundary::new();
             // Train until the engine restarts or we are told to stop.
@@ -225,7 +229,18 @@ impl Trainer {
                                 })
                             }
                             Action::Resync => {
-                                let tried = self.resync(&client, &assignment, step).await;
+                                // Holders of the same layers agree every stage round
+                                // (`diloco::stage`): a copy of one of them would count its
+                                // progress as ours. Resync is for a holder with none.
+                                let replicas =
+                                    crate::diloco::sync::replicas(&self.net, &self.diloco);
+                                let tried = replicas.is_empty()
+                                    && self.resync(&client, &assignment, step).await;
+                                if tried {
+                                    // A holder's weights replaced ours: the round state is
+                                    // read again (their progress must not count as ours).
+                                    stage_rounds = steps::StageRounds::default();
+                                }
                                 let step = self.stats.lock().step;
                                 Some(Event::Resynced { tried, step })
                             }
@@ -234,6 +249,17 @@ impl Trainer {
                             todo.extend(upkeep.on(event, now_ms()));
                         }
                     }
+                }
+                // Every holder of a stage, driver or not, agrees its layers with the others.
+                if pipelined && cfg.training.enabled {
+                    self.stage_round(
+                        &client,
+                        &cfg,
+                        &assignment.layers,
+                        &mut stage_rounds,
+                        &mut stop,
+                    )
+                    .await;
                 }
                 let done =
                     cfg.training.max_steps > 0 && self.stats.lock().step >= cfg.training.max_steps;

@@ -9,6 +9,31 @@ use tokio::sync::watch;
 
 use super::*;
 
+/// This node's pipeline stage, as a DiLoCo round locks it.
+impl crate::diloco::stage::StageLock for crate::pipeline::Stage {
+    fn exclusive(&self) -> crate::diloco::stage::Held<'_> {
+        Box::pin(
+            async move { Box::new(crate::pipeline::Stage::exclusive(self).await) as Box<dyn Send> },
+        )
+    }
+
+    fn quiesced(&self) -> crate::diloco::stage::Held<'_> {
+        Box::pin(async move {
+            Box::new(crate::pipeline::Stage::quiesced(self, self.busy_wait()).await)
+                as Box<dyn Send>
+        })
+    }
+}
+
+/// What the trainer remembers between a stage's round checks.
+#[derive(Debug, Default)]
+pub(super) struct StageRounds {
+    /// The layers the round state was read for.
+    pub layers: Option<std::ops::Range<u32>>,
+    /// This node's optimizer step when the current round started.
+    pub start_step: u64,
+}
+
 impl Trainer {
     /// Reads the loaded model into the DiLoCo round state (first start) and catches up with
     /// the replicas if they agree on other weights.
@@ -81,7 +106,7 @@ impl Trainer {
                 RoundAction::CatchUp => {
                     // Adopts the replicas' agreed state as soon as the peers' figures show
                     // this node is out of step, so it contributes to their round.
-                    match self.round(&settings).catch_up(client).await {
+                    match self.round(&settings, false).catch_up(client).await {
                         Ok(Some(_)) => {
                             boundary.on(RoundEvent::CaughtUp);
                             let h = self.diloco.state.lock().start_hash.clone();
@@ -94,7 +119,7 @@ impl Trainer {
                 }
                 RoundAction::FinishRound { loss, batches } => {
                     *self.diloco.max_norm.lock() = settings.max_norm;
-                    let round = self.round(&settings);
+                    let round = self.round(&settings, false);
                     let result = tokio::select! {
                         r = round.finish(client, loss, batches) => r,
                         _ = stop.changed() => return,
@@ -145,8 +170,13 @@ impl Trainer {
         client.train_step().await
     }
 
-    /// The round with the replicas connected to this node.
-    fn round(&self, settings: &crate::diloco::round::Settings) -> crate::diloco::sync::Round<'_> {
+    /// The round with the replicas connected to this node (the holders of its layer range
+    /// when `stage`).
+    fn round(
+        &self,
+        settings: &crate::diloco::round::Settings,
+        stage: bool,
+    ) -> crate::diloco::sync::Round<'_> {
         crate::diloco::sync::Round::new(
             &self.net,
             &self.diloco,
@@ -154,7 +184,81 @@ impl Trainer {
             &self.stage.attest,
             *settings,
             self.data_dir.join("diloco"),
+            stage.then_some(&*self.stage as &dyn crate::diloco::stage::StageLock),
         )
+    }
+
+    /// A pipeline stage's DiLoCo round (`diloco::stage`): (re)reads the round state when this
+    /// node's layers changed, and finishes the round with the stage's other holders once the
+    /// clock has passed its end. `rounds` is the trainer's bookkeeping across calls.
+    pub(super) async fn stage_round(
+        &self,
+        client: &EngineHandle,
+        cfg: &Config,
+        layers: &std::ops::Range<u32>,
+        rounds: &mut StageRounds,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        use crate::diloco::stage;
+        let epoch = stage::current_epoch(cfg.training.stage_round_secs);
+        let step = self.stats.lock().step;
+        if rounds.layers.as_ref() != Some(layers) || !self.diloco.state.lock().initialized {
+            *self.diloco.state.lock() = Default::default();
+            *self.diloco.max_norm.lock() = cfg.diloco_settings().max_norm;
+            let dir = self.data_dir.join("diloco");
+            match stage::init(&self.diloco, client, &*self.stage, &dir, epoch).await {
+                Ok(()) => {
+                    rounds.layers = Some(layers.clone());
+                    rounds.start_step = step;
+                }
+                Err(e) => tracing::warn!(error = %e, "DiLoCo: could not read the stage's weights"),
+            }
+            return;
+        }
+        let batches = step.saturating_sub(rounds.start_step);
+        let round = {
+            let mut s = self.diloco.state.lock();
+            s.inner_step = u32::try_from(batches).unwrap_or(u32::MAX);
+            s.round
+        };
+        if epoch <= round {
+            return;
+        }
+        // Alone in its stage: nothing to agree on, and no outer step either (a lone pipeline
+        // trains exactly as one node would); the round just starts again from here.
+        if crate::diloco::sync::replicas(&self.net, &self.diloco).is_empty() {
+            let dir = self.data_dir.join("diloco");
+            if let Err(e) = stage::init(&self.diloco, client, &*self.stage, &dir, epoch).await {
+                tracing::warn!(error = %e, "DiLoCo: could not read the stage's weights");
+            }
+            rounds.start_step = step;
+            return;
+        }
+        let settings = cfg.diloco_settings();
+        let loss = self.stats.lock().loss.unwrap_or(0.0);
+        let round = self.round(&settings, true);
+        let result = tokio::select! {
+            r = round.finish(client, loss, batches) => r,
+            _ = stop.changed() => return,
+        };
+        // Steps applied while the round waited count in the next one (their drift was kept).
+        rounds.start_step = step;
+        match result {
+            Ok(outcome) => {
+                let hash = match outcome {
+                    crate::diloco::sync::Outcome::Stepped { hash, .. }
+                    | crate::diloco::sync::Outcome::CaughtUp { hash, .. } => hash,
+                };
+                self.update(|s| s.model_hash = hash);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stage DiLoCo round failed");
+                self.metrics
+                    .syncs_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.update(|s| s.last_error = Some(e));
+            }
+        }
     }
 
     /// One pipeline step driven from here; a failure is logged, counted and retried by the

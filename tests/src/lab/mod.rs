@@ -9,9 +9,11 @@
 //! and by the `lab::` scenario. Needs root, `ip`, `tc` and `nft`.
 
 pub mod cgroup;
+pub mod nat;
 pub mod net;
 pub mod node;
 pub mod observe;
+pub mod p2p;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,7 +61,7 @@ pub struct LabOptions {
 }
 
 /// The lab's nodes' default settings: the `tiny` model trained on the CPU with one engine
-/// thread, small steps, DiLoCo rounds of 20 inner steps.
+/// thread, small steps, DiLoCo rounds of 20 inner steps (full replicas) or 30 s (pipeline stages).
 pub fn tiny_training(max_layers: u32) -> (String, u64) {
     let (batch, seq) = (2u64, 32u64);
     let resources = if max_layers > 0 {
@@ -70,7 +72,7 @@ pub fn tiny_training(max_layers: u32) -> (String, u64) {
     (
         format!(
             "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = {batch}\nseq_len = {seq}\n\
-             micro_batches = 1\ndiloco_steps = 20\ndiloco_round_timeout_secs = 30\n\
+             micro_batches = 1\ndiloco_steps = 20\ndiloco_round_timeout_secs = 30\nstage_round_secs = 30\n\
              checkpoint_every = 1000\n[resources]\ndevice = \"cpu\"\ncpu_threads = 1\n{resources}"
         ),
         batch * seq,

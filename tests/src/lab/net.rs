@@ -12,6 +12,8 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+pub use super::nat::NatKind;
+
 /// The public network: 10.77.0.0/16, the bridge holding 10.77.0.1.
 pub const PUBLIC_PREFIX: [u8; 2] = [10, 77];
 
@@ -177,6 +179,16 @@ impl Topology {
     /// A router namespace on the public bridge masquerading for the LAN `a.b.c.0/24`: hosts
     /// behind it reach the public network, nothing there reaches them unasked.
     pub fn add_nat_lan(&mut self, name: &str, subnet: [u8; 3]) -> anyhow::Result<NatLan> {
+        self.add_nat_lan_of_kind(name, subnet, NatKind::EndpointIndependent)
+    }
+
+    /// [`Topology::add_nat_lan`] with the router's mapping behaviour chosen (see [`NatKind`]).
+    pub fn add_nat_lan_of_kind(
+        &mut self,
+        name: &str,
+        subnet: [u8; 3],
+        kind: NatKind,
+    ) -> anyhow::Result<NatLan> {
         let public_ip = self.next_public_ip();
         let router = format!("{}-{name}", self.prefix);
         let public = self.public.clone();
@@ -204,9 +216,17 @@ impl Topology {
         in_ns(&router, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         let rules = format!(
             "table ip nat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  \
-             ip saddr {a}.{b}.{c}.0/24 oifname \"eth0\" masquerade\n }}\n}}\n"
+             ip saddr {a}.{b}.{c}.0/24 oifname \"eth0\" {}\n }}\n}}\n",
+            kind.masquerade()
         );
         self.nft(&router, &rules)?;
+        // Like a home router, it drops what arrives unasked on its public side. Without this
+        // the first packet of a hole punch (the peer's, arriving before ours leaves) got a
+        // conntrack entry towards the router itself, and our outgoing packet then clashed
+        // with it and was given another public port: no endpoint-independent mapping.
+        let filter = "table inet wan {\n chain input {\n  type filter hook input priority 0; \
+             policy accept;\n  iifname \"eth0\" ct state new drop\n }\n}\n";
+        self.nft(&router, filter)?;
         Ok(NatLan {
             router,
             public_ip,
