@@ -378,7 +378,8 @@ mod tests {
         let att_b = Attestations::new(Arc::new(b));
         let (ia, ib) = (att_a.address(), att_b.address());
         // An epoch that starts at t0: heard twice in slot 0, once in slots 1 and 5.
-        let t0 = 1_800_000_000 - 1_800_000_000 % 60;
+        // 1_800_000_000 is a multiple of 60.
+        let t0 = 1_800_000_000;
         let first = att_b.heard_at(ia, t0 + 1);
         assert_eq!(
             (first.receipt.steps, first.receipt.kind),
