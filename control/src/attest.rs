@@ -6,14 +6,21 @@
 //! Pipeline training: the stage that receives a node's activations signs a forward receipt
 //! and answers it in the forward reply; the node that receives a stage's input gradient signs
 //! a backward receipt and sends it with its next optimizer request to that stage.
+//!
+//! Uptime: every peer this node pings or is pinged by is "heard" in that heartbeat slot
+//! (`receipt::HEARTBEAT_SECONDS`); this node signs a heartbeat receipt counting the slots of
+//! the epoch it heard the peer in and hands it over on the next ping or pong (the net crate
+//! carries it through the [`neuroshard_net::Witness`] this type implements).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use neuroshard_ledger::keys::Hash32;
 use neuroshard_ledger::proof::Proof;
 use neuroshard_ledger::receipt::{
-    MAX_RECEIPT_AGE_EPOCHS, MAX_RECEIPTS_PER_PROOF, Receipt, ReceiptKey, ReceiptKind, SignedReceipt,
+    HEARTBEAT_SECONDS, MAX_RECEIPT_AGE_EPOCHS, MAX_RECEIPTS_PER_PROOF, Receipt, ReceiptKey,
+    ReceiptKind, SignedReceipt,
 };
 use neuroshard_ledger::{Address, Wallet};
 use parking_lot::Mutex;
@@ -56,10 +63,17 @@ pub struct Attestations {
     wallet: Arc<Wallet>,
     given: Mutex<BTreeMap<(Address, ReceiptKind), Running>>,
     held: Mutex<BTreeMap<ReceiptKey, SignedReceipt>>,
+    /// Heartbeat receipts from peers that were refused (malformed, forged, foreign).
+    pub heartbeats_refused: AtomicU64,
 }
 
 fn epoch_now() -> u64 {
     Proof::epoch_of(chrono::Utc::now().timestamp())
+}
+
+/// The heartbeat slot a timestamp falls in.
+fn slot_of(timestamp: i64) -> u64 {
+    (timestamp.max(0) / HEARTBEAT_SECONDS) as u64
 }
 
 impl Attestations {
@@ -68,7 +82,30 @@ impl Attestations {
             wallet,
             given: Mutex::new(BTreeMap::new()),
             held: Mutex::new(BTreeMap::new()),
+            heartbeats_refused: AtomicU64::new(0),
         }
+    }
+
+    /// Records that `subject` was heard at unix time `now` (it pinged this node or answered
+    /// its ping) and returns the heartbeat receipt of the slots it was heard in this epoch. A
+    /// slot counts once; the receipt is signed again only when a new slot counts.
+    pub fn heard_at(&self, subject: Address, now: i64) -> SignedReceipt {
+        let (epoch, slot) = (Proof::epoch_of(now), slot_of(now));
+        if let Some(r) = self.given.lock().get(&(subject, ReceiptKind::Heartbeat))
+            && r.epoch == epoch
+            && r.last_step == Some(slot)
+            && let Some(signed) = &r.signed
+        {
+            return signed.clone();
+        }
+        self.record_in(
+            epoch,
+            subject,
+            ReceiptKind::Heartbeat,
+            0,
+            Count::Step(slot),
+            (slot, 0, b"heartbeat"),
+        )
     }
 
     pub fn address(&self) -> Address {
@@ -114,9 +151,20 @@ impl Attestations {
         kind: ReceiptKind,
         boundary: u32,
         count: Count,
+        piece: (u64, u32, &[u8]),
+    ) -> SignedReceipt {
+        self.record_in(epoch_now(), subject, kind, boundary, count, piece)
+    }
+
+    fn record_in(
+        &self,
+        epoch: u64,
+        subject: Address,
+        kind: ReceiptKind,
+        boundary: u32,
+        count: Count,
         (step, mb, tensor): (u64, u32, &[u8]),
     ) -> SignedReceipt {
-        let epoch = epoch_now();
         let mut given = self.given.lock();
         let fresh = Running {
             epoch,
@@ -228,6 +276,27 @@ impl Attestations {
     }
 }
 
+/// The network's pings carry heartbeat receipts through this.
+impl neuroshard_net::Witness for Attestations {
+    fn heard(&self, peer: &Address) -> Option<Vec<u8>> {
+        Some(to_bytes(
+            &self.heard_at(*peer, chrono::Utc::now().timestamp()),
+        ))
+    }
+
+    fn latest(&self, peer: &Address) -> Option<Vec<u8>> {
+        self.latest(peer, ReceiptKind::Heartbeat)
+            .map(|r| to_bytes(&r))
+    }
+
+    fn keep(&self, peer: &Address, receipt: &[u8]) {
+        if let Err(e) = self.keep(peer, ReceiptKind::Heartbeat, receipt) {
+            self.heartbeats_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "heartbeat receipt refused");
+        }
+    }
+}
+
 /// A receipt as the wire carries it (JSON bytes).
 pub fn to_bytes(r: &SignedReceipt) -> Vec<u8> {
     serde_json::to_vec(r).expect("a receipt serializes")
@@ -300,5 +369,49 @@ mod tests {
                 .for_proof(Some(r.receipt.epoch_id + 1), r.receipt.epoch_id + 1)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn heartbeats_count_distinct_slots_per_epoch() {
+        let (a, b) = (Wallet::from_seed(1), Wallet::from_seed(2));
+        let att_a = Attestations::new(Arc::new(a));
+        let att_b = Attestations::new(Arc::new(b));
+        let (ia, ib) = (att_a.address(), att_b.address());
+        // An epoch that starts at t0: heard twice in slot 0, once in slots 1 and 5.
+        // 1_800_000_000 is a multiple of 60.
+        let t0 = 1_800_000_000;
+        let first = att_b.heard_at(ia, t0 + 1);
+        assert_eq!(
+            (first.receipt.steps, first.receipt.kind),
+            (1, ReceiptKind::Heartbeat)
+        );
+        // The same slot: the same receipt, not signed again.
+        assert_eq!(att_b.heard_at(ia, t0 + 9), first);
+        assert_eq!(att_b.heard_at(ia, t0 + 12).receipt.steps, 2);
+        let last = att_b.heard_at(ia, t0 + 59);
+        assert_eq!(
+            (last.receipt.steps, last.receipt.epoch_id),
+            (3, Proof::epoch_of(t0))
+        );
+        // The next epoch starts over.
+        let next = att_b.heard_at(ia, t0 + 60);
+        assert_eq!(
+            (next.receipt.steps, next.receipt.epoch_id),
+            (1, Proof::epoch_of(t0) + 1)
+        );
+        // The subject keeps a current one; a receipt of the wrong kind is refused.
+        let now = att_b.heard_at(ia, chrono::Utc::now().timestamp());
+        let w: &dyn neuroshard_net::Witness = &att_a;
+        w.keep(&ib, &to_bytes(&now));
+        assert_eq!(att_a.heartbeats_refused.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            att_a.for_proof(None, now.receipt.epoch_id),
+            vec![now.clone()]
+        );
+        w.keep(&ib, b"{not json");
+        let forward = att_b.receive(ia, ReceiptKind::Forward, 2, 1, 0, b"x");
+        w.keep(&ib, &to_bytes(&forward));
+        w.keep(&ia, &to_bytes(&now));
+        assert_eq!(att_a.heartbeats_refused.load(Ordering::Relaxed), 3);
     }
 }

@@ -343,6 +343,7 @@ pub async fn run(
     ));
     let gossip = crate::gossip::Gossip::claiming(peer_net.clone(), ledger.clone(), keyring.clone());
     let attest = Arc::new(crate::attest::Attestations::new(wallet.clone()));
+    peer_net.set_witness(attest.clone());
     let stage = Arc::new(crate::pipeline::Stage::new(
         engine.subscribe(),
         config.clone(),

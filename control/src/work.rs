@@ -1,7 +1,8 @@
 //! Proof of Neural Work, the producing side: once per 60 s epoch the node signs a proof of what
 //! it did since its last one (uptime, training batches with the model hash before and after,
 //! inference tokens) and submits it to the ledger, which verifies it and mints the reward on
-//! the node wallet's chain. Refused proofs are recorded by the ledger with their reason.
+//! the node wallet's chain. Uptime is what peers' heartbeat receipts attest (cited in the
+//! proof), training what the stages' and replicas' receipts attest. Refused proofs are recorded by the ledger with their reason.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -212,7 +213,30 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         ReceiptKind::Forward => r.receipt.boundary == range.1,
         ReceiptKind::Backward => r.receipt.boundary == range.0,
         ReceiptKind::Contribution => range == (0, model_layers),
+        // Uptime: the epochs that are over (their receipts are final; the current one's
+        // slots are cited by the next proof, which the ledger credits once either way).
+        ReceiptKind::Heartbeat => r.receipt.epoch_id < epoch_id,
     });
+    let (heartbeats, receipts): (Vec<_>, Vec<_>) = receipts
+        .into_iter()
+        .partition(|r| r.receipt.kind == ReceiptKind::Heartbeat);
+    // The uptime peers attest beyond what earlier rewards credited: an honest node claims
+    // exactly that (claiming more would be cut to it anyway).
+    let (attested_uptime, _) = state
+        .ledger
+        .attested(&state.wallet.address(), &heartbeats)
+        .await;
+    let uptime_seconds = if rules.accept_unattested_training {
+        (now - mark.at).clamp(0, MAX_UPTIME_SECONDS as i64) as u64
+    } else {
+        attested_uptime.uptime_seconds.min(MAX_UPTIME_SECONDS)
+    };
+    // The adversary build's cheat (tests of checked work): the most a proof may claim.
+    let uptime_seconds = if cfg!(feature = "adversary") && cfg.adversary.inflates_uptime() {
+        MAX_UPTIME_SECONDS
+    } else {
+        uptime_seconds
+    };
     let (attested, _) = state
         .ledger
         .attested_steps(&state.wallet.address(), &receipts)
@@ -257,7 +281,7 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         proof_type,
         timestamp: now,
         nonce: rand::random(),
-        uptime_seconds: (now - mark.at).clamp(0, MAX_UPTIME_SECONDS as i64) as u64,
+        uptime_seconds,
         tokens_processed: inference_tokens.min(33_333 * EPOCH_SECONDS as u64),
         training_batches: batches,
         // Data samples earn only when served to others, and nothing attests that yet.
@@ -282,22 +306,33 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         },
         gradient_commitment: commitment,
         current_loss: if trained { loss } else { 0.0 },
-        receipts: if trained { receipts } else { Vec::new() },
+        receipts: if trained {
+            heartbeats.into_iter().chain(receipts).collect()
+        } else {
+            heartbeats
+        },
     };
     // Transfers to the node wallet are claimed once an epoch (sends claim them too).
     if let Err(e) = state.ledger.claim_incoming(&state.wallet, now).await {
         tracing::warn!(error = %e, "claiming incoming transfers failed");
     }
-    let signed = SignedProof::sign(proof, &state.wallet);
-    match state.ledger.submit_proof(&state.wallet, signed, now).await {
-        Ok(accepted) => tracing::info!(
-            proof = %accepted.proof_id,
-            kind = proof_type.as_str(),
-            batches,
-            reward = neuroshard_ledger::units_to_neuro(accepted.reward),
-            "proof of work rewarded"
-        ),
-        Err(e) => tracing::warn!(error = %e, "proof of work not rewarded"),
+    // Nothing attested to claim (no peer heard this node, it neither trained nor served): a
+    // proof would earn nothing and be refused, so none is made.
+    let claims_nothing = proof.uptime_seconds == 0 && !trained && inference_tokens == 0;
+    if claims_nothing {
+        tracing::debug!("no proof of work this epoch: nothing attested to claim");
+    } else {
+        let signed = SignedProof::sign(proof, &state.wallet);
+        match state.ledger.submit_proof(&state.wallet, signed, now).await {
+            Ok(accepted) => tracing::info!(
+                proof = %accepted.proof_id,
+                kind = proof_type.as_str(),
+                batches,
+                reward = neuroshard_ledger::units_to_neuro(accepted.reward),
+                "proof of work rewarded"
+            ),
+            Err(e) => tracing::warn!(error = %e, "proof of work not rewarded"),
+        }
     }
     Mark {
         at: now,

@@ -164,8 +164,10 @@ pub struct ProofRecord {
     pub reward: u64,
     pub reason: Option<String>,
     pub reason_code: Option<&'static str>,
-    /// The nodes whose receipts back the proof.
+    /// The nodes whose receipts back the proof (heartbeat attesters included).
     pub attested_by: Vec<Address>,
+    /// Uptime credited (seconds): what the heartbeat receipts attest, at most the claim.
+    pub uptime_seconds: u64,
     /// Staked verifiers' verdicts on it that count: (voter, guilty, verdict timestamp).
     pub judged_by: Vec<(Address, bool, i64)>,
 }
@@ -443,16 +445,28 @@ impl Account {
             return Err(RejectReason::RateLimited);
         }
         check_layers(p, &self.rules)?;
-        let attested = attested(&p.receipts, &self.receipt_counts, self.last_reward_epoch);
+        let attested = attested(
+            &p.receipts,
+            &self.receipt_counts,
+            self.last_reward_epoch,
+            self.rules.uptime_attesters as usize,
+        );
         if p.training_batches > attested.steps && !self.rules.accept_unattested_training {
             return Err(RejectReason::Unattested(format!(
                 "claims {} training batches, receipts from other nodes attest {}",
                 p.training_batches, attested.steps
             )));
         }
-        let max_uptime = match self.last_uptime_ts {
-            Some(prev) => (p.timestamp - prev).max(0) as u64,
-            None => u64::MAX,
+        // Uptime: in an open network at most what peers' heartbeat receipts attest (each
+        // epoch's slots credited once, so no more than the time that passed); a development
+        // network bounds it by the time since the last uptime proof only.
+        let max_uptime = if self.rules.accept_unattested_training {
+            match self.last_uptime_ts {
+                Some(prev) => (p.timestamp - prev).max(0) as u64,
+                None => u64::MAX,
+            }
+        } else {
+            attested.uptime_seconds
         };
         let work = p.work(max_uptime);
         let computed = compute_reward(&work, self.staked, self.stake_days).total;
@@ -487,6 +501,7 @@ pub fn check_layers(p: &super::proof::Proof, rules: &Rules) -> Result<(), Reject
             ReceiptKind::Backward => boundary > 0 && boundary < n,
             // A contribution is of the whole model.
             ReceiptKind::Contribution => p.layer_range() == Some((0, n)),
+            ReceiptKind::Heartbeat => true,
         };
         if !inside {
             return Err(RejectReason::Unattested(format!(

@@ -216,11 +216,84 @@ fn claims_beyond_the_receipts_earn_nothing() {
         dev.expected_reward(&SignedProof::sign(p.clone(), &w))
             .is_ok()
     );
-    // Uptime alone needs no receipt.
+    // An uptime proof without receipts is valid, and earns nothing (see below).
     p.training_batches = 0;
     p.proof_type = crate::proof::ProofType::Uptime;
     p.receipts.clear();
-    assert!(a.expected_reward(&SignedProof::sign(p, &w)).is_ok());
+    assert_eq!(
+        a.expected_reward(&SignedProof::sign(p, &w)).map(|(_, u)| u),
+        Ok(0)
+    );
+}
+
+#[test]
+fn uptime_is_bounded_by_heartbeat_receipts() {
+    use crate::proof::tests::training_proof;
+    use crate::proof::{ProofType, SignedProof};
+    use crate::receipt::attest_heartbeats;
+    let w = Wallet::from_seed(1);
+    let [b, c, sybil] = [2, 3, 4].map(Wallet::from_seed);
+    let a = Account::new(w.address(), None, Rules::default());
+    let mut p = training_proof(&w, 100_000);
+    p.training_batches = 0;
+    p.proof_type = ProofType::Uptime;
+    p.uptime_seconds = 120;
+    let e = p.epoch_id - 1;
+    let credited = |p: &crate::proof::Proof| {
+        a.expected_reward(&SignedProof::sign(p.clone(), &w))
+            .map(|(_, uptime)| uptime)
+    };
+    // The maximum claimed, nothing attested: no uptime.
+    p.receipts.clear();
+    assert_eq!(credited(&p), Ok(0));
+    // A Sybil alone cannot lift it; with an honest peer that heard 4 slots, 40 s.
+    p.receipts = vec![attest_heartbeats(&sybil, w.address(), e, 6)];
+    assert_eq!(credited(&p), Ok(0));
+    p.receipts.push(attest_heartbeats(&b, w.address(), e, 4));
+    assert_eq!(credited(&p), Ok(40));
+    // Two honest peers that heard the whole epoch: 60 s, whatever is claimed above it;
+    // a smaller claim is what is credited.
+    p.receipts = vec![
+        attest_heartbeats(&b, w.address(), e, 6),
+        attest_heartbeats(&c, w.address(), e, 6),
+    ];
+    assert_eq!(credited(&p), Ok(60));
+    p.uptime_seconds = 50;
+    assert_eq!(credited(&p), Ok(50));
+    // An epoch already credited counts nothing again.
+    let mut after = a.clone();
+    after.last_reward_epoch = Some(e);
+    after.receipt_counts = [((w.address(), ReceiptKind::Heartbeat, e), 6)].into();
+    p.uptime_seconds = 120;
+    assert_eq!(
+        after
+            .expected_reward(&SignedProof::sign(p.clone(), &w))
+            .map(|(_, u)| u),
+        Ok(0)
+    );
+    // A forged receipt voids the proof (counted as unattested).
+    let mut forged = p.clone();
+    forged.receipts[0].receipt.steps = 5;
+    let err = SignedProof::sign(forged, &w).check_stateless().unwrap_err();
+    assert_eq!(err.code(), "unattested");
+    // k = 1 lets a single peer attest (a network of two nodes).
+    let mut one = a.clone();
+    one.rules = one.rules.with_uptime_attesters(1).unwrap();
+    p.receipts = vec![attest_heartbeats(&b, w.address(), e, 5)];
+    assert_eq!(
+        one.expected_reward(&SignedProof::sign(p.clone(), &w))
+            .map(|(_, u)| u),
+        Ok(50)
+    );
+    // A development network bounds uptime by the claim and the time since the last one.
+    let mut dev = a.clone();
+    dev.rules = dev.rules.unattested();
+    p.receipts.clear();
+    assert_eq!(
+        dev.expected_reward(&SignedProof::sign(p, &w))
+            .map(|(_, u)| u),
+        Ok(120)
+    );
 }
 
 #[test]

@@ -12,6 +12,11 @@ use super::units::format_neuro;
 
 /// Length of an epoch: one proof per node per epoch.
 pub const EPOCH_SECONDS: i64 = 60;
+// A heartbeat receipt counts the slots of one epoch.
+const _: () = assert!(
+    EPOCH_SECONDS
+        == super::receipt::HEARTBEAT_SECONDS * super::receipt::HEARTBEATS_PER_EPOCH as i64
+);
 /// A proof older than this (against the block or local clock) is rejected.
 pub const MAX_PROOF_AGE_SECONDS: i64 = 300;
 /// A proof dated further ahead than this is rejected.

@@ -11,6 +11,12 @@
 //! It also names the layer boundary the attester saw: the subject's layers end where the
 //! attester's begin (forward) or begin where the attester asked (backward).
 //!
+//! Uptime is attested the same way: a peer that exchanged heartbeats (the network's pings)
+//! with the subject signs a [`ReceiptKind::Heartbeat`] receipt counting the distinct
+//! [`HEARTBEAT_SECONDS`] slots of an epoch in which the subject pinged it or answered its ping.
+//! The ledger credits, per epoch, the `k`-th largest count among the attesters a proof cites
+//! (`Rules::uptime_attesters`), so one Sybil attester cannot lift a claim alone.
+//!
 //! A receipt alone does not prove the tensor was computed honestly (a colluding attester can
 //! sign anything): that is what sampled recomputation and fraud proofs are for. It bounds a
 //! claim by what another, identifiable node signed, and ties that node to it.
@@ -29,6 +35,12 @@ pub const MAX_RECEIPTS_PER_PROOF: usize = 64;
 /// A receipt counts only for a proof at most this many epochs after its own epoch (the
 /// proof age window is five epochs).
 pub const MAX_RECEIPT_AGE_EPOCHS: u64 = 5;
+/// Length of a heartbeat slot: a heartbeat receipt counts the slots of an epoch in which the
+/// subject was heard (pings go every 2 s both ways, so an online peer is heard in every one).
+pub const HEARTBEAT_SECONDS: i64 = 10;
+/// Heartbeat slots in a 60 s epoch (`proof::EPOCH_SECONDS`, checked there): the most a
+/// heartbeat receipt may count.
+pub const HEARTBEATS_PER_EPOCH: u64 = 6;
 
 /// What the attester received from the subject.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,6 +56,10 @@ pub enum ReceiptKind {
     /// receives the same contribution, so per epoch the largest count of any attester counts,
     /// not their sum.
     Contribution,
+    /// Heartbeats: `steps` counts the [`HEARTBEAT_SECONDS`] slots of the epoch in which the
+    /// subject pinged the attester or answered its ping; `boundary` is 0. Per epoch the
+    /// `k`-th largest count among the cited attesters counts (see [`attested`]).
+    Heartbeat,
 }
 
 impl ReceiptKind {
@@ -52,6 +68,7 @@ impl ReceiptKind {
             Self::Forward => "forward",
             Self::Backward => "backward",
             Self::Contribution => "contribution",
+            Self::Heartbeat => "heartbeat",
         }
     }
 }
@@ -104,6 +121,8 @@ pub enum ReceiptError {
         start: u32,
         end: u32,
     },
+    #[error("heartbeat receipt counts {0} slots, an epoch has {HEARTBEATS_PER_EPOCH}")]
+    Heartbeats(u64),
 }
 
 impl Receipt {
@@ -175,6 +194,33 @@ pub fn attest_forward(
     )
 }
 
+/// The heartbeat receipt a peer signs when it heard `subject` in `slots` heartbeat slots of
+/// `epoch` (the network signs them as pings go): what tests and benchmarks use to stand for an
+/// honest peer.
+pub fn attest_heartbeats(
+    attester: &Wallet,
+    subject: Address,
+    epoch: u64,
+    slots: u64,
+) -> SignedReceipt {
+    let first = epoch * HEARTBEATS_PER_EPOCH;
+    let commitment = (first..first + slots).fold(Hash32::ZERO, |h, slot| {
+        Receipt::chain(&h, slot, 0, b"heartbeat")
+    });
+    SignedReceipt::sign(
+        Receipt {
+            attester: attester.address(),
+            subject,
+            kind: ReceiptKind::Heartbeat,
+            epoch_id: epoch,
+            steps: slots,
+            boundary: 0,
+            commitment,
+        },
+        attester,
+    )
+}
+
 /// (attester, kind, epoch): the key under which a receipt's count is cumulative.
 pub type ReceiptKey = (Address, ReceiptKind, u64);
 
@@ -214,6 +260,8 @@ pub fn check_receipts(
             ReceiptKind::Backward => layers.is_some() && rc.boundary == start,
             // The whole model from layer 0; the ledger checks the end against the model.
             ReceiptKind::Contribution => layers.is_some() && rc.boundary == 0 && start == 0,
+            // Uptime does not depend on the layers held.
+            ReceiptKind::Heartbeat => rc.boundary == 0,
         };
         if !on_edge {
             return Err(ReceiptError::Boundary {
@@ -222,6 +270,9 @@ pub fn check_receipts(
                 start,
                 end,
             });
+        }
+        if rc.kind == ReceiptKind::Heartbeat && rc.steps > HEARTBEATS_PER_EPOCH {
+            return Err(ReceiptError::Heartbeats(rc.steps));
         }
         r.verify()?;
     }
@@ -233,8 +284,11 @@ pub fn check_receipts(
 pub struct Attested {
     /// Training steps attested: per kind, the new steps summed over epochs (and over
     /// attesters for pipeline receipts, the largest attester's for contributions); the
-    /// largest of the kinds.
+    /// largest of the kinds. Heartbeat receipts count no steps.
     pub steps: u64,
+    /// Uptime attested (seconds): per epoch, the heartbeat slots of the `k`-th largest
+    /// attester's count beyond what earlier rewards credited for that epoch, summed.
+    pub uptime_seconds: u64,
     /// The counts this proof's receipts reach, to be remembered for the next proof.
     pub counted: BTreeMap<ReceiptKey, u64>,
 }
@@ -242,13 +296,21 @@ pub struct Attested {
 /// Counts a proof's (checked) receipts. `previous` holds the counts of the account's previous
 /// reward; `min_epoch` is that reward's epoch: older receipts count nothing (their period was
 /// proved already), and a receipt of the same key counts only its steps beyond the previous.
+///
+/// Heartbeats: per epoch, the `uptime_attesters`-th largest count among the cited attesters
+/// (none when fewer attesters are cited). What was credited of an epoch is remembered under
+/// the subject's own address as attester (a key no receipt can have: self-attestation is
+/// refused), so citing other attesters later adds only the aggregate's growth.
 pub fn attested(
     receipts: &[SignedReceipt],
     previous: &BTreeMap<ReceiptKey, u64>,
     min_epoch: Option<u64>,
+    uptime_attesters: usize,
 ) -> Attested {
     let mut per_kind: BTreeMap<ReceiptKind, u64> = BTreeMap::new();
     let mut contribution: BTreeMap<u64, u64> = BTreeMap::new();
+    // Heartbeat counts per (subject, epoch), one per attester.
+    let mut heartbeats: BTreeMap<(Address, u64), Vec<u64>> = BTreeMap::new();
     // What was counted of epochs a receipt may still name stays counted.
     let mut counted: BTreeMap<ReceiptKey, u64> = previous
         .iter()
@@ -258,6 +320,13 @@ pub fn attested(
     for r in receipts {
         let rc = &r.receipt;
         if min_epoch.is_some_and(|m| rc.epoch_id < m) {
+            continue;
+        }
+        if rc.kind == ReceiptKind::Heartbeat {
+            heartbeats
+                .entry((rc.subject, rc.epoch_id))
+                .or_default()
+                .push(rc.steps.min(HEARTBEATS_PER_EPOCH));
             continue;
         }
         let key = (rc.attester, rc.kind, rc.epoch_id);
@@ -272,8 +341,21 @@ pub fn attested(
         counted.insert(key, rc.steps.max(before));
     }
     per_kind.insert(ReceiptKind::Contribution, contribution.values().sum());
+    let mut slots = 0u64;
+    for ((subject, epoch), mut counts) in heartbeats {
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let reached = match uptime_attesters {
+            0 => 0,
+            k => counts.get(k - 1).copied().unwrap_or(0),
+        };
+        let key = (subject, ReceiptKind::Heartbeat, epoch);
+        let before = previous.get(&key).copied().unwrap_or(0);
+        slots += reached.saturating_sub(before);
+        counted.insert(key, reached.max(before));
+    }
     Attested {
         steps: per_kind.values().copied().max().unwrap_or(0),
+        uptime_seconds: slots * HEARTBEAT_SECONDS as u64,
         counted,
     }
 }
@@ -298,7 +380,7 @@ mod tests {
                 steps,
                 boundary: match kind {
                     ReceiptKind::Forward => 2,
-                    ReceiptKind::Backward | ReceiptKind::Contribution => 0,
+                    _ => 0,
                 },
                 commitment: Receipt::chain(&Hash32::ZERO, 1, 0, b"tensor"),
             },
@@ -377,7 +459,7 @@ mod tests {
             receipt(&c, &me, ReceiptKind::Forward, 100, 2),
             receipt(&b, &me, ReceiptKind::Backward, 100, 4),
         ];
-        let a = attested(&first, &BTreeMap::new(), None);
+        let a = attested(&first, &BTreeMap::new(), None, 2);
         // Forward: 3 + 2 from two attesters; backward 4: the larger kind counts.
         assert_eq!(a.steps, 5);
         // The next proof carries the same epoch's receipts, grown, and a new epoch's.
@@ -388,16 +470,16 @@ mod tests {
             // Older than the previous reward's epoch: counts nothing.
             receipt(&c, &me, ReceiptKind::Forward, 99, 50),
         ];
-        let a2 = attested(&second, &a.counted, Some(100));
+        let a2 = attested(&second, &a.counted, Some(100), 2);
         // b: 7 new steps in epoch 100; c: none new; b: 6 in epoch 101.
         assert_eq!(a2.steps, 13);
         // Replaying the same receipts adds nothing, nor do the first proof's.
-        assert_eq!(attested(&second, &a2.counted, Some(100)).steps, 0);
-        assert_eq!(attested(&first, &a2.counted, Some(100)).steps, 0);
+        assert_eq!(attested(&second, &a2.counted, Some(100), 2).steps, 0);
+        assert_eq!(attested(&first, &a2.counted, Some(100), 2).steps, 0);
         // Contributions: every replica received the same one; the largest count counts.
         let c1 = |by: &Wallet, steps| receipt(by, &me, ReceiptKind::Contribution, 200, steps);
         let both = [c1(&b, 40), c1(&c, 30)];
-        assert_eq!(attested(&both, &BTreeMap::new(), None).steps, 40);
+        assert_eq!(attested(&both, &BTreeMap::new(), None, 2).steps, 40);
         assert_eq!(
             check_receipts(&both, &me.address(), 200, Some((0, 4))),
             Ok(())
@@ -405,10 +487,93 @@ mod tests {
         assert!(check_receipts(&both, &me.address(), 200, Some((1, 4))).is_err());
         // Once a later reward moved the window on, the old epoch's counts are forgotten.
         assert!(
-            attested(&[], &a2.counted, Some(101))
+            attested(&[], &a2.counted, Some(101), 2)
                 .counted
                 .keys()
                 .all(|(_, _, e)| *e >= 101)
         );
+    }
+
+    #[test]
+    fn uptime_is_the_second_largest_heartbeat_count_per_epoch() {
+        let [me, b, c, d] = [1, 2, 3, 4].map(Wallet::from_seed);
+        let hb = |by: &Wallet, epoch, slots| receipt(by, &me, ReceiptKind::Heartbeat, epoch, slots);
+        let none = BTreeMap::new();
+        // One attester alone (a Sybil, say) lifts nothing with k = 2; with k = 1 it counts.
+        let sybil = [hb(&b, 100, 6)];
+        assert_eq!(attested(&sybil, &none, None, 2).uptime_seconds, 0);
+        assert_eq!(attested(&sybil, &none, None, 1).uptime_seconds, 60);
+        // The second largest count: a Sybil's 6 slots beside honest 3 and 2 give 3 slots.
+        let three = [hb(&b, 100, 6), hb(&c, 100, 3), hb(&d, 100, 2)];
+        let a = attested(&three, &none, None, 2);
+        assert_eq!((a.uptime_seconds, a.steps), (30, 0));
+        // Epochs add up; heartbeats never count as training steps.
+        let two = [
+            hb(&b, 100, 6),
+            hb(&c, 100, 6),
+            hb(&b, 101, 4),
+            hb(&c, 101, 5),
+        ];
+        assert_eq!(attested(&two, &none, None, 2).uptime_seconds, 100);
+        // What an epoch was credited stays credited: citing other attesters later (or the
+        // same receipts again) adds only the aggregate's growth.
+        let a = attested(&[hb(&b, 100, 4), hb(&c, 100, 4)], &none, None, 2);
+        assert_eq!(a.uptime_seconds, 40);
+        let later = [hb(&d, 100, 6), hb(&b, 100, 6), hb(&c, 100, 5)];
+        let a2 = attested(&later, &a.counted, Some(100), 2);
+        assert_eq!(a2.uptime_seconds, 20);
+        assert_eq!(
+            attested(&later, &a2.counted, Some(100), 2).uptime_seconds,
+            0
+        );
+        // An epoch before the previous reward's counts nothing.
+        assert_eq!(attested(&two, &none, Some(101), 2).uptime_seconds, 40);
+        // Checks: a heartbeat receipt counts at most an epoch's slots, at boundary 0, and is
+        // refused like any receipt when forged, self-signed, foreign or duplicated; it needs
+        // no layers.
+        let ok = hb(&b, 100, 6);
+        assert_eq!(
+            check_receipts(std::slice::from_ref(&ok), &me.address(), 100, None),
+            Ok(())
+        );
+        assert_eq!(
+            check_receipts(&[hb(&b, 100, 7)], &me.address(), 100, None),
+            Err(ReceiptError::Heartbeats(7))
+        );
+        let mut moved = ok.clone();
+        moved.receipt.boundary = 3;
+        assert!(matches!(
+            check_receipts(
+                &[SignedReceipt::sign(moved.receipt, &b)],
+                &me.address(),
+                100,
+                None
+            ),
+            Err(ReceiptError::Boundary { .. })
+        ));
+        let mut forged = ok.clone();
+        forged.receipt.steps = 5;
+        assert_eq!(
+            check_receipts(&[forged], &me.address(), 100, None),
+            Err(ReceiptError::BadSignature)
+        );
+        let own = receipt(&me, &me, ReceiptKind::Heartbeat, 100, 6);
+        assert_eq!(
+            check_receipts(&[own], &me.address(), 100, None),
+            Err(ReceiptError::SelfAttested)
+        );
+        let other = receipt(&b, &c, ReceiptKind::Heartbeat, 100, 6);
+        assert_eq!(
+            check_receipts(&[other], &me.address(), 100, None),
+            Err(ReceiptError::WrongSubject)
+        );
+        assert_eq!(
+            check_receipts(&[ok.clone(), ok.clone()], &me.address(), 100, None),
+            Err(ReceiptError::Duplicate)
+        );
+        assert!(matches!(
+            check_receipts(&[ok], &me.address(), 106, None),
+            Err(ReceiptError::Epoch { .. })
+        ));
     }
 }

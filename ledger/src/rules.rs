@@ -19,6 +19,11 @@ pub const DEFAULT_SLASH_BPS: u32 = 5_000;
 pub const DEFAULT_REPORTER_BPS: u32 = 2_000;
 /// An acquitted accusation costs the accuser a tenth of its stake.
 pub const DEFAULT_FALSE_ACCUSATION_BPS: u32 = 1_000;
+/// Uptime is credited per epoch up to the second largest heartbeat count among the attesters a
+/// proof cites: one Sybil attester cannot lift a claim alone (see docs/economics.md).
+pub const DEFAULT_UPTIME_ATTESTERS: u32 = 2;
+/// Most attesters a network may require for uptime.
+pub const MAX_UPTIME_ATTESTERS: u32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
@@ -27,8 +32,8 @@ pub struct Rules {
     /// Layers of the network's model: a proof's `layers_held` must lie in `0..model_layers`,
     /// `holds_embedding` means layer 0 is held and `holds_lm_head` the last layer.
     pub model_layers: u32,
-    /// Development networks only: training claims need no receipts from other nodes (a
-    /// lone node earns for its own training). Off in every open network.
+    /// Development networks only: training and uptime claims need no receipts from other
+    /// nodes (a lone node earns for its own training and uptime). Off in every open network.
     pub accept_unattested_training: bool,
     /// Fraud verdicts (see `fraud.rs`): the staked weight of guilty votes that convicts a
     /// reward (with at least twice the innocent weight), or of innocent votes that acquits it.
@@ -42,6 +47,10 @@ pub struct Rules {
     /// Share of its stake an accuser loses to the accused when the accusation is acquitted, in
     /// basis points.
     pub false_accusation_bps: u32,
+    /// Uptime: per epoch, the heartbeat count of the `uptime_attesters`-th largest attester is
+    /// credited (a node heard by fewer peers earns no uptime, unless the network accepts
+    /// unattested claims).
+    pub uptime_attesters: u32,
 }
 
 impl Default for Rules {
@@ -54,6 +63,7 @@ impl Default for Rules {
             slash_bps: DEFAULT_SLASH_BPS,
             reporter_bps: DEFAULT_REPORTER_BPS,
             false_accusation_bps: DEFAULT_FALSE_ACCUSATION_BPS,
+            uptime_attesters: DEFAULT_UPTIME_ATTESTERS,
         }
     }
 }
@@ -69,6 +79,8 @@ pub enum RulesError {
     Share(u32),
     #[error("the fraud quorum must be above zero")]
     Quorum,
+    #[error("uptime attesters must be between 1 and {MAX_UPTIME_ATTESTERS}, got {0}")]
+    UptimeAttesters(u32),
 }
 
 impl Rules {
@@ -86,7 +98,19 @@ impl Rules {
         })
     }
 
-    /// The same rules, accepting training claims without receipts (development networks).
+    /// The same rules, crediting uptime up to the `k`-th largest heartbeat count.
+    pub fn with_uptime_attesters(self, k: u32) -> Result<Rules, RulesError> {
+        if !(1..=MAX_UPTIME_ATTESTERS).contains(&k) {
+            return Err(RulesError::UptimeAttesters(k));
+        }
+        Ok(Rules {
+            uptime_attesters: k,
+            ..self
+        })
+    }
+
+    /// The same rules, accepting training and uptime claims without receipts (development
+    /// networks).
     pub fn unattested(self) -> Rules {
         Rules {
             accept_unattested_training: true,
@@ -138,5 +162,11 @@ mod tests {
         assert_eq!(Rules::new(600, 0), Err(RulesError::Layers(0)));
         assert_eq!(Rules::new(600, 1025), Err(RulesError::Layers(1025)));
         assert_eq!(Rules::default().release_at(1000), 1600);
+        assert!(Rules::default().with_uptime_attesters(1).is_ok());
+        assert_eq!(
+            Rules::default().with_uptime_attesters(0),
+            Err(RulesError::UptimeAttesters(0))
+        );
+        assert!(Rules::default().with_uptime_attesters(17).is_err());
     }
 }

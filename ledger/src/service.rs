@@ -113,14 +113,26 @@ impl Ledger {
         address: &Address,
         receipts: &[super::receipt::SignedReceipt],
     ) -> (u64, Option<u64>) {
+        let (a, last) = self.attested(address, receipts).await;
+        (a.steps, last)
+    }
+
+    /// What `receipts` attest for `address`'s next proof beyond what its earlier rewards
+    /// counted (training steps and uptime), and the epoch of its last reward.
+    pub async fn attested(
+        &self,
+        address: &Address,
+        receipts: &[super::receipt::SignedReceipt],
+    ) -> (super::receipt::Attested, Option<u64>) {
         let inner = self.inner.lock().await;
+        let k = inner.state.rules().uptime_attesters as usize;
         match inner.state.chain_account(address) {
             Some(a) => (
-                super::receipt::attested(receipts, &a.receipt_counts, a.last_reward_epoch).steps,
+                super::receipt::attested(receipts, &a.receipt_counts, a.last_reward_epoch, k),
                 a.last_reward_epoch,
             ),
             None => (
-                super::receipt::attested(receipts, &Default::default(), None).steps,
+                super::receipt::attested(receipts, &Default::default(), None, k),
                 None,
             ),
         }
@@ -628,6 +640,7 @@ impl Ledger {
                 reward: 0,
                 reason: Some(r.reason.clone()),
                 attested_by: Vec::new(),
+                uptime_seconds: 0,
                 judged_by: Vec::new(),
             });
         }

@@ -306,6 +306,12 @@ impl LedgerState {
         }
         account.history.push(entry);
         if let Op::Reward { proof, .. } = &block.block.op {
+            let uptime_seconds = match &outcome {
+                Outcome::Applied(Effect::Rewarded {
+                    credited_uptime, ..
+                }) => *credited_uptime,
+                _ => 0,
+            };
             let (verified, reward, reason, reason_code) = match &outcome {
                 Outcome::Applied(Effect::Rewarded { amount, .. }) => (true, *amount, None, None),
                 Outcome::Void(r) => {
@@ -337,6 +343,7 @@ impl LedgerState {
                     by.dedup();
                     by
                 },
+                uptime_seconds,
                 judged_by: Vec::new(),
             });
         }
@@ -406,6 +413,7 @@ impl LedgerState {
                         &p.receipts,
                         &account.receipt_counts,
                         account.last_reward_epoch,
+                        self.rules.uptime_attesters as usize,
                     )
                     .counted;
                     account.last_reward_epoch = Some(p.epoch_id);
@@ -490,7 +498,7 @@ impl LedgerState {
     /// stake, chain head, freeze and unclaimed transfer.
     pub fn root_hash(&self) -> Hash32 {
         let r = &self.rules;
-        let mut e = Encoder::new(b"neuroshard-ledger-root-v3");
+        let mut e = Encoder::new(b"neuroshard-ledger-root-v4");
         e.i64(r.challenge_window_secs)
             .u32(r.model_layers)
             .bool(r.accept_unattested_training)
@@ -498,6 +506,7 @@ impl LedgerState {
             .u32(r.slash_bps)
             .u32(r.reporter_bps)
             .u32(r.false_accusation_bps)
+            .u32(r.uptime_attesters)
             .u64(self.accounts().count() as u64);
         for a in self.accounts() {
             e.bytes(&a.address.0)

@@ -97,8 +97,10 @@ pub struct ProofEntry {
     pub reward: u64,
     /// Why it earned nothing, when it did not.
     pub reason: Option<String>,
-    /// The nodes whose receipts back the proof.
+    /// The nodes whose receipts back the proof (heartbeat attesters included).
     pub attested_by: Vec<Address>,
+    /// Uptime credited (seconds).
+    pub uptime_seconds: u64,
     /// Staked verifiers' counted verdicts: (voter, guilty, when).
     pub judged_by: Vec<(Address, bool, i64)>,
 }
@@ -114,6 +116,7 @@ impl From<&ProofRecord> for ProofEntry {
             reward: p.reward,
             reason: p.reason.clone(),
             attested_by: p.attested_by.clone(),
+            uptime_seconds: p.uptime_seconds,
             judged_by: p.judged_by.clone(),
         }
     }

@@ -180,16 +180,29 @@ impl PeerConn {
     /// Pings the peer: the measured round-trip time in ms and the peer's current info.
     pub async fn ping(&self) -> Result<(f64, Option<pb::NodeInfo>), NetworkError> {
         let started = Instant::now();
+        let witness = self.net.witness();
         let body = pb::PingRequest {
             node_id: self.net.id().to_string(),
             sent_at_ms: now_ms(),
             auth: None,
+            receipt: witness
+                .as_ref()
+                .and_then(|w| w.latest(&self.id))
+                .unwrap_or_default(),
         };
         let reply = self
             .call("Ping", body, PING_TIMEOUT, |c, r| async move {
                 service_client!(PeerClient, c).ping(r).await
             })
             .await?;
+        // The peer answered: it is heard (its receipt goes with the next ping), and its
+        // receipt for this node's ping is kept.
+        if let Some(w) = witness {
+            w.heard(&self.id);
+            if !reply.receipt.is_empty() {
+                w.keep(&self.id, &reply.receipt);
+            }
+        }
         Ok((started.elapsed().as_secs_f64() * 1000.0, reply.node))
     }
 

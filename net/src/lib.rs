@@ -108,6 +108,21 @@ pub fn no_advert() -> Advert {
     Box::new(|| (0, String::new()))
 }
 
+/// Heartbeat receipts (issue #19): the network carries them on its pings without reading
+/// them; the daemon plugs in what signs and keeps them ([`Network::set_witness`]). A node
+/// that answers a ping or pings is heard; each side signs a receipt for the other and hands
+/// it over on the next ping or pong, so receipts add one small field to traffic that exists.
+pub trait Witness: Send + Sync {
+    /// `peer` was heard now (it pinged this node, or answered its ping): the receipt to hand
+    /// it, if any.
+    fn heard(&self, peer: &Address) -> Option<Vec<u8>>;
+    /// The latest receipt this node signed for `peer`, to send with the next ping.
+    fn latest(&self, peer: &Address) -> Option<Vec<u8>>;
+    /// `peer` handed this node a receipt for its own heartbeats (checked and kept or refused
+    /// by the witness, never trusted by the network).
+    fn keep(&self, peer: &Address, receipt: &[u8]);
+}
+
 /// Largest peer message accepted (the original's limit; pipeline tensors need it).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -161,6 +176,8 @@ pub struct Network {
     announced: RwLock<(Option<String>, u16)>,
     /// The peer-to-peer transport every peer call runs over ([`Network::attach`]).
     transport: std::sync::OnceLock<p2p::Transport>,
+    /// Signs and keeps heartbeat receipts; none until the daemon sets it.
+    witness: RwLock<Option<Arc<dyn Witness>>>,
 }
 
 impl Network {
@@ -191,6 +208,7 @@ impl Network {
             connected,
             announced: RwLock::new((None, grpc_port)),
             transport: std::sync::OnceLock::new(),
+            witness: RwLock::new(None),
         })
     }
 
@@ -232,6 +250,16 @@ impl Network {
     /// (REST API port, peer service port).
     pub fn ports(&self) -> (u16, u16) {
         (self.http_port, self.grpc_port)
+    }
+
+    /// Sets what signs and keeps heartbeat receipts on this node's pings.
+    pub fn set_witness(&self, witness: Arc<dyn Witness>) {
+        *self.witness.write() = Some(witness);
+    }
+
+    /// What signs and keeps heartbeat receipts, if set.
+    pub(crate) fn witness(&self) -> Option<Arc<dyn Witness>> {
+        self.witness.read().clone()
     }
 
     /// Sets the address peers and the tracker are told to dial: `host` (None: the address

@@ -269,12 +269,23 @@ impl Peer for PeerService {
     }
 
     async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
-        let (body, _v) = self.verify(req)?;
+        let (body, v) = self.verify(req)?;
+        // The caller pinged: it is heard, and its receipt for this node is kept.
+        let receipt = match self.net.witness() {
+            Some(w) => {
+                if !body.receipt.is_empty() {
+                    w.keep(&v.peer, &body.receipt);
+                }
+                w.heard(&v.peer).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
         Ok(self.sent(pb::PingReply {
             node_id: self.net.id().to_string(),
             sent_at_ms: body.sent_at_ms,
             received_at_ms: now_ms(),
             node: Some(self.net.local_info()),
+            receipt,
         }))
     }
 

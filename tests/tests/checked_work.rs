@@ -45,7 +45,8 @@ fn claim(
             proof_type: ProofType::Training,
             timestamp: ts,
             nonce: ts as u64,
-            uptime_seconds: 60,
+            // Training claims only: uptime needs heartbeat receipts of its own (`uptime::`).
+            uptime_seconds: 0,
             tokens_processed: 0,
             training_batches: batches,
             data_samples: 0,

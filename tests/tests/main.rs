@@ -47,6 +47,7 @@ mod storage;
 mod tls;
 mod tracker;
 mod training;
+mod uptime;
 
 /// `Cargo.toml` sets `autotests = false` (the files here are modules, not binaries), so a file
 /// added here without its `mod` line would never be compiled, and a test without its

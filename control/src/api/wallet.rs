@@ -454,8 +454,11 @@ pub struct ProofView {
     /// Why it earned nothing, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The nodes whose signed receipts of the work back the proof (issue #19).
+    /// The nodes whose signed receipts of the work back the proof (issue #19), the peers
+    /// whose heartbeat receipts attest its uptime included.
     pub attested_by: Vec<String>,
+    /// Uptime credited, in seconds: at most what peers' heartbeat receipts attest.
+    pub uptime_seconds: u64,
     /// Staked verifiers that recomputed a sampled part of the work, with their verdict and
     /// when; the proof is `verified` by others when one of them found it innocent.
     pub verified_by: Vec<VerdictView>,
@@ -506,6 +509,7 @@ pub async fn proofs(
                 reward: units_to_neuro(e.reward),
                 reason: e.reason,
                 attested_by: e.attested_by.iter().map(|a| a.to_checksum()).collect(),
+                uptime_seconds: e.uptime_seconds,
                 verified_by: e
                     .judged_by
                     .iter()

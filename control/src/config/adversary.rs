@@ -19,6 +19,9 @@ pub enum Cheat {
     /// A DiLoCo replica that computes one inner step in four and sends its pseudo-gradient
     /// times four, so it looks like a whole round's.
     FewerStepsScaled,
+    /// Claims the most uptime a proof may (120 s) every epoch, whatever its peers' heartbeat
+    /// receipts attest.
+    InflateUptime,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -43,10 +46,15 @@ impl AdversaryConfig {
     /// Whether this inner step is computed (`n`: the steps done so far this run).
     pub fn computes(&self, n: u64) -> bool {
         match self.cheat {
-            Cheat::None => true,
+            Cheat::None | Cheat::InflateUptime => true,
             Cheat::SkipInnerSteps => false,
             Cheat::FewerStepsScaled => n.is_multiple_of(4),
         }
+    }
+
+    /// Whether the minter claims the maximum uptime regardless of receipts.
+    pub fn inflates_uptime(&self) -> bool {
+        self.cheat == Cheat::InflateUptime
     }
 
     /// What the sent pseudo-gradient is multiplied by.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use neuroshard_ledger::parse_neuro_f64;
 use neuroshard_ledger::rules::{
     DEFAULT_CHALLENGE_WINDOW_SECONDS, DEFAULT_FALSE_ACCUSATION_BPS, DEFAULT_FRAUD_QUORUM,
-    DEFAULT_REPORTER_BPS, DEFAULT_SLASH_BPS, Rules, RulesError,
+    DEFAULT_REPORTER_BPS, DEFAULT_SLASH_BPS, DEFAULT_UPTIME_ATTESTERS, Rules, RulesError,
 };
 use neuroshard_ledger::units_to_neuro;
 
@@ -19,9 +19,13 @@ pub struct LedgerConfig {
     /// Seconds a reward stays pending (its challenge window, in which a fraud proof can still
     /// void it) before it can be spent; 0 makes rewards spendable at once.
     pub challenge_window_secs: i64,
-    /// Development networks only: training rewards without receipts from other nodes, so a
-    /// node training alone earns (every node of the network must agree; logged at start).
+    /// Development networks only: training and uptime rewards without receipts from other
+    /// nodes, so a node alone earns (every node of the network must agree; logged at start).
     pub accept_unattested_training: bool,
+    /// Uptime is credited per epoch up to the heartbeat count of this many peers (the k-th
+    /// largest count among the attesters a proof cites): 2 keeps one Sybil peer from lifting
+    /// a claim alone; a network of two nodes needs 1 to earn uptime at all.
+    pub uptime_attesters: u32,
     /// Staked NEURO of guilty fraud verdicts that convicts a reward (with twice the innocent
     /// stake), or of innocent verdicts that acquits it.
     pub fraud_quorum_neuro: f64,
@@ -44,6 +48,7 @@ impl Default for LedgerConfig {
         LedgerConfig {
             challenge_window_secs: DEFAULT_CHALLENGE_WINDOW_SECONDS,
             accept_unattested_training: false,
+            uptime_attesters: DEFAULT_UPTIME_ATTESTERS,
             fraud_quorum_neuro: units_to_neuro(DEFAULT_FRAUD_QUORUM),
             slash_bps: DEFAULT_SLASH_BPS,
             reporter_bps: DEFAULT_REPORTER_BPS,
@@ -69,6 +74,7 @@ impl LedgerConfig {
                 RulesError::Layers(_) => "training.model",
                 RulesError::Share(_) => "ledger.slash_bps/reporter_bps/false_accusation_bps",
                 RulesError::Quorum => "ledger.fraud_quorum_neuro",
+                RulesError::UptimeAttesters(_) => "ledger.uptime_attesters",
             };
             ConfigError::Invalid {
                 key: key.into(),
@@ -100,6 +106,7 @@ impl LedgerConfig {
                     self.false_accusation_bps,
                 )
             })
+            .and_then(|r| r.with_uptime_attesters(self.uptime_attesters))
             .map_err(invalid)?;
         Ok(if self.accept_unattested_training {
             rules.unattested()

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use neuroshard_ledger::proof::Proof;
-use neuroshard_ledger::receipt::attest_forward;
+use neuroshard_ledger::receipt::{attest_forward, attest_heartbeats};
 use neuroshard_ledger::{Ledger, ProofType, Rules, SignedProof, Wallet};
 
 /// Rules without a challenge window, for tests about other things than the window.
@@ -119,14 +119,29 @@ pub fn proof(w: &Wallet, timestamp: i64, layers: u32) -> SignedProof {
             model_hash_end: format!("{:064x}", timestamp + 1),
             gradient_commitment: "cc".repeat(32),
             current_loss: 2.0,
-            // All its batches, attested by the stage after its layers.
-            receipts: vec![attest_forward(
-                &Wallet::from_seed(9_999),
-                w.address(),
-                Proof::epoch_of(timestamp),
-                600,
-                layers,
-            )],
+            // All its batches, attested by the stage after its layers; the previous epoch's
+            // uptime, attested by two peers.
+            receipts: vec![
+                attest_forward(
+                    &Wallet::from_seed(9_999),
+                    w.address(),
+                    Proof::epoch_of(timestamp),
+                    600,
+                    layers,
+                ),
+                attest_heartbeats(
+                    &Wallet::from_seed(9_998),
+                    w.address(),
+                    Proof::epoch_of(timestamp) - 1,
+                    6,
+                ),
+                attest_heartbeats(
+                    &Wallet::from_seed(9_997),
+                    w.address(),
+                    Proof::epoch_of(timestamp) - 1,
+                    6,
+                ),
+            ],
         },
         w,
     )
