@@ -41,7 +41,14 @@ fn three_stages(extra: &str) -> (Node, Node, Node) {
 #[test]
 fn three_stages_train_and_the_loss_falls() {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    let (a, b, c) = three_stages(network_common::ATTESTED_LEDGER);
+    // The middle stage sends int8 rows (activations up, gradients down), the others bf16:
+    // every receiver takes what the tensor names.
+    let ledger = network_common::ATTESTED_LEDGER;
+    let (a, b, c) = pipeline_common::three_stages([
+        options(2, ledger),
+        options(1, &format!("pipeline_wire = \"int8\"\n{ledger}")),
+        options(1, ledger),
+    ]);
     let nodes = [&a, &b, &c];
     wait_for("a first pipeline step", START, POLL, || {
         step(&a).filter(|s| *s >= 1).and_then(|_| loss(&a))

@@ -134,14 +134,17 @@ impl FromStr for TrainDtype {
 serde_as_text!(TrainDtype);
 
 /// `training.pipeline_wire`: the element type of the activations and their gradients sent
-/// between pipeline stages. A receiver takes either (the dtype is named in each tensor) and
-/// widens bf16 to f32 for its engine; ids and labels stay u32.
+/// between pipeline stages. A receiver takes any of them (the dtype is named in each tensor)
+/// and widens it to f32 for its engine; ids and labels stay u32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PipeWire {
     /// Half the bytes of f32 (rounded to nearest even).
     #[default]
     Bf16,
     F32,
+    /// Each row of `hidden` values as one f32 scale and `hidden` integers of 4 to 8 bits
+    /// (`int8`: about a quarter of the bytes of f32, `int4` an eighth).
+    Int(u32),
 }
 
 impl PipeWire {
@@ -152,6 +155,11 @@ impl PipeWire {
         match self {
             PipeWire::Bf16 => "bf16",
             PipeWire::F32 => "f32",
+            PipeWire::Int(4) => "int4",
+            PipeWire::Int(5) => "int5",
+            PipeWire::Int(6) => "int6",
+            PipeWire::Int(7) => "int7",
+            PipeWire::Int(_) => "int8",
         }
     }
 }
@@ -163,9 +171,14 @@ impl FromStr for PipeWire {
         match s {
             "bf16" => Ok(PipeWire::Bf16),
             "f32" => Ok(PipeWire::F32),
+            "int4" => Ok(PipeWire::Int(4)),
+            "int5" => Ok(PipeWire::Int(5)),
+            "int6" => Ok(PipeWire::Int(6)),
+            "int7" => Ok(PipeWire::Int(7)),
+            "int8" => Ok(PipeWire::Int(8)),
             _ => Err(invalid(
                 PipeWire::KEY,
-                format!("{s:?} is not one of bf16, f32"),
+                format!("{s:?} is not one of bf16, f32, int4, int5, int6, int7, int8"),
             )),
         }
     }
@@ -337,7 +350,12 @@ mod tests {
     fn pipeline_wire_and_topk_settings_load_and_are_checked() {
         use crate::diloco::compress::Encoding;
         use crate::diloco::sparse::TopK;
-        for w in [PipeWire::Bf16, PipeWire::F32] {
+        for w in [
+            PipeWire::Bf16,
+            PipeWire::F32,
+            PipeWire::Int(4),
+            PipeWire::Int(8),
+        ] {
             assert_eq!(w.as_str().parse::<PipeWire>().unwrap(), w);
         }
         assert!("f16".parse::<PipeWire>().is_err());
@@ -372,6 +390,14 @@ mod tests {
             key("[training]\ndiloco_topk_bits = 1\n"),
             "training.diloco_topk_bits"
         );
+        assert_eq!(
+            load("[training]\npipeline_wire = \"int8\"\n")
+                .unwrap()
+                .training
+                .pipeline_wire,
+            PipeWire::Int(8)
+        );
+        assert!("int3".parse::<PipeWire>().is_err());
         assert!(load("[training]\ndiloco_encoding = \"zip\"\n").is_err());
         assert!(load("[training]\npipeline_wire = \"f16\"\n").is_err());
     }

@@ -194,8 +194,11 @@ impl Round<'_> {
     /// Draws, for each attested contribution, whether to replay it (`verify.rs`).
     fn sample(&self, round: u64, start_hash: &str, attested: &[(String, u64)]) {
         let verifier = &self.diloco.verifier;
+        // Every replica but the claimant may check a contribution: this one and the other
+        // senders it attested.
+        let verifiers = attested.len();
         for (sender, epoch) in attested {
-            if !verifier.draw() {
+            if !verifier.draw(verifiers) {
                 continue;
             }
             let Ok(claimant) = sender.parse::<neuroshard_ledger::Address>() else {

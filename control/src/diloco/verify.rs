@@ -7,8 +7,10 @@
 //!   anyone knows whether it will be checked. It serves the file to any peer
 //!   (`GetRoundCheckpoint`).
 //! * **Verifier.** After aggregating a round, a replica picks each other replica's accepted
-//!   contribution with probability `ledger.verify_probability` (its own randomness: a
-//!   claimant cannot know or choose who checks it), fetches the committed checkpoint, checks
+//!   contribution with probability `ledger.verify_probability / V`, V being the replicas that
+//!   may check it (all but the claimant), so each contribution is replayed
+//!   `verify_probability` times on average, whatever the number of replicas (its own
+//!   randomness: a claimant cannot know or choose who checks it), fetches the committed checkpoint, checks
 //!   its sha256 against the commitment, loads it into a scratch engine (a second engine
 //!   process: its own training is not touched) with the claimant's data order, runs the
 //!   claimed number of inner steps and compares the pseudo-gradient it gets with the one the
@@ -196,11 +198,16 @@ impl Verifier {
         }
     }
 
-    /// Whether to replay a contribution now: with the configured probability, one replay at
-    /// a time (a sample drawn while one runs is dropped and not counted).
-    pub fn draw(&self) -> bool {
+    /// Whether to replay a contribution now, when `verifiers` replicas (this one included)
+    /// may each replay it: with probability `p / verifiers` each, so a contribution is
+    /// replayed `p` times on average however many replicas there are, and `p` is the share of
+    /// the network's training compute spent on replays. One replay at a time (a sample drawn
+    /// while one runs is dropped and not counted).
+    pub fn draw(&self, verifiers: usize) -> bool {
         let p = self.spec.lock().as_ref().map_or(0.0, |s| s.probability);
-        p > 0.0 && rand::random::<f64>() < p && !self.busy.load(Ordering::Acquire)
+        p > 0.0
+            && rand::random::<f64>() < per_verifier(p, verifiers)
+            && !self.busy.load(Ordering::Acquire)
     }
 
     /// Replays `job` in the background (against `conn`, the claimant) and files the finding.
@@ -373,6 +380,11 @@ async fn run_scratch(
     Ok((guilty, d, reason))
 }
 
+/// A verifier's share of the sampling probability `p` when `verifiers` may each draw.
+fn per_verifier(p: f64, verifiers: usize) -> f64 {
+    (p / verifiers.max(1) as f64).min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,5 +397,18 @@ mod tests {
         assert_eq!(distance(&[1.0], &[1.0, 2.0]), f64::INFINITY);
         // A replay that moved nothing: any sent delta is infinitely far.
         assert!(distance(&[0.0], &[1.0]) > 1e6);
+    }
+
+    #[test]
+    fn the_sampling_probability_is_shared_among_the_verifiers() {
+        assert_eq!(per_verifier(0.025, 1), 0.025);
+        assert!((per_verifier(0.1, 4) - 0.025).abs() < 1e-12);
+        // No verifier count reads as one; p = 1 with two verifiers: each replays half.
+        assert_eq!(per_verifier(0.5, 0), 0.5);
+        assert_eq!(per_verifier(1.0, 2), 0.5);
+        // Replays per contribution: V verifiers times p / V is p, for any V.
+        for v in 1..20 {
+            assert!((per_verifier(0.05, v) * v as f64 - 0.05).abs() < 1e-12);
+        }
     }
 }

@@ -42,4 +42,7 @@ pub use route::{Hop, plan_route};
 pub(crate) use route::{candidate_hops, shortest_route};
 pub use stage::{Counters, Out, Stage};
 pub(crate) use wire::u32_below_vocab;
-pub use wire::{Wire, WireDType, check_acts, check_labels, wire_len};
+pub use wire::{
+    Wire, WireDType, check_acts, check_labels, decode_int_rows, encode_int_rows, int_rows_len,
+    wire_len,
+};

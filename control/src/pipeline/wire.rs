@@ -1,7 +1,8 @@
 //! Tensors as they travel between stages, and the checks a peer's tensor passes before it
 //! reaches the engine: dtype, shape against the model, byte length, finite values, labels and
-//! token ids inside the vocabulary. Activations and their gradients may travel in bf16
-//! (`training.pipeline_wire`): the receiver widens them to f32 before its engine sees them.
+//! token ids inside the vocabulary. Activations and their gradients may travel in bf16 or as
+//! rows of 4 to 8-bit integers with one f32 scale each (`training.pipeline_wire`): the
+//! receiver widens them to f32 before its engine sees them.
 
 use neuroshard_proto::peer as pb;
 use neuroshard_shared::model::ModelConfig;
@@ -21,6 +22,9 @@ pub enum WireDType {
     F32,
     /// Activations or gradients rounded to bf16 for the trip (`training.pipeline_wire`).
     Bf16,
+    /// Rows of the last dimension as an f32 scale and that many integers of this many bits,
+    /// 4 to 8 ([`encode_int_rows`]; named `i4row` ... `i8row`).
+    IntRows(u32),
     U32,
 }
 
@@ -30,6 +34,11 @@ impl WireDType {
         match name {
             "f32" => Some(WireDType::F32),
             "bf16" => Some(WireDType::Bf16),
+            "i4row" => Some(WireDType::IntRows(4)),
+            "i5row" => Some(WireDType::IntRows(5)),
+            "i6row" => Some(WireDType::IntRows(6)),
+            "i7row" => Some(WireDType::IntRows(7)),
+            "i8row" => Some(WireDType::IntRows(8)),
             "u32" => Some(WireDType::U32),
             _ => None,
         }
@@ -39,6 +48,11 @@ impl WireDType {
         match self {
             WireDType::F32 => "f32",
             WireDType::Bf16 => "bf16",
+            WireDType::IntRows(4) => "i4row",
+            WireDType::IntRows(5) => "i5row",
+            WireDType::IntRows(6) => "i6row",
+            WireDType::IntRows(7) => "i7row",
+            WireDType::IntRows(_) => "i8row",
             WireDType::U32 => "u32",
         }
     }
@@ -94,24 +108,121 @@ impl Wire {
         }
     }
 
-    /// As [`Wire::to_pb`], an f32 tensor rounded to bf16 (nearest even) when `wire` says so:
-    /// how training sends activations and gradients. Other dtypes go as they are.
+    /// As [`Wire::to_pb`], an f32 tensor narrowed as `wire` says (bf16, nearest even; or
+    /// integer rows): how training sends activations and gradients. Other dtypes go as they are.
     pub fn to_pb_as(&self, wire: PipeWire) -> pb::PipelineTensor {
-        if wire != PipeWire::Bf16 || self.dtype != DType::F32 {
+        if self.dtype != DType::F32 {
             return self.to_pb();
         }
-        pb::PipelineTensor {
-            dtype: WireDType::Bf16.name().into(),
-            shape: self.shape.clone(),
-            data: self
-                .data
+        let values = || {
+            self.data
                 .chunks_exact(4)
-                .flat_map(|c| {
-                    half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
-                })
-                .collect(),
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        };
+        let (dtype, data) = match wire {
+            PipeWire::F32 => return self.to_pb(),
+            PipeWire::Bf16 => (
+                WireDType::Bf16,
+                values()
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+            PipeWire::Int(bits) => {
+                let bits = bits.clamp(4, 8);
+                let row = self.shape.last().copied().unwrap_or(1).max(1) as usize;
+                let v: Vec<f32> = values().collect();
+                (WireDType::IntRows(bits), encode_int_rows(&v, row, bits))
+            }
+        };
+        pb::PipelineTensor {
+            dtype: dtype.name().into(),
+            shape: self.shape.clone(),
+            data,
         }
     }
+}
+
+/// Bytes of `n` values in rows of `row` as `bits`-bit integer rows: a 4-byte scale per row
+/// and the row's values packed into whole bytes.
+pub fn int_rows_len(n: u64, row: u64, bits: u32) -> u64 {
+    if row == 0 {
+        0
+    } else {
+        n / row * (4 + (row * u64::from(bits)).div_ceil(8))
+    }
+}
+
+/// Largest magnitude of a `bits`-bit value: 127 for 8 bits, 7 for 4.
+fn int_max(bits: u32) -> u32 {
+    (1 << (bits - 1)) - 1
+}
+
+/// `values` in rows of `row` (a divisor of their count), each row as its scale (largest
+/// magnitude / `2^(bits-1) - 1`, f32 little-endian) and the row's values divided by the scale,
+/// rounded to the nearest integer `q` in `-max..=max`, stored as `q + max` in `bits` bits each,
+/// least significant first, the row padded to a whole byte. The error of a value is at most
+/// half a scale (1/254 of its row's largest magnitude at 8 bits, 1/14 at 4). `bits` is 4 to 8.
+pub fn encode_int_rows(values: &[f32], row: usize, bits: u32) -> Vec<u8> {
+    let max = int_max(bits);
+    let row = row.max(1);
+    let mut out = Vec::with_capacity(int_rows_len(values.len() as u64, row as u64, bits) as usize);
+    for r in values.chunks(row) {
+        let top = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = top / max as f32;
+        out.extend_from_slice(&scale.to_le_bytes());
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let (mut acc, mut filled) = (0u64, 0u32);
+        for v in r {
+            let q = (v * inv).round().clamp(-(max as f32), max as f32) as i32 + max as i32;
+            acc |= (q as u64) << filled;
+            filled += bits;
+            while filled >= 8 {
+                out.push(acc as u8);
+                acc >>= 8;
+                filled -= 8;
+            }
+        }
+        if filled > 0 {
+            out.push(acc as u8);
+        }
+    }
+    out
+}
+
+/// The values of [`encode_int_rows`]' bytes; `None` when the length is not whole rows, a
+/// scale is negative, NaN or infinite, or a value lies outside `0..=2 max` (a peer's tensor is
+/// refused, never widened to garbage).
+pub fn decode_int_rows(bytes: &[u8], row: usize, bits: u32) -> Option<Vec<f32>> {
+    if row == 0 || !(4..=8).contains(&bits) {
+        return None;
+    }
+    let max = int_max(bits);
+    let packed = (row * bits as usize).div_ceil(8);
+    if !bytes.len().is_multiple_of(4 + packed) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / (4 + packed) * row);
+    for r in bytes.chunks_exact(4 + packed) {
+        let scale = f32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+        if !(scale.is_finite() && scale >= 0.0) {
+            return None;
+        }
+        let (mut acc, mut filled, mut next) = (0u64, 0u32, r[4..].iter());
+        for _ in 0..row {
+            while filled < bits {
+                acc |= u64::from(*next.next()?) << filled;
+                filled += 8;
+            }
+            let q = (acc & ((1 << bits) - 1)) as u32;
+            acc >>= bits;
+            filled -= bits;
+            if q > 2 * max {
+                return None;
+            }
+            out.push((q as i32 - max as i32) as f32 * scale);
+        }
+    }
+    Some(out)
 }
 
 /// Bytes a pipeline tensor carries on the wire (0 when absent): the traffic counters count
@@ -130,12 +241,11 @@ pub fn check_acts(
     expect_bt: Option<(u64, u64)>,
 ) -> Result<Wire, PipeError> {
     let t = t.ok_or_else(|| PipeError::Refused(format!("{what} missing")))?;
-    let size = match WireDType::parse(&t.dtype) {
-        Some(WireDType::F32) => 4,
-        Some(WireDType::Bf16) => 2,
+    let dtype = match WireDType::parse(&t.dtype) {
+        Some(d @ (WireDType::F32 | WireDType::Bf16 | WireDType::IntRows(_))) => d,
         _ => {
             return Err(PipeError::Refused(format!(
-                "{what} must be f32 or bf16, got {:?}",
+                "{what} must be f32, bf16 or i4row..i8row, got {:?}",
                 t.dtype
             )));
         }
@@ -159,25 +269,38 @@ pub fn check_acts(
         )));
     }
     let numel = t.shape.iter().product::<u64>();
-    if t.data.len() as u64 != numel * size {
+    let need = match dtype {
+        WireDType::Bf16 => numel * 2,
+        WireDType::IntRows(bits) => int_rows_len(numel, t.shape[2], bits),
+        _ => numel * 4,
+    };
+    if t.data.len() as u64 != need {
         return Err(PipeError::Refused(format!(
-            "{what} carries {} bytes, its {} shape needs {}",
+            "{what} carries {} bytes, its {} shape needs {need}",
             t.data.len(),
             t.dtype,
-            numel * size
         )));
     }
-    let data: Vec<u8> = if size == 2 {
-        t.data
+    let data: Vec<u8> = match dtype {
+        WireDType::Bf16 => t
+            .data
             .chunks_exact(2)
             .flat_map(|c| {
                 half::bf16::from_le_bytes([c[0], c[1]])
                     .to_f32()
                     .to_le_bytes()
             })
-            .collect()
-    } else {
-        t.data.clone()
+            .collect(),
+        WireDType::IntRows(bits) => decode_int_rows(&t.data, t.shape[2] as usize, bits)
+            .ok_or_else(|| {
+                PipeError::Refused(format!(
+                    "{what} has a negative or non-finite row scale or a value out of range"
+                ))
+            })?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => t.data.clone(),
     };
     if data
         .chunks_exact(4)
@@ -281,10 +404,19 @@ mod tests {
 
     #[test]
     fn wire_dtype_names_round_trip_and_unknown_names_are_none() {
-        for d in [WireDType::F32, WireDType::Bf16, WireDType::U32] {
+        for d in [
+            WireDType::F32,
+            WireDType::Bf16,
+            WireDType::IntRows(4),
+            WireDType::IntRows(6),
+            WireDType::IntRows(8),
+            WireDType::U32,
+        ] {
             assert_eq!(WireDType::parse(d.name()), Some(d));
         }
         assert_eq!(WireDType::parse("f16"), None);
+        assert_eq!(WireDType::parse("i3row"), None);
+        assert_eq!(WireDType::parse("i9row"), None);
         assert_eq!(WireDType::parse("F32"), None);
         assert_eq!(WireDType::of(DType::U32), WireDType::U32);
         assert_eq!(WireDType::of(DType::F32), WireDType::F32);
@@ -338,6 +470,90 @@ mod tests {
         let mut mislabeled = t.clone();
         mislabeled.dtype = "f32".into();
         assert!(check_acts(Some(&mislabeled), "x", &m, None).is_err());
+    }
+
+    #[test]
+    fn integer_rows_shrink_the_bytes_and_come_back_within_half_a_scale() {
+        let m = model();
+        let h = u64::from(m.hidden);
+        let n = (2 * 3 * h) as usize;
+        // Rows of very different magnitudes, one all zero: each row has its own scale.
+        let values: Vec<f32> = (0..n)
+            .map(|i| {
+                let row = i / h as usize;
+                if row == 1 {
+                    0.0
+                } else {
+                    (i as f32 * 0.37).sin() * 10f32.powi(row as i32 - 3)
+                }
+            })
+            .collect();
+        let w = Wire {
+            dtype: DType::F32,
+            shape: vec![2, 3, h],
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        for bits in 4..=8u32 {
+            let t = w.to_pb_as(PipeWire::Int(bits));
+            assert_eq!(t.dtype, format!("i{bits}row"));
+            assert_eq!(
+                t.data.len() as u64,
+                6 * (4 + (h * u64::from(bits)).div_ceil(8))
+            );
+            assert_eq!(t.data.len() as u64, int_rows_len(n as u64, h, bits));
+            let back = check_acts(Some(&t), "x", &m, Some((2, 3))).unwrap();
+            assert_eq!(back.data.len(), n * 4);
+            let half_step = 0.5 / int_max(bits) as f32 * 1.0001;
+            for (row, (got, want)) in back
+                .data
+                .chunks_exact(4 * h as usize)
+                .zip(values.chunks_exact(h as usize))
+                .enumerate()
+            {
+                let top = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (c, v) in got.chunks_exact(4).zip(want) {
+                    let g = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    assert!(
+                        (g - v).abs() <= top * half_step,
+                        "{bits} bits, row {row}: {g} vs {v}"
+                    );
+                }
+                // A row's largest value comes back exactly (to the scale's rounding).
+                let i = want.iter().position(|v| v.abs() == top).unwrap();
+                let g = f32::from_le_bytes(got[4 * i..4 * i + 4].try_into().unwrap());
+                assert!((g.abs() - top).abs() <= top * 1e-6, "{g} vs {top}");
+            }
+            // Hostile tensors: a partial row, a NaN, infinite or negative scale.
+            let mut short = t.clone();
+            short.data.pop();
+            assert!(check_acts(Some(&short), "x", &m, None).is_err());
+            for bad in [f32::NAN, f32::INFINITY, -1.0] {
+                let mut b = t.clone();
+                b.data[0..4].copy_from_slice(&bad.to_le_bytes());
+                assert!(check_acts(Some(&b), "x", &m, None).is_err(), "scale {bad}");
+            }
+            // A value above 2 max (all ones) is refused.
+            let mut high = t.clone();
+            high.data[4] = 0xff;
+            high.data[5] = 0xff;
+            assert!(
+                check_acts(Some(&high), "x", &m, None).is_err(),
+                "{bits} bits"
+            );
+        }
+        // 8 bits: about a quarter of f32 (a 4-byte scale per row); 4 bits: about an eighth.
+        assert_eq!(int_rows_len(n as u64, h, 8), 6 * (4 + h));
+        assert_eq!(int_rows_len(n as u64, h, 4), 6 * (4 + h / 2));
+        // An f32 payload named i8row is refused.
+        let mut mislabeled = w.to_pb();
+        mislabeled.dtype = "i8row".into();
+        assert!(check_acts(Some(&mislabeled), "x", &m, None).is_err());
+        assert_eq!(decode_int_rows(&[0; 5], 0, 8), None);
+        assert_eq!(decode_int_rows(&[0; 5], 1, 9), None);
+        assert_eq!(
+            decode_int_rows(&encode_int_rows(&[], 4, 6), 4, 6),
+            Some(vec![])
+        );
     }
 
     #[test]

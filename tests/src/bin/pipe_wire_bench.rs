@@ -1,11 +1,11 @@
-//! `pipe_wire_bench`: what sending pipeline activations and their gradients in bf16 instead
-//! of f32 (`training.pipeline_wire`) does to training, with the engine's real model, AdamW and
+//! `pipe_wire_bench`: what sending pipeline activations and their gradients in bf16 or int8
+//! rows instead of f32 (`training.pipeline_wire`) does to training, with the engine's real model, AdamW and
 //! data loader (CPU backend).
 //!
 //! The model is cut in two stages as a two-node pipeline holds it (the first with the
 //! embedding and the lower half of the layers, the second with the upper half and the head).
 //! Every step: the first stage's forward, its output through the wire (kept f32, or rounded to
-//! bf16 and widened back as `pipeline::wire` does), the second stage's forward, loss and
+//! bf16 or int8 rows and widened back, with `pipeline::wire`'s own codec for int8), the second stage's forward, loss and
 //! backward, the input gradient back through the wire, the first stage's backward, and one
 //! AdamW step per stage clipped by the norm over both stages (the pipeline's global norm).
 //! Both wires run from the same seed on the same batches. The evaluation loss goes through
@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use half::bf16;
+use neuroshard::pipeline::{decode_int_rows, encode_int_rows};
 use neuroshard_engine::backend::cpu::CpuBackend;
 use neuroshard_engine::data::{Batch, DataLoader, DataSource, LoaderConfig, builtin_tokenizer};
 use neuroshard_engine::model::{Model, StageInput, StageSpec};
@@ -45,6 +46,7 @@ struct Args {
 enum Wire {
     F32,
     Bf16,
+    Int(u32),
 }
 
 impl Wire {
@@ -52,17 +54,25 @@ impl Wire {
         match self {
             Wire::F32 => "f32",
             Wire::Bf16 => "bf16",
+            Wire::Int(4) => "int4",
+            Wire::Int(6) => "int6",
+            Wire::Int(_) => "int8",
         }
     }
 
-    /// The values as the receiving stage gets them; the bytes they took.
-    fn send(self, x: &[f32]) -> (Vec<f32>, u64) {
+    /// The values (rows of `row`) as the receiving stage gets them; the bytes they took.
+    fn send(self, x: &[f32], row: usize) -> (Vec<f32>, u64) {
         match self {
             Wire::F32 => (x.to_vec(), 4 * x.len() as u64),
             Wire::Bf16 => (
                 x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
                 2 * x.len() as u64,
             ),
+            Wire::Int(bits) => {
+                let bytes = encode_int_rows(x, row, bits);
+                let n = bytes.len() as u64;
+                (decode_int_rows(&bytes, row, bits).expect("own encoding"), n)
+            }
         }
     }
 }
@@ -110,9 +120,10 @@ fn pipe(args: &Args, cfg: &ModelConfig) -> anyhow::Result<Pipe> {
 
 /// Forward through both stages (the activations through `wire`); the loss and the bytes sent.
 fn forward(p: &mut Pipe, wire: Wire, micro: u64, b: &Batch) -> anyhow::Result<(f32, u64)> {
+    let hidden = p.first.cfg.hidden as usize;
     p.first
         .forward(micro, b.batch, b.seq, StageInput::Ids(&b.input_ids), None)?;
-    let (acts, bytes) = p.first.with_output(micro, |x, _| wire.send(x))?;
+    let (acts, bytes) = p.first.with_output(micro, |x, _| wire.send(x, hidden))?;
     let loss = p
         .second
         .forward(
@@ -155,7 +166,8 @@ fn run(args: &Args, cfg: &ModelConfig, wire: Wire, eval: &[Batch]) -> anyhow::Re
         let b = data.next_batch()?;
         let (loss, sent) = forward(&mut p, wire, micro, &b)?;
         p.second.backward(micro, None)?;
-        let (grad, back) = p.second.with_grad_input(|g| wire.send(g))?;
+        let hidden = cfg.hidden as usize;
+        let (grad, back) = p.second.with_grad_input(|g| wire.send(g, hidden))?;
         p.first.backward(micro, Some(&grad))?;
         bytes += sent + back;
         let norm = (AdamState::sq_grad_norm(&p.first)? + AdamState::sq_grad_norm(&p.second)?).sqrt()
@@ -207,7 +219,13 @@ fn main() -> anyhow::Result<()> {
     let eval: Vec<Batch> = (0..args.eval_batches)
         .map(|_| ev.next_batch())
         .collect::<Result<_, _>>()?;
-    for wire in [Wire::F32, Wire::Bf16] {
+    for wire in [
+        Wire::F32,
+        Wire::Bf16,
+        Wire::Int(8),
+        Wire::Int(6),
+        Wire::Int(4),
+    ] {
         run(&args, &cfg, wire, &eval)?;
     }
     Ok(())
