@@ -641,6 +641,8 @@ mod tests {
             "engine_up",
             "engine_memory_used_bytes",
             "peers",
+            "peers_direct",
+            "peers_relayed",
             "rewards_earned_total_neuro",
             "rewards_earned_today_neuro",
             "rewards_pending_neuro",

@@ -245,7 +245,12 @@ impl Paths {
                     }
                 } else if !self.relays.contains_key(peer_id) {
                     // A relay that dialed us: reachable at its announced addresses.
-                    if let Some(a) = info.listen_addrs.iter().find(|a| !is_circuit(a)) {
+                    let usable = |a: &&Multiaddr| {
+                        !is_circuit(a)
+                            && super::socket_addr(a)
+                                .is_some_and(|s| !s.ip().is_loopback() && !s.ip().is_unspecified())
+                    };
+                    if let Some(a) = info.listen_addrs.iter().find(usable) {
                         self.relays.insert(*peer_id, a.clone());
                     }
                 }
