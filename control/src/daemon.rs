@@ -230,6 +230,14 @@ pub async fn run(
             caps: peer_caps,
             state: network.clone(),
         },
+        neuroshard_net::p2p::relay::Options {
+            limits: config.peer.relay_limits(),
+            external: config
+                .node
+                .external_address(config.grpc_port())
+                .into_iter()
+                .collect(),
+        },
         stop_servers_rx.clone(),
     )
     .await

@@ -143,6 +143,16 @@ impl PeerConn {
         })
     }
 
+    /// Before a heavy call (activations, deltas, weights): while the peer is reached through
+    /// a relay only and hole punching may still give a direct path, waits for it a bounded
+    /// time ([`crate::p2p::relay::DIRECT_WAIT`]); then the call goes whichever way is open.
+    pub async fn prefer_direct(&self) {
+        if let Ok(t) = self.net.transport() {
+            t.wait_direct_at(&self.addr, crate::p2p::relay::DIRECT_WAIT)
+                .await;
+        }
+    }
+
     /// Signs `body`, sends it with `call` (given the channel and the request) under
     /// `deadline`, counts the traffic. `method` names the call in errors.
     pub async fn call<T, R, F, Fut>(
@@ -223,6 +233,7 @@ impl PeerConn {
 impl PeerConn {
     /// Sends this node's pseudo-gradient for a DiLoCo round.
     pub async fn push_delta(&self, body: pb::DeltaMessage) -> Result<pb::DeltaAck, NetworkError> {
+        self.prefer_direct().await;
         self.call("PushDelta", body, RPC_TIMEOUT, |c, r| async move {
             service_client!(DilocoClient, c).push_delta(r).await
         })
@@ -235,6 +246,7 @@ impl PeerConn {
         &self,
         max_bytes: usize,
     ) -> Result<(u64, String, Vec<u8>), NetworkError> {
+        self.prefer_direct().await;
         let body = auth::sign_request(
             &self.net.wallet,
             pb::GetWeightsRequest { auth: None },
@@ -254,6 +266,7 @@ impl PeerConn {
         round: u64,
         max_bytes: usize,
     ) -> Result<(String, Vec<u8>), NetworkError> {
+        self.prefer_direct().await;
         let body = auth::sign_request(
             &self.net.wallet,
             pb::GetRoundCheckpointRequest { auth: None, round },
@@ -276,6 +289,7 @@ impl PeerConn {
         layers: Vec<u32>,
         max_bytes: usize,
     ) -> Result<(String, Vec<u8>), NetworkError> {
+        self.prefer_direct().await;
         let body = auth::sign_request(
             &self.net.wallet,
             pb::GetStageWeightsRequest { auth: None, layers },
@@ -342,6 +356,7 @@ impl PeerConn {
         body: pb::PipelineForwardRequest,
         deadline: Duration,
     ) -> Result<pb::PipelineForwardReply, NetworkError> {
+        self.prefer_direct().await;
         self.call("PipelineForward", body, deadline, |c, r| async move {
             service_client!(PipelineClient, c).pipeline_forward(r).await
         })
@@ -354,6 +369,7 @@ impl PeerConn {
         body: pb::PipelineBackwardRequest,
         deadline: Duration,
     ) -> Result<pb::PipelineBackwardReply, NetworkError> {
+        self.prefer_direct().await;
         self.call("PipelineBackward", body, deadline, |c, r| async move {
             service_client!(PipelineClient, c)
                 .pipeline_backward(r)
@@ -380,6 +396,7 @@ impl PeerConn {
         body: pb::InferForwardRequest,
         deadline: Duration,
     ) -> Result<pb::InferForwardReply, NetworkError> {
+        self.prefer_direct().await;
         self.call("InferForward", body, deadline, |c, r| async move {
             service_client!(PipelineClient, c).infer_forward(r).await
         })

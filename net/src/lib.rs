@@ -229,7 +229,14 @@ impl Network {
             },
             state: self.state.clone(),
         };
-        let transport = p2p::swarm::start(&self.wallet, None, admission, shutdown).await?;
+        let transport = p2p::swarm::start(
+            &self.wallet,
+            None,
+            admission,
+            p2p::relay::Options::default(),
+            shutdown,
+        )
+        .await?;
         self.attach(transport);
         Ok(())
     }
@@ -239,6 +246,22 @@ impl Network {
         self.transport
             .get()
             .ok_or_else(|| NetworkError::Transport("not started".into()))
+    }
+
+    /// Whether the connection to the peer at `addr` goes through a relay only (false when
+    /// direct or unknown).
+    pub fn is_relayed(&self, addr: &str) -> bool {
+        self.transport()
+            .is_ok_and(|t| t.relayed_at(addr).unwrap_or(false))
+    }
+
+    /// Connected peers reached through a relay only.
+    pub fn relayed_peer_count(&self) -> usize {
+        self.peers
+            .conns_with_info()
+            .iter()
+            .filter(|(c, _)| self.is_relayed(&c.addr))
+            .count()
     }
 
     /// Tells whoever listens that `conn` just connected.

@@ -90,7 +90,7 @@ pub fn add_seeds(net: &Network, seeds: &[String]) {
 
 /// Remembers an address learned from a handshake or from peer exchange.
 pub fn learn_address(net: &Network, addr: &str) {
-    if port_of(addr).is_none() {
+    if port_of(addr).is_none() && crate::p2p::relay::circuit_address(addr).is_none() {
         return;
     }
     let mut g = known(net);

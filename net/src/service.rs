@@ -294,12 +294,21 @@ impl Peer for PeerService {
         req: Request<pb::GetPeersRequest>,
     ) -> Result<Response<pb::GetPeersReply>, Status> {
         let (_, v) = self.verify(req)?;
+        let transport = self.net.transport().ok();
         let peers = self
             .net
             .peers
             .node_infos()
             .into_iter()
             .filter(|p| p.node_id != v.peer.to_string())
+            .map(|mut p| {
+                // A peer that listens through a relay is reachable at its circuit address
+                // only (the address its connection came from is its NAT's).
+                if let Some(c) = transport.and_then(|t| t.circuit_of(&p.address)) {
+                    p.address = c;
+                }
+                p
+            })
             .collect();
         Ok(self.sent(pb::GetPeersReply { peers }))
     }

@@ -9,6 +9,12 @@
 //! The daemon's transport on the stack (docs/p2p.md, steps 1-3): a node behind a NAT and a
 //! public node train as a two-stage pipeline; the calls of the public node to the NAT'd one
 //! run over the connection the NAT'd node opened.
+//!
+//! Relays and hole punching in the daemon (step 4): two nodes behind endpoint-independent
+//! NATs meet through a public node (it relays; they dial each other's circuit address) and
+//! train over a direct connection after DCUtR; with one of them behind a symmetric NAT they
+//! train through the relay; when the relay dies the second public node relays and training
+//! goes on. The NAT'd nodes' APIs are read from inside their LANs.
 
 use std::time::Duration;
 
@@ -158,5 +164,289 @@ fn a_natted_node_and_a_public_one_train_as_a_two_stage_pipeline() -> anyhow::Res
     })?;
     assert!(steps >= STEPS);
     println!("the public node trained {steps} steps through the NAT'd stage");
+    Ok(())
+}
+
+// Relays and hole punching in the daemon (docs/p2p.md step 4): two nodes behind NATs train
+// together as a two-stage pipeline, found through a public node that relays for them.
+
+/// GET `path` from the API of the node at `ip` with `token`, from inside namespace `ns` (a
+/// NAT'd node's API is reachable from its own LAN only).
+fn get_in(ns: &str, ip: std::net::Ipv4Addr, token: &str, path: &str) -> Option<Value> {
+    let url = format!("http://{ip}:8000{path}");
+    let token = token.to_string();
+    neuroshard_tests::lab::net::run_in(ns, move || {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .ok()?;
+        let r = http.get(url).bearer_auth(token).send().ok()?;
+        r.status().is_success().then_some(())?;
+        r.json::<Value>().ok()
+    })
+    .ok()
+    .flatten()
+}
+
+/// A node of a relay scenario: its host and the daemon.
+struct Natted {
+    host: neuroshard_tests::lab::nat::Host,
+    node: LabNode,
+}
+
+impl Natted {
+    /// GET with the API token the daemon wrote for this start.
+    fn get(&self, path: &str) -> Option<Value> {
+        let token = std::fs::read_to_string(self.node.data_dir().join("api.cookie")).ok()?;
+        get_in(&self.host.ns, self.host.ip, token.trim(), path)
+    }
+
+    /// (role, training step) of the node.
+    fn training(&self) -> Option<(String, u64)> {
+        let s = self.get("/api/v1/status")?;
+        Some((
+            s["role"].as_str()?.to_string(),
+            s["training"]["step"].as_u64()?,
+        ))
+    }
+
+    /// The entry of `/api/v1/peers` for the peer whose address is not one of `public`.
+    fn natted_peer(&self, public: &[String]) -> Option<Value> {
+        let peers = self.get("/api/v1/peers")?;
+        peers["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| {
+                let a = p["address"].as_str().unwrap_or_default();
+                !public.iter().any(|ip| a.starts_with(&format!("{ip}:")))
+            })
+            .cloned()
+    }
+}
+
+/// Public observer nodes (bootstrap and relays, no layers), then two nodes behind NATs of
+/// kinds `kinds`, each holding one layer of `tiny` (two stages), seeded with the public ones.
+struct RelayScene {
+    public: Vec<LabNode>,
+    natted: Vec<Natted>,
+    _lab: NatLab,
+    _cgroups: Cgroups,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayScene {
+    fn start(publics: usize, kinds: [NatKind; 2]) -> anyhow::Result<RelayScene> {
+        let mut lab = NatLab::new()?;
+        lab.topology.enter_public()?;
+        let mut cgroups = Cgroups::new(&format!("natrelay{}", run_name()), 0.0)?;
+        let dir = tempfile::tempdir()?;
+        let mut public = Vec::new();
+        for i in 0..publics {
+            let host = lab.add_host(&format!("p{i}"), Placement::Public)?;
+            public.push(LabNode::start(
+                i,
+                host.ns.clone(),
+                host.ip,
+                dir.path().join(format!("p{i}")),
+                cgroups.child(&format!("p{i}"), 0.0)?,
+                "[node]\nobserver = true\n",
+            )?);
+        }
+        for p in &public {
+            wait_for(
+                "a public node's API",
+                NODE_START,
+                Duration::from_millis(250),
+                || p.get("/api/v1/status"),
+            )?;
+        }
+        let seeds: Vec<String> = public.iter().map(LabNode::peer_addr).collect();
+        let (config, _) = tiny_training(1);
+        let config = format!("seed_peers = {seeds:?}\n{config}");
+        let mut natted: Vec<Natted> = Vec::new();
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let host = lab.add_host(&format!("h{i}"), Placement::Behind(kind))?;
+            let node = LabNode::start(
+                publics + i,
+                host.ns.clone(),
+                host.ip,
+                dir.path().join(format!("h{i}")),
+                cgroups.child(&format!("h{i}"), 0.0)?,
+                &config,
+            )?;
+            let n = Natted { host, node };
+            // One after the other: the second takes the layer the first left.
+            wait_for(
+                "a NAT'd node up with a layer",
+                NODE_START,
+                Duration::from_millis(500),
+                || {
+                    let s = n.get("/api/v1/status")?;
+                    (!s["layers"].as_array()?.is_empty()).then_some(())
+                },
+            )?;
+            natted.push(n);
+        }
+        Ok(RelayScene {
+            public,
+            natted,
+            _lab: lab,
+            _cgroups: cgroups,
+            _dir: dir,
+        })
+    }
+
+    /// Seconds per training step of the driving stage over `window` (None: no step in it).
+    fn step_time(&self, window: Duration) -> Option<f64> {
+        let driver = self
+            .natted
+            .iter()
+            .find(|n| n.training().is_some_and(|(r, _)| r == "driver"))?;
+        let (_, a) = driver.training()?;
+        let t = std::time::Instant::now();
+        std::thread::sleep(window);
+        let (_, b) = driver.training()?;
+        (b > a).then(|| t.elapsed().as_secs_f64() / (b - a) as f64)
+    }
+
+    fn public_ips(&self) -> Vec<String> {
+        self.public.iter().map(|p| p.ip.to_string()).collect()
+    }
+
+    /// Waits until the driving stage has trained `steps` steps past `from` (through the other
+    /// NAT'd node), and its peer entry of that node has path `path`; that entry and the step.
+    fn wait_training(
+        &self,
+        from: u64,
+        steps: u64,
+        path: &str,
+        limit: Duration,
+    ) -> anyhow::Result<(Value, u64)> {
+        let public = self.public_ips();
+        let result = wait_for(
+            &format!("the NAT'd stages to train {steps} steps over a {path} connection"),
+            limit,
+            Duration::from_millis(1000),
+            || {
+                let driver = self
+                    .natted
+                    .iter()
+                    .find(|n| n.training().is_some_and(|(r, _)| r == "driver"))?;
+                let (_, step) = driver.training()?;
+                let peer = driver.natted_peer(&public)?;
+                (step >= from + steps && peer["path"] == path).then_some((peer, step))
+            },
+        );
+        result.map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
+    fn logs(&self) -> String {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        let mut out = String::new();
+        for (i, p) in self.public.iter().enumerate() {
+            out += &format!("--- public node {i}:\n{}\n", tail(p.logs()));
+        }
+        for (i, n) in self.natted.iter().enumerate() {
+            let peers = n.get("/api/v1/peers");
+            out += &format!(
+                "--- NAT'd node {i} ({}): peers {peers:?}\n{}\n",
+                n.host.placement.label(),
+                tail(n.node.logs())
+            );
+        }
+        out
+    }
+}
+
+impl Drop for RelayScene {
+    fn drop(&mut self) {
+        for n in &mut self.natted {
+            n.node.kill();
+        }
+        for p in &mut self.public {
+            p.kill();
+        }
+    }
+}
+
+/// Steps the NAT'd stages must train in the relay scenarios.
+const RELAY_STEPS: u64 = 3;
+const RELAY_LIMIT: Duration = Duration::from_secs(150);
+/// How long the step time is measured over.
+const STEP_WINDOW: Duration = Duration::from_secs(20);
+
+#[test]
+fn two_nodes_behind_nats_train_direct_after_hole_punching() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let scene = RelayScene::start(
+        1,
+        [NatKind::EndpointIndependent, NatKind::EndpointIndependent],
+    )?;
+    let up = std::time::Instant::now();
+    let (peer, steps) = scene.wait_training(0, RELAY_STEPS, "direct", RELAY_LIMIT)?;
+    let to_direct = up.elapsed();
+    // They met through the public node, which handed each the other's address: its NAT's
+    // (both dial it from their peer port at once, which punches the hole through both
+    // endpoint-independent NATs) or, once it has a reservation, its circuit address (dialed
+    // through the relay, then made direct by DCUtR). Either way the path is direct.
+    let addr = peer["address"].as_str().unwrap_or_default();
+    let step = scene.step_time(STEP_WINDOW);
+    println!(
+        "trained {steps} steps over a direct connection between two NAT'd nodes ({addr}); \
+         {:.1} s from both up to {RELAY_STEPS} steps direct; step time {step:?} s",
+        to_direct.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_node_behind_a_symmetric_nat_trains_through_a_relay() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let scene = RelayScene::start(1, [NatKind::EndpointIndependent, NatKind::Symmetric])?;
+    let up = std::time::Instant::now();
+    let (peer, steps) = scene.wait_training(0, RELAY_STEPS, "relayed", RELAY_LIMIT)?;
+    let to_relayed = up.elapsed();
+    // Hole punching cannot work behind a symmetric NAT: still relayed a while later, and
+    // training still advances through the relay.
+    std::thread::sleep(Duration::from_secs(10));
+    let (peer2, more) = scene.wait_training(steps, 1, "relayed", RELAY_LIMIT)?;
+    assert_eq!(peer["id"], peer2["id"]);
+    let step = scene.step_time(STEP_WINDOW);
+    println!(
+        "trained {more} steps through the relay (peer {peer}); {:.1} s from both up to \
+         {RELAY_STEPS} steps relayed; step time {step:?} s",
+        to_relayed.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_relay_that_dies_is_replaced_and_training_goes_on() -> anyhow::Result<()> {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let mut scene = RelayScene::start(2, [NatKind::EndpointIndependent, NatKind::Symmetric])?;
+    let (peer, steps) = scene.wait_training(0, RELAY_STEPS, "relayed", RELAY_LIMIT)?;
+    // The circuit runs through the public node whose address leads the circuit address.
+    let addr = peer["address"].as_str().unwrap_or_default().to_string();
+    let relay = scene
+        .public
+        .iter()
+        .position(|p| addr.starts_with(&format!("/ip4/{}/", p.ip)))
+        .ok_or_else(|| anyhow::anyhow!("{addr} names no public node\n{}", scene.logs()))?;
+    scene.public[relay].kill();
+    let killed = std::time::Instant::now();
+    // Past the time a peer that stops answering is dropped (10 s): what still runs after that
+    // runs through the other public node, the only relay left. Training goes on through it
+    // (a relayed path between the two, and steps past those trained then).
+    std::thread::sleep(Duration::from_secs(15));
+    let (_, now) = scene.wait_training(0, 0, "relayed", RELAY_LIMIT)?;
+    let (peer, more) = scene.wait_training(now, RELAY_STEPS, "relayed", RELAY_LIMIT)?;
+    println!(
+        "relay {relay} killed at step {steps}; step {more} through the other relay {:.1} s later \
+         (entry {peer})",
+        killed.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -13,6 +13,8 @@ use crate::engine::EngineState;
 pub struct PeersResponse {
     pub peers: Vec<PeerEntry>,
     pub total: usize,
+    /// Of `total`, the peers reached through a relay only (the others are direct).
+    pub relayed: usize,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -26,6 +28,8 @@ pub struct PeerEntry {
     pub latency_ms: f64,
     /// RFC 3339, UTC.
     pub connected_since: String,
+    /// `direct`, or `relayed` when every connection to the peer goes through a relay.
+    pub path: String,
 }
 
 /// `GET /peers`.
@@ -39,6 +43,12 @@ pub async fn peers(State(state): State<AppState>, _caller: Caller) -> Json<Peers
         .peer_infos()
         .into_iter()
         .map(|p| PeerEntry {
+            path: if state.net.is_relayed(&p.address) {
+                "relayed"
+            } else {
+                "direct"
+            }
+            .into(),
             id: p.id,
             address: p.address,
             role: p.role,
@@ -51,6 +61,7 @@ pub async fn peers(State(state): State<AppState>, _caller: Caller) -> Json<Peers
         .collect();
     Json(PeersResponse {
         total: peers.len(),
+        relayed: peers.iter().filter(|p| p.path == "relayed").count(),
         peers,
     })
 }

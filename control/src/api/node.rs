@@ -255,6 +255,8 @@ pub struct Figures {
     pub engine_memory_used: u64,
     pub uptime_seconds: u64,
     pub peers: usize,
+    /// Of [`Figures::peers`], those reached through a relay only.
+    pub peers_relayed: usize,
     pub ledger_blocks: usize,
 }
 
@@ -325,6 +327,7 @@ pub async fn figures(state: &AppState) -> Figures {
         engine_memory_used: engine.last_health.as_ref().map_or(0, |h| h.memory_used),
         uptime_seconds: alive.as_secs(),
         peers: state.net.peers.len(),
+        peers_relayed: state.net.relayed_peer_count(),
         ledger_blocks: blocks,
     }
 }
@@ -465,6 +468,16 @@ fn exposition(f: &Figures, a: &Metrics, net: &neuroshard_net::PeerState) -> Stri
         f.engine_memory_used,
     );
     e.gauge("peers", "Connected peers", f.peers);
+    e.gauge(
+        "peers_direct",
+        "Connected peers reached on a direct connection",
+        f.peers.saturating_sub(f.peers_relayed),
+    );
+    e.gauge(
+        "peers_relayed",
+        "Connected peers reached through a relay only",
+        f.peers_relayed,
+    );
     e.counter(
         "peer_bytes_sent",
         "Bytes sent by the peer service",
@@ -577,6 +590,7 @@ mod tests {
             engine_memory_used: 1 << 30,
             uptime_seconds: 61,
             peers: 2,
+            peers_relayed: 1,
             ledger_blocks: 4,
         };
         let a = Metrics::default();
@@ -627,6 +641,8 @@ mod tests {
             "engine_up",
             "engine_memory_used_bytes",
             "peers",
+            "peers_direct",
+            "peers_relayed",
             "rewards_earned_total_neuro",
             "rewards_earned_today_neuro",
             "rewards_pending_neuro",

@@ -51,6 +51,19 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The address this node is reachable at from outside (a forwarded port), added to the
+    /// peer-to-peer stack's external addresses: set when `announce_ip` is an IP address
+    /// (its port `announce_port`, or `peer_port` when that is 0).
+    pub fn external_address(&self, peer_port: u16) -> Option<std::net::SocketAddr> {
+        let ip = self.announce_ip.parse::<std::net::IpAddr>().ok()?;
+        let port = if self.announce_port == 0 {
+            peer_port
+        } else {
+            self.announce_port
+        };
+        Some(std::net::SocketAddr::new(ip, port))
+    }
+
     /// The host peers and the tracker are told, when one is set.
     pub fn announce_host(&self) -> Option<String> {
         (!self.announce_ip.is_empty()).then(|| self.announce_ip.clone())

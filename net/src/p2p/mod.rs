@@ -12,6 +12,7 @@
 
 pub mod admit;
 pub mod io;
+pub mod relay;
 pub mod swarm;
 
 use std::collections::HashMap;
@@ -120,6 +121,10 @@ pub(crate) struct Book {
     pub(crate) remote: RwLock<HashMap<PeerId, Multiaddr>>,
     /// `host:port` dialed or announced -> the peer id that answered there.
     pub(crate) by_addr: RwLock<HashMap<String, PeerId>>,
+    /// Connected peers whose every open connection goes through a relay, and since when.
+    pub(crate) relayed: RwLock<HashMap<PeerId, std::time::Instant>>,
+    /// The circuit addresses each connected peer listens on (identify), `/p2p/<peer>` last.
+    pub(crate) circuits: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
 }
 
 /// A handle to the swarm task. Cheap to clone.
@@ -152,17 +157,25 @@ impl Transport {
         {
             return Ok(peer);
         }
-        let target = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
-            .next()
-            .ok_or_else(|| NetworkError::BadAddress { addr: addr.into() })?;
+        // A node behind a NAT is known by a circuit address: dialed through its relay.
+        let addrs = match relay::circuit_address(addr) {
+            Some((_, peer)) if self.is_connected(&peer) => {
+                self.learn(addr, peer);
+                return Ok(peer);
+            }
+            Some((circuit, _)) => vec![circuit],
+            None => {
+                let target = tokio::net::lookup_host(addr)
+                    .await
+                    .map_err(|_| NetworkError::BadAddress { addr: addr.into() })?
+                    .next()
+                    .ok_or_else(|| NetworkError::BadAddress { addr: addr.into() })?;
+                multiaddrs(target)
+            }
+        };
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Dial {
-                addrs: multiaddrs(target),
-                reply,
-            })
+            .send(Command::Dial { addrs, reply })
             .map_err(|_| NetworkError::Transport("the swarm task has stopped".into()))?;
         let peer = tokio::time::timeout(super::CONNECT_TIMEOUT, answer)
             .await
@@ -201,6 +214,50 @@ impl Transport {
     /// there is none).
     pub fn remote_of(&self, peer: &PeerId) -> Option<SocketAddr> {
         self.book.remote.read().get(peer).and_then(socket_addr)
+    }
+
+    /// Whether every open connection to `peer` goes through a relay.
+    pub fn is_relayed(&self, peer: &PeerId) -> bool {
+        self.book.relayed.read().contains_key(peer)
+    }
+
+    /// Whether the node at `addr` (as dialed or learned) is connected through a relay only
+    /// (None: no connection to it is known).
+    pub fn relayed_at(&self, addr: &str) -> Option<bool> {
+        let peer = self.book.by_addr.read().get(addr).copied()?;
+        self.is_connected(&peer).then(|| self.is_relayed(&peer))
+    }
+
+    /// The address to tell others for the node known at `addr`: its first circuit address
+    /// when it listens through a relay (it said so in identify: it is not reachable
+    /// directly), else None.
+    pub fn circuit_of(&self, addr: &str) -> Option<String> {
+        let peer = self.book.by_addr.read().get(addr).copied()?;
+        let circuits = self.book.circuits.read();
+        circuits.get(&peer)?.first().map(|a| a.to_string())
+    }
+
+    /// Waits for a direct connection to `peer` while it is reached through a relay only and
+    /// its relayed connection is younger than `max` (hole punching may still succeed); true
+    /// when the path is direct. A peer relayed for longer is used through the relay at once.
+    pub async fn wait_direct(&self, peer: &PeerId, max: std::time::Duration) -> bool {
+        loop {
+            let since = self.book.relayed.read().get(peer).copied();
+            match since {
+                None => return true,
+                Some(t) if t.elapsed() >= max => return false,
+                Some(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// [`Transport::wait_direct`] for the peer known at `addr`.
+    pub async fn wait_direct_at(&self, addr: &str, max: std::time::Duration) -> bool {
+        let peer = self.book.by_addr.read().get(addr).copied();
+        match peer {
+            Some(p) => self.wait_direct(&p, max).await,
+            None => false,
+        }
     }
 
     /// Opens a `/neuroshard/peer/1` stream to `peer`, on its open connection (dialing it

@@ -10,12 +10,13 @@ use futures::StreamExt;
 use libp2p::core::Transport as _;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, noise, relay, tcp, yamux};
 use neuroshard_identity::Wallet;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use super::admit::Admission;
 use super::admit::Admit;
+use super::relay::{self as paths, Paths};
 use super::{AGENT_PROTOCOL, Book, Command, DialFailure, Transport, keypair};
 use crate::NetworkError;
 
@@ -28,6 +29,11 @@ pub(crate) struct Behaviour {
     admit: Admit,
     identify: identify::Behaviour,
     stream: libp2p_stream::Behaviour,
+    // Reachability, relays and hole punching (`relay.rs`).
+    pub(crate) autonat: autonat::Behaviour,
+    pub(crate) relay: relay::Behaviour,
+    pub(crate) relay_client: relay::client::Behaviour,
+    pub(crate) dcutr: dcutr::Behaviour,
 }
 
 /// A dial in flight: the addresses left to try and who waits for the peer id.
@@ -43,6 +49,7 @@ pub async fn start(
     wallet: &Wallet,
     port: Option<u16>,
     admission: Admission,
+    options: paths::Options,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Transport, NetworkError> {
     let state = admission.state.clone();
@@ -68,13 +75,23 @@ pub async fn start(
             },
         )
         .map_err(|e| failed("tcp", e.to_string()))?
-        .with_behaviour(|key| Behaviour {
-            admit: Admit::new(admission),
-            identify: identify::Behaviour::new(identify::Config::new(
-                AGENT_PROTOCOL.into(),
-                key.public(),
-            )),
-            stream: libp2p_stream::Behaviour::new(),
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| failed("relay client", e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            let me = key.public().to_peer_id();
+            Behaviour {
+                admit: Admit::new(admission),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(AGENT_PROTOCOL.into(), key.public())
+                        // Peers learn a new circuit address when a reservation is accepted.
+                        .with_push_listen_addr_updates(true),
+                ),
+                stream: libp2p_stream::Behaviour::new(),
+                autonat: paths::autonat(me),
+                relay: paths::server(me, &options.limits),
+                relay_client,
+                dcutr: paths::dcutr(me),
+            }
         })
         .map_err(|e| failed("behaviour", e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
@@ -91,6 +108,7 @@ pub async fn start(
         }
         wait_listening(&mut swarm, port).await?;
     }
+    let paths = Paths::start(&mut swarm, &options);
     let (commands, rx) = mpsc::unbounded_channel();
     let book = Arc::new(Book::default());
     let transport = Transport {
@@ -99,7 +117,7 @@ pub async fn start(
         commands,
         book: book.clone(),
     };
-    tokio::spawn(run(swarm, rx, book, state, shutdown));
+    tokio::spawn(run(swarm, paths, rx, book, state, shutdown));
     Ok(transport)
 }
 
@@ -139,6 +157,7 @@ async fn wait_listening(swarm: &mut Swarm<Behaviour>, port: u16) -> Result<(), N
 
 async fn run(
     mut swarm: Swarm<Behaviour>,
+    mut paths: Paths,
     mut commands: mpsc::UnboundedReceiver<Command>,
     book: Arc<Book>,
     state: Arc<crate::state::PeerState>,
@@ -160,7 +179,9 @@ async fn run(
                 // Every handle is gone: nobody can use the swarm any more.
                 None => return,
             },
-            event = swarm.select_next_some() => match event {
+            event = swarm.select_next_some() => {
+            paths.on_event(&mut swarm, &book, &event);
+            match event {
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     *open.entry(peer_id).or_default() += 1;
                     book.remote
@@ -200,7 +221,7 @@ async fn run(
                     }
                 }
                 _ => {}
-            },
+            }},
         }
     }
 }
