@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use neuroshard_ledger::Address;
 use neuroshard_ledger::keys::{Hash32, keccak};
+use neuroshard_ledger::receipt::ReceiptKind;
 use neuroshard_net::client::PeerConn;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -79,6 +80,22 @@ pub struct Finding {
     pub reason: String,
     pub evidence: Hash32,
     pub found_at: i64,
+    /// A pipeline stage's replay (`trainer/stagecheck.rs`): what its log says it sent to
+    /// whom, checked against the receipts the judged claim cites before the verdict.
+    pub stage: Option<StageEvidence>,
+}
+
+/// What a replayed stage log says the claimant sent in the judged epoch, per receiver: the
+/// receiver's receipt (cited by the claim) must chain over exactly these tensors, or the log
+/// is not what was sent and the replay proves nothing (then the claimant is guilty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageEvidence {
+    /// (receipt kind the receiver signs, receiver, tensors sent to it: (ms, step, micro-batch,
+    /// digest)).
+    pub sent: Vec<(ReceiptKind, Address, Vec<(i64, u64, u32, Hash32)>)>,
+    /// The judged epoch's start (ms): the receipt's chain starts at a tensor sent from then
+    /// on, give or take the clocks' skew.
+    pub from_ms: i64,
 }
 
 /// Counters for `/api/v1/metrics` and the logs.
@@ -196,6 +213,17 @@ impl Verifier {
         }
     }
 
+    /// Takes the one replay slot for a replay started elsewhere (a pipeline stage's log,
+    /// `trainer/stagecheck.rs`): false while a replay runs.
+    pub fn take_slot(&self) -> bool {
+        !self.busy.swap(true, Ordering::AcqRel)
+    }
+
+    /// Frees the slot [`Verifier::take_slot`] took.
+    pub fn free_slot(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+
     /// Whether to replay a contribution now: with the configured probability, one replay at
     /// a time (a sample drawn while one runs is dropped and not counted).
     pub fn draw(&self) -> bool {
@@ -243,6 +271,7 @@ impl Verifier {
                         evidence: evidence(&job, distance),
                         reason,
                         found_at: chrono::Utc::now().timestamp(),
+                        stage: None,
                     });
                 }
                 Err(e) => {

@@ -69,7 +69,7 @@ impl From<Tensor> for Wire {
 }
 
 /// A tensor as it travels between stages (little-endian bytes, like the shm payload).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Wire {
     pub dtype: DType,
     pub shape: Vec<u64>,
@@ -91,6 +91,28 @@ impl Wire {
             dtype: WireDType::of(self.dtype).name().into(),
             shape: self.shape.clone(),
             data: self.data.clone(),
+        }
+    }
+
+    /// The tensor as its receiver checks it after [`Wire::to_pb_as`]: an f32 tensor rounded
+    /// to bf16 and widened back when `wire` says bf16 (the bytes the receiver's receipt
+    /// chains over and its engine computes with).
+    pub fn as_received(&self, wire: PipeWire) -> Wire {
+        if wire != PipeWire::Bf16 || self.dtype != DType::F32 {
+            return self.clone();
+        }
+        Wire {
+            dtype: DType::F32,
+            shape: self.shape.clone(),
+            data: self
+                .data
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect(),
         }
     }
 
