@@ -34,8 +34,9 @@ use sha2::{Digest, Sha256};
 
 use super::wire::Wire;
 
-/// Segments kept on disk for verifiers.
-pub const KEEP_SEGMENTS: usize = 6;
+/// Segments kept on disk for verifiers (a segment ends at every stage round and every outer
+/// step, so an epoch may span several; a verifier needs all of them for the receipts' chains).
+pub const KEEP_SEGMENTS: usize = 16;
 /// A segment's log stops growing past this many bytes; the next step starts a new one.
 pub const MAX_SEGMENT_BYTES: u64 = 96 << 20;
 /// Most dimensions a logged tensor may have.
