@@ -88,7 +88,8 @@ pub struct Receipt {
     /// Forward: the subject's layers end here (the attester's first layer). Backward: the
     /// subject's layers start here.
     pub boundary: u32,
-    /// keccak chain over (step, micro-batch, digest of the tensor) of everything counted.
+    /// keccak chain over (step, micro-batch, digest of the tensor) of everything counted, each
+    /// step's micro-batches in micro-batch order (the attester sorts what raced on the wire).
     pub commitment: Hash32,
 }
 

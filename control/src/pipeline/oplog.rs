@@ -649,19 +649,57 @@ pub fn sent_to<'a>(ops: &'a [Op], dir: Dir, to: &Address) -> Vec<(i64, u64, u32,
         .collect()
 }
 
-/// Whether a run of consecutive `sent` tensors chains (from zero, as a receipt of one epoch
-/// does) to `commitment`: the receiver signed for exactly these bytes. The run starts at any
-/// tensor sent from `from_ms` on (the epoch's start, give or take the clocks' skew).
+/// Whether the `sent` tensors chain (from zero, as a receipt of one epoch does) to
+/// `commitment`, the way the receiver chains them (`attest::chain_step`: step by step, each
+/// step's micro-batches in micro-batch order): the receiver signed for exactly these bytes.
+/// The epoch (and the receipt, signed at any moment) may cut a step, so the first and last
+/// steps of the run may be any part of theirs; the run starts at a step with a tensor sent
+/// from `from_ms` on (the epoch's start, give or take the clocks' skew).
 pub fn sent_chain(sent: &[SentDigest], from_ms: i64, commitment: &Hash32) -> bool {
-    for start in 0..sent.len() {
-        if sent[start].0 < from_ms {
+    use crate::attest::chain_step;
+    // Consecutive tensors of one step, in the order sent.
+    let mut steps: Vec<(u64, i64, Vec<(u32, Hash32)>)> = Vec::new();
+    for (at, step, mb, d) in sent {
+        match steps.last_mut() {
+            Some((s, last_at, mbs)) if s == step => {
+                *last_at = (*last_at).max(*at);
+                mbs.push((*mb, *d));
+            }
+            _ => steps.push((*step, *at, vec![(*mb, *d)])),
+        }
+    }
+    // Parts of a step (at most 2^8 tried per step: micro-batches beyond 8 are taken whole).
+    let parts = |mbs: &[(u32, Hash32)]| -> Vec<Vec<(u32, Hash32)>> {
+        if mbs.len() > 8 {
+            return vec![mbs.to_vec()];
+        }
+        (1u32..(1 << mbs.len()))
+            .map(|bits| {
+                mbs.iter()
+                    .enumerate()
+                    .filter(|(i, _)| bits & (1 << i) != 0)
+                    .map(|(_, x)| *x)
+                    .collect()
+            })
+            .collect()
+    };
+    for start in 0..steps.len() {
+        if steps[start].1 < from_ms {
             continue;
         }
-        let mut h = Hash32::ZERO;
-        for (_, step, mb, digest) in &sent[start..] {
-            h = Receipt::chain_digest(&h, *step, *mb, digest);
+        for first in parts(&steps[start].2) {
+            let mut h = chain_step(&Hash32::ZERO, steps[start].0, first);
             if h == *commitment {
                 return true;
+            }
+            for (step, _, mbs) in &steps[start + 1..] {
+                // The receipt may have been signed part-way through this step.
+                for part in parts(mbs) {
+                    if chain_step(&h, *step, part) == *commitment {
+                        return true;
+                    }
+                }
+                h = chain_step(&h, *step, mbs.clone());
             }
         }
     }
@@ -770,6 +808,24 @@ mod tests {
         assert!(sent_to(&ops, Dir::Forward, &Address([8; 20])).is_empty());
         let c = Receipt::chain(&Hash32::ZERO, 5, 0, &w(&[0.25, 0.0]).data);
         assert!(sent_chain(&back, 0, &c));
+        // Micro-batches that arrived out of order chain the same; a receipt signed part-way
+        // through a step, or an epoch that began inside one, still matches.
+        let d = |x: u8| Hash32([x; 32]);
+        let sent = vec![
+            (0, 1, 1, d(1)),
+            (0, 1, 0, d(2)),
+            (5, 2, 0, d(3)),
+            (5, 2, 1, d(4)),
+        ];
+        let mut received = crate::attest::chain_step(&Hash32::ZERO, 1, vec![(0, d(2)), (1, d(1))]);
+        let partial = crate::attest::chain_step(&received, 2, vec![(1, d(4))]);
+        received = crate::attest::chain_step(&received, 2, vec![(1, d(4)), (0, d(3))]);
+        assert!(sent_chain(&sent, 0, &received));
+        assert!(sent_chain(&sent, 0, &partial));
+        let cut = crate::attest::chain_step(&Hash32::ZERO, 1, vec![(0, d(2))]);
+        assert!(sent_chain(&sent, 0, &cut));
+        assert!(!sent_chain(&sent, 1, &received));
+        assert!(!sent_chain(&sent, 0, &d(9)));
         // Not from that epoch on, or other bytes: no match.
         assert!(!sent_chain(&back, 13, &c));
         let other = Receipt::chain(&Hash32::ZERO, 5, 0, &w(&[0.25, 0.5]).data);
