@@ -29,6 +29,7 @@ mod error;
 pub mod export;
 pub mod infer;
 pub mod oplog;
+mod oplog_codec;
 mod phase;
 pub mod recheck;
 mod route;
