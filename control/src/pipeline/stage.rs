@@ -476,18 +476,15 @@ impl Stage {
                 "global norm {global_norm} is not a norm"
             )));
         }
-        let garbage = self.garbage();
-        let new_step = if garbage {
-            self.stats.lock().step + 1
-        } else {
-            engine
-                .optimizer_step(global_norm)
-                .await
-                .map_err(engine_err)?
-        };
+        // The garbage cheat steps too (on the zero gradients its skipped backwards left): its
+        // weights move, so it claims its steps like an honest stage.
+        let new_step = engine
+            .optimizer_step(global_norm)
+            .await
+            .map_err(engine_err)?;
         self.oplog.record(&Op::Apply { global_norm });
         let cfg = self.config();
-        if !garbage && new_step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
+        if new_step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
             let path = crate::engine::checkpoint_path(&self.data_dir);
             match engine.checkpoint(&path).await {
                 Ok(s) => {
