@@ -85,6 +85,11 @@ pub struct Finding {
     pub stage: Option<StageEvidence>,
 }
 
+/// One tensor a stage sent: at (ms), step, micro-batch, digest of its bytes.
+pub type SentDigest = (i64, u64, u32, Hash32);
+/// The receipt kind a receiver signs, the receiver, and the tensors sent to it.
+pub type SentTo = (ReceiptKind, Address, Vec<SentDigest>);
+
 /// What a replayed stage log says the claimant sent in the judged epoch, per receiver: the
 /// receiver's receipt (cited by the claim) must chain over exactly these tensors, or the log
 /// is not what was sent and the replay proves nothing (then the claimant is guilty).
@@ -92,7 +97,7 @@ pub struct Finding {
 pub struct StageEvidence {
     /// (receipt kind the receiver signs, receiver, tensors sent to it: (ms, step, micro-batch,
     /// digest)).
-    pub sent: Vec<(ReceiptKind, Address, Vec<(i64, u64, u32, Hash32)>)>,
+    pub sent: Vec<SentTo>,
     /// The judged epoch's start (ms): the receipt's chain starts at a tensor sent from then
     /// on, give or take the clocks' skew.
     pub from_ms: i64,

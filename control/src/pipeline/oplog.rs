@@ -108,6 +108,9 @@ pub enum Op {
     },
 }
 
+/// A kept segment as served: its info, checkpoint bytes and log bytes.
+pub type Served = (SegmentInfo, Vec<u8>, Vec<u8>);
+
 /// What a verifier is told about a kept segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
@@ -279,7 +282,7 @@ impl OpLog {
     }
 
     /// A kept segment's checkpoint and log bytes, for a verifier: (info, checkpoint, log).
-    pub fn read(&self, id: u64) -> Result<Option<(SegmentInfo, Vec<u8>, Vec<u8>)>, LogError> {
+    pub fn read(&self, id: u64) -> Result<Option<Served>, LogError> {
         let (info, ckpt, log) = {
             let g = self.inner.lock();
             let Some(k) = g.segments.get(&id) else {
@@ -376,7 +379,9 @@ pub fn sent_to<'a>(ops: &'a [Op], dir: Dir, to: &Address) -> Vec<(i64, u64, u32,
 pub fn sent_chain(sent: &[SentDigest], from_ms: i64, commitment: &Hash32) -> bool {
     use crate::attest::chain_step;
     // Consecutive tensors of one step, in the order sent.
-    let mut steps: Vec<(u64, i64, Vec<(u32, Hash32)>)> = Vec::new();
+    // (step, last sent at, its micro-batches).
+    type Group = (u64, i64, Vec<(u32, Hash32)>);
+    let mut steps: Vec<Group> = Vec::new();
     for (at, step, mb, d) in sent {
         match steps.last_mut() {
             Some((s, last_at, mbs)) if s == step => {
