@@ -23,9 +23,9 @@ pub enum Cheat {
     /// receipts attest.
     InflateUptime,
     /// A pipeline stage that answers forwards with random activations (a random loss on the
-    /// last stage) and backwards with random input gradients without running its engine's
-    /// forwards and backwards (the compute); its optimizer still steps (on zero gradients), so
-    /// its weights move and it claims its steps.
+    /// last stage), backwards with random input gradients and the norm phase with a made-up
+    /// norm, and skips its optimizer step, without running its engine (its weights still
+    /// follow the stage's DiLoCo rounds, so it claims its steps like an honest stage).
     GarbageActivations,
 }
 

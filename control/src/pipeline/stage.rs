@@ -464,6 +464,10 @@ impl Stage {
     pub async fn sq_norm(&self, key: &StepKey) -> Result<f64, PipeError> {
         let engine = self.handle()?;
         let _g = self.holding(key, "norm").await?;
+        if self.garbage() {
+            // A plausible norm: the engine ran no backward and would refuse.
+            return Ok(1e-4 * f64::from(rand::random::<f32>()));
+        }
         engine.grad_sq_norm().await.map_err(engine_err)
     }
 
@@ -476,15 +480,19 @@ impl Stage {
                 "global norm {global_norm} is not a norm"
             )));
         }
-        // The garbage cheat steps too (on the zero gradients its skipped backwards left): its
-        // weights move, so it claims its steps like an honest stage.
-        let new_step = engine
-            .optimizer_step(global_norm)
-            .await
-            .map_err(engine_err)?;
+        // The garbage cheat has no gradients to step on (its engine ran no backward).
+        let garbage = self.garbage();
+        let new_step = if garbage {
+            self.stats.lock().step + 1
+        } else {
+            engine
+                .optimizer_step(global_norm)
+                .await
+                .map_err(engine_err)?
+        };
         self.oplog.record(&Op::Apply { global_norm });
         let cfg = self.config();
-        if new_step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
+        if !garbage && new_step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
             let path = crate::engine::checkpoint_path(&self.data_dir);
             match engine.checkpoint(&path).await {
                 Ok(s) => {
