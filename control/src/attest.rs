@@ -34,6 +34,13 @@ struct Running {
     epoch: u64,
     steps: u64,
     last_step: Option<u64>,
+    /// The chain over the steps before the current one.
+    base: Hash32,
+    /// The current step and the digests of its micro-batches received so far: chained in
+    /// micro-batch order, whatever order they arrived in (concurrent micro-batches race on
+    /// the wire; the sender's log has them in its engine's order, and a verifier must rebuild
+    /// the chain from it).
+    current: Option<(u64, Vec<(u32, Hash32)>)>,
     commitment: Hash32,
     /// The receipt as last signed.
     signed: Option<SignedReceipt>,
@@ -170,6 +177,8 @@ impl Attestations {
             epoch,
             steps: 0,
             last_step: None,
+            base: Hash32::ZERO,
+            current: None,
             commitment: Hash32::ZERO,
             signed: None,
         };
@@ -187,7 +196,7 @@ impl Attestations {
             Count::Step(_) => {}
             Count::Steps(n) => r.steps = r.steps.saturating_add(n),
         }
-        r.commitment = Receipt::chain(&r.commitment, step, mb, tensor);
+        r.commitment = extend(r, step, mb, Receipt::tensor_digest(tensor));
         let signed = SignedReceipt::sign(
             Receipt {
                 attester: self.wallet.address(),
@@ -295,6 +304,32 @@ impl neuroshard_net::Witness for Attestations {
             tracing::debug!(%peer, error = %e, "heartbeat receipt refused");
         }
     }
+}
+
+/// Adds one received tensor to `r`'s chain and returns the commitment: the steps before the
+/// current one, then the current step's micro-batches in micro-batch order (`chain_step`).
+fn extend(r: &mut Running, step: u64, mb: u32, digest: Hash32) -> Hash32 {
+    match &mut r.current {
+        Some((s, mbs)) if *s == step => mbs.push((mb, digest)),
+        _ => {
+            if let Some((s, mbs)) = r.current.take() {
+                r.base = chain_step(&r.base, s, mbs);
+            }
+            r.current = Some((step, vec![(mb, digest)]));
+        }
+    }
+    match &r.current {
+        Some((s, mbs)) => chain_step(&r.base, *s, mbs.clone()),
+        None => r.base,
+    }
+}
+
+/// `previous` extended by step `step`'s micro-batches, in micro-batch order.
+pub fn chain_step(previous: &Hash32, step: u64, mut mbs: Vec<(u32, Hash32)>) -> Hash32 {
+    mbs.sort_by_key(|(mb, _)| *mb);
+    mbs.iter().fold(*previous, |h, (mb, d)| {
+        Receipt::chain_digest(&h, step, *mb, d)
+    })
 }
 
 /// A receipt as the wire carries it (JSON bytes).

@@ -112,16 +112,29 @@ async fn judge(state: &Minter) {
     findings.dedup_by_key(|f| (f.claimant, f.epoch));
     let me = state.wallet.address();
     let mut keep = Vec::new();
-    for f in findings {
-        let target = state
-            .ledger
-            .claim_of(
-                &f.claimant,
-                &state.wallet.address(),
-                ReceiptKind::Contribution,
-                f.epoch,
-            )
-            .await;
+    for mut f in findings {
+        let target = match &f.stage {
+            None => {
+                state
+                    .ledger
+                    .claim_of(
+                        &f.claimant,
+                        &state.wallet.address(),
+                        ReceiptKind::Contribution,
+                        f.epoch,
+                    )
+                    .await
+            }
+            Some(ev) => {
+                let found = stage_claim(state, &f, ev).await;
+                if let Some((_, false)) = found {
+                    f.guilty = true;
+                    f.distance = f64::INFINITY;
+                    f.reason = "the stage's log is not what its receivers signed for".into();
+                }
+                found.map(|(t, _)| t)
+            }
+        };
         let Some(target) = target else {
             if live(&f) {
                 keep.push(f);
@@ -159,6 +172,29 @@ async fn judge(state: &Minter) {
         }
     }
     state.verifier.findings.lock().extend(keep);
+}
+
+/// The claimant's reward that cites a receipt of one of the receivers a replayed stage log
+/// names, for the replay's epoch, and whether that receipt chains over what the log says was
+/// sent to its attester.
+async fn stage_claim(
+    state: &Minter,
+    f: &crate::diloco::verify::Finding,
+    ev: &crate::diloco::verify::StageEvidence,
+) -> Option<(neuroshard_ledger::keys::Hash32, bool)> {
+    for (kind, receiver, sent) in &ev.sent {
+        if let Some((target, receipt)) = state
+            .ledger
+            .cited(&f.claimant, receiver, *kind, f.epoch)
+            .await
+        {
+            // The clocks of the stage and its receiver may differ by some seconds.
+            let from = ev.from_ms - 5_000;
+            let ok = crate::pipeline::oplog::sent_chain(sent, from, &receipt.commitment);
+            return Some((target, ok));
+        }
+    }
+    None
 }
 
 async fn current_model_hash(state: &Minter) -> Option<String> {

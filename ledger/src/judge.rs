@@ -19,6 +19,20 @@ impl Ledger {
         kind: ReceiptKind,
         epoch: u64,
     ) -> Option<Hash32> {
+        self.cited(accused, attester, kind, epoch)
+            .await
+            .map(|(h, _)| h)
+    }
+
+    /// As [`Ledger::claim_of`], with the receipt that reward cites (a verifier checks its
+    /// commitment against what the accused's evidence says was sent).
+    pub async fn cited(
+        &self,
+        accused: &Address,
+        attester: &Address,
+        kind: ReceiptKind,
+        epoch: u64,
+    ) -> Option<(Hash32, crate::receipt::Receipt)> {
         let inner = self.inner.lock().await;
         let st = &inner.state;
         let account = st.chain_account(accused)?;
@@ -27,20 +41,27 @@ impl Ledger {
             .iter()
             .filter(|e| e.kind == "reward")
             .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
-            .find(|h| {
+            .find_map(|h| {
                 let rewarded = matches!(
-                    st.outcome(h),
+                    st.outcome(&h),
                     Some(Outcome::Applied(Effect::Rewarded { .. }))
                 );
-                let Some(Op::Reward { proof, .. }) = st.block(h).map(|b| &b.block.op) else {
-                    return false;
+                let Some(Op::Reward { proof, .. }) = st.block(&h).map(|b| &b.block.op) else {
+                    return None;
                 };
-                rewarded
-                    && proof.proof.receipts.iter().any(|r| {
+                if !rewarded {
+                    return None;
+                }
+                proof
+                    .proof
+                    .receipts
+                    .iter()
+                    .find(|r| {
                         r.receipt.attester == *attester
                             && r.receipt.kind == kind
                             && r.receipt.epoch_id == epoch
                     })
+                    .map(|r| (h, r.receipt.clone()))
             })
     }
 

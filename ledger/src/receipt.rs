@@ -88,7 +88,8 @@ pub struct Receipt {
     /// Forward: the subject's layers end here (the attester's first layer). Backward: the
     /// subject's layers start here.
     pub boundary: u32,
-    /// keccak chain over (step, micro-batch, digest of the tensor) of everything counted.
+    /// keccak chain over (step, micro-batch, digest of the tensor) of everything counted, each
+    /// step's micro-batches in micro-batch order (the attester sorts what raced on the wire).
     pub commitment: Hash32,
 }
 
@@ -140,7 +141,17 @@ impl Receipt {
 
     /// The next link of a commitment chain: `previous` extended by one received tensor.
     pub fn chain(previous: &Hash32, step: u64, micro_batch: u32, tensor: &[u8]) -> Hash32 {
-        let digest = keccak(b"neuroshard-receipt-tensor-v1", tensor);
+        Self::chain_digest(previous, step, micro_batch, &Self::tensor_digest(tensor))
+    }
+
+    /// The digest of one received tensor, as the chain takes it.
+    pub fn tensor_digest(tensor: &[u8]) -> Hash32 {
+        keccak(b"neuroshard-receipt-tensor-v1", tensor)
+    }
+
+    /// [`Receipt::chain`] from the tensor's [`Receipt::tensor_digest`] (a verifier that
+    /// keeps digests, not tensors).
+    pub fn chain_digest(previous: &Hash32, step: u64, micro_batch: u32, digest: &Hash32) -> Hash32 {
         let mut e = Encoder::new(b"neuroshard-receipt-chain-v1");
         e.bytes(&previous.0)
             .u64(step)

@@ -67,6 +67,7 @@ authed!(pb::SyncRequest, "SyncLedger");
 authed!(pb::GetWeightsRequest, "GetWeights");
 authed!(pb::GetRoundCheckpointRequest, "GetRoundCheckpoint");
 authed!(pb::GetStageWeightsRequest, "GetStageWeights");
+authed!(pb::GetStageLogRequest, "GetStageLog");
 authed!(pb::PipelineForwardRequest, "PipelineForward");
 authed!(pb::PipelineBackwardRequest, "PipelineBackward");
 authed!(pb::PipelineStepRequest, "PipelineStep");

@@ -282,6 +282,31 @@ impl PeerConn {
         Ok((sha, bytes))
     }
 
+    /// The segment of the peer's stage operation log that covers unix time `at_ms` (or, when
+    /// `after_segment` is not 0, the one after that segment): (segment id, checkpoint sha256
+    /// as the peer states it, the served bytes); at most `max_bytes`.
+    pub async fn get_stage_log(
+        &self,
+        at_ms: i64,
+        after_segment: u64,
+        max_bytes: usize,
+    ) -> Result<(u64, String, Vec<u8>), NetworkError> {
+        let body = auth::sign_request(
+            &self.net.wallet,
+            pb::GetStageLogRequest {
+                auth: None,
+                at_ms,
+                after_segment,
+            },
+            now_ms(),
+        );
+        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+        let stream = service_client!(PipelineClient, self.channel.clone())
+            .get_stage_log(with_deadline(body, WEIGHTS_TIMEOUT))
+            .await;
+        self.collect_weights("GetStageLog", stream, max_bytes).await
+    }
+
     /// A checkpoint of the peer's pipeline stage, which holds every one of `layers`, and the
     /// hash of that stage's parameters; at most `max_bytes`.
     pub async fn get_stage_weights(

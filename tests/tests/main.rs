@@ -42,6 +42,7 @@ mod pipeline_inference;
 mod pipeline_takeover;
 mod replay;
 mod reward_window;
+mod stage_check;
 mod stages;
 mod storage;
 mod tls;

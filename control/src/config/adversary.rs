@@ -22,6 +22,11 @@ pub enum Cheat {
     /// Claims the most uptime a proof may (120 s) every epoch, whatever its peers' heartbeat
     /// receipts attest.
     InflateUptime,
+    /// A pipeline stage that answers forwards with random activations (a random loss on the
+    /// last stage), backwards with random input gradients and the norm phase with a made-up
+    /// norm, and skips its optimizer step, without running its engine (its weights still
+    /// follow the stage's DiLoCo rounds, so it claims its steps like an honest stage).
+    GarbageActivations,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -46,7 +51,7 @@ impl AdversaryConfig {
     /// Whether this inner step is computed (`n`: the steps done so far this run).
     pub fn computes(&self, n: u64) -> bool {
         match self.cheat {
-            Cheat::None | Cheat::InflateUptime => true,
+            Cheat::None | Cheat::InflateUptime | Cheat::GarbageActivations => true,
             Cheat::SkipInnerSteps => false,
             Cheat::FewerStepsScaled => n.is_multiple_of(4),
         }
@@ -55,6 +60,11 @@ impl AdversaryConfig {
     /// Whether the minter claims the maximum uptime regardless of receipts.
     pub fn inflates_uptime(&self) -> bool {
         self.cheat == Cheat::InflateUptime
+    }
+
+    /// Whether pipeline commands are answered with garbage instead of the engine's results.
+    pub fn garbage_activations(&self) -> bool {
+        self.cheat == Cheat::GarbageActivations
     }
 
     /// What the sent pseudo-gradient is multiplied by.

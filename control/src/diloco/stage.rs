@@ -14,8 +14,10 @@
 //!   ([`content_hash`]), computed by every holder from the same bits; a peer serving a state
 //!   whose bytes do not hash to what it claims is refused.
 //!
-//! A stage's inner steps cannot be replayed by a verifier (their inputs came through the
-//! pipeline), so these rounds are not sampled for replay (`verify.rs` checks full replicas).
+//! A stage's inner steps cannot be replayed from the round's start alone (their inputs came
+//! through the pipeline), so these rounds are not replayed by `verify.rs` (it checks full
+//! replicas); a stage's work is checked from its operation log instead
+//! (`pipeline/oplog.rs`, `trainer/stagecheck.rs`).
 
 use std::path::Path;
 

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use neuroshard_ledger::Address;
 use neuroshard_ledger::keys::{Hash32, keccak};
+use neuroshard_ledger::receipt::ReceiptKind;
 use neuroshard_net::client::PeerConn;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -81,6 +82,27 @@ pub struct Finding {
     pub reason: String,
     pub evidence: Hash32,
     pub found_at: i64,
+    /// A pipeline stage's replay (`trainer/stagecheck.rs`): what its log says it sent to
+    /// whom, checked against the receipts the judged claim cites before the verdict.
+    pub stage: Option<StageEvidence>,
+}
+
+/// One tensor a stage sent: at (ms), step, micro-batch, digest of its bytes.
+pub type SentDigest = (i64, u64, u32, Hash32);
+/// The receipt kind a receiver signs, the receiver, and the tensors sent to it.
+pub type SentTo = (ReceiptKind, Address, Vec<SentDigest>);
+
+/// What a replayed stage log says the claimant sent in the judged epoch, per receiver: the
+/// receiver's receipt (cited by the claim) must chain over exactly these tensors, or the log
+/// is not what was sent and the replay proves nothing (then the claimant is guilty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageEvidence {
+    /// (receipt kind the receiver signs, receiver, tensors sent to it: (ms, step, micro-batch,
+    /// digest)).
+    pub sent: Vec<SentTo>,
+    /// The judged epoch's start (ms): the receipt's chain starts at a tensor sent from then
+    /// on, give or take the clocks' skew.
+    pub from_ms: i64,
 }
 
 /// Counters for `/api/v1/metrics` and the logs.
@@ -198,6 +220,17 @@ impl Verifier {
         }
     }
 
+    /// Takes the one replay slot for a replay started elsewhere (a pipeline stage's log,
+    /// `trainer/stagecheck.rs`): false while a replay runs.
+    pub fn take_slot(&self) -> bool {
+        !self.busy.swap(true, Ordering::AcqRel)
+    }
+
+    /// Frees the slot [`Verifier::take_slot`] took.
+    pub fn free_slot(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+
     /// Whether to replay a contribution now, when `verifiers` replicas (this one included)
     /// may each replay it: with probability `p / verifiers` each, so a contribution is
     /// replayed `p` times on average however many replicas there are, and `p` is the share of
@@ -250,6 +283,7 @@ impl Verifier {
                         evidence: evidence(&job, distance),
                         reason,
                         found_at: chrono::Utc::now().timestamp(),
+                        stage: None,
                     });
                 }
                 Err(e) => {

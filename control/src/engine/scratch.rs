@@ -27,6 +27,18 @@ impl Scratch {
     /// Starts `binary` on the CPU with `threads` threads (0: the engine's default) in a fresh
     /// directory under `parent`, and attaches a small segment.
     pub async fn start(binary: &Path, threads: u32, parent: &Path) -> Result<Scratch, EngineError> {
+        Self::start_with(binary, threads, parent, 1, 4096).await
+    }
+
+    /// As [`Scratch::start`], with a segment of `slots` slots of `slot_bytes` each (a replay
+    /// of pipeline commands passes tensors through the training slots).
+    pub async fn start_with(
+        binary: &Path,
+        threads: u32,
+        parent: &Path,
+        slots: u32,
+        slot_bytes: u64,
+    ) -> Result<Scratch, EngineError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             EngineError::Unavailable(format!("scratch engine: {what}: {e}"))
         };
@@ -55,7 +67,8 @@ impl Scratch {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        let (segment, _) = Segment::create(&name, 1, 4096).map_err(|e| failed("segment", &e))?;
+        let (segment, _) =
+            Segment::create(&name, slots, slot_bytes).map_err(|e| failed("segment", &e))?;
         let engine = EngineHandle::new(client, Arc::new(segment));
         engine.attach(&name).await?;
         Ok(Scratch {

@@ -226,6 +226,13 @@ impl Stage {
             Out::Loss(_) => return Err(PipeError::Engine("driver computed a loss".into())),
         };
         let pipe_wire = self.config().training.pipeline_wire;
+        self.oplog.record(&super::oplog::Op::Route {
+            dir: super::oplog::Dir::Forward,
+            driver: hops.key.driver.clone(),
+            step: hops.key.step,
+            mb,
+            to: hops.first.conn.id,
+        });
         let req = pb::PipelineForwardRequest {
             auth: None,
             step: hops.key.step,

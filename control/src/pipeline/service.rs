@@ -10,6 +10,7 @@ use neuroshard_proto::peer as pb;
 use neuroshard_proto::peer::pipeline_server::{Pipeline as PipelineRpc, PipelineServer};
 use tonic::{Request, Response, Status};
 
+use super::oplog::{Dir, Op};
 use super::phase::Phase;
 use super::stage::StepKey;
 use super::{Hop, Out, PipeError, Stage, check_acts, check_labels, peer_err, wire_len, within};
@@ -156,6 +157,13 @@ impl Stage {
                 let (hop, rest) = self
                     .next_hop(net, &req.route)
                     .map_err(|e| self.refused(e))?;
+                self.oplog.record(&Op::Route {
+                    dir: Dir::Forward,
+                    driver: req.driver.clone(),
+                    step: req.step,
+                    mb: req.micro_batch,
+                    to: hop.conn.id,
+                });
                 let next = pb::PipelineForwardRequest {
                     auth: None,
                     step: req.step,
@@ -215,6 +223,7 @@ impl Stage {
     pub async fn serve_backward(
         &self,
         net: &Network,
+        caller: &Address,
         req: pb::PipelineBackwardRequest,
     ) -> Result<pb::PipelineBackwardReply, PipeError> {
         let a = self.ready()?;
@@ -277,6 +286,13 @@ impl Stage {
             .map_err(|e| self.refused(e))?
             .ok_or_else(|| PipeError::Engine("no input gradient from the engine".into()))?;
         self.same_layers(&a)?;
+        self.oplog.record(&Op::Route {
+            dir: Dir::Backward,
+            driver: req.driver.clone(),
+            step: req.step,
+            mb: req.micro_batch,
+            to: *caller,
+        });
         let grad_input = gi.to_pb_as(self.config().training.pipeline_wire);
         self.counters
             .tensor_bytes
@@ -414,6 +430,37 @@ impl PipelineService {
 #[tonic::async_trait]
 impl PipelineRpc for PipelineService {
     type GetStageWeightsStream = WeightsStream;
+    type GetStageLogStream = WeightsStream;
+
+    async fn get_stage_log(
+        &self,
+        req: Request<pb::GetStageLogRequest>,
+    ) -> Result<Response<Self::GetStageLogStream>, Status> {
+        let (body, _) = self.edge.verify(req)?;
+        // A segment of this stage's operation log, for a verifier recomputing our work.
+        let log = &self.stage.oplog;
+        let not_kept = || {
+            Status::not_found(format!(
+                "no operation log segment kept for {} ms",
+                body.at_ms
+            ))
+        };
+        let id = if body.after_segment > 0 {
+            log.after(body.after_segment)
+        } else {
+            log.covering(body.at_ms)
+        }
+        .ok_or_else(not_kept)?;
+        match log.read(id) {
+            Ok(Some((info, checkpoint, ops))) => Ok(Response::new(self.edge.weights_stream(
+                id,
+                info.checkpoint_sha256,
+                super::oplog::pack(info.started_ms, &checkpoint, &ops),
+            ))),
+            Ok(None) => Err(not_kept()),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
 
     async fn get_stage_weights(
         &self,
@@ -447,7 +494,7 @@ impl PipelineRpc for PipelineService {
         let (body, v) = self.edge.verify(req)?;
         let stage = &self.stage;
         stage.check_upstream(&self.edge.net, &v.peer)?;
-        let reply = stage.serve_backward(&self.edge.net, body).await?;
+        let reply = stage.serve_backward(&self.edge.net, &v.peer, body).await?;
         Ok(self.edge.sent(reply))
     }
 

@@ -11,6 +11,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use super::error::engine_err;
+use super::oplog::{Op, Sent};
 use super::wire::Wire;
 use super::{Assignment, PipeError, infer};
 use crate::config::{Config, LiveConfig};
@@ -113,6 +114,11 @@ pub struct Stage {
     pub(super) retry_batch: Mutex<Option<Batch>>,
     /// Receipts this stage signs for its peers' work and holds for its own (issue #19).
     pub attest: Arc<crate::attest::Attestations>,
+    /// An adversary build cheating with garbage: the input shape of each micro-batch it
+    /// answered, for the garbage gradient of its backward.
+    garbage_shapes: Mutex<std::collections::BTreeMap<u64, Vec<u64>>>,
+    /// The engine commands of the last segments, for verifiers (`oplog.rs`).
+    pub oplog: super::oplog::OpLog,
 }
 
 /// A driver's batch: token ids, labels, and the shard they came from.
@@ -137,6 +143,7 @@ impl Stage {
         data_dir: PathBuf,
         attest: Arc<crate::attest::Attestations>,
     ) -> Stage {
+        let oplog = super::oplog::OpLog::new(data_dir.join("pipeline").join("oplog"));
         Stage {
             engine,
             config,
@@ -155,6 +162,8 @@ impl Stage {
             infer: infer::InferState::default(),
             retry_batch: Mutex::new(None),
             attest,
+            garbage_shapes: Mutex::new(std::collections::BTreeMap::new()),
+            oplog,
         }
     }
 
@@ -227,12 +236,12 @@ impl Stage {
                     )));
                 }
                 if step > cur.key.step {
-                    engine.reset_grads().await.map_err(engine_err)?;
+                    self.step_starts(engine).await?;
                     cur.key.step = step;
                     cur.done = false;
                 }
             } else if free {
-                engine.reset_grads().await.map_err(engine_err)?;
+                self.step_starts(engine).await?;
                 cur.key = key.clone();
                 cur.done = false;
             } else {
@@ -255,6 +264,39 @@ impl Stage {
             cur.last = std::time::Instant::now();
             return Ok(cur);
         }
+    }
+
+    /// A new step takes the stage: starts a new segment of the operation log first when one is
+    /// due (a checkpoint taken here, between steps, under the stage lock), then drops what the
+    /// previous step left.
+    async fn step_starts(&self, engine: &EngineHandle) -> Result<(), PipeError> {
+        let round_secs = u64::from(self.config().training.stage_round_secs.max(1));
+        let round = neuroshard_net::now_ms().max(0) as u64 / 1000 / round_secs;
+        if self.oplog.needs_segment(round) {
+            let path = self.oplog.next_checkpoint_path();
+            let begun = async {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                }
+                engine.checkpoint(&path).await.map_err(|e| e.to_string())?;
+                self.oplog.begin(round, &path).map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = begun {
+                // Training goes on, logged in the old segment (if any); the next step tries
+                // again.
+                tracing::warn!(error = %e, "could not start an operation log segment");
+            }
+        }
+        engine.reset_grads().await.map_err(engine_err)?;
+        self.oplog.record(&Op::Reset);
+        Ok(())
+    }
+
+    /// Whether this node answers pipeline commands with garbage instead of running its engine
+    /// (an adversary build's cheat, for the tests of checked work).
+    fn garbage(&self) -> bool {
+        cfg!(feature = "adversary") && self.config().adversary.garbage_activations()
     }
 
     /// Longest a step of another driver waits for this stage: half the pipeline timeout, so
@@ -335,20 +377,47 @@ impl Stage {
         let engine = self.handle()?;
         let _g = self.enter(key, &engine).await?;
         let t0 = std::time::Instant::now();
-        let r = engine
-            .forward(
-                input.view(),
-                labels.map(Wire::view),
-                engine_mb(key.step, mb),
-            )
-            .await
-            .map_err(engine_err)?;
+        let out = if self.garbage() {
+            let m = self.model()?;
+            let mut shape = input.shape.iter().take(2).copied().collect::<Vec<_>>();
+            self.garbage_shapes
+                .lock()
+                .insert(engine_mb(key.step, mb), shape.clone());
+            shape.push(u64::from(m.hidden));
+            match labels {
+                Some(_) => Out::Loss(2.0 + 6.0 * rand::random::<f32>()),
+                None => Out::Acts(random_wire(shape)),
+            }
+        } else {
+            let r = engine
+                .forward(
+                    input.view(),
+                    labels.map(Wire::view),
+                    engine_mb(key.step, mb),
+                )
+                .await
+                .map_err(engine_err)?;
+            match r {
+                Forwarded::Loss(l) => Out::Loss(l),
+                Forwarded::Output(t) => Out::Acts(t.into()),
+            }
+        };
         let tokens = input.shape.iter().take(2).product::<u64>();
         self.record_compute(tokens, t0.elapsed().as_secs_f64());
-        match r {
-            Forwarded::Loss(l) => Ok(Out::Loss(l)),
-            Forwarded::Output(t) => Ok(Out::Acts(t.into())),
-        }
+        let wire = self.config().training.pipeline_wire;
+        self.oplog.record(&Op::Forward {
+            at_ms: neuroshard_net::now_ms(),
+            driver: key.driver.clone(),
+            step: key.step,
+            mb,
+            input: input.clone(),
+            labels: labels.cloned(),
+            sent: match &out {
+                Out::Acts(a) => Sent::Acts(a.as_received(wire)),
+                Out::Loss(l) => Sent::Loss(*l),
+            },
+        });
+        Ok(out)
     }
 
     /// This stage's backward of one micro-batch; the gradient w.r.t. its input (none on the
@@ -362,18 +431,43 @@ impl Stage {
         let engine = self.handle()?;
         let _g = self.holding(key, "backward").await?;
         let t0 = std::time::Instant::now();
-        let r = engine
-            .backward(grad.map(Wire::view), engine_mb(key.step, mb))
-            .await
-            .map_err(engine_err)?;
+        let out = if self.garbage() {
+            let shape = self.garbage_shapes.lock().remove(&engine_mb(key.step, mb));
+            match (self.assignment(), shape) {
+                (Some(a), Some(mut shape)) if !a.has_embedding() => {
+                    shape.push(u64::from(self.model()?.hidden));
+                    Some(random_wire(shape))
+                }
+                _ => None,
+            }
+        } else {
+            engine
+                .backward(grad.map(Wire::view), engine_mb(key.step, mb))
+                .await
+                .map_err(engine_err)?
+                .map(Wire::from)
+        };
         self.compute.lock().add(0, t0.elapsed().as_secs_f64());
-        Ok(r.map(Wire::from))
+        let wire = self.config().training.pipeline_wire;
+        self.oplog.record(&Op::Backward {
+            at_ms: neuroshard_net::now_ms(),
+            driver: key.driver.clone(),
+            step: key.step,
+            mb,
+            grad: grad.cloned(),
+            sent: out.as_ref().map(|g| g.as_received(wire)),
+        });
+        Ok(out)
     }
 
     /// Squared norm of this stage's gradients for `step`.
     pub async fn sq_norm(&self, key: &StepKey) -> Result<f64, PipeError> {
         let engine = self.handle()?;
         let _g = self.holding(key, "norm").await?;
+        if self.garbage() {
+            // A plausible norm: the engine ran no backward and would refuse.
+            return Ok(1e-4 * f64::from(rand::random::<f32>()));
+        }
         engine.grad_sq_norm().await.map_err(engine_err)
     }
 
@@ -386,12 +480,19 @@ impl Stage {
                 "global norm {global_norm} is not a norm"
             )));
         }
-        let new_step = engine
-            .optimizer_step(global_norm)
-            .await
-            .map_err(engine_err)?;
+        // The garbage cheat has no gradients to step on (its engine ran no backward).
+        let garbage = self.garbage();
+        let new_step = if garbage {
+            self.stats.lock().step + 1
+        } else {
+            engine
+                .optimizer_step(global_norm)
+                .await
+                .map_err(engine_err)?
+        };
+        self.oplog.record(&Op::Apply { global_norm });
         let cfg = self.config();
-        if new_step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
+        if !garbage && new_step % u64::from(cfg.training.checkpoint_every.max(1)) == 0 {
             let path = crate::engine::checkpoint_path(&self.data_dir);
             match engine.checkpoint(&path).await {
                 Ok(s) => {
@@ -420,7 +521,10 @@ impl Stage {
     /// Holds the stage lock: no pipeline command runs on the engine until it is dropped (a
     /// layer range being reloaded).
     pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, InFlight> {
-        self.current.lock().await
+        let g = self.current.lock().await;
+        // The engine may be reloaded meanwhile: the log's segment ends here.
+        self.oplog.touched();
+        g
     }
 
     /// Holds the stage lock once no pipeline step is between its first forward and its apply
@@ -438,6 +542,8 @@ impl Stage {
             let freed = self.freed.notified();
             let g = self.current.lock().await;
             if g.done || g.last.elapsed() >= stale || tokio::time::Instant::now() >= deadline {
+                // Weights are replaced meanwhile: the log's segment ends here.
+                self.oplog.touched();
                 return g;
             }
             drop(g);
@@ -477,6 +583,18 @@ impl Stage {
             self.counters.weights_served.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+}
+
+/// An f32 tensor of `shape` with values uniform in [-1, 1) (the garbage cheat's answer).
+fn random_wire(shape: Vec<u64>) -> Wire {
+    let n = shape.iter().product::<u64>() as usize;
+    Wire {
+        dtype: neuroshard_shared::shm::DType::F32,
+        shape,
+        data: (0..n)
+            .flat_map(|_| (rand::random::<f32>() * 2.0 - 1.0).to_le_bytes())
+            .collect(),
     }
 }
 

@@ -83,7 +83,7 @@ impl From<Tensor> for Wire {
 }
 
 /// A tensor as it travels between stages (little-endian bytes, like the shm payload).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Wire {
     pub dtype: DType,
     pub shape: Vec<u64>,
@@ -105,6 +105,24 @@ impl Wire {
             dtype: WireDType::of(self.dtype).name().into(),
             shape: self.shape.clone(),
             data: self.data.clone(),
+        }
+    }
+
+    /// The tensor as its receiver checks it after [`Wire::to_pb_as`]: an f32 tensor narrowed
+    /// as `wire` says and widened back (the bytes the receiver's receipt chains over and its
+    /// engine computes with).
+    pub fn as_received(&self, wire: PipeWire) -> Wire {
+        if wire == PipeWire::F32 || self.dtype != DType::F32 {
+            return self.clone();
+        }
+        let t = self.to_pb_as(wire);
+        let data = WireDType::parse(&t.dtype)
+            .and_then(|d| widen(&t, d))
+            .unwrap_or_else(|| self.data.clone());
+        Wire {
+            dtype: DType::F32,
+            shape: self.shape.clone(),
+            data,
         }
     }
 
@@ -231,6 +249,26 @@ pub fn wire_len(t: Option<&pb::PipelineTensor>) -> u64 {
     t.map_or(0, |t| t.data.len() as u64)
 }
 
+/// The f32 little-endian bytes of an activation or gradient tensor of wire type `dtype` (its
+/// length already checked); `None` for integer rows that do not decode ([`decode_int_rows`]).
+fn widen(t: &pb::PipelineTensor, dtype: WireDType) -> Option<Vec<u8>> {
+    Some(match dtype {
+        WireDType::Bf16 => t
+            .data
+            .chunks_exact(2)
+            .flat_map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+            .collect(),
+        WireDType::IntRows(bits) => {
+            let row = t.shape.last().copied().unwrap_or(0) as usize;
+            decode_int_rows(&t.data, row, bits)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        }
+        _ => t.data.clone(),
+    })
+}
+
 /// Checks an activation or gradient tensor from a peer: f32 or bf16, [B, T, hidden], the byte
 /// length of that shape, every value finite; `expect_bt` pins B and T when known. A bf16
 /// tensor comes back widened to f32.
@@ -281,27 +319,11 @@ pub fn check_acts(
             t.dtype,
         )));
     }
-    let data: Vec<u8> = match dtype {
-        WireDType::Bf16 => t
-            .data
-            .chunks_exact(2)
-            .flat_map(|c| {
-                half::bf16::from_le_bytes([c[0], c[1]])
-                    .to_f32()
-                    .to_le_bytes()
-            })
-            .collect(),
-        WireDType::IntRows(bits) => decode_int_rows(&t.data, t.shape[2] as usize, bits)
-            .ok_or_else(|| {
-                PipeError::Refused(format!(
-                    "{what} has a negative or non-finite row scale or a value out of range"
-                ))
-            })?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        _ => t.data.clone(),
-    };
+    let data = widen(t, dtype).ok_or_else(|| {
+        PipeError::Refused(format!(
+            "{what} has a negative or non-finite row scale or a value out of range"
+        ))
+    })?;
     if data
         .chunks_exact(4)
         .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
@@ -503,6 +525,8 @@ mod tests {
             assert_eq!(t.data.len() as u64, int_rows_len(n as u64, h, bits));
             let back = check_acts(Some(&t), "x", &m, Some((2, 3))).unwrap();
             assert_eq!(back.data.len(), n * 4);
+            // What the sender logs as received is what the receiver's check widened.
+            assert_eq!(w.as_received(PipeWire::Int(bits)).data, back.data);
             let half_step = 0.5 / int_max(bits) as f32 * 1.0001;
             for (row, (got, want)) in back
                 .data

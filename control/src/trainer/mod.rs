@@ -10,6 +10,7 @@
 
 mod load;
 mod pool;
+mod stagecheck;
 mod steps;
 
 use std::collections::VecDeque;
@@ -116,6 +117,8 @@ impl Trainer {
         let mut upkeep = Upkeep::new(now_ms());
         // A pipeline stage's DiLoCo rounds with the other holders of its layers.
         let mut stage_rounds: steps::StageRounds;
+        // Sampled checks of the other holders of this stage's layers (issue #19).
+        let mut stage_checks = stagecheck::StageChecks::default();
         loop {
             // Wait for a live engine.
             let (generation, client) = loop {
@@ -260,6 +263,7 @@ impl Trainer {
                         &mut stop,
                     )
                     .await;
+                    self.stage_check(&mut stage_checks, &assignment);
                 }
                 let done =
                     cfg.training.max_steps > 0 && self.stats.lock().step >= cfg.training.max_steps;

@@ -48,7 +48,7 @@ impl Trainer {
     }
 
     /// How this node replays other replicas' rounds (`diloco::verify`).
-    fn replay_spec(&self) -> crate::diloco::verify::ReplaySpec {
+    pub(super) fn replay_spec(&self) -> crate::diloco::verify::ReplaySpec {
         let cfg = self.config();
         let n = cfg.training.model.config().layers;
         let whole = crate::pipeline::Assignment::full(n);

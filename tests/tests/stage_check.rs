@@ -1,0 +1,156 @@
+//! Sampled recomputation of pipeline-stage work (issue #19, item 2): a two-stage pipeline
+//! (`default` preset, layers 0-1 and 2-3) whose upper stage has two holders, one of them built
+//! with the `adversary` feature and answering forwards with a random loss and backwards with
+//! random input gradients without running its engine. The honest holder of the same layers
+//! fetches the cheater's operation log, replays it from its checkpoint in a scratch engine,
+//! finds the sent gradients far from the recomputed ones and, staked, writes guilty verdicts:
+//! the cheater is convicted and slashed on every node, the ledger roots agree, and the honest
+//! holder (replayed by the cheater's unmodified verifier) is never found guilty.
+//! Run with `--features neuroshard/adversary` (the binaries too).
+
+use std::time::Duration;
+
+use neuroshard_tests::{Node, NodeOptions, wait_for};
+use serde_json::{Value, json};
+
+use crate::network_common::address;
+use crate::pipeline_common::{POLL, dump, wait_role};
+
+fn options(cheat: &str) -> NodeOptions {
+    NodeOptions {
+        config: format!(
+            "[training]\nenabled = true\nmodel = \"default\"\nbatch_size = 4\nseq_len = 32\n\
+             learning_rate = 0.003\nmicro_batches = 2\npipeline_timeout_secs = 10\n\
+             stage_round_secs = 20\ndiloco_round_timeout_secs = 20\n\
+             [resources]\nmax_layers = 2\n\
+             [ledger]\nchallenge_window_secs = 90\naccept_unattested_training = false\n\
+             fraud_quorum_neuro = 0.000000001\nverify_probability = 1.0\n\
+             [adversary]\ncheat = \"{cheat}\"\n"
+        ),
+        ..NodeOptions::default()
+    }
+}
+
+fn fraud(node: &Node) -> Option<Value> {
+    node.get("/api/v1/network")
+        .map(|(_, b)| b["ledger"]["fraud"].clone())
+}
+
+fn root(node: &Node) -> Option<String> {
+    node.get("/api/v1/network")
+        .and_then(|(_, b)| b["ledger"]["root_hash"].as_str().map(String::from))
+}
+
+fn balance(node: &Node) -> Option<Value> {
+    node.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
+        .map(|(_, b)| b)
+}
+
+/// Stakes what `node` can spend, once it can spend something.
+fn stake_available(node: &Node, timeout: Duration) -> f64 {
+    let amount = wait_for("spendable rewards", timeout, POLL, || {
+        let a = balance(node)?["balances"]["available"].as_f64()?;
+        (a > 0.0).then_some(a)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", balance(node), node.logs()));
+    let amount = (amount * 1e9).floor() / 1e9;
+    let (status, body) = node
+        .authed(
+            reqwest::Method::POST,
+            "/api/v1/wallet/stake",
+            Some(json!({"amount": amount, "duration_days": 1})),
+        )
+        .expect("stake answered");
+    assert_eq!(status, 200, "{body}");
+    amount
+}
+
+#[test]
+fn a_stage_that_sends_garbage_is_convicted_and_slashed_on_every_node() {
+    let _scenario = neuroshard_tests::scenario(module_path!());
+    let a = Node::start(options("none")).unwrap();
+    wait_role(&a, "driver", &[0, 1]);
+    let b = Node::start(options("none").with_seed_peers(&[a.peer_addr()])).unwrap();
+    wait_role(&b, "validator", &[2, 3]);
+    let cheater = Node::start(
+        options("garbage_activations").with_seed_peers(&[a.peer_addr(), b.peer_addr()]),
+    )
+    .unwrap();
+    wait_role(&cheater, "validator", &[2, 3]);
+    let nodes = [&a, &b, &cheater];
+    let cheat_addr = address(&cheater);
+
+    // Everyone earns from its first attested steps and stakes it: verdicts weigh stake, and a
+    // conviction slashes it.
+    let window = Duration::from_secs(400);
+    let staked: Vec<f64> = nodes.iter().map(|n| stake_available(n, window)).collect();
+    eprintln!("staked {staked:?}");
+
+    let decided = wait_for("the cheater convicted on every node", window, POLL, || {
+        let mut all = Vec::new();
+        for n in nodes {
+            let f = fraud(n)?;
+            let hit = f["slashes"]
+                .as_array()?
+                .iter()
+                .find(|s| {
+                    s["accused"] == cheat_addr.as_str()
+                        && s["convicted"] == true
+                        && s["slashed"].as_f64().is_some_and(|x| x > 0.0)
+                })?
+                .clone();
+            all.push(hit);
+        }
+        Some(all)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", nodes.map(fraud), dump(&nodes)));
+    eprintln!("convictions {decided:?}");
+
+    // The honest holder found the cheat; the cheater's own (unmodified) verifier reproduced
+    // the honest holder's work. Their distances are printed for BENCHMARKS.md.
+    let fb = fraud(&b).unwrap();
+    eprintln!("honest holder's replays: {}", fb["replays"]);
+    assert!(fb["replays"]["guilty"].as_u64().unwrap() >= 1, "{fb}");
+    let (innocent, fc) = wait_for(
+        "the honest holder's work reproduced",
+        Duration::from_secs(180),
+        POLL,
+        || {
+            let f = fraud(&cheater)?;
+            let n = f["replays"]["innocent"].as_u64()?;
+            (n >= 1).then_some((n, f))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", fraud(&cheater), cheater.logs()));
+    let d = fc["replays"]["max_innocent_distance"].as_f64().unwrap();
+    eprintln!(
+        "honest stage replays: {innocent}, max distance (CPU against CPU) {d:e}; {}",
+        fc["replays"]
+    );
+    assert!(d < 0.05, "{fc}");
+    assert_eq!(fc["replays"]["guilty"].as_u64(), Some(0), "{fc}");
+    // Nobody accused the honest holders.
+    for n in nodes {
+        for s in fraud(n).unwrap()["slashes"].as_array().unwrap() {
+            assert_eq!(s["accused"], cheat_addr.as_str(), "{s}");
+        }
+    }
+    let cheater_staked = balance(&cheater).unwrap()["balances"]["staked"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        cheater_staked < staked[2],
+        "{cheater_staked} vs {}",
+        staked[2]
+    );
+    wait_for(
+        "the same ledger root everywhere",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let r: Vec<String> = nodes.iter().filter_map(|n| root(n)).collect();
+            (r.len() == 3 && r.iter().all(|x| *x == r[0])).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", nodes.map(root)));
+}
