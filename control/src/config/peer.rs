@@ -15,6 +15,11 @@ pub struct PeerConfig {
     /// New connections one address may open to the peer port per second (bursts of 4 s
     /// worth); more are refused at accept. 127.0.0.1 and ::1 are exempt.
     pub connection_rate_per_address: u32,
+    /// Most peers this node keeps in its peer table (pings, routes, anti-entropy): the most
+    /// useful ones (holders of layers a stage needs, neighbour stages, replicas of its own
+    /// layers); the DHT finds the rest when needed. Not a cap on incoming connections
+    /// (that is `max_connections`).
+    pub max_peers: u32,
 }
 
 impl PeerConfig {
@@ -35,6 +40,7 @@ impl Default for PeerConfig {
             max_connections_per_address: neuroshard_net::DEFAULT_CONNECTIONS_PER_ADDRESS,
             max_connections: 4096,
             connection_rate_per_address: neuroshard_net::DEFAULT_NEW_CONNECTIONS_PER_SECOND,
+            max_peers: neuroshard_net::MAX_PEERS as u32,
         }
     }
 }
