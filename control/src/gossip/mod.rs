@@ -70,6 +70,8 @@ impl From<GossipError> for Status {
 pub struct Gossip {
     pub net: Arc<Network>,
     pub ledger: Arc<Ledger>,
+    /// Messages accepted from gossipsub (which forwards them): the push skips them.
+    gossiped: parking_lot::Mutex<std::collections::HashSet<neuroshard_net::p2p::gossip::MessageId>>,
     /// The keys this node holds: a transfer to one of them is claimed as soon as it arrives.
     /// None: nothing is claimed here (the node's proofs of work still claim).
     keys: Option<Arc<Keyring>>,
@@ -86,7 +88,12 @@ impl Gossip {
     }
 
     fn build(net: Arc<Network>, ledger: Arc<Ledger>, keys: Option<Arc<Keyring>>) -> Arc<Gossip> {
-        Arc::new(Gossip { net, ledger, keys })
+        Arc::new(Gossip {
+            net,
+            ledger,
+            gossiped: Default::default(),
+            keys,
+        })
     }
 }
 

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use neuroshard_ledger::{Message, Op};
-use neuroshard_net::p2p::gossip::{Inbound, Verdict};
+use neuroshard_net::p2p::gossip::{Inbound, Verdict, message_id};
 use neuroshard_net::score::{Offence, node_key};
-use neuroshard_net::{Network, stopped};
+use neuroshard_net::stopped;
 use tokio::sync::watch;
 
 use super::{Gossip, MAX_LEDGER_MESSAGE_BYTES, receive};
@@ -21,6 +21,10 @@ use super::{Gossip, MAX_LEDGER_MESSAGE_BYTES, receive};
 pub const LEDGER_TOPIC: &str = "/neuroshard/ledger/1";
 /// Proofs of work: reward blocks and verdicts.
 pub const PROOF_TOPIC: &str = "/neuroshard/proof/1";
+
+/// Ids of messages accepted from gossip and not yet seen by the push, at most (cleared when
+/// full: at worst a message is published again, which gossipsub drops as a duplicate).
+pub const MAX_GOSSIPED: usize = 100_000;
 
 /// The topic a message goes on.
 pub fn topic_of(msg: &Message) -> &'static str {
@@ -31,10 +35,15 @@ pub fn topic_of(msg: &Message) -> &'static str {
     if proof { PROOF_TOPIC } else { LEDGER_TOPIC }
 }
 
-/// Publishes a stored message on its topic (no-op before the transport runs).
-pub fn publish(net: &Network, msg: &Message) {
-    if let Ok(t) = net.transport()
-        && let Err(e) = t.publish(topic_of(msg), msg.to_bytes())
+/// Publishes a stored message on its topic (no-op before the transport runs), unless it
+/// came by gossip: gossipsub forwarded it already.
+pub fn publish(gossip: &Gossip, msg: &Message) {
+    let bytes = msg.to_bytes();
+    if gossip.gossiped.lock().remove(&message_id(&bytes)) {
+        return;
+    }
+    if let Ok(t) = gossip.net.transport()
+        && let Err(e) = t.publish(topic_of(msg), bytes)
     {
         tracing::debug!(error = %e, "publishing a ledger message");
     }
@@ -99,7 +108,14 @@ async fn check(gossip: &Gossip, m: &Inbound) -> Verdict {
     }
     match receive(gossip, from, std::slice::from_ref(&m.data)).await {
         Ok(t) if t.rejected > 0 => Verdict::Reject,
-        Ok(t) if t.accepted > 0 => Verdict::Accept,
+        Ok(t) if t.accepted > 0 => {
+            let mut seen = gossip.gossiped.lock();
+            if seen.len() >= MAX_GOSSIPED {
+                seen.clear();
+            }
+            seen.insert(m.id.clone());
+            Verdict::Accept
+        }
         // Held already, or dated ahead of our clock (anti-entropy brings it later).
         Ok(_) => Verdict::Ignore,
         Err(e) => {

@@ -110,7 +110,7 @@ pub async fn push_loop(gossip: Arc<Gossip>, shutdown: watch::Receiver<bool>) {
         };
         cursor = *last;
         for (_, m) in &page {
-            super::pubsub::publish(&gossip.net, m);
+            super::pubsub::publish(&gossip, m);
         }
     }
 }

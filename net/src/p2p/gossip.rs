@@ -13,9 +13,10 @@
 use std::time::Duration;
 
 use libp2p::PeerId;
+pub use libp2p::gossipsub::MessageId;
 use libp2p::gossipsub::{
-    self, IdentTopic, MessageAuthenticity, MessageId, PeerScoreParams, PeerScoreThresholds,
-    TopicScoreParams, ValidationMode,
+    self, IdentTopic, MessageAuthenticity, PeerScoreParams, PeerScoreThresholds, TopicScoreParams,
+    ValidationMode,
 };
 use libp2p::identity::Keypair;
 
