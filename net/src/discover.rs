@@ -106,20 +106,6 @@ pub(crate) fn needed(own: &[u32], wanted: &HashSet<u32>, covered: &HashSet<u32>)
     out
 }
 
-/// How useful a peer holding `layers` is to this node (holding `own`): 3 when it holds a
-/// wanted layer, 2 when it is a neighbour stage or a replica, 1 otherwise (and when its
-/// layers are unknown: a seed is worth its place until something better is found).
-pub(crate) fn usefulness(own: &[u32], wanted: &HashSet<u32>, layers: &[u32]) -> u8 {
-    if layers.iter().any(|l| wanted.contains(l)) {
-        return 3;
-    }
-    let (Some(lo), Some(hi)) = (own.iter().min(), own.iter().max()) else {
-        return 1;
-    };
-    let near = |l: &u32| *l + 1 >= *lo && *l <= hi.saturating_add(1);
-    if layers.iter().any(near) { 2 } else { 1 }
-}
-
 /// Looks up every [`LOOKUP_TICK`] the layers [`needed`] lists (each at most every
 /// [`LOOKUP_EVERY`]) and hands the holders found to the peer manager, until `shutdown`.
 pub async fn run(net: Arc<Network>, shutdown: watch::Receiver<bool>) {
@@ -181,18 +167,5 @@ mod tests {
         assert_eq!(needed(&[0, 1], &none, &HashSet::from([2])), vec![0, 1]);
         assert_eq!(needed(&[], &HashSet::from([5, 6]), &none), vec![5, 6]);
         assert!(needed(&[], &none, &none).is_empty());
-    }
-
-    #[test]
-    fn wanted_holders_beat_neighbours_beat_the_rest() {
-        let wanted = HashSet::from([7]);
-        let own = [2, 3];
-        assert_eq!(usefulness(&own, &wanted, &[7]), 3);
-        assert_eq!(usefulness(&own, &wanted, &[4, 5]), 2);
-        assert_eq!(usefulness(&own, &wanted, &[0, 1]), 2);
-        assert_eq!(usefulness(&own, &wanted, &[3]), 2);
-        assert_eq!(usefulness(&own, &wanted, &[9]), 1);
-        assert_eq!(usefulness(&own, &wanted, &[]), 1);
-        assert_eq!(usefulness(&[], &HashSet::new(), &[1]), 1);
     }
 }

@@ -16,7 +16,6 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::client::PeerConn;
-use super::discover::usefulness;
 use super::error::NetworkError;
 use super::score::node_key;
 use super::{DROP_AFTER, MAX_KNOWN_ADDRESSES, Network, PEX_INTERVAL, PING_INTERVAL, stopped};
@@ -66,6 +65,20 @@ pub fn join_host_port_str(host: &str, port: u16) -> String {
         Ok(ip) => join_host_port(ip, port),
         Err(_) => format!("{host}:{port}"),
     }
+}
+
+/// How useful a peer holding `layers` is to this node (holding `own`): 3 when it holds a
+/// wanted layer, 2 when it is a neighbour stage or a replica, 1 otherwise (and when its
+/// layers are unknown: a seed is worth its place until something better is found).
+pub(crate) fn usefulness(own: &[u32], wanted: &HashSet<u32>, layers: &[u32]) -> u8 {
+    if layers.iter().any(|l| wanted.contains(l)) {
+        return 3;
+    }
+    let (Some(lo), Some(hi)) = (own.iter().min(), own.iter().max()) else {
+        return 1;
+    };
+    let near = |l: &u32| *l + 1 >= *lo && *l <= hi.saturating_add(1);
+    if layers.iter().any(near) { 2 } else { 1 }
 }
 
 fn known(net: &Network) -> MutexGuard<'_, HashMap<String, Known>> {
@@ -151,7 +164,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// Addresses worth dialing now, the most useful first (see
-/// [`usefulness`](super::discover::usefulness)), no more than the table has room for. When
+/// [`usefulness`]), no more than the table has room for. When
 /// the table is full and an address is more useful than the least useful peer (a holder of
 /// a wanted layer, a neighbour stage or a replica), that peer gives up its place.
 fn due(net: &Network, dialing: &HashSet<String>, now: Instant) -> Vec<String> {
@@ -367,5 +380,18 @@ mod tests {
         assert_eq!(join_host_port("::1".parse().unwrap(), 5), "[::1]:5");
         assert_eq!(backoff(1), Duration::from_secs(2));
         assert_eq!(backoff(30), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn wanted_holders_beat_neighbours_beat_the_rest() {
+        let wanted = HashSet::from([7]);
+        let own = [2, 3];
+        assert_eq!(usefulness(&own, &wanted, &[7]), 3);
+        assert_eq!(usefulness(&own, &wanted, &[4, 5]), 2);
+        assert_eq!(usefulness(&own, &wanted, &[0, 1]), 2);
+        assert_eq!(usefulness(&own, &wanted, &[3]), 2);
+        assert_eq!(usefulness(&own, &wanted, &[9]), 1);
+        assert_eq!(usefulness(&own, &wanted, &[]), 1);
+        assert_eq!(usefulness(&[], &HashSet::new(), &[1]), 1);
     }
 }

@@ -167,11 +167,7 @@ impl Discovery {
                         self.finish(id);
                     }
                 }
-                QueryResult::GetProviders(_) => {
-                    if step.last {
-                        self.finish(id);
-                    }
-                }
+                QueryResult::GetProviders(_) if step.last => self.finish(id),
                 _ => {}
             },
             kad::Event::RoutingUpdated { is_new_peer, .. } if is_new_peer => {
