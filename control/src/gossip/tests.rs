@@ -29,7 +29,7 @@ async fn node(dir: &std::path::Path) -> Arc<Gossip> {
 }
 
 #[tokio::test]
-async fn received_blocks_are_forwarded_to_everyone_but_their_origin() {
+async fn received_blocks_are_stored_once() {
     let d = tempfile::tempdir().unwrap();
     let relay = node(d.path()).await;
     let (from, other) = (
