@@ -564,6 +564,7 @@ impl Config {
                 self.peer.connection_rate_per_address,
                 1_000_000,
             ),
+            ("peer.max_peers", self.peer.max_peers, 100_000),
         ] {
             if !(1..=max).contains(&v) {
                 return bad(key, format!("{v} is not in 1..={max}"));

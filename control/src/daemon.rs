@@ -342,6 +342,9 @@ pub async fn run(
             cfg.node.announce_host(),
             (cfg.node.announce_port != 0).then_some(cfg.node.announce_port),
         );
+        net.set_max_peers(cfg.peer.max_peers as usize);
+        // Gossip joins its topics on this transport before the peer task starts.
+        net.attach(peer.clone());
         (net, cfg.seed_peers.clone())
     };
     let keyring = Arc::new(crate::wallets::Keyring::new(

@@ -19,7 +19,9 @@
 //!   and the server.
 //! * [`client`]: an authenticated connection to one peer (client side).
 //! * [`manager`]: dials seeds and exchanged addresses, pings, measures RTT, drops silent
-//!   peers.
+//!   peers; keeps at most [`Network::max_peers`] peers, the most useful ones.
+//! * [`discover`]: the holders of layers through the DHT (`layer_{i}`): this node's records,
+//!   lookups of the layers it needs ([`Network::want_layers`], [`Network::find_holders`]).
 //! * [`table`]: the connected peers with their info and RTT ([`table::PeerTable`]); the REST
 //!   API's peer list and the pipeline's routes are read from it.
 //! * [`state`]: the traffic counters the REST API shows ([`PeerState`]).
@@ -30,6 +32,7 @@
 pub mod admission;
 pub mod auth;
 pub mod client;
+pub mod discover;
 pub mod error;
 pub mod guard;
 pub mod manager;
@@ -70,7 +73,7 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline the server puts on every incoming request.
 pub const SERVER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most peers this node keeps connections to.
+/// Most peers this node keeps connections to by default (`peer.max_peers`).
 pub const MAX_PEERS: usize = 32;
 /// Most addresses remembered for dialing.
 pub const MAX_KNOWN_ADDRESSES: usize = 256;
@@ -178,6 +181,11 @@ pub struct Network {
     transport: std::sync::OnceLock<p2p::Transport>,
     /// Signs and keeps heartbeat receipts; none until the daemon sets it.
     witness: RwLock<Option<Arc<dyn Witness>>>,
+    /// Most peers kept in the table ([`Network::set_max_peers`]).
+    max_peers: std::sync::atomic::AtomicUsize,
+    /// Layers a stage needs holders of and found none connected, with when they were asked
+    /// for: the peer manager looks them up in the DHT ([`discover`]).
+    pub(crate) wanted: Mutex<HashMap<u32, std::time::Instant>>,
 }
 
 impl Network {
@@ -209,6 +217,8 @@ impl Network {
             announced: RwLock::new((None, grpc_port)),
             transport: std::sync::OnceLock::new(),
             witness: RwLock::new(None),
+            max_peers: std::sync::atomic::AtomicUsize::new(MAX_PEERS),
+            wanted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -301,9 +311,22 @@ impl Network {
         self.wallet.address()
     }
 
-    /// Changes the role and layers peers see (the layer pool calls this).
+    /// Changes the role and layers peers see (the layer pool calls this), and the layers
+    /// this node provides in the DHT.
     pub fn set_local_role(&self, role: LocalRole) {
+        let layers = role.layers.clone();
         *self.local.write() = role;
+        self.provide(layers);
+    }
+
+    /// Most peers kept in the table (at least 1).
+    pub fn set_max_peers(&self, n: usize) {
+        self.max_peers.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Most peers kept in the table.
+    pub fn max_peers(&self) -> usize {
+        self.max_peers.load(Ordering::Relaxed)
     }
 
     /// The role and layers peers see now.
@@ -373,10 +396,13 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), NetworkError> {
     net.attach(transport.clone());
+    net.provide(net.local_role().layers);
     manager::add_seeds(&net, &seeds);
     let manager = tokio::spawn(manager::run(net.clone(), shutdown.clone()));
+    let lookups = tokio::spawn(discover::run(net.clone(), shutdown.clone()));
     let result = service::serve(net.clone(), routes, &transport, wait_true(shutdown)).await;
     let _ = manager.await;
+    let _ = lookups.await;
     result
 }
 

@@ -18,9 +18,7 @@ use tokio::task::JoinSet;
 use super::client::PeerConn;
 use super::error::NetworkError;
 use super::score::node_key;
-use super::{
-    DROP_AFTER, MAX_KNOWN_ADDRESSES, MAX_PEERS, Network, PEX_INTERVAL, PING_INTERVAL, stopped,
-};
+use super::{DROP_AFTER, MAX_KNOWN_ADDRESSES, Network, PEX_INTERVAL, PING_INTERVAL, stopped};
 
 /// How often the manager looks for addresses to dial.
 const DIAL_TICK: Duration = Duration::from_millis(500);
@@ -43,6 +41,8 @@ pub struct Known {
     pub is_self: bool,
     /// The node last found there.
     pub id: Option<Address>,
+    /// The layers the node there holds, as peer exchange or the DHT said (empty: unknown).
+    pub layers: Vec<u32>,
 }
 
 /// The port of a `host:port` string.
@@ -67,6 +67,20 @@ pub fn join_host_port_str(host: &str, port: u16) -> String {
     }
 }
 
+/// How useful a peer holding `layers` is to this node (holding `own`): 3 when it holds a
+/// wanted layer, 2 when it is a neighbour stage or a replica, 1 otherwise (and when its
+/// layers are unknown: a seed is worth its place until something better is found).
+pub(crate) fn usefulness(own: &[u32], wanted: &HashSet<u32>, layers: &[u32]) -> u8 {
+    if layers.iter().any(|l| wanted.contains(l)) {
+        return 3;
+    }
+    let (Some(lo), Some(hi)) = (own.iter().min(), own.iter().max()) else {
+        return 1;
+    };
+    let near = |l: &u32| *l + 1 >= *lo && *l <= hi.saturating_add(1);
+    if layers.iter().any(near) { 2 } else { 1 }
+}
+
 fn known(net: &Network) -> MutexGuard<'_, HashMap<String, Known>> {
     net.known.lock()
 }
@@ -83,6 +97,7 @@ pub fn add_seeds(net: &Network, seeds: &[String]) {
                 next_try: Instant::now(),
                 is_self: false,
                 id: None,
+                layers: Vec::new(),
             },
         );
     }
@@ -119,8 +134,27 @@ pub fn learn_address(net: &Network, addr: &str) {
             next_try: Instant::now(),
             is_self: false,
             id: None,
+            layers: Vec::new(),
         },
     );
+}
+
+/// Remembers a holder of `layer` found in the DHT at `addr`: dialed at once, ahead of less
+/// useful addresses.
+pub fn learn_holder(net: &Network, addr: &str, id: Address, layer: u32) {
+    if id == net.id() || net.peers.contains(&id) {
+        return;
+    }
+    learn_address(net, addr);
+    if let Some(k) = known(net).get_mut(addr) {
+        if !k.layers.contains(&layer) {
+            k.layers.push(layer);
+        }
+        k.id = Some(id);
+        if k.failures == 0 {
+            k.next_try = Instant::now();
+        }
+    }
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -129,10 +163,14 @@ fn backoff(failures: u32) -> Duration {
         .min(BACKOFF_MAX)
 }
 
-/// Addresses worth dialing now.
+/// Addresses worth dialing now, the most useful first (see
+/// [`usefulness`]), no more than the table has room for. When
+/// the table is full and an address is more useful than the least useful peer (a holder of
+/// a wanted layer, a neighbour stage or a replica), that peer gives up its place.
 fn due(net: &Network, dialing: &HashSet<String>, now: Instant) -> Vec<String> {
-    let room = MAX_PEERS.saturating_sub(net.peers.len() + dialing.len());
-    known(net)
+    let own = net.local_role().layers;
+    let wanted = net.wanted_layers(now);
+    let mut candidates: Vec<(u8, String)> = known(net)
         .iter()
         .filter(|(addr, k)| {
             !k.is_self
@@ -140,9 +178,32 @@ fn due(net: &Network, dialing: &HashSet<String>, now: Instant) -> Vec<String> {
                 && !dialing.contains(*addr)
                 && !k.id.is_some_and(|id| net.peers.contains(&id))
         })
-        .map(|(a, _)| a.clone())
-        .take(room)
-        .collect()
+        .map(|(a, k)| (usefulness(&own, &wanted, &k.layers), a.clone()))
+        .collect();
+    candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let mut room = net
+        .max_peers()
+        .saturating_sub(net.peers.len() + dialing.len());
+    if room == 0
+        && dialing.is_empty()
+        && let Some((best, _)) = candidates.first()
+        && *best >= 2
+    {
+        let worst = net
+            .peers
+            .conns_with_info()
+            .into_iter()
+            .map(|(c, info)| (usefulness(&own, &wanted, &info.layers), c))
+            .min_by_key(|(u, c)| (*u, c.id));
+        if let Some((u, conn)) = worst
+            && u < *best
+            && net.peers.evict(&conn.id)
+        {
+            tracing::info!(peer = %conn.id, "peer dropped for a more useful one (peer.max_peers)");
+            room = 1;
+        }
+    }
+    candidates.into_iter().take(room).map(|(_, a)| a).collect()
 }
 
 /// Records a dial's outcome; returns the connection when it should be kept.
@@ -292,6 +353,9 @@ fn exchange(net: &Network, list: Vec<pb::NodeInfo>) {
             continue;
         }
         learn_address(net, &p.address);
+        if let Some(k) = known(net).get_mut(&p.address) {
+            k.layers = p.layers;
+        }
     }
 }
 
@@ -316,5 +380,18 @@ mod tests {
         assert_eq!(join_host_port("::1".parse().unwrap(), 5), "[::1]:5");
         assert_eq!(backoff(1), Duration::from_secs(2));
         assert_eq!(backoff(30), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn wanted_holders_beat_neighbours_beat_the_rest() {
+        let wanted = HashSet::from([7]);
+        let own = [2, 3];
+        assert_eq!(usefulness(&own, &wanted, &[7]), 3);
+        assert_eq!(usefulness(&own, &wanted, &[4, 5]), 2);
+        assert_eq!(usefulness(&own, &wanted, &[0, 1]), 2);
+        assert_eq!(usefulness(&own, &wanted, &[3]), 2);
+        assert_eq!(usefulness(&own, &wanted, &[9]), 1);
+        assert_eq!(usefulness(&own, &wanted, &[]), 1);
+        assert_eq!(usefulness(&[], &HashSet::new(), &[1]), 1);
     }
 }

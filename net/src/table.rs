@@ -102,6 +102,11 @@ impl PeerTable {
         }
     }
 
+    /// Removes a node's entry whatever its generation (its tasks end at their next check).
+    pub(crate) fn evict(&self, id: &Address) -> bool {
+        self.lock().remove(id).is_some()
+    }
+
     /// When the connection last answered; `None` when it is no longer in the table.
     pub(crate) fn last_ok(&self, id: &Address, generation: u64) -> Option<Instant> {
         self.lock()

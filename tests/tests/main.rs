@@ -20,6 +20,7 @@ mod cli;
 mod concurrent_inference;
 mod dashboard;
 mod deploy_units;
+mod dht;
 mod diloco;
 mod diloco_attack;
 mod diloco_restart;

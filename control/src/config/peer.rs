@@ -28,6 +28,11 @@ pub struct PeerConfig {
     pub relay_max_circuit_mib: u64,
     /// Seconds one relayed circuit may stay open before it is closed.
     pub relay_max_circuit_secs: u64,
+    /// Most peers this node keeps in its peer table (pings, routes, anti-entropy): the most
+    /// useful ones (holders of layers a stage needs, neighbour stages, replicas of its own
+    /// layers); the DHT finds the rest when needed. Not a cap on incoming connections
+    /// (that is `max_connections`).
+    pub max_peers: u32,
 }
 
 impl PeerConfig {
@@ -66,6 +71,7 @@ impl Default for PeerConfig {
             relay_max_circuits_per_peer: 8,
             relay_max_circuit_mib: 1024,
             relay_max_circuit_secs: 3600,
+            max_peers: neuroshard_net::MAX_PEERS as u32,
         }
     }
 }

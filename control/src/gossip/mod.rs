@@ -1,27 +1,27 @@
 //! Ledger gossip: the ledger's peer service, plugged into the network by the daemon like the
 //! DiLoCo and pipeline services. Push ([`sync::push_loop`]): every [`PUSH_INTERVAL`] the
-//! blocks stored since the last push (made here or received from a peer) go to every
-//! connected peer except the one a block came from. A receiver stores a block once, so it
-//! forwards it once: flooding with deduplication, which reaches nodes that are not neighbours
-//! of the author. Pull (anti-entropy, [`sync::pull`]): every [`SYNC_INTERVAL`] and right
+//! messages stored since the last push (made here or received) are published on the
+//! network's gossipsub topics ([`pubsub`]: ledger blocks and proofs apart), which hand each
+//! to a bounded mesh of peers; a receiver checks it ([`receive`]) before gossipsub forwards
+//! it, so it reaches nodes that are not neighbours of the author without a flood to every
+//! peer. A peer may still push blocks with the `Gossip` call (served, not used for push). Pull (anti-entropy, [`sync::pull`]): every [`SYNC_INTERVAL`] and right
 //! after connecting (the network's [`PeerUp`] events), a node asks each peer for the messages
 //! it stored after the last one seen, so a node that was offline catches up. Every received
 //! message goes through [`Ledger::apply`], which verifies it; a bad one is counted and charged
 //! to the peer that sent it. [`run`] runs both until shutdown; the daemon starts it.
 
+pub mod pubsub;
 pub mod service;
 pub mod sync;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use neuroshard_identity::{Address, Hash32};
+use neuroshard_identity::Address;
 use neuroshard_ledger::{Ledger, LedgerError, Message, Op};
 use neuroshard_net::score::{Offence, node_key};
 use neuroshard_net::{Network, NetworkError, PeerUp, stopped};
-use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
@@ -39,10 +39,6 @@ pub const MAX_GOSSIP_MESSAGES: usize = 1024;
 pub const MAX_LEDGER_MESSAGE_BYTES: usize = 64 * 1024;
 /// Most messages in one anti-entropy page (and one push).
 pub const SYNC_PAGE: u32 = 512;
-
-/// Block origins remembered at most (the map is cleared when full: at worst a block is sent
-/// back to the peer it came from, which answers "duplicate").
-const MAX_ORIGINS: usize = 100_000;
 
 /// Every way gossip can fail: the transport's errors, and the local ledger's.
 #[derive(Debug, thiserror::Error)]
@@ -70,31 +66,12 @@ impl From<GossipError> for Status {
     }
 }
 
-/// Which peer each recently received block came from.
-#[derive(Debug, Default)]
-pub struct Origins {
-    inner: Mutex<HashMap<Hash32, Address>>,
-}
-
-impl Origins {
-    fn record(&self, hash: Hash32, from: Address) {
-        let mut g = self.inner.lock();
-        if g.len() >= MAX_ORIGINS {
-            g.clear();
-        }
-        g.insert(hash, from);
-    }
-
-    fn take(&self, hash: &Hash32) -> Option<Address> {
-        self.inner.lock().remove(hash)
-    }
-}
-
-/// What gossip works with: the transport, the ledger and where recent blocks came from.
+/// What gossip works with: the transport and the ledger.
 pub struct Gossip {
     pub net: Arc<Network>,
     pub ledger: Arc<Ledger>,
-    origins: Origins,
+    /// Messages accepted from gossipsub (which forwards them): the push skips them.
+    gossiped: parking_lot::Mutex<std::collections::HashSet<neuroshard_net::p2p::gossip::MessageId>>,
     /// The keys this node holds: a transfer to one of them is claimed as soon as it arrives.
     /// None: nothing is claimed here (the node's proofs of work still claim).
     keys: Option<Arc<Keyring>>,
@@ -114,7 +91,7 @@ impl Gossip {
         Arc::new(Gossip {
             net,
             ledger,
-            origins: Origins::default(),
+            gossiped: Default::default(),
             keys,
         })
     }
@@ -173,13 +150,7 @@ pub async fn receive(
         };
         match result {
             Ok(applied) => {
-                let mut new = false;
-                for (hash, fresh, _) in &applied.blocks {
-                    if *fresh {
-                        new = true;
-                        gossip.origins.record(*hash, from);
-                    }
-                }
+                let new = applied.blocks.iter().any(|(_, fresh, _)| *fresh);
                 if new {
                     paid.extend(sends);
                 }
@@ -226,13 +197,15 @@ pub async fn receive(
     Ok(tally)
 }
 
-/// Pushes new blocks to every peer and pulls each new peer's ledger (announced on
-/// `connected`) right away and every [`SYNC_INTERVAL`], until `shutdown` turns true.
+/// Publishes new blocks, checks the ones gossip brings, and pulls each new peer's ledger
+/// (announced on `connected`) right away and every [`SYNC_INTERVAL`], until `shutdown`
+/// turns true.
 pub async fn run(
     gossip: Arc<Gossip>,
     mut connected: mpsc::UnboundedReceiver<PeerUp>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let inbound = tokio::spawn(pubsub::run(gossip.clone(), shutdown.clone()));
     let push = tokio::spawn(sync::push_loop(gossip.clone(), shutdown.clone()));
     let mut stop = shutdown.clone();
     loop {
@@ -256,6 +229,7 @@ pub async fn run(
         }
     }
     let _ = push.await;
+    let _ = inbound.await;
 }
 
 #[cfg(test)]

@@ -1,16 +1,14 @@
-//! The two directions of ledger gossip: the push of new blocks to every peer, and the pull
-//! (anti-entropy) of what one peer holds.
+//! The two directions of ledger gossip: the push of new blocks (published on gossipsub),
+//! and the pull (anti-entropy) of what one peer holds.
 
 use std::sync::Arc;
 
-use neuroshard_identity::Address;
 use neuroshard_net::client::PeerConn;
 use neuroshard_net::{NetworkError, stopped};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
+use super::sync_ledger;
 use super::{Gossip, GossipError, PUSH_INTERVAL, SYNC_INTERVAL, SYNC_PAGE, receive};
-use super::{gossip_ledger, sync_ledger};
 
 /// Pulls every message `conn`'s node stored after `*after`, page by page; advances `*after`.
 /// Returns how many messages were new here.
@@ -84,7 +82,7 @@ pub async fn anti_entropy(
     }
 }
 
-/// Pushes newly stored blocks to every connected peer until `shutdown` turns true.
+/// Publishes newly stored messages on their gossip topics until `shutdown` turns true.
 pub async fn push_loop(gossip: Arc<Gossip>, shutdown: watch::Receiver<bool>) {
     let mut stop = shutdown;
     // Blocks held before start reach peers through their anti-entropy pulls.
@@ -111,45 +109,8 @@ pub async fn push_loop(gossip: Arc<Gossip>, shutdown: watch::Receiver<bool>) {
             continue;
         };
         cursor = *last;
-        let batch: Vec<(Option<Address>, Vec<u8>)> = page
-            .iter()
-            .map(|(_, m)| {
-                let origin = m
-                    .blocks()
-                    .first()
-                    .and_then(|b| gossip.origins.take(&b.hash()));
-                (origin, m.to_bytes())
-            })
-            .collect();
-        push(&gossip, &batch).await;
-    }
-}
-
-/// Sends `batch` to every connected peer (except each block's origin), all peers at once.
-async fn push(gossip: &Gossip, batch: &[(Option<Address>, Vec<u8>)]) {
-    let mut sends = JoinSet::new();
-    for conn in gossip.net.peers.conns() {
-        let messages = for_peer(batch, conn.id);
-        if messages.is_empty() {
-            continue;
+        for (_, m) in &page {
+            super::pubsub::publish(&gossip, m);
         }
-        sends.spawn(async move {
-            let n = messages.len();
-            match gossip_ledger(&conn, messages).await {
-                Ok(r) => tracing::debug!(peer = %conn.id, sent = n, accepted = r.accepted, duplicates = r.duplicates, rejected = r.rejected, "ledger pushed"),
-                // A peer that missed a push catches up by pulling.
-                Err(e) => tracing::debug!(peer = %conn.id, error = %e, "ledger push failed"),
-            }
-        });
     }
-    while sends.join_next().await.is_some() {}
-}
-
-/// The messages of `batch` to send to `peer`: all but those that came from it.
-pub(super) fn for_peer(batch: &[(Option<Address>, Vec<u8>)], peer: Address) -> Vec<Vec<u8>> {
-    batch
-        .iter()
-        .filter(|(origin, _)| *origin != Some(peer))
-        .map(|(_, bytes)| bytes.clone())
-        .collect()
 }

@@ -114,6 +114,7 @@ pub fn plan_inference(
     let ranges: Vec<_> = targets.iter().map(Target::layers).collect();
     let remote = |i: usize| matches!(targets[i], Target::Peer(_));
     let route = super::shortest_route(&ranges, remote, 0, total).ok_or_else(|| {
+        net.want_layers(0..total);
         PipeError::NoRoute(format!(
             "the connected peers do not cover layers 0..{total}; the model is not covered"
         ))

@@ -88,6 +88,8 @@ pub fn plan_route(net: &Network, from: u32, total: u32) -> Result<Vec<Hop>, Pipe
     let hops = training_hops(net, total);
     let ranges: Vec<_> = hops.iter().map(|h| h.layers.clone()).collect();
     let route = shortest_route(&ranges, |_| true, from, total).ok_or_else(|| {
+        // Look the missing holders up in the DHT: the next try finds them connected.
+        net.want_layers(from..total);
         PipeError::NoRoute(format!(
             "the connected peers do not cover layers {from}..{total}"
         ))

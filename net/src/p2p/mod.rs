@@ -11,8 +11,10 @@
 //! whichever side opened it), and the remote address of a peer's connection.
 
 pub mod admit;
+pub mod gossip;
 pub mod io;
 pub mod relay;
+pub mod kad;
 pub mod swarm;
 
 use std::collections::HashMap;
@@ -104,6 +106,18 @@ pub(crate) enum Command {
     },
     /// Close every connection to a peer.
     Disconnect(PeerId),
+    /// A DHT request (provide layers, find holders).
+    Kad(kad::KadCommand),
+    /// Join a gossip topic.
+    Subscribe(String),
+    /// Publish a message on a gossip topic.
+    Publish { topic: String, data: Vec<u8> },
+    /// The verdict on a received gossip message.
+    Report {
+        id: libp2p::gossipsub::MessageId,
+        from: PeerId,
+        verdict: gossip::Verdict,
+    },
 }
 
 /// Why a dial found no peer.
@@ -125,6 +139,8 @@ pub(crate) struct Book {
     pub(crate) relayed: RwLock<HashMap<PeerId, std::time::Instant>>,
     /// The circuit addresses each connected peer listens on (identify), `/p2p/<peer>` last.
     pub(crate) circuits: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
+    /// The listen addresses each connected peer reported (identify).
+    pub(crate) listen: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
 }
 
 /// A handle to the swarm task. Cheap to clone.
@@ -134,6 +150,8 @@ pub struct Transport {
     control: libp2p_stream::Control,
     commands: mpsc::UnboundedSender<Command>,
     book: Arc<Book>,
+    /// The gossip messages received, for the one reader that takes them.
+    gossip_in: Arc<parking_lot::Mutex<Option<mpsc::Receiver<gossip::Inbound>>>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -268,6 +286,71 @@ impl Transport {
             .open_stream(peer, PEER_PROTOCOL)
             .await
             .map_err(|e| NetworkError::Transport(format!("opening a stream to {peer}: {e}")))
+    }
+
+    /// The number of peers with an open connection.
+    pub fn connections(&self) -> usize {
+        self.book.remote.read().len()
+    }
+
+    /// The peer-port `host:port` of a connected peer: the IP its connection comes from and
+    /// the TCP port it listens on (None until identify reported it, or for a relayed one).
+    pub fn peer_port_address(&self, peer: &PeerId) -> Option<String> {
+        let ip = self.remote_of(peer)?.ip();
+        kad::peer_port_address(ip, self.book.listen.read().get(peer)?)
+    }
+
+    fn send(&self, command: Command) -> Result<(), NetworkError> {
+        self.commands
+            .send(command)
+            .map_err(|_| NetworkError::Transport("the swarm task has stopped".into()))
+    }
+
+    /// Publishes provider records in the DHT for exactly `layers` (`layer_{i}`), withdrawing
+    /// those of the layers no longer held.
+    pub fn provide(&self, layers: Vec<u32>) -> Result<(), NetworkError> {
+        self.send(Command::Kad(kad::KadCommand::Provide(layers)))
+    }
+
+    /// Looks up the holders of `layer` in the DHT; the swarm dials those it finds. Answers
+    /// the peer ids found (this node's excluded), none when nobody holds it.
+    pub async fn find_holders(&self, layer: u32) -> Result<Vec<PeerId>, NetworkError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Kad(kad::KadCommand::Find { layer, reply }))?;
+        tokio::time::timeout(kad::LOOKUP_TIMEOUT + super::CONNECT_TIMEOUT, answer)
+            .await
+            .map_err(|_| NetworkError::Transport(format!("looking up layer {layer}: timed out")))?
+            .map_err(|_| NetworkError::Transport("the swarm task has stopped".into()))
+    }
+
+    /// Joins the gossip topic `topic`.
+    pub fn subscribe(&self, topic: &str) -> Result<(), NetworkError> {
+        self.send(Command::Subscribe(topic.to_string()))
+    }
+
+    /// Publishes `data` on the gossip topic `topic` (to its mesh; a message already seen is
+    /// not sent again).
+    pub fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), NetworkError> {
+        self.send(Command::Publish {
+            topic: topic.to_string(),
+            data,
+        })
+    }
+
+    /// Reports the verdict on a received gossip message (see [`gossip::Verdict`]).
+    pub fn report(&self, message: &gossip::Inbound, verdict: gossip::Verdict) {
+        // A stopped swarm forwards nothing anyway.
+        let _ = self.send(Command::Report {
+            id: message.id.clone(),
+            from: message.from,
+            verdict,
+        });
+    }
+
+    /// The gossip messages received on the subscribed topics: the first caller gets them,
+    /// later ones None.
+    pub fn take_gossip(&self) -> Option<mpsc::Receiver<gossip::Inbound>> {
+        self.gossip_in.lock().take()
     }
 
     /// The streams peers open to this node.

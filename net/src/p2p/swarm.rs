@@ -8,15 +8,20 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::Transport as _;
+use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, noise, relay, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, noise, relay, tcp, yamux,
+};
 use neuroshard_identity::Wallet;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use super::admit::Admission;
 use super::admit::Admit;
 use super::relay::{self as paths, Paths};
+use super::gossip::{self as gossip_topics, INBOUND_QUEUE, Inbound};
+use super::kad::Discovery;
 use super::{AGENT_PROTOCOL, Book, Command, DialFailure, Transport, keypair};
 use crate::NetworkError;
 
@@ -34,6 +39,8 @@ pub(crate) struct Behaviour {
     pub(crate) relay: relay::Behaviour,
     pub(crate) relay_client: relay::client::Behaviour,
     pub(crate) dcutr: dcutr::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    gossip: gossipsub::Behaviour,
 }
 
 /// A dial in flight: the addresses left to try and who waits for the peer id.
@@ -77,22 +84,26 @@ pub async fn start(
         .map_err(|e| failed("tcp", e.to_string()))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| failed("relay client", e.to_string()))?
-        .with_behaviour(|key, relay_client| {
-            let me = key.public().to_peer_id();
-            Behaviour {
-                admit: Admit::new(admission),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(AGENT_PROTOCOL.into(), key.public())
-                        // Peers learn a new circuit address when a reservation is accepted.
-                        .with_push_listen_addr_updates(true),
-                ),
-                stream: libp2p_stream::Behaviour::new(),
-                autonat: paths::autonat(me),
-                relay: paths::server(me, &options.limits),
-                relay_client,
-                dcutr: paths::dcutr(me),
-            }
-        })
+        .with_behaviour(
+            |key, relay_client| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let me = key.public().to_peer_id();
+                Ok(Behaviour {
+                    admit: Admit::new(admission),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(AGENT_PROTOCOL.into(), key.public())
+                            // Peers learn a new circuit address when a reservation is accepted.
+                            .with_push_listen_addr_updates(true),
+                    ),
+                    stream: libp2p_stream::Behaviour::new(),
+                    autonat: paths::autonat(me),
+                    relay: paths::server(me, &options.limits),
+                    relay_client,
+                    dcutr: paths::dcutr(me),
+                    kad: super::kad::behaviour(me, port.is_some()),
+                    gossip: gossip_topics::behaviour(key)?,
+                })
+            },
+        )
         .map_err(|e| failed("behaviour", e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
@@ -111,13 +122,15 @@ pub async fn start(
     let paths = Paths::start(&mut swarm, &options);
     let (commands, rx) = mpsc::unbounded_channel();
     let book = Arc::new(Book::default());
+    let (gossip_tx, gossip_rx) = mpsc::channel(INBOUND_QUEUE);
     let transport = Transport {
         peer_id: *swarm.local_peer_id(),
         control: swarm.behaviour().stream.new_control(),
         commands,
         book: book.clone(),
+        gossip_in: Arc::new(parking_lot::Mutex::new(Some(gossip_rx))),
     };
-    tokio::spawn(run(swarm, paths, rx, book, state, shutdown));
+    tokio::spawn(run(swarm, paths, rx, book, state, gossip_tx, shutdown));
     Ok(transport)
 }
 
@@ -161,9 +174,13 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     book: Arc<Book>,
     state: Arc<crate::state::PeerState>,
+    gossip_in: mpsc::Sender<Inbound>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut dials: HashMap<ConnectionId, Dial> = HashMap::new();
+    let mut discovery = Discovery::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Open connections per peer: the book forgets a peer when its last one closes.
     let mut open: HashMap<PeerId, usize> = HashMap::new();
     loop {
@@ -176,13 +193,23 @@ async fn run(
                 Some(Command::Disconnect(peer)) => {
                     let _ = swarm.disconnect_peer_id(peer);
                 }
+                Some(other) => overlay_command(&mut swarm, &mut discovery, other),
                 // Every handle is gone: nobody can use the swarm any more.
                 None => return,
             },
+            _ = tick.tick() => discovery.tick(&mut swarm.behaviour_mut().kad, std::time::Instant::now()),
             event = swarm.select_next_some() => {
             paths.on_event(&mut swarm, &book, &event);
             match event {
+                SwarmEvent::Behaviour(event) => {
+                    overlay_event(&mut swarm, &mut discovery, &book, &gossip_in, event);
+                }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                    if endpoint.is_dialer() {
+                        // The address this node dialed is one the peer listens on.
+                        let addr = endpoint.get_remote_address().clone();
+                        swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
                     *open.entry(peer_id).or_default() += 1;
                     book.remote
                         .write()
@@ -198,6 +225,7 @@ async fn run(
                     if *n == 0 {
                         open.remove(&peer_id);
                         book.remote.write().remove(&peer_id);
+                        book.listen.write().remove(&peer_id);
                     }
                 }
                 // Garbage, a failed noise/TLS handshake or one never finished in time.
@@ -249,4 +277,89 @@ fn dial(swarm: &mut Swarm<Behaviour>, dials: &mut HashMap<ConnectionId, Dial>, m
     let _ = d
         .reply
         .send(Err(DialFailure::Failed("no address to dial".into())));
+}
+
+/// Runs a command of the DHT or of gossip (the overlay on top of the connections).
+fn overlay_command(swarm: &mut Swarm<Behaviour>, discovery: &mut Discovery, command: Command) {
+    let b = swarm.behaviour_mut();
+    match command {
+        Command::Kad(c) => discovery.command(&mut b.kad, c),
+        Command::Subscribe(name) => {
+            let topic = gossip_topics::topic(&name);
+            if let Err(e) = b.gossip.subscribe(&topic) {
+                tracing::warn!(topic = %name, error = %e, "cannot join a gossip topic");
+            }
+            if let Err(e) = b
+                .gossip
+                .set_topic_params(topic, gossip_topics::topic_score_params())
+            {
+                tracing::warn!(topic = %name, error = %e, "gossip topic scores");
+            }
+        }
+        Command::Publish { topic, data } => {
+            match b.gossip.publish(gossip_topics::topic(&topic), data) {
+                // Seen already (received, or published by another node): nothing to send.
+                Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
+                // No peer on the topic yet: anti-entropy brings it to them later.
+                Err(e) => tracing::debug!(%topic, error = %e, "gossip publish"),
+            }
+        }
+        Command::Report { id, from, verdict } => {
+            b.gossip
+                .report_message_validation_result(&id, &from, verdict.into());
+        }
+        Command::Dial { .. } | Command::Disconnect(_) => {}
+    }
+}
+
+/// Handles an event of a behaviour: identify feeds the routing table and the book, the DHT
+/// answers lookups (and the holders found are dialed), gossip hands its messages over.
+fn overlay_event(
+    swarm: &mut Swarm<Behaviour>,
+    discovery: &mut Discovery,
+    book: &Book,
+    gossip_in: &mpsc::Sender<Inbound>,
+    event: BehaviourEvent,
+) {
+    match event {
+        BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            for addr in super::kad::routable(&info.listen_addrs) {
+                swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+            }
+            book.listen.write().insert(peer_id, info.listen_addrs);
+        }
+        BehaviourEvent::Kad(event) => {
+            let local = *swarm.local_peer_id();
+            let dials = discovery.on_event(&mut swarm.behaviour_mut().kad, event, local);
+            for opts in dials {
+                if let Err(e) = swarm.dial(opts) {
+                    tracing::debug!(error = %e, "dialing a holder found in the DHT");
+                }
+            }
+        }
+        BehaviourEvent::Gossip(gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        }) => {
+            let inbound = Inbound {
+                topic: message.topic.into_string(),
+                from: propagation_source,
+                id: message_id.clone(),
+                data: message.data,
+            };
+            if gossip_in.try_send(inbound).is_err() {
+                // Nobody reads, or too much waits: drop it unforwarded, charging nobody.
+                swarm
+                    .behaviour_mut()
+                    .gossip
+                    .report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        gossipsub::MessageAcceptance::Ignore,
+                    );
+            }
+        }
+        _ => {}
+    }
 }
