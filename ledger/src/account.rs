@@ -164,8 +164,10 @@ pub struct ProofRecord {
     pub reward: u64,
     pub reason: Option<String>,
     pub reason_code: Option<&'static str>,
-    /// The nodes whose receipts back the proof (heartbeat attesters included).
+    /// The nodes whose receipts of the work back the proof (forward, backward, contribution).
     pub attested_by: Vec<Address>,
+    /// The peers whose heartbeat receipts back its uptime.
+    pub uptime_attested_by: Vec<Address>,
     /// Uptime credited (seconds): what the heartbeat receipts attest, at most the claim.
     pub uptime_seconds: u64,
     /// Staked verifiers' verdicts on it that count: (voter, guilty, verdict timestamp).

@@ -640,6 +640,7 @@ impl Ledger {
                 reward: 0,
                 reason: Some(r.reason.clone()),
                 attested_by: Vec::new(),
+                uptime_attested_by: Vec::new(),
                 uptime_seconds: 0,
                 judged_by: Vec::new(),
             });

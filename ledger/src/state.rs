@@ -332,17 +332,8 @@ impl LedgerState {
                 reward,
                 reason,
                 reason_code,
-                attested_by: {
-                    let mut by: Vec<Address> = proof
-                        .proof
-                        .receipts
-                        .iter()
-                        .map(|r| r.receipt.attester)
-                        .collect();
-                    by.sort();
-                    by.dedup();
-                    by
-                },
+                attested_by: attesters(&proof.proof, false),
+                uptime_attested_by: attesters(&proof.proof, true),
                 uptime_seconds,
                 judged_by: Vec::new(),
             });
@@ -617,4 +608,18 @@ mod tests {
         st.rebuild();
         assert_eq!(st.root_hash(), root);
     }
+}
+
+/// The distinct attesters of a proof's cited receipts, sorted: of its heartbeats (uptime) or
+/// of the rest (the work).
+fn attesters(proof: &crate::proof::Proof, heartbeats: bool) -> Vec<Address> {
+    let mut by: Vec<Address> = proof
+        .receipts
+        .iter()
+        .filter(|r| (r.receipt.kind == crate::receipt::ReceiptKind::Heartbeat) == heartbeats)
+        .map(|r| r.receipt.attester)
+        .collect();
+    by.sort();
+    by.dedup();
+    by
 }

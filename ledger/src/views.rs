@@ -97,8 +97,10 @@ pub struct ProofEntry {
     pub reward: u64,
     /// Why it earned nothing, when it did not.
     pub reason: Option<String>,
-    /// The nodes whose receipts back the proof (heartbeat attesters included).
+    /// The nodes whose receipts of the work back the proof.
     pub attested_by: Vec<Address>,
+    /// The peers whose heartbeat receipts back its uptime.
+    pub uptime_attested_by: Vec<Address>,
     /// Uptime credited (seconds).
     pub uptime_seconds: u64,
     /// Staked verifiers' counted verdicts: (voter, guilty, when).
@@ -116,6 +118,7 @@ impl From<&ProofRecord> for ProofEntry {
             reward: p.reward,
             reason: p.reason.clone(),
             attested_by: p.attested_by.clone(),
+            uptime_attested_by: p.uptime_attested_by.clone(),
             uptime_seconds: p.uptime_seconds,
             judged_by: p.judged_by.clone(),
         }

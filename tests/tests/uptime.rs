@@ -61,7 +61,7 @@ fn rewarded(node: &Node) -> Vec<Rewarded> {
                     .timestamp(),
                 uptime: p["uptime_seconds"].as_u64()?,
                 reward: p["reward"].as_f64()?,
-                attested_by: p["attested_by"]
+                attested_by: p["uptime_attested_by"]
                     .as_array()?
                     .iter()
                     .filter_map(|a| a.as_str().map(|s| s.to_lowercase()))

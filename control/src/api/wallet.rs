@@ -454,9 +454,11 @@ pub struct ProofView {
     /// Why it earned nothing, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The nodes whose signed receipts of the work back the proof (issue #19), the peers
-    /// whose heartbeat receipts attest its uptime included.
+    /// The nodes whose signed receipts of the work (activations, gradients, DiLoCo
+    /// contributions they received) back the proof (issue #19).
     pub attested_by: Vec<String>,
+    /// The peers whose signed heartbeat receipts back its uptime.
+    pub uptime_attested_by: Vec<String>,
     /// Uptime credited, in seconds: at most what peers' heartbeat receipts attest.
     pub uptime_seconds: u64,
     /// Staked verifiers that recomputed a sampled part of the work, with their verdict and
@@ -509,6 +511,11 @@ pub async fn proofs(
                 reward: units_to_neuro(e.reward),
                 reason: e.reason,
                 attested_by: e.attested_by.iter().map(|a| a.to_checksum()).collect(),
+                uptime_attested_by: e
+                    .uptime_attested_by
+                    .iter()
+                    .map(|a| a.to_checksum())
+                    .collect(),
                 uptime_seconds: e.uptime_seconds,
                 verified_by: e
                     .judged_by

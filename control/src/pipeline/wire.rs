@@ -256,7 +256,11 @@ fn widen(t: &pb::PipelineTensor, dtype: WireDType) -> Option<Vec<u8>> {
         WireDType::Bf16 => t
             .data
             .chunks_exact(2)
-            .flat_map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+            .flat_map(|c| {
+                half::bf16::from_le_bytes([c[0], c[1]])
+                    .to_f32()
+                    .to_le_bytes()
+            })
             .collect(),
         WireDType::IntRows(bits) => {
             let row = t.shape.last().copied().unwrap_or(0) as usize;

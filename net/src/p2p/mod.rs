@@ -13,8 +13,8 @@
 pub mod admit;
 pub mod gossip;
 pub mod io;
-pub mod relay;
 pub mod kad;
+pub mod relay;
 pub mod swarm;
 
 use std::collections::HashMap;

@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use super::admit::Admission;
 use super::admit::Admit;
-use super::relay::{self as paths, Paths};
 use super::gossip::{self as gossip_topics, INBOUND_QUEUE, Inbound};
 use super::kad::Discovery;
+use super::relay::{self as paths, Paths};
 use super::{AGENT_PROTOCOL, Book, Command, DialFailure, Transport, keypair};
 use crate::NetworkError;
 
