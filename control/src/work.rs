@@ -2,7 +2,8 @@
 //! it did since its last one (uptime, training batches with the model hash before and after,
 //! inference tokens) and submits it to the ledger, which verifies it and mints the reward on
 //! the node wallet's chain. Uptime is what peers' heartbeat receipts attest (cited in the
-//! proof), training what the stages' and replicas' receipts attest. Refused proofs are recorded by the ledger with their reason.
+//! proof), training what the stages' and replicas' receipts attest, inference the tokens
+//! that payers' signed payments to the node paid for. Refused proofs are recorded by the ledger with their reason.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use neuroshard_ledger::keys::keccak;
-use neuroshard_ledger::proof::{EPOCH_SECONDS, MAX_UPTIME_SECONDS};
+use neuroshard_ledger::proof::{EPOCH_SECONDS, MAX_TOKENS_PER_SECOND, MAX_UPTIME_SECONDS};
 use neuroshard_ledger::receipt::ReceiptKind;
 use neuroshard_ledger::{Proof, ProofType, SignedProof};
 use parking_lot::Mutex;
@@ -293,7 +294,25 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         (total - batches).min(MAX_UNCLAIMED)
     };
     let trained = batches > 0;
-    let inference_tokens = tokens.saturating_sub(mark.tokens);
+    // Transfers to the node wallet are claimed once an epoch (sends claim them too), before
+    // the proof: inference is rewarded only up to the tokens that the payments claimed on
+    // this chain paid for (the ledger voids an inference proof that claims more).
+    if let Err(e) = state.ledger.claim_incoming(&state.wallet, now).await {
+        tracing::warn!(error = %e, "claiming incoming transfers failed");
+    }
+    let served = tokens.saturating_sub(mark.tokens);
+    let inference_tokens = state
+        .ledger
+        .paid_inference_tokens(&state.wallet.address(), epoch_id)
+        .await
+        .min(MAX_TOKENS_PER_SECOND * EPOCH_SECONDS as u64);
+    if served > inference_tokens {
+        tracing::debug!(
+            served,
+            paid = inference_tokens,
+            "inference tokens served without a payment (own wallet or unpaid) earn nothing"
+        );
+    }
     let loss = training.loss.map(f64::from).unwrap_or(0.0);
     let proof_type = if trained {
         ProofType::Training
@@ -318,7 +337,7 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
         timestamp: now,
         nonce: rand::random(),
         uptime_seconds,
-        tokens_processed: inference_tokens.min(33_333 * EPOCH_SECONDS as u64),
+        tokens_processed: inference_tokens,
         training_batches: batches,
         // Data samples earn only when served to others, and nothing attests that yet.
         data_samples: 0,
@@ -348,10 +367,6 @@ async fn prove(state: &Minter, mark: Mark) -> Mark {
             heartbeats
         },
     };
-    // Transfers to the node wallet are claimed once an epoch (sends claim them too).
-    if let Err(e) = state.ledger.claim_incoming(&state.wallet, now).await {
-        tracing::warn!(error = %e, "claiming incoming transfers failed");
-    }
     // Nothing attested to claim (no peer heard this node, it neither trained nor served): a
     // proof would earn nothing and be refused, so none is made.
     let claims_nothing = proof.uptime_seconds == 0 && !trained && inference_tokens == 0;

@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 use super::address::Address;
 use super::block::{Op, SignedBlock};
 use super::dates::timestamp_string;
+use super::inference::InferenceCredit;
 use super::keys::Hash32;
-use super::proof::{MAX_PROOFS_PER_HOUR, RejectReason};
+use super::proof::{MAX_PROOFS_PER_HOUR, ProofType, RejectReason};
 use super::receipt::{ReceiptKey, ReceiptKind, attested};
 use super::rewards::{SECONDS_PER_DAY, UNSTAKE_COOLDOWN_DAYS, compute_reward};
 use super::rules::Rules;
@@ -24,6 +25,9 @@ pub enum SourceInfo {
         from: Address,
         to: Address,
         amount: u64,
+        /// For an inference payment (see `inference.rs`): the epoch of the send and the tokens
+        /// it pays for.
+        inference: Option<(u64, u64)>,
     },
     /// A block that can never be claimed (void, not a send, or cut off by equivocation).
     Unusable(&'static str),
@@ -100,6 +104,8 @@ pub enum Effect {
         from: Address,
         amount: u64,
         source: Hash32,
+        /// Paid inference tokens credited to the account: (epoch of the payment, tokens).
+        inference: Option<(u64, u64)>,
     },
     Staked {
         amount: u64,
@@ -199,6 +205,8 @@ pub struct Account {
     /// What the receipts of the rewards so far counted, per (attester, kind, epoch), for the
     /// epochs a later proof's receipts may still name.
     pub receipt_counts: BTreeMap<ReceiptKey, u64>,
+    /// Inference tokens paid by other accounts' signed payments and not yet rewarded.
+    pub inference_credit: InferenceCredit,
     /// Rewards still in their challenge window: (release time, amount), oldest first.
     pub pending_rewards: VecDeque<(i64, u64)>,
     /// Reward blocks this account has judged (one verdict each).
@@ -247,6 +255,7 @@ impl Account {
             reward_times: VecDeque::new(),
             pending_rewards: VecDeque::new(),
             receipt_counts: BTreeMap::new(),
+            inference_credit: InferenceCredit::default(),
             judged: HashSet::new(),
             history: Vec::new(),
             proofs: Vec::new(),
@@ -329,7 +338,12 @@ impl Account {
                 })
             }
             Op::Receive { source: src_hash } => match source {
-                Some(SourceInfo::Send { from, to, amount }) => {
+                Some(SourceInfo::Send {
+                    from,
+                    to,
+                    amount,
+                    inference,
+                }) => {
                     if *to != self.address {
                         Outcome::Void(VoidReason::BadSource("not addressed to this account"))
                     } else if self.claimed.contains(src_hash) {
@@ -339,6 +353,8 @@ impl Account {
                             from: *from,
                             amount: *amount,
                             source: *src_hash,
+                            // A node paying itself earns no inference reward.
+                            inference: inference.filter(|_| *from != self.address),
                         })
                     }
                 }
@@ -470,7 +486,16 @@ impl Account {
         } else {
             attested.uptime_seconds
         };
-        let work = p.work(max_uptime);
+        // Inference: at most the tokens payers paid this node for (their signed transfers,
+        // claimed on this chain); a proof of type inference that claims more is void.
+        let paid = self.inference_credit.available(p.epoch_id);
+        if p.proof_type == ProofType::Inference && p.tokens_processed > paid {
+            return Err(RejectReason::Unattested(format!(
+                "claims {} inference tokens, payments signed by payers cover {paid}",
+                p.tokens_processed
+            )));
+        }
+        let work = p.work(max_uptime, paid);
         let computed = compute_reward(&work, self.staked, self.stake_days).total;
         Ok((computed, work.uptime_seconds))
     }

@@ -104,6 +104,7 @@ fn receive_rules() {
         from: Wallet::from_seed(2).address(),
         to: w.address(),
         amount: 7,
+        inference: None,
     };
     assert!(matches!(a.evaluate(&rcv, Some(&mine)), Outcome::Applied(_)));
     a.claimed.insert(src);
@@ -115,6 +116,7 @@ fn receive_rules() {
         from: Wallet::from_seed(2).address(),
         to: Wallet::from_seed(3).address(),
         amount: 7,
+        inference: None,
     };
     a.claimed.clear();
     assert!(matches!(

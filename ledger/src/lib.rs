@@ -46,6 +46,7 @@ pub mod dates;
 pub mod db;
 pub mod error;
 pub mod fraud;
+pub mod inference;
 pub mod judge;
 pub mod proof;
 pub mod receipt;

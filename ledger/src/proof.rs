@@ -276,13 +276,14 @@ impl Proof {
         (last - first + 1 == self.layers_held.len() as u32).then_some((first, last + 1))
     }
 
-    /// The work this proof claims, with uptime credited up to `max_uptime` seconds.
-    pub fn work(&self, max_uptime: u64) -> Work {
+    /// The work this proof claims, with uptime credited up to `max_uptime` seconds and
+    /// inference up to `max_tokens` paid tokens.
+    pub fn work(&self, max_uptime: u64, max_tokens: u64) -> Work {
         Work {
             uptime_seconds: self.uptime_seconds.min(max_uptime),
             training_batches: self.training_batches,
             layers_held: self.layers_held.len() as u64,
-            tokens_processed: self.tokens_processed,
+            tokens_processed: self.tokens_processed.min(max_tokens),
             data_samples: self.data_samples,
             holds_embedding: self.holds_embedding,
             holds_lm_head: self.holds_lm_head,

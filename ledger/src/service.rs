@@ -117,6 +117,16 @@ impl Ledger {
         (a.steps, last)
     }
 
+    /// The inference tokens that payers' signed payments (claimed on `address`'s chain) let a
+    /// proof of `epoch` claim: at most this is rewarded (see `inference.rs`).
+    pub async fn paid_inference_tokens(&self, address: &Address, epoch: u64) -> u64 {
+        let inner = self.inner.lock().await;
+        inner
+            .state
+            .chain_account(address)
+            .map_or(0, |a| a.inference_credit.available(epoch))
+    }
+
     /// What `receipts` attest for `address`'s next proof beyond what its earlier rewards
     /// counted (training steps and uptime), and the epoch of its last reward.
     pub async fn attested(

@@ -235,6 +235,11 @@ impl LedgerState {
                     from: b.account,
                     to: *to,
                     amount: *amount,
+                    inference: match &b.op {
+                        Op::Send { memo, .. } => super::inference::paid_tokens(memo, *amount)
+                            .map(|t| (super::proof::Proof::epoch_of(b.timestamp), t)),
+                        _ => None,
+                    },
                 },
                 Outcome::Applied(_) => SourceInfo::Unusable("not a send"),
                 Outcome::Void(_) => SourceInfo::Unusable("void send"),
@@ -355,8 +360,16 @@ impl LedgerState {
                 );
                 self.incoming.entry(to).or_default().insert(hash);
             }
-            Effect::Received { amount, source, .. } => {
+            Effect::Received {
+                amount,
+                source,
+                inference,
+                ..
+            } => {
                 account.available += amount;
+                if let Some((epoch, tokens)) = inference {
+                    account.inference_credit.add(epoch, tokens);
+                }
                 account.claimed.insert(source);
                 self.inflight.remove(&source);
                 if let Some(set) = self.incoming.get_mut(&addr) {
@@ -408,6 +421,10 @@ impl LedgerState {
                     )
                     .counted;
                     account.last_reward_epoch = Some(p.epoch_id);
+                    let paid = account.inference_credit.available(p.epoch_id);
+                    account
+                        .inference_credit
+                        .consume(p.epoch_id, p.tokens_processed.min(paid));
                     account.reward_times.push_back(p.timestamp);
                     while account
                         .reward_times

@@ -4,3 +4,4 @@ pub mod fsx;
 pub mod model;
 pub mod shm;
 pub mod tokenizer;
+pub mod toploc;

@@ -658,3 +658,5 @@ impl<B: Backend> Model<B> {
 mod bf16_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod toploc_tests;

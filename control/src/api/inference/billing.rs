@@ -4,7 +4,9 @@
 //! contract's example of 168 tokens costs 0.0168), sent from the caller's account to the node
 //! wallet as a ledger transfer (its 0.1% fee burned on top). Before any work the caller must
 //! afford the prompt plus `max_tokens`; afterwards only the tokens produced (delivered, when
-//! streaming) are charged. A node serving its own wallet charges nothing.
+//! streaming) are charged. A node serving its own wallet charges nothing. The payment's memo
+//! names the tokens it pays for (`neuroshard_ledger::inference::payment_memo`): the ledger
+//! rewards the serving node's inference only up to the tokens such payments paid for.
 
 use std::time::Instant;
 
@@ -12,10 +14,11 @@ use super::{Generated, InferenceRequest};
 use crate::api::ApiError;
 use crate::api::AppState;
 use crate::auth::Caller;
-use neuroshard_ledger::{UNITS_PER_NEURO, transfer_fee};
+use neuroshard_ledger::inference::{INFERENCE_PRICE_UNITS_PER_TOKEN, payment_memo};
+use neuroshard_ledger::transfer_fee;
 
-/// 0.0001 NEURO per token.
-pub const PRICE_UNITS_PER_TOKEN: u64 = UNITS_PER_NEURO / 10_000;
+/// 0.0001 NEURO per token (the ledger's, which bounds a payment's tokens by its amount).
+pub const PRICE_UNITS_PER_TOKEN: u64 = INFERENCE_PRICE_UNITS_PER_TOKEN;
 
 fn cost_of(tokens: u64) -> u64 {
     tokens.saturating_mul(PRICE_UNITS_PER_TOKEN)
@@ -70,7 +73,7 @@ pub(super) async fn charge(state: &AppState, caller: &Caller, id: &str, tokens: 
             &wallet,
             state.wallet.address(),
             amount,
-            &format!("inference {id}"),
+            &payment_memo(tokens, id),
             now,
         )
         .await
