@@ -545,6 +545,20 @@ impl LedgerState {
     }
 }
 
+/// The distinct attesters of a proof's cited receipts, sorted: of its heartbeats (uptime) or
+/// of the rest (the work).
+fn attesters(proof: &crate::proof::Proof, heartbeats: bool) -> Vec<Address> {
+    let mut by: Vec<Address> = proof
+        .receipts
+        .iter()
+        .filter(|r| (r.receipt.kind == crate::receipt::ReceiptKind::Heartbeat) == heartbeats)
+        .map(|r| r.receipt.attester)
+        .collect();
+    by.sort();
+    by.dedup();
+    by
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,18 +639,4 @@ mod tests {
         st.rebuild();
         assert_eq!(st.root_hash(), root);
     }
-}
-
-/// The distinct attesters of a proof's cited receipts, sorted: of its heartbeats (uptime) or
-/// of the rest (the work).
-fn attesters(proof: &crate::proof::Proof, heartbeats: bool) -> Vec<Address> {
-    let mut by: Vec<Address> = proof
-        .receipts
-        .iter()
-        .filter(|r| (r.receipt.kind == crate::receipt::ReceiptKind::Heartbeat) == heartbeats)
-        .map(|r| r.receipt.attester)
-        .collect();
-    by.sort();
-    by.dedup();
-    by
 }

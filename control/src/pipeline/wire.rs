@@ -163,11 +163,8 @@ impl Wire {
 /// Bytes of `n` values in rows of `row` as `bits`-bit integer rows: a 4-byte scale per row
 /// and the row's values packed into whole bytes.
 pub fn int_rows_len(n: u64, row: u64, bits: u32) -> u64 {
-    if row == 0 {
-        0
-    } else {
-        n / row * (4 + (row * u64::from(bits)).div_ceil(8))
-    }
+    n.checked_div(row)
+        .map_or(0, |rows| rows * (4 + (row * u64::from(bits)).div_ceil(8)))
 }
 
 /// Largest magnitude of a `bits`-bit value: 127 for 8 bits, 7 for 4.
