@@ -10,6 +10,7 @@
 //! network_ledger::`.
 
 mod diloco_common;
+mod fraud_common;
 mod network_common;
 mod pipeline_common;
 

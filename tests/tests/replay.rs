@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use neuroshard_tests::{Node, wait_for};
-use serde_json::{Value, json};
 
 use crate::diloco_common::{POLL, START, dump_logs, options};
+use crate::fraud_common::{balance, convicted_everywhere, fraud, root, stake_available};
 use crate::network_common::address;
 
 /// An open network with a short challenge window (rewards pending 90 s), a quorum any staked
@@ -20,40 +20,6 @@ fn config(cheat: &str) -> String {
          fraud_quorum_neuro = 0.000000001\nverify_probability = 1.0\n\
          [adversary]\ncheat = \"{cheat}\"\n"
     )
-}
-
-fn fraud(node: &Node) -> Option<Value> {
-    node.get("/api/v1/network")
-        .map(|(_, b)| b["ledger"]["fraud"].clone())
-}
-
-fn root(node: &Node) -> Option<String> {
-    node.get("/api/v1/network")
-        .and_then(|(_, b)| b["ledger"]["root_hash"].as_str().map(String::from))
-}
-
-fn balance(node: &Node) -> Option<Value> {
-    node.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
-        .map(|(_, b)| b)
-}
-
-/// Stakes what `node` can spend, once it can spend something.
-fn stake_available(node: &Node, timeout: Duration) -> f64 {
-    let amount = wait_for("spendable rewards", timeout, POLL, || {
-        let a = balance(node)?["balances"]["available"].as_f64()?;
-        (a > 0.0).then_some(a)
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:?}", balance(node)));
-    let amount = (amount * 1e9).floor() / 1e9;
-    let (status, body) = node
-        .authed(
-            reqwest::Method::POST,
-            "/api/v1/wallet/stake",
-            Some(json!({"amount": amount, "duration_days": 1})),
-        )
-        .expect("stake answered");
-    assert_eq!(status, 200, "{body}");
-    amount
 }
 
 #[test]
@@ -80,23 +46,7 @@ fn a_replica_that_fakes_its_inner_steps_is_convicted_and_slashed_on_every_node()
     // The honest replicas replay the cheater's rounds, find them guilty, write verdicts on
     // the rewards that cite their receipts, and every node convicts.
     let decided = wait_for("the cheater convicted on every node", window, POLL, || {
-        let mut all = Vec::new();
-        for n in nodes {
-            let f = fraud(n)?;
-            let hit = f["slashes"]
-                .as_array()?
-                .iter()
-                // A conviction decided before the cheater staked slashes nothing (there is
-                // nothing to slash); its later rewards are judged too, after it staked.
-                .find(|s| {
-                    s["accused"] == cheat_addr.as_str()
-                        && s["convicted"] == true
-                        && s["slashed"].as_f64().is_some_and(|x| x > 0.0)
-                })?
-                .clone();
-            all.push(hit);
-        }
-        Some(all)
+        convicted_everywhere(&nodes, cheat_addr.as_str())
     })
     .unwrap_or_else(|e| {
         dump_logs(&nodes);

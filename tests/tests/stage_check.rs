@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use neuroshard_tests::{Node, NodeOptions, wait_for};
-use serde_json::{Value, json};
 
+use crate::fraud_common::{balance, convicted_everywhere, fraud, root, stake_available};
 use crate::network_common::address;
 use crate::pipeline_common::{POLL, dump, wait_role};
 
@@ -29,40 +29,6 @@ fn options(cheat: &str) -> NodeOptions {
         ),
         ..NodeOptions::default()
     }
-}
-
-fn fraud(node: &Node) -> Option<Value> {
-    node.get("/api/v1/network")
-        .map(|(_, b)| b["ledger"]["fraud"].clone())
-}
-
-fn root(node: &Node) -> Option<String> {
-    node.get("/api/v1/network")
-        .and_then(|(_, b)| b["ledger"]["root_hash"].as_str().map(String::from))
-}
-
-fn balance(node: &Node) -> Option<Value> {
-    node.authed(reqwest::Method::GET, "/api/v1/wallet/balance", None)
-        .map(|(_, b)| b)
-}
-
-/// Stakes what `node` can spend, once it can spend something.
-fn stake_available(node: &Node, timeout: Duration) -> f64 {
-    let amount = wait_for("spendable rewards", timeout, POLL, || {
-        let a = balance(node)?["balances"]["available"].as_f64()?;
-        (a > 0.0).then_some(a)
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", balance(node), node.logs()));
-    let amount = (amount * 1e9).floor() / 1e9;
-    let (status, body) = node
-        .authed(
-            reqwest::Method::POST,
-            "/api/v1/wallet/stake",
-            Some(json!({"amount": amount, "duration_days": 1})),
-        )
-        .expect("stake answered");
-    assert_eq!(status, 200, "{body}");
-    amount
 }
 
 #[test]
@@ -87,21 +53,7 @@ fn a_stage_that_sends_garbage_is_convicted_and_slashed_on_every_node() {
     eprintln!("staked {staked:?}");
 
     let decided = wait_for("the cheater convicted on every node", window, POLL, || {
-        let mut all = Vec::new();
-        for n in nodes {
-            let f = fraud(n)?;
-            let hit = f["slashes"]
-                .as_array()?
-                .iter()
-                .find(|s| {
-                    s["accused"] == cheat_addr.as_str()
-                        && s["convicted"] == true
-                        && s["slashed"].as_f64().is_some_and(|x| x > 0.0)
-                })?
-                .clone();
-            all.push(hit);
-        }
-        Some(all)
+        convicted_everywhere(&nodes, cheat_addr.as_str())
     })
     .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", nodes.map(fraud), dump(&nodes)));
     eprintln!("convictions {decided:?}");
