@@ -35,8 +35,10 @@ pub struct LedgerConfig {
     pub reporter_bps: u32,
     /// Share of its stake an accuser pays the accused when acquitted, in basis points.
     pub false_accusation_bps: u32,
-    /// This node's own choice (not a network rule): the probability with which it replays
-    /// each other DiLoCo replica's contribution after aggregating a round (0 = never).
+    /// This node's own choice (not a network rule): how many replays of each DiLoCo
+    /// contribution it aims at with the other replicas (each of the V that may check one
+    /// draws with this / V after aggregating a round; 0 = never), and the rate at which it
+    /// checks other holders of its pipeline layers.
     pub verify_probability: f64,
     /// Largest relative distance between a replayed and a sent pseudo-gradient that counts
     /// as reproduced.
