@@ -4,6 +4,7 @@
 pub mod api;
 pub mod attest;
 pub mod auth;
+mod bits;
 pub mod cli;
 pub mod client;
 pub mod config;

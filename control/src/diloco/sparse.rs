@@ -18,6 +18,7 @@
 //! kept magnitude over `2^(bits-1)`. The header makes the bytes self-describing: a receiver
 //! decodes any valid `keep` and `bits`, whatever its own settings.
 
+use crate::bits::{BitReader, BitWriter};
 use thiserror::Error;
 
 /// Values per chunk: offsets inside a chunk fit in 12 bits.
@@ -144,62 +145,6 @@ impl TopK {
     }
 }
 
-/// Packs values of `width` bits, least significant bit first.
-struct BitWriter<'a> {
-    out: &'a mut Vec<u8>,
-    acc: u64,
-    n: usize,
-}
-
-impl BitWriter<'_> {
-    fn put(&mut self, v: u32, width: usize) {
-        self.acc |= u64::from(v) << self.n;
-        self.n += width;
-        while self.n >= 8 {
-            self.out.push(self.acc as u8);
-            self.acc >>= 8;
-            self.n -= 8;
-        }
-    }
-
-    fn finish(self) {
-        if self.n > 0 {
-            self.out.push(self.acc as u8);
-        }
-    }
-}
-
-/// Reads values of `width` bits from a byte slice whose length was already checked.
-struct BitReader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-    acc: u64,
-    n: usize,
-}
-
-impl<'a> BitReader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        BitReader {
-            bytes,
-            pos: 0,
-            acc: 0,
-            n: 0,
-        }
-    }
-
-    fn get(&mut self, width: usize) -> u32 {
-        while self.n < width {
-            self.acc |= u64::from(self.bytes.get(self.pos).copied().unwrap_or(0)) << self.n;
-            self.pos += 1;
-            self.n += 8;
-        }
-        let v = (self.acc & ((1u64 << width) - 1)) as u32;
-        self.acc >>= width;
-        self.n -= width;
-        v
-    }
-}
-
 /// Encodes `values` plus the carried `residual` (same length, or empty to start); the
 /// residual becomes what this round did not send.
 pub fn encode(p: TopK, values: &[f32], residual: &mut Vec<f32>) -> Vec<u8> {
@@ -231,20 +176,12 @@ pub fn encode(p: TopK, values: &[f32], residual: &mut Vec<f32>) -> Vec<u8> {
         let max = order.iter().fold(0.0f32, |m, &i| m.max(mag(i)));
         let scale = max / levels as f32;
         out.extend_from_slice(&scale.to_le_bytes());
-        let mut w = BitWriter {
-            out: &mut out,
-            acc: 0,
-            n: 0,
-        };
+        let mut w = BitWriter::new(&mut out);
         for &i in &order {
             w.put(i as u32, OFFSET_BITS);
         }
         w.finish();
-        let mut w = BitWriter {
-            out: &mut out,
-            acc: 0,
-            n: 0,
-        };
+        let mut w = BitWriter::new(&mut out);
         for &i in &order {
             let code = if scale > 0.0 && x[i].is_finite() {
                 let m = (x[i].abs() / scale).round().clamp(1.0, levels as f32) as u32;

@@ -9,6 +9,7 @@ use neuroshard_shared::model::ModelConfig;
 use neuroshard_shared::shm::{DType, Tensor};
 
 use super::PipeError;
+use crate::bits::{BitReader, BitWriter};
 use crate::config::PipeWire;
 use crate::engine::TensorIn;
 
@@ -186,20 +187,12 @@ pub fn encode_int_rows(values: &[f32], row: usize, bits: u32) -> Vec<u8> {
         let scale = top / max as f32;
         out.extend_from_slice(&scale.to_le_bytes());
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let (mut acc, mut filled) = (0u64, 0u32);
+        let mut w = BitWriter::new(&mut out);
         for v in r {
             let q = (v * inv).round().clamp(-(max as f32), max as f32) as i32 + max as i32;
-            acc |= (q as u64) << filled;
-            filled += bits;
-            while filled >= 8 {
-                out.push(acc as u8);
-                acc >>= 8;
-                filled -= 8;
-            }
+            w.put(q as u32, bits as usize);
         }
-        if filled > 0 {
-            out.push(acc as u8);
-        }
+        w.finish();
     }
     out
 }
@@ -222,15 +215,9 @@ pub fn decode_int_rows(bytes: &[u8], row: usize, bits: u32) -> Option<Vec<f32>> 
         if !(scale.is_finite() && scale >= 0.0) {
             return None;
         }
-        let (mut acc, mut filled, mut next) = (0u64, 0u32, r[4..].iter());
+        let mut values = BitReader::new(&r[4..]);
         for _ in 0..row {
-            while filled < bits {
-                acc |= u64::from(*next.next()?) << filled;
-                filled += 8;
-            }
-            let q = (acc & ((1 << bits) - 1)) as u32;
-            acc >>= bits;
-            filled -= bits;
+            let q = values.get(bits as usize);
             if q > 2 * max {
                 return None;
             }
