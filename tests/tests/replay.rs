@@ -9,7 +9,7 @@ use std::time::Duration;
 use neuroshard_tests::{Node, wait_for};
 
 use crate::diloco_common::{POLL, START, dump_logs, options};
-use crate::fraud_common::{balance, convicted_everywhere, fraud, root, stake_available};
+use crate::fraud_common::{convicted_everywhere, fraud, slashed_and_roots_agree, stake_available};
 use crate::network_common::address;
 
 /// An open network with a short challenge window (rewards pending 90 s), a quorum any staked
@@ -91,22 +91,5 @@ fn a_replica_that_fakes_its_inner_steps_is_convicted_and_slashed_on_every_node()
         }
     }
     // The cheater's stake is slashed as seen by every node, and the ledgers agree.
-    let cheater_staked = balance(&cheater).unwrap()["balances"]["staked"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        cheater_staked < staked[2],
-        "{cheater_staked} vs {}",
-        staked[2]
-    );
-    wait_for(
-        "the same ledger root everywhere",
-        Duration::from_secs(60),
-        POLL,
-        || {
-            let r: Vec<String> = nodes.iter().filter_map(|n| root(n)).collect();
-            (r.len() == 3 && r.iter().all(|x| *x == r[0])).then_some(())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}: {:?}", nodes.map(root)));
+    slashed_and_roots_agree(&nodes, &cheater, staked[2]);
 }

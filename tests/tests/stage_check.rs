@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use neuroshard_tests::{Node, NodeOptions, wait_for};
 
-use crate::fraud_common::{balance, convicted_everywhere, fraud, root, stake_available};
+use crate::fraud_common::{convicted_everywhere, fraud, slashed_and_roots_agree, stake_available};
 use crate::network_common::address;
 use crate::pipeline_common::{POLL, dump, wait_role};
 
@@ -87,22 +87,5 @@ fn a_stage_that_sends_garbage_is_convicted_and_slashed_on_every_node() {
             assert_eq!(s["accused"], cheat_addr.as_str(), "{s}");
         }
     }
-    let cheater_staked = balance(&cheater).unwrap()["balances"]["staked"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        cheater_staked < staked[2],
-        "{cheater_staked} vs {}",
-        staked[2]
-    );
-    wait_for(
-        "the same ledger root everywhere",
-        Duration::from_secs(60),
-        POLL,
-        || {
-            let r: Vec<String> = nodes.iter().filter_map(|n| root(n)).collect();
-            (r.len() == 3 && r.iter().all(|x| *x == r[0])).then_some(())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}: {:?}", nodes.map(root)));
+    slashed_and_roots_agree(&nodes, &cheater, staked[2]);
 }

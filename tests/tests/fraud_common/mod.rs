@@ -63,3 +63,25 @@ pub fn convicted_everywhere(nodes: &[&Node], cheater: &str) -> Option<Vec<Value>
     }
     Some(all)
 }
+
+/// After a conviction: `cheater`'s stake is below `staked` (what it staked before), and every
+/// node of `nodes` reaches the same ledger root.
+pub fn slashed_and_roots_agree(nodes: &[&Node], cheater: &Node, staked: f64) {
+    let cheater_staked = balance(cheater).unwrap()["balances"]["staked"]
+        .as_f64()
+        .unwrap();
+    assert!(cheater_staked < staked, "{cheater_staked} vs {staked}");
+    wait_for(
+        "the same ledger root everywhere",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let r: Vec<String> = nodes.iter().filter_map(|n| root(n)).collect();
+            (r.len() == nodes.len() && r.iter().all(|x| *x == r[0])).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        let roots: Vec<Option<String>> = nodes.iter().map(|n| root(n)).collect();
+        panic!("{e}: {roots:?}")
+    });
+}
