@@ -8,7 +8,6 @@
 
 use crate::network_common;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -207,13 +206,7 @@ fn bounded_tables_find_holders_in_the_dht_and_agree_on_one_ledger() {
         obs.send(*id, UNITS_PER_NEURO / 100, now).unwrap();
     }
     obs.push_to(conns.last().unwrap(), 0).unwrap();
-    let ours: BTreeSet<String> = obs
-        .rt
-        .block_on(obs.ledger().messages_since(0, 1000))
-        .unwrap()
-        .iter()
-        .map(|(_, m)| m.blocks()[0].hash().to_hex())
-        .collect();
+    let ours = obs.own_block_hashes(1000);
     wait_for("every node holds the blocks", SETTLE, POLL, || {
         conns
             .iter()

@@ -154,13 +154,7 @@ fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
         obs.send(*id, (10 + i as u64) * n, now).unwrap();
     }
     let pushed = obs.push_to(&ca, 0).unwrap();
-    let ours: BTreeSet<String> = obs
-        .rt
-        .block_on(obs.ledger().messages_since(0, 100))
-        .unwrap()
-        .iter()
-        .map(|(_, m)| m.blocks()[0].hash().to_hex())
-        .collect();
+    let ours = obs.own_block_hashes(100);
     assert_eq!(ours.len(), 4);
     converged(&obs, &[&ca, &cb, &cc], &ours).unwrap();
 
@@ -211,13 +205,7 @@ fn three_nodes_find_each_other_and_converge_on_one_ledger(backend: Backend) {
     obs.send(ids[2], 5 * n, now_s()).unwrap();
     obs.send(ids[1], 6 * n, now_s()).unwrap();
     obs.push_to(&ca, pushed).unwrap();
-    let all: BTreeSet<String> = obs
-        .rt
-        .block_on(obs.ledger().messages_since(0, 100))
-        .unwrap()
-        .iter()
-        .map(|(_, m)| m.blocks()[0].hash().to_hex())
-        .collect();
+    let all = obs.own_block_hashes(100);
     assert_eq!(all.len(), 6);
     converged(&obs, &[&ca, &cb], &all).unwrap();
     c.spawn().unwrap();

@@ -223,6 +223,17 @@ impl Observer {
         );
         Ok(last)
     }
+
+    /// The hashes (hex) of the first block of each of the observer's first `limit` ledger
+    /// messages: what the nodes must end up holding.
+    pub fn own_block_hashes(&self, limit: i64) -> BTreeSet<String> {
+        self.rt
+            .block_on(self.ledger().messages_since(0, limit))
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.blocks()[0].hash().to_hex())
+            .collect()
+    }
 }
 
 /// An open network's ledger (issue #19) for a scenario's config: no challenge window to wait
