@@ -136,6 +136,8 @@ async fn judge(state: &Minter) {
                 if found.is_some() {
                     match stage_inputs(state, &f, ev).await {
                         Inputs::Bound => {}
+                        // (A finding kept for a later round already says so.)
+                        Inputs::Unbound(reason) if f.reason.contains(&reason) => {}
                         Inputs::Unbound(reason) => {
                             f.reason = if f.guilty {
                                 format!("{}; {reason}", f.reason)
