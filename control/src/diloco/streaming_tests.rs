@@ -294,8 +294,8 @@ fn a_fragment_step_moves_only_its_tensors_and_the_merge_keeps_alpha_of_the_local
     state
         .outer_step(0, &vec![0.1; n0], OuterOpt::default())
         .unwrap();
-    for i in 0..before.len() {
-        let moved = state.global[i] != before[i];
+    for (i, b) in before.iter().enumerate() {
+        let moved = state.global[i] != *b;
         assert_eq!(moved, state.partition.of(i) == 0, "tensor {i}");
     }
     assert_eq!(state.syncs, vec![1, 0]);
@@ -304,8 +304,8 @@ fn a_fragment_step_moves_only_its_tensors_and_the_merge_keeps_alpha_of_the_local
     assert!(state.outer_step(2, &[], OuterOpt::default()).is_err());
     let mut local: Vec<Vec<f32>> = state.global.iter().map(|t| vec![1.0; t.len()]).collect();
     state.merge(0, &mut local, 0.5).unwrap();
-    for i in 0..local.len() {
-        for (l, g) in local[i].iter().zip(&state.global[i]) {
+    for (i, tensor) in local.iter().enumerate() {
+        for (l, g) in tensor.iter().zip(&state.global[i]) {
             let want = if state.partition.of(i) == 0 {
                 0.5 + 0.5 * g
             } else {
