@@ -12,9 +12,10 @@
 //! end (`pipeline/recheck.rs`), and file a finding with the largest distance between a
 //! recomputed output and the sent one, and the digests of what the log says was sent to whom
 //! and received from whom. Before the replay counts, the served log must be the work that was
-//! done: its checkpoint's weights lie within [`CHECKPOINT_TOLERANCE`] of the agreed weights of
-//! one of the stage's last rounds (which this node, a holder of the same layers, took part in;
-//! a made-up checkpoint such as zero weights is 1.0 away), and every input names the peer it
+//! done: its checkpoint's weights keep at least [`MIN_CHECKPOINT_NORM_RATIO`] of the norm of the
+//! closest agreed weights of the stage's last rounds (which this node, a holder of the same
+//! layers, took part in; a made-up checkpoint such as zero weights keeps none; the distance is
+//! reported, not judged, since honest mid-round drift is large), and every input names the peer it
 //! came from (the claimant signed a receipt for it). The minter (`work.rs`) waits for the
 //! holder's reward that cites a receipt of one of those receivers for that epoch, checks that
 //! the receipt chains over exactly the logged outputs, and that the receipts the holder signed
@@ -47,14 +48,16 @@ const SKEW_MS: i64 = 5_000;
 /// pipeline receipts (`attest::PIPELINE_RECEIPT_SETTLE_SECS`) and the proofs minted a second
 /// into the next epoch.
 const CHECK_AFTER_SECS: i64 = 2 * crate::attest::PIPELINE_RECEIPT_SETTLE_SECS;
-/// Largest relative distance (`verify::distance`: |checkpoint - agreed| / |agreed| over all
-/// the stage's parameters) of a segment's checkpoint from the closest agreed weights of the
-/// stage's last rounds. Honest checkpoints differ from an agreed state by the steps applied
-/// since (measured in BENCHMARKS.md, "A forged stage log": up to 0.70 on 20 s rounds at ten
-/// times the default learning rate); zero weights are exactly 1.0 away. A thin margin: the
-/// inputs bound to the receipts the claimant signed are the binding that holds against a
-/// subtler forgery.
-pub const CHECKPOINT_TOLERANCE: f64 = 0.95;
+/// A segment's checkpoint is compared with the closest agreed weights of the stage's last
+/// rounds. Honest checkpoints taken mid-round drift far from any agreed state (measured in
+/// BENCHMARKS.md, "A forged stage log": 0.40 and 0.70 relative distance on 20 s rounds; rounds
+/// of the default 600 s drift further, and training is chaotic), so the distance is reported,
+/// not judged. What is judged is a checkpoint whose weights have lost most of their norm
+/// against the agreed ones (at most this ratio): the zero-weight forgery that makes a residual
+/// stage pass its input through. Training moves weights, it does not erase them within a
+/// round. The inputs bound to the receipts the claimant signed are the binding that holds
+/// against a subtler forgery.
+pub const MIN_CHECKPOINT_NORM_RATIO: f64 = 0.1;
 
 /// What the trainer remembers between stage checks.
 #[derive(Debug, Default)]
@@ -293,9 +296,12 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
     if worst.compared == 0 {
         return Ok(None);
     }
-    let off_agreed = from_agreed.is_some_and(|d| d.is_nan() || d > CHECKPOINT_TOLERANCE);
+    let off_agreed =
+        from_agreed.is_some_and(|(d, ratio)| d.is_nan() || !(ratio >= MIN_CHECKPOINT_NORM_RATIO));
     let agreed_note = match from_agreed {
-        Some(d) => format!("checkpoint {d:.4} from the agreed weights"),
+        Some((d, ratio)) => {
+            format!("checkpoint {d:.4} from the agreed weights, {ratio:.4} of their norm")
+        }
         None => "no agreed weights of this stage kept to compare the checkpoint with".into(),
     };
     let guilty = worst.guilty(job.tolerance) || off_agreed || unbound.is_some();
@@ -303,7 +309,7 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
         format!("the input of {what} is not a tensor the log says it received and receipted")
     } else if off_agreed {
         format!(
-            "the segment's {agreed_note} (tolerance {CHECKPOINT_TOLERANCE}): a made-up checkpoint"
+            "the segment's {agreed_note} (at least {MIN_CHECKPOINT_NORM_RATIO}): a made-up checkpoint"
         )
     } else if guilty {
         format!(
@@ -343,7 +349,7 @@ async fn replay_segment(
     job: &Job,
     seg: &Segment,
     ops: &[Op],
-) -> Result<(recheck::Replayed, Option<f64>), String> {
+) -> Result<(recheck::Replayed, Option<(f64, f64)>), String> {
     let ckpt = job.dir.join(format!("{}-{}.ckpt", job.conn.id, seg.id));
     crate::diloco::round::write_file(&ckpt, &seg.checkpoint).map_err(|e| e.to_string())?;
     let r = replay_from(job, &ckpt, ops).await;
@@ -355,7 +361,7 @@ async fn replay_from(
     job: &Job,
     ckpt: &Path,
     ops: &[Op],
-) -> Result<(recheck::Replayed, Option<f64>), String> {
+) -> Result<(recheck::Replayed, Option<(f64, f64)>), String> {
     // The training slots must hold the largest tensor of the log.
     let largest = ops
         .iter()
@@ -406,9 +412,9 @@ async fn replay_from(
 }
 
 /// The relative distance (`verify::distance`) of the weights `tensors` (name, shape, values,
-/// in name order) from the closest of the `agreed` states of the same layout; None when none
-/// has it.
-fn from_agreed(tensors: &crate::diloco::round::Tensors, agreed: &[Agreed]) -> Option<f64> {
+/// in name order) from the closest of the `agreed` states of the same layout, and the ratio
+/// of their norms (checkpoint / agreed); None when none has it.
+fn from_agreed(tensors: &crate::diloco::round::Tensors, agreed: &[Agreed]) -> Option<(f64, f64)> {
     let layout = crate::diloco::validate::Layout::new(
         tensors
             .iter()
@@ -424,9 +430,13 @@ fn from_agreed(tensors: &crate::diloco::round::Tensors, agreed: &[Agreed]) -> Op
         .filter(|(l, _)| *l == layout)
         .map(|(_, theta)| {
             let theta: Vec<f32> = theta.iter().flatten().copied().collect();
-            crate::diloco::verify::distance(&theta, &ckpt)
+            let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            (
+                crate::diloco::verify::distance(&theta, &ckpt),
+                norm(&ckpt) / norm(&theta).max(1e-30),
+            )
         })
-        .min_by(f64::total_cmp)
+        .min_by(|a, b| a.0.total_cmp(&b.0))
 }
 
 #[cfg(test)]
@@ -486,17 +496,19 @@ mod tests {
             Layout::new(vec![("c".into(), vec![3])]),
             Arc::new(vec![vec![3.0, 0.0, 4.0]]),
         );
-        let d = from_agreed(&tensors, &[far.clone(), near.clone(), other.clone()]).unwrap();
+        let (d, ratio) =
+            from_agreed(&tensors, &[far.clone(), near.clone(), other.clone()]).unwrap();
         assert!((d - 0.5 / 4.5f64.hypot(3.0)).abs() < 1e-6, "{d}");
+        assert!((ratio - 5.0 / 4.5f64.hypot(3.0)).abs() < 1e-6, "{ratio}");
         assert!(from_agreed(&tensors, &[other]).is_none());
-        // Zero weights are exactly 1.0 from any agreed state: far outside the tolerance.
+        // Zero weights are exactly 1.0 from any agreed state and keep none of its norm.
         let zeros = vec![
             ("a".to_string(), vec![2u64], vec![0.0f32, 0.0]),
             ("b".to_string(), vec![1u64], vec![0.0f32]),
         ];
-        let d = from_agreed(&zeros, &[near, far]).unwrap();
-        assert_eq!(d, 1.0);
-        assert!(d > CHECKPOINT_TOLERANCE);
+        let (d, ratio) = from_agreed(&zeros, &[near, far]).unwrap();
+        assert_eq!((d, ratio), (1.0, 0.0));
+        assert!(ratio < MIN_CHECKPOINT_NORM_RATIO);
     }
 
     #[test]
