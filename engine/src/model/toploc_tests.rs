@@ -188,3 +188,54 @@ fn honest_serving_passes_and_foreign_or_truncated_models_fail() {
     assert_eq!(caught(&seed_all), seed_all.len(), "{s:?}");
     assert_eq!(caught(&trunc_all), trunc_all.len(), "{tr:?}");
 }
+
+/// The server's own path: a batched sequence that commits (`start_sequence_committed`,
+/// `decode_batch`) carries a commitment on the last token of every chunk and of the
+/// sequence, which a prefill of the honest model reproduces; the same model serving
+/// truncated (`Serving::truncated`, the adversary tests' cheat) is refused in every chunk.
+#[test]
+fn batched_serving_commits_per_chunk_and_truncated_serving_is_caught() {
+    let cfg = ModelConfig::preset("default").unwrap();
+    let n = cfg.layers;
+    let tol = Tolerance::default();
+    let mut honest = stage(&cfg, 0, n, 42);
+    let prompt: &[u32] = &[1, 17, 99, 5, 230, 7, 64, 300];
+    let sampling = super::generate::Sampling {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 40,
+        seed: 7,
+    };
+    let serve = |truncated: bool| {
+        let mut m = stage(&cfg, 0, n, 42);
+        m.serving.truncated = truncated;
+        let (mut seq, first) = m
+            .start_sequence_committed(prompt, 70, sampling, DEFAULT_TOP_K)
+            .unwrap();
+        let mut out = vec![first];
+        let mut scratch = None;
+        while out.last().unwrap().finish.is_none() {
+            out.extend(m.decode_batch(&mut [&mut seq], &mut scratch).unwrap());
+        }
+        out
+    };
+    let out = serve(false);
+    let tokens: Vec<u32> = out.iter().map(|e| e.token).collect();
+    let at: Vec<u32> = out
+        .iter()
+        .filter(|e| e.commit.is_some())
+        .map(|e| e.index)
+        .collect();
+    let expected: Vec<u32> = toploc::committed_positions(tokens.len())
+        .map(|p| p as u32)
+        .collect();
+    assert_eq!(at, expected);
+    let commits: Vec<ChunkCommit> = out.into_iter().filter_map(|e| e.commit).collect();
+    let d = verify(&mut honest, prompt, &tokens, &commits);
+    assert!(d.iter().all(|d| d.within(&tol)), "{d:?}");
+    let out = serve(true);
+    let tokens: Vec<u32> = out.iter().map(|e| e.token).collect();
+    let commits: Vec<ChunkCommit> = out.into_iter().filter_map(|e| e.commit).collect();
+    let d = verify(&mut honest, prompt, &tokens, &commits);
+    assert!(d.iter().all(|d| !d.within(&tol)), "{d:?}");
+}
