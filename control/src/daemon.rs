@@ -362,6 +362,7 @@ pub async fn run(
         data_dir.clone(),
         attest.clone(),
     ));
+    let evidence = Arc::new(crate::evidence::Store::new(&data_dir));
     // The peer port: the transport's own service, then each subsystem's, behind one guard.
     let edge = neuroshard_net::service::PeerEdge::new(peer_net.clone());
     let peer_routes = neuroshard_net::service::PeerService::routes(edge.clone())
@@ -376,6 +377,7 @@ pub async fn run(
         .add_service(crate::pipeline::service::PipelineService::server(
             edge,
             stage.clone(),
+            evidence.clone(),
         ));
     let samples = Arc::new(crate::samples::Samples::default());
     tokio::spawn(crate::samples::run(
@@ -411,6 +413,7 @@ pub async fn run(
         diloco: diloco.clone(),
         stage: stage.clone(),
         samples: samples.clone(),
+        evidence,
     };
     let minter = crate::work::Minter {
         config: config.clone(),

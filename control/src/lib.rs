@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod diloco;
 pub mod engine;
+pub mod evidence;
 pub mod gossip;
 pub mod listen;
 pub mod logfile;
