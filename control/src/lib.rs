@@ -13,6 +13,7 @@ pub mod diloco;
 pub mod engine;
 pub mod evidence;
 pub mod gossip;
+pub mod infercheck;
 pub mod listen;
 pub mod logfile;
 pub mod metrics;

@@ -103,7 +103,12 @@ impl<B: Backend> State<B> {
         let mut reply = self.reply(&mut active, first)?;
         reply.prompt_tokens = p.prompt_ids.len() as u32;
         if p.commit_top_k > 0 {
-            reply.prompt_ids = p.prompt_ids.clone();
+            // As generated from: an empty prompt is BOS alone.
+            reply.prompt_ids = if p.prompt_ids.is_empty() {
+                vec![crate::model::generate::BOS_ID]
+            } else {
+                p.prompt_ids.clone()
+            };
         }
         if !last {
             self.active.retain(|a| a.id != id);
