@@ -27,6 +27,10 @@ pub enum Cheat {
     /// norm, and skips its optimizer step, without running its engine (its weights still
     /// follow the stage's DiLoCo rounds, so it claims its steps like an honest stage).
     GarbageActivations,
+    /// A node that serves generation from a truncated model (its engine skips every layer
+    /// but the first and the last, `--serve-truncated`) while it claims the full model: its
+    /// weights and their hash stay whole, its commitments come from the truncated pass.
+    TruncatedModel,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -51,7 +55,10 @@ impl AdversaryConfig {
     /// Whether this inner step is computed (`n`: the steps done so far this run).
     pub fn computes(&self, n: u64) -> bool {
         match self.cheat {
-            Cheat::None | Cheat::InflateUptime | Cheat::GarbageActivations => true,
+            Cheat::None
+            | Cheat::InflateUptime
+            | Cheat::GarbageActivations
+            | Cheat::TruncatedModel => true,
             Cheat::SkipInnerSteps => false,
             Cheat::FewerStepsScaled => n.is_multiple_of(4),
         }
@@ -65,6 +72,11 @@ impl AdversaryConfig {
     /// Whether pipeline commands are answered with garbage instead of the engine's results.
     pub fn garbage_activations(&self) -> bool {
         self.cheat == Cheat::GarbageActivations
+    }
+
+    /// Whether the engine serves generation from a truncated model.
+    pub fn serves_truncated(&self) -> bool {
+        cfg!(feature = "adversary") && self.cheat == Cheat::TruncatedModel
     }
 
     /// What the sent pseudo-gradient is multiplied by.
