@@ -70,8 +70,9 @@ struct ServeArgs {
     )]
     weights: neuroshard_engine::model::serve::ServeWeights,
     /// Test only (issue #19): serve generation from a truncated model (every layer but the
-    /// first and the last skipped) while the model and its hash stay whole. Only a daemon
-    /// built with its `adversary` feature passes it (cheat `truncated_model`).
+    /// first and the last skipped; of two layers, the last) while the model and its hash stay
+    /// whole. Only a daemon built with its `adversary` feature passes it (cheat
+    /// `truncated_model`).
     #[arg(long, hide = true)]
     serve_truncated: bool,
 }

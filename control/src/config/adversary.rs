@@ -28,7 +28,8 @@ pub enum Cheat {
     /// follow the stage's DiLoCo rounds, so it claims its steps like an honest stage).
     GarbageActivations,
     /// A node that serves generation from a truncated model (its engine skips every layer
-    /// but the first and the last, `--serve-truncated`) while it claims the full model: its
+    /// but the first and the last, of two layers the last, `--serve-truncated`) while it
+    /// claims the full model: its
     /// weights and their hash stay whole, its commitments come from the truncated pass.
     TruncatedModel,
 }

@@ -42,7 +42,8 @@ pub struct Serving<B: Backend> {
     stale: bool,
     /// The adversary build's `truncated_model` cheat (issue #19 tests; `--serve-truncated`,
     /// which only a daemon built with its `adversary` feature passes): generation and
-    /// pipeline inference skip every held layer but the first and the last, while the model
+    /// pipeline inference skip every held layer but the first and the last (of two, the
+    /// last), while the model
     /// and its hash stay whole. Training never skips.
     pub truncated: bool,
 }
@@ -64,9 +65,10 @@ impl<B: Backend> Serving<B> {
         self.stale = true;
     }
 
-    /// Whether serving runs held layer `l` of `layers` (all of them unless truncated).
+    /// Whether serving runs held layer `l` of `layers`: all of them unless truncated, then
+    /// the first and the last (of two layers, the first alone).
     pub fn runs_layer(&self, l: usize, layers: usize) -> bool {
-        !self.truncated || l == 0 || l + 1 == layers
+        !self.truncated || l == 0 || (l + 1 == layers && layers > 2)
     }
 }
 
