@@ -26,12 +26,13 @@ const POLL: Duration = Duration::from_millis(500);
 /// V = 3 verifiers besides the server), so none checked at all is (2/3)^3 per request.
 const REQUESTS: usize = 8;
 
-/// Rewards pending 60 s, a quorum any staked verifier reaches, every payment checked once on
-/// average (`verify_probability` 1).
+/// Rewards pending 60 s (staked or not: the nodes stake what they first earn), a quorum any
+/// staked verifier reaches, every payment checked once on average (`verify_probability` 1).
 fn ledger(cheat: &str) -> String {
     format!(
         "\n[ledger]\nchallenge_window_secs = 60\naccept_unattested_training = true\n\
          fraud_quorum_neuro = 0.000000001\nverify_probability = 1.0\n\
+         unbonded_window_factor = 1\n\
          [adversary]\ncheat = \"{cheat}\"\n"
     )
 }
