@@ -363,7 +363,7 @@ pub async fn run(
         data_dir.clone(),
         attest.clone(),
     ));
-    let evidence = Arc::new(crate::evidence::Store::new(&data_dir));
+    let evidence = Arc::new(crate::evidence::Store::new(data_dir));
     // The peer port: the transport's own service, then each subsystem's, behind one guard.
     let edge = neuroshard_net::service::PeerEdge::new(peer_net.clone());
     let peer_routes = neuroshard_net::service::PeerService::routes(edge.clone())
