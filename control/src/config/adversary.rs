@@ -32,6 +32,12 @@ pub enum Cheat {
     /// claims the full model: its
     /// weights and their hash stay whole, its commitments come from the truncated pass.
     TruncatedModel,
+    /// A pipeline stage that sends what a stage of zero weights would, without running its
+    /// engine (a middle stage: random activations, and its output gradient back; the last:
+    /// the loss ln(vocabulary) and zero input gradients), and logs the forgery it would serve
+    /// when drawn: checkpoints of zero weights and moments, and inputs made up to fit (a
+    /// middle stage's equal to its outputs, the last stage's zero), logged as received.
+    SpoofedStageLog,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -59,7 +65,8 @@ impl AdversaryConfig {
             Cheat::None
             | Cheat::InflateUptime
             | Cheat::GarbageActivations
-            | Cheat::TruncatedModel => true,
+            | Cheat::TruncatedModel
+            | Cheat::SpoofedStageLog => true,
             Cheat::SkipInnerSteps => false,
             Cheat::FewerStepsScaled => n.is_multiple_of(4),
         }
@@ -78,6 +85,11 @@ impl AdversaryConfig {
     /// Whether the engine serves generation from a truncated model.
     pub fn serves_truncated(&self) -> bool {
         cfg!(feature = "adversary") && self.cheat == Cheat::TruncatedModel
+    }
+
+    /// Whether pipeline commands are answered as zero weights would, with a forged log.
+    pub fn spoofs_stage_log(&self) -> bool {
+        self.cheat == Cheat::SpoofedStageLog
     }
 
     /// What the sent pseudo-gradient is multiplied by.

@@ -108,7 +108,18 @@ pub struct StageEvidence {
     /// The judged epoch's start (ms): the receipt's chain starts at a tensor sent from then
     /// on, give or take the clocks' skew.
     pub from_ms: i64,
+    /// What the log says the claimant received in the epoch, per sender: (the kind of the
+    /// receipt the claimant signed for that sender, the sender, the tensors received). The
+    /// receipts the claimant signed, as the senders' rewards cite them, must chain over
+    /// exactly these, or the log's inputs are made up (then the claimant is guilty).
+    pub received: Vec<SentTo>,
 }
+
+/// Stage rounds whose agreed weights a verifier keeps (`Verifier::agreed`).
+pub const KEEP_AGREED: usize = 8;
+
+/// A stage round's agreed weights: the layout and the tensors in layout order.
+pub type Agreed = (Layout, Arc<Vec<Vec<f32>>>);
 
 /// Counters for `/api/v1/metrics` and the logs.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -140,6 +151,9 @@ pub struct Verifier {
     pub commitments: Mutex<BTreeMap<(String, u64), Commitment>>,
     pub findings: Mutex<Vec<Finding>>,
     pub figures: Mutex<Figures>,
+    /// The agreed weights of this pipeline stage's last [`KEEP_AGREED`] rounds, by round: a
+    /// stage replay checks that the claimant's checkpoint lies near one of them.
+    pub agreed: Mutex<BTreeMap<u64, Agreed>>,
     /// This node's engine's replay class (from its last LoadModel).
     pub replay_class: Mutex<String>,
     busy: AtomicBool,
@@ -228,6 +242,15 @@ impl Verifier {
         m.insert((sender.to_string(), round), c);
         while m.len() > 64 * KEEP_ROUNDS {
             m.pop_first();
+        }
+    }
+
+    /// Keeps `theta` as the agreed weights of stage round `round` (the last [`KEEP_AGREED`]).
+    pub fn keep_agreed(&self, round: u64, layout: Layout, theta: Vec<Vec<f32>>) {
+        let mut a = self.agreed.lock();
+        a.insert(round, (layout, Arc::new(theta)));
+        while a.len() > KEEP_AGREED {
+            a.pop_first();
         }
     }
 
@@ -445,7 +468,7 @@ async fn run_scratch(
 }
 
 /// A verifier's share of the sampling probability `p` when `verifiers` may each draw.
-fn per_verifier(p: f64, verifiers: usize) -> f64 {
+pub fn per_verifier(p: f64, verifiers: usize) -> f64 {
     (p / verifiers.max(1) as f64).min(1.0)
 }
 
