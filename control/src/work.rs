@@ -109,12 +109,13 @@ async fn judge(state: &Minter) {
     let live = |f: &crate::diloco::verify::Finding| now - f.found_at <= window + 2 * EPOCH_SECONDS;
     // One verdict per claim: several rounds' replays cite the same reward (a receipt counts
     // an epoch's rounds); guilty if any of them is.
-    findings.sort_by_key(|f| (f.claimant, f.epoch, !f.guilty));
-    findings.dedup_by_key(|f| (f.claimant, f.epoch));
+    findings.sort_by_key(|f| (f.claimant, f.epoch, f.inference, !f.guilty));
+    findings.dedup_by_key(|f| (f.claimant, f.epoch, f.inference));
     let me = state.wallet.address();
     let mut keep = Vec::new();
     for mut f in findings {
         let target = match &f.stage {
+            None if f.inference => state.ledger.inference_claim_of(&f.claimant, f.epoch).await,
             None => {
                 state
                     .ledger

@@ -65,6 +65,32 @@ impl Ledger {
             })
     }
 
+    /// The reward that claimed an inference payment to `accused` made in `epoch`: its first
+    /// rewarded block whose proof claims inference tokens, of that epoch or of one of the
+    /// `MAX_RECEIPT_AGE_EPOCHS` after it (a reward claims the oldest unclaimed payments of that
+    /// span first, `inference.rs`).
+    pub async fn inference_claim_of(&self, accused: &Address, epoch: u64) -> Option<Hash32> {
+        let span = epoch..=epoch + crate::receipt::MAX_RECEIPT_AGE_EPOCHS;
+        let inner = self.inner.lock().await;
+        let st = &inner.state;
+        let account = st.chain_account(accused)?;
+        account
+            .history
+            .iter()
+            .filter(|e| e.kind == "reward")
+            .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
+            .find(|h| {
+                let rewarded = matches!(
+                    st.outcome(h),
+                    Some(Outcome::Applied(Effect::Rewarded { .. }))
+                );
+                let Some(Op::Reward { proof, .. }) = st.block(h).map(|b| &b.block.op) else {
+                    return false;
+                };
+                rewarded && proof.proof.tokens_processed > 0 && span.contains(&proof.proof.epoch_id)
+            })
+    }
+
     /// Every receipt `attester` signed for `subject`'s `kind` work of `epoch` that the
     /// subject's applied rewards cite (a proof of each later epoch may cite a newer one), with
     /// the reward citing it: a verifier checks a stage's logged inputs against the receipts the

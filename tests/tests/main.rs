@@ -30,6 +30,7 @@ mod external_engine;
 mod faults;
 mod hostile;
 mod hostile_sockets;
+mod inference_check;
 mod lab;
 mod ledger_crash;
 mod model_export;

@@ -87,6 +87,9 @@ pub struct Finding {
     /// A pipeline stage's replay (`trainer/stagecheck.rs`): what its log says it sent to
     /// whom, checked against the receipts the judged claim cites before the verdict.
     pub stage: Option<StageEvidence>,
+    /// A check of served inference (`infercheck.rs`): `epoch` is the payment's, and the claim
+    /// judged is the serving node's reward that claimed it.
+    pub inference: bool,
 }
 
 /// One tensor a stage sent: at (ms), step, micro-batch, digest of its bytes.
@@ -318,6 +321,7 @@ impl Verifier {
                     drop(f);
                     tracing::info!(claimant = %job.claimant, round = job.round, batches = job.batches, guilty, distance, ms, %reason, "replayed a contribution");
                     me.findings.lock().push(Finding {
+                        inference: false,
                         claimant: job.claimant,
                         round: job.round,
                         epoch: job.epoch,

@@ -445,14 +445,24 @@ impl Stage {
 pub struct PipelineService {
     edge: PeerEdge,
     stage: Arc<Stage>,
+    /// What this node kept of its paid generations, for verifiers (issue #19).
+    evidence: Arc<crate::evidence::Store>,
 }
 
 impl PipelineService {
     /// The service with the peer port's message limits, for the daemon to plug in.
-    pub fn server(edge: PeerEdge, stage: Arc<Stage>) -> PipelineServer<PipelineService> {
-        PipelineServer::new(PipelineService { edge, stage })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    pub fn server(
+        edge: PeerEdge,
+        stage: Arc<Stage>,
+        evidence: Arc<crate::evidence::Store>,
+    ) -> PipelineServer<PipelineService> {
+        PipelineServer::new(PipelineService {
+            edge,
+            stage,
+            evidence,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -487,6 +497,28 @@ impl PipelineRpc for PipelineService {
                 super::oplog::pack(info.started_ms, &checkpoint, &ops),
             ))),
             Ok(None) => Err(not_kept()),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn get_inference_evidence(
+        &self,
+        req: Request<pb::GetInferenceEvidenceRequest>,
+    ) -> Result<Response<pb::InferenceEvidence>, Status> {
+        let (body, _) = self.edge.verify(req)?;
+        let id = body.request_id;
+        if !crate::evidence::valid_id(&id) {
+            return Err(Status::invalid_argument(format!(
+                "request id {:?} is not 1 to {} letters, digits, '_' or '-'",
+                id.chars().take(80).collect::<String>(),
+                crate::evidence::MAX_ID_LEN
+            )));
+        }
+        match self.evidence.get(&id) {
+            Ok(Some(ev)) => Ok(Response::new(ev.into())),
+            Ok(None) => Err(Status::not_found(format!(
+                "no evidence kept for request {id}"
+            ))),
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }

@@ -327,6 +327,7 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
     b.extend_from_slice(&worst.max_distance.to_le_bytes());
     let evidence: Hash32 = keccak(b"neuroshard-stage-replay-evidence-v1", &b);
     Ok(Some(Finding {
+        inference: false,
         claimant: job.conn.id,
         round: seg.id,
         epoch: job.epoch,
