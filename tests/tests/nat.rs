@@ -7,14 +7,15 @@
 //! fails with an error within its timeout, not a hang. Needs root, `ip` and `nft`.
 //!
 //! The daemon's transport on the stack (docs/p2p.md, steps 1-3): a node behind a NAT and a
-//! public node train as a two-stage pipeline; the calls of the public node to the NAT'd one
-//! run over the connection the NAT'd node opened.
+//! public node train as a two-stage pipeline, then serve a generation through both stages
+//! (step 7: distributed inference across the NAT); the calls of the public node to the NAT'd
+//! one run over the connection the NAT'd node opened.
 //!
 //! Relays and hole punching in the daemon (step 4): two nodes behind endpoint-independent
 //! NATs meet through a public node (it relays; they dial each other's circuit address) and
 //! train over a direct connection after DCUtR; with one of them behind a symmetric NAT they
-//! train through the relay; when the relay dies the second public node relays and training
-//! goes on. The NAT'd nodes' APIs are read from inside their LANs.
+//! train through the relay; when a relay dies the NAT'd node reserves on a third public
+//! node within a bound and training goes on. The NAT'd nodes' APIs are read from inside their LANs.
 
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use neuroshard_tests::lab::nat::{NatKind, NatLab, Placement};
 use neuroshard_tests::lab::p2p::{ClientOptions, P2pRun, Stack};
 use neuroshard_tests::lab::{LabNode, run_name, tiny_training};
 use neuroshard_tests::wait_for;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The stack chosen by measuring both (BENCHMARKS.md, "Peer-to-peer stacks").
 const STACK: Stack = Stack::Libp2p;
@@ -146,6 +147,25 @@ fn a_natted_node_and_a_public_one_train_as_a_two_stage_pipeline() -> anyhow::Res
             (r == "driver" && l == [0] && peers == 1 && s >= STEPS).then_some(s)
         },
     );
+    // Distributed inference across the NAT (docs/p2p.md step 7): the public node holds layer
+    // 0 only, so every token of its generation went through the NAT'd node's layer 1, over
+    // the connection the NAT'd node opened.
+    let generated = trained.as_ref().ok().map(|_| {
+        let body = json!({"prompt": "The river", "max_tokens": 8, "temperature": 0});
+        let started = std::time::Instant::now();
+        let r = wait_for(
+            "a generation through the NAT'd stage",
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || match a.post("/api/v1/inference", &body)? {
+                (200, r) => Some(r),
+                // No route yet (the stage's layers not known): asked again.
+                (503, _) => None,
+                (code, r) => Some(json!({"status": code, "answer": r})),
+            },
+        );
+        (r, started.elapsed())
+    });
     let status = a.get("/api/v1/status");
     let (a_logs, b_logs) = (a.logs(), b.logs());
     a.stop();
@@ -163,7 +183,22 @@ fn a_natted_node_and_a_public_one_train_as_a_two_stage_pipeline() -> anyhow::Res
         )
     })?;
     assert!(steps >= STEPS);
-    println!("the public node trained {steps} steps through the NAT'd stage");
+    let (generated, took) = generated.expect("trained, so a generation was asked for");
+    let generated = generated.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\npublic node:\n{}\nNAT'd node:\n{}",
+            tail(&a_logs),
+            tail(&b_logs)
+        )
+    })?;
+    assert_eq!(generated["tokens_generated"], 8, "{generated}");
+    assert!(generated["text"].is_string(), "{generated}");
+    println!(
+        "the public node trained {steps} steps through the NAT'd stage, then generated 8 \
+         tokens through it in {:.2} s (timing {})",
+        took.as_secs_f64(),
+        generated["timing"]
+    );
     Ok(())
 }
 
