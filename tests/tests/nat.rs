@@ -458,10 +458,22 @@ fn a_node_behind_a_symmetric_nat_trains_through_a_relay() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The relays (peer ids) holding a reservation for `node`, as its `/api/v1/peers` says.
+fn relays_of(node: &Natted) -> Option<Vec<String>> {
+    let peers = node.get("/api/v1/peers")?;
+    let relays = peers["relays"].as_array()?.iter().filter_map(Value::as_str);
+    Some(relays.map(str::to_string).collect())
+}
+
+/// A relay that dies is replaced within this (its connection closes at once; a new
+/// reservation is a round trip to a public node already connected).
+const REPLACE_LIMIT: Duration = Duration::from_secs(30);
+
 #[test]
 fn a_relay_that_dies_is_replaced_and_training_goes_on() -> anyhow::Result<()> {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    let mut scene = RelayScene::start(2, [NatKind::EndpointIndependent, NatKind::Symmetric])?;
+    // Three public nodes: a NAT'd node reserves on two, the third is the spare.
+    let mut scene = RelayScene::start(3, [NatKind::EndpointIndependent, NatKind::Symmetric])?;
     let (peer, steps) = scene.wait_training(0, RELAY_STEPS, "relayed", RELAY_LIMIT)?;
     // The circuit runs through the public node whose address leads the circuit address.
     let addr = peer["address"].as_str().unwrap_or_default().to_string();
@@ -470,17 +482,52 @@ fn a_relay_that_dies_is_replaced_and_training_goes_on() -> anyhow::Result<()> {
         .iter()
         .position(|p| addr.starts_with(&format!("/ip4/{}/", p.ip)))
         .ok_or_else(|| anyhow::anyhow!("{addr} names no public node\n{}", scene.logs()))?;
+    // `.../p2p/<relay>/p2p-circuit/...`: the relay's peer id.
+    let relay_id = addr
+        .split("/p2p-circuit")
+        .next()
+        .and_then(|a| a.rsplit("/p2p/").next())
+        .unwrap_or_default()
+        .to_string();
+    // The stage the driver reaches through that circuit holds two reservations.
+    let reached = scene
+        .natted
+        .iter()
+        .position(|n| n.training().is_some_and(|(r, _)| r != "driver"))
+        .ok_or_else(|| anyhow::anyhow!("no NAT'd stage besides the driver\n{}", scene.logs()))?;
+    let natted = &scene.natted[reached];
+    let before = wait_for(
+        "the reached NAT'd stage to hold two reservations, one on the circuit's relay",
+        RELAY_LIMIT,
+        Duration::from_millis(500),
+        || relays_of(natted).filter(|r| r.len() == 2 && r.contains(&relay_id)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", scene.logs()))?;
     scene.public[relay].kill();
     let killed = std::time::Instant::now();
+    // It reserves on the spare: two reservations again, the dead relay's gone.
+    let natted = &scene.natted[reached];
+    let after = wait_for(
+        "a reservation on the third public node",
+        REPLACE_LIMIT,
+        Duration::from_millis(250),
+        || relays_of(natted).filter(|r| r.len() == 2 && !r.contains(&relay_id)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", scene.logs()))?;
+    let replaced = killed.elapsed();
+    let spare: Vec<&String> = after.iter().filter(|r| !before.contains(r)).collect();
+    assert_eq!(spare.len(), 1, "before {before:?}, after {after:?}");
     // Past the time a peer that stops answering is dropped (10 s): what still runs after that
-    // runs through the other public node, the only relay left. Training goes on through it
-    // (a relayed path between the two, and steps past those trained then).
-    std::thread::sleep(Duration::from_secs(15));
+    // runs through the surviving relays. Training goes on (a relayed path between the two,
+    // and steps past those trained then).
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(killed.elapsed()));
     let (_, now) = scene.wait_training(0, 0, "relayed", RELAY_LIMIT)?;
     let (peer, more) = scene.wait_training(now, RELAY_STEPS, "relayed", RELAY_LIMIT)?;
     println!(
-        "relay {relay} killed at step {steps}; step {more} through the other relay {:.1} s later \
-         (entry {peer})",
+        "relay {relay} killed at step {steps}; reserved on the spare {} in {:.1} s; step {more} \
+         through the relays left {:.1} s later (entry {peer})",
+        spare[0],
+        replaced.as_secs_f64(),
         killed.elapsed().as_secs_f64()
     );
     Ok(())

@@ -143,6 +143,8 @@ pub(crate) struct Book {
     pub(crate) circuits: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
     /// The listen addresses each connected peer reported (identify).
     pub(crate) listen: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
+    /// The relays holding an accepted reservation for this node (behind a NAT).
+    pub(crate) reservations: RwLock<std::collections::BTreeSet<PeerId>>,
 }
 
 /// A handle to the swarm task. Cheap to clone.
@@ -238,6 +240,12 @@ impl Transport {
     /// there is none).
     pub fn remote_of(&self, peer: &PeerId) -> Option<SocketAddr> {
         self.book.remote.read().get(peer).and_then(socket_addr)
+    }
+
+    /// The relays holding an accepted reservation for this node: its circuit addresses go
+    /// through them (none for a node reachable directly).
+    pub fn reservations(&self) -> Vec<PeerId> {
+        self.book.reservations.read().iter().copied().collect()
     }
 
     /// Whether every open connection to `peer` goes through a relay.
