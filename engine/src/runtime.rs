@@ -406,11 +406,21 @@ impl Runtime {
                 |be| State::from_file(be, &file, path, Some((&cfg, &spec)), Some(t2)),
             )?;
         }
+        let dtype = self.dtype;
         let reply = with_state!(self.loaded()?, |s| pb::LoadModelReply {
             parameters: s.parameters(),
             model_hash: s.model_hash()?,
             step: s.step(),
             seeded_layers,
+            replay_class: crate::backend::replay_class(
+                &if device == "cuda" {
+                    crate::backend::Backend::device_name(&s.model.be)
+                } else {
+                    device.to_string()
+                },
+                device == "cuda",
+                dtype,
+            ),
         });
         tracing::info!(
             parameters = reply.parameters,

@@ -401,7 +401,7 @@ impl Account {
                     amount: computed,
                     proof_id: proof.id(),
                     credited_uptime,
-                    release_at: self.rules.release_at(ts),
+                    release_at: self.rules.release_at(ts, self.staked),
                 }),
                 Err(r) => Outcome::Void(VoidReason::Proof(r)),
             },

@@ -102,7 +102,8 @@ pub fn settle(
             continue;
         };
         let accused = block.block.account;
-        let deadline = rules.release_at(block.block.timestamp);
+        // Verdicts count until the reward's own release (an unbonded account's is later).
+        let deadline = *release_at;
         let counted: Vec<&VerdictRecord> = votes
             .iter()
             .filter(|v| v.accused == accused && v.timestamp <= deadline)
@@ -158,20 +159,15 @@ pub fn settle(
             let Some(mut a) = take(&mut out.accounts, &accused) else {
                 continue;
             };
-            // The convicted reward and every later reward still pending are voided; a reward
+            // Every reward still pending is voided (the convicted one and any other: a
+            // convicted account's pending claims are not trusted, and an unbonded account,
+            // which has no stake to slash, loses all it is waiting for); a convicted reward
             // already released loses what is left of it.
             let target_pending = a
                 .pending_rewards
                 .iter()
                 .any(|(r, m)| r == release_at && m == amount);
-            let mut voided: u64 = 0;
-            a.pending_rewards.retain(|(release, amt)| {
-                let void = *release >= *release_at;
-                if void {
-                    voided += amt;
-                }
-                !void
-            });
+            let mut voided: u64 = a.pending_rewards.drain(..).map(|(_, amt)| amt).sum();
             if !target_pending {
                 let from_available = (*amount).min(a.available);
                 a.available -= from_available;

@@ -108,7 +108,11 @@ impl Chain {
 /// pending in their window (the first is judged). Returns the state, every block, the
 /// chains, the judged reward and one verifier's stake.
 fn staked_network() -> (LedgerState, Vec<SignedBlock>, Vec<Chain>, Hash32, u64) {
-    let base = Rules::new(600, 8).unwrap();
+    // Every account bonded (bond 0): one window for all.
+    let base = Rules::new(600, 8)
+        .unwrap()
+        .with_bond(0, crate::rules::DEFAULT_UNBONDED_WINDOW_FACTOR)
+        .unwrap();
     let mut log = Vec::new();
     let mut chains: Vec<Chain> = (1..=4).map(Chain::new).collect();
     // Measure one staked reward to set the quorum between one and two verifiers' weight.
@@ -251,6 +255,79 @@ fn late_unstaked_and_repeated_verdicts_do_not_count() {
     chains[3].verdict(&mut st, &mut log, 1850, stake_block, other, true);
     assert!(st.decisions().is_empty());
     st.check_invariant().unwrap();
+}
+
+/// An unbonded account (stake below the bond) waits `unbonded_window_factor` windows for its
+/// rewards, verdicts count until then, and a conviction voids every reward it is waiting for,
+/// the ones minted before the judged reward too: an unbonded cheater keeps only what survived
+/// a whole day without a conviction.
+#[test]
+fn an_unbonded_accounts_rewards_wait_longer_and_a_conviction_voids_them_all() {
+    let day = crate::rules::MAX_CHALLENGE_WINDOW_SECONDS;
+    let base = Rules::new(600, 8).unwrap();
+    // Verifiers: one reward each (unbonded: pending a day), then staked.
+    let mut probe = LedgerState::with_rules(base);
+    let mut c = Chain::new(2);
+    c.reward(&mut probe, &mut Vec::new(), 1000);
+    c.stake_all(&mut probe, &mut Vec::new(), 1000 + day + 100);
+    let weight = probe.chain_account(&c.addr()).unwrap().staked;
+    // Bond = one verifier's weight: staked verifiers are bonded, the accused (no stake) not.
+    let rules = base
+        .with_fraud(weight + 1, 5_000, 2_000, 1_000)
+        .unwrap()
+        .with_bond(weight, crate::rules::DEFAULT_UNBONDED_WINDOW_FACTOR)
+        .unwrap();
+    let mut st = LedgerState::with_rules(rules);
+    let mut log = Vec::new();
+    let mut chains: Vec<Chain> = (1..=3).map(Chain::new).collect();
+    for c in chains[1..].iter_mut() {
+        c.reward(&mut st, &mut log, 1000);
+        let pending = st.account(&c.addr()).unwrap().pending_rewards.clone();
+        assert_eq!(
+            pending.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            [1000 + day]
+        );
+        c.stake_all(&mut st, &mut log, 1000 + day + 100);
+    }
+    let t0 = 1000 + day + 200;
+    let accused = chains[0].addr();
+    chains[0].reward(&mut st, &mut log, t0);
+    let target = chains[0].reward(&mut st, &mut log, t0 + 100);
+    // A bonded verifier's next reward waits one window.
+    chains[1].reward(&mut st, &mut log, t0 + 100);
+    assert!(
+        st.account(&chains[1].addr())
+            .unwrap()
+            .pending_rewards
+            .iter()
+            .any(|(r, _)| *r == t0 + 100 + 600)
+    );
+    let before = st.account(&accused).unwrap().clone();
+    assert_eq!(
+        before
+            .pending_rewards
+            .iter()
+            .map(|(r, _)| *r)
+            .collect::<Vec<_>>(),
+        [t0 + day, t0 + 100 + day]
+    );
+    // Verdicts long after one window (but within the day) count.
+    chains[1].verdict(&mut st, &mut log, t0 + 5000, target, accused, true);
+    chains[2].verdict(&mut st, &mut log, t0 + 5010, target, accused, true);
+    let d = st.decisions().to_vec();
+    assert_eq!(d.len(), 1);
+    assert!(d[0].convicted);
+    let all: u64 = before.pending_rewards.iter().map(|(_, a)| a).sum();
+    assert_eq!(d[0].voided, all, "the earlier pending reward is voided too");
+    assert_eq!(d[0].slashed, 0, "nothing staked, nothing slashed");
+    let a = st.account(&accused).unwrap();
+    assert!(a.pending_rewards.is_empty());
+    assert_eq!(a.available, 0);
+    st.check_invariant().unwrap();
+    assert_eq!(
+        replayed(&log, *st.rules(), true).root_hash(),
+        st.root_hash()
+    );
 }
 
 #[test]

@@ -24,6 +24,14 @@ pub const DEFAULT_FALSE_ACCUSATION_BPS: u32 = 1_000;
 pub const DEFAULT_UPTIME_ATTESTERS: u32 = 2;
 /// Most attesters a network may require for uptime.
 pub const MAX_UPTIME_ATTESTERS: u32 = 16;
+/// Stake below which an account is unbonded in an open network: 100 NEURO (see
+/// docs/economics.md, "When cheating does not pay").
+pub const DEFAULT_BOND: u64 = 100 * super::amount::UNITS_PER_NEURO;
+/// An unbonded account's rewards stay pending this many challenge windows (600 s x 144 = one
+/// day), capped at the longest window.
+pub const DEFAULT_UNBONDED_WINDOW_FACTOR: u32 = 144;
+/// Largest factor a network may choose.
+pub const MAX_UNBONDED_WINDOW_FACTOR: u32 = 1_440;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
@@ -51,6 +59,13 @@ pub struct Rules {
     /// credited (a node heard by fewer peers earns no uptime, unless the network accepts
     /// unattested claims).
     pub uptime_attesters: u32,
+    /// Open networks: an account whose stake (when its reward is minted) is below `bond` has
+    /// nothing to slash, so its rewards stay pending `unbonded_window_factor` challenge
+    /// windows (at most `MAX_CHALLENGE_WINDOW_SECONDS`) instead of one: a conviction in that
+    /// time voids them all, so an unbonded cheater keeps about `(1 - p)^epochs` of its claims.
+    pub bond: u64,
+    /// See `bond`; 1 makes bonded and unbonded accounts wait the same.
+    pub unbonded_window_factor: u32,
 }
 
 impl Default for Rules {
@@ -64,6 +79,8 @@ impl Default for Rules {
             reporter_bps: DEFAULT_REPORTER_BPS,
             false_accusation_bps: DEFAULT_FALSE_ACCUSATION_BPS,
             uptime_attesters: DEFAULT_UPTIME_ATTESTERS,
+            bond: DEFAULT_BOND,
+            unbonded_window_factor: DEFAULT_UNBONDED_WINDOW_FACTOR,
         }
     }
 }
@@ -81,6 +98,10 @@ pub enum RulesError {
     Quorum,
     #[error("uptime attesters must be between 1 and {MAX_UPTIME_ATTESTERS}, got {0}")]
     UptimeAttesters(u32),
+    #[error(
+        "the unbonded window factor must be between 1 and {MAX_UNBONDED_WINDOW_FACTOR}, got {0}"
+    )]
+    UnbondedWindowFactor(u32),
 }
 
 impl Rules {
@@ -143,9 +164,34 @@ impl Rules {
         })
     }
 
-    /// When a reward minted in a block dated `block_ts` becomes available.
-    pub fn release_at(&self, block_ts: i64) -> i64 {
-        block_ts.saturating_add(self.challenge_window_secs)
+    /// The same rules with another bond and unbonded window factor.
+    pub fn with_bond(self, bond: u64, unbonded_window_factor: u32) -> Result<Rules, RulesError> {
+        if !(1..=MAX_UNBONDED_WINDOW_FACTOR).contains(&unbonded_window_factor) {
+            return Err(RulesError::UnbondedWindowFactor(unbonded_window_factor));
+        }
+        Ok(Rules {
+            bond,
+            unbonded_window_factor,
+            ..self
+        })
+    }
+
+    /// Seconds a reward minted for an account with `staked` stays pending: one challenge
+    /// window, or `unbonded_window_factor` of them (capped at the longest window) for an
+    /// unbonded account of an open network.
+    pub fn window_for(&self, staked: u64) -> i64 {
+        let w = self.challenge_window_secs;
+        if self.accept_unattested_training || staked >= self.bond {
+            return w;
+        }
+        w.saturating_mul(i64::from(self.unbonded_window_factor))
+            .min(MAX_CHALLENGE_WINDOW_SECONDS.max(w))
+    }
+
+    /// When a reward minted in a block dated `block_ts` for an account with `staked` becomes
+    /// available.
+    pub fn release_at(&self, block_ts: i64, staked: u64) -> i64 {
+        block_ts.saturating_add(self.window_for(staked))
     }
 }
 
@@ -161,7 +207,21 @@ mod tests {
         assert_eq!(Rules::new(86_401, 4), Err(RulesError::Window(86_401)));
         assert_eq!(Rules::new(600, 0), Err(RulesError::Layers(0)));
         assert_eq!(Rules::new(600, 1025), Err(RulesError::Layers(1025)));
-        assert_eq!(Rules::default().release_at(1000), 1600);
+        let r = Rules::default();
+        assert_eq!(r.release_at(1000, DEFAULT_BOND), 1600);
+        assert_eq!(r.release_at(1000, u64::MAX), 1600);
+        // Unbonded: 144 windows of 600 s, one day.
+        assert_eq!(r.release_at(1000, DEFAULT_BOND - 1), 1000 + 86_400);
+        assert_eq!(r.release_at(1000, 0), 1000 + 86_400);
+        // Development networks trust every claim: one window whatever the stake.
+        assert_eq!(r.unattested().release_at(1000, 0), 1600);
+        // The cap, and a factor of 1.
+        let long = Rules::new(3600, 4).unwrap();
+        assert_eq!(long.window_for(0), MAX_CHALLENGE_WINDOW_SECONDS);
+        assert_eq!(long.with_bond(DEFAULT_BOND, 1).unwrap().window_for(0), 3600);
+        assert_eq!(Rules::new(0, 4).unwrap().window_for(0), 0);
+        assert_eq!(r.with_bond(1, 0), Err(RulesError::UnbondedWindowFactor(0)));
+        assert!(r.with_bond(0, MAX_UNBONDED_WINDOW_FACTOR).is_ok());
         assert!(Rules::default().with_uptime_attesters(1).is_ok());
         assert_eq!(
             Rules::default().with_uptime_attesters(0),

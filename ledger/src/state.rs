@@ -506,7 +506,7 @@ impl LedgerState {
     /// stake, chain head, freeze and unclaimed transfer.
     pub fn root_hash(&self) -> Hash32 {
         let r = &self.rules;
-        let mut e = Encoder::new(b"neuroshard-ledger-root-v4");
+        let mut e = Encoder::new(b"neuroshard-ledger-root-v5");
         e.i64(r.challenge_window_secs)
             .u32(r.model_layers)
             .bool(r.accept_unattested_training)
@@ -515,6 +515,8 @@ impl LedgerState {
             .u32(r.reporter_bps)
             .u32(r.false_accusation_bps)
             .u32(r.uptime_attesters)
+            .u64(r.bond)
+            .u32(r.unbonded_window_factor)
             .u64(self.accounts().count() as u64);
         for a in self.accounts() {
             e.bytes(&a.address.0)

@@ -325,7 +325,11 @@ async fn keystore_wallet_drives_the_ledger() {
 #[tokio::test]
 async fn rewards_stay_pending_through_the_challenge_window() {
     let db = sqlite_db();
-    let rules = neuroshard_ledger::Rules::new(600, 1024).unwrap();
+    // Bond 0: every account is bonded and waits one window (the unbonded wait is below).
+    let rules = neuroshard_ledger::Rules::new(600, 1024)
+        .unwrap()
+        .with_bond(0, 144)
+        .unwrap();
     let ledger = db.open_with(rules).await;
     let w = Wallet::from_seed(41);
     let accepted = ledger
@@ -360,5 +364,20 @@ async fn rewards_stay_pending_through_the_challenge_window() {
     assert!(b.available < minted && b.pending_rewards == 0);
     reopened.check_invariant().await.unwrap();
     reopened.close().await;
+    db.drop_db().await;
+
+    // The default bond: a node with nothing staked waits 144 windows (a day) for the same reward.
+    let db = sqlite_db();
+    let ledger = db
+        .open_with(neuroshard_ledger::Rules::new(600, 1024).unwrap())
+        .await;
+    ledger
+        .submit_proof(&w, proof(&w, T0, 1023), T0)
+        .await
+        .unwrap();
+    let b = ledger.balance(&w.address(), T0 + 600).await;
+    assert_eq!((b.available, b.pending_rewards), (0, minted));
+    assert_eq!(b.rewards_next_release_at, Some(T0 + 86_400));
+    ledger.close().await;
     db.drop_db().await;
 }

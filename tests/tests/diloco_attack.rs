@@ -60,6 +60,7 @@ fn message(
         // nothing to replay.
         start_checkpoint: String::new(),
         data_id: String::new(),
+        replay_class: String::new(),
     }
 }
 

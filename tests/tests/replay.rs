@@ -12,12 +12,14 @@ use crate::diloco_common::{POLL, START, dump_logs, options};
 use crate::fraud_common::{convicted_everywhere, fraud, slashed_and_roots_agree, stake_available};
 use crate::network_common::address;
 
-/// An open network with a short challenge window (rewards pending 90 s), a quorum any staked
-/// verifier reaches, every contribution replayed.
+/// An open network with a short challenge window (rewards pending 90 s, staked or not: the
+/// nodes stake what they first earn), a quorum any staked verifier reaches, every
+/// contribution replayed.
 fn config(cheat: &str) -> String {
     format!(
         "\n[ledger]\nchallenge_window_secs = 90\naccept_unattested_training = false\n\
          fraud_quorum_neuro = 0.000000001\nverify_probability = 1.0\n\
+         unbonded_window_factor = 1\n\
          [adversary]\ncheat = \"{cheat}\"\n"
     )
 }

@@ -25,6 +25,7 @@ fn options(cheat: &str) -> NodeOptions {
              [resources]\nmax_layers = 2\n\
              [ledger]\nchallenge_window_secs = 90\naccept_unattested_training = false\n\
              fraud_quorum_neuro = 0.000000001\nverify_probability = 1.0\n\
+             unbonded_window_factor = 1\n\
              [adversary]\ncheat = \"{cheat}\"\n"
         ),
         ..NodeOptions::default()

@@ -280,8 +280,12 @@ pub struct ReplayFigures {
     pub replayed: u64,
     pub guilty: u64,
     pub innocent: u64,
-    /// Sampled, but the checkpoint was not served or the scratch engine failed.
+    /// Sampled, but the checkpoint was not served, the scratch engine failed or the claimant
+    /// is of another replay class.
     pub unverifiable: u64,
+    /// Sampled claims of another replay class (engine version, device, instruction set,
+    /// dtype): not replayed, since training only reproduces bit for bit within a class.
+    pub other_class: u64,
     pub verdicts_written: u64,
     /// Wall time spent replaying, in seconds.
     pub replay_seconds: f64,
@@ -297,6 +301,7 @@ impl From<&crate::diloco::verify::Figures> for ReplayFigures {
             guilty: f.guilty,
             innocent: f.innocent,
             unverifiable: f.unverifiable,
+            other_class: f.other_class,
             verdicts_written: f.verdicts_written,
             replay_seconds: f.replay_ms as f64 / 1000.0,
             max_innocent_distance: f.distances.iter().copied().fold(0.0, f64::max),

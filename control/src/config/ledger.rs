@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use neuroshard_ledger::parse_neuro_f64;
 use neuroshard_ledger::rules::{
-    DEFAULT_CHALLENGE_WINDOW_SECONDS, DEFAULT_FALSE_ACCUSATION_BPS, DEFAULT_FRAUD_QUORUM,
-    DEFAULT_REPORTER_BPS, DEFAULT_SLASH_BPS, DEFAULT_UPTIME_ATTESTERS, Rules, RulesError,
+    DEFAULT_BOND, DEFAULT_CHALLENGE_WINDOW_SECONDS, DEFAULT_FALSE_ACCUSATION_BPS,
+    DEFAULT_FRAUD_QUORUM, DEFAULT_REPORTER_BPS, DEFAULT_SLASH_BPS, DEFAULT_UNBONDED_WINDOW_FACTOR,
+    DEFAULT_UPTIME_ATTESTERS, Rules, RulesError,
 };
 use neuroshard_ledger::units_to_neuro;
 
@@ -35,6 +36,12 @@ pub struct LedgerConfig {
     pub reporter_bps: u32,
     /// Share of its stake an accuser pays the accused when acquitted, in basis points.
     pub false_accusation_bps: u32,
+    /// Open networks: a node with less than this many NEURO staked when its reward is minted
+    /// is unbonded (nothing to slash), and its rewards stay pending `unbonded_window_factor`
+    /// challenge windows (at most a day) instead of one.
+    pub bond_neuro: f64,
+    /// See `bond_neuro`: 144 x 600 s = one day; 1 makes everyone wait one window.
+    pub unbonded_window_factor: u32,
     /// This node's own choice (not a network rule): how many replays of each DiLoCo
     /// contribution it aims at with the other replicas (each of the V that may check one
     /// draws with this / V after aggregating a round; 0 = never), and the rate at which it
@@ -55,6 +62,8 @@ impl Default for LedgerConfig {
             slash_bps: DEFAULT_SLASH_BPS,
             reporter_bps: DEFAULT_REPORTER_BPS,
             false_accusation_bps: DEFAULT_FALSE_ACCUSATION_BPS,
+            bond_neuro: units_to_neuro(DEFAULT_BOND),
+            unbonded_window_factor: DEFAULT_UNBONDED_WINDOW_FACTOR,
             verify_probability: DEFAULT_VERIFY_PROBABILITY,
             verify_tolerance: DEFAULT_VERIFY_TOLERANCE,
         }
@@ -77,6 +86,7 @@ impl LedgerConfig {
                 RulesError::Share(_) => "ledger.slash_bps/reporter_bps/false_accusation_bps",
                 RulesError::Quorum => "ledger.fraud_quorum_neuro",
                 RulesError::UptimeAttesters(_) => "ledger.uptime_attesters",
+                RulesError::UnbondedWindowFactor(_) => "ledger.unbonded_window_factor",
             };
             ConfigError::Invalid {
                 key: key.into(),
@@ -99,6 +109,10 @@ impl LedgerConfig {
                 key: "ledger.fraud_quorum_neuro".into(),
                 message: e.to_string(),
             })?;
+        let bond = parse_neuro_f64(self.bond_neuro).map_err(|e| ConfigError::Invalid {
+            key: "ledger.bond_neuro".into(),
+            message: e.to_string(),
+        })?;
         let rules = Rules::new(self.challenge_window_secs, model_layers)
             .and_then(|r| {
                 r.with_fraud(
@@ -109,6 +123,7 @@ impl LedgerConfig {
                 )
             })
             .and_then(|r| r.with_uptime_attesters(self.uptime_attesters))
+            .and_then(|r| r.with_bond(bond, self.unbonded_window_factor))
             .map_err(invalid)?;
         Ok(if self.accept_unattested_training {
             rules.unattested()

@@ -10,6 +10,8 @@
 //! * [`validate`]: checks on a peer's contribution, counted refusals, the per-round inbox.
 //! * [`outer`]: the outer Nesterov step.
 //! * [`stage`]: rounds within a pipeline stage (clock-aligned, steps go on meanwhile).
+//! * [`streaming`]: Streaming DiLoCo's fragments, their staggered schedule, per-fragment
+//!   outer state and the delayed merge of an overlapped exchange.
 //! * [`service`]: the `Diloco` peer service (PushDelta, GetWeights).
 
 pub mod aggregate;
@@ -19,6 +21,7 @@ pub mod round;
 pub mod service;
 pub mod sparse;
 pub mod stage;
+pub mod streaming;
 pub mod sync;
 pub mod validate;
 pub mod verify;

@@ -81,6 +81,7 @@ impl DilocoRpc for DilocoService {
         let commitment = super::verify::Commitment {
             start_checkpoint: body.start_checkpoint.clone(),
             data_id: body.data_id.clone(),
+            replay_class: body.replay_class.clone(),
         };
         let msg = super::validate::WireDelta {
             sender: v.peer.to_string(),

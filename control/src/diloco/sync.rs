@@ -419,6 +419,7 @@ impl Round<'_> {
             tensors: wire,
             start_checkpoint: commitment.start_checkpoint,
             data_id: commitment.data_id,
+            replay_class: commitment.replay_class,
         };
         let size = msg.encoded_len() as u64;
         let replicas = self.replicas();

@@ -65,6 +65,8 @@ pub struct ReplaySpec {
 pub struct Commitment {
     pub start_checkpoint: String,
     pub data_id: String,
+    /// The claimant engine's replay class: a replay on another class is not judged.
+    pub replay_class: String,
 }
 
 /// The result of one replay, waiting for its verdict to be written.
@@ -112,8 +114,11 @@ pub struct Figures {
     pub replayed: u64,
     pub guilty: u64,
     pub innocent: u64,
-    /// Sampled but not checkable (checkpoint not served, scratch engine failed).
+    /// Sampled but not checkable (checkpoint not served, scratch engine failed, another
+    /// replay class).
     pub unverifiable: u64,
+    /// Of those, claims of another replay class (other hardware or dtype): not replayed.
+    pub other_class: u64,
     pub verdicts_written: u64,
     /// Wall time spent replaying (fetch, scratch engine, inner steps, compare), in ms.
     pub replay_ms: u64,
@@ -132,6 +137,8 @@ pub struct Verifier {
     pub commitments: Mutex<BTreeMap<(String, u64), Commitment>>,
     pub findings: Mutex<Vec<Finding>>,
     pub figures: Mutex<Figures>,
+    /// This node's engine's replay class (from its last LoadModel).
+    pub replay_class: Mutex<String>,
     busy: AtomicBool,
 }
 
@@ -202,6 +209,7 @@ impl Verifier {
                 .map(|(_, sha)| sha.clone())
                 .unwrap_or_default(),
             data_id,
+            replay_class: self.replay_class.lock().clone(),
         }
     }
 
@@ -248,6 +256,18 @@ impl Verifier {
         let Some(spec) = self.spec.lock().clone() else {
             return;
         };
+        // Training is chaotic: a round only replays bit for bit on the claimant's kind of
+        // hardware and dtype (BENCHMARKS.md, "Checked work: replays across hardware"), so a
+        // claim of another class is not judged here.
+        let own = self.replay_class.lock().clone();
+        if own != job.commitment.replay_class {
+            let mut f = self.figures.lock();
+            f.sampled += 1;
+            f.unverifiable += 1;
+            f.other_class += 1;
+            tracing::info!(claimant = %job.claimant, round = job.round, theirs = %job.commitment.replay_class, ours = %own, "not replaying a contribution of another replay class");
+            return;
+        }
         if self.busy.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -364,6 +384,12 @@ async fn run_scratch(
         .load_model(&load)
         .await
         .map_err(|e| format!("loading the round checkpoint: {e}"))?;
+    if loaded.replay_class != job.commitment.replay_class {
+        return Err(format!(
+            "the replay engine is of class {:?}, the claimant's {:?}",
+            loaded.replay_class, job.commitment.replay_class
+        ));
+    }
     if loaded.model_hash != job.start_hash {
         return Ok((
             true,

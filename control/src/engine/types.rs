@@ -128,6 +128,9 @@ pub struct Loaded {
     pub step: u64,
     /// The layers no source held: they start from the seed.
     pub seeded_layers: Vec<u32>,
+    /// Engine version, device, instruction set and dtype: nodes of one class replay each
+    /// other's training bit for bit.
+    pub replay_class: String,
 }
 
 impl From<pb::LoadModelReply> for Loaded {
@@ -137,6 +140,7 @@ impl From<pb::LoadModelReply> for Loaded {
             model_hash: r.model_hash,
             step: r.step,
             seeded_layers: r.seeded_layers,
+            replay_class: r.replay_class,
         }
     }
 }

@@ -92,6 +92,7 @@ impl Trainer {
                 .fetch_add(seeded.len() as u64, Relaxed);
         }
         tracing::info!(layers = ?a.layers, step = reply.step, hash = %reply.model_hash, from_peers = peer, from_checkpoint = ckpt, from_seed = seeded.len(), "model loaded");
+        *self.diloco.verifier.replay_class.lock() = reply.replay_class.clone();
         self.update(|s| {
             s.model_loaded = true;
             s.model_hash = reply.model_hash.clone();
@@ -257,7 +258,8 @@ impl Trainer {
             p.inc(1);
             p.finish();
         }
-        tracing::info!(step = reply.step, params = reply.parameters, hash = %reply.model_hash, restored = existing.is_some(), "model loaded");
+        tracing::info!(step = reply.step, params = reply.parameters, hash = %reply.model_hash, restored = existing.is_some(), class = %reply.replay_class, "model loaded");
+        *self.diloco.verifier.replay_class.lock() = reply.replay_class.clone();
         self.update(|s| {
             s.model_loaded = true;
             s.model_hash = reply.model_hash;

@@ -93,6 +93,43 @@ impl Dtype {
     }
 }
 
+/// Which nodes can replay each other's training bit for bit: the engine version, the device
+/// kind and dtype, and on the CPU the instruction sets the kernels pick at run time (the f32
+/// GEMMs' micro-kernel and the bf16 GEMM differ with them). Training is chaotic (a last-bit
+/// difference grows about tenfold every 25 steps, BENCHMARKS.md "Checked work: replays across
+/// hardware"), so a verifier only judges a replay of a claimant of its own class. `device` is
+/// "cpu" or the CUDA device's name.
+pub fn replay_class(device: &str, cuda: bool, dtype: Dtype) -> String {
+    let isa = if cuda { "cuda" } else { cpu_isa() };
+    format!(
+        "neuroshard-engine {} {device} {isa} {}",
+        env!("CARGO_PKG_VERSION"),
+        dtype.as_str()
+    )
+}
+
+/// The widest instruction set the CPU kernels use here.
+fn cpu_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if neuroshard_kernels::cpu::fast::native_bf16() {
+            return "x86-avx512-bf16";
+        }
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+            return "x86-avx512";
+        }
+        if has!("avx2") && has!("fma") {
+            return "x86-avx2-fma";
+        }
+        "x86-baseline"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH
+    }
+}
+
 /// The training dtype asked for (`training.dtype` in the daemon's config, LoadModel's `dtype`,
 /// bench-train's `--dtype`) on a device with or without native bf16 arithmetic (`native`:
 /// AVX512-BF16 on the CPU, tensor cores on CUDA). "" or "auto" is bf16 where native, f32
@@ -461,4 +498,26 @@ pub fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> R
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod replay_class_tests {
+    use super::*;
+
+    #[test]
+    fn the_replay_class_names_version_device_instruction_set_and_dtype() {
+        let f = replay_class("cpu", false, Dtype::F32);
+        let b = replay_class("cpu", false, Dtype::Bf16);
+        assert_ne!(f, b, "dtypes are different classes");
+        assert!(f.starts_with(&format!(
+            "neuroshard-engine {} cpu ",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(f.ends_with(" f32") && b.ends_with(" bf16"), "{f} / {b}");
+        // The same machine and dtype: the same class, every time.
+        assert_eq!(f, replay_class("cpu", false, Dtype::F32));
+        let g = replay_class("NVIDIA H200", true, Dtype::Bf16);
+        assert!(g.ends_with("NVIDIA H200 cuda bf16"), "{g}");
+        assert_ne!(g, b);
+    }
 }

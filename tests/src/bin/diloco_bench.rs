@@ -25,6 +25,7 @@ use neuroshard::diloco::aggregate::{Aggregator, AggregatorKind, Input};
 use neuroshard::diloco::compress::{self, Encoding};
 use neuroshard::diloco::outer::OuterOpt;
 use neuroshard::diloco::sparse::TopK;
+use neuroshard::diloco::streaming::{Partition, Schedule, Settings as StreamingSettings, State};
 use neuroshard_engine::backend::Backend;
 use neuroshard_engine::backend::cpu::CpuBackend;
 use neuroshard_engine::data::{DataLoader, DataSource, LoaderConfig, builtin_tokenizer};
@@ -71,6 +72,17 @@ struct Args {
     outer_lr: f32,
     #[arg(long, default_value_t = 0.9)]
     outer_momentum: f32,
+    /// Streaming DiLoCo: fragments of the model synced at staggered times (P); with 1 and
+    /// `--overlap 0` only plain DiLoCo runs, else both on the same budget.
+    #[arg(long, default_value_t = 1)]
+    fragments: u32,
+    /// Streaming DiLoCo: inner steps a fragment's exchange overlaps (τ) before its aggregate
+    /// is merged.
+    #[arg(long, default_value_t = 0)]
+    overlap: u32,
+    /// Streaming DiLoCo: the local share kept by the merge (α; applied when τ > 0).
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f32,
     /// Skip the synchronous run (its loss does not depend on the encoding); its bytes are
     /// still counted.
     #[arg(long)]
@@ -161,6 +173,211 @@ fn write(model: &mut Model<CpuBackend>, theta: &[Vec<f32>]) -> anyhow::Result<()
     Ok(())
 }
 
+/// What a DiLoCo run (plain or streaming) ends with.
+struct Run {
+    /// Eval loss on the agreed weights after the whole budget.
+    loss: f64,
+    /// The agreed weights, one vector per parameter (compared by the test below).
+    #[cfg_attr(not(test), allow(dead_code))]
+    theta: Vec<Vec<f32>>,
+    /// Bytes all replicas sent.
+    bytes: u64,
+    /// Most bytes one replica sent at one sync point (all its fragments due then, to every
+    /// other replica).
+    peak: u64,
+    seconds: f64,
+}
+
+/// The shared set-up of both DiLoCo runs.
+struct Setup<'a> {
+    args: &'a Args,
+    cfg: &'a ModelConfig,
+    encoding: Encoding,
+    aggregator: Aggregator,
+    opt: OptimConfig,
+    outer: OuterOpt,
+    ids: &'a [String],
+    eval: &'a [neuroshard_engine::data::Batch],
+}
+
+impl Setup<'_> {
+    fn replicas(&self) -> anyhow::Result<Vec<Replica>> {
+        self.ids
+            .iter()
+            .map(|id| {
+                let model = model(self.args, self.cfg)?;
+                let adam = AdamState::new(&model)?;
+                Ok(Replica {
+                    model,
+                    adam,
+                    data: loader(self.args, self.cfg, id)?,
+                })
+            })
+            .collect()
+    }
+
+    fn aggregate(&self, deltas: &[Vec<f32>]) -> anyhow::Result<Vec<f32>> {
+        let inputs: Vec<Input<'_>> = deltas
+            .iter()
+            .map(|d| Input {
+                values: d,
+                weight: self.args.h as f32,
+            })
+            .collect();
+        Ok(self.aggregator.aggregate(&inputs)?)
+    }
+
+    /// Plain DiLoCo: every replica takes H inner steps, then the whole model is exchanged.
+    fn plain(&self) -> anyhow::Result<Run> {
+        let (args, encoding, opt) = (self.args, self.encoding, &self.opt);
+        let t0 = Instant::now();
+        let mut reps = self.replicas()?;
+        let n = reps.len();
+        let mut theta = flat(&reps[0].model)?;
+        let sizes: Vec<usize> = theta.iter().map(Vec::len).collect();
+        let params: usize = sizes.iter().sum();
+        let mut momentum: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+        let mut residuals: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); sizes.len()]; n];
+        let (mut bytes, mut peak) = (0u64, 0u64);
+        let mut micro = 0u64;
+        for _round in 0..args.rounds {
+            let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(n);
+            for (r, rep) in reps.iter_mut().enumerate() {
+                for _ in 0..args.h {
+                    micro += 1;
+                    accumulate(&mut rep.model, &mut rep.data, micro)?;
+                    rep.adam.step(&mut rep.model, opt, opt.lr)?;
+                }
+                let local = flat(&rep.model)?;
+                let mut decoded = Vec::with_capacity(params);
+                let mut wire = 0u64;
+                for (i, (start, now)) in theta.iter().zip(&local).enumerate() {
+                    let delta: Vec<f32> = start.iter().zip(now).map(|(a, b)| a - b).collect();
+                    let b = compress::encode(encoding, &delta, &mut residuals[r][i]);
+                    wire += b.len() as u64;
+                    decoded.extend(compress::decode(encoding, &b, delta.len())?);
+                }
+                // Pushed to every other replica.
+                bytes += wire * (n as u64 - 1);
+                peak = peak.max(wire * (n as u64 - 1));
+                deltas.push(decoded);
+            }
+            let agg = self.aggregate(&deltas)?;
+            let mut off = 0;
+            for (t, m) in theta.iter_mut().zip(momentum.iter_mut()) {
+                let d = &agg[off..off + t.len()];
+                off += t.len();
+                *t = self.outer.step(t, d, m);
+            }
+            for rep in &mut reps {
+                write(&mut rep.model, &theta)?;
+            }
+        }
+        let loss = evaluate(&mut reps[0].model, self.eval)?;
+        Ok(Run {
+            loss,
+            theta,
+            bytes,
+            peak,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Streaming DiLoCo (`neuroshard::diloco::streaming`): every replica steps once per
+    /// global step; the fragments due send, and the aggregate of a fragment sent τ steps
+    /// earlier is applied (outer step, merge into each replica's local weights).
+    fn streaming(&self, settings: StreamingSettings) -> anyhow::Result<Run> {
+        let (args, opt) = (self.args, &self.opt);
+        let t0 = Instant::now();
+        let mut reps = self.replicas()?;
+        let n = reps.len();
+        let names: Vec<String> = reps[0]
+            .model
+            .params
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let partition = Partition::new(&names, settings.fragments)?;
+        let schedule = Schedule::new(u32::try_from(args.h)?, &settings)?;
+        let alpha = schedule.alpha(settings.alpha);
+        let theta = flat(&reps[0].model)?;
+        let mut states: Vec<State> = (0..n)
+            .map(|_| State::new(partition.clone(), theta.clone()))
+            .collect::<Result<_, _>>()?;
+        // Decoded contributions in flight, by fragment.
+        let mut in_flight: Vec<Option<Vec<Vec<f32>>>> = vec![None; settings.fragments as usize];
+        let (mut bytes, mut peak) = (0u64, 0u64);
+        let mut micro = 0u64;
+        let steps = (args.rounds * args.h) as u64;
+        for step in 1..=steps {
+            for rep in &mut reps {
+                micro += 1;
+                accumulate(&mut rep.model, &mut rep.data, micro)?;
+                rep.adam.step(&mut rep.model, opt, opt.lr)?;
+            }
+            let sends = schedule.sends_after(step);
+            if !sends.is_empty() {
+                let mut sent = vec![0u64; n];
+                let locals: Vec<Vec<Vec<f32>>> = reps
+                    .iter()
+                    .map(|r| flat(&r.model))
+                    .collect::<Result<_, _>>()?;
+                for p in sends {
+                    let mut deltas = Vec::with_capacity(n);
+                    for (r, (state, local)) in states.iter_mut().zip(&locals).enumerate() {
+                        let e = state.encode(p, local, self.encoding, 1.0)?;
+                        sent[r] += e.bytes() * (n as u64 - 1);
+                        deltas.push(e.decoded);
+                    }
+                    in_flight[p as usize] = Some(deltas);
+                }
+                bytes += sent.iter().sum::<u64>();
+                peak = peak.max(sent.into_iter().max().unwrap_or(0));
+            }
+            for p in schedule.merges_after(step) {
+                let deltas = in_flight[p as usize]
+                    .take()
+                    .ok_or_else(|| anyhow::anyhow!("fragment {p} merged but never sent"))?;
+                let agg = self.aggregate(&deltas)?;
+                for (state, rep) in states.iter_mut().zip(reps.iter_mut()) {
+                    state.outer_step(p, &agg, self.outer)?;
+                    let mut local = flat(&rep.model)?;
+                    state.merge(p, &mut local, alpha)?;
+                    for i in partition.tensors(p) {
+                        rep.model
+                            .be
+                            .write(&mut rep.model.params[i].value, &local[i])?;
+                    }
+                }
+            }
+        }
+        // Exchanges still in flight at the end of the budget complete: their outer steps
+        // count (no inner step follows, so there is nothing to merge).
+        for (p, deltas) in in_flight.into_iter().enumerate() {
+            if let Some(deltas) = deltas {
+                let agg = self.aggregate(&deltas)?;
+                for state in &mut states {
+                    state.outer_step(u32::try_from(p)?, &agg, self.outer)?;
+                }
+            }
+        }
+        // The replicas agree on the global weights; the loss is measured there.
+        for s in &states[1..] {
+            anyhow::ensure!(s.global == states[0].global, "replicas disagree");
+        }
+        let theta = states.swap_remove(0).global;
+        write(&mut reps[0].model, &theta)?;
+        let loss = evaluate(&mut reps[0].model, self.eval)?;
+        Ok(Run {
+            loss,
+            theta,
+            bytes,
+            peak,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = ModelConfig::preset(&args.model)?;
@@ -189,72 +406,35 @@ fn main() -> anyhow::Result<()> {
         .map(|i| format!("diloco-bench-replica-{i}"))
         .collect();
 
-    // DiLoCo.
-    let t0 = Instant::now();
-    let mut reps: Vec<Replica> = Vec::with_capacity(n);
-    for id in &ids {
-        let model = model(&args, &cfg)?;
-        let adam = AdamState::new(&model)?;
-        reps.push(Replica {
-            model,
-            adam,
-            data: loader(&args, &cfg, id)?,
-        });
-    }
-    let initial_loss = evaluate(&mut reps[0].model, &eval)?;
-    let mut theta = flat(&reps[0].model)?;
-    let sizes: Vec<usize> = theta.iter().map(Vec::len).collect();
-    let params: usize = sizes.iter().sum();
-    let mut momentum: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
-    let mut residuals: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); sizes.len()]; n];
     let outer = OuterOpt {
         lr: args.outer_lr,
         momentum: args.outer_momentum,
     };
-    let mut diloco_bytes = 0u64;
+    let setup = Setup {
+        args: &args,
+        cfg: &cfg,
+        encoding,
+        aggregator,
+        opt,
+        outer,
+        ids: &ids,
+        eval: &eval,
+    };
+    let initial_loss = evaluate(&mut model(&args, &cfg)?, &eval)?;
+    let sizes: Vec<usize> = flat(&model(&args, &cfg)?)?.iter().map(Vec::len).collect();
+    let params: usize = sizes.iter().sum();
+    let plain = setup.plain()?;
+    let streaming = StreamingSettings {
+        fragments: args.fragments,
+        overlap: args.overlap,
+        alpha: args.alpha,
+    };
+    let stream = match streaming == StreamingSettings::default() {
+        true => None,
+        false => Some(setup.streaming(streaming)?),
+    };
+    let (diloco_loss, diloco_bytes, diloco_s) = (plain.loss, plain.bytes, plain.seconds);
     let mut micro = 0u64;
-    for _round in 0..args.rounds {
-        let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(n);
-        for (r, rep) in reps.iter_mut().enumerate() {
-            for _ in 0..args.h {
-                micro += 1;
-                accumulate(&mut rep.model, &mut rep.data, micro)?;
-                rep.adam.step(&mut rep.model, &opt, opt.lr)?;
-            }
-            let local = flat(&rep.model)?;
-            let mut decoded = Vec::with_capacity(params);
-            let mut wire = 0u64;
-            for (i, (start, now)) in theta.iter().zip(&local).enumerate() {
-                let delta: Vec<f32> = start.iter().zip(now).map(|(a, b)| a - b).collect();
-                let bytes = compress::encode(encoding, &delta, &mut residuals[r][i]);
-                wire += bytes.len() as u64;
-                decoded.extend(compress::decode(encoding, &bytes, delta.len())?);
-            }
-            // Pushed to every other replica.
-            diloco_bytes += wire * (n as u64 - 1);
-            deltas.push(decoded);
-        }
-        let inputs: Vec<Input<'_>> = deltas
-            .iter()
-            .map(|d| Input {
-                values: d,
-                weight: args.h as f32,
-            })
-            .collect();
-        let agg = aggregator.aggregate(&inputs)?;
-        let mut off = 0;
-        for (t, m) in theta.iter_mut().zip(momentum.iter_mut()) {
-            let d = &agg[off..off + t.len()];
-            off += t.len();
-            *t = outer.step(t, d, m);
-        }
-        for rep in &mut reps {
-            write(&mut rep.model, &theta)?;
-        }
-    }
-    let diloco_loss = evaluate(&mut reps[0].model, &eval)?;
-    let diloco_s = t0.elapsed().as_secs_f64();
-    drop(reps);
 
     // Fully synchronous data parallelism on the same budget.
     let t0 = Instant::now();
@@ -316,9 +496,33 @@ fn main() -> anyhow::Result<()> {
         "diloco_bytes_per_token": diloco_bytes as f64 / tokens as f64,
         "sync_bytes_per_token": sync_bytes as f64 / tokens as f64,
         "diloco_s": diloco_s,
+        "diloco_peak_bytes_per_sync": plain.peak,
         "sync_s": sync_s,
+        "fragments": args.fragments,
+        "overlap": args.overlap,
+        "alpha": args.alpha,
+        "streaming_eval_loss": stream.as_ref().map(|r| r.loss),
+        "streaming_bytes": stream.as_ref().map(|r| r.bytes),
+        "streaming_bytes_per_token": stream.as_ref().map(|r| r.bytes as f64 / tokens as f64),
+        "streaming_peak_bytes_per_sync": stream.as_ref().map(|r| r.peak),
+        "streaming_s": stream.as_ref().map(|r| r.seconds),
     });
     println!("{out}");
+    if let Some(r) = &stream {
+        println!(
+            "streaming DiLoCo (P = {}, overlap {}, alpha {}): loss {:.3} (plain {diloco_loss:.3}), {:.1} bytes/token \
+             (plain {:.1}), peak {} bytes per sync (plain {}, {:.2}x lower)",
+            args.fragments,
+            args.overlap,
+            args.alpha,
+            r.loss,
+            r.bytes as f64 / tokens as f64,
+            diloco_bytes as f64 / tokens as f64,
+            r.peak,
+            plain.peak,
+            plain.peak as f64 / r.peak.max(1) as f64
+        );
+    }
     println!(
         "{} ({params} params), {n} replicas, {tokens} tokens: DiLoCo (H = {}, {}) loss {initial_loss:.3} -> {diloco_loss:.3}, \
          {:.1} bytes/token; synchronous loss {sync_loss:.3}, {:.1} bytes/token ({:.0}x more)",
@@ -330,4 +534,64 @@ fn main() -> anyhow::Result<()> {
         sync_bytes as f64 / diloco_bytes.max(1) as f64
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the engine's real model, streaming DiLoCo with one fragment and no overlap is the
+    /// plain DiLoCo run, bit for bit (weights, loss and bytes).
+    #[test]
+    fn one_fragment_without_overlap_is_plain_diloco_on_the_real_model() {
+        let args = Args::parse_from([
+            "diloco_bench",
+            "--h",
+            "3",
+            "--rounds",
+            "2",
+            "--encoding",
+            "int8",
+        ]);
+        let cfg = ModelConfig::preset(&args.model).unwrap();
+        let mut ev = loader(&args, &cfg, "diloco-bench-eval").unwrap();
+        let eval = vec![ev.next_batch().unwrap()];
+        let ids: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+        let setup = Setup {
+            args: &args,
+            cfg: &cfg,
+            encoding: Encoding::Int8,
+            aggregator: Aggregator::new(AggregatorKind::TrimmedMean),
+            opt: OptimConfig {
+                lr: args.lr,
+                ..OptimConfig::default()
+            },
+            outer: OuterOpt::default(),
+            ids: &ids,
+            eval: &eval,
+        };
+        let plain = setup.plain().unwrap();
+        let stream = setup.streaming(StreamingSettings::default()).unwrap();
+        let bits =
+            |t: &[Vec<f32>]| -> Vec<u32> { t.iter().flatten().map(|x| x.to_bits()).collect() };
+        assert_eq!(bits(&stream.theta), bits(&plain.theta));
+        assert_eq!(stream.loss.to_bits(), plain.loss.to_bits());
+        assert_eq!((stream.bytes, stream.peak), (plain.bytes, plain.peak));
+        // Two fragments halve the peak and keep the total (int8: one scale per tensor).
+        let two = setup
+            .streaming(StreamingSettings {
+                fragments: 2,
+                overlap: 1,
+                alpha: 0.5,
+            })
+            .unwrap();
+        assert_eq!(two.bytes, plain.bytes);
+        assert!(
+            two.peak < plain.peak * 6 / 10,
+            "{} vs {}",
+            two.peak,
+            plain.peak
+        );
+        assert!(two.loss < plain.loss + 0.5 && two.loss.is_finite());
+    }
 }
