@@ -40,6 +40,7 @@ mod network_peer_auth;
 mod network_stall;
 mod node_lifecycle;
 mod openai_client;
+mod peer_flood;
 mod pipeline;
 mod pipeline_inference;
 mod pipeline_takeover;
