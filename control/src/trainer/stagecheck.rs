@@ -296,8 +296,9 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
     if worst.compared == 0 {
         return Ok(None);
     }
-    let off_agreed =
-        from_agreed.is_some_and(|(d, ratio)| d.is_nan() || !(ratio >= MIN_CHECKPOINT_NORM_RATIO));
+    let off_agreed = from_agreed.is_some_and(|(d, ratio)| {
+        d.is_nan() || ratio.is_nan() || ratio < MIN_CHECKPOINT_NORM_RATIO
+    });
     let agreed_note = match from_agreed {
         Some((d, ratio)) => {
             format!("checkpoint {d:.4} from the agreed weights, {ratio:.4} of their norm")
