@@ -285,7 +285,7 @@ async fn recompute(
     let _ = std::fs::remove_file(&ckpt);
     let distances = r?;
     let tol = Tolerance::default();
-    let worst = worst(&distances);
+    let worst = ChunkDistance::worst(&distances);
     let outside = distances.iter().filter(|d| !d.within(&tol)).count();
     Ok(Checked {
         guilty: outside > 0,
@@ -378,21 +378,6 @@ async fn prefill(
         from = to;
     }
     Ok(out)
-}
-
-fn worst(ds: &[ChunkDistance]) -> ChunkDistance {
-    ds.iter().fold(
-        ChunkDistance {
-            overlap: 1.0,
-            ..ChunkDistance::default()
-        },
-        |w, d| ChunkDistance {
-            overlap: w.overlap.min(d.overlap),
-            exponent_mismatches: w.exponent_mismatches.max(d.exponent_mismatches),
-            mantissa_mean: w.mantissa_mean.max(d.mantissa_mean),
-            mantissa_median: w.mantissa_median.max(d.mantissa_median),
-        },
-    )
 }
 
 fn short(h: &str) -> &str {

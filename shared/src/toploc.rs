@@ -76,6 +76,25 @@ pub struct ChunkDistance {
     pub mantissa_median: f64,
 }
 
+impl ChunkDistance {
+    /// The worst of each measure over `ds` (the least overlap, the most mismatches and
+    /// mantissa error); a perfect distance for none.
+    pub fn worst(ds: &[ChunkDistance]) -> ChunkDistance {
+        ds.iter().fold(
+            ChunkDistance {
+                overlap: 1.0,
+                ..ChunkDistance::default()
+            },
+            |w, d| ChunkDistance {
+                overlap: w.overlap.min(d.overlap),
+                exponent_mismatches: w.exponent_mismatches.max(d.exponent_mismatches),
+                mantissa_mean: w.mantissa_mean.max(d.mantissa_mean),
+                mantissa_median: w.mantissa_median.max(d.mantissa_median),
+            },
+        )
+    }
+}
+
 /// Compares a recomputed output row with the chunk committed for it.
 pub fn compare_row(commit: &ChunkCommit, row: &[f32]) -> ChunkDistance {
     let k = commit.indices.len();

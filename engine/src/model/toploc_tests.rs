@@ -101,21 +101,6 @@ fn verify(
         .unwrap()
 }
 
-fn worst(ds: &[ChunkDistance]) -> ChunkDistance {
-    ds.iter().fold(
-        ChunkDistance {
-            overlap: 1.0,
-            ..ChunkDistance::default()
-        },
-        |w, d| ChunkDistance {
-            overlap: w.overlap.min(d.overlap),
-            exponent_mismatches: w.exponent_mismatches.max(d.exponent_mismatches),
-            mantissa_mean: w.mantissa_mean.max(d.mantissa_mean),
-            mantissa_median: w.mantissa_median.max(d.mantissa_median),
-        },
-    )
-}
-
 #[test]
 fn honest_serving_passes_and_foreign_or_truncated_models_fail() {
     let cfg = ModelConfig::preset("default").unwrap();
@@ -153,7 +138,11 @@ fn honest_serving_passes_and_foreign_or_truncated_models_fail() {
         let commits = toploc::commit_sequence(tokens.len(), DEFAULT_TOP_K, |i| &logits[i]);
         trunc_all.extend(verify(&mut honest, prompt, &tokens, &commits));
     }
-    let (h, s, tr) = (worst(&honest_all), worst(&seed_all), worst(&trunc_all));
+    let (h, s, tr) = (
+        ChunkDistance::worst(&honest_all),
+        ChunkDistance::worst(&seed_all),
+        ChunkDistance::worst(&trunc_all),
+    );
     let caught = |ds: &[ChunkDistance]| ds.iter().filter(|d| !d.within(&tol)).count();
     eprintln!(
         "toploc (default model, CPU vs CPU, k = {DEFAULT_TOP_K}, {} chunks of 32 tokens each):",
