@@ -290,6 +290,11 @@ pub struct ReplayFigures {
     pub cross_class: u64,
     /// Bytes the replay windows fetched from claimants.
     pub evidence_bytes: u64,
+    /// Windows whose replay ended on the committed state hash bit for bit.
+    pub exact_windows: u64,
+    /// Largest distance of an innocent window's replay from the committed states (the
+    /// window alone; `max_innocent_distance` includes the end check's wire rounding).
+    pub max_innocent_window_distance: f64,
     pub verdicts_written: u64,
     /// Wall time spent replaying, in seconds.
     pub replay_seconds: f64,
@@ -309,6 +314,8 @@ impl From<&crate::diloco::verify::Figures> for ReplayFigures {
             windows: f.windows,
             cross_class: f.cross_class,
             evidence_bytes: f.evidence_bytes,
+            exact_windows: f.exact,
+            max_innocent_window_distance: f.window_distances.iter().copied().fold(0.0, f64::max),
             verdicts_written: f.verdicts_written,
             replay_seconds: f.replay_ms as f64 / 1000.0,
             max_innocent_distance: f.distances.iter().copied().fold(0.0, f64::max),

@@ -131,6 +131,11 @@ pub struct Figures {
     pub cross_class: u64,
     /// Bytes the replay windows fetched (hashes and three checkpoints each).
     pub evidence_bytes: u64,
+    /// Windows whose replay ended on the committed state hash bit for bit.
+    pub exact: u64,
+    /// Distances of the innocent windows' replays from the committed states (the window
+    /// alone; `distances` holds the larger of it and the end check's), at most 1000.
+    pub window_distances: Vec<f64>,
     pub verdicts_written: u64,
     /// Wall time spent replaying (fetch, scratch engine, inner steps, compare), in ms.
     pub replay_ms: u64,
@@ -153,8 +158,10 @@ pub struct Verifier {
     pub replay_class: Mutex<String>,
     /// This node's per-step state hashes (`diloco::window`).
     pub steps: Mutex<super::window::StepLog>,
-    /// Whether a replay window is being recomputed for a verifier.
-    pub(super) serving: AtomicBool,
+    /// Replay windows are recomputed for verifiers one at a time (`serving`), at most
+    /// [`super::window::MAX_QUEUED`] waiting (`queued`).
+    pub(super) serving: tokio::sync::Mutex<()>,
+    pub(super) queued: std::sync::atomic::AtomicUsize,
     busy: AtomicBool,
 }
 
@@ -303,6 +310,13 @@ impl Verifier {
                         f.windows += 1;
                         f.cross_class += u64::from(c.cross_class);
                         f.evidence_bytes += c.evidence_bytes;
+                        f.exact += u64::from(c.exact);
+                        if let (false, Some(w)) = (c.guilty, c.window) {
+                            f.window_distances.push(w);
+                            if f.window_distances.len() > 1000 {
+                                f.window_distances.remove(0);
+                            }
+                        }
                         (c.guilty, c.window.map_or(c.end, |w| w.max(c.end)), c.reason)
                     })
             } else {

@@ -40,6 +40,8 @@ use crate::engine::{EngineHandle, LoadSpec};
 
 /// Longest replay window a claimant serves.
 pub const MAX_WINDOW: u32 = 16;
+/// Window requests that may wait while one is recomputed; more are refused as busy.
+pub const MAX_QUEUED: usize = 4;
 /// Optimizer steps before which a window is not compared across replay classes.
 pub const WARM_STEPS: u64 = 30;
 /// Largest window bundle a verifier fetches (three checkpoints and the hashes).
@@ -52,7 +54,7 @@ pub enum WindowError {
     NotKept(u64),
     #[error("bad window: {0}")]
     Invalid(String),
-    #[error("already serving a replay window; retry later")]
+    #[error("too many replay windows waiting; retry later")]
     Busy,
     #[error("recomputing the window failed: {0}")]
     Failed(String),
@@ -222,8 +224,8 @@ impl Verifier {
         }
     }
 
-    /// Serves window (j, k) of this node's round `round`: (step root, bundle). One at a time:
-    /// it recomputes up to the round's inner steps in a scratch engine.
+    /// Serves window (j, k) of this node's round `round`: (step root, bundle). One at a time
+    /// (it recomputes up to the round's inner steps in a scratch engine), a few waiting.
     pub async fn serve_window(
         &self,
         round: u64,
@@ -259,11 +261,16 @@ impl Verifier {
             .lock()
             .clone()
             .ok_or_else(|| WindowError::Failed("no replay settings yet".into()))?;
-        if self.serving.swap(true, Ordering::AcqRel) {
+        // Verifiers that drew the same contribution ask at once: they wait their turn.
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(WindowError::Busy);
         }
-        let out = recompute(&spec, &start, &leaves, j, u64::from(k)).await;
-        self.serving.store(false, Ordering::Release);
+        let out = {
+            let _turn = self.serving.lock().await;
+            recompute(&spec, &start, &leaves, j, u64::from(k)).await
+        };
+        self.queued.fetch_sub(1, Ordering::AcqRel);
         let (a, b) = out.map_err(WindowError::Failed)?;
         let end = std::fs::read(&end)
             .map_err(|e| WindowError::Failed(format!("{}: {e}", end.display())))?;
