@@ -27,6 +27,12 @@ use parking_lot::Mutex;
 
 /// Most bytes a receipt may take on the wire (a signed receipt is about 400 bytes of JSON).
 pub const MAX_RECEIPT_BYTES: usize = 2048;
+/// Seconds after its epoch's end from which a pipeline receipt (forward or backward) of that
+/// epoch is settled: no longer kept, so the one held stays what the attester signed while the
+/// work arrived (the clocks' skew is absorbed). A verifier checks a stage's logged inputs
+/// against these receipts, and starts only after this (`trainer/stagecheck.rs`): a stage that
+/// learns it was drawn can no longer replace them.
+pub const PIPELINE_RECEIPT_SETTLE_SECS: i64 = 10;
 
 /// What this node has received from one peer in the current epoch.
 #[derive(Debug, Clone)]
@@ -243,6 +249,11 @@ impl Attestations {
         if rc.epoch_id > now + 1 || rc.epoch_id + MAX_RECEIPT_AGE_EPOCHS < now {
             return Err(ReceiptRefused::Invalid("of another epoch"));
         }
+        let settled =
+            Proof::epoch_of(chrono::Utc::now().timestamp() - PIPELINE_RECEIPT_SETTLE_SECS);
+        if matches!(kind, ReceiptKind::Forward | ReceiptKind::Backward) && rc.epoch_id < settled {
+            return Err(ReceiptRefused::Invalid("of an epoch already settled"));
+        }
         r.verify()
             .map_err(|_| ReceiptRefused::Invalid("with a bad signature"))?;
         let mut held = self.held.lock();
@@ -391,6 +402,32 @@ mod tests {
             att_a.for_proof(None, r.receipt.epoch_id)[0].receipt.steps,
             2
         );
+        // A pipeline receipt of an epoch already settled is not kept (a stage drawn for a
+        // check could otherwise replace what it signed); contributions may come later.
+        let old = att_b.record_in(
+            r.receipt.epoch_id - 2,
+            ia,
+            ReceiptKind::Forward,
+            2,
+            Count::Step(9),
+            (9, 0, b"made up"),
+        );
+        assert!(
+            att_a
+                .keep(&ib, ReceiptKind::Forward, &to_bytes(&old))
+                .is_err()
+        );
+        let late = att_b.record_in(
+            r.receipt.epoch_id - 2,
+            ia,
+            ReceiptKind::Contribution,
+            0,
+            Count::Steps(4),
+            (3, 0, b"round 3"),
+        );
+        att_a
+            .keep(&ib, ReceiptKind::Contribution, &to_bytes(&late))
+            .unwrap();
         // Contributions add their steps.
         let c = att_b.credit(ia, 40, 3, b"round 3");
         assert_eq!(

@@ -280,6 +280,7 @@ pub async fn run(
     sup_cfg.device = config.resources.device.to_string();
     sup_cfg.cpu_threads = config.resources.cpu_threads;
     sup_cfg.serve_weights = config.inference.weights.clone();
+    sup_cfg.serve_truncated = config.adversary.serves_truncated();
 
     let (stop_engine_tx, stop_engine_rx) = watch::channel(false);
     let (stop_trainer_tx, stop_trainer_rx) = watch::channel(false);
@@ -362,6 +363,7 @@ pub async fn run(
         data_dir.clone(),
         attest.clone(),
     ));
+    let evidence = Arc::new(crate::evidence::Store::new(data_dir));
     // The peer port: the transport's own service, then each subsystem's, behind one guard.
     let edge = neuroshard_net::service::PeerEdge::new(peer_net.clone());
     let peer_routes = neuroshard_net::service::PeerService::routes(edge.clone())
@@ -376,6 +378,7 @@ pub async fn run(
         .add_service(crate::pipeline::service::PipelineService::server(
             edge,
             stage.clone(),
+            evidence.clone(),
         ));
     let samples = Arc::new(crate::samples::Samples::default());
     tokio::spawn(crate::samples::run(
@@ -411,6 +414,7 @@ pub async fn run(
         diloco: diloco.clone(),
         stage: stage.clone(),
         samples: samples.clone(),
+        evidence,
     };
     let minter = crate::work::Minter {
         config: config.clone(),
@@ -423,6 +427,18 @@ pub async fn run(
         verifier: diloco.verifier.clone(),
     };
     let work_task = tokio::spawn(crate::work::run(minter, stop_trainer_rx.clone()));
+    // Sampled checks of other nodes' paid generations (issue #19).
+    tokio::spawn(crate::infercheck::run(
+        crate::infercheck::Checker {
+            config: config.clone(),
+            ledger: ledger.clone(),
+            net: peer_net.clone(),
+            engine: engine.clone(),
+            verifier: diloco.verifier.clone(),
+            data_dir: data_dir.clone(),
+        },
+        stop_trainer_rx.clone(),
+    ));
 
     let rest_task = tokio::spawn(crate::api::serve(
         http,

@@ -109,12 +109,13 @@ async fn judge(state: &Minter) {
     let live = |f: &crate::diloco::verify::Finding| now - f.found_at <= window + 2 * EPOCH_SECONDS;
     // One verdict per claim: several rounds' replays cite the same reward (a receipt counts
     // an epoch's rounds); guilty if any of them is.
-    findings.sort_by_key(|f| (f.claimant, f.epoch, !f.guilty));
-    findings.dedup_by_key(|f| (f.claimant, f.epoch));
+    findings.sort_by_key(|f| (f.claimant, f.epoch, f.inference, !f.guilty));
+    findings.dedup_by_key(|f| (f.claimant, f.epoch, f.inference));
     let me = state.wallet.address();
     let mut keep = Vec::new();
     for mut f in findings {
         let target = match &f.stage {
+            None if f.inference => state.ledger.inference_claim_of(&f.claimant, f.epoch).await,
             None => {
                 state
                     .ledger
@@ -132,6 +133,30 @@ async fn judge(state: &Minter) {
                     f.guilty = true;
                     f.distance = f64::INFINITY;
                     f.reason = "the stage's log is not what its receivers signed for".into();
+                }
+                if found.is_some() {
+                    match stage_inputs(state, &f, ev).await {
+                        Inputs::Bound => {}
+                        // (A finding kept for a later round already says so.)
+                        Inputs::Unbound(reason) if f.reason.contains(&reason) => {}
+                        Inputs::Unbound(reason) => {
+                            f.reason = if f.guilty {
+                                format!("{}; {reason}", f.reason)
+                            } else {
+                                reason
+                            };
+                            f.guilty = true;
+                            f.distance = f64::INFINITY;
+                        }
+                        // The senders' rewards of that epoch come with their next proofs.
+                        Inputs::Waiting if !f.guilty && now - f.found_at <= INPUTS_WAIT_SECONDS => {
+                            keep.push(f);
+                            continue;
+                        }
+                        Inputs::Waiting => {
+                            tracing::debug!(claimant = %f.claimant, "no sender's reward cites the receipts the stage signed: its inputs are not checked")
+                        }
+                    }
                 }
                 found.map(|(t, _)| t)
             }
@@ -196,6 +221,56 @@ async fn stage_claim(
         }
     }
     None
+}
+
+/// How long a stage finding waits for the rewards of the claimant's senders (which cite the
+/// receipts it signed for them) before its verdict is written without them.
+const INPUTS_WAIT_SECONDS: i64 = EPOCH_SECONDS;
+
+/// Whether a replayed stage log's inputs are what the claimant received.
+enum Inputs {
+    /// Every sender's reward found cites receipts that chain over the logged inputs.
+    Bound,
+    /// A receipt the claimant signed does not chain over what its log says it received.
+    Unbound(String),
+    /// Some sender's reward citing the claimant's receipt of that epoch is not on the ledger.
+    Waiting,
+}
+
+/// Checks the inputs of a replayed stage log against the receipts the claimant itself signed
+/// for its senders (the activations from the stage before, the gradients from the stage
+/// after), as the senders' rewards cite them: a receipt, signed when the tensor arrived and
+/// held by the sender, cannot be rewritten once the claimant is drawn, so a log whose inputs
+/// were made up to reproduce its outputs is caught here.
+async fn stage_inputs(
+    state: &Minter,
+    f: &crate::diloco::verify::Finding,
+    ev: &crate::diloco::verify::StageEvidence,
+) -> Inputs {
+    let from = ev.from_ms - 5_000;
+    let mut waiting = false;
+    for (kind, sender, received) in &ev.received {
+        let cited = state
+            .ledger
+            .cited_all(sender, &f.claimant, *kind, f.epoch)
+            .await;
+        if cited.is_empty() {
+            waiting = true;
+        }
+        for (_, receipt) in cited {
+            if !crate::pipeline::oplog::sent_chain(received, from, &receipt.commitment) {
+                return Inputs::Unbound(format!(
+                    "the stage's logged {} inputs from {sender} are not what it signed for receiving",
+                    kind.as_str()
+                ));
+            }
+        }
+    }
+    if waiting {
+        Inputs::Waiting
+    } else {
+        Inputs::Bound
+    }
 }
 
 async fn current_model_hash(state: &Minter) -> Option<String> {

@@ -69,6 +69,12 @@ struct ServeArgs {
         env = "NEUROSHARD_SERVE_WEIGHTS"
     )]
     weights: neuroshard_engine::model::serve::ServeWeights,
+    /// Test only (issue #19): serve generation from a truncated model (every layer but the
+    /// first and the last skipped; of two layers, the last) while the model and its hash stay
+    /// whole. Only a daemon built with its `adversary` feature passes it (cheat
+    /// `truncated_model`).
+    #[arg(long, hide = true)]
+    serve_truncated: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,7 +107,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads.filter(|&t| t > 0) {
         rayon_threads(threads);
     }
-    let runtime = Runtime::new(args.device)?.with_serve_weights(args.weights)?;
+    let runtime = Runtime::new(args.device)?
+        .with_serve_weights(args.weights)?
+        .with_serve_truncated(args.serve_truncated);
+    if args.serve_truncated {
+        tracing::warn!("serving a truncated model (adversary test build)");
+    }
     if args.weights != neuroshard_engine::model::serve::ServeWeights::F32 {
         tracing::info!(weights = ?args.weights, "decode weights");
     }

@@ -180,6 +180,8 @@ pub struct Runtime {
     dtype: crate::backend::Dtype,
     /// Decode weights of every model this runtime loads (`--weights`).
     serve_weights: ServeWeights,
+    /// Serving skips the middle layers (`Serving::truncated`, the adversary tests' cheat).
+    serve_truncated: bool,
 }
 
 /// The model config a LoadModel request asks for: the preset with non-zero fields overriding.
@@ -279,6 +281,7 @@ impl Runtime {
             epoch: 0,
             dtype,
             serve_weights: ServeWeights::F32,
+            serve_truncated: false,
         })
     }
 
@@ -292,6 +295,13 @@ impl Runtime {
         }
         self.serve_weights = weights;
         Ok(self)
+    }
+
+    /// Serves every model loaded from now on truncated (`Serving::truncated`): only for the
+    /// adversary tests of checked inference (issue #19).
+    pub fn with_serve_truncated(mut self, truncated: bool) -> Runtime {
+        self.serve_truncated = truncated;
+        self
     }
 
     fn loaded(&mut self) -> Result<&mut Loaded, RuntimeError> {
@@ -330,7 +340,10 @@ impl Runtime {
             Loaded::Cpu(Box::new(build_cpu(CpuBackend::with_dtype(self.dtype))?))
         };
         let mut loaded = loaded;
-        with_state!(&mut loaded, |s| s.model.serving.mode = self.serve_weights);
+        with_state!(&mut loaded, |s| {
+            s.model.serving.mode = self.serve_weights;
+            s.model.serving.truncated = self.serve_truncated;
+        });
         self.loaded = Some(loaded);
         Ok(())
     }

@@ -38,6 +38,14 @@ pub fn paid_tokens(memo: &str, amount: u64) -> Option<u64> {
     Some(tokens.min(amount / INFERENCE_PRICE_UNITS_PER_TOKEN))
 }
 
+/// The request id an inference payment's memo names (`None` when the memo is not an
+/// inference payment's or names none).
+pub fn payment_request_id(memo: &str) -> Option<&str> {
+    paid_tokens(memo, u64::MAX)?;
+    let id = memo.split(' ').find_map(|w| w.strip_prefix("id="))?;
+    (!id.is_empty()).then_some(id)
+}
+
 /// An account's paid inference tokens not yet claimed by a reward, per epoch of the payment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InferenceCredit {
@@ -104,6 +112,10 @@ mod tests {
             Some(10)
         );
         assert_eq!(paid_tokens(&m, 1), Some(0));
+        assert_eq!(payment_request_id(&m), Some("chatcmpl-1"));
+        assert_eq!(payment_request_id("inference tokens=3 id="), None);
+        assert_eq!(payment_request_id("inference tokens=3"), None);
+        assert_eq!(payment_request_id("rent id=x"), None);
         for bad in [
             "",
             "inference chatcmpl-1",

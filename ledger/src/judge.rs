@@ -65,6 +65,77 @@ impl Ledger {
             })
     }
 
+    /// The reward that claimed an inference payment to `accused` made in `epoch`: its first
+    /// rewarded block whose proof claims inference tokens, of that epoch or of one of the
+    /// `MAX_RECEIPT_AGE_EPOCHS` after it (a reward claims the oldest unclaimed payments of that
+    /// span first, `inference.rs`).
+    pub async fn inference_claim_of(&self, accused: &Address, epoch: u64) -> Option<Hash32> {
+        let span = epoch..=epoch + crate::receipt::MAX_RECEIPT_AGE_EPOCHS;
+        let inner = self.inner.lock().await;
+        let st = &inner.state;
+        let account = st.chain_account(accused)?;
+        account
+            .history
+            .iter()
+            .filter(|e| e.kind == "reward")
+            .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
+            .find(|h| {
+                let rewarded = matches!(
+                    st.outcome(h),
+                    Some(Outcome::Applied(Effect::Rewarded { .. }))
+                );
+                let Some(Op::Reward { proof, .. }) = st.block(h).map(|b| &b.block.op) else {
+                    return false;
+                };
+                rewarded && proof.proof.tokens_processed > 0 && span.contains(&proof.proof.epoch_id)
+            })
+    }
+
+    /// Every receipt `attester` signed for `subject`'s `kind` work of `epoch` that the
+    /// subject's applied rewards cite (a proof of each later epoch may cite a newer one), with
+    /// the reward citing it: a verifier checks a stage's logged inputs against the receipts the
+    /// stage itself signed for its senders.
+    pub async fn cited_all(
+        &self,
+        subject: &Address,
+        attester: &Address,
+        kind: ReceiptKind,
+        epoch: u64,
+    ) -> Vec<(Hash32, crate::receipt::Receipt)> {
+        let inner = self.inner.lock().await;
+        let st = &inner.state;
+        let Some(account) = st.chain_account(subject) else {
+            return Vec::new();
+        };
+        account
+            .history
+            .iter()
+            .filter(|e| e.kind == "reward")
+            .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
+            .filter(|h| {
+                matches!(
+                    st.outcome(h),
+                    Some(Outcome::Applied(Effect::Rewarded { .. }))
+                )
+            })
+            .filter_map(|h| {
+                let Some(Op::Reward { proof, .. }) = st.block(&h).map(|b| &b.block.op) else {
+                    return None;
+                };
+                proof
+                    .proof
+                    .receipts
+                    .iter()
+                    .find(|r| {
+                        r.receipt.attester == *attester
+                            && r.receipt.kind == kind
+                            && r.receipt.epoch_id == epoch
+                    })
+                    .map(|r| (h, r.receipt.clone()))
+            })
+            .collect()
+    }
+
     /// Writes this node's verdict on the reward block `target` of `accused`; `evidence` is the
     /// hash of what was compared. The block is gossiped like any other.
     pub async fn judge(

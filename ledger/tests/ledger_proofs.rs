@@ -237,3 +237,62 @@ async fn peers_reverify_reward_blocks(db_a: TestDb, db_b: TestDb) {
     db_a.drop_db().await;
     db_b.drop_db().await;
 }
+
+on_both_backends!(the_receipts_an_attester_signed_are_found_in_the_rewards_citing_them);
+async fn the_receipts_an_attester_signed_are_found_in_the_rewards_citing_them(
+    db: TestDb,
+    _other: TestDb,
+) {
+    use neuroshard_ledger::receipt::ReceiptKind;
+    let ledger = db.open().await;
+    let w = Wallet::from_seed(502);
+    // `proof` cites a forward receipt signed by seed 9999 for its epoch.
+    let attester = Wallet::from_seed(9_999).address();
+    let mut rewards = Vec::new();
+    for i in 0..2 {
+        let now = T0 + 60 * i;
+        let signed = proof(&w, now, 8);
+        let cited = signed.proof.receipts[0].receipt.clone();
+        ledger.submit_proof(&w, signed, now).await.unwrap();
+        rewards.push((Proof::epoch_of(now), cited));
+    }
+    for (epoch, receipt) in &rewards {
+        let all = ledger
+            .cited_all(&w.address(), &attester, ReceiptKind::Forward, *epoch)
+            .await;
+        assert_eq!(all.len(), 1, "epoch {epoch}");
+        assert_eq!(&all[0].1, receipt);
+        // The same reward as the first one found.
+        let first = ledger
+            .cited(&w.address(), &attester, ReceiptKind::Forward, *epoch)
+            .await
+            .unwrap();
+        assert_eq!(all[0], first);
+    }
+    // Another kind, another attester, another subject, an epoch nobody claimed: none.
+    let epoch = rewards[0].0;
+    assert!(
+        ledger
+            .cited_all(&w.address(), &attester, ReceiptKind::Backward, epoch)
+            .await
+            .is_empty()
+    );
+    assert!(
+        ledger
+            .cited_all(&w.address(), &w.address(), ReceiptKind::Forward, epoch)
+            .await
+            .is_empty()
+    );
+    assert!(
+        ledger
+            .cited_all(&attester, &attester, ReceiptKind::Forward, epoch)
+            .await
+            .is_empty()
+    );
+    assert!(
+        ledger
+            .cited_all(&w.address(), &attester, ReceiptKind::Forward, epoch + 9)
+            .await
+            .is_empty()
+    );
+}

@@ -68,6 +68,7 @@ authed!(pb::GetWeightsRequest, "GetWeights");
 authed!(pb::GetRoundCheckpointRequest, "GetRoundCheckpoint");
 authed!(pb::GetStageWeightsRequest, "GetStageWeights");
 authed!(pb::GetStageLogRequest, "GetStageLog");
+authed!(pb::GetInferenceEvidenceRequest, "GetInferenceEvidence");
 authed!(pb::PipelineForwardRequest, "PipelineForward");
 authed!(pb::PipelineBackwardRequest, "PipelineBackward");
 authed!(pb::PipelineStepRequest, "PipelineStep");

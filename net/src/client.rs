@@ -463,6 +463,36 @@ impl PeerConn {
         .await
     }
 
+    /// What the peer kept of paid generation `request_id` (issue #19), at most
+    /// [`MAX_EVIDENCE_BYTES`].
+    pub async fn get_inference_evidence(
+        &self,
+        request_id: &str,
+        deadline: Duration,
+    ) -> Result<pb::InferenceEvidence, NetworkError> {
+        let body = pb::GetInferenceEvidenceRequest {
+            auth: None,
+            request_id: request_id.to_string(),
+        };
+        let reply = self
+            .call("GetInferenceEvidence", body, deadline, |c, r| async move {
+                service_client!(PipelineClient, c)
+                    .get_inference_evidence(r)
+                    .await
+            })
+            .await?;
+        if reply.encoded_len() > MAX_EVIDENCE_BYTES {
+            return Err(NetworkError::Malformed {
+                what: "inference evidence",
+                reason: format!(
+                    "{} bytes, more than {MAX_EVIDENCE_BYTES}",
+                    reply.encoded_len()
+                ),
+            });
+        }
+        Ok(reply)
+    }
+
     /// Distributed inference: frees a session on this stage.
     pub async fn infer_end(
         &self,
@@ -480,6 +510,9 @@ impl PeerConn {
 const WEIGHTS_TIMEOUT: Duration = Duration::from_secs(60);
 /// A DiLoCo replay window: the claimant recomputes up to a round's inner steps first.
 const WINDOW_TIMEOUT: Duration = Duration::from_secs(300);
+/// Largest inference evidence a verifier accepts: a generation at the longest context of the
+/// largest preset (ids and a commitment of 6 bytes per entry and chunk) fits many times.
+pub const MAX_EVIDENCE_BYTES: usize = 4 << 20;
 
 fn with_deadline<T>(body: T, deadline: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(body);

@@ -13,6 +13,9 @@ pub enum NetworkError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A dial was refused (nothing listens at the peer port) or its host is unreachable.
+    #[error("peer {addr} is down: {reason}")]
+    PeerDown { addr: String, reason: String },
     /// The peer-to-peer transport could not start, dial or open a stream.
     #[error("peer-to-peer transport: {0}")]
     Transport(String),
@@ -80,7 +83,10 @@ impl NetworkError {
             | Self::Replay { .. }
             | Self::Handshake { .. } => Code::Unauthenticated,
             Self::Banned { .. } => Code::PermissionDenied,
-            Self::Busy { .. } | Self::Connect { .. } | Self::Transport(_) => Code::Unavailable,
+            Self::Busy { .. }
+            | Self::Connect { .. }
+            | Self::Transport(_)
+            | Self::PeerDown { .. } => Code::Unavailable,
             Self::BadAddress { .. }
             | Self::Malformed { .. }
             | Self::TooLarge { .. }

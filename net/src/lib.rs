@@ -265,6 +265,14 @@ impl Network {
             .is_ok_and(|t| t.relayed_at(addr).unwrap_or(false))
     }
 
+    /// The relays (libp2p peer ids, as circuit addresses name them) holding a reservation
+    /// for this node; empty for a node reachable directly.
+    pub fn relays(&self) -> Vec<String> {
+        self.transport()
+            .map(|t| t.reservations().iter().map(|p| p.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// Connected peers reached through a relay only.
     pub fn relayed_peer_count(&self) -> usize {
         self.peers

@@ -7,14 +7,15 @@
 //! fails with an error within its timeout, not a hang. Needs root, `ip` and `nft`.
 //!
 //! The daemon's transport on the stack (docs/p2p.md, steps 1-3): a node behind a NAT and a
-//! public node train as a two-stage pipeline; the calls of the public node to the NAT'd one
-//! run over the connection the NAT'd node opened.
+//! public node train as a two-stage pipeline, then serve a generation through both stages
+//! (step 7: distributed inference across the NAT); the calls of the public node to the NAT'd
+//! one run over the connection the NAT'd node opened.
 //!
 //! Relays and hole punching in the daemon (step 4): two nodes behind endpoint-independent
 //! NATs meet through a public node (it relays; they dial each other's circuit address) and
 //! train over a direct connection after DCUtR; with one of them behind a symmetric NAT they
-//! train through the relay; when the relay dies the second public node relays and training
-//! goes on. The NAT'd nodes' APIs are read from inside their LANs.
+//! train through the relay; when a relay dies the NAT'd node reserves on a third public
+//! node within a bound and training goes on. The NAT'd nodes' APIs are read from inside their LANs.
 
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use neuroshard_tests::lab::nat::{NatKind, NatLab, Placement};
 use neuroshard_tests::lab::p2p::{ClientOptions, P2pRun, Stack};
 use neuroshard_tests::lab::{LabNode, run_name, tiny_training};
 use neuroshard_tests::wait_for;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The stack chosen by measuring both (BENCHMARKS.md, "Peer-to-peer stacks").
 const STACK: Stack = Stack::Libp2p;
@@ -146,6 +147,25 @@ fn a_natted_node_and_a_public_one_train_as_a_two_stage_pipeline() -> anyhow::Res
             (r == "driver" && l == [0] && peers == 1 && s >= STEPS).then_some(s)
         },
     );
+    // Distributed inference across the NAT (docs/p2p.md step 7): the public node holds layer
+    // 0 only, so every token of its generation went through the NAT'd node's layer 1, over
+    // the connection the NAT'd node opened.
+    let generated = trained.as_ref().ok().map(|_| {
+        let body = json!({"prompt": "The river", "max_tokens": 8, "temperature": 0});
+        let started = std::time::Instant::now();
+        let r = wait_for(
+            "a generation through the NAT'd stage",
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || match a.post("/api/v1/inference", &body)? {
+                (200, r) => Some(r),
+                // No route yet (the stage's layers not known): asked again.
+                (503, _) => None,
+                (code, r) => Some(json!({"status": code, "answer": r})),
+            },
+        );
+        (r, started.elapsed())
+    });
     let status = a.get("/api/v1/status");
     let (a_logs, b_logs) = (a.logs(), b.logs());
     a.stop();
@@ -163,7 +183,22 @@ fn a_natted_node_and_a_public_one_train_as_a_two_stage_pipeline() -> anyhow::Res
         )
     })?;
     assert!(steps >= STEPS);
-    println!("the public node trained {steps} steps through the NAT'd stage");
+    let (generated, took) = generated.expect("trained, so a generation was asked for");
+    let generated = generated.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\npublic node:\n{}\nNAT'd node:\n{}",
+            tail(&a_logs),
+            tail(&b_logs)
+        )
+    })?;
+    assert_eq!(generated["tokens_generated"], 8, "{generated}");
+    assert!(generated["text"].is_string(), "{generated}");
+    println!(
+        "the public node trained {steps} steps through the NAT'd stage, then generated 8 \
+         tokens through it in {:.2} s (timing {})",
+        took.as_secs_f64(),
+        generated["timing"]
+    );
     Ok(())
 }
 
@@ -423,10 +458,22 @@ fn a_node_behind_a_symmetric_nat_trains_through_a_relay() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The relays (peer ids) holding a reservation for `node`, as its `/api/v1/peers` says.
+fn relays_of(node: &Natted) -> Option<Vec<String>> {
+    let peers = node.get("/api/v1/peers")?;
+    let relays = peers["relays"].as_array()?.iter().filter_map(Value::as_str);
+    Some(relays.map(str::to_string).collect())
+}
+
+/// A relay that dies is replaced within this (its connection closes at once; a new
+/// reservation is a round trip to a public node already connected).
+const REPLACE_LIMIT: Duration = Duration::from_secs(30);
+
 #[test]
 fn a_relay_that_dies_is_replaced_and_training_goes_on() -> anyhow::Result<()> {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    let mut scene = RelayScene::start(2, [NatKind::EndpointIndependent, NatKind::Symmetric])?;
+    // Three public nodes: a NAT'd node reserves on two, the third is the spare.
+    let mut scene = RelayScene::start(3, [NatKind::EndpointIndependent, NatKind::Symmetric])?;
     let (peer, steps) = scene.wait_training(0, RELAY_STEPS, "relayed", RELAY_LIMIT)?;
     // The circuit runs through the public node whose address leads the circuit address.
     let addr = peer["address"].as_str().unwrap_or_default().to_string();
@@ -435,17 +482,52 @@ fn a_relay_that_dies_is_replaced_and_training_goes_on() -> anyhow::Result<()> {
         .iter()
         .position(|p| addr.starts_with(&format!("/ip4/{}/", p.ip)))
         .ok_or_else(|| anyhow::anyhow!("{addr} names no public node\n{}", scene.logs()))?;
+    // `.../p2p/<relay>/p2p-circuit/...`: the relay's peer id.
+    let relay_id = addr
+        .split("/p2p-circuit")
+        .next()
+        .and_then(|a| a.rsplit("/p2p/").next())
+        .unwrap_or_default()
+        .to_string();
+    // The stage the driver reaches through that circuit holds two reservations.
+    let reached = scene
+        .natted
+        .iter()
+        .position(|n| n.training().is_some_and(|(r, _)| r != "driver"))
+        .ok_or_else(|| anyhow::anyhow!("no NAT'd stage besides the driver\n{}", scene.logs()))?;
+    let natted = &scene.natted[reached];
+    let before = wait_for(
+        "the reached NAT'd stage to hold two reservations, one on the circuit's relay",
+        RELAY_LIMIT,
+        Duration::from_millis(500),
+        || relays_of(natted).filter(|r| r.len() == 2 && r.contains(&relay_id)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", scene.logs()))?;
     scene.public[relay].kill();
     let killed = std::time::Instant::now();
+    // It reserves on the spare: two reservations again, the dead relay's gone.
+    let natted = &scene.natted[reached];
+    let after = wait_for(
+        "a reservation on the third public node",
+        REPLACE_LIMIT,
+        Duration::from_millis(250),
+        || relays_of(natted).filter(|r| r.len() == 2 && !r.contains(&relay_id)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", scene.logs()))?;
+    let replaced = killed.elapsed();
+    let spare: Vec<&String> = after.iter().filter(|r| !before.contains(r)).collect();
+    assert_eq!(spare.len(), 1, "before {before:?}, after {after:?}");
     // Past the time a peer that stops answering is dropped (10 s): what still runs after that
-    // runs through the other public node, the only relay left. Training goes on through it
-    // (a relayed path between the two, and steps past those trained then).
-    std::thread::sleep(Duration::from_secs(15));
+    // runs through the surviving relays. Training goes on (a relayed path between the two,
+    // and steps past those trained then).
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(killed.elapsed()));
     let (_, now) = scene.wait_training(0, 0, "relayed", RELAY_LIMIT)?;
     let (peer, more) = scene.wait_training(now, RELAY_STEPS, "relayed", RELAY_LIMIT)?;
     println!(
-        "relay {relay} killed at step {steps}; step {more} through the other relay {:.1} s later \
-         (entry {peer})",
+        "relay {relay} killed at step {steps}; reserved on the spare {} in {:.1} s; step {more} \
+         through the relays left {:.1} s later (entry {peer})",
+        spare[0],
+        replaced.as_secs_f64(),
         killed.elapsed().as_secs_f64()
     );
     Ok(())

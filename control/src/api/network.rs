@@ -15,6 +15,9 @@ pub struct PeersResponse {
     pub total: usize,
     /// Of `total`, the peers reached through a relay only (the others are direct).
     pub relayed: usize,
+    /// The relays (libp2p peer ids) holding a reservation for this node: a node behind a
+    /// NAT is reached through them; empty for a node reachable directly.
+    pub relays: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -62,6 +65,7 @@ pub async fn peers(State(state): State<AppState>, _caller: Caller) -> Json<Peers
     Json(PeersResponse {
         total: peers.len(),
         relayed: peers.iter().filter(|p| p.path == "relayed").count(),
+        relays: state.net.relays(),
         peers,
     })
 }

@@ -48,6 +48,8 @@ pub struct AppState {
     pub stage: Arc<crate::pipeline::Stage>,
     /// Throughput and peer count over the last hour (the dashboard's plots).
     pub samples: Arc<crate::samples::Samples>,
+    /// What this node keeps of its paid generations for verifiers (issue #19).
+    pub evidence: Arc<crate::evidence::Store>,
 }
 
 impl AppState {

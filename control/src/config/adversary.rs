@@ -27,6 +27,17 @@ pub enum Cheat {
     /// norm, and skips its optimizer step, without running its engine (its weights still
     /// follow the stage's DiLoCo rounds, so it claims its steps like an honest stage).
     GarbageActivations,
+    /// A node that serves generation from a truncated model (its engine skips every layer
+    /// but the first and the last, of two layers the last, `--serve-truncated`) while it
+    /// claims the full model: its
+    /// weights and their hash stay whole, its commitments come from the truncated pass.
+    TruncatedModel,
+    /// A pipeline stage that sends what a stage of zero weights would, without running its
+    /// engine (a middle stage: random activations, and its output gradient back; the last:
+    /// the loss ln(vocabulary) and zero input gradients), and logs the forgery it would serve
+    /// when drawn: checkpoints of zero weights and moments, and inputs made up to fit (a
+    /// middle stage's equal to its outputs, the last stage's zero), logged as received.
+    SpoofedStageLog,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -51,7 +62,11 @@ impl AdversaryConfig {
     /// Whether this inner step is computed (`n`: the steps done so far this run).
     pub fn computes(&self, n: u64) -> bool {
         match self.cheat {
-            Cheat::None | Cheat::InflateUptime | Cheat::GarbageActivations => true,
+            Cheat::None
+            | Cheat::InflateUptime
+            | Cheat::GarbageActivations
+            | Cheat::TruncatedModel
+            | Cheat::SpoofedStageLog => true,
             Cheat::SkipInnerSteps => false,
             Cheat::FewerStepsScaled => n.is_multiple_of(4),
         }
@@ -65,6 +80,16 @@ impl AdversaryConfig {
     /// Whether pipeline commands are answered with garbage instead of the engine's results.
     pub fn garbage_activations(&self) -> bool {
         self.cheat == Cheat::GarbageActivations
+    }
+
+    /// Whether the engine serves generation from a truncated model.
+    pub fn serves_truncated(&self) -> bool {
+        cfg!(feature = "adversary") && self.cheat == Cheat::TruncatedModel
+    }
+
+    /// Whether pipeline commands are answered as zero weights would, with a forged log.
+    pub fn spoofs_stage_log(&self) -> bool {
+        self.cheat == Cheat::SpoofedStageLog
     }
 
     /// What the sent pseudo-gradient is multiplied by.

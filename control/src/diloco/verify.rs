@@ -93,6 +93,9 @@ pub struct Finding {
     /// A pipeline stage's replay (`trainer/stagecheck.rs`): what its log says it sent to
     /// whom, checked against the receipts the judged claim cites before the verdict.
     pub stage: Option<StageEvidence>,
+    /// A check of served inference (`infercheck.rs`): `epoch` is the payment's, and the claim
+    /// judged is the serving node's reward that claimed it.
+    pub inference: bool,
 }
 
 /// One tensor a stage sent: at (ms), step, micro-batch, digest of its bytes.
@@ -111,7 +114,18 @@ pub struct StageEvidence {
     /// The judged epoch's start (ms): the receipt's chain starts at a tensor sent from then
     /// on, give or take the clocks' skew.
     pub from_ms: i64,
+    /// What the log says the claimant received in the epoch, per sender: (the kind of the
+    /// receipt the claimant signed for that sender, the sender, the tensors received). The
+    /// receipts the claimant signed, as the senders' rewards cite them, must chain over
+    /// exactly these, or the log's inputs are made up (then the claimant is guilty).
+    pub received: Vec<SentTo>,
 }
+
+/// Stage rounds whose agreed weights a verifier keeps (`Verifier::agreed`).
+pub const KEEP_AGREED: usize = 8;
+
+/// A stage round's agreed weights: the layout and the tensors in layout order.
+pub type Agreed = (Layout, Arc<Vec<Vec<f32>>>);
 
 /// Counters for `/api/v1/metrics` and the logs.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -154,6 +168,9 @@ pub struct Verifier {
     pub commitments: Mutex<BTreeMap<(String, u64), Commitment>>,
     pub findings: Mutex<Vec<Finding>>,
     pub figures: Mutex<Figures>,
+    /// The agreed weights of this pipeline stage's last [`KEEP_AGREED`] rounds, by round: a
+    /// stage replay checks that the claimant's checkpoint lies near one of them.
+    pub agreed: Mutex<BTreeMap<u64, Agreed>>,
     /// This node's engine's replay class (from its last LoadModel).
     pub replay_class: Mutex<String>,
     /// This node's per-step state hashes (`diloco::window`).
@@ -253,6 +270,15 @@ impl Verifier {
         }
     }
 
+    /// Keeps `theta` as the agreed weights of stage round `round` (the last [`KEEP_AGREED`]).
+    pub fn keep_agreed(&self, round: u64, layout: Layout, theta: Vec<Vec<f32>>) {
+        let mut a = self.agreed.lock();
+        a.insert(round, (layout, Arc::new(theta)));
+        while a.len() > KEEP_AGREED {
+            a.pop_first();
+        }
+    }
+
     /// Takes the one replay slot for a replay started elsewhere (a pipeline stage's log,
     /// `trainer/stagecheck.rs`): false while a replay runs.
     pub fn take_slot(&self) -> bool {
@@ -341,6 +367,7 @@ impl Verifier {
                     drop(f);
                     tracing::info!(claimant = %job.claimant, round = job.round, batches = job.batches, guilty, distance, ms, %reason, "replayed a contribution");
                     me.findings.lock().push(Finding {
+                        inference: false,
                         claimant: job.claimant,
                         round: job.round,
                         epoch: job.epoch,
@@ -487,7 +514,7 @@ async fn run_scratch(
 }
 
 /// A verifier's share of the sampling probability `p` when `verifiers` may each draw.
-fn per_verifier(p: f64, verifiers: usize) -> f64 {
+pub fn per_verifier(p: f64, verifiers: usize) -> f64 {
     (p / verifiers.max(1) as f64).min(1.0)
 }
 

@@ -347,13 +347,15 @@ impl EngineHandle {
             .step)
     }
 
-    /// A generation on this node's engine (it holds every layer), batched with the others.
+    /// A generation on this node's engine (it holds every layer), batched with the others;
+    /// with `commit_top_k` > 0 the tokens carry the TOPLOC-style commitment (`Token::commit`).
     pub async fn generate(
         &self,
         prompt: &str,
         max_tokens: u32,
         sampling: Sampling,
         request_id: &str,
+        commit_top_k: u32,
     ) -> Result<TokenStream, EngineError> {
         let stream = self
             .rpc()
@@ -363,6 +365,7 @@ impl EngineHandle {
                 sampling: Some(sampling.into()),
                 request_id: request_id.to_string(),
                 prompt_ids: Vec::new(),
+                commit_top_k,
             })
             .await?
             .into_inner();

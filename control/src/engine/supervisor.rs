@@ -73,6 +73,8 @@ pub struct SupervisorConfig {
     pub cpu_threads: u32,
     /// `--weights` of the engine: f32 or int8 decode weights.
     pub serve_weights: String,
+    /// `--serve-truncated` of the engine: the adversary build's `truncated_model` cheat.
+    pub serve_truncated: bool,
     /// First restart delay; doubles per consecutive failure up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
@@ -91,6 +93,7 @@ impl SupervisorConfig {
             device: "auto".into(),
             cpu_threads: 0,
             serve_weights: "f32".into(),
+            serve_truncated: false,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
             probe_every: Duration::from_millis(500),
@@ -325,6 +328,9 @@ pub(super) fn spawn_engine(cfg: &SupervisorConfig) -> std::io::Result<tokio::pro
     }
     if cfg.serve_weights != "f32" {
         cmd.arg("--weights").arg(&cfg.serve_weights);
+    }
+    if cfg.serve_truncated {
+        cmd.arg("--serve-truncated");
     }
     let child = cmd.spawn()?;
     tracing::info!(pid = ?child.id(), binary = %cfg.binary.display(), "engine spawned");

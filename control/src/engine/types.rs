@@ -195,10 +195,24 @@ pub struct Token {
     pub prompt_tokens: u32,
     /// Microseconds the request waited for a place in the batch (first token only).
     pub queue_us: u64,
+    /// A committed generation (`commit_top_k`): the prompt's ids on the first token.
+    pub prompt_ids: Vec<u32>,
+    /// A committed generation: the chunk's commitment on the last token of each chunk of 32
+    /// and on the last token (values that are not bf16 bits make it malformed: `None`).
+    pub commit: Option<neuroshard_shared::toploc::ChunkCommit>,
 }
 
 impl From<pb::GenerateReply> for Token {
     fn from(r: pb::GenerateReply) -> Self {
+        let commit =
+            (!r.commit_indices.is_empty()).then(|| neuroshard_shared::toploc::ChunkCommit {
+                indices: r.commit_indices,
+                values: r
+                    .commit_values
+                    .iter()
+                    .map(|v| u16::try_from(*v).unwrap_or(0))
+                    .collect(),
+            });
         Token {
             token_id: r.token_id,
             index: r.index,
@@ -206,6 +220,8 @@ impl From<pb::GenerateReply> for Token {
             text: r.text,
             prompt_tokens: r.prompt_tokens,
             queue_us: r.queue_us,
+            prompt_ids: r.prompt_ids,
+            commit,
         }
     }
 }

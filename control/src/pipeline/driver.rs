@@ -300,15 +300,14 @@ impl Stage {
         self.counters
             .tensor_bytes
             .fetch_add(wire_len(r.grad_input.as_ref()), Ordering::Relaxed);
-        // The first stage's backward work, attested; it gets the receipt with the optimizer
-        // request.
-        self.attest.receive(
+        // The first stage's backward work, attested (and logged as received); it gets the
+        // receipt with the optimizer request.
+        self.received(
             first.conn.id,
-            ReceiptKind::Backward,
-            first.layers.start,
-            hops.key.step,
+            &hops.key,
             mb,
-            &grad.data,
+            &grad,
+            (super::oplog::Dir::Backward, first.layers.start),
         );
         self.backward(&hops.key, mb, Some(&grad)).await?;
         Ok(Event::BackwardDone { mb })

@@ -34,6 +34,7 @@ mod phase;
 pub mod recheck;
 mod route;
 pub mod service;
+mod spoof;
 mod stage;
 mod wire;
 

@@ -106,6 +106,20 @@ pub enum Op {
         mb: u32,
         to: Address,
     },
+    /// A tensor received from a peer for the forward (`Dir::Forward`: activations) or the
+    /// backward (`Dir::Backward`: a gradient) of (driver, step, mb), logged when this stage
+    /// signed its receipt for `from` over the same bytes (`digest`: `Receipt::tensor_digest`);
+    /// the peer's rewards cite that receipt, so a verifier checks the logged inputs against it
+    /// ([`received_digests`], [`unbound`]).
+    Received {
+        at_ms: i64,
+        dir: Dir,
+        driver: String,
+        step: u64,
+        mb: u32,
+        from: Address,
+        digest: Hash32,
+    },
 }
 
 /// A kept segment as served: its info, checkpoint bytes and log bytes.
@@ -370,6 +384,84 @@ pub fn sent_to<'a>(ops: &'a [Op], dir: Dir, to: &Address) -> Vec<(i64, u64, u32,
         .collect()
 }
 
+/// The peers `ops` name as senders of their inputs, by direction.
+pub fn senders(ops: &[Op]) -> Vec<(Dir, Address)> {
+    let set: std::collections::BTreeSet<(Dir, [u8; 20])> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Received { dir, from, .. } => Some((*dir, from.0)),
+            _ => None,
+        })
+        .collect();
+    set.into_iter().map(|(d, a)| (d, Address(a))).collect()
+}
+
+/// The tensors of `ops` received from `from` in direction `dir` (forward inputs, backward
+/// gradients), in the order received, as the receipts this stage signed for `from` chain
+/// them.
+pub fn received_digests(ops: &[Op], dir: Dir, from: &Address) -> Vec<SentDigest> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::Received {
+                at_ms,
+                dir: d,
+                step,
+                mb,
+                from: f,
+                digest,
+                ..
+            } if *d == dir && f == from => Some((*at_ms, *step, *mb, *digest)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first input of `ops` that is not what the log says was received (an honest stage logs
+/// every tensor it signs a receipt for, and feeds its engine exactly that), as "the forward
+/// of step s micro-batch m": a forward's input or a backward's gradient with no
+/// [`Op::Received`] of the same bytes for its (driver, step, micro-batch). The first stage's
+/// forwards take token ids from its own loader and need none (`first_stage`).
+pub fn unbound(ops: &[Op], first_stage: bool) -> Option<String> {
+    let named: std::collections::BTreeSet<(Dir, &str, u64, u32, Hash32)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Received {
+                dir,
+                driver,
+                step,
+                mb,
+                digest,
+                ..
+            } => Some((*dir, driver.as_str(), *step, *mb, *digest)),
+            _ => None,
+        })
+        .collect();
+    let is_named = |dir: Dir, driver: &str, step: u64, mb: u32, w: &Wire| {
+        named.contains(&(dir, driver, step, mb, Receipt::tensor_digest(&w.data)))
+    };
+    ops.iter().find_map(|op| match op {
+        Op::Forward {
+            driver,
+            step,
+            mb,
+            input,
+            ..
+        } if !first_stage && !is_named(Dir::Forward, driver, *step, *mb, input) => {
+            Some(format!("the forward of step {step} micro-batch {mb}"))
+        }
+        Op::Backward {
+            driver,
+            step,
+            mb,
+            grad: Some(g),
+            ..
+        } if !is_named(Dir::Backward, driver, *step, *mb, g) => {
+            Some(format!("the backward of step {step} micro-batch {mb}"))
+        }
+        _ => None,
+    })
+}
+
 /// Whether the `sent` tensors chain (from zero, as a receipt of one epoch does) to
 /// `commitment`, the way the receiver chains them (`attest::chain_step`: step by step, each
 /// step's micro-batches in micro-batch order): the receiver signed for exactly these bytes.
@@ -461,6 +553,15 @@ pub(super) mod tests {
                 mb: 0,
                 to,
             },
+            Op::Received {
+                at_ms: 10,
+                dir: Dir::Forward,
+                driver: "d".into(),
+                step: 5,
+                mb: 0,
+                from: Address([9; 20]),
+                digest: Receipt::tensor_digest(&w(&[1.0, 2.0]).data),
+            },
             Op::Forward {
                 at_ms: 11,
                 driver: "d".into(),
@@ -481,6 +582,15 @@ pub(super) mod tests {
                 mb: 0,
                 grad: Some(w(&[0.5, 0.5])),
                 sent: Some(w(&[0.25, 0.0])),
+            },
+            Op::Received {
+                at_ms: 12,
+                dir: Dir::Backward,
+                driver: "d".into(),
+                step: 5,
+                mb: 0,
+                from: Address([8; 20]),
+                digest: Receipt::tensor_digest(&w(&[0.5, 0.5]).data),
             },
             Op::Route {
                 dir: Dir::Backward,
@@ -530,6 +640,80 @@ pub(super) mod tests {
         assert!(!sent_chain(&back, 13, &c));
         let other = Receipt::chain(&Hash32::ZERO, 5, 0, &w(&[0.25, 0.5]).data);
         assert!(!sent_chain(&back, 0, &other));
+    }
+
+    #[test]
+    fn the_received_tensors_chain_to_the_receipts_the_stage_signed() {
+        let ops = sample(Address([7; 20]));
+        let (up, down) = (Address([9; 20]), Address([8; 20]));
+        assert_eq!(
+            senders(&ops),
+            vec![(Dir::Forward, up), (Dir::Backward, down)]
+        );
+        // What the stage signed for its upstream: the input of step 5 micro-batch 0.
+        let inputs = received_digests(&ops, Dir::Forward, &up);
+        assert_eq!(inputs.len(), 1);
+        let signed = Receipt::chain(&Hash32::ZERO, 5, 0, &w(&[1.0, 2.0]).data);
+        assert!(sent_chain(&inputs, 0, &signed));
+        let grads = received_digests(&ops, Dir::Backward, &down);
+        let signed_back = Receipt::chain(&Hash32::ZERO, 5, 0, &w(&[0.5, 0.5]).data);
+        assert!(sent_chain(&grads, 0, &signed_back));
+        assert!(received_digests(&ops, Dir::Forward, &down).is_empty());
+        // A log whose inputs were made up after the fact (equal to its outputs, as zero weights
+        // would need) is not what the stage signed for when it received them.
+        let mut forged = ops.clone();
+        if let Op::Forward { input, .. } = &mut forged[1] {
+            *input = w(&[3.0, 4.0]);
+        }
+        assert_eq!(
+            unbound(&forged, true),
+            None,
+            "the first stage's inputs are its own"
+        );
+        assert_eq!(
+            unbound(&forged, false).as_deref(),
+            Some("the forward of step 5 micro-batch 0")
+        );
+        // Nor can the record be forged along: it no longer chains to the signed receipt.
+        let mut both = forged.clone();
+        if let Op::Received { digest, .. } = &mut both[3] {
+            *digest = Receipt::tensor_digest(&w(&[3.0, 4.0]).data);
+        }
+        assert!(!sent_chain(
+            &received_digests(&both, Dir::Forward, &up),
+            0,
+            &signed
+        ));
+        // Every input of a stage after the first names its sender (the labelled micro-batch 1
+        // here does not).
+        let first: Vec<Op> = ops
+            .iter()
+            .filter(|op| !matches!(op, Op::Forward { mb: 1, .. }))
+            .cloned()
+            .collect();
+        assert_eq!(unbound(&first, false), None);
+        assert_eq!(
+            unbound(&ops, false).as_deref(),
+            Some("the forward of step 5 micro-batch 1")
+        );
+        assert_eq!(unbound(&ops, true), None);
+        let unnamed: Vec<Op> = ops
+            .iter()
+            .filter(|op| {
+                !matches!(
+                    op,
+                    Op::Received {
+                        dir: Dir::Backward,
+                        ..
+                    }
+                )
+            })
+            .cloned()
+            .collect();
+        assert_eq!(
+            unbound(&unnamed, true).as_deref(),
+            Some("the backward of step 5 micro-batch 0")
+        );
     }
 
     #[test]

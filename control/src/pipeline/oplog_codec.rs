@@ -3,6 +3,7 @@
 //! whole, never a panic.
 
 use neuroshard_ledger::Address;
+use neuroshard_ledger::keys::Hash32;
 use neuroshard_shared::shm::DType;
 
 use super::oplog::{Dir, LogError, Op, Sent};
@@ -47,6 +48,7 @@ const T_BACKWARD: u8 = 3;
 const T_APPLY: u8 = 4;
 const T_ROUTE: u8 = 5;
 const T_TOUCHED: u8 = 6;
+const T_RECEIVED: u8 = 7;
 
 fn put_wire(w: &Wire, out: &mut Vec<u8>) {
     out.push(w.dtype as u8);
@@ -138,14 +140,33 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
             to,
         } => {
             out.push(T_ROUTE);
-            out.push(match dir {
-                Dir::Forward => 1,
-                Dir::Backward => 2,
-            });
+            put_dir(*dir, out);
             put_key(0, driver, *step, *mb, out);
             out.extend_from_slice(&to.0);
         }
+        Op::Received {
+            at_ms,
+            dir,
+            driver,
+            step,
+            mb,
+            from,
+            digest,
+        } => {
+            out.push(T_RECEIVED);
+            put_dir(*dir, out);
+            put_key(*at_ms, driver, *step, *mb, out);
+            out.extend_from_slice(&from.0);
+            out.extend_from_slice(&digest.0);
+        }
     }
+}
+
+fn put_dir(dir: Dir, out: &mut Vec<u8>) {
+    out.push(match dir {
+        Dir::Forward => 1,
+        Dir::Backward => 2,
+    });
 }
 
 /// Reads a log's bytes; a peer's log that does not decode is refused whole.
@@ -227,6 +248,13 @@ impl Reader<'_> {
             .to_vec();
         Ok(Wire { dtype, shape, data })
     }
+    fn dir(&mut self) -> Result<Dir, LogError> {
+        match self.u8()? {
+            1 => Ok(Dir::Forward),
+            2 => Ok(Dir::Backward),
+            d => Err(LogError::Malformed(format!("direction {d}"))),
+        }
+    }
     fn opt_wire(&mut self) -> Result<Option<Wire>, LogError> {
         match self.u8()? {
             0 => Ok(None),
@@ -272,11 +300,7 @@ impl Reader<'_> {
                 global_norm: f32::from_le_bytes(self.arr()?),
             },
             T_ROUTE => {
-                let dir = match self.u8()? {
-                    1 => Dir::Forward,
-                    2 => Dir::Backward,
-                    d => return Err(LogError::Malformed(format!("direction {d}"))),
-                };
+                let dir = self.dir()?;
                 let (_, driver, step, mb) = self.key()?;
                 Op::Route {
                     dir,
@@ -284,6 +308,19 @@ impl Reader<'_> {
                     step,
                     mb,
                     to: Address(self.arr()?),
+                }
+            }
+            T_RECEIVED => {
+                let dir = self.dir()?;
+                let (at_ms, driver, step, mb) = self.key()?;
+                Op::Received {
+                    at_ms,
+                    dir,
+                    driver,
+                    step,
+                    mb,
+                    from: Address(self.arr()?),
+                    digest: Hash32(self.arr()?),
                 }
             }
             t => return Err(LogError::Malformed(format!("unknown record {t}"))),

@@ -138,16 +138,17 @@ impl Stage {
             )
             .await
             .map_err(|e| self.refused(e))?;
-        self.same_layers(&a)?;
-        // The caller's forward work, attested: these activations reached this stage.
-        let receipt = crate::attest::to_bytes(&self.attest.receive(
+        // The caller's forward work, attested: these activations reached this stage. Every
+        // logged forward is receipted and logged as received (a verifier checks the logged
+        // input against this receipt), so it is signed before anything else can fail.
+        let receipt = crate::attest::to_bytes(&self.received(
             *caller,
-            ReceiptKind::Forward,
-            a.layers.start,
-            req.step,
+            &key,
             req.micro_batch,
-            &acts.data,
+            &acts,
+            (Dir::Forward, a.layers.start),
         ));
+        self.same_layers(&a)?;
         match out {
             Out::Loss(loss) => {
                 self.stats.lock().loss = Some(loss);
@@ -198,6 +199,34 @@ impl Stage {
                 })
             }
         }
+    }
+
+    /// Signs this stage's receipt for `tensor` (micro-batch `mb` of `key`'s step), received
+    /// from `from` in direction `dir` at layer boundary `boundary`, and logs it as received
+    /// (`oplog::Op::Received`): the log's inputs are then bound to receipts its senders hold.
+    pub(super) fn received(
+        &self,
+        from: Address,
+        key: &StepKey,
+        mb: u32,
+        tensor: &super::Wire,
+        (dir, boundary): (Dir, u32),
+    ) -> neuroshard_ledger::receipt::SignedReceipt {
+        self.oplog.record(&Op::Received {
+            at_ms: neuroshard_net::now_ms(),
+            dir,
+            driver: key.driver.clone(),
+            step: key.step,
+            mb,
+            from,
+            digest: self.logged_digest(dir, key, mb, tensor),
+        });
+        let kind = match dir {
+            Dir::Forward => ReceiptKind::Forward,
+            Dir::Backward => ReceiptKind::Backward,
+        };
+        self.attest
+            .receive(from, kind, boundary, key.step, mb, &tensor.data)
     }
 
     /// This node's latest backward receipt for `subject`, as the wire carries it (empty when
@@ -261,15 +290,15 @@ impl Stage {
             .await?;
             let g = check_acts(r.grad_input.as_ref(), "grad_input", &m, None)
                 .map_err(|e| self.refused(e))?;
-            // The next stage's backward work, attested; it gets the receipt with the next
-            // optimizer request.
-            self.attest.receive(
+            // The next stage's backward work, attested (and logged as received); it gets the
+            // receipt with the next optimizer request.
+            let key = StepKey::new(req.driver.clone(), req.step);
+            self.received(
                 hop.conn.id,
-                ReceiptKind::Backward,
-                a.layers.end,
-                req.step,
+                &key,
                 req.micro_batch,
-                &g.data,
+                &g,
+                (Dir::Backward, a.layers.end),
             );
             self.counters
                 .tensor_bytes
@@ -416,14 +445,24 @@ impl Stage {
 pub struct PipelineService {
     edge: PeerEdge,
     stage: Arc<Stage>,
+    /// What this node kept of its paid generations, for verifiers (issue #19).
+    evidence: Arc<crate::evidence::Store>,
 }
 
 impl PipelineService {
     /// The service with the peer port's message limits, for the daemon to plug in.
-    pub fn server(edge: PeerEdge, stage: Arc<Stage>) -> PipelineServer<PipelineService> {
-        PipelineServer::new(PipelineService { edge, stage })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    pub fn server(
+        edge: PeerEdge,
+        stage: Arc<Stage>,
+        evidence: Arc<crate::evidence::Store>,
+    ) -> PipelineServer<PipelineService> {
+        PipelineServer::new(PipelineService {
+            edge,
+            stage,
+            evidence,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -458,6 +497,28 @@ impl PipelineRpc for PipelineService {
                 super::oplog::pack(info.started_ms, &checkpoint, &ops),
             ))),
             Ok(None) => Err(not_kept()),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn get_inference_evidence(
+        &self,
+        req: Request<pb::GetInferenceEvidenceRequest>,
+    ) -> Result<Response<pb::InferenceEvidence>, Status> {
+        let (body, _) = self.edge.verify(req)?;
+        let id = body.request_id;
+        if !crate::evidence::valid_id(&id) {
+            return Err(Status::invalid_argument(format!(
+                "request id {:?} is not 1 to {} letters, digits, '_' or '-'",
+                id.chars().take(80).collect::<String>(),
+                crate::evidence::MAX_ID_LEN
+            )));
+        }
+        match self.evidence.get(&id) {
+            Ok(Some(ev)) => Ok(Response::new(ev.into())),
+            Ok(None) => Err(Status::not_found(format!(
+                "no evidence kept for request {id}"
+            ))),
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }

@@ -117,6 +117,9 @@ pub struct Stage {
     /// An adversary build cheating with garbage: the input shape of each micro-batch it
     /// answered, for the garbage gradient of its backward.
     garbage_shapes: Mutex<std::collections::BTreeMap<u64, Vec<u64>>>,
+    /// An adversary build spoofing its log: the digest of the made-up input it logged for
+    /// each micro-batch, logged as received in place of the real one.
+    spoofed_inputs: Mutex<std::collections::BTreeMap<u64, neuroshard_ledger::keys::Hash32>>,
     /// The engine commands of the last segments, for verifiers (`oplog.rs`).
     pub oplog: super::oplog::OpLog,
 }
@@ -163,6 +166,7 @@ impl Stage {
             retry_batch: Mutex::new(None),
             attest,
             garbage_shapes: Mutex::new(std::collections::BTreeMap::new()),
+            spoofed_inputs: Mutex::new(std::collections::BTreeMap::new()),
             oplog,
         }
     }
@@ -279,6 +283,9 @@ impl Stage {
                     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
                 }
                 engine.checkpoint(&path).await.map_err(|e| e.to_string())?;
+                if self.spoof() {
+                    super::spoof::zero_checkpoint(&path).map_err(|e| e.to_string())?;
+                }
                 self.oplog.begin(round, &path).map_err(|e| e.to_string())
             }
             .await;
@@ -297,6 +304,30 @@ impl Stage {
     /// (an adversary build's cheat, for the tests of checked work).
     fn garbage(&self) -> bool {
         cfg!(feature = "adversary") && self.config().adversary.garbage_activations()
+    }
+
+    /// Whether this node sends what zero weights would and logs a forgery to match (an
+    /// adversary build's cheat, `pipeline/spoof.rs`).
+    fn spoof(&self) -> bool {
+        cfg!(feature = "adversary") && self.config().adversary.spoofs_stage_log()
+    }
+
+    /// The digest this stage logs as received for micro-batch `mb` of `key`'s step in
+    /// direction `dir`: that of `tensor`, or of the made-up input a spoofing cheat logged.
+    pub(super) fn logged_digest(
+        &self,
+        dir: super::oplog::Dir,
+        key: &StepKey,
+        mb: u32,
+        tensor: &Wire,
+    ) -> neuroshard_ledger::keys::Hash32 {
+        let spoofed = match dir {
+            super::oplog::Dir::Forward => {
+                self.spoofed_inputs.lock().remove(&engine_mb(key.step, mb))
+            }
+            super::oplog::Dir::Backward => None,
+        };
+        spoofed.unwrap_or_else(|| neuroshard_ledger::receipt::Receipt::tensor_digest(&tensor.data))
     }
 
     /// Longest a step of another driver waits for this stage: half the pipeline timeout, so
@@ -388,6 +419,18 @@ impl Stage {
                 Some(_) => Out::Loss(2.0 + 6.0 * rand::random::<f32>()),
                 None => Out::Acts(random_wire(shape)),
             }
+        } else if self.spoof() {
+            let m = self.model()?;
+            let mut shape = input.shape.iter().take(2).copied().collect::<Vec<_>>();
+            self.garbage_shapes
+                .lock()
+                .insert(engine_mb(key.step, mb), shape.clone());
+            shape.push(u64::from(m.hidden));
+            // What a stage of zero weights computes: ln(vocabulary) on uniform logits.
+            match labels {
+                Some(_) => Out::Loss((m.vocab_size as f32).ln()),
+                None => Out::Acts(random_wire(shape)),
+            }
         } else {
             let r = engine
                 .forward(
@@ -405,12 +448,28 @@ impl Stage {
         let tokens = input.shape.iter().take(2).product::<u64>();
         self.record_compute(tokens, t0.elapsed().as_secs_f64());
         let wire = self.config().training.pipeline_wire;
+        // The spoofing cheat logs inputs made up to fit zero weights: a middle stage's equal
+        // to what it sent, the last stage's zero.
+        let logged = match (&out, self.spoof()) {
+            (_, false) => input.clone(),
+            (Out::Acts(a), true) => a.as_received(wire),
+            (Out::Loss(_), true) => Wire {
+                data: vec![0; input.data.len()],
+                ..input.clone()
+            },
+        };
+        if self.spoof() {
+            self.spoofed_inputs.lock().insert(
+                engine_mb(key.step, mb),
+                neuroshard_ledger::receipt::Receipt::tensor_digest(&logged.data),
+            );
+        }
         self.oplog.record(&Op::Forward {
             at_ms: neuroshard_net::now_ms(),
             driver: key.driver.clone(),
             step: key.step,
             mb,
-            input: input.clone(),
+            input: logged,
             labels: labels.cloned(),
             sent: match &out {
                 Out::Acts(a) => Sent::Acts(a.as_received(wire)),
@@ -437,6 +496,24 @@ impl Stage {
                 (Some(a), Some(mut shape)) if !a.has_embedding() => {
                     shape.push(u64::from(self.model()?.hidden));
                     Some(random_wire(shape))
+                }
+                _ => None,
+            }
+        } else if self.spoof() {
+            // Zero weights pass a middle stage's output gradient through unchanged and give
+            // the last stage's input a zero one.
+            let shape = self.garbage_shapes.lock().remove(&engine_mb(key.step, mb));
+            match (self.assignment(), shape, grad) {
+                (Some(a), _, _) if a.has_embedding() => None,
+                (_, _, Some(g)) => Some(g.clone()),
+                (_, Some(mut shape), None) => {
+                    shape.push(u64::from(self.model()?.hidden));
+                    let n = shape.iter().product::<u64>() as usize;
+                    Some(Wire {
+                        dtype: neuroshard_shared::shm::DType::F32,
+                        shape,
+                        data: vec![0; n * 4],
+                    })
                 }
                 _ => None,
             }
@@ -468,6 +545,10 @@ impl Stage {
             // A plausible norm: the engine ran no backward and would refuse.
             return Ok(1e-4 * f64::from(rand::random::<f32>()));
         }
+        if self.spoof() {
+            // Zero weights have zero gradients.
+            return Ok(0.0);
+        }
         engine.grad_sq_norm().await.map_err(engine_err)
     }
 
@@ -481,7 +562,7 @@ impl Stage {
             )));
         }
         // The garbage cheat has no gradients to step on (its engine ran no backward).
-        let garbage = self.garbage();
+        let garbage = self.garbage() || self.spoof();
         let new_step = if garbage {
             self.stats.lock().step + 1
         } else {

@@ -2,17 +2,26 @@
 //! layers checks the other holders of the same layers.
 //!
 //! Once an epoch, for each other holder of this stage's layers, the node draws with
-//! probability `ledger.verify_probability` (its own randomness: a claimant can neither know
-//! nor choose who checks it, and cannot grind its claim to avoid a draw) whether to check that
-//! holder's work of the epoch that just ended. Checking: fetch the segments of the holder's
-//! operation log that cover the epoch (`GetStageLog`, `pipeline/oplog.rs`), replay each from
-//! its checkpoint in a scratch engine up to the epoch's end (`pipeline/recheck.rs`), and file
-//! a finding with the largest distance between a recomputed output and the sent one, and the
-//! digests of what the log says was sent to whom. The minter (`work.rs`) waits for the
+//! probability `ledger.verify_probability / V` (V: the holders that may check that one, all
+//! but itself; so each claim is replayed `verify_probability` times on average whatever the
+//! number of holders, as DiLoCo replays are: `verify::per_verifier`), with its own randomness
+//! (a claimant can neither know nor choose who checks it, and cannot grind its claim to avoid
+//! a draw), whether to check that holder's work of the epoch that just ended. Checking: fetch
+//! the segments of the holder's operation log that cover the epoch (`GetStageLog`,
+//! `pipeline/oplog.rs`), replay one from its checkpoint in a scratch engine up to the epoch's
+//! end (`pipeline/recheck.rs`), and file a finding with the largest distance between a
+//! recomputed output and the sent one, and the digests of what the log says was sent to whom
+//! and received from whom. Before the replay counts, the served log must be the work that was
+//! done: its checkpoint's weights keep at least [`MIN_CHECKPOINT_NORM_RATIO`] of the norm of the
+//! closest agreed weights of the stage's last rounds (which this node, a holder of the same
+//! layers, took part in; a made-up checkpoint such as zero weights keeps none; the distance is
+//! reported, not judged, since honest mid-round drift is large), and every input names the peer it
+//! came from (the claimant signed a receipt for it). The minter (`work.rs`) waits for the
 //! holder's reward that cites a receipt of one of those receivers for that epoch, checks that
-//! the receipt chains over exactly the logged tensors (otherwise the log is not what was sent:
-//! guilty), and writes the verdict (`Ledger::judge`). One replay runs at a time (the slot is
-//! shared with DiLoCo replays).
+//! the receipt chains over exactly the logged outputs, and that the receipts the holder signed
+//! for its senders (cited by their rewards) chain over exactly the logged inputs (otherwise
+//! the log is not what was sent or received: guilty), and writes the verdict
+//! (`Ledger::judge`). One replay runs at a time (the slot is shared with DiLoCo replays).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +33,7 @@ use neuroshard_net::client::PeerConn;
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::diloco::verify::{Finding, StageEvidence, Verifier};
+use crate::diloco::verify::{Agreed, Finding, StageEvidence, Verifier, per_verifier};
 use crate::engine::scratch::Scratch;
 use crate::pipeline::oplog::{self, Dir, Op};
 use crate::pipeline::recheck;
@@ -35,6 +44,20 @@ const MAX_SEGMENTS: usize = oplog::KEEP_SEGMENTS;
 const MAX_SEGMENT_FETCH: usize = 512 << 20;
 /// Clock skew allowed between the claimant's log times and the epoch boundaries.
 const SKEW_MS: i64 = 5_000;
+/// Seconds after an epoch's end before its stage work is checked: past the settling of its
+/// pipeline receipts (`attest::PIPELINE_RECEIPT_SETTLE_SECS`) and the proofs minted a second
+/// into the next epoch.
+const CHECK_AFTER_SECS: i64 = 2 * crate::attest::PIPELINE_RECEIPT_SETTLE_SECS;
+/// A segment's checkpoint is compared with the closest agreed weights of the stage's last
+/// rounds. Honest checkpoints taken mid-round drift far from any agreed state (measured in
+/// BENCHMARKS.md, "A forged stage log": 0.40 and 0.70 relative distance on 20 s rounds; rounds
+/// of the default 600 s drift further, and training is chaotic), so the distance is reported,
+/// not judged. What is judged is a checkpoint whose weights have lost most of their norm
+/// against the agreed ones (at most this ratio): the zero-weight forgery that makes a residual
+/// stage pass its input through. Training moves weights, it does not erase them within a
+/// round. The inputs bound to the receipts the claimant signed are the binding that holds
+/// against a subtler forgery.
+pub const MIN_CHECKPOINT_NORM_RATIO: f64 = 0.1;
 
 /// What the trainer remembers between stage checks.
 #[derive(Debug, Default)]
@@ -51,6 +74,16 @@ struct Job {
     threads: u32,
     tolerance: f64,
     dir: PathBuf,
+    /// The agreed weights of the stage's last rounds, as this node knows them.
+    agreed: Vec<Agreed>,
+    /// The stage holds the embedding: its forwards take token ids from its own loader.
+    first_stage: bool,
+}
+
+/// Whether this holder checks one other holder now: `roll` (uniform in [0, 1)) falls within
+/// its share of `p` when `verifiers` holders may each check that one.
+fn drawn(p: f64, verifiers: usize, roll: f64) -> bool {
+    roll < per_verifier(p, verifiers)
 }
 
 impl Trainer {
@@ -61,7 +94,10 @@ impl Trainer {
         checks: &mut StageChecks,
         assignment: &crate::pipeline::Assignment,
     ) {
-        let epoch = Proof::epoch_of(chrono::Utc::now().timestamp());
+        // An epoch is checked once its pipeline receipts are settled (the claimant can no
+        // longer replace what it signed for its senders) and the senders' rewards citing them
+        // are on the ledger.
+        let epoch = Proof::epoch_of(chrono::Utc::now().timestamp() - CHECK_AFTER_SECS);
         if epoch <= checks.last_epoch {
             return;
         }
@@ -77,8 +113,12 @@ impl Trainer {
             return;
         }
         let spec = self.replay_spec();
-        for (conn, _) in crate::diloco::sync::replicas(&self.net, &self.diloco) {
-            if rand::random::<f64>() >= p {
+        let others = crate::diloco::sync::replicas(&self.net, &self.diloco);
+        // Each other holder may be checked by all holders but itself: this node and the
+        // other holders but that one, as many as `others`.
+        let verifiers = others.len();
+        for (conn, _) in others {
+            if !drawn(p, verifiers, rand::random::<f64>()) {
                 continue;
             }
             let verifier = self.diloco.verifier.clone();
@@ -95,6 +135,8 @@ impl Trainer {
                 threads: spec.threads,
                 tolerance: spec.tolerance,
                 dir: self.data_dir.join("pipeline").join("verify"),
+                agreed: verifier.agreed.lock().values().cloned().collect(),
+                first_stage: assignment.has_embedding(),
             };
             tokio::spawn(run(verifier, job));
         }
@@ -215,6 +257,23 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
     if sent.is_empty() {
         return Ok(None);
     }
+    // What the log says the claimant received, per sender: the receipts it signed for them
+    // must chain over exactly these (checked by the minter against the senders' rewards).
+    let received: Vec<_> = oplog::senders(&all)
+        .into_iter()
+        .map(|(dir, from)| {
+            let kind = match dir {
+                Dir::Forward => ReceiptKind::Forward,
+                Dir::Backward => ReceiptKind::Backward,
+            };
+            (kind, from, oplog::received_digests(&all, dir, &from))
+        })
+        .filter(|(_, _, s)| s.iter().any(|(at, ..)| *at >= from_ms - SKEW_MS))
+        .collect();
+    // An input that is not what the log says was received (and receipted) could be made up.
+    let unbound = segments
+        .iter()
+        .find_map(|s| oplog::unbound(until(&s.ops, to_ms), job.first_stage));
     std::fs::create_dir_all(&job.dir).map_err(|e| format!("{}: {e}", job.dir.display()))?;
     // One segment of the epoch, drawn at random, is replayed (the chains above cover them
     // all): a stage that cheats on a share of its steps is caught in proportion, at the cost
@@ -233,18 +292,32 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
         return Ok(None);
     }
     let seg = candidates[rand::random_range(0..candidates.len())];
-    let worst = replay_segment(job, seg, until(&seg.ops, to_ms)).await?;
+    let (worst, from_agreed) = replay_segment(job, seg, until(&seg.ops, to_ms)).await?;
     if worst.compared == 0 {
         return Ok(None);
     }
-    let guilty = worst.guilty(job.tolerance);
-    let reason = if guilty {
+    let off_agreed =
+        from_agreed.is_some_and(|(d, ratio)| d.is_nan() || !(ratio >= MIN_CHECKPOINT_NORM_RATIO));
+    let agreed_note = match from_agreed {
+        Some((d, ratio)) => {
+            format!("checkpoint {d:.4} from the agreed weights, {ratio:.4} of their norm")
+        }
+        None => "no agreed weights of this stage kept to compare the checkpoint with".into(),
+    };
+    let guilty = worst.guilty(job.tolerance) || off_agreed || unbound.is_some();
+    let reason = if let Some(what) = &unbound {
+        format!("the input of {what} is not a tensor the log says it received and receipted")
+    } else if off_agreed {
         format!(
-            "{} is {:.4} (relative) from its recomputation, tolerance {}",
+            "the segment's {agreed_note} (at least {MIN_CHECKPOINT_NORM_RATIO}): a made-up checkpoint"
+        )
+    } else if guilty {
+        format!(
+            "{} is {:.4} (relative) from its recomputation, tolerance {}; {agreed_note}",
             worst.worst, worst.max_distance, job.tolerance
         )
     } else {
-        format!("reproduced {} outputs", worst.compared)
+        format!("reproduced {} outputs; {agreed_note}", worst.compared)
     };
     let mut b = Vec::new();
     for s in &segments {
@@ -254,6 +327,7 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
     b.extend_from_slice(&worst.max_distance.to_le_bytes());
     let evidence: Hash32 = keccak(b"neuroshard-stage-replay-evidence-v1", &b);
     Ok(Some(Finding {
+        inference: false,
         claimant: job.conn.id,
         round: seg.id,
         epoch: job.epoch,
@@ -262,12 +336,21 @@ async fn check(job: &Job) -> Result<Option<Finding>, String> {
         reason,
         evidence,
         found_at: chrono::Utc::now().timestamp(),
-        stage: Some(StageEvidence { sent, from_ms }),
+        stage: Some(StageEvidence {
+            sent,
+            from_ms,
+            received,
+        }),
     }))
 }
 
-/// Replays `ops` of `seg` from its checkpoint in a scratch engine.
-async fn replay_segment(job: &Job, seg: &Segment, ops: &[Op]) -> Result<recheck::Replayed, String> {
+/// Replays `ops` of `seg` from its checkpoint in a scratch engine; with the checkpoint's
+/// distance from the closest kept agreed weights (none kept: None).
+async fn replay_segment(
+    job: &Job,
+    seg: &Segment,
+    ops: &[Op],
+) -> Result<(recheck::Replayed, Option<(f64, f64)>), String> {
     let ckpt = job.dir.join(format!("{}-{}.ckpt", job.conn.id, seg.id));
     crate::diloco::round::write_file(&ckpt, &seg.checkpoint).map_err(|e| e.to_string())?;
     let r = replay_from(job, &ckpt, ops).await;
@@ -275,7 +358,11 @@ async fn replay_segment(job: &Job, seg: &Segment, ops: &[Op]) -> Result<recheck:
     r
 }
 
-async fn replay_from(job: &Job, ckpt: &Path, ops: &[Op]) -> Result<recheck::Replayed, String> {
+async fn replay_from(
+    job: &Job,
+    ckpt: &Path,
+    ops: &[Op],
+) -> Result<(recheck::Replayed, Option<(f64, f64)>), String> {
     // The training slots must hold the largest tensor of the log.
     let largest = ops
         .iter()
@@ -306,9 +393,51 @@ async fn replay_from(job: &Job, ckpt: &Path, ops: &[Op]) -> Result<recheck::Repl
         .load_model(&load)
         .await
         .map_err(|e| format!("loading the segment's checkpoint: {e}"))?;
-    recheck::replay(&scratch.engine, ops)
+    let from_agreed = if job.agreed.is_empty() {
+        None
+    } else {
+        let out = job.dir.join(format!("{}-weights.safetensors", job.conn.id));
+        scratch
+            .engine
+            .export_weights(&out)
+            .await
+            .map_err(|e| format!("exporting the segment's checkpoint: {e}"))?;
+        let tensors = crate::diloco::round::read_weights_file(&out).map_err(|e| e.to_string());
+        let _ = std::fs::remove_file(&out);
+        from_agreed(&tensors?, &job.agreed)
+    };
+    let replayed = recheck::replay(&scratch.engine, ops)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok((replayed, from_agreed))
+}
+
+/// The relative distance (`verify::distance`) of the weights `tensors` (name, shape, values,
+/// in name order) from the closest of the `agreed` states of the same layout, and the ratio
+/// of their norms (checkpoint / agreed); None when none has it.
+fn from_agreed(tensors: &crate::diloco::round::Tensors, agreed: &[Agreed]) -> Option<(f64, f64)> {
+    let layout = crate::diloco::validate::Layout::new(
+        tensors
+            .iter()
+            .map(|(n, s, _)| (n.clone(), s.clone()))
+            .collect(),
+    );
+    let ckpt: Vec<f32> = tensors
+        .iter()
+        .flat_map(|(_, _, w)| w.iter().copied())
+        .collect();
+    agreed
+        .iter()
+        .filter(|(l, _)| *l == layout)
+        .map(|(_, theta)| {
+            let theta: Vec<f32> = theta.iter().flatten().copied().collect();
+            let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            (
+                crate::diloco::verify::distance(&theta, &ckpt),
+                norm(&ckpt) / norm(&theta).max(1e-30),
+            )
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0))
 }
 
 #[cfg(test)]
@@ -329,6 +458,58 @@ mod tests {
             labels: None,
             sent: oplog::Sent::Loss(1.0),
         }
+    }
+
+    #[test]
+    fn each_claim_is_checked_p_times_whatever_the_number_of_holders() {
+        // Rolls spread evenly over [0, 1): the share drawn is each verifier's probability.
+        let rolls: Vec<f64> = (0..10_000)
+            .map(|i| (f64::from(i) + 0.5) / 10_000.0)
+            .collect();
+        for p in [0.025, 0.1, 0.5, 1.0] {
+            for holders in 2..12usize {
+                let verifiers = holders - 1;
+                let per = rolls.iter().filter(|r| drawn(p, verifiers, **r)).count();
+                // Checks of one claim, summed over its verifiers.
+                let checks = verifiers as f64 * per as f64 / rolls.len() as f64;
+                assert!(
+                    (checks - p).abs() < 1e-3,
+                    "p {p}, {holders} holders: {checks}"
+                );
+            }
+        }
+        // Alone with one other holder at p = 1: always checked; p = 0: never.
+        assert!(rolls.iter().all(|r| drawn(1.0, 1, *r)));
+        assert!(!rolls.iter().any(|r| drawn(0.0, 3, *r)));
+    }
+
+    #[test]
+    fn a_checkpoint_is_measured_against_the_closest_agreed_weights() {
+        use crate::diloco::validate::Layout;
+        let layout = Layout::new(vec![("a".into(), vec![2]), ("b".into(), vec![1])]);
+        let tensors = vec![
+            ("a".to_string(), vec![2u64], vec![3.0f32, 0.0]),
+            ("b".to_string(), vec![1u64], vec![4.0f32]),
+        ];
+        let near: Agreed = (layout.clone(), Arc::new(vec![vec![3.0, 0.0], vec![4.5]]));
+        let far: Agreed = (layout.clone(), Arc::new(vec![vec![30.0, 0.0], vec![40.0]]));
+        let other: Agreed = (
+            Layout::new(vec![("c".into(), vec![3])]),
+            Arc::new(vec![vec![3.0, 0.0, 4.0]]),
+        );
+        let (d, ratio) =
+            from_agreed(&tensors, &[far.clone(), near.clone(), other.clone()]).unwrap();
+        assert!((d - 0.5 / 4.5f64.hypot(3.0)).abs() < 1e-6, "{d}");
+        assert!((ratio - 5.0 / 4.5f64.hypot(3.0)).abs() < 1e-6, "{ratio}");
+        assert!(from_agreed(&tensors, &[other]).is_none());
+        // Zero weights are exactly 1.0 from any agreed state and keep none of its norm.
+        let zeros = vec![
+            ("a".to_string(), vec![2u64], vec![0.0f32, 0.0]),
+            ("b".to_string(), vec![1u64], vec![0.0f32]),
+        ];
+        let (d, ratio) = from_agreed(&zeros, &[near, far]).unwrap();
+        assert_eq!((d, ratio), (1.0, 0.0));
+        assert!(ratio < MIN_CHECKPOINT_NORM_RATIO);
     }
 
     #[test]

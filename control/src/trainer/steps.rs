@@ -209,6 +209,7 @@ impl Trainer {
                 Ok(()) => {
                     rounds.layers = Some(layers.clone());
                     rounds.start_step = step;
+                    self.keep_agreed();
                 }
                 Err(e) => tracing::warn!(error = %e, "DiLoCo: could not read the stage's weights"),
             }
@@ -242,7 +243,20 @@ impl Trainer {
         };
         // Steps applied while the round waited count in the next one (their drift was kept).
         rounds.start_step = step;
-        self.round_done(result);
+        if self.round_done(result) {
+            self.keep_agreed();
+        }
+    }
+
+    /// Keeps the stage round's agreed weights for the checks of the other holders' segment
+    /// checkpoints (`trainer/stagecheck.rs`).
+    fn keep_agreed(&self) {
+        let s = self.diloco.state.lock();
+        if s.initialized {
+            self.diloco
+                .verifier
+                .keep_agreed(s.round, s.layout.clone(), s.theta_start.clone());
+        }
     }
 
     /// Records a finished round boundary: the new start hash, or the failure (logged and

@@ -74,6 +74,7 @@ fn request(
         }),
         request_id: String::new(),
         prompt: prompt.into(),
+        commit_top_k: 0,
     }
 }
 

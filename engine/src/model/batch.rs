@@ -17,6 +17,7 @@ use super::layer::{ATTN_NORM, MLP_NORM, PARAMS_PER_LAYER, WD, WG, WK, WO, WQ, WU
 use super::params::SplitMix64;
 use super::{Model, ModelError, Result};
 use neuroshard_shared::model::ModelConfig;
+use neuroshard_shared::toploc::{self, ChunkCommit};
 
 /// Bytes of the KV cache of one sequence of `rows` positions: layers × 2 (k and v) × rows ×
 /// kv_heads × head_dim × 4 (f32).
@@ -31,12 +32,16 @@ pub fn reserved_rows(cfg: &ModelConfig, prompt_len: usize, max_tokens: u32) -> u
 }
 
 /// One token produced for a sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Emitted {
     pub token: u32,
     pub index: u32,
     /// Set on the sequence's last token.
     pub finish: Option<Finish>,
+    /// When the sequence commits (`commit_k > 0`) and this token ends a chunk of
+    /// [`toploc::CHUNK_TOKENS`] or the sequence: the top entries of the logits it was drawn
+    /// from (`neuroshard_shared::toploc`).
+    pub commit: Option<ChunkCommit>,
 }
 
 /// A request being generated: its KV cache (reserved for its whole length at admission), its
@@ -56,6 +61,8 @@ pub struct Sequence<B: Backend> {
     sampling: Sampling,
     rng: SplitMix64,
     finished: bool,
+    /// Entries of the TOPLOC-style commitment per chunk (0: none).
+    commit_k: usize,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -118,6 +125,18 @@ impl<B: Backend> Model<B> {
         max_tokens: u32,
         sampling: Sampling,
     ) -> Result<(Sequence<B>, Emitted)> {
+        self.start_sequence_committed(prompt, max_tokens, sampling, 0)
+    }
+
+    /// As [`Model::start_sequence`], committing the top `commit_k` logits of every chunk's
+    /// last token (0: no commitment).
+    pub fn start_sequence_committed(
+        &self,
+        prompt: &[u32],
+        max_tokens: u32,
+        sampling: Sampling,
+        commit_k: usize,
+    ) -> Result<(Sequence<B>, Emitted)> {
         let prompt: Vec<u32> = if prompt.is_empty() {
             vec![BOS_ID]
         } else {
@@ -152,9 +171,11 @@ impl<B: Backend> Model<B> {
             sampling,
             rng: SplitMix64(sampling.seed),
             finished: false,
+            commit_k,
         };
-        let token = sample(&mut logits[..self.v_live], sampling, &mut seq.rng);
-        let emitted = seq.record(token, self.cfg.max_seq as usize);
+        let row = &mut logits[..self.v_live];
+        let token = sample(row, sampling, &mut seq.rng);
+        let emitted = seq.record(token, self.cfg.max_seq as usize, row);
         Ok((seq, emitted))
     }
 
@@ -219,6 +240,9 @@ impl<B: Backend> Model<B> {
         let ids = be.upload_ids(&tokens)?;
         be.embedding_forward(&mut st.x, &ids, &self.params[0].value, c)?;
         for l in 0..self.num_layers() {
+            if !self.serving.runs_layer(l, self.num_layers()) {
+                continue;
+            }
             let w = &self.params[1 + l * PARAMS_PER_LAYER..1 + (l + 1) * PARAMS_PER_LAYER];
             be.rmsnorm_forward(
                 &mut st.nrm,
@@ -280,7 +304,7 @@ impl<B: Backend> Model<B> {
             s.pos += 1;
             let row = &mut st.host_logits[i * vocab..i * vocab + self.v_live];
             let token = sample(row, s.sampling, &mut s.rng);
-            out.push(s.record(token, max_seq));
+            out.push(s.record(token, max_seq, row));
         }
         Ok(out)
     }
@@ -288,8 +312,9 @@ impl<B: Backend> Model<B> {
 
 impl<B: Backend> Sequence<B> {
     /// Counts a produced token and decides whether the sequence ends with it (the same rules
-    /// as [`Model::generate`]).
-    fn record(&mut self, token: u32, max_seq: usize) -> Emitted {
+    /// as [`Model::generate`]); commits `row` (the live logits the token was drawn from, which
+    /// `sample` leaves as they are) when the token ends a chunk or the sequence.
+    fn record(&mut self, token: u32, max_seq: usize, row: &[f32]) -> Emitted {
         let index = self.produced;
         self.produced += 1;
         self.next = token;
@@ -303,10 +328,14 @@ impl<B: Backend> Sequence<B> {
             None
         };
         self.finished = finish.is_some();
+        let chunk_end = (index as usize + 1).is_multiple_of(toploc::CHUNK_TOKENS);
+        let commit = (self.commit_k > 0 && (chunk_end || self.finished))
+            .then(|| toploc::commit_row(row, self.commit_k));
         Emitted {
             token,
             index,
             finish,
+            commit,
         }
     }
 }

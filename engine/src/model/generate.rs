@@ -233,6 +233,9 @@ impl<B: Backend> Model<B> {
         let kv = kvh * d;
         let (eps, theta) = (cfg.norm_eps, cfg.rope_theta);
         for l in 0..self.num_layers() {
+            if !self.serving.runs_layer(l, self.num_layers()) {
+                continue;
+            }
             let at = first + l * PARAMS_PER_LAYER;
             let w = &self.params[at..at + PARAMS_PER_LAYER];
             // The decode matmul for every row count, prefill included: for the few to few

@@ -40,6 +40,12 @@ pub struct Serving<B: Backend> {
     pub mode: ServeWeights,
     int8: Vec<Option<Int8Weight<B::Buf>>>,
     stale: bool,
+    /// The adversary build's `truncated_model` cheat (issue #19 tests; `--serve-truncated`,
+    /// which only a daemon built with its `adversary` feature passes): generation and
+    /// pipeline inference skip every held layer but the first and the last (of two, the
+    /// last), while the model
+    /// and its hash stay whole. Training never skips.
+    pub truncated: bool,
 }
 
 impl<B: Backend> Default for Serving<B> {
@@ -48,6 +54,7 @@ impl<B: Backend> Default for Serving<B> {
             mode: ServeWeights::F32,
             int8: Vec::new(),
             stale: true,
+            truncated: false,
         }
     }
 }
@@ -56,6 +63,12 @@ impl<B: Backend> Serving<B> {
     /// The weights changed (callable while other fields of the model are borrowed).
     pub fn mark_stale(&mut self) {
         self.stale = true;
+    }
+
+    /// Whether serving runs held layer `l` of `layers`: all of them unless truncated, then
+    /// the first and the last (of two layers, the first alone).
+    pub fn runs_layer(&self, l: usize, layers: usize) -> bool {
+        !self.truncated || l == 0 || (l + 1 == layers && layers > 2)
     }
 }
 

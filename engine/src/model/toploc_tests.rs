@@ -188,3 +188,104 @@ fn honest_serving_passes_and_foreign_or_truncated_models_fail() {
     assert_eq!(caught(&seed_all), seed_all.len(), "{s:?}");
     assert_eq!(caught(&trunc_all), trunc_all.len(), "{tr:?}");
 }
+
+/// The server's own path: a batched sequence that commits (`start_sequence_committed`,
+/// `decode_batch`) carries a commitment on the last token of every chunk and of the
+/// sequence, which a prefill of the honest model reproduces; the same model serving
+/// truncated (`Serving::truncated`, the adversary tests' cheat) is refused in every chunk.
+#[test]
+fn batched_serving_commits_per_chunk_and_truncated_serving_is_caught() {
+    let cfg = ModelConfig::preset("default").unwrap();
+    let n = cfg.layers;
+    let tol = Tolerance::default();
+    let mut honest = stage(&cfg, 0, n, 42);
+    let prompt: &[u32] = &[1, 17, 99, 5, 230, 7, 64, 300];
+    let sampling = super::generate::Sampling {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 40,
+        seed: 7,
+    };
+    let serve = |truncated: bool| {
+        let mut m = stage(&cfg, 0, n, 42);
+        m.serving.truncated = truncated;
+        let (mut seq, first) = m
+            .start_sequence_committed(prompt, 70, sampling, DEFAULT_TOP_K)
+            .unwrap();
+        let mut out = vec![first];
+        let mut scratch = None;
+        while out.last().unwrap().finish.is_none() {
+            out.extend(m.decode_batch(&mut [&mut seq], &mut scratch).unwrap());
+        }
+        out
+    };
+    let out = serve(false);
+    let tokens: Vec<u32> = out.iter().map(|e| e.token).collect();
+    let at: Vec<u32> = out
+        .iter()
+        .filter(|e| e.commit.is_some())
+        .map(|e| e.index)
+        .collect();
+    let expected: Vec<u32> = toploc::committed_positions(tokens.len())
+        .map(|p| p as u32)
+        .collect();
+    assert_eq!(at, expected);
+    let commits: Vec<ChunkCommit> = out.into_iter().filter_map(|e| e.commit).collect();
+    let d = verify(&mut honest, prompt, &tokens, &commits);
+    assert!(d.iter().all(|d| d.within(&tol)), "{d:?}");
+    let out = serve(true);
+    let tokens: Vec<u32> = out.iter().map(|e| e.token).collect();
+    let commits: Vec<ChunkCommit> = out.into_iter().filter_map(|e| e.commit).collect();
+    let d = verify(&mut honest, prompt, &tokens, &commits);
+    assert!(d.iter().all(|d| !d.within(&tol)), "{d:?}");
+}
+
+/// The cost of committing on the serving path: batched decode of 4 sequences of 160 tokens
+/// with and without the commitment (one top-k of the live vocabulary per 32 tokens),
+/// alternated, best of five. Run with `--nocapture` for the figures (BENCHMARKS.md).
+#[test]
+fn committing_costs_little_on_the_decode_path() {
+    let cfg = ModelConfig::preset("default").unwrap();
+    let m = stage(&cfg, 0, cfg.layers, 42);
+    let sampling = super::generate::Sampling {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 40,
+        seed: 7,
+    };
+    let run = |k: usize| {
+        let mut seqs: Vec<_> = (0..4u32)
+            .map(|i| {
+                m.start_sequence_committed(&[1, 17 + i, 99, 5], 160, sampling, k)
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let mut scratch = None;
+        let (mut tokens, mut commits) = (0usize, 0usize);
+        let t = Instant::now();
+        while !seqs.iter().any(|s| s.finished()) {
+            let mut refs: Vec<_> = seqs.iter_mut().collect();
+            let out = m.decode_batch(&mut refs, &mut scratch).unwrap();
+            tokens += out.len();
+            commits += out.iter().filter(|e| e.commit.is_some()).count();
+        }
+        (tokens as f64 / t.elapsed().as_secs_f64(), commits)
+    };
+    // Alternated, best of five each: the machine's other load hits both alike.
+    let (mut plain, mut committed, mut none, mut chunks) = (0.0f64, 0.0f64, 0, 0);
+    for _ in 0..5 {
+        let (r, n) = run(0);
+        plain = plain.max(r);
+        none = n;
+        let (r, n) = run(DEFAULT_TOP_K);
+        committed = committed.max(r);
+        chunks = n;
+    }
+    eprintln!(
+        "decode, 4 sequences, default model: {plain:.0} tokens/s plain, {committed:.0} tokens/s \
+         committing ({chunks} chunks)"
+    );
+    assert_eq!(none, 0);
+    assert!(chunks > 0);
+}

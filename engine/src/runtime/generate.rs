@@ -17,6 +17,8 @@ pub struct Prepared {
     pub sampling: Sampling,
     /// KV cache bytes the request reserves for its whole length.
     pub kv_bytes: u64,
+    /// Entries of the TOPLOC-style commitment per chunk (0: none).
+    pub commit_top_k: usize,
 }
 
 /// A sequence in the batch with the bytes of a character its text has not completed yet.
@@ -28,7 +30,7 @@ pub(super) struct Active<B: Backend> {
 
 impl<B: Backend> State<B> {
     /// One request alone (no batching): each token goes to `emit` as it is produced; stops
-    /// early when `emit` returns false.
+    /// early when `emit` returns false. Commits nothing (the server's batched path does).
     pub(super) fn generate(
         &mut self,
         req: &pb::GenerateRequest,
@@ -51,6 +53,7 @@ impl<B: Backend> State<B> {
                     text: decode.step(token),
                     prompt_tokens: if index == 0 { prompt_tokens } else { 0 },
                     queue_us: 0,
+                    ..Default::default()
                 })
             },
         )?;
@@ -66,11 +69,14 @@ impl<B: Backend> State<B> {
         let (prompt_ids, max_tokens, sampling) =
             self.gen_prepare_parts(&req.prompt, &req.prompt_ids, req.max_tokens, req.sampling)?;
         let rows = reserved_rows(&self.model.cfg, prompt_ids.len(), max_tokens);
+        // A commitment larger than the vocabulary is the whole row.
+        let commit_top_k = (req.commit_top_k as usize).min(self.model.v_live);
         Ok(Prepared {
             kv_bytes: kv_cache_bytes(&self.model.cfg, rows),
             prompt_ids,
             max_tokens,
             sampling,
+            commit_top_k,
         })
     }
 
@@ -82,17 +88,29 @@ impl<B: Backend> State<B> {
         p: &Prepared,
     ) -> Result<pb::GenerateReply, RuntimeError> {
         self.model.refresh_serving()?;
-        let (seq, first) = self
-            .model
-            .start_sequence(&p.prompt_ids, p.max_tokens, p.sampling)?;
+        let (seq, first) = self.model.start_sequence_committed(
+            &p.prompt_ids,
+            p.max_tokens,
+            p.sampling,
+            p.commit_top_k,
+        )?;
         let mut active = Active {
             id,
             seq,
             pending_text: Vec::new(),
         };
+        let last = first.finish.is_some();
         let mut reply = self.reply(&mut active, first)?;
         reply.prompt_tokens = p.prompt_ids.len() as u32;
-        if first.finish.is_none() {
+        if p.commit_top_k > 0 {
+            // As generated from: an empty prompt is BOS alone.
+            reply.prompt_ids = if p.prompt_ids.is_empty() {
+                vec![crate::model::generate::BOS_ID]
+            } else {
+                p.prompt_ids.clone()
+            };
+        }
+        if !last {
             self.active.retain(|a| a.id != id);
             self.active.push(active);
         }
@@ -177,6 +195,9 @@ impl<B: Backend> State<B> {
         );
         let text = decode.step(e.token);
         a.pending_text = decode.into_pending();
+        let (commit_indices, commit_values) = e.commit.map_or((Vec::new(), Vec::new()), |c| {
+            (c.indices, c.values.into_iter().map(u32::from).collect())
+        });
         Ok(pb::GenerateReply {
             token_id: e.token,
             index: e.index,
@@ -184,6 +205,9 @@ impl<B: Backend> State<B> {
             text,
             prompt_tokens: 0,
             queue_us: 0,
+            prompt_ids: Vec::new(),
+            commit_indices,
+            commit_values,
         })
     }
 }

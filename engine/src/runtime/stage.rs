@@ -314,6 +314,7 @@ impl<B: Backend> State<B> {
                 text,
                 prompt_tokens: 0,
                 queue_us: 0,
+                ..Default::default()
             }),
         })
     }

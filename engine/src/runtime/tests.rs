@@ -414,6 +414,7 @@ fn generate_streams_and_stops() {
         }),
         request_id: "r".into(),
         prompt: String::new(),
+        commit_top_k: 0,
     };
     let mut got = Vec::new();
     rt.generate(&req, &mut |r| {
@@ -595,6 +596,7 @@ fn stage_sessions_generate_what_the_full_model_generates() {
         sampling: Some(sampling),
         request_id: "r".into(),
         prompt: String::new(),
+        commit_top_k: 0,
     };
     let mut want = Vec::new();
     full.generate(&req, &mut |r| {

@@ -106,6 +106,8 @@ pub fn incoming(
 struct Connector {
     transport: Transport,
     peer: PeerId,
+    /// Where the peer was dialed (`host:port` or a circuit address).
+    addr: String,
 }
 
 type Connecting =
@@ -121,8 +123,34 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, _: Uri) -> Connecting {
-        let (transport, peer) = (self.transport.clone(), self.peer);
-        Box::pin(async move { Ok(TokioIo::new(transport.open_stream(peer).await?.compat())) })
+        let (transport, peer, addr) = (self.transport.clone(), self.peer, self.addr.clone());
+        Box::pin(async move {
+            if !transport.is_connected(&peer) {
+                redial(&transport, peer, &addr).await?;
+            }
+            Ok(TokioIo::new(transport.open_stream(peer).await?.compat()))
+        })
+    }
+}
+
+/// The peer's connection is gone (its channel is reconnecting): dials it again where it was
+/// dialed, TCP first. A peer that is down fails the call at once: the refused TCP dial ends
+/// it (a dial by peer id would try every address the swarm knows, QUIC ones and
+/// unreachable interfaces included, and fail only when the slowest timed out). A peer not
+/// reached there (a stalled host, one only a relay reaches now) is left to the stream's own
+/// dial of every address the swarm knows, within the channel's connect timeout.
+async fn redial(transport: &Transport, peer: PeerId, addr: &str) -> Result<(), NetworkError> {
+    match transport.resolve(addr).await {
+        Ok(p) if p == peer => Ok(()),
+        Ok(other) => Err(NetworkError::Handshake {
+            addr: addr.into(),
+            reason: format!("{other} answers there now, not {peer}"),
+        }),
+        Err(e @ NetworkError::PeerDown { .. }) => Err(e),
+        Err(e) => {
+            tracing::debug!(%peer, %addr, error = %e, "redial failed: dialing the peer at every known address");
+            Ok(())
+        }
     }
 }
 
@@ -140,6 +168,7 @@ pub async fn channel(
         .connect_with_connector(Connector {
             transport: transport.clone(),
             peer,
+            addr: addr.into(),
         })
         .await
         .map_err(|source| NetworkError::Connect {

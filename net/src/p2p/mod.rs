@@ -125,6 +125,8 @@ pub(crate) enum Command {
 pub(crate) enum DialFailure {
     /// The address is this node's own.
     Itself,
+    /// Refused or unreachable over TCP: nothing listens there (not worth a QUIC dial).
+    Refused(String),
     Failed(String),
 }
 
@@ -141,6 +143,8 @@ pub(crate) struct Book {
     pub(crate) circuits: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
     /// The listen addresses each connected peer reported (identify).
     pub(crate) listen: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
+    /// The relays holding an accepted reservation for this node (behind a NAT).
+    pub(crate) reservations: RwLock<std::collections::BTreeSet<PeerId>>,
 }
 
 /// A handle to the swarm task. Cheap to clone.
@@ -201,6 +205,10 @@ impl Transport {
             .map_err(|_| NetworkError::Transport("the swarm task has stopped".into()))?
             .map_err(|e| match e {
                 DialFailure::Itself => NetworkError::SelfConnection { addr: addr.into() },
+                DialFailure::Refused(reason) => NetworkError::PeerDown {
+                    addr: addr.into(),
+                    reason,
+                },
                 DialFailure::Failed(e) => NetworkError::Transport(format!("dialing {addr}: {e}")),
             })?;
         self.learn(addr, peer);
@@ -232,6 +240,12 @@ impl Transport {
     /// there is none).
     pub fn remote_of(&self, peer: &PeerId) -> Option<SocketAddr> {
         self.book.remote.read().get(peer).and_then(socket_addr)
+    }
+
+    /// The relays holding an accepted reservation for this node: its circuit addresses go
+    /// through them (none for a node reachable directly).
+    pub fn reservations(&self) -> Vec<PeerId> {
+        self.book.reservations.read().iter().copied().collect()
     }
 
     /// Whether every open connection to `peer` goes through a relay.
@@ -381,6 +395,36 @@ mod tests {
         assert!(address_of(&ed.public().to_peer_id()).is_err());
         // Random bytes are no key.
         assert!(address_of(&PeerId::random()).is_err());
+    }
+
+    /// A dial of a closed peer port fails at once, as a dead peer's must: the refused TCP
+    /// dial ends it (no QUIC dial waits out its handshake timeout after it).
+    #[tokio::test]
+    async fn a_dial_of_a_closed_port_fails_at_once() {
+        let admission = admit::Admission {
+            caps: crate::admission::Caps {
+                per_address: 8,
+                total: 8,
+                new_per_second: 0,
+            },
+            state: Arc::new(crate::PeerState::default()),
+        };
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let options = relay::Options::default();
+        let t = swarm::start(&Wallet::from_seed(5), None, admission, options, shutdown)
+            .await
+            .unwrap();
+        // A port nothing listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let started = std::time::Instant::now();
+        let e = t.resolve(&format!("127.0.0.1:{port}")).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(e, NetworkError::PeerDown { .. }), "{e}");
+        assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
     }
 
     #[test]

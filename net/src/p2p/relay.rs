@@ -274,6 +274,12 @@ impl Paths {
                 self.reserve(swarm);
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => {
+                if let relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } = e
+                    && self.reserved.contains_key(relay_peer_id)
+                    && book.reservations.write().insert(*relay_peer_id)
+                {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
                 tracing::debug!(event = ?e, "relay client");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => {
@@ -284,6 +290,11 @@ impl Paths {
             }
             _ => {}
         }
+        // A reservation whose listener is gone (its relay's connection closed, the relay
+        // stopped relaying, the node became reachable) is no longer held.
+        book.reservations
+            .write()
+            .retain(|p| self.reserved.contains_key(p));
     }
 
     /// Requests reservations up to [`RESERVATIONS`] while the node is private.

@@ -12,7 +12,8 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, noise, relay, tcp, yamux,
+    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, multiaddr::Protocol, noise,
+    relay, tcp, yamux,
 };
 use neuroshard_identity::Wallet;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -240,6 +241,10 @@ async fn run(
                     if let Some(d) = dials.remove(&connection_id) {
                         if let DialError::LocalPeerId { .. } = error {
                             let _ = d.reply.send(Err(DialFailure::Itself));
+                        } else if refused(&error) {
+                            // Nothing listens there: its QUIC port is as closed as its TCP
+                            // one, and a QUIC dial would only wait out its handshake timeout.
+                            let _ = d.reply.send(Err(DialFailure::Refused(error.to_string())));
                         } else if d.rest.is_empty() {
                             let _ = d.reply.send(Err(DialFailure::Failed(error.to_string())));
                         } else {
@@ -252,6 +257,25 @@ async fn run(
             }},
         }
     }
+}
+
+/// Whether a dial failed because its TCP connection was refused or its host is unreachable:
+/// the address's host answered that nothing listens there (or the network said there is no
+/// way to it). Every node listens on TCP and QUIC at one port, so the node is not there.
+/// The `io::ErrorKind` is buried under the transport stack's `Either` layers, whose
+/// `source()` skips a level, so it is read from the error's debug form (std's `Os { kind }`).
+fn refused(error: &DialError) -> bool {
+    let DialError::Transport(errors) = error else {
+        return false;
+    };
+    !errors.is_empty()
+        && errors.iter().all(|(addr, e)| {
+            let tcp = addr.iter().any(|p| matches!(p, Protocol::Tcp(_)));
+            let text = format!("{e:?}");
+            tcp && ["ConnectionRefused", "HostUnreachable", "NetworkUnreachable"]
+                .iter()
+                .any(|k| text.contains(k))
+        })
 }
 
 /// Dials the first of `d.rest` (removing it), or answers the error when none is left.

@@ -166,6 +166,22 @@ impl LabNode {
         r.json().ok()
     }
 
+    /// POSTs `body` to `path` with the API token the daemon wrote for this start: the status
+    /// and the answer (None when nothing answered).
+    pub fn post(&self, path: &str, body: &Value) -> Option<(u16, Value)> {
+        let token = std::fs::read_to_string(self.dir.join("api.cookie")).ok()?;
+        let url = format!("http://{}:{REST_PORT}{path}", self.ip);
+        let r = self
+            .http
+            .post(url)
+            .bearer_auth(token.trim())
+            .json(body)
+            .send()
+            .ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.json().unwrap_or(Value::Null)))
+    }
+
     /// Waits until the API answers with the model loaded.
     pub fn wait_up(&self, timeout: Duration) -> anyhow::Result<()> {
         wait_for(

@@ -86,6 +86,43 @@ pub(super) async fn charge(state: &AppState, caller: &Caller, id: &str, tokens: 
     }
 }
 
+/// Keeps, for a paid generation (`cost` > 0) of this node's engine, what a verifier needs to
+/// check it (`evidence.rs`), in the background: the weights' hash is asked again and the
+/// evidence kept only if the weights did not change during the generation (a verifier could
+/// not recompute it otherwise).
+pub(super) fn keep_evidence(state: &AppState, g: &Generated, cost: u64) {
+    let Some(mut ev) = g
+        .evidence
+        .clone()
+        .filter(|e| cost > 0 && !e.model_hash.is_empty())
+    else {
+        return;
+    };
+    let (engine, store, ledger) = (
+        state.engine.handle(),
+        state.evidence.clone(),
+        state.ledger.clone(),
+    );
+    tokio::spawn(async move {
+        let after = match engine {
+            Some(e) => e.model_hash().await.unwrap_or_default(),
+            None => String::new(),
+        };
+        if after != ev.model_hash {
+            tracing::debug!(request = %ev.request_id, "weights changed during the generation: no evidence kept");
+            return;
+        }
+        let now = chrono::Utc::now().timestamp();
+        ev.served_at = now;
+        if let Err(e) = store.put(&ev) {
+            tracing::warn!(error = %e, "inference evidence not kept");
+        }
+        let keep = ledger.rules().await.challenge_window_secs
+            + 2 * neuroshard_ledger::proof::EPOCH_SECONDS;
+        store.prune(now, keep);
+    });
+}
+
 /// Charges a finished (non-streamed) generation and records it.
 pub async fn settle(state: &AppState, caller: &Caller, g: &mut Generated, started: Instant) {
     g.cost = charge(
@@ -95,6 +132,7 @@ pub async fn settle(state: &AppState, caller: &Caller, g: &mut Generated, starte
         u64::from(g.prompt_tokens + g.completion_tokens),
     )
     .await;
+    keep_evidence(state, g, g.cost);
     state
         .metrics
         .record_inference(u64::from(g.completion_tokens), started.elapsed());

@@ -24,6 +24,10 @@ pub struct Generated {
     pub total_ms: u64,
     /// NEURO charged (0 when the node serves its own wallet).
     pub cost: u64,
+    /// What a verifier needs to check the generation (`evidence.rs`), when this node's
+    /// engine generated it: `model_hash` is the hash the weights had as it began (empty if
+    /// unknown), `served_at` is unset.
+    pub evidence: Option<crate::evidence::Evidence>,
 }
 
 /// Runs one generation on the engine; `on_text(piece, index)` sees each released piece and
@@ -41,18 +45,35 @@ pub async fn generate(
         .assignment
         .as_ref()
         .is_some_and(|a| !a.is_full());
+    // The weights' hash as the generation begins, asked beside it (off the token path).
+    let mut hash_before = None;
     let mut stream = if pipelined {
         Tokens::Pipeline(pipeline_tokens(state, req)?)
     } else {
+        if let Some(engine) = state.engine.handle() {
+            hash_before = Some(tokio::spawn(async move { engine.model_hash().await }));
+        }
         Tokens::Engine(Box::new(engine_tokens(state, req, id).await?))
     };
+    let mut evidence = (!pipelined).then(|| crate::evidence::Evidence {
+        request_id: id.to_string(),
+        served_at: 0,
+        model_hash: String::new(),
+        prompt_ids: Vec::new(),
+        generated: Vec::new(),
+        commits: Vec::new(),
+        temperature: req.temperature as f32,
+        top_p: req.top_p as f32,
+        top_k: req.top_k,
+        seed: req.seed,
+    });
     let mut matcher = StopMatcher::new(req.stop.clone());
     let (mut prompt_tokens, mut tokens, mut delivered) = (0u32, 0u32, 0u32);
     let mut queue_us = 0u64;
     let mut finish = "length";
     let mut first_at = None;
     loop {
-        let reply = match stream.next().await? {
+        let mut reply = match stream.next().await? {
             Some(r) => r,
             None => break,
         };
@@ -60,6 +81,15 @@ pub async fn generate(
             prompt_tokens = reply.prompt_tokens;
             queue_us = reply.queue_us;
             first_at = Some(Instant::now());
+        }
+        if let Some(ev) = evidence.as_mut() {
+            if reply.index == 0 {
+                ev.prompt_ids = std::mem::take(&mut reply.prompt_ids);
+            }
+            ev.generated.push(reply.token_id);
+            if let Some(c) = reply.commit.take() {
+                ev.commits.push(c);
+            }
         }
         tokens += 1;
         let (piece, stopped) = matcher.push(&reply.text);
@@ -88,6 +118,11 @@ pub async fn generate(
         }
     }
     drop(stream);
+    if let (Some(ev), Some(h)) = (evidence.as_mut(), hash_before)
+        && let Ok(Ok(hash)) = h.await
+    {
+        ev.model_hash = hash;
+    }
     if finish != "stop" && finish != "disconnected" {
         let rest = matcher.finish();
         if !rest.is_empty() {
@@ -114,6 +149,7 @@ pub async fn generate(
             inference_ms,
             total_ms: total.as_millis() as u64,
             cost: 0,
+            evidence,
         },
         delivered,
     ))
@@ -149,7 +185,13 @@ async fn engine_tokens(
         .handle()
         .ok_or_else(|| ApiError::unavailable("the engine is restarting; try again shortly"))?;
     engine
-        .generate(&req.prompt, req.max_tokens, sampling(req), id)
+        .generate(
+            &req.prompt,
+            req.max_tokens,
+            sampling(req),
+            id,
+            neuroshard_shared::toploc::DEFAULT_TOP_K as u32,
+        )
         .await
         .map_err(engine_error)
 }

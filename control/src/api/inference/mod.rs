@@ -94,6 +94,7 @@ pub async fn inference(
         u64::from(g.prompt_tokens + g.completion_tokens),
     )
     .await;
+    billing::keep_evidence(&state, &g, g.cost);
     state
         .metrics
         .record_inference(u64::from(g.completion_tokens), started.elapsed());

@@ -85,6 +85,7 @@ pub fn stream_events(
             Ok((g, delivered)) => {
                 let cost =
                     charge(&state, &caller, &id, u64::from(g.prompt_tokens + delivered)).await;
+                super::billing::keep_evidence(&state, &g, cost);
                 let usage = Usage {
                     prompt_tokens: g.prompt_tokens,
                     completion_tokens: delivered,
