@@ -20,6 +20,11 @@
 //!   claimant's reward that cites this node's receipt of that round, and the minter writes the
 //!   verdict on it (`Ledger::judge`).
 //!
+//! A contribution that carries a step root (`DeltaMessage.step_root`: its per-step state
+//! hashes) is checked by a short replay window instead, in any replay class
+//! (`diloco::window`); the whole-round replay above remains for contributions without one,
+//! by verifiers of the claimant's class only.
+//!
 //! What a replay cannot tell apart, the tolerance absorbs: the claimant's pseudo-gradient is
 //! compressed on the wire (bf16: ~0.4% per value; int8 with error feedback: the previous
 //! round's residual rides along) and other hardware sums in another order.
