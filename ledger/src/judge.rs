@@ -34,35 +34,7 @@ impl Ledger {
         epoch: u64,
     ) -> Option<(Hash32, crate::receipt::Receipt)> {
         let inner = self.inner.lock().await;
-        let st = &inner.state;
-        let account = st.chain_account(accused)?;
-        account
-            .history
-            .iter()
-            .filter(|e| e.kind == "reward")
-            .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
-            .find_map(|h| {
-                let rewarded = matches!(
-                    st.outcome(&h),
-                    Some(Outcome::Applied(Effect::Rewarded { .. }))
-                );
-                let Some(Op::Reward { proof, .. }) = st.block(&h).map(|b| &b.block.op) else {
-                    return None;
-                };
-                if !rewarded {
-                    return None;
-                }
-                proof
-                    .proof
-                    .receipts
-                    .iter()
-                    .find(|r| {
-                        r.receipt.attester == *attester
-                            && r.receipt.kind == kind
-                            && r.receipt.epoch_id == epoch
-                    })
-                    .map(|r| (h, r.receipt.clone()))
-            })
+        citing(&inner.state, accused, attester, kind, epoch).next()
     }
 
     /// The reward that claimed an inference payment to `accused` made in `epoch`: its first
@@ -103,37 +75,7 @@ impl Ledger {
         epoch: u64,
     ) -> Vec<(Hash32, crate::receipt::Receipt)> {
         let inner = self.inner.lock().await;
-        let st = &inner.state;
-        let Some(account) = st.chain_account(subject) else {
-            return Vec::new();
-        };
-        account
-            .history
-            .iter()
-            .filter(|e| e.kind == "reward")
-            .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
-            .filter(|h| {
-                matches!(
-                    st.outcome(h),
-                    Some(Outcome::Applied(Effect::Rewarded { .. }))
-                )
-            })
-            .filter_map(|h| {
-                let Some(Op::Reward { proof, .. }) = st.block(&h).map(|b| &b.block.op) else {
-                    return None;
-                };
-                proof
-                    .proof
-                    .receipts
-                    .iter()
-                    .find(|r| {
-                        r.receipt.attester == *attester
-                            && r.receipt.kind == kind
-                            && r.receipt.epoch_id == epoch
-                    })
-                    .map(|r| (h, r.receipt.clone()))
-            })
-            .collect()
+        citing(&inner.state, subject, attester, kind, epoch).collect()
     }
 
     /// Writes this node's verdict on the reward block `target` of `accused`; `evidence` is the
@@ -162,4 +104,41 @@ impl Ledger {
                 reason: "verdict not committed".into(),
             })
     }
+}
+
+/// `subject`'s applied rewards (oldest first) whose proofs cite a receipt of `attester` of
+/// `kind` and `epoch`, each with that receipt.
+fn citing<'a>(
+    st: &'a crate::state::LedgerState,
+    subject: &Address,
+    attester: &'a Address,
+    kind: ReceiptKind,
+    epoch: u64,
+) -> impl Iterator<Item = (Hash32, crate::receipt::Receipt)> + 'a {
+    st.chain_account(subject)
+        .into_iter()
+        .flat_map(|account| account.history.iter())
+        .filter(|e| e.kind == "reward")
+        .filter_map(|e| Hash32::from_hex(e.id.strip_prefix("tx_")?).ok())
+        .filter(|h| {
+            matches!(
+                st.outcome(h),
+                Some(Outcome::Applied(Effect::Rewarded { .. }))
+            )
+        })
+        .filter_map(move |h| {
+            let Some(Op::Reward { proof, .. }) = st.block(&h).map(|b| &b.block.op) else {
+                return None;
+            };
+            proof
+                .proof
+                .receipts
+                .iter()
+                .find(|r| {
+                    r.receipt.attester == *attester
+                        && r.receipt.kind == kind
+                        && r.receipt.epoch_id == epoch
+                })
+                .map(|r| (h, r.receipt.clone()))
+        })
 }
