@@ -173,6 +173,37 @@ pub fn save_checkpoint<B: Backend>(
     write_atomic(path, tensors, info)
 }
 
+/// The training state's hash (a DiLoCo claimant's per-step commitment, issue #19): sha256
+/// over a format tag, every held parameter with its AdamW moments (name and f32 bytes, in
+/// parameter order), the optimizer step and the data position (the checkpoint's JSON). The
+/// master weights and moments are f32 on every device and dtype, so a state restored from a
+/// checkpoint hashes as it did when saved, wherever it is loaded.
+pub fn state_hash<B: Backend>(
+    model: &Model<B>,
+    adam: &AdamState<B>,
+    meta: &CheckpointMeta,
+) -> Result<String> {
+    let be = &model.be;
+    let mut h = Sha256::new();
+    h.update(b"neuroshard-state-v1");
+    let mut put = |name: &str, data: &[f32]| {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((data.len() as u64 * 4).to_le_bytes());
+        h.update(f32_bytes(data));
+    };
+    for (i, p) in model.params.iter().enumerate() {
+        put(&p.name, &host(be, &p.value)?);
+        put("optim.m", &host(be, &adam.m[i])?);
+        put("optim.v", &host(be, &adam.v[i])?);
+    }
+    h.update(meta.step.to_le_bytes());
+    let position = meta.data_position.as_deref().unwrap_or("");
+    h.update((position.len() as u64).to_le_bytes());
+    h.update(position.as_bytes());
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Saves only the parameters (names as in `Model::params`) to `path` atomically.
 pub fn save_weights<B: Backend>(
     path: &Path,

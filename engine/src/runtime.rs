@@ -434,6 +434,7 @@ impl Runtime {
                 device == "cuda",
                 dtype,
             ),
+            state_hash: s.state_hash()?,
         });
         tracing::info!(
             parameters = reply.parameters,
@@ -489,9 +490,9 @@ impl Runtime {
 
     pub fn train_step(
         &mut self,
-        _req: &pb::TrainStepRequest,
+        req: &pb::TrainStepRequest,
     ) -> Result<pb::TrainStepReply, RuntimeError> {
-        with_state!(self.loaded()?, |s| s.train_step())
+        with_state!(self.loaded()?, |s| s.train_step(req))
     }
 
     pub fn export_weights(
@@ -536,6 +537,7 @@ impl Runtime {
         let reply = with_state!(self.loaded()?, |s| pb::RestoreReply {
             step: s.step(),
             model_hash: s.model_hash()?,
+            state_hash: s.state_hash()?,
         });
         tracing::info!(path = %req.path, step = reply.step, "checkpoint restored");
         Ok(reply)

@@ -269,7 +269,11 @@ impl PeerConn {
         self.prefer_direct().await;
         let body = auth::sign_request(
             &self.net.wallet,
-            pb::GetRoundCheckpointRequest { auth: None, round },
+            pb::GetRoundCheckpointRequest {
+                auth: None,
+                round,
+                ..Default::default()
+            },
             now_ms(),
         );
         self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
@@ -280,6 +284,37 @@ impl PeerConn {
             .collect_weights("GetRoundCheckpoint", stream, max_bytes)
             .await?;
         Ok((sha, bytes))
+    }
+
+    /// A replay window of the peer's DiLoCo round `round` (`GetRoundCheckpointRequest`'s
+    /// window): the step root as the peer states it and the served bundle; at most
+    /// `max_bytes`.
+    pub async fn get_round_window(
+        &self,
+        round: u64,
+        window_start: u64,
+        window_len: u32,
+        max_bytes: usize,
+    ) -> Result<(String, Vec<u8>), NetworkError> {
+        self.prefer_direct().await;
+        let body = auth::sign_request(
+            &self.net.wallet,
+            pb::GetRoundCheckpointRequest {
+                auth: None,
+                round,
+                window_start,
+                window_len,
+            },
+            now_ms(),
+        );
+        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
+        let stream = service_client!(DilocoClient, self.channel.clone())
+            .get_round_checkpoint(with_deadline(body, WINDOW_TIMEOUT))
+            .await;
+        let (_, root, bytes) = self
+            .collect_weights("GetRoundCheckpoint", stream, max_bytes)
+            .await?;
+        Ok((root, bytes))
     }
 
     /// The segment of the peer's stage operation log that covers unix time `at_ms` (or, when
@@ -473,6 +508,8 @@ impl PeerConn {
 
 /// Deadline of a whole weights transfer.
 const WEIGHTS_TIMEOUT: Duration = Duration::from_secs(60);
+/// A DiLoCo replay window: the claimant recomputes up to a round's inner steps first.
+const WINDOW_TIMEOUT: Duration = Duration::from_secs(300);
 /// Largest inference evidence a verifier accepts: a generation at the longest context of the
 /// largest preset (ids and a commitment of 6 bytes per entry and chunk) fits many times.
 pub const MAX_EVIDENCE_BYTES: usize = 4 << 20;

@@ -61,6 +61,7 @@ fn message(
         start_checkpoint: String::new(),
         data_id: String::new(),
         replay_class: String::new(),
+        step_root: String::new(),
     }
 }
 

@@ -204,7 +204,7 @@ fn one_pipeline_step_equals_the_same_step_on_one_node() {
             .await
             .unwrap();
         let r = client
-            .train_step(pb::TrainStepRequest {})
+            .train_step(pb::TrainStepRequest::default())
             .await
             .unwrap()
             .into_inner();

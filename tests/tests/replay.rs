@@ -1,8 +1,10 @@
-//! Sampled recomputation of DiLoCo rounds (issue #19): replicas replay each other's rounds from
-//! the committed round-start checkpoints in a scratch engine; an honest replica reproduces, and
-//! a replica built with the `adversary` feature that cheats is found guilty by the others, whose
-//! staked verdicts convict it on every node: its pending rewards voided, half its stake
-//! slashed, the same ledger root everywhere.
+//! Sampled recomputation of DiLoCo rounds (issue #19): replicas check each other's rounds by
+//! short replay windows of committed inner steps (`diloco::window`) in a scratch engine; an
+//! honest replica reproduces, also when it trains in another dtype (one honest replica runs
+//! f32, the others bf16: another replay class, judged by windows replayed in the claimant's
+//! dtype), and a replica built with the `adversary` feature that cheats is found guilty by
+//! the others, whose staked verdicts convict it on every node: its pending rewards voided,
+//! half its stake slashed, the same ledger root everywhere.
 
 use std::time::Duration;
 
@@ -30,7 +32,10 @@ fn a_replica_that_fakes_its_inner_steps_is_convicted_and_slashed_on_every_node()
     let honest = config("none");
     let a = Node::start(options(&honest)).unwrap();
     a.wait_healthy(START).unwrap();
-    let b = Node::start(options(&honest).with_seed_peers(&[a.peer_addr()])).unwrap();
+    // Another replay class: `training.dtype = "auto"` is bf16 on a CPU with AVX512-BF16 (the
+    // CI machine); on one without, every node is f32 and the classes agree.
+    let f32_honest = format!("dtype = \"f32\"\n{honest}");
+    let b = Node::start(options(&f32_honest).with_seed_peers(&[a.peer_addr()])).unwrap();
     let cheater =
         Node::start(options(&config("fewer_steps_scaled")).with_seed_peers(&[a.peer_addr()]))
             .unwrap();
@@ -59,6 +64,7 @@ fn a_replica_that_fakes_its_inner_steps_is_convicted_and_slashed_on_every_node()
     }
     // The honest ones found the cheat and reproduced each other's rounds (the honest noise,
     // CPU against CPU, is printed for BENCHMARKS.md), and nobody accused an honest replica.
+    // An honest replica's innocent replays are of the other honest one: another dtype.
     // Which honest replica replays whom is the draw's, and only contributions a replica
     // attested (in its state, not outvoted) are drawn: on a loaded machine one replica may
     // meet only the cheater's rounds for a while, so the two are counted together.
@@ -79,6 +85,7 @@ fn a_replica_that_fakes_its_inner_steps_is_convicted_and_slashed_on_every_node()
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}", honest.map(fraud)));
     eprintln!("honest replays: {innocent} innocent, {guilty} guilty");
+    let mut windows = 0;
     for n in honest {
         let f = fraud(n).unwrap();
         let d = f["replays"]["max_innocent_distance"].as_f64().unwrap();
@@ -87,11 +94,15 @@ fn a_replica_that_fakes_its_inner_steps_is_convicted_and_slashed_on_every_node()
             f["replays"]
         );
         assert!(d < 0.05, "{f}");
+        windows += f["replays"]["windows"].as_u64().unwrap();
         // Nobody accused an honest replica (an acquittal would be listed too).
         for s in f["slashes"].as_array().unwrap() {
             assert_eq!(s["accused"], cheat_addr.as_str(), "{s}");
         }
     }
+    // Rounds are checked by windows of committed steps (every contribution after a replica's
+    // first round commits its per-step states).
+    assert!(windows >= 1, "no replay window checked");
     // The cheater's stake is slashed as seen by every node, and the ledgers agree.
     slashed_and_roots_agree(&nodes, &cheater, staked[2]);
 }

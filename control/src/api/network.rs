@@ -284,8 +284,21 @@ pub struct ReplayFigures {
     /// is of another replay class.
     pub unverifiable: u64,
     /// Sampled claims of another replay class (engine version, device, instruction set,
-    /// dtype): not replayed, since training only reproduces bit for bit within a class.
+    /// dtype) without per-step commitments: not replayed, since a whole round only
+    /// reproduces bit for bit within a class.
     pub other_class: u64,
+    /// Checks by a short replay window of committed inner steps (`diloco::window`): judged
+    /// in any class.
+    pub windows: u64,
+    /// Of those, claims of another replay class.
+    pub cross_class: u64,
+    /// Bytes the replay windows fetched from claimants.
+    pub evidence_bytes: u64,
+    /// Windows whose replay ended on the committed state hash bit for bit.
+    pub exact_windows: u64,
+    /// Largest distance of an innocent window's replay from the committed states (the
+    /// window alone; `max_innocent_distance` includes the end check's wire rounding).
+    pub max_innocent_window_distance: f64,
     pub verdicts_written: u64,
     /// Wall time spent replaying, in seconds.
     pub replay_seconds: f64,
@@ -302,6 +315,11 @@ impl From<&crate::diloco::verify::Figures> for ReplayFigures {
             innocent: f.innocent,
             unverifiable: f.unverifiable,
             other_class: f.other_class,
+            windows: f.windows,
+            cross_class: f.cross_class,
+            evidence_bytes: f.evidence_bytes,
+            exact_windows: f.exact,
+            max_innocent_window_distance: f.window_distances.iter().copied().fold(0.0, f64::max),
             verdicts_written: f.verdicts_written,
             replay_seconds: f.replay_ms as f64 / 1000.0,
             max_innocent_distance: f.distances.iter().copied().fold(0.0, f64::max),

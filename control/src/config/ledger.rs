@@ -50,6 +50,9 @@ pub struct LedgerConfig {
     /// Largest relative distance between a replayed and a sent pseudo-gradient that counts
     /// as reproduced.
     pub verify_tolerance: f64,
+    /// Inner steps a DiLoCo replay window recomputes (1 to 16): short enough that honest
+    /// nodes on other hardware reproduce it (`diloco::window`).
+    pub verify_window_steps: u32,
 }
 
 impl Default for LedgerConfig {
@@ -66,6 +69,7 @@ impl Default for LedgerConfig {
             unbonded_window_factor: DEFAULT_UNBONDED_WINDOW_FACTOR,
             verify_probability: DEFAULT_VERIFY_PROBABILITY,
             verify_tolerance: DEFAULT_VERIFY_TOLERANCE,
+            verify_window_steps: DEFAULT_VERIFY_WINDOW_STEPS,
         }
     }
 }
@@ -75,6 +79,8 @@ impl Default for LedgerConfig {
 pub const DEFAULT_VERIFY_PROBABILITY: f64 = 0.025;
 /// Relative distance a replay may differ by (bf16 on the wire costs ~0.4%).
 pub const DEFAULT_VERIFY_TOLERANCE: f64 = 0.05;
+/// A window of 3 steps after warm-up: 0.0037 at most on other hardware in bf16 (BENCHMARKS.md).
+pub const DEFAULT_VERIFY_WINDOW_STEPS: u32 = 3;
 
 impl LedgerConfig {
     /// The ledger rules for a network whose model has `model_layers` layers.
@@ -103,6 +109,16 @@ impl LedgerConfig {
                     message: format!("must be between 0 and {max}, got {v}"),
                 });
             }
+        }
+        if !(1..=crate::diloco::window::MAX_WINDOW).contains(&self.verify_window_steps) {
+            return Err(ConfigError::Invalid {
+                key: "ledger.verify_window_steps".into(),
+                message: format!(
+                    "must be between 1 and {}, got {}",
+                    crate::diloco::window::MAX_WINDOW,
+                    self.verify_window_steps
+                ),
+            });
         }
         let quorum =
             parse_neuro_f64(self.fraud_quorum_neuro).map_err(|e| ConfigError::Invalid {

@@ -13,6 +13,8 @@
 //! * [`streaming`]: Streaming DiLoCo's fragments, their staggered schedule, per-fragment
 //!   outer state and the delayed merge of an overlapped exchange.
 //! * [`service`]: the `Diloco` peer service (PushDelta, GetWeights).
+//! * [`verify`]: sampled recomputation of contributions; [`window`]: per-step state
+//!   commitments and short replay windows, judged across hardware.
 
 pub mod aggregate;
 pub mod compress;
@@ -25,3 +27,4 @@ pub mod streaming;
 pub mod sync;
 pub mod validate;
 pub mod verify;
+pub mod window;

@@ -48,6 +48,25 @@ impl DilocoRpc for DilocoService {
         req: Request<pb::GetRoundCheckpointRequest>,
     ) -> Result<Response<Self::GetRoundCheckpointStream>, Status> {
         let (body, _) = self.edge.verify(req)?;
+        if body.window_len > 0 {
+            // A replay window of a recent round (`diloco::window`), recomputed for the
+            // verifier that drew it.
+            use super::window::WindowError as W;
+            let (root, bytes) = self
+                .diloco
+                .verifier
+                .serve_window(body.round, body.window_start, body.window_len)
+                .await
+                .map_err(|e| match e {
+                    W::NotKept(_) => Status::not_found(e.to_string()),
+                    W::Invalid(_) => Status::invalid_argument(e.to_string()),
+                    W::Busy => Status::resource_exhausted(e.to_string()),
+                    W::Failed(_) => Status::internal(e.to_string()),
+                })?;
+            return Ok(Response::new(
+                self.edge.weights_stream(body.round, root, bytes),
+            ));
+        }
         // A recent round's starting checkpoint, for a verifier replaying our contribution.
         let Some((sha, bytes)) = self.diloco.verifier.start_file(body.round) else {
             return Err(Status::not_found(format!(
@@ -82,6 +101,7 @@ impl DilocoRpc for DilocoService {
             start_checkpoint: body.start_checkpoint.clone(),
             data_id: body.data_id.clone(),
             replay_class: body.replay_class.clone(),
+            step_root: body.step_root.clone(),
         };
         let msg = super::validate::WireDelta {
             sender: v.peer.to_string(),

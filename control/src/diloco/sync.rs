@@ -420,6 +420,7 @@ impl Round<'_> {
             start_checkpoint: commitment.start_checkpoint,
             data_id: commitment.data_id,
             replay_class: commitment.replay_class,
+            step_root: self.diloco.verifier.own_step_root(round, batches),
         };
         let size = msg.encoded_len() as u64;
         let replicas = self.replicas();

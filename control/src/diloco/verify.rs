@@ -20,6 +20,11 @@
 //!   claimant's reward that cites this node's receipt of that round, and the minter writes the
 //!   verdict on it (`Ledger::judge`).
 //!
+//! A contribution that carries a step root (`DeltaMessage.step_root`: its per-step state
+//! hashes) is checked by a short replay window instead, in any replay class
+//! (`diloco::window`); the whole-round replay above remains for contributions without one,
+//! by verifiers of the claimant's class only.
+//!
 //! What a replay cannot tell apart, the tolerance absorbs: the claimant's pseudo-gradient is
 //! compressed on the wire (bf16: ~0.4% per value; int8 with error feedback: the previous
 //! round's residual rides along) and other hardware sums in another order.
@@ -56,6 +61,8 @@ pub struct ReplaySpec {
     pub load: LoadSpec,
     pub probability: f64,
     pub tolerance: f64,
+    /// Inner steps a window replay recomputes (`ledger.verify_window_steps`).
+    pub window: u32,
     /// This node's own data-loader id, sent with its contributions.
     pub data_id: String,
 }
@@ -65,8 +72,12 @@ pub struct ReplaySpec {
 pub struct Commitment {
     pub start_checkpoint: String,
     pub data_id: String,
-    /// The claimant engine's replay class: a replay on another class is not judged.
+    /// The claimant engine's replay class: a whole-round replay on another class is not
+    /// judged.
     pub replay_class: String,
+    /// sha256 over the round's per-step state hashes (`diloco::window`); empty: none, only a
+    /// whole-round replay of the same class checks it.
+    pub step_root: String,
 }
 
 /// The result of one replay, waiting for its verdict to be written.
@@ -131,8 +142,19 @@ pub struct Figures {
     /// Sampled but not checkable (checkpoint not served, scratch engine failed, another
     /// replay class).
     pub unverifiable: u64,
-    /// Of those, claims of another replay class (other hardware or dtype): not replayed.
+    /// Of those, claims of another replay class (other hardware or dtype) without per-step
+    /// commitments: not replayed.
     pub other_class: u64,
+    /// Checks by a replay window (`diloco::window`), and of those, claims of another class.
+    pub windows: u64,
+    pub cross_class: u64,
+    /// Bytes the replay windows fetched (hashes and three checkpoints each).
+    pub evidence_bytes: u64,
+    /// Windows whose replay ended on the committed state hash bit for bit.
+    pub exact: u64,
+    /// Distances of the innocent windows' replays from the committed states (the window
+    /// alone; `distances` holds the larger of it and the end check's), at most 1000.
+    pub window_distances: Vec<f64>,
     pub verdicts_written: u64,
     /// Wall time spent replaying (fetch, scratch engine, inner steps, compare), in ms.
     pub replay_ms: u64,
@@ -156,6 +178,12 @@ pub struct Verifier {
     pub agreed: Mutex<BTreeMap<u64, Agreed>>,
     /// This node's engine's replay class (from its last LoadModel).
     pub replay_class: Mutex<String>,
+    /// This node's per-step state hashes (`diloco::window`).
+    pub steps: Mutex<super::window::StepLog>,
+    /// Replay windows are recomputed for verifiers one at a time (`serving`), at most
+    /// [`super::window::MAX_QUEUED`] waiting (`queued`).
+    pub(super) serving: tokio::sync::Mutex<()>,
+    pub(super) queued: std::sync::atomic::AtomicUsize,
     busy: AtomicBool,
 }
 
@@ -194,10 +222,11 @@ impl Verifier {
             s.round
         };
         let path = dir.join("rounds").join(format!("round-{round}.ckpt"));
-        engine
-            .checkpoint(&path)
+        let (_, state_hash) = engine
+            .checkpoint_state(&path)
             .await
             .map_err(|e| format!("round checkpoint: {e}"))?;
+        self.steps_start(round, state_hash);
         let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let sha = sha256_hex(&bytes);
         let mut starts = self.starts.lock();
@@ -227,6 +256,7 @@ impl Verifier {
                 .unwrap_or_default(),
             data_id,
             replay_class: self.replay_class.lock().clone(),
+            step_root: String::new(),
         }
     }
 
@@ -284,9 +314,10 @@ impl Verifier {
         };
         // Training is chaotic: a round only replays bit for bit on the claimant's kind of
         // hardware and dtype (BENCHMARKS.md, "Checked work: replays across hardware"), so a
-        // claim of another class is not judged here.
+        // claim of another class is judged only by a short window (`diloco::window`).
         let own = self.replay_class.lock().clone();
-        if own != job.commitment.replay_class {
+        let windowed = !job.commitment.step_root.is_empty();
+        if own != job.commitment.replay_class && !windowed {
             let mut f = self.figures.lock();
             f.sampled += 1;
             f.unverifiable += 1;
@@ -301,7 +332,27 @@ impl Verifier {
         let me = self.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let outcome = replay(&job, &conn, &spec, &dir).await;
+            let outcome = if windowed {
+                super::window::check(&job, &conn, &spec, &own, &dir)
+                    .await
+                    .map(|c| {
+                        tracing::info!(claimant = %job.claimant, round = job.round, window = ?c.window, end = c.end, exact = c.exact, cross_class = c.cross_class, evidence_bytes = c.evidence_bytes, "checked a replay window");
+                        let mut f = me.figures.lock();
+                        f.windows += 1;
+                        f.cross_class += u64::from(c.cross_class);
+                        f.evidence_bytes += c.evidence_bytes;
+                        f.exact += u64::from(c.exact);
+                        if let (false, Some(w)) = (c.guilty, c.window) {
+                            f.window_distances.push(w);
+                            if f.window_distances.len() > 1000 {
+                                f.window_distances.remove(0);
+                            }
+                        }
+                        (c.guilty, c.window.map_or(c.end, |w| w.max(c.end)), c.reason)
+                    })
+            } else {
+                replay(&job, &conn, &spec, &dir).await
+            };
             let ms = started.elapsed().as_millis() as u64;
             me.busy.store(false, Ordering::Release);
             let mut f = me.figures.lock();
@@ -426,7 +477,7 @@ async fn run_scratch(
     }
     for _ in 0..job.batches {
         engine
-            .train_step()
+            .train_step(false)
             .await
             .map_err(|e| format!("replaying: {e}"))?;
     }

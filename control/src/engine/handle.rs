@@ -135,11 +135,12 @@ impl EngineHandle {
             .into())
     }
 
-    /// One whole training step on the engine's own batch (every layer held here).
-    pub async fn train_step(&self) -> Result<TrainStepped, EngineError> {
+    /// One whole training step on the engine's own batch (every layer held here); with
+    /// `state_hash`, the hash of the state after it too.
+    pub async fn train_step(&self, state_hash: bool) -> Result<TrainStepped, EngineError> {
         let r = self
             .rpc()
-            .train_step(pb::TrainStepRequest {})
+            .train_step(pb::TrainStepRequest { state_hash })
             .await?
             .into_inner();
         Ok(TrainStepped {
@@ -148,24 +149,42 @@ impl EngineHandle {
             tokens: r.tokens,
             grad_norm: r.grad_norm,
             shard: r.shard,
+            state_hash: r.state_hash,
         })
     }
 
     /// Writes a checkpoint (weights, AdamW moments, step) to `path`, its folder created;
     /// returns the step it holds.
     pub async fn checkpoint(&self, path: &Path) -> Result<u64, EngineError> {
+        Ok(self.checkpoint_state(path).await?.0)
+    }
+
+    /// [`EngineHandle::checkpoint`], returning the step and the state's hash.
+    pub async fn checkpoint_state(&self, path: &Path) -> Result<(u64, String), EngineError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| EngineError::Failed(format!("{}: {e}", dir.display())))?;
         }
-        Ok(self
+        let r = self
             .rpc()
             .checkpoint(pb::CheckpointRequest {
                 path: path.display().to_string(),
             })
             .await?
-            .into_inner()
-            .step)
+            .into_inner();
+        Ok((r.step, r.state_hash))
+    }
+
+    /// Replaces the loaded model with a checkpoint's; returns (step, model hash, state hash).
+    pub async fn restore(&self, path: &Path) -> Result<(u64, String, String), EngineError> {
+        let r = self
+            .rpc()
+            .restore(pb::RestoreRequest {
+                path: path.display().to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.step, r.model_hash, r.state_hash))
     }
 
     pub async fn model_hash(&self) -> Result<String, EngineError> {

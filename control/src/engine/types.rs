@@ -131,6 +131,8 @@ pub struct Loaded {
     /// Engine version, device, instruction set and dtype: nodes of one class replay each
     /// other's training bit for bit.
     pub replay_class: String,
+    /// The loaded training state's hash (`TrainStepped::state_hash`).
+    pub state_hash: String,
 }
 
 impl From<pb::LoadModelReply> for Loaded {
@@ -141,18 +143,22 @@ impl From<pb::LoadModelReply> for Loaded {
             step: r.step,
             seeded_layers: r.seeded_layers,
             replay_class: r.replay_class,
+            state_hash: r.state_hash,
         }
     }
 }
 
 /// One local training step (every layer on this node).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrainStepped {
     pub loss: f32,
     pub step: u64,
     pub tokens: u64,
     pub grad_norm: f32,
     pub shard: u32,
+    /// sha256 (hex) of the whole training state after the step, when asked for (a DiLoCo
+    /// replica's per-step commitment); empty otherwise.
+    pub state_hash: String,
 }
 
 /// Sampling of a generation.

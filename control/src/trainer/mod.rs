@@ -286,6 +286,7 @@ impl Trainer {
                 let t0 = Instant::now();
                 match self.inner_step(&client, &cfg).await {
                     Ok(r) => {
+                        self.diloco.verifier.step_done(&r.state_hash);
                         // A full replica's measured training throughput (the layer balance
                         // weighs holders by it).
                         self.stage

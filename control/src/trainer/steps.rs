@@ -62,6 +62,7 @@ impl Trainer {
             load: load_spec(&cfg, "", None, &whole),
             probability: cfg.ledger.verify_probability,
             tolerance: cfg.ledger.verify_tolerance,
+            window: cfg.ledger.verify_window_steps,
             data_id: self.node_id.clone(),
         }
     }
@@ -119,6 +120,15 @@ impl Trainer {
                 }
                 RoundAction::FinishRound { loss, batches } => {
                     *self.diloco.max_norm.lock() = settings.max_norm;
+                    let dir = self.data_dir.join("diloco");
+                    if let Err(e) = self
+                        .diloco
+                        .verifier
+                        .keep_end(&self.diloco, client, &dir)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "DiLoCo: no step commitment for this round");
+                    }
                     let round = self.round(&settings, false);
                     let result = tokio::select! {
                         r = round.finish(client, loss, batches) => r,
@@ -151,9 +161,12 @@ impl Trainer {
                 tokens: u64::from(cfg.training.batch_size) * u64::from(cfg.training.seq_len),
                 grad_norm: 1.0,
                 shard: 0,
+                // Its state did not change: it commits the same state again.
+                state_hash: self.diloco.verifier.last_step_hash(),
             });
         }
-        client.train_step().await
+        // The state hash is this replica's per-step commitment (`diloco::window`).
+        client.train_step(true).await
     }
 
     /// The round with the replicas connected to this node (the holders of its layer range

@@ -211,6 +211,15 @@ impl<B: Backend> State<B> {
         Ok(self.model.hash()?)
     }
 
+    /// The whole training state's hash (`checkpoint::state_hash`).
+    pub(super) fn state_hash(&self) -> Result<String, RuntimeError> {
+        Ok(checkpoint::state_hash(
+            &self.model,
+            &self.adam,
+            &self.meta(),
+        )?)
+    }
+
     /// `Health` with a model loaded: the device, its memory and the open inference sessions.
     pub(super) fn health(&self) -> RuntimeHealth {
         let (memory_used, memory_total) = self.model.be.memory();

@@ -86,7 +86,7 @@ fn commands_need_a_model_first() {
     let mut rt = Runtime::new(DeviceChoice::Cpu).unwrap();
     assert!(matches!(rt.model_hash(), Err(RuntimeError::NoModel)));
     assert!(matches!(
-        rt.train_step(&pb::TrainStepRequest {}),
+        rt.train_step(&pb::TrainStepRequest::default()),
         Err(RuntimeError::NoModel)
     ));
     assert!(!rt.health().model_loaded);
@@ -246,7 +246,7 @@ fn train_step_learns_on_the_builtin_corpus() {
     load(&mut rt, 0, 0, false, false, 3e-3);
     let mut losses = Vec::new();
     for i in 0..40 {
-        let r = rt.train_step(&pb::TrainStepRequest {}).unwrap();
+        let r = rt.train_step(&pb::TrainStepRequest::default()).unwrap();
         assert_eq!(r.step, i + 1);
         assert_eq!(r.tokens, 4 * 32);
         losses.push(r.loss);
@@ -263,7 +263,7 @@ fn checkpoint_restore_resumes_bit_identically() {
     let mut a = Runtime::new(DeviceChoice::Cpu).unwrap();
     load(&mut a, 0, 0, false, false, 1e-3);
     for _ in 0..3 {
-        a.train_step(&pb::TrainStepRequest {}).unwrap();
+        a.train_step(&pb::TrainStepRequest::default()).unwrap();
     }
     let ck = a
         .checkpoint(&pb::CheckpointRequest {
@@ -279,8 +279,8 @@ fn checkpoint_restore_resumes_bit_identically() {
         })
         .unwrap();
     assert_eq!((r.step, &r.model_hash), (3, &hash));
-    let na = a.train_step(&pb::TrainStepRequest {}).unwrap();
-    let nb = b.train_step(&pb::TrainStepRequest {}).unwrap();
+    let na = a.train_step(&pb::TrainStepRequest::default()).unwrap();
+    let nb = b.train_step(&pb::TrainStepRequest::default()).unwrap();
     assert_eq!(
         na.loss.to_bits(),
         nb.loss.to_bits(),
@@ -313,6 +313,80 @@ fn checkpoint_restore_resumes_bit_identically() {
         .unwrap_err();
     assert!(err.to_string().contains("truncated or corrupted"), "{err}");
     assert_eq!(b.model_hash().unwrap(), before);
+}
+
+/// The per-step state hash a DiLoCo claimant commits to (issue #19): it changes every step,
+/// a checkpoint records the hash of the state it holds, and that state restored or loaded
+/// (in either dtype) hashes the same and trains on to the same next hash. Also prints the
+/// hash's cost against the step's (BENCHMARKS.md, "Checked work: replay windows").
+#[test]
+fn state_hashes_commit_to_each_step_and_survive_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.ckpt");
+    let mut a = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let first = load(&mut a, 0, 0, false, false, 1e-3).state_hash;
+    assert_eq!(first.len(), 64);
+    let commit = pb::TrainStepRequest { state_hash: true };
+    let mut hashes = vec![first];
+    for _ in 0..3 {
+        let plain = a.train_step(&pb::TrainStepRequest::default()).unwrap();
+        assert!(plain.state_hash.is_empty(), "only hashed when asked");
+        hashes.push(with_state!(a.loaded().unwrap(), |s| s
+            .state_hash()
+            .unwrap()));
+    }
+    let ck = a
+        .checkpoint(&pb::CheckpointRequest {
+            path: path.display().to_string(),
+        })
+        .unwrap();
+    assert_eq!(&ck.state_hash, hashes.last().unwrap());
+    let next = a.train_step(&commit).unwrap().state_hash;
+    hashes.push(next.clone());
+    let mut seen = hashes.clone();
+    seen.dedup();
+    assert_eq!(seen.len(), hashes.len(), "every step changes the state");
+    let mut b = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let r = b
+        .restore(&pb::RestoreRequest {
+            path: path.display().to_string(),
+        })
+        .unwrap();
+    assert_eq!(r.state_hash, ck.state_hash);
+    assert_eq!(b.train_step(&commit).unwrap().state_hash, next);
+    for dtype in ["f32", "bf16"] {
+        let mut c = Runtime::new(DeviceChoice::Cpu).unwrap();
+        let mut req = load_request(0, 0, false, false, 1e-3, 0.0);
+        req.checkpoint_path = path.display().to_string();
+        req.dtype = dtype.into();
+        let loaded = c.load_model(&req).unwrap();
+        assert_eq!(loaded.state_hash, ck.state_hash, "{dtype}");
+    }
+    // The cost against a step, on `NEUROSHARD_STATE_HASH_PRESET` (default tiny).
+    let preset = std::env::var("NEUROSHARD_STATE_HASH_PRESET").unwrap_or_else(|_| "tiny".into());
+    let mut t = Runtime::new(DeviceChoice::Cpu).unwrap();
+    let mut req = load_request(0, 0, false, false, 1e-3, 0.0);
+    req.model = Some(pb::ModelSpec {
+        preset: preset.clone(),
+        ..Default::default()
+    });
+    t.load_model(&req).unwrap();
+    t.train_step(&pb::TrainStepRequest::default()).unwrap();
+    let (mut step_s, mut hash_s) = (0.0, 0.0);
+    for _ in 0..5 {
+        let at = std::time::Instant::now();
+        t.train_step(&pb::TrainStepRequest::default()).unwrap();
+        step_s += at.elapsed().as_secs_f64();
+        let at = std::time::Instant::now();
+        with_state!(t.loaded().unwrap(), |s| s.state_hash().unwrap());
+        hash_s += at.elapsed().as_secs_f64();
+    }
+    eprintln!(
+        "{preset}: train step {:.2} ms, state hash {:.3} ms ({:.1}%)",
+        step_s * 200.0,
+        hash_s * 200.0,
+        hash_s / step_s * 100.0
+    );
 }
 
 #[test]
@@ -385,7 +459,7 @@ fn weights_travel_through_a_slot_and_hf_export_needs_the_full_model() {
     let mut b = Runtime::new(DeviceChoice::Cpu).unwrap();
     load(&mut a, 0, 0, false, false, 1e-3);
     load(&mut b, 0, 0, false, false, 1e-3);
-    b.train_step(&pb::TrainStepRequest {}).unwrap();
+    b.train_step(&pb::TrainStepRequest::default()).unwrap();
     let ha = a.model_hash().unwrap().model_hash;
     assert_ne!(b.model_hash().unwrap().model_hash, ha);
     let e = a
@@ -460,7 +534,7 @@ fn a_stage_takes_its_layers_from_other_stages_checkpoints() {
     let mut a = Runtime::new(DeviceChoice::Cpu).unwrap();
     load(&mut a, 0, 0, false, false, 1e-3);
     for _ in 0..3 {
-        a.train_step(&pb::TrainStepRequest {}).unwrap();
+        a.train_step(&pb::TrainStepRequest::default()).unwrap();
     }
     a.checkpoint(&pb::CheckpointRequest {
         path: full_ck.display().to_string(),
@@ -474,8 +548,8 @@ fn a_stage_takes_its_layers_from_other_stages_checkpoints() {
     let r = load_sources(&mut e, 0, 2, true, true, &[(&full_ck, &full_hash)]).unwrap();
     assert_eq!((r.step, &r.model_hash), (3, &full_hash));
     assert!(r.seeded_layers.is_empty());
-    let na = a.train_step(&pb::TrainStepRequest {}).unwrap();
-    let ne = e.train_step(&pb::TrainStepRequest {}).unwrap();
+    let na = a.train_step(&pb::TrainStepRequest::default()).unwrap();
+    let ne = e.train_step(&pb::TrainStepRequest::default()).unwrap();
     assert_eq!(na.loss.to_bits(), ne.loss.to_bits());
     assert_eq!(a.model_hash().unwrap(), e.model_hash().unwrap());
 
@@ -649,7 +723,7 @@ fn a_stage_exports_the_full_model_with_the_other_stages_checkpoints() {
     let mut f = Runtime::new(DeviceChoice::Cpu).unwrap();
     load(&mut f, 0, 0, false, false, 1e-3);
     for _ in 0..2 {
-        f.train_step(&pb::TrainStepRequest {}).unwrap();
+        f.train_step(&pb::TrainStepRequest::default()).unwrap();
     }
     f.checkpoint(&pb::CheckpointRequest {
         path: full_ck.display().to_string(),

@@ -231,7 +231,10 @@ impl<B: Backend> State<B> {
         Ok(())
     }
 
-    pub(super) fn train_step(&mut self) -> Result<pb::TrainStepReply, RuntimeError> {
+    pub(super) fn train_step(
+        &mut self,
+        req: &pb::TrainStepRequest,
+    ) -> Result<pb::TrainStepReply, RuntimeError> {
         let (loss, grad_norm, tokens, shard) = self.train_once()?;
         Ok(pb::TrainStepReply {
             loss,
@@ -239,6 +242,11 @@ impl<B: Backend> State<B> {
             tokens,
             grad_norm,
             shard: shard as u32,
+            state_hash: if req.state_hash {
+                self.state_hash()?
+            } else {
+                String::new()
+            },
         })
     }
 }

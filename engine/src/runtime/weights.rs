@@ -115,11 +115,13 @@ impl<B: Backend> State<B> {
     }
 
     pub(super) fn checkpoint(&mut self, path: &Path) -> Result<pb::CheckpointReply, RuntimeError> {
-        let bytes = checkpoint::save_checkpoint(path, &self.model, &self.adam, &self.meta())?;
+        let meta = self.meta();
+        let bytes = checkpoint::save_checkpoint(path, &self.model, &self.adam, &meta)?;
         Ok(pb::CheckpointReply {
             path: path.display().to_string(),
             step: self.adam.step,
             bytes,
+            state_hash: checkpoint::state_hash(&self.model, &self.adam, &meta)?,
         })
     }
 }
