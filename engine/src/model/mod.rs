@@ -657,6 +657,8 @@ impl<B: Backend> Model<B> {
 #[path = "bf16/tests.rs"]
 mod bf16_tests;
 #[cfg(test)]
+mod stage_replay_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod toploc_tests;
