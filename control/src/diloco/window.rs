@@ -146,7 +146,7 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, String> {
 }
 
 /// The dtype a replay class names (its last word), for replaying in the claimant's dtype.
-fn class_dtype(class: &str) -> Option<&'static str> {
+pub(crate) fn class_dtype(class: &str) -> Option<&'static str> {
     match class.rsplit(' ').next() {
         Some("f32") => Some("f32"),
         Some("bf16") => Some("bf16"),

@@ -97,6 +97,11 @@ pub enum Op {
     Apply { global_norm: f32 },
     /// The engine's state was changed from outside a step here: a replay cannot go past.
     Touched,
+    /// The replay class of the engine that did the work (`LoadModelReply.replay_class`:
+    /// engine version, device, instruction set, dtype), first in every segment: a verifier
+    /// of another class replays only a short window of it, in this class's dtype
+    /// (`trainer/stagecheck.rs`).
+    Class(String),
     /// Who received the output of the forward or backward of (driver, step, mb): the attester
     /// whose receipt chains over it.
     Route {
@@ -151,6 +156,8 @@ struct Inner {
     touched: bool,
     /// The stage round the open segment began in.
     round: u64,
+    /// The engine's replay class, logged first in each new segment.
+    class: String,
     next_id: u64,
 }
 
@@ -199,6 +206,11 @@ impl OpLog {
         full || g.touched || g.round != round
     }
 
+    /// The replay class of the engine the next segments are computed by.
+    pub fn set_class(&self, class: &str) {
+        class.clone_into(&mut self.inner.lock().class);
+    }
+
     /// Where the next segment's checkpoint goes (the caller writes it, under the stage lock).
     pub fn next_checkpoint_path(&self) -> PathBuf {
         let id = self.inner.lock().next_id;
@@ -237,6 +249,9 @@ impl OpLog {
         g.open = Some((id, file));
         g.touched = false;
         g.round = round;
+        let class = Op::Class(g.class.clone());
+        drop(g);
+        self.record(&class);
         Ok(info)
     }
 
@@ -600,6 +615,7 @@ pub(super) mod tests {
                 to,
             },
             Op::Apply { global_norm: 1.5 },
+            Op::Class("neuroshard-engine 0.1.0 cpu x86-avx2-fma bf16".into()),
         ]
     }
 
@@ -720,6 +736,7 @@ pub(super) mod tests {
     fn segments_roll_and_are_served() {
         let dir = tempfile::tempdir().unwrap();
         let log = OpLog::new(dir.path().to_path_buf());
+        log.set_class("cpu f32");
         assert!(log.needs_segment(1));
         let mut ids = Vec::new();
         for i in 0..(KEEP_SEGMENTS + 2) {
@@ -739,7 +756,10 @@ pub(super) mod tests {
         assert!(log.read(ids[0]).unwrap().is_none());
         let (info, ckpt, bytes) = log.read(*ids.last().unwrap()).unwrap().unwrap();
         assert_eq!(info.checkpoint_sha256, hex::encode(Sha256::digest(&ckpt)));
-        assert_eq!(decode(&bytes).unwrap(), sample(Address([1; 20])));
+        // Each segment opens with the engine's replay class.
+        let mut want = vec![Op::Class("cpu f32".into())];
+        want.extend(sample(Address([1; 20])));
+        assert_eq!(decode(&bytes).unwrap(), want);
         let packed = pack(9, &ckpt, &bytes);
         assert_eq!(unpack(&packed).unwrap(), (9, &ckpt[..], &bytes[..]));
         assert!(unpack(&packed[..7]).is_err());

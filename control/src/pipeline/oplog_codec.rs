@@ -49,6 +49,7 @@ const T_APPLY: u8 = 4;
 const T_ROUTE: u8 = 5;
 const T_TOUCHED: u8 = 6;
 const T_RECEIVED: u8 = 7;
+const T_CLASS: u8 = 8;
 
 fn put_wire(w: &Wire, out: &mut Vec<u8>) {
     out.push(w.dtype as u8);
@@ -78,6 +79,10 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
     match op {
         Op::Reset => out.push(T_RESET),
         Op::Touched => out.push(T_TOUCHED),
+        Op::Class(class) => {
+            out.push(T_CLASS);
+            put_str(class, out);
+        }
         Op::Forward {
             at_ms,
             driver,
@@ -208,7 +213,7 @@ impl Reader<'_> {
     fn str(&mut self) -> Result<String, LogError> {
         let n = u16::from_le_bytes(self.arr()?) as usize;
         String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| LogError::Malformed("a driver id is not UTF-8".into()))
+            .map_err(|_| LogError::Malformed("a string is not UTF-8".into()))
     }
     fn key(&mut self) -> Result<(i64, String, u64, u32), LogError> {
         let at = i64::from_le_bytes(self.arr()?);
@@ -266,6 +271,7 @@ impl Reader<'_> {
         Ok(match self.u8()? {
             T_RESET => Op::Reset,
             T_TOUCHED => Op::Touched,
+            T_CLASS => Op::Class(self.str()?),
             T_FORWARD => {
                 let (at_ms, driver, step, mb) = self.key()?;
                 let input = self.wire()?;

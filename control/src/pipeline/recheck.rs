@@ -180,7 +180,7 @@ pub async fn replay(engine: &EngineHandle, ops: &[Op]) -> Result<Replayed, Reche
                     .map_err(|e| RecheckError::Apply(e.to_string()))?;
                 r.commands += 1;
             }
-            Op::Route { .. } | Op::Received { .. } => {}
+            Op::Route { .. } | Op::Received { .. } | Op::Class(_) => {}
             // The engine's state changed outside a step here: nothing after it is replayable.
             Op::Touched => break,
         }

@@ -93,6 +93,7 @@ impl Trainer {
         }
         tracing::info!(layers = ?a.layers, step = reply.step, hash = %reply.model_hash, from_peers = peer, from_checkpoint = ckpt, from_seed = seeded.len(), "model loaded");
         *self.diloco.verifier.replay_class.lock() = reply.replay_class.clone();
+        self.stage.oplog.set_class(&reply.replay_class);
         self.update(|s| {
             s.model_loaded = true;
             s.model_hash = reply.model_hash.clone();
@@ -260,6 +261,7 @@ impl Trainer {
         }
         tracing::info!(step = reply.step, params = reply.parameters, hash = %reply.model_hash, restored = existing.is_some(), class = %reply.replay_class, "model loaded");
         *self.diloco.verifier.replay_class.lock() = reply.replay_class.clone();
+        self.stage.oplog.set_class(&reply.replay_class);
         self.update(|s| {
             s.model_loaded = true;
             s.model_hash = reply.model_hash;
