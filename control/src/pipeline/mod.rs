@@ -33,6 +33,7 @@ mod oplog_codec;
 mod phase;
 pub mod recheck;
 mod route;
+pub mod senders;
 pub mod service;
 mod spoof;
 mod stage;
