@@ -38,6 +38,11 @@ pub enum Cheat {
     /// when drawn: checkpoints of zero weights and moments, and inputs made up to fit (a
     /// middle stage's equal to its outputs, the last stage's zero), logged as received.
     SpoofedStageLog,
+    /// `spoofed_stage_log`, naming a made-up node (an address of no node of the network) as
+    /// the sender of every input it logs, so that no sender's reward ever cites a receipt for
+    /// them: the inputs of its forged log are bound only by asking the senders it names
+    /// (`pipeline/senders.rs`).
+    MadeUpSender,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -66,7 +71,8 @@ impl AdversaryConfig {
             | Cheat::InflateUptime
             | Cheat::GarbageActivations
             | Cheat::TruncatedModel
-            | Cheat::SpoofedStageLog => true,
+            | Cheat::SpoofedStageLog
+            | Cheat::MadeUpSender => true,
             Cheat::SkipInnerSteps => false,
             Cheat::FewerStepsScaled => n.is_multiple_of(4),
         }
@@ -89,7 +95,12 @@ impl AdversaryConfig {
 
     /// Whether pipeline commands are answered as zero weights would, with a forged log.
     pub fn spoofs_stage_log(&self) -> bool {
-        self.cheat == Cheat::SpoofedStageLog
+        matches!(self.cheat, Cheat::SpoofedStageLog | Cheat::MadeUpSender)
+    }
+
+    /// Whether the forged log names a made-up sender for its inputs.
+    pub fn names_made_up_sender(&self) -> bool {
+        self.cheat == Cheat::MadeUpSender
     }
 
     /// What the sent pseudo-gradient is multiplied by.

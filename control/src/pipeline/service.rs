@@ -218,7 +218,7 @@ impl Stage {
             driver: key.driver.clone(),
             step: key.step,
             mb,
-            from,
+            from: self.logged_sender(from),
             digest: self.logged_digest(dir, key, mb, tensor),
         });
         let kind = match dir {

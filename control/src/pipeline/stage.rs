@@ -312,6 +312,19 @@ impl Stage {
         cfg!(feature = "adversary") && self.config().adversary.spoofs_stage_log()
     }
 
+    /// The sender this stage logs for a tensor received from `from`: `from`, or an address of
+    /// no node for the `made_up_sender` cheat (`pipeline/senders.rs` catches it).
+    pub(super) fn logged_sender(
+        &self,
+        from: neuroshard_ledger::Address,
+    ) -> neuroshard_ledger::Address {
+        if cfg!(feature = "adversary") && self.config().adversary.names_made_up_sender() {
+            neuroshard_ledger::Address([0x5e; 20])
+        } else {
+            from
+        }
+    }
+
     /// The digest this stage logs as received for micro-batch `mb` of `key`'s step in
     /// direction `dir`: that of `tensor`, or of the made-up input a spoofing cheat logged.
     pub(super) fn logged_digest(
