@@ -145,7 +145,9 @@ pub struct Figures {
     /// Of those, claims of another replay class (other hardware or dtype) without per-step
     /// commitments: not replayed.
     pub other_class: u64,
-    /// Checks by a replay window (`diloco::window`), and of those, claims of another class.
+    /// Checks by a replay window (`diloco::window`, and a stage segment of another class
+    /// replayed for its first steps: `trainer/stagecheck.rs`), and of those, claims of
+    /// another class.
     pub windows: u64,
     pub cross_class: u64,
     /// Bytes the replay windows fetched (hashes and three checkpoints each).
