@@ -1,12 +1,14 @@
 //! Sampled recomputation of pipeline-stage work (issue #19, item 2): a two-stage pipeline
 //! (`default` preset, layers 0-1 and 2-3) whose upper stage has two holders, one of them built
-//! with the `adversary` feature and spoofing its operation log (`spoofed_stage_log`): it never
+//! with the `adversary` feature and spoofing its operation log (`made_up_sender`: the
+//! `spoofed_stage_log` forgery, its inputs logged as received from a made-up node): it never
 //! runs its engine, answers forwards with the loss of zero weights (ln of the vocabulary) and
 //! backwards with zero input gradients, and logs what it would serve when drawn, checkpoints
-//! of zero weights and made-up (zero) inputs, logged as received. Replayed, that log
+//! of zero weights and made-up (zero) inputs, logged as received from an address of no node,
+//! so that no sender's reward cites a receipt for them. Replayed, that log
 //! reproduces every output it sent; the honest holder of the same layers convicts it anyway,
-//! because the checkpoint is 1.0 from the stage round's agreed weights and the logged inputs
-//! are not what the cheater's own receipts (cited by the driver's rewards) say it received:
+//! because the checkpoint is 1.0 from the stage round's agreed weights and the sender its
+//! log names for its inputs is not a node of the network (`pipeline/senders.rs`):
 //! the cheater is slashed on every node, the ledger roots agree, and the honest holder
 //! (replayed by the cheater's unmodified verifier, its checkpoints measured against the agreed
 //! weights too) is never found guilty.
@@ -44,7 +46,7 @@ fn a_stage_that_spoofs_its_log_is_convicted_and_slashed_on_every_node() {
     let b = Node::start(options("none").with_seed_peers(&[a.peer_addr()])).unwrap();
     wait_role(&b, "validator", &[2, 3]);
     let cheater =
-        Node::start(options("spoofed_stage_log").with_seed_peers(&[a.peer_addr(), b.peer_addr()]))
+        Node::start(options("made_up_sender").with_seed_peers(&[a.peer_addr(), b.peer_addr()]))
             .unwrap();
     wait_role(&cheater, "validator", &[2, 3]);
     let nodes = [&a, &b, &cheater];
@@ -75,11 +77,13 @@ fn a_stage_that_spoofs_its_log_is_convicted_and_slashed_on_every_node() {
         .filter(|l| l.contains("replayed a stage's work") || l.contains("verdict written"))
         .collect();
     eprintln!("honest holder's checks:\n{}", lines.join("\n"));
-    assert!(
-        lines.iter().any(|l| l.contains("a made-up checkpoint")),
-        "{}",
-        lines.join("\n")
-    );
+    for why in ["a made-up checkpoint", "not a node of the network"] {
+        assert!(
+            lines.iter().any(|l| l.contains(why)),
+            "{why}: {}",
+            lines.join("\n")
+        );
+    }
     let (innocent, fc) = wait_for(
         "the honest holder's work reproduced",
         Duration::from_secs(180),
@@ -97,7 +101,8 @@ fn a_stage_that_spoofs_its_log_is_convicted_and_slashed_on_every_node() {
         fc["replays"]
     );
     // The honest holder's checkpoints against the agreed weights, as the cheater's verifier
-    // measured them (printed for BENCHMARKS.md).
+    // measured them, its inputs' sender (the driver) asked for its own log (printed for
+    // BENCHMARKS.md).
     let logs = cheater.logs();
     let lines: Vec<&str> = logs
         .lines()
