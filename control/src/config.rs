@@ -204,7 +204,8 @@ pub struct TrainingConfig {
     /// Length of a DiLoCo round among the holders of a pipeline stage, in seconds of the
     /// clock (every stage's rounds start together: `diloco/stage.rs`).
     pub stage_round_secs: u32,
-    /// Outer Nesterov step (DiLoCo: lr 0.7, momentum 0.9).
+    /// Outer Nesterov step (lr 0.7, momentum 0.8: the winners of the sweep at H = 500,
+    /// BENCHMARKS.md "DiLoCo settings from a sweep"; the DiLoCo paper used 0.7 and 0.9).
     pub outer_lr: f64,
     pub outer_momentum: f64,
     /// Text files, a directory or a Genesis manifest; empty means the built-in corpus.
@@ -303,7 +304,7 @@ impl Default for TrainingConfig {
             diloco_round_timeout_secs: 60,
             stage_round_secs: 600,
             outer_lr: 0.7,
-            outer_momentum: 0.9,
+            outer_momentum: 0.8,
             data_path: String::new(),
             seed: 42,
             checkpoint_every: 50,
