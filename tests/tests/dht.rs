@@ -51,6 +51,12 @@ fn options(seed: Option<&Node>) -> NodeOptions {
         o.config.push_str("\n[node]\nobserver = true\n");
     }
     o.config.push_str("\n[peer]\nmax_peers = 3\n");
+    if nodes_wanted() > 16 {
+        // Every node dials from 127.0.0.1: the seed's per-address caps (64 connections, 10
+        // new ones a second) would refuse the rest of a large network.
+        o.config
+            .push_str("max_connections_per_address = 4096\nconnection_rate_per_address = 1000\n");
+    }
     match seed {
         Some(s) => o.with_seed_peers(&[s.peer_addr()]),
         None => o,
