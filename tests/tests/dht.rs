@@ -311,20 +311,24 @@ fn training(node: &Node) -> Option<(String, u64)> {
 fn a_stage_finds_the_next_stage_in_the_dht_and_trains_with_it() {
     let _scenario = neuroshard_tests::scenario(module_path!());
     let one_peer = "\n[peer]\nmax_peers = 1\n";
-    let mut o = NodeOptions::default();
-    o.config = format!("[node]\nobserver = true\n{one_peer}");
-    let seed = Node::start(o).unwrap();
+    let seed = Node::start(NodeOptions {
+        config: format!("[node]\nobserver = true\n{one_peer}"),
+        ..NodeOptions::default()
+    })
+    .unwrap();
     seed.wait_healthy(START).unwrap();
     let (tiny, _) = neuroshard_tests::lab::tiny_training(1);
     let stage = |peer: &str, seeds: &[String]| {
-        let mut o = NodeOptions::default();
-        o.config = format!("{tiny}{peer}");
-        // The lookups' outcome is logged at debug.
-        o.env.push((
-            "RUST_LOG".into(),
-            "info,neuroshard_net::discover=debug".into(),
-        ));
-        o.with_seed_peers(seeds)
+        NodeOptions {
+            config: format!("{tiny}{peer}"),
+            // The lookups' outcome is logged at debug.
+            env: vec![(
+                "RUST_LOG".into(),
+                "info,neuroshard_net::discover=debug".into(),
+            )],
+            ..NodeOptions::default()
+        }
+        .with_seed_peers(seeds)
     };
     let first = Node::start(stage(one_peer, &[seed.peer_addr()])).unwrap();
     let layers = |n: &Node| -> Option<Vec<u64>> {
