@@ -17,6 +17,10 @@ pub struct PeerState {
     pub bytes_received: AtomicU64,
     /// Encoded message bytes sent, as server and as client.
     pub bytes_sent: AtomicU64,
+    /// Bytes of the `/neuroshard/peer/1` streams (HTTP/2 frames inside the encrypted
+    /// transport, both directions, as client and as server), by the path the peer was on
+    /// when the stream opened: direct, or through a relay only ([`PathBytes`]).
+    pub stream_bytes: PathBytes,
     /// Incoming requests refused (unauthenticated, malformed, oversized, banned, busy).
     pub refused_requests: AtomicU64,
     /// Gossiped ledger messages and DiLoCo deltas that failed verification.
@@ -27,4 +31,24 @@ pub struct PeerState {
     /// Peer-port connections that failed their transport handshake (multistream, noise or
     /// TLS: garbage, a wrong key, or not finished in time).
     pub handshake_timeouts: AtomicU64,
+}
+
+/// Stream bytes sent and received on direct and on relayed paths.
+#[derive(Debug, Default)]
+pub struct PathBytes {
+    pub direct_sent: AtomicU64,
+    pub direct_received: AtomicU64,
+    pub relayed_sent: AtomicU64,
+    pub relayed_received: AtomicU64,
+}
+
+impl PathBytes {
+    /// The (sent, received) counters of the direct or the relayed path.
+    pub fn of(&self, relayed: bool) -> (&AtomicU64, &AtomicU64) {
+        if relayed {
+            (&self.relayed_sent, &self.relayed_received)
+        } else {
+            (&self.direct_sent, &self.direct_received)
+        }
+    }
 }

@@ -8,6 +8,7 @@
 mod database;
 pub mod lab;
 mod scenario;
+pub mod transport_bench;
 
 pub use database::{Backend, POSTGRES_URL_VAR, PgDatabase};
 pub use scenario::{Scenario, scenario};

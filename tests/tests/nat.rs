@@ -208,6 +208,11 @@ fn a_natted_node_and_a_public_one_train_as_a_two_stage_pipeline() -> anyhow::Res
 /// GET `path` from the API of the node at `ip` with `token`, from inside namespace `ns` (a
 /// NAT'd node's API is reachable from its own LAN only).
 fn get_in(ns: &str, ip: std::net::Ipv4Addr, token: &str, path: &str) -> Option<Value> {
+    serde_json::from_str(&get_text_in(ns, ip, token, path)?).ok()
+}
+
+/// [`get_in`]'s body as text (`/metrics`).
+fn get_text_in(ns: &str, ip: std::net::Ipv4Addr, token: &str, path: &str) -> Option<String> {
     let url = format!("http://{ip}:8000{path}");
     let token = token.to_string();
     neuroshard_tests::lab::net::run_in(ns, move || {
@@ -217,10 +222,48 @@ fn get_in(ns: &str, ip: std::net::Ipv4Addr, token: &str, path: &str) -> Option<V
             .ok()?;
         let r = http.get(url).bearer_auth(token).send().ok()?;
         r.status().is_success().then_some(())?;
-        r.json::<Value>().ok()
+        r.text().ok()
     })
     .ok()
     .flatten()
+}
+
+/// The peer traffic counters of one node's `/metrics` (bytes, all since start).
+#[derive(Debug, Clone, Copy, Default)]
+struct Traffic {
+    /// `/neuroshard/peer/1` stream bytes, sent plus received, to peers on a direct path.
+    direct: f64,
+    /// The same, to peers reached through a relay only.
+    relayed: f64,
+    /// Encoded peer messages, sent plus received (what the calls carry, any path).
+    messages: f64,
+}
+
+impl Traffic {
+    fn parse(text: &str) -> Option<Traffic> {
+        let v = |name: &str| -> Option<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("neuroshard_{name}_total ")))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(Traffic {
+            direct: v("peer_stream_bytes_sent_direct")? + v("peer_stream_bytes_received_direct")?,
+            relayed: v("peer_stream_bytes_sent_relayed")?
+                + v("peer_stream_bytes_received_relayed")?,
+            messages: v("peer_bytes_sent")? + v("peer_bytes_received")?,
+        })
+    }
+}
+
+/// What a window of training steps cost the driving stage.
+#[derive(Debug)]
+struct Window {
+    /// Seconds per step.
+    step_s: f64,
+    /// Bytes per step (the counters' growth over the window, divided by its steps).
+    per_step: Traffic,
 }
 
 /// A node of a relay scenario: its host and the daemon.
@@ -234,6 +277,12 @@ impl Natted {
     fn get(&self, path: &str) -> Option<Value> {
         let token = std::fs::read_to_string(self.node.data_dir().join("api.cookie")).ok()?;
         get_in(&self.host.ns, self.host.ip, token.trim(), path)
+    }
+
+    /// The node's `/metrics` text.
+    fn metrics(&self) -> Option<String> {
+        let token = std::fs::read_to_string(self.node.data_dir().join("api.cookie")).ok()?;
+        get_text_in(&self.host.ns, self.host.ip, token.trim(), "/metrics")
     }
 
     /// (role, training step) of the node.
@@ -331,17 +380,27 @@ impl RelayScene {
         })
     }
 
-    /// Seconds per training step of the driving stage over `window` (None: no step in it).
-    fn step_time(&self, window: Duration) -> Option<f64> {
+    /// Seconds and peer bytes per training step of the driving stage over `window` (None:
+    /// no step in it).
+    fn step_window(&self, window: Duration) -> Option<Window> {
         let driver = self
             .natted
             .iter()
             .find(|n| n.training().is_some_and(|(r, _)| r == "driver"))?;
-        let (_, a) = driver.training()?;
+        let traffic = || Traffic::parse(&driver.metrics()?);
+        let (before, (_, a)) = (traffic()?, driver.training()?);
         let t = std::time::Instant::now();
         std::thread::sleep(window);
-        let (_, b) = driver.training()?;
-        (b > a).then(|| t.elapsed().as_secs_f64() / (b - a) as f64)
+        let (after, (_, b)) = (traffic()?, driver.training()?);
+        let steps = b.checked_sub(a).filter(|n| *n > 0)? as f64;
+        Some(Window {
+            step_s: t.elapsed().as_secs_f64() / steps,
+            per_step: Traffic {
+                direct: (after.direct - before.direct) / steps,
+                relayed: (after.relayed - before.relayed) / steps,
+                messages: (after.messages - before.messages) / steps,
+            },
+        })
     }
 
     fn public_ips(&self) -> Vec<String> {
@@ -428,12 +487,21 @@ fn two_nodes_behind_nats_train_direct_after_hole_punching() -> anyhow::Result<()
     // endpoint-independent NATs) or, once it has a reservation, its circuit address (dialed
     // through the relay, then made direct by DCUtR). Either way the path is direct.
     let addr = peer["address"].as_str().unwrap_or_default();
-    let step = scene.step_time(STEP_WINDOW);
+    let w = scene
+        .step_window(STEP_WINDOW)
+        .ok_or_else(|| anyhow::anyhow!("no step in {STEP_WINDOW:?}\n{}", scene.logs()))?;
     println!(
         "trained {steps} steps over a direct connection between two NAT'd nodes ({addr}); \
-         {:.1} s from both up to {RELAY_STEPS} steps direct; step time {step:?} s",
-        to_direct.as_secs_f64()
+         {:.1} s from both up to {RELAY_STEPS} steps direct; step time {:.3} s; per step: \
+         {:.0} stream bytes direct, {:.0} relayed, {:.0} message bytes",
+        to_direct.as_secs_f64(),
+        w.step_s,
+        w.per_step.direct,
+        w.per_step.relayed,
+        w.per_step.messages,
     );
+    // The activations and gradients went over the direct path.
+    assert!(w.per_step.direct > w.per_step.relayed, "{w:?}");
     Ok(())
 }
 
@@ -449,12 +517,21 @@ fn a_node_behind_a_symmetric_nat_trains_through_a_relay() -> anyhow::Result<()> 
     std::thread::sleep(Duration::from_secs(10));
     let (peer2, more) = scene.wait_training(steps, 1, "relayed", RELAY_LIMIT)?;
     assert_eq!(peer["id"], peer2["id"]);
-    let step = scene.step_time(STEP_WINDOW);
+    let w = scene
+        .step_window(STEP_WINDOW)
+        .ok_or_else(|| anyhow::anyhow!("no step in {STEP_WINDOW:?}\n{}", scene.logs()))?;
     println!(
         "trained {more} steps through the relay (peer {peer}); {:.1} s from both up to \
-         {RELAY_STEPS} steps relayed; step time {step:?} s",
-        to_relayed.as_secs_f64()
+         {RELAY_STEPS} steps relayed; step time {:.3} s; per step: {:.0} stream bytes \
+         direct, {:.0} relayed, {:.0} message bytes",
+        to_relayed.as_secs_f64(),
+        w.step_s,
+        w.per_step.direct,
+        w.per_step.relayed,
+        w.per_step.messages,
     );
+    // The activations and gradients crossed the relay.
+    assert!(w.per_step.relayed > w.per_step.direct, "{w:?}");
     Ok(())
 }
 

@@ -488,6 +488,31 @@ fn exposition(f: &Figures, a: &Metrics, net: &neuroshard_net::PeerState) -> Stri
         "Bytes received by the peer service",
         m.network.bytes_received,
     );
+    let paths = &net.stream_bytes;
+    for (name, help, v) in [
+        (
+            "peer_stream_bytes_sent_direct",
+            "Peer stream bytes sent to peers on a direct connection",
+            &paths.direct_sent,
+        ),
+        (
+            "peer_stream_bytes_received_direct",
+            "Peer stream bytes received from peers on a direct connection",
+            &paths.direct_received,
+        ),
+        (
+            "peer_stream_bytes_sent_relayed",
+            "Peer stream bytes sent to peers reached through a relay only",
+            &paths.relayed_sent,
+        ),
+        (
+            "peer_stream_bytes_received_relayed",
+            "Peer stream bytes received from peers reached through a relay only",
+            &paths.relayed_received,
+        ),
+    ] {
+        e.counter(name, help, c(v));
+    }
     e.counter(
         "peer_rpc_calls",
         "Peer RPC calls served and made",
@@ -621,6 +646,8 @@ mod tests {
             "peer_bytes_sent_total",
             "peer_bytes_received_total",
             "peer_rpc_calls_total",
+            "peer_stream_bytes_sent_direct_total",
+            "peer_stream_bytes_received_relayed_total",
             "http_connections_accepted_total",
             "http_connections_refused_total",
             "peer_connections_accepted_total",

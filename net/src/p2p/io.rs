@@ -9,6 +9,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use futures::StreamExt;
@@ -42,10 +44,34 @@ impl PeerConnectInfo {
     }
 }
 
-/// An accepted stream as tonic's server sees it.
+/// A `/neuroshard/peer/1` stream, accepted (as tonic's server sees it) or opened (under a
+/// client channel), its bytes counted in [`crate::PeerState::stream_bytes`] by the path the
+/// peer was on when it opened.
 pub struct PeerStream {
     io: Compat<libp2p::Stream>,
     info: PeerConnectInfo,
+    state: Arc<crate::PeerState>,
+    relayed: bool,
+}
+
+impl PeerStream {
+    fn new(transport: &Transport, peer: PeerId, stream: libp2p::Stream) -> PeerStream {
+        PeerStream {
+            io: stream.compat(),
+            info: PeerConnectInfo {
+                peer,
+                remote: transport.remote_of(&peer),
+            },
+            state: transport.book.state.clone(),
+            relayed: transport.is_relayed(&peer),
+        }
+    }
+
+    fn count(&self, sent: bool, n: usize) {
+        let (tx, rx) = self.state.stream_bytes.of(self.relayed);
+        let c = if sent { tx } else { rx };
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl Connected for PeerStream {
@@ -62,7 +88,11 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.count(false, buf.filled().len() - before);
+        r
     }
 }
 
@@ -72,7 +102,12 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.count(true, n);
+        }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -90,15 +125,7 @@ pub fn incoming(
 ) -> Result<impl futures::Stream<Item = Result<PeerStream, Infallible>> + use<>, NetworkError> {
     let streams = transport.accept()?;
     let transport = transport.clone();
-    Ok(streams.map(move |(peer, stream)| {
-        Ok(PeerStream {
-            io: stream.compat(),
-            info: PeerConnectInfo {
-                peer,
-                remote: transport.remote_of(&peer),
-            },
-        })
-    }))
+    Ok(streams.map(move |(peer, stream)| Ok(PeerStream::new(&transport, peer, stream))))
 }
 
 /// Opens streams to one peer for a tonic channel.
@@ -110,11 +137,10 @@ struct Connector {
     addr: String,
 }
 
-type Connecting =
-    Pin<Box<dyn Future<Output = Result<TokioIo<Compat<libp2p::Stream>>, NetworkError>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<PeerStream>, NetworkError>> + Send>>;
 
 impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<Compat<libp2p::Stream>>;
+    type Response = TokioIo<PeerStream>;
     type Error = NetworkError;
     type Future = Connecting;
 
@@ -128,7 +154,8 @@ impl tower::Service<Uri> for Connector {
             if !transport.is_connected(&peer) {
                 redial(&transport, peer, &addr).await?;
             }
-            Ok(TokioIo::new(transport.open_stream(peer).await?.compat()))
+            let stream = transport.open_stream(peer).await?;
+            Ok(TokioIo::new(PeerStream::new(&transport, peer, stream)))
         })
     }
 }

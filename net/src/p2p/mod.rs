@@ -145,6 +145,8 @@ pub(crate) struct Book {
     pub(crate) listen: RwLock<HashMap<PeerId, Vec<Multiaddr>>>,
     /// The relays holding an accepted reservation for this node (behind a NAT).
     pub(crate) reservations: RwLock<std::collections::BTreeSet<PeerId>>,
+    /// The node's traffic counters (the streams' bytes by path, [`crate::PeerState`]).
+    pub(crate) state: Arc<crate::PeerState>,
 }
 
 /// A handle to the swarm task. Cheap to clone.
@@ -195,6 +197,14 @@ impl Transport {
                 multiaddrs(target)
             }
         };
+        let peer = self.dial(addr, addrs).await?;
+        self.learn(addr, peer);
+        Ok(peer)
+    }
+
+    /// Dials `addrs` (one peer, `addr` in errors) in turn, on a new connection: the peer id
+    /// of the first that comes up. A bench pins the transport with it (TCP or QUIC only).
+    pub async fn dial(&self, addr: &str, addrs: Vec<Multiaddr>) -> Result<PeerId, NetworkError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Dial { addrs, reply })
@@ -211,7 +221,6 @@ impl Transport {
                 },
                 DialFailure::Failed(e) => NetworkError::Transport(format!("dialing {addr}: {e}")),
             })?;
-        self.learn(addr, peer);
         Ok(peer)
     }
 

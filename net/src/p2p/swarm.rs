@@ -122,7 +122,10 @@ pub async fn start(
     }
     let paths = Paths::start(&mut swarm, &options);
     let (commands, rx) = mpsc::unbounded_channel();
-    let book = Arc::new(Book::default());
+    let book = Arc::new(Book {
+        state: state.clone(),
+        ..Book::default()
+    });
     let (gossip_tx, gossip_rx) = mpsc::channel(INBOUND_QUEUE);
     let transport = Transport {
         peer_id: *swarm.local_peer_id(),

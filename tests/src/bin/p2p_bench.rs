@@ -7,7 +7,11 @@
 //!
 //!   p2p-bench --reps 3 --out target/p2p-bench.jsonl
 //!
-//! Needs root, `ip`, `nft`, and the bench binaries (`cargo build --release --manifest-path
+//!   p2p-bench --daemon-transport --reps 3 --out target/transport-bench.jsonl
+//!
+//! `--daemon-transport` measures the daemon's own peer transport against plain gRPC on
+//! loopback instead (`neuroshard_tests::transport_bench`; no root). The lab needs root,
+//! `ip`, `nft`, and the bench binaries (`cargo build --release --manifest-path
 //! bench/p2p/Cargo.toml`). Prints a Markdown table (BENCHMARKS.md) and writes every report
 //! as a JSON line to --out.
 
@@ -19,6 +23,7 @@ use anyhow::Context;
 use clap::Parser;
 use neuroshard_tests::lab::nat::{Host, NatKind, NatLab, Placement};
 use neuroshard_tests::lab::p2p::{self, ClientOptions, P2pRun, Stack};
+use neuroshard_tests::transport_bench;
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -36,6 +41,16 @@ struct Cli {
     wait_direct_s: f64,
     #[arg(long, default_value = "target/p2p-bench.jsonl")]
     out: PathBuf,
+    /// Instead of the lab: the daemon's own peer transport (its swarm, TCP and QUIC) against
+    /// plain tonic over TCP on loopback, CPU seconds per GB (no root needed).
+    #[arg(long)]
+    daemon_transport: bool,
+    /// --daemon-transport: MiB of one call (one activation tensor).
+    #[arg(long, default_value_t = 4)]
+    chunk_mib: usize,
+    /// --daemon-transport: MiB pushed in each run.
+    #[arg(long, default_value_t = 1024)]
+    total_mib: u64,
 }
 
 const EIM: Placement = Placement::Behind(NatKind::EndpointIndependent);
@@ -103,6 +118,21 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(d)?;
     }
     let mut out = std::fs::File::create(&cli.out).context("creating --out")?;
+    if cli.daemon_transport {
+        let options = transport_bench::Options {
+            chunk: cli.chunk_mib << 20,
+            total: cli.total_mib << 20,
+            reps: cli.reps,
+        };
+        let rt = tokio::runtime::Runtime::new()?;
+        let reports = rt.block_on(transport_bench::run(options))?;
+        for r in &reports {
+            eprintln!("{r}");
+            writeln!(out, "{r}")?;
+        }
+        println!("{}", transport_bench::table(&reports));
+        return Ok(());
+    }
     let mut lab = NatLab::new()?;
     let mut hosts: Vec<(Placement, Host, Host)> = Vec::new();
     for (i, p) in [Placement::Public, EIM, SYM].into_iter().enumerate() {
