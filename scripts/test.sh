@@ -55,7 +55,7 @@ echo "== build"
 # The integration tests start the real binaries: build them first (same profile as the tests),
 # with the `adversary` feature: the checked-work scenarios start a node that cheats on purpose
 # (a release build never has it, and refuses a configured cheat).
-features=(--features neuroshard/adversary)
+features=(--features neuroshard/adversary,neuroshard-engine/adversary)
 cargo build --workspace --bins "${features[@]}"
 # The chosen peer-to-peer stack's bench binary (rust-libp2p), for the nat:: scenario: its own
 # workspace and target dir (bench/p2p), so the main build never compiles the stacks.

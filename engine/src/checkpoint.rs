@@ -173,36 +173,72 @@ pub fn save_checkpoint<B: Backend>(
     write_atomic(path, tensors, info)
 }
 
-/// The training state's hash (a DiLoCo claimant's per-step commitment, issue #19): sha256
-/// over a format tag, every held parameter with its AdamW moments (name and f32 bytes, in
-/// parameter order), the optimizer step and the data position (the checkpoint's JSON). The
-/// master weights and moments are f32 on every device and dtype, so a state restored from a
-/// checkpoint hashes as it did when saved, wherever it is loaded.
+/// The whole training state's hash: every parameter with its two AdamW moments, the
+/// optimizer step and the data position. A DiLoCo claimant commits to it after every inner
+/// step (issue #19), so it runs once per step and must cost little against the step: each
+/// tensor is hashed on its own with BLAKE3 (SIMD, and its tree mode split across the rayon
+/// pool for large tensors), tensors in parallel where the backend lends host views (CPU),
+/// one at a time through a download otherwise (GPU: one tensor's copy at a time, never the
+/// whole state), and the per-tensor digests are hashed in parameter order.
+/// The master weights and moments are f32 on every device and dtype, so a state restored
+/// from a checkpoint hashes as it did when saved, wherever it is loaded.
 pub fn state_hash<B: Backend>(
     model: &Model<B>,
     adam: &AdamState<B>,
     meta: &CheckpointMeta,
 ) -> Result<String> {
+    use rayon::prelude::*;
     let be = &model.be;
-    let mut h = Sha256::new();
-    h.update(b"neuroshard-state-v1");
-    let mut put = |name: &str, data: &[f32]| {
-        h.update((name.len() as u64).to_le_bytes());
+    let tensor = |name: &str, data: &[f32]| -> blake3::Hash {
+        let mut h = blake3::Hasher::new();
+        h.update(&(name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
-        h.update((data.len() as u64 * 4).to_le_bytes());
-        h.update(f32_bytes(data));
+        h.update(&(data.len() as u64 * 4).to_le_bytes());
+        let bytes = f32_bytes(data);
+        if bytes.len() >= PARALLEL_HASH_BYTES {
+            h.update_rayon(bytes);
+        } else {
+            h.update(bytes);
+        }
+        h.finalize()
     };
-    for (i, p) in model.params.iter().enumerate() {
-        put(&p.name, &host(be, &p.value)?);
-        put("optim.m", &host(be, &adam.m[i])?);
-        put("optim.v", &host(be, &adam.v[i])?);
+    let bufs: Vec<(&str, &B::Buf)> = model
+        .params
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            [
+                (p.name.as_str(), &p.value),
+                ("optim.m", &adam.m[i]),
+                ("optim.v", &adam.v[i]),
+            ]
+        })
+        .collect();
+    let views: Option<Vec<(&str, &[f32])>> = bufs
+        .iter()
+        .map(|&(name, buf)| be.host_view(buf).map(|v| (name, v)))
+        .collect();
+    let digests: Vec<blake3::Hash> = match views {
+        Some(views) => views.par_iter().map(|&(n, v)| tensor(n, v)).collect(),
+        None => bufs
+            .iter()
+            .map(|&(n, buf)| Ok(tensor(n, &host(be, buf)?)))
+            .collect::<Result<_>>()?,
+    };
+    let mut h = blake3::Hasher::new();
+    h.update(b"neuroshard-state-v2");
+    for d in &digests {
+        h.update(d.as_bytes());
     }
-    h.update(meta.step.to_le_bytes());
+    h.update(&meta.step.to_le_bytes());
     let position = meta.data_position.as_deref().unwrap_or("");
-    h.update((position.len() as u64).to_le_bytes());
+    h.update(&(position.len() as u64).to_le_bytes());
     h.update(position.as_bytes());
-    Ok(hex::encode(h.finalize()))
+    Ok(h.finalize().to_hex().to_string())
 }
+
+/// Tensors from this size on are hashed with BLAKE3's multithreaded tree mode.
+const PARALLEL_HASH_BYTES: usize = 1 << 20;
 
 /// Saves only the parameters (names as in `Model::params`) to `path` atomically.
 pub fn save_weights<B: Backend>(

@@ -72,7 +72,8 @@ struct ServeArgs {
     /// Test only (issue #19): serve generation from a truncated model (every layer but the
     /// first and the last skipped; of two layers, the last) while the model and its hash stay
     /// whole. Only a daemon built with its `adversary` feature passes it (cheat
-    /// `truncated_model`).
+    /// `truncated_model`), and only an engine built with its own `adversary` feature accepts
+    /// it: any other engine refuses to start with it.
     #[arg(long, hide = true)]
     serve_truncated: bool,
 }
@@ -104,6 +105,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.serve_truncated && !cfg!(feature = "adversary") {
+        anyhow::bail!(
+            "--serve-truncated is a cheat for the checked-work tests: this engine was built \
+             without its `adversary` feature and refuses it"
+        );
+    }
     if let Some(threads) = args.threads.filter(|&t| t > 0) {
         rayon_threads(threads);
     }

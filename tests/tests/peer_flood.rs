@@ -304,15 +304,22 @@ fn a_flood_of_libp2p_connections_from_one_address_is_capped_and_counted() {
         ));
         rt.block_on(hang_up(&mut swarm, o.up - o.closed));
     }
-    // The attacker's address is admitted again once its connections are gone.
-    let again = rt.block_on(flood(
-        &mut swarm,
-        &format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap(),
-        1,
-    ));
+    // The attacker's address is admitted again once its connections are gone. The
+    // attacker sees its side closed before the node has dropped its side (the node frees
+    // the slot when its connection task ends), so a dial in that gap may still be refused:
+    // the address must be admitted within a few seconds, not at once.
+    let target: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let readmit = Instant::now();
+    let again = loop {
+        let o = rt.block_on(flood(&mut swarm, &target, 1));
+        if o.up == 1 || readmit.elapsed() > Duration::from_secs(10) {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(
         again.up, 1,
-        "the attacker's address was not admitted again: {again:?}"
+        "the attacker's address was not admitted again within 10 s of hanging up: {again:?}"
     );
     healthy("after the floods");
     println!(
