@@ -201,6 +201,15 @@ pub struct TrainingConfig {
     pub diloco_max_norm: f64,
     /// Seconds a replica waits for the others' pseudo-gradients once its own is sent.
     pub diloco_round_timeout_secs: u32,
+    /// Streaming DiLoCo: fragments of the model synced at staggered times, one per round
+    /// (`diloco/streaming.rs`); 1 syncs the whole model every round.
+    pub diloco_fragments: u32,
+    /// Streaming DiLoCo: inner steps the trainer takes between sending a round's
+    /// pseudo-gradient and its outer step (the exchange overlaps them); 0: it waits.
+    pub diloco_overlap_steps: u32,
+    /// Streaming DiLoCo with overlap: the share of its local weights a synced fragment keeps
+    /// (α·local + (1 − α)·global), in [0, 1].
+    pub diloco_merge_alpha: f64,
     /// Length of a DiLoCo round among the holders of a pipeline stage, in seconds of the
     /// clock (every stage's rounds start together: `diloco/stage.rs`).
     pub stage_round_secs: u32,
@@ -302,6 +311,9 @@ impl Default for TrainingConfig {
             diloco_topk_bits: 2,
             diloco_max_norm: f64::from(crate::diloco::round::DEFAULT_MAX_NORM),
             diloco_round_timeout_secs: 60,
+            diloco_fragments: 1,
+            diloco_overlap_steps: 0,
+            diloco_merge_alpha: 0.5,
             stage_round_secs: 600,
             outer_lr: 0.7,
             outer_momentum: 0.8,
@@ -446,6 +458,15 @@ impl Config {
         }
         if t.diloco_steps == 0 {
             return bad("training.diloco_steps", "must be at least 1".into());
+        }
+        if let Err((key, message)) = crate::diloco::streaming::check_config(
+            t.diloco_steps,
+            t.model.config().layers,
+            t.diloco_fragments,
+            t.diloco_overlap_steps,
+            t.diloco_merge_alpha,
+        ) {
+            return bad(key, message);
         }
         if !(0.0..0.5).contains(&t.aggregator_trim) {
             return bad(
@@ -661,6 +682,9 @@ impl Config {
             ),
             max_norm: t.diloco_max_norm as f32,
             timeout: std::time::Duration::from_secs(u64::from(t.diloco_round_timeout_secs)),
+            fragments: t.diloco_fragments,
+            overlap: t.diloco_overlap_steps,
+            merge_alpha: t.diloco_merge_alpha as f32,
             outer: crate::diloco::outer::OuterOpt {
                 lr: t.outer_lr as f32,
                 momentum: t.outer_momentum as f32,

@@ -80,7 +80,12 @@ fn three_replicas_agree_bit_for_bit_and_their_loss_falls() {
     // The all-honest figure the attack test is compared with (docs/reliability.md).
     let start = mean_of(&losses(&a).unwrap(), 20, true);
     let end = mean_of(&losses(&a).unwrap(), 20, false);
-    eprintln!("all honest: loss {start:.3} in the first round, {end:.3} at round {later_round}");
+    let d = &global(&a).unwrap()["diloco"];
+    eprintln!(
+        "all honest, {} fragment(s): loss {start:.3} in the first round, {end:.3} at round \
+         {later_round}; most bytes one round sent {}, last round {}",
+        d["fragments"], d["bytes_sent_max_round"], d["bytes_sent_last_round"]
+    );
 
     // Verification figures from real peers: each node lists the two others, with the
     // losses they reported, and the global loss is the mean of the three EMAs.

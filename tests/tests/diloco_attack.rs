@@ -1,5 +1,5 @@
 //! A Byzantine peer against three honest DiLoCo replicas (`tiny`, H = 20), once with the
-//! trimmed mean and once with Krum: every round it sends each replica a pseudo-gradient
+//! trimmed mean and once with Krum (with Streaming DiLoCo's two fragments): every round it sends each replica a pseudo-gradient
 //! scaled far past the norm bound, then a sign-flipped copy of the replicas' last outer
 //! update scaled to just under the bound, then that one again. The replicas refuse the first
 //! (norm) and the third (duplicate), outvote the second, keep agreeing bit for bit, and
@@ -8,6 +8,9 @@
 //! A replica that meets the attacker with fewer contributions than its aggregator needs to
 //! outvote one (three: replicas briefly out of step) steps with its own delta only and
 //! adopts the others' state at the next boundary, so the attacker never decides a round.
+//!
+//! With fragments (Krum's run; `DILOCO_TEST_FRAGMENTS=2` for the trimmed mean's) it sends, each
+//! round, the tensors of the fragment that round syncs, flipping that fragment's last update.
 
 use crate::diloco_common;
 use crate::network_common;
@@ -68,16 +71,23 @@ fn message(
 /// Attacks every round it sees until `stop`, each round once (a replica that catches up
 /// goes back to a round it had left; attacking that round again would only get the attacker
 /// banned for its over-norm deltas before any round could outvote it); counts the deltas the
-/// replicas accepted.
-async fn attack(conns: Vec<PeerConn>, stop: Arc<AtomicBool>, accepted: Arc<AtomicU64>) {
-    let mut prev: Option<(u64, round::Tensors)> = None;
+/// replicas accepted. Round r syncs fragment r mod `fragments`, last updated between rounds
+/// r − fragments and r − fragments + 1: the attacker flips that update.
+async fn attack(
+    conns: Vec<PeerConn>,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    fragments: u32,
+) {
+    let mut seen: std::collections::BTreeMap<u64, round::Tensors> = Default::default();
     let mut attacked = 0u64;
+    let p = u64::from(fragments);
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let Ok((r, hash, bytes)) = conns[0].get_weights(64 << 20).await else {
             continue;
         };
-        if prev.as_ref().is_some_and(|(pr, _)| *pr == r) {
+        if seen.contains_key(&r) {
             continue;
         }
         let Ok(all) = round::decode_weights(&bytes) else {
@@ -87,17 +97,25 @@ async fn attack(conns: Vec<PeerConn>, stop: Arc<AtomicBool>, accepted: Arc<Atomi
             .into_iter()
             .filter(|(n, _, _)| !n.starts_with("momentum."))
             .collect();
-        if let Some((pr, old)) = &prev
-            && pr + 1 == r
-            && r > attacked
-        {
+        seen.insert(r, theta);
+        let (Some(old), Some(new)) = (
+            r.checked_sub(p).and_then(|b| seen.get(&b)),
+            seen.get(&(r + 1).saturating_sub(p)),
+        ) else {
+            continue;
+        };
+        if r > attacked {
             attacked = r;
-            // The last outer update points along the honest pseudo-gradients' opposite;
-            // send it (the sign flip of an honest delta), scaled to norm 500.
-            let update: Vec<Vec<f32>> = theta
+            // The fragment's last outer update points along the honest pseudo-gradients'
+            // opposite; send it (the sign flip of an honest delta), scaled to norm 500.
+            let names: Vec<&str> = new.iter().map(|(n, _, _)| n.as_str()).collect();
+            let fragment = neuroshard::diloco::streaming::Partition::new(&names, fragments)
+                .expect("the model's tensors split into the fragments")
+                .tensors((r % p) as u32);
+            let theta: round::Tensors = fragment.iter().map(|&i| new[i].clone()).collect();
+            let update: Vec<Vec<f32>> = fragment
                 .iter()
-                .zip(old)
-                .map(|(t, o)| t.2.iter().zip(&o.2).map(|(a, b)| a - b).collect())
+                .map(|&i| new[i].2.iter().zip(&old[i].2).map(|(a, b)| a - b).collect())
                 .collect();
             let norm = update
                 .iter()
@@ -128,25 +146,32 @@ async fn attack(conns: Vec<PeerConn>, stop: Arc<AtomicBool>, accepted: Arc<Atomi
                 }
             }
         }
-        prev = Some((r, theta));
+        // Only the rounds a fragment's last update can still be read from are kept.
+        seen.retain(|&k, _| k + p + 1 > r);
     }
 }
 
 #[test]
 fn trimmed_mean_replicas_outvote_a_sign_flipping_attacker_and_refuse_scaled_deltas() {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    attacked("trimmed_mean");
+    attacked("trimmed_mean", diloco_common::fragments());
 }
 
 #[test]
 fn krum_replicas_outvote_a_sign_flipping_attacker_and_refuse_scaled_deltas() {
     let _scenario = neuroshard_tests::scenario(module_path!());
-    attacked("krum");
+    // Streaming DiLoCo: each round syncs one of two fragments (the default path is the
+    // trimmed mean's run above).
+    attacked("krum", 2);
 }
 
-fn attacked(aggregator: &str) {
+fn attacked(aggregator: &str, fragments: u32) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let options = || options(&format!("aggregator = \"{aggregator}\"\n"));
+    let options = || {
+        options(&format!(
+            "aggregator = \"{aggregator}\"\ndiloco_fragments = {fragments}\n"
+        ))
+    };
     let a = Node::start(options()).unwrap();
     a.wait_healthy(START).unwrap();
     let b = Node::start(options().with_seed_peers(&[a.peer_addr()])).unwrap();
@@ -176,7 +201,9 @@ fn attacked(aggregator: &str) {
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
-    let task = obs.rt.spawn(attack(conns, stop.clone(), accepted.clone()));
+    let task = obs
+        .rt
+        .spawn(attack(conns, stop.clone(), accepted.clone(), fragments));
 
     // Rounds under attack: the honest replicas still end each one with the same weights.
     let (later, _) = wait_for("replicas to agree under attack", ROUNDS, POLL, || {

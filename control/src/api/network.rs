@@ -304,6 +304,9 @@ pub struct ReplayFigures {
     pub replay_seconds: f64,
     /// Largest relative distance among the innocent replays (the honest noise).
     pub max_innocent_distance: f64,
+    /// Contributions attested in Streaming DiLoCo's rounds of one fragment
+    /// (`training.diloco_fragments` > 1): not replayed, neither whole nor by window.
+    pub unchecked_fragment_rounds: u64,
 }
 
 impl From<&crate::diloco::verify::Figures> for ReplayFigures {
@@ -323,6 +326,7 @@ impl From<&crate::diloco::verify::Figures> for ReplayFigures {
             verdicts_written: f.verdicts_written,
             replay_seconds: f.replay_ms as f64 / 1000.0,
             max_innocent_distance: f.distances.iter().copied().fold(0.0, f64::max),
+            unchecked_fragment_rounds: f.unchecked_fragment_rounds,
         }
     }
 }

@@ -85,7 +85,7 @@ pub struct DilocoProgress {
     pub enabled: bool,
     /// Inner steps done in the current round.
     pub inner_step_count: u64,
-    /// Inner steps per round (training.diloco_steps).
+    /// Inner steps of this round (training.diloco_steps, its share of them with fragments).
     pub inner_steps_total: u64,
     pub progress: f64,
     /// Outer steps applied with replicas.
@@ -101,6 +101,8 @@ pub struct DilocoProgress {
     /// Replicas averaged in the last round (this node included).
     pub last_round_contributors: usize,
     pub bytes_sent_last_round: u64,
+    /// The most bytes one round sent (its pseudo-gradient to every replica).
+    pub bytes_sent_max_round: u64,
     /// Times this node adopted the replicas' agreed weights after falling out of step.
     pub catch_ups: u64,
     /// Pseudo-gradients accepted from peers, and refused ones by reason.
@@ -115,6 +117,10 @@ pub struct DilocoProgress {
     /// Rounds with too few contributions to outvote a bad one, stepped with this node's own
     /// delta only (the replicas' majority state is adopted at the next boundary).
     pub rounds_alone: u64,
+    /// Streaming DiLoCo (`training.diloco_fragments`): the fragments the model is synced in,
+    /// one per round, and the one this round syncs (round mod fragments).
+    pub fragments: u32,
+    pub fragment: u32,
 }
 
 /// Compares the mean of the older and the newer half of the latest losses (the notes'
@@ -185,13 +191,14 @@ pub fn global(state: &AppState) -> GlobalTraining {
     let loss_ema = ema(losses.iter().map(|&l| f64::from(l)));
     let d = &state.diloco;
     let figures = d.figures.lock().clone();
-    let (round, round_hash, inner, initialized) = {
+    let (round, round_hash, inner, initialized, fragments) = {
         let s = d.state.lock();
         (
             s.round,
             s.start_hash.clone(),
             u64::from(s.inner_step),
             s.initialized,
+            s.fragments.max(1),
         )
     };
     let (accepted, rejected): (u64, std::collections::BTreeMap<String, u64>) = {
@@ -253,7 +260,9 @@ pub fn global(state: &AppState) -> GlobalTraining {
         .collect();
     let ok = state.metrics.syncs_ok.load(Ordering::Relaxed);
     let failed = state.metrics.syncs_failed.load(Ordering::Relaxed);
-    let h = u64::from(cfg.training.diloco_steps.max(1));
+    let h = u64::from(
+        crate::diloco::streaming::round_steps(cfg.training.diloco_steps, fragments, round).max(1),
+    );
     // The notes' rule: at least half the replicas agree and the loss is not getting worse.
     let is_converging = nodes_training > 0 && hash_agreement_rate >= 0.5 && trend != "degrading";
     GlobalTraining {
@@ -291,6 +300,7 @@ pub fn global(state: &AppState) -> GlobalTraining {
             layers: state.net.local_role().layers,
             last_round_contributors: figures.last_contributors,
             bytes_sent_last_round: figures.bytes_sent_last_round,
+            bytes_sent_max_round: figures.bytes_sent_max_round,
             catch_ups: figures.catch_ups,
             contributions_accepted: accepted,
             contributions_rejected: rejected,
@@ -298,6 +308,8 @@ pub fn global(state: &AppState) -> GlobalTraining {
             last_round_outvoted: figures.last_outvoted.clone(),
             outvoted_by_sender: figures.outvoted_by.clone(),
             rounds_alone: figures.rounds_alone,
+            fragments,
+            fragment: (round % u64::from(fragments)) as u32,
         },
     }
 }
@@ -519,6 +531,7 @@ mod tests {
                 layers: vec![0, 1],
                 last_round_contributors: 3,
                 bytes_sent_last_round: 1,
+                bytes_sent_max_round: 1,
                 catch_ups: 0,
                 contributions_accepted: 12,
                 contributions_rejected: Default::default(),
@@ -526,6 +539,8 @@ mod tests {
                 last_round_outvoted: vec![],
                 outvoted_by_sender: Default::default(),
                 rounds_alone: 0,
+                fragments: 1,
+                fragment: 0,
             },
         }
     }

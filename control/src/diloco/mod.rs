@@ -17,6 +17,7 @@
 //!   commitments and short replay windows, judged across hardware.
 
 pub mod aggregate;
+mod attested;
 pub mod compress;
 pub mod outer;
 pub mod round;

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use super::aggregate::Aggregator;
 use super::compress::Encoding;
 use super::outer::OuterOpt;
+use super::streaming::{Partition, StreamingError};
 use super::validate::{Inbox, Layout, Reject, WireDelta};
 
 /// Round settings, from `training.*` (`Config::diloco_settings`).
@@ -27,6 +28,14 @@ pub struct Settings {
     pub outer: OuterOpt,
     /// 1 for an honest node; an adversary build's cheat may scale the sent pseudo-gradient.
     pub delta_scale: f32,
+    /// Streaming DiLoCo's P: round r syncs fragment r mod P only (`streaming.rs`); 1 syncs
+    /// the whole model every round.
+    pub fragments: u32,
+    /// Streaming DiLoCo's τ: inner steps between sending a round's pseudo-gradient and its
+    /// outer step (0: the trainer waits for the round), and α, the local share the merge
+    /// keeps then.
+    pub overlap: u32,
+    pub merge_alpha: f32,
 }
 
 /// Largest accepted norm of one pseudo-gradient until the trainer sets the configured one
@@ -48,6 +57,47 @@ pub struct RoundState {
     pub momentum: Vec<Vec<f32>>,
     /// Inner steps done in this round.
     pub inner_step: u32,
+    /// Streaming DiLoCo's P for full replicas (0 and 1: the whole model every round). With
+    /// P > 1, `theta_start` is the global weights θ_g (each fragment as of its last outer
+    /// step) and `start_hash` their content hash (`stage::content_hash`), not the engine's.
+    pub fragments: u32,
+    /// Streaming DiLoCo's overlap τ (full replicas; 0: none).
+    pub overlap: u32,
+}
+
+impl RoundState {
+    /// Streaming DiLoCo (fragments or overlap): the engine's weights are not θ_g, so the
+    /// agreed hash is θ_g's content hash and rounds are not replayed (`verify.rs`).
+    pub fn streaming(&self) -> bool {
+        self.fragments > 1 || self.overlap > 0
+    }
+
+    /// The layout indices of the tensors round `round` syncs: fragment `round mod P` of
+    /// `streaming::Partition`, every tensor with one fragment.
+    pub fn fragment(&self, round: u64) -> Result<Vec<usize>, StreamingError> {
+        let p = self.fragments.max(1);
+        if p == 1 {
+            return Ok((0..self.layout.tensors.len()).collect());
+        }
+        let names: Vec<&str> = self
+            .layout
+            .tensors
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let partition = Partition::new(&names, p)?;
+        Ok(partition.tensors((round % u64::from(p)) as u32))
+    }
+
+    /// The part of the layout round `round` exchanges (`fragment`).
+    pub fn fragment_layout(&self, round: u64) -> Result<Layout, StreamingError> {
+        Ok(Layout::new(
+            self.fragment(round)?
+                .into_iter()
+                .map(|i| self.layout.tensors[i].clone())
+                .collect(),
+        ))
+    }
 }
 
 /// Weight of the latest value in the loss EMAs (the notes' alpha).
@@ -89,6 +139,8 @@ pub struct Figures {
     pub catch_ups: u64,
     pub bytes_sent_last_round: u64,
     pub bytes_sent_total: u64,
+    /// The most bytes one round sent (Streaming DiLoCo's fragments lower it by about P).
+    pub bytes_sent_max_round: u64,
     /// Senders averaged in the last round (this node included).
     pub last_contributors: usize,
     /// Contributions the aggregator set aside (see `Aggregated::outvoted`), in all rounds,
@@ -166,7 +218,23 @@ impl Diloco {
             *inbox.rejected.entry(Reject::NotReady).or_default() += 1;
             return Err(Reject::NotReady);
         }
-        let result = inbox.offer(msg, &state.layout, state.round, max_norm);
+        // With fragments a contribution holds the tensors of its round's fragment only.
+        let fragment;
+        let layout = if state.fragments <= 1 {
+            &state.layout
+        } else {
+            match state.fragment_layout(msg.round) {
+                Ok(l) => {
+                    fragment = l;
+                    &fragment
+                }
+                Err(_) => {
+                    *inbox.rejected.entry(Reject::WrongShape).or_default() += 1;
+                    return Err(Reject::WrongShape);
+                }
+            }
+        };
+        let result = inbox.offer(msg, layout, state.round, max_norm);
         drop(inbox);
         drop(state);
         if result.is_ok() {

@@ -202,6 +202,53 @@ impl Schedule {
     }
 }
 
+/// Checks the daemon's Streaming DiLoCo settings (`training.diloco_fragments`,
+/// `diloco_overlap_steps`, `diloco_merge_alpha`) for H = `h` inner steps and a model of
+/// `layers` layers: every fragment needs a tensor (layer i goes to i mod P, the LM head to
+/// P − 1) and every round a step, and the overlap ends before the next round's send (the
+/// shortest round has ⌊H/P⌋ steps). The error names the key.
+pub fn check_config(
+    h: u32,
+    layers: u32,
+    fragments: u32,
+    overlap: u32,
+    alpha: f64,
+) -> Result<(), (&'static str, String)> {
+    let max_fragments = h.min(layers + 1);
+    if !(1..=max_fragments).contains(&fragments) {
+        return Err((
+            "training.diloco_fragments",
+            format!(
+                "{fragments} is not in 1..={max_fragments} (at most the layers + 1 and diloco_steps)"
+            ),
+        ));
+    }
+    let shortest = h / fragments;
+    if overlap >= shortest {
+        return Err((
+            "training.diloco_overlap_steps",
+            format!("{overlap} must be below diloco_steps / diloco_fragments = {shortest}"),
+        ));
+    }
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err((
+            "training.diloco_merge_alpha",
+            format!("{alpha} is not in [0, 1]"),
+        ));
+    }
+    Ok(())
+}
+
+/// Inner steps of the daemon's round `round` when each round syncs one fragment (round r
+/// syncs fragment r mod P): ⌊(q+1)·H/P⌋ − ⌊q·H/P⌋ for q = r mod P, so P rounds make H steps
+/// and fragment q is sent after the steps [`Schedule::offset`] names. `fragments` 0 or 1: H.
+pub fn round_steps(h: u32, fragments: u32, round: u64) -> u32 {
+    let p = u64::from(fragments.max(1));
+    let q = round % p;
+    let at = |q: u64| q * u64::from(h) / p;
+    u32::try_from(at(q + 1) - at(q)).unwrap_or(h)
+}
+
 /// One fragment's pseudo-gradient as this replica sends it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {

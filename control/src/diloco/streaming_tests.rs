@@ -316,3 +316,72 @@ fn a_fragment_step_moves_only_its_tensors_and_the_merge_keeps_alpha_of_the_local
     }
     assert!(state.merge(0, &mut local[..3], 0.5).is_err());
 }
+
+#[test]
+fn daemon_rounds_follow_the_schedule() {
+    // One fragment: every round is H steps.
+    assert_eq!(round_steps(500, 1, 0), 500);
+    assert_eq!(round_steps(500, 0, 7), 500);
+    // P rounds make H steps, and fragment q is sent after the steps the schedule names.
+    for (h, p) in [(50u32, 2u32), (7, 3), (500, 4), (5, 5)] {
+        let schedule = Schedule::new(
+            h,
+            &Settings {
+                fragments: p,
+                ..Settings::default()
+            },
+        )
+        .unwrap();
+        let mut step = 0u64;
+        for round in 0..u64::from(3 * p) {
+            let n = round_steps(h, p, round);
+            assert!(n >= 1, "h {h} p {p} round {round}");
+            step += u64::from(n);
+            let q = (round % u64::from(p)) as u32;
+            assert_eq!(
+                schedule.sends_after(step),
+                vec![q],
+                "h {h} p {p} round {round}"
+            );
+        }
+        assert_eq!(step, 3 * u64::from(h));
+    }
+}
+
+#[test]
+fn daemon_settings_are_checked_with_the_key_named() {
+    assert_eq!(check_config(500, 4, 1, 0, 0.5), Ok(()));
+    assert_eq!(check_config(500, 4, 5, 99, 0.0), Ok(()));
+    let key = |r: Result<(), (&'static str, String)>| r.unwrap_err().0;
+    // More fragments than layers + 1, than H, or none.
+    assert_eq!(
+        key(check_config(500, 4, 6, 0, 0.5)),
+        "training.diloco_fragments"
+    );
+    assert_eq!(
+        key(check_config(3, 4, 4, 0, 0.5)),
+        "training.diloco_fragments"
+    );
+    assert_eq!(
+        key(check_config(500, 4, 0, 0, 0.5)),
+        "training.diloco_fragments"
+    );
+    // The overlap must end before the next round's send: below ⌊H/P⌋.
+    assert_eq!(
+        key(check_config(20, 2, 2, 10, 0.5)),
+        "training.diloco_overlap_steps"
+    );
+    assert_eq!(check_config(20, 2, 2, 9, 0.5), Ok(()));
+    assert_eq!(
+        key(check_config(20, 2, 1, 20, 0.5)),
+        "training.diloco_overlap_steps"
+    );
+    assert_eq!(
+        key(check_config(20, 2, 2, 1, 1.5)),
+        "training.diloco_merge_alpha"
+    );
+    assert_eq!(
+        key(check_config(20, 2, 2, 1, f64::NAN)),
+        "training.diloco_merge_alpha"
+    );
+}

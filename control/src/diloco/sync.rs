@@ -19,11 +19,44 @@ use super::round::{self, Diloco, Settings};
 use super::validate::{Contribution, Layout};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-use neuroshard_net::Network;
+use neuroshard_identity::Address;
 use neuroshard_net::client::PeerConn;
+use neuroshard_net::{Network, NetworkError};
 
 /// The role of a node that holds every layer and trains alone (no pipeline).
 const FULL_ROLE: &str = "full";
+
+/// How [`Round::send`] ended.
+pub enum Sending {
+    /// This replica was out of step and adopted the agreed state instead.
+    CaughtUp(Outcome),
+    /// The round's pseudo-gradient is on its way; [`Round::complete`] finishes the round.
+    Sent(Sent),
+}
+
+/// A round whose pseudo-gradient was sent, waiting for the replicas' contributions.
+pub struct Sent {
+    round: u64,
+    start_hash: String,
+    me: String,
+    streaming: bool,
+    fragment: Vec<usize>,
+    layout: Layout,
+    theta_local: Vec<Vec<f32>>,
+    loss: f32,
+    size: u64,
+    sends: Vec<tokio::task::JoinHandle<(Address, Result<pb::DeltaAck, NetworkError>)>>,
+    replicas: Vec<(PeerConn, pb::NodeInfo)>,
+    /// Inner steps the trainer took since the pseudo-gradient was sent (Streaming DiLoCo's
+    /// overlap τ); 0 when completed at once.
+    pub steps_after: u32,
+}
+
+impl Sent {
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+}
 
 /// What a round boundary did.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,13 +150,28 @@ async fn import(
         .map_err(|e| format!("import weights: {e}"))
 }
 
-/// Reads the loaded model into the round state when it has none yet (first start).
-pub async fn init(diloco: &Diloco, engine: &EngineHandle, dir: &Path) -> Result<(), String> {
+/// Reads the loaded model into the round state when it has none yet (first start), for
+/// rounds that sync one of `fragments` fragments each with `overlap` inner steps between a
+/// send and its outer step (Streaming DiLoCo; 1 and 0: the whole model, no overlap).
+pub async fn init(
+    diloco: &Diloco,
+    engine: &EngineHandle,
+    dir: &Path,
+    fragments: u32,
+    overlap: u32,
+) -> Result<(), String> {
     if diloco.state.lock().initialized {
         return Ok(());
     }
-    let (layout, theta, hash) = export(engine, dir).await?;
+    let (layout, theta, mut hash) = export(engine, dir).await?;
+    if fragments > 1 || overlap > 0 {
+        let names: Vec<&str> = layout.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        super::streaming::Partition::new(&names, fragments).map_err(|e| e.to_string())?;
+        hash = super::stage::content_hash(&layout, &theta)?;
+    }
     let mut s = diloco.state.lock();
+    s.fragments = fragments;
+    s.overlap = overlap;
     s.momentum = theta.iter().map(|t| vec![0.0; t.len()]).collect();
     s.theta_start = theta;
     s.layout = layout;
@@ -159,99 +207,14 @@ impl<'a> Round<'a> {
 }
 
 impl Round<'_> {
-    /// Signs, for each replica whose contribution this round aggregated (checked and not
-    /// outvoted), the receipt of its inner steps; it answers that replica's next push.
-    fn attest_contributions(
-        &self,
-        round: u64,
-        start_hash: &str,
-        senders: &[String],
-        batches: &[u64],
-        outvoted: &[usize],
-    ) -> Vec<(String, u64)> {
-        let me = self.attest.address().to_string();
-        let mut epochs = Vec::new();
-        for (i, sender) in senders.iter().enumerate() {
-            if *sender == me || outvoted.contains(&i) {
-                continue;
-            }
-            let Ok(subject) = sender.parse::<neuroshard_ledger::Address>() else {
-                continue;
-            };
-            let id = format!("{round}:{start_hash}:{}", batches[i]);
-            let r = self
-                .attest
-                .credit(subject, batches[i], round, id.as_bytes());
-            epochs.push((sender.clone(), r.receipt.epoch_id));
-            self.diloco
-                .receipts
-                .lock()
-                .insert(sender.clone(), crate::attest::to_bytes(&r));
-        }
-        epochs
-    }
-
-    /// Draws, for each attested contribution, whether to replay it (`verify.rs`).
-    fn sample(&self, round: u64, start_hash: &str, attested: &[(String, u64)]) {
-        let verifier = &self.diloco.verifier;
-        // Every replica but the claimant may check a contribution: this one and the other
-        // senders it attested.
-        let verifiers = attested.len();
-        for (sender, epoch) in attested {
-            if !verifier.draw(verifiers) {
-                continue;
-            }
-            let Ok(claimant) = sender.parse::<neuroshard_ledger::Address>() else {
-                continue;
-            };
-            let Some(commitment) = verifier
-                .commitments
-                .lock()
-                .get(&(sender.clone(), round))
-                .cloned()
-            else {
-                continue;
-            };
-            let Some(conn) = self
-                .replicas()
-                .into_iter()
-                .find(|(_, i)| i.node_id == *sender)
-                .map(|(c, _)| c)
-            else {
-                continue;
-            };
-            let (layout, theta_start) = {
-                let s = self.diloco.state.lock();
-                (s.layout.clone(), s.theta_start.clone())
-            };
-            let Some((sent, batches)) = self
-                .diloco
-                .inbox
-                .lock()
-                .matching(round, start_hash)
-                .into_iter()
-                .find(|c| c.sender == *sender)
-                .map(|c| (c.flat(), c.batches))
-            else {
-                continue;
-            };
-            let job = super::verify::Job {
-                claimant,
-                round,
-                epoch: *epoch,
-                start_hash: start_hash.to_string(),
-                batches,
-                commitment,
-                layout,
-                theta_start,
-                sent,
-            };
-            verifier.spawn(job, conn, self.dir.clone());
-        }
-    }
-
-    fn replicas(&self) -> Vec<(PeerConn, pb::NodeInfo)> {
+    pub(super) fn replicas(&self) -> Vec<(PeerConn, pb::NodeInfo)> {
         replicas(self.net, self.diloco)
+    }
+
+    /// True when the agreed hash is of the weights' content (a stage's, or θ_g with
+    /// Streaming DiLoCo), not the engine's model hash.
+    fn content_hashed(&self) -> bool {
+        self.stage.is_some() || self.diloco.state.lock().streaming()
     }
 
     /// When the most common (round, start hash) among the replicas and this node beats ours
@@ -305,8 +268,9 @@ impl Round<'_> {
                     continue;
                 }
             };
+            let content = self.content_hashed();
             let got = match self.stage {
-                None => {
+                None if !content => {
                     let got = import(engine, &self.dir, &layout, &theta).await?;
                     if got != h {
                         tracing::warn!(peer = %conn.id, claimed = %h, got = %got, "fetched weights do not match the peer's hash");
@@ -315,14 +279,18 @@ impl Round<'_> {
                 }
                 // A stage's agreed hash is of the weights themselves: a peer whose bytes do
                 // not hash to its claim is not followed.
-                Some(stage) => {
+                // So is θ_g's with fragments (the engine then takes θ_g whole).
+                stage => {
                     let got = super::stage::content_hash(&layout, &theta)?;
                     if got != h {
                         last_err =
                             format!("{}: weights hash to {got}, the peer claimed {h}", conn.id);
                         continue;
                     }
-                    let _g = stage.quiesced().await;
+                    let _g = match stage {
+                        Some(stage) => Some(stage.quiesced().await),
+                        None => None,
+                    };
                     import(engine, &self.dir, &layout, &theta).await?;
                     got
                 }
@@ -348,15 +316,31 @@ impl Round<'_> {
         Err(format!("catch-up failed: {last_err}"))
     }
 
-    /// The round boundary after the inner steps (`loss`: their mean, `batches`: how many).
+    /// The round boundary after the inner steps (`loss`: their mean, `batches`: how many):
+    /// [`Round::send`], then at once [`Round::complete`].
     pub async fn finish(
         &self,
         engine: &EngineHandle,
         loss: f32,
         batches: u64,
     ) -> Result<Outcome, String> {
+        match self.send(engine, loss, batches).await? {
+            Sending::CaughtUp(o) => Ok(o),
+            Sending::Sent(sent) => self.complete(engine, sent).await,
+        }
+    }
+
+    /// The first half of a round boundary: catches up when this replica is in a minority
+    /// state, else exports the weights, files its own contribution and starts sending the
+    /// pseudo-gradient of the round's fragment to the replicas (not waited for here).
+    pub async fn send(
+        &self,
+        engine: &EngineHandle,
+        loss: f32,
+        batches: u64,
+    ) -> Result<Sending, String> {
         if let Some(o) = self.catch_up(engine).await? {
-            return Ok(o);
+            return Ok(Sending::CaughtUp(o));
         }
         let exported = match self.stage {
             // The stage lock serializes engine commands with the pipeline's.
@@ -367,12 +351,16 @@ impl Round<'_> {
             None => export(engine, &self.dir).await?,
         };
         let (layout, theta_local, _) = exported;
-        let (round, start_hash, me): (u64, String, String) = {
+        let (round, start_hash, me, streaming, fragment) = {
             let s = self.diloco.state.lock();
             if s.layout != layout {
                 return Err("the engine's tensors changed during the round".into());
             }
-            (s.round, s.start_hash.clone(), self.net.id().to_string())
+            // Streaming DiLoCo: this round exchanges fragment round mod P only.
+            let fragment = s.fragment(s.round).map_err(|e| e.to_string())?;
+            let streaming = self.stage.is_none() && s.streaming();
+            let me = self.net.id().to_string();
+            (s.round, s.start_hash.clone(), me, streaming, fragment)
         };
         // Pseudo-gradient, encoded; our own contribution is its decoded form, like everyone's.
         let encoding = self.settings.encoding;
@@ -382,7 +370,8 @@ impl Round<'_> {
             let s = self.diloco.state.lock();
             let mut residuals = self.diloco.residuals.lock();
             residuals.resize(layout.tensors.len(), Vec::new());
-            for (i, ((name, shape), local)) in layout.tensors.iter().zip(&theta_local).enumerate() {
+            for &i in &fragment {
+                let ((name, shape), local) = (&layout.tensors[i], &theta_local[i]);
                 let scale = self.settings.delta_scale;
                 let delta: Vec<f32> = s.theta_start[i]
                     .iter()
@@ -408,7 +397,14 @@ impl Round<'_> {
             batches,
             tensors: own,
         });
-        let commitment = self.diloco.verifier.own_commitment(round);
+        // Streaming DiLoCo's rounds are not replayed (`verify.rs`): nothing to commit to.
+        let (commitment, step_root) = match streaming {
+            false => (
+                self.diloco.verifier.own_commitment(round),
+                self.diloco.verifier.own_step_root(round, batches),
+            ),
+            true => Default::default(),
+        };
         let msg = pb::DeltaMessage {
             auth: None,
             round,
@@ -420,7 +416,7 @@ impl Round<'_> {
             start_checkpoint: commitment.start_checkpoint,
             data_id: commitment.data_id,
             replay_class: commitment.replay_class,
-            step_root: self.diloco.verifier.own_step_root(round, batches),
+            step_root,
         };
         let size = msg.encoded_len() as u64;
         let replicas = self.replicas();
@@ -432,6 +428,42 @@ impl Round<'_> {
                 tokio::spawn(async move { (conn.id, conn.push_delta(msg).await) })
             })
             .collect();
+        Ok(Sending::Sent(Sent {
+            round,
+            start_hash,
+            me,
+            streaming,
+            fragment,
+            layout,
+            theta_local,
+            loss,
+            size,
+            sends,
+            replicas,
+            steps_after: 0,
+        }))
+    }
+
+    /// The second half of a round boundary: the replicas' contributions (until all arrived
+    /// or the deadline), aggregated in sender order, the outer step of the round's fragment
+    /// from θ_start, and the engine's weights: θ_g itself, or with Streaming DiLoCo's overlap
+    /// (`sent.steps_after` > 0 inner steps since `send`) the merge α·θ_local + (1 − α)·θ_g
+    /// of the fragment (α: `Settings::merge_alpha`).
+    pub async fn complete(&self, engine: &EngineHandle, sent: Sent) -> Result<Outcome, String> {
+        let Sent {
+            round,
+            start_hash,
+            me,
+            streaming,
+            fragment,
+            layout,
+            theta_local,
+            loss,
+            size,
+            sends,
+            replicas,
+            steps_after,
+        } = sent;
         let mut sent_bytes = 0u64;
         for task in sends {
             match task.await {
@@ -577,8 +609,14 @@ impl Round<'_> {
         }
         let attested =
             self.attest_contributions(round, &start_hash, &senders, &batches, &report.outvoted);
-        if self.stage.is_none() {
+        if self.stage.is_none() && !streaming {
             self.sample(round, &start_hash, &attested);
+        } else if streaming {
+            self.diloco
+                .verifier
+                .figures
+                .lock()
+                .unchecked_fragment_rounds += attested.len() as u64;
         }
         let agg = report.values;
         // New weights and momentum are computed aside and committed together after the
@@ -586,17 +624,43 @@ impl Round<'_> {
         let (theta_new, momentum_new) = {
             let s = self.diloco.state.lock();
             let mut offset = 0;
-            let mut out = Vec::with_capacity(s.theta_start.len());
+            let mut out = s.theta_start.clone();
             let mut momentum = s.momentum.clone();
-            for (t, m) in s.theta_start.iter().zip(momentum.iter_mut()) {
+            for &i in &fragment {
+                let t = &s.theta_start[i];
                 let d = &agg[offset..offset + t.len()];
                 offset += t.len();
-                out.push(self.settings.outer.step(t, d, m));
+                out[i] = self.settings.outer.step(t, d, &mut momentum[i]);
             }
             (out, momentum)
         };
         let hash = match self.stage {
-            None => import(engine, &self.dir, &layout, &theta_new).await?,
+            None if !streaming => import(engine, &self.dir, &layout, &theta_new).await?,
+            // Streaming DiLoCo without overlap: the synced fragment takes θ_g, the others
+            // keep training from their local weights; the agreed hash is θ_g's content.
+            None if steps_after == 0 => {
+                let mut engine_theta = theta_local;
+                for &i in &fragment {
+                    engine_theta[i].clone_from(&theta_new[i]);
+                }
+                import(engine, &self.dir, &layout, &engine_theta).await?;
+                super::stage::content_hash(&layout, &theta_new)?
+            }
+            // With overlap the engine trained on meanwhile: its fragment keeps α of that.
+            None => {
+                let (now_layout, mut engine_theta, _) = export(engine, &self.dir).await?;
+                if now_layout != layout {
+                    return Err("the engine's tensors changed during the round".into());
+                }
+                let alpha = self.settings.merge_alpha;
+                for &i in &fragment {
+                    for (l, g) in engine_theta[i].iter_mut().zip(&theta_new[i]) {
+                        *l = alpha * *l + (1.0 - alpha) * g;
+                    }
+                }
+                import(engine, &self.dir, &layout, &engine_theta).await?;
+                super::stage::content_hash(&layout, &theta_new)?
+            }
             // The stage served pipeline steps while the round waited: keep them
             // (`stage::with_drift`), with no step between its forwards and its apply.
             Some(stage) => {
@@ -616,7 +680,8 @@ impl Round<'_> {
             s.start_hash = hash.clone();
             s.theta_start = theta_new;
             s.momentum = momentum_new;
-            s.inner_step = 0;
+            // Inner steps taken during the overlap count in the new round.
+            s.inner_step = steps_after;
         }
         self.diloco.inbox.lock().prune(round + 1);
         let had_peers = !replicas.is_empty();
@@ -626,6 +691,7 @@ impl Round<'_> {
             f.outer_steps += 1;
             f.bytes_sent_last_round = sent_bytes;
             f.bytes_sent_total += sent_bytes;
+            f.bytes_sent_max_round = f.bytes_sent_max_round.max(sent_bytes);
             f.last_contributors = contributors;
             f.outvoted_total += outvoted.len() as u64;
             for sender in &outvoted {

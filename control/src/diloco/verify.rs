@@ -68,7 +68,7 @@ pub struct ReplaySpec {
 }
 
 /// What a claimant committed to with its contribution to a round.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Commitment {
     pub start_checkpoint: String,
     pub data_id: String,
@@ -162,6 +162,9 @@ pub struct Figures {
     pub replay_ms: u64,
     /// Distances of the innocent replays, most recent last (at most 1000).
     pub distances: Vec<f64>,
+    /// Contributions this node attested in rounds of one fragment (Streaming DiLoCo,
+    /// `training.diloco_fragments` > 1), none of which is drawn for a replay.
+    pub unchecked_fragment_rounds: u64,
 }
 
 /// The verifier's state, shared by the DiLoCo round (samples), the peer service (files and

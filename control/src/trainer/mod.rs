@@ -154,6 +154,8 @@ impl Trainer {
             stage_rounds = steps::StageRounds::default();
             // The inner steps of the current DiLoCo round (coordination decides the boundary).
             let mut boundary = neuroshard_coordination::round::Boundary::new();
+            // A round sent and in its overlap (Streaming DiLoCo), dropped with the engine.
+            let mut pending = None;
             // Train until the engine restarts or we are told to stop.
             loop {
                 if *stop.borrow() {
@@ -309,8 +311,15 @@ impl Trainer {
                         if r.step % cfg.training.checkpoint_every as u64 == 0 {
                             self.checkpoint(&client).await;
                         }
-                        self.diloco_round(&client, &cfg, &mut boundary, r.loss, &mut stop)
-                            .await;
+                        self.diloco_round(
+                            &client,
+                            &cfg,
+                            &mut boundary,
+                            &mut pending,
+                            r.loss,
+                            &mut stop,
+                        )
+                        .await;
                     }
                     Err(e) => {
                         self.update(|s| s.last_error = Some(e.message()));

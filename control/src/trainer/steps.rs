@@ -41,7 +41,11 @@ impl Trainer {
         let dir = self.data_dir.join("diloco");
         *self.diloco.max_norm.lock() = self.config().diloco_settings().max_norm;
         *self.diloco.verifier.spec.lock() = Some(self.replay_spec());
-        if let Err(e) = crate::diloco::sync::init(&self.diloco, client, &dir).await {
+        let settings = self.config().diloco_settings();
+        let (fragments, overlap) = (settings.fragments, settings.overlap);
+        if let Err(e) =
+            crate::diloco::sync::init(&self.diloco, client, &dir, fragments, overlap).await
+        {
             tracing::warn!(error = %e, "DiLoCo: could not read the model's weights");
         }
         self.keep_round_start(client).await;
@@ -67,8 +71,12 @@ impl Trainer {
         }
     }
 
-    /// Checkpoints the start of the round this replica is now in, for verifiers.
+    /// Checkpoints the start of the round this replica is now in, for verifiers (none with
+    /// Streaming DiLoCo: its rounds are not replayed, `diloco::verify`).
     async fn keep_round_start(&self, client: &EngineHandle) {
+        if self.diloco.state.lock().streaming() {
+            return;
+        }
         let dir = self.data_dir.join("diloco");
         if let Err(e) = self
             .diloco
@@ -82,21 +90,45 @@ impl Trainer {
 
     /// Reports an inner step with `loss` to the round boundary and carries out what it
     /// decides: read the round state in, catch up between boundaries, or finish the round
-    /// with the replicas after H inner steps.
+    /// with the replicas after H inner steps. With Streaming DiLoCo's overlap τ the round is
+    /// sent at the boundary and kept in `pending`, and its outer step is taken τ inner steps
+    /// later, while the replicas' contributions arrived meanwhile.
     pub(super) async fn diloco_round(
         &self,
         client: &EngineHandle,
         cfg: &Config,
         boundary: &mut Boundary,
+        pending: &mut Option<crate::diloco::sync::Sent>,
         loss: f32,
         stop: &mut watch::Receiver<bool>,
     ) {
         let settings = cfg.diloco_settings();
-        let initialized = self.diloco.state.lock().initialized;
+        if let Some(sent) = pending.as_mut() {
+            sent.steps_after += 1;
+        }
+        if pending
+            .as_ref()
+            .is_some_and(|s| s.steps_after >= settings.overlap)
+            && let Some(sent) = pending.take()
+        {
+            self.complete_round(client, &settings, boundary, sent, stop)
+                .await;
+        }
+        let (initialized, round, fragments) = {
+            let s = self.diloco.state.lock();
+            // A round still in its overlap: these steps belong to the next one.
+            (
+                s.initialized,
+                s.round + u64::from(pending.is_some()),
+                s.fragments,
+            )
+        };
+        // With fragments, round r syncs fragment r mod P after its share of H steps.
+        let h = crate::diloco::streaming::round_steps(settings.steps, fragments, round);
         let actions = boundary.on(RoundEvent::InnerStep {
             loss,
             initialized,
-            h: settings.steps,
+            h,
         });
         for action in actions {
             match action {
@@ -104,6 +136,8 @@ impl Trainer {
                     self.diloco.state.lock().inner_step = n;
                 }
                 RoundAction::InitRound => self.diloco_init(client).await,
+                // Not while a round's exchange is in flight: its end catches up if need be.
+                RoundAction::CatchUp if pending.is_some() => {}
                 RoundAction::CatchUp => {
                     // Adopts the replicas' agreed state as soon as the peers' figures show
                     // this node is out of step, so it contributes to their round.
@@ -119,17 +153,40 @@ impl Trainer {
                     }
                 }
                 RoundAction::FinishRound { loss, batches } => {
+                    // An overlap no shorter than a round (the config refuses it) ends here.
+                    if let Some(sent) = pending.take() {
+                        self.complete_round(client, &settings, boundary, sent, stop)
+                            .await;
+                    }
                     *self.diloco.max_norm.lock() = settings.max_norm;
                     let dir = self.data_dir.join("diloco");
-                    if let Err(e) = self
-                        .diloco
-                        .verifier
-                        .keep_end(&self.diloco, client, &dir)
-                        .await
+                    let streaming = self.diloco.state.lock().streaming();
+                    if !streaming
+                        && let Err(e) = self
+                            .diloco
+                            .verifier
+                            .keep_end(&self.diloco, client, &dir)
+                            .await
                     {
                         tracing::warn!(error = %e, "DiLoCo: no step commitment for this round");
                     }
                     let round = self.round(&settings, false);
+                    if settings.overlap > 0 {
+                        let sent = tokio::select! {
+                            r = round.send(client, loss, batches) => r,
+                            _ = stop.changed() => return,
+                        };
+                        match sent {
+                            Ok(crate::diloco::sync::Sending::Sent(s)) => *pending = Some(s),
+                            Ok(crate::diloco::sync::Sending::CaughtUp(o)) => {
+                                self.round_done(Ok(o));
+                            }
+                            Err(e) => {
+                                self.round_done(Err(e));
+                            }
+                        }
+                        continue;
+                    }
                     let result = tokio::select! {
                         r = round.finish(client, loss, batches) => r,
                         _ = stop.changed() => return,
@@ -140,6 +197,27 @@ impl Trainer {
                 }
             }
         }
+    }
+
+    /// The outer step of a round sent `sent.steps_after` inner steps ago (Streaming DiLoCo's
+    /// overlap); a catch-up instead restarts the boundary's count.
+    async fn complete_round(
+        &self,
+        client: &EngineHandle,
+        settings: &crate::diloco::round::Settings,
+        boundary: &mut Boundary,
+        sent: crate::diloco::sync::Sent,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let round = self.round(settings, false);
+        let result = tokio::select! {
+            r = round.complete(client, sent) => r,
+            _ = stop.changed() => return,
+        };
+        if matches!(result, Ok(crate::diloco::sync::Outcome::CaughtUp { .. })) {
+            boundary.on(RoundEvent::CaughtUp);
+        }
+        self.round_done(result);
     }
 
     /// One local training step; an adversary build configured to cheat may skip the engine
@@ -165,8 +243,10 @@ impl Trainer {
                 state_hash: self.diloco.verifier.last_step_hash(),
             });
         }
-        // The state hash is this replica's per-step commitment (`diloco::window`).
-        client.train_step(true).await
+        // The state hash is this replica's per-step commitment (`diloco::window`); rounds of
+        // Streaming DiLoCo's commit to none (they are not replayed).
+        let commit = !self.diloco.state.lock().streaming();
+        client.train_step(commit).await
     }
 
     /// The round with the replicas connected to this node (the holders of its layer range

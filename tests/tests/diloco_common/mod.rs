@@ -14,11 +14,19 @@ pub const POLL: Duration = Duration::from_millis(200);
 
 /// A replica of the `tiny` model, 20 inner steps per round; `extra` goes into `[training]`.
 /// `DILOCO_TEST_ENCODING` (e.g. `topk`) sets `training.diloco_encoding` for every scenario
-/// that starts its replicas here (the default encoding otherwise).
+/// that starts its replicas here (the default encoding otherwise), and
+/// `DILOCO_TEST_FRAGMENTS` (e.g. 2) `training.diloco_fragments` (Streaming DiLoCo) unless
+/// `extra` names it, `DILOCO_TEST_OVERLAP` (e.g. 2) `training.diloco_overlap_steps`.
 pub fn options(extra: &str) -> NodeOptions {
-    let encoding = std::env::var("DILOCO_TEST_ENCODING")
+    let mut encoding = std::env::var("DILOCO_TEST_ENCODING")
         .map(|e| format!("diloco_encoding = \"{e}\"\n"))
         .unwrap_or_default();
+    if !extra.contains("diloco_fragments") {
+        encoding.push_str(&format!("diloco_fragments = {}\n", fragments()));
+    }
+    if let Ok(tau) = std::env::var("DILOCO_TEST_OVERLAP") {
+        encoding.push_str(&format!("diloco_overlap_steps = {tau}\n"));
+    }
     NodeOptions {
         config: format!(
             "[training]\nenabled = true\nmodel = \"tiny\"\nbatch_size = 4\nseq_len = 64\n\
@@ -27,6 +35,14 @@ pub fn options(extra: &str) -> NodeOptions {
         ),
         ..NodeOptions::default()
     }
+}
+
+/// The fragments the scenarios' replicas sync in (`DILOCO_TEST_FRAGMENTS`, default 1).
+pub fn fragments() -> u32 {
+    std::env::var("DILOCO_TEST_FRAGMENTS")
+        .ok()
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(1)
 }
 
 pub fn global(node: &Node) -> Option<Value> {
