@@ -266,24 +266,8 @@ impl PeerConn {
         round: u64,
         max_bytes: usize,
     ) -> Result<(String, Vec<u8>), NetworkError> {
-        self.prefer_direct().await;
-        let body = auth::sign_request(
-            &self.net.wallet,
-            pb::GetRoundCheckpointRequest {
-                auth: None,
-                round,
-                ..Default::default()
-            },
-            now_ms(),
-        );
-        self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
-        let stream = service_client!(DilocoClient, self.channel.clone())
-            .get_round_checkpoint(with_deadline(body, WEIGHTS_TIMEOUT))
-            .await;
-        let (_, sha, bytes) = self
-            .collect_weights("GetRoundCheckpoint", stream, max_bytes)
-            .await?;
-        Ok((sha, bytes))
+        self.round_checkpoint(round, 0, 0, WEIGHTS_TIMEOUT, max_bytes)
+            .await
     }
 
     /// A replay window of the peer's DiLoCo round `round` (`GetRoundCheckpointRequest`'s
@@ -294,6 +278,20 @@ impl PeerConn {
         round: u64,
         window_start: u64,
         window_len: u32,
+        max_bytes: usize,
+    ) -> Result<(String, Vec<u8>), NetworkError> {
+        self.round_checkpoint(round, window_start, window_len, WINDOW_TIMEOUT, max_bytes)
+            .await
+    }
+
+    /// `GetRoundCheckpoint`: the whole round start (`window_len` 0) or a window; the digest
+    /// the peer states (sha256 or step root) and the bytes.
+    async fn round_checkpoint(
+        &self,
+        round: u64,
+        window_start: u64,
+        window_len: u32,
+        timeout: Duration,
         max_bytes: usize,
     ) -> Result<(String, Vec<u8>), NetworkError> {
         self.prefer_direct().await;
@@ -309,12 +307,12 @@ impl PeerConn {
         );
         self.net.state.rpc_calls.fetch_add(1, Ordering::Relaxed);
         let stream = service_client!(DilocoClient, self.channel.clone())
-            .get_round_checkpoint(with_deadline(body, WINDOW_TIMEOUT))
+            .get_round_checkpoint(with_deadline(body, timeout))
             .await;
-        let (_, root, bytes) = self
+        let (_, digest, bytes) = self
             .collect_weights("GetRoundCheckpoint", stream, max_bytes)
             .await?;
-        Ok((root, bytes))
+        Ok((digest, bytes))
     }
 
     /// The segment of the peer's stage operation log that covers unix time `at_ms` (or, when

@@ -647,6 +647,8 @@ mod tests {
             "peer_bytes_received_total",
             "peer_rpc_calls_total",
             "peer_stream_bytes_sent_direct_total",
+            "peer_stream_bytes_received_direct_total",
+            "peer_stream_bytes_sent_relayed_total",
             "peer_stream_bytes_received_relayed_total",
             "http_connections_accepted_total",
             "http_connections_refused_total",
