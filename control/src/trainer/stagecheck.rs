@@ -62,7 +62,7 @@ pub const MIN_CHECKPOINT_NORM_RATIO: f64 = 0.1;
 /// Optimizer steps of a segment replayed for a claimant of another replay class (other
 /// hardware, engine version or dtype), from the segment's checkpoint, in the claimant's
 /// dtype. A stage replay takes the logged inputs and received gradients, so only the stage's
-/// own weights drift; measured (`engine/src/model/stage_replay_tests.rs`, BENCHMARKS.md
+/// own weights drift; measured (`engine/src/model/stage_replay/tests.rs`, BENCHMARKS.md
 /// "Stage replays across hardware"): an honest segment replayed with last-bit
 /// differences or in the other dtype stays within 0.01 of the claim for 100 steps and can
 /// leave any tolerance after 200 (3.2 at 200 steps). A segment of the verifier's own class is

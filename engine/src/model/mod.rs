@@ -657,6 +657,7 @@ impl<B: Backend> Model<B> {
 #[path = "bf16/tests.rs"]
 mod bf16_tests;
 #[cfg(test)]
+#[path = "stage_replay/tests.rs"]
 mod stage_replay_tests;
 #[cfg(test)]
 mod tests;
