@@ -73,7 +73,8 @@ done
 # The same features as the build, so the binaries are not rebuilt (a picked package that is
 # not the daemon is built without them).
 [ ${#scope[@]} -gt 0 ] || features=()
-cargo test "${scope[@]}" "${features[@]}" "$@" 2>&1 | tee "$log"
+# Every test binary runs even after one failed, so a run reports every failure at once.
+cargo test --no-fail-fast "${scope[@]}" "${features[@]}" "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo's last line is the last crate's doc-tests).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"
