@@ -24,6 +24,35 @@ fn model(dtype: Dtype, spec: StageSpec) -> Model<CpuBackend> {
     Model::new(CpuBackend::with_dtype(dtype), cfg(), spec, 11).unwrap()
 }
 
+/// Model `m` (any dtype) takes `w`'s weights and `wa`'s AdamW state, as a checkpoint holds
+/// them (f32); with `perturb` > 0 each weight is scaled by 1 + perturb·u, u uniform in
+/// [-1, 1]: the last-bit differences another machine's summation order leaves. Returns the
+/// optimizer state for `m`.
+pub(super) fn take_state(
+    m: &mut Model<CpuBackend>,
+    w: &Model<CpuBackend>,
+    wa: &AdamState<CpuBackend>,
+    perturb: f32,
+) -> AdamState<CpuBackend> {
+    for (dst, src) in m.params.iter_mut().zip(&w.params) {
+        dst.value.clone_from(&src.value);
+    }
+    let mut adam = AdamState::new(m).unwrap();
+    adam.m.clone_from(&wa.m);
+    adam.v.clone_from(&wa.v);
+    adam.step = wa.step;
+    if perturb != 0.0 {
+        let mut rng = params::SplitMix64(99);
+        for p in m.params.iter_mut() {
+            for x in p.value.iter_mut() {
+                *x *= 1.0 + perturb * (2.0 * rng.next_f64() as f32 - 1.0);
+            }
+        }
+    }
+    m.refresh_half().unwrap();
+    adam
+}
+
 fn ids(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
     let mut rng = params::SplitMix64(seed);
     (0..n)
@@ -244,23 +273,7 @@ fn round_delta(dtype: Dtype, warm: u64, h: u64, perturb: f32) -> Vec<f32> {
     }
     let mut m = model(dtype, StageSpec::full(&c));
     let n = m.params.len();
-    for (dst, src) in m.params.iter_mut().zip(&w.params) {
-        dst.value.clone_from(&src.value);
-    }
-    m.refresh_half().unwrap();
-    let mut adam = AdamState::new(&m).unwrap();
-    adam.m.clone_from(&wa.m);
-    adam.v.clone_from(&wa.v);
-    adam.step = wa.step;
-    if perturb != 0.0 {
-        let mut rng = params::SplitMix64(99);
-        for p in m.params.iter_mut() {
-            for x in p.value.iter_mut() {
-                *x *= 1.0 + perturb * (2.0 * rng.next_f64() as f32 - 1.0);
-            }
-        }
-        m.refresh_half().unwrap();
-    }
+    let mut adam = take_state(&mut m, &w, &wa, perturb);
     let start: Vec<Vec<f32>> = (0..n).map(|i| m.param_values(i).unwrap()).collect();
     for s in warm..warm + h {
         step(&mut m, &mut adam, s);

@@ -117,22 +117,7 @@ fn segment(
         run(&mut w, &mut wa, s, None);
     }
     let mut m = Model::new(CpuBackend::with_dtype(dtype), c.clone(), spec(last), 11).unwrap();
-    for (dst, src) in m.params.iter_mut().zip(&w.params) {
-        dst.value.clone_from(&src.value);
-    }
-    let mut adam = AdamState::new(&m).unwrap();
-    adam.m.clone_from(&wa.m);
-    adam.v.clone_from(&wa.v);
-    adam.step = wa.step;
-    if perturb != 0.0 {
-        let mut rng = params::SplitMix64(99);
-        for p in m.params.iter_mut() {
-            for x in p.value.iter_mut() {
-                *x *= 1.0 + perturb * (2.0 * rng.next_f64() as f32 - 1.0);
-            }
-        }
-    }
-    m.refresh_half().unwrap();
+    let mut adam = super::bf16_tests::take_state(&mut m, &w, &wa, perturb);
     let (mut steps, mut far) = (Vec::new(), Vec::new());
     for i in 0..h {
         let mut st = run(&mut m, &mut adam, 30 + i, claim.map(|c| c[i as usize].norm));
